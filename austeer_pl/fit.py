@@ -1,0 +1,126 @@
+"""Fitting without Lightning: one batched pass over contrastive pairs into a momentum accumulator.
+
+The Lightning pipeline (:mod:`austeer_pl.lightning`) uses the same pieces per batch; this module is
+the plain-PyTorch path for notebooks and tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import AusteerError
+from .momentum import MomentumAccumulator
+from .reading import ActivationReader, encode_texts
+from .selection import select_units
+from .sites import LayoutSpec, ModelLayout, locate_units
+from .steering import SteeringState
+
+DEFAULT_SITES = ("attention",)
+
+
+def read_pair_batch(
+    reader: ActivationReader,
+    pos: dict[str, torch.Tensor],
+    neg: dict[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Read the positive and negative rows of a batch in one forward pass.
+
+    ``pos`` and ``neg`` hold ``input_ids`` and ``attention_mask`` of equal batch size; they are
+    padded to a common length and concatenated, so one pass serves both.
+    """
+    batch = pos["input_ids"].shape[0]
+    width = max(pos["input_ids"].shape[1], neg["input_ids"].shape[1])
+    pad_id = 0
+
+    def widen(t: torch.Tensor, value: int) -> torch.Tensor:
+        return nn.functional.pad(t, (0, width - t.shape[1]), value=value)
+
+    ids = torch.cat([widen(pos["input_ids"], pad_id), widen(neg["input_ids"], pad_id)])
+    mask = torch.cat([widen(pos["attention_mask"], 0), widen(neg["attention_mask"], 0)])
+    acts = reader(ids, mask)
+    return {s: a[:batch] for s, a in acts.items()}, {s: a[batch:] for s, a in acts.items()}
+
+
+@torch.inference_mode()
+def accumulate_momentum(
+    model: nn.Module,
+    tokenizer,
+    pairs: Iterable[tuple[str, str]],
+    *,
+    sites: Sequence[str] = DEFAULT_SITES,
+    batch_size: int = 16,
+    layout: ModelLayout | LayoutSpec | None = None,
+    accumulator: MomentumAccumulator | None = None,
+    max_length: int | None = None,
+) -> MomentumAccumulator:
+    """Accumulate activation momentum over ``(positive_text, negative_text)`` pairs.
+
+    Args:
+        model: frozen causal LM.
+        tokenizer: its tokenizer (needs a pad token).
+        pairs: full texts (prompt + right answer, prompt + wrong answer).
+        sites: sites to read.
+        batch_size: pairs per forward pass (each pass holds ``2 * batch_size`` rows).
+        layout: precomputed layout or a :class:`LayoutSpec`.
+        accumulator: an accumulator to continue; a new one otherwise.
+        max_length: truncate longer texts (from the right) to this many tokens.
+
+    Example:
+        >>> acc = accumulate_momentum(model, tok, [("Q? Yes", "Q? No")], sites=["attention"])
+    """
+    if batch_size <= 0:
+        raise AusteerError(f"batch_size must be positive, got {batch_size}")
+    if not isinstance(layout, ModelLayout):
+        layout = locate_units(model, layout)
+    reader = ActivationReader(model, layout, sites)
+    if accumulator is None:
+        device = next(model.parameters()).device
+        accumulator = MomentumAccumulator({s: layout.site(s).size for s in sites}, layout.n_layers, device=device)
+    device = next(model.parameters()).device
+    chunk: list[tuple[str, str]] = []
+
+    def flush() -> None:
+        pos = encode_texts(tokenizer, [p for p, _ in chunk], device=device, max_length=max_length)
+        neg = encode_texts(tokenizer, [n for _, n in chunk], device=device, max_length=max_length)
+        accumulator.update(*read_pair_batch(reader, pos, neg))
+        chunk.clear()
+
+    for pair in pairs:
+        chunk.append(pair)
+        if len(chunk) == batch_size:
+            flush()
+    if chunk:
+        flush()
+    return accumulator
+
+
+def fit_state(
+    model: nn.Module,
+    tokenizer,
+    pairs: Iterable[tuple[str, str]],
+    *,
+    k: int,
+    alpha: float,
+    sites: Sequence[str] = DEFAULT_SITES,
+    sign: str = "promote",
+    batch_size: int = 16,
+    base_model: str = "",
+    layout: ModelLayout | LayoutSpec | None = None,
+) -> SteeringState:
+    """Momentum pass, top-``k`` selection and an AUSteer state in one call.
+
+    Example:
+        >>> state = fit_state(model, tok, pairs, k=20, alpha=5.0, sites=["attention"])
+        >>> state.save_pretrained("my-state")
+    """
+    if not isinstance(layout, ModelLayout):
+        layout = locate_units(model, layout)
+    acc = accumulate_momentum(model, tokenizer, pairs, sites=sites, batch_size=batch_size, layout=layout)
+    selection = select_units(acc, k, sites, sign)
+    return SteeringState.from_selection(
+        selection, layout, alpha=alpha, base_model=base_model or str(getattr(model, "name_or_path", "")),
+        sign_policy=sign, metadata={"n_pairs": acc.n},
+    )

@@ -1,0 +1,126 @@
+"""Reading activation units at the last token of each sequence, in batches.
+
+Only the last-token values are kept (``batch x layers x units`` per site), never whole
+sequences. "The last token" is the last non-pad token of each row, whatever the padding side,
+and position ids are derived from the attention mask, so a row read inside a padded batch
+equals the same row read alone (to float tolerance).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .errors import AusteerError
+from .sites import ModelLayout, register_site_hook
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-pad token of each row, for left or right padding.
+
+    Example:
+        >>> last_token_index(torch.tensor([[1, 1, 0], [0, 1, 1]]))
+        tensor([1, 2])
+    """
+    if attention_mask.dim() != 2:
+        raise ValueError("attention_mask must be (batch, seq)")
+    seq = attention_mask.shape[1]
+    flipped = attention_mask.flip(-1).ne(0).to(torch.int8)
+    return (seq - 1) - flipped.argmax(dim=-1)
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def encode_texts(
+    tokenizer, texts: Sequence[str], *, device: torch.device | str | None = None, max_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Tokenize texts into one right-padded batch (``input_ids``, ``attention_mask``)."""
+    if tokenizer.pad_token_id is None:
+        raise AusteerError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
+    batch = tokenizer(
+        list(texts),
+        return_tensors="pt",
+        padding=True,
+        truncation=max_length is not None,
+        max_length=max_length,
+        add_special_tokens=True,
+    )
+    out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    if device is not None:
+        out = {k: v.to(device) for k, v in out.items()}
+    return out
+
+
+class _StopForward(Exception):
+    """Raised after the last decoder layer: nothing after it (final norm, LM head) is needed."""
+
+
+class ActivationReader:
+    """Reads the last-token value of every unit of the chosen sites in all layers.
+
+    Hooks are registered for the duration of each call only. The forward pass stops after the
+    last decoder layer, so the LM head (a large matmul over the vocabulary) is never computed.
+
+    Args:
+        model: a causal LM.
+        layout: its :class:`~austeer_pl.sites.ModelLayout`.
+        sites: the sites to read.
+
+    Example:
+        >>> reader = ActivationReader(model, locate_units(model), ["attention", "ffn"])
+        >>> acts = reader(input_ids, attention_mask)  # {"attention": (B, L, D), "ffn": (B, L, H)}
+    """
+
+    def __init__(self, model: nn.Module, layout: ModelLayout, sites: Sequence[str]) -> None:
+        self.model = model
+        self.layout = layout
+        self.sites = tuple(sites)
+        for name in self.sites:
+            layout.site(name)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
+        batch = input_ids.shape[0]
+        device = input_ids.device
+        rows = torch.arange(batch, device=device)
+        last = last_token_index(attention_mask)
+        n_layers = self.layout.n_layers
+        out = {
+            name: torch.empty(batch, n_layers, self.layout.site(name).size, dtype=torch.float32, device=device)
+            for name in self.sites
+        }
+
+        def capture(name: str, layer: int):
+            def fn(x: torch.Tensor) -> None:
+                out[name][:, layer] = x[rows, last]
+
+            return fn
+
+        handles = [
+            register_site_hook(self.layout.site(name), layer, capture(name, layer))
+            for name in self.sites
+            for layer in range(n_layers)
+        ]
+
+        def stop(_module, _args, _output):
+            raise _StopForward
+
+        # Registered after the capture hooks, so the last layer's residual output is read first.
+        handles.append(self.layout.layers[-1].register_forward_hook(stop))
+        try:
+            self.model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids_from_mask(attention_mask),
+                use_cache=False,
+            )
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        return out

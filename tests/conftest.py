@@ -1,0 +1,71 @@
+"""Tiny random models built from configs, and a tiny tokenizer: no downloads."""
+
+from __future__ import annotations
+
+import string
+
+import pytest
+import torch
+import transformers
+
+TINY = dict(vocab_size=64)
+
+
+def tiny_config(arch: str):
+    """A 2-3 layer config of each supported architecture (hidden 32)."""
+    if arch == "llama":  # grouped-query attention: 4 query heads, 2 key/value heads
+        return transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, **TINY)
+    if arch == "gemma2":  # head_dim (16) != hidden / n_heads (8)
+        return transformers.Gemma2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8, **TINY)
+    if arch == "gpt2":
+        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=1, **TINY)
+    if arch == "mistral":
+        return transformers.MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **TINY)
+    if arch == "qwen2":
+        return transformers.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **TINY)
+    if arch == "qwen3":
+        return transformers.Qwen3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12, **TINY)
+    if arch == "gemma3_text":
+        return transformers.Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8, **TINY)
+    if arch == "phi3":
+        return transformers.Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=1, **TINY)
+    if arch == "gpt_neox":
+        return transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, **TINY)
+    if arch == "opt":
+        return transformers.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128, **TINY)
+    raise ValueError(arch)
+
+
+ALL_ARCHS = ("llama", "gemma2", "gpt2", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt_neox", "opt")
+CORE_ARCHS = ("llama", "gemma2", "gpt2")
+
+
+def make_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = tiny_config(arch)
+    config._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    return model.eval().requires_grad_(False)
+
+
+def make_tokenizer(padding_side: str = "right"):
+    """A character-level fast tokenizer over a 64-symbol vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    symbols = ["<pad>", "<eos>", "<unk>"] + list(string.ascii_lowercase + string.digits + " .,?!:'")
+    vocab = {s: i for i, s in enumerate(symbols[:64])}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast.padding_side = padding_side
+    return fast
+
+
+@pytest.fixture(params=CORE_ARCHS)
+def core_model(request):
+    return make_model(request.param)
+
+
+@pytest.fixture
+def tokenizer():
+    return make_tokenizer()
