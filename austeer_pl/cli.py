@@ -1,0 +1,320 @@
+"""Command-line entry points: ``train.py`` (LightningCLI) and ``evaluate.py``.
+
+Both print a one-line ``error: ...`` and exit with status 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import AusteerError
+
+RUN_DIR_ENV = "AUSTEER_RUN_DIR"
+
+# Messages that say nothing actionable about a frozen single-pass fit.
+_NOISE = (
+    r".*configure_optimizers.* returned `None`.*",
+    r".*The number of training batches .* is smaller than the logging interval.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*`weights_only` was not set.*",
+    r".*The anonymous setting has no effect.*",
+    r".*does not have many workers which may be a bottleneck.*",
+)
+
+
+def quiet() -> None:
+    """Silence library chatter that a user cannot act on (progress bars of weight loading, tips)."""
+    import logging
+    import warnings
+
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+
+    class _DropTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            message = record.getMessage()
+            return "litlogger" not in message and "TPU available" not in message
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).addFilter(_DropTips())
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def _fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+# ============================================================================ train
+def _task_stem(task: str) -> str:
+    path = Path(task)
+    stem = path.parent.name if path.name == "task.json" else path.stem if path.suffix else task
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)[:40] or "task"
+
+
+def build_cli(args: Sequence[str] | None = None):
+    """Parse ``train.py`` arguments into a LightningCLI with module, data module and trainer."""
+    quiet()
+    from lightning.pytorch.cli import LightningCLI
+
+    from .lightning import AUSteerModule, ContrastivePairDataModule, PassCheckpoint, make_strategy
+
+    class AusteerCLI(LightningCLI):
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--export_dir", type=str | None, default=None, help="where the steering state is exported (default: RUN_DIR/state)")
+            parser.add_argument("--run_dir", type=str | None, default=None, help="folder for logs and checkpoints (default: runs/TASK-TIMESTAMP)")
+            parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from this checkpoint (e.g. RUN_DIR/checkpoints/last.ckpt)")
+            parser.add_argument("--checkpoint_every", type=int, default=50, help="write last.ckpt every N batches of the pass (0: only at its end)")
+            parser.add_argument("--wandb_mode", type=str, default=os.environ.get("WANDB_MODE", "offline"), help="offline, online or disabled")
+            parser.add_argument("--wandb_project", type=str, default=os.environ.get("WANDB_PROJECT", "austeer-pl"))
+            parser.add_argument("--ddp_timeout", type=float, default=1800.0, help="seconds before a stuck collective fails")
+
+        def instantiate_trainer(self, **kwargs):
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            trainer_cfg = cfg["trainer"]
+            if trainer_cfg.get("max_epochs") not in (None, 1):
+                raise AusteerError("fitting is a single pass over the pairs; drop --trainer.max_epochs")
+            run_dir = cfg.get("run_dir") or os.environ.get(RUN_DIR_ENV) or str(
+                Path("runs") / f"{_task_stem(cfg['data']['task'])}-{time.strftime('%Y%m%d-%H%M%S')}"
+            )
+            # DDP re-launches this script; children must use the same run folder.
+            os.environ[RUN_DIR_ENV] = run_dir
+            self.run_dir = Path(run_dir)
+            self.export_dir = Path(cfg.get("export_dir") or self.run_dir / "state")
+            mode = cfg["wandb_mode"]
+            if mode not in ("offline", "online", "disabled"):
+                raise AusteerError(f"--wandb_mode must be offline, online or disabled, not '{mode}'")
+            from lightning.pytorch.loggers import CSVLogger
+
+            loggers = [CSVLogger(str(self.run_dir), name="logs", version="")]
+            if mode != "disabled":
+                from lightning.pytorch.loggers import WandbLogger
+
+                loggers.insert(0, WandbLogger(project=cfg["wandb_project"], save_dir=str(self.run_dir), offline=mode == "offline", name=self.run_dir.name))
+            self.loggers = loggers
+            self.pass_checkpoint = PassCheckpoint(self.run_dir / "checkpoints", cfg["checkpoint_every"])
+            init = self._get(self.config_init, "trainer", default={})
+            user_callbacks = init.get("callbacks") or []
+            kwargs = dict(kwargs)
+            kwargs["logger"] = loggers
+            kwargs["callbacks"] = [*(user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]), self.pass_checkpoint]
+            kwargs["strategy"] = make_strategy(init.get("strategy", "auto"), timeout_s=cfg["ddp_timeout"])
+            kwargs["max_epochs"] = 1
+            kwargs["use_distributed_sampler"] = False
+            kwargs["num_sanity_val_steps"] = 0
+            kwargs["enable_checkpointing"] = False
+            return super().instantiate_trainer(**kwargs)
+
+    return AusteerCLI(
+        AUSteerModule,
+        ContrastivePairDataModule,
+        run=False,
+        args=list(args) if args is not None else None,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        trainer_defaults={"enable_model_summary": False, "log_every_n_steps": 10},
+        parser_kwargs={"description": "Fit an AUSteer steering state on contrastive pairs and export it.", "default_config_files": []},
+    )
+
+
+def train(args: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run ``train.py``: fit, export on global rank zero, print a summary. Returns the summary."""
+    cli = build_cli(args)
+    trainer, module = cli.trainer, cli.model
+    module.export_dir = cli.export_dir
+    cfg = cli.config
+    trainer.fit(module, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    if module.state is None:
+        raise AusteerError("the fit ended before validation chose a state (interrupted, or --trainer.limit_val_batches 0); resume with --ckpt_path RUN_DIR/checkpoints/last.ckpt")
+    summary = dict(module.summary)
+    summary.update(export_dir=str(cli.export_dir), run_dir=str(cli.run_dir), units=module.state.layers_by_site(), k=module.state.k, alpha=module.state.alpha)
+    if trainer.is_global_zero:
+        _log_artifact(cli.loggers, cli.export_dir)
+        _print_fit_summary(module, summary)
+    return summary
+
+
+def _log_artifact(loggers, export_dir: Path) -> None:
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            artifact = wandb.Artifact(name=f"steering-state-{logger.experiment.id}", type="steering-state")
+            artifact.add_dir(str(export_dir))
+            logger.experiment.log_artifact(artifact)
+            logger.experiment.finish()
+
+
+def _print_fit_summary(module, summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    state = module.state
+    table = Table(title="AUSteer fit", show_header=False, title_justify="left")
+    table.add_row("base model", state.base_model)
+    fit = state.metadata.get("fit", {})
+    table.add_row("pairs / fit time", f"{summary.get('n_pairs')} pairs in {summary.get('fit_seconds', 0):.1f} s")
+    table.add_row("chosen", f"site={fit.get('site')}  k={state.k}  alpha={state.alpha:g}  sign={state.sign_policy}")
+    for site, layers in state.layers_by_site().items():
+        counts = {l: int(((state.layer == l) & (state.site_index == state.sites.index(site))).sum()) for l in layers}
+        table.add_row(f"{site} units", ", ".join(f"L{l}:{c}" for l, c in counts.items()))
+    table.add_row(
+        "val accuracy",
+        f"{summary['val_accuracy_unsteered']:.3f} unsteered -> {summary['val_accuracy']:.3f} steered (n={summary['n_val']})",
+    )
+    Console(stderr=False).print(table)
+    # A plain line that scripts can grep, whatever the terminal width.
+    print(f"steering state exported to {summary['export_dir']}")
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    try:
+        train(argv)
+    except AusteerError as err:
+        return _fail(str(err))
+    return 0
+
+
+# ============================================================================ evaluate
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="evaluate.py", description="Accuracy of a base model with and without a steering state.")
+    p.add_argument("--steering", help="steering state folder (written by train.py)")
+    p.add_argument("--task", help="task spec (default: the task the state was fitted on)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N examples")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--scoring", default=None, choices=["loglik", "generate", "both"], help="default: the task's (loglik for choices)")
+    p.add_argument("--model", default=None, help="base model (default: the one the state names)")
+    p.add_argument("--dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch_size", type=int, default=32)
+    p.add_argument("--seed", type=int, default=None, help="split seed (default: the fit's)")
+    p.add_argument("--chat_template", default=None, choices=["auto", "on", "off"])
+    p.add_argument("--cache_dir", default=None)
+    p.add_argument("--compare", action="store_true", help="fit and compare every method on the same split (see README)")
+    return p
+
+
+def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = evaluate_parser().parse_args(argv)
+    if args.compare:
+        from .compare import compare_main_args
+
+        return compare_main_args(args)
+    if not args.steering:
+        raise AusteerError("--steering DIR is required (a folder written by train.py); or use --compare")
+    if args.limit is not None and args.limit <= 0:
+        raise AusteerError(f"--limit must be positive, got {args.limit}")
+    if args.batch_size <= 0:
+        raise AusteerError(f"--batch_size must be positive, got {args.batch_size}")
+    if args.report and Path(args.report).is_dir():
+        raise AusteerError(f"--report {args.report} is a folder; give a file path such as report.json")
+
+    quiet()
+    from .evaluation import SCORINGS, default_scoring, evaluate_examples
+    from .fileio import write_json_atomic
+    from .models import load_model
+    from .steering import SteeringState
+    from .tasks import load_task, split_examples
+
+    state = SteeringState.from_pretrained(args.steering)
+    data = dict(state.metadata.get("data") or {})
+    task_spec = args.task or data.get("task")
+    if not task_spec:
+        raise AusteerError("the state does not record its task; pass --task")
+    seed = args.seed if args.seed is not None else int(data.get("seed", 0))
+    same_task = task_spec == data.get("task")
+    task = load_task(task_spec, seed=seed)
+    splits = split_examples(
+        task.examples,
+        seed=seed,
+        val_fraction=float(data.get("val_fraction", 0.2)) if same_task else 0.2,
+        test_fraction=float(data.get("test_fraction", 0.2)) if same_task else 0.2,
+        max_val=data.get("max_val_examples") if same_task else None,
+        max_test=data.get("max_test_examples") if same_task else None,
+    )
+    examples = splits[args.split]
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    if not examples:
+        raise AusteerError(f"the {args.split} split of '{task_spec}' is empty; choose another split or task")
+    chat = {"on": True, "off": False, "auto": None, None: data.get("chat_template")}[args.chat_template]
+    model_name = args.model or state.base_model
+    if not model_name:
+        raise AusteerError("the state does not name its base model; pass --model")
+    model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    scorings = list(SCORINGS) if args.scoring == "both" else [args.scoring or default_scoring(task)]
+
+    from rich.progress import Progress
+
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        for scoring in scorings:
+            for label, st in (("unsteered", None), ("steered", state)):
+                job = bar.add_task(f"{label} ({scoring})", total=len(examples))
+                results[(scoring, label)] = evaluate_examples(
+                    model, tokenizer, task, examples, state=st, scoring=scoring, chat_template=chat,
+                    batch_size=args.batch_size, max_length=data.get("max_length"), progress=lambda n, job=job: bar.advance(job, n),
+                )
+    primary = scorings[0]
+    report = {
+        "task": task_spec,
+        "split": args.split,
+        "seed": seed,
+        "base_model": model_name,
+        "steering": str(args.steering),
+        "method": state.method,
+        "scoring": primary,
+        "n_examples": len(examples),
+        "n_steered_activations": state.k,
+        "n_units_total": sum(state.site_sizes[s] for s in state.sites) * state.n_layers,
+        "k": state.k,
+        "alpha": state.alpha,
+        "sites": list(state.sites),
+        "unsteered": results[(primary, "unsteered")],
+        "steered": results[(primary, "steered")],
+        "by_scoring": {s: {"unsteered": results[(s, "unsteered")], "steered": results[(s, "steered")]} for s in scorings},
+        "seconds": time.perf_counter() - started,
+    }
+    if args.report:
+        write_json_atomic(args.report, report)
+    _print_eval_table(report, scorings)
+    return report
+
+
+def _print_eval_table(report: dict[str, Any], scorings: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['task']} ({report['split']}, n={report['n_examples']}, {report['n_steered_activations']} steered units)", title_justify="left")
+    for col in ("scoring", "model", "accuracy", "95% CI", "per class"):
+        table.add_column(col)
+    for s in scorings:
+        for label in ("unsteered", "steered"):
+            r = report["by_scoring"][s][label]
+            per = ", ".join(f"{k}: {v['accuracy']:.2f}" for k, v in r["per_class"].items())
+            table.add_row(s, label, f"{r['accuracy']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", per)
+    Console().print(table)
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    try:
+        evaluate(argv)
+    except AusteerError as err:
+        return _fail(str(err))
+    return 0

@@ -1,0 +1,230 @@
+"""Scoring multiple-choice examples: log-likelihood of each choice, or greedy generation.
+
+Prompt and answer are tokenized separately and their ids concatenated, so the boundary between
+them is the same for every choice, in fitting and in scoring. Batches are left-padded, so every
+answer ends at the last position and only the last few positions' logits are computed.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import AusteerError
+from .reading import position_ids_from_mask
+
+
+def encode_segments(tokenizer, texts: Sequence[str], *, special: bool) -> list[list[int]]:
+    """Token ids of each text (with the tokenizer's special tokens when ``special``)."""
+    if not texts:
+        return []
+    return tokenizer(list(texts), add_special_tokens=special)["input_ids"]
+
+
+def pad_ids(
+    seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "left", device: torch.device | str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pad id lists into ``(input_ids, attention_mask)``."""
+    width = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        if not seq:
+            continue
+        row = torch.as_tensor(seq, dtype=torch.long)
+        if side == "left":
+            ids[i, width - len(seq):] = row
+            mask[i, width - len(seq):] = 1
+        else:
+            ids[i, : len(seq)] = row
+            mask[i, : len(seq)] = 1
+    if device is not None:
+        ids, mask = ids.to(device), mask.to(device)
+    return ids, mask
+
+
+def truncate_left(seq: list[int], max_length: int | None) -> list[int]:
+    """Keep the last ``max_length`` ids (the answer end must survive truncation)."""
+    return seq if max_length is None or len(seq) <= max_length else seq[-max_length:]
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise AusteerError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+    return int(pad)
+
+
+@torch.inference_mode()
+def choice_logprobs(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    answers: Sequence[Sequence[str]],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+) -> list[torch.Tensor]:
+    """Log-likelihood of each answer given its prompt, summed over the answer's tokens.
+
+    Args:
+        model: a causal LM (steered or not).
+        tokenizer: its tokenizer.
+        prompts: formatted prompt texts.
+        answers: for each prompt, the answer texts exactly as they follow the prompt (see
+            :func:`austeer_pl.tasks.join_answer`).
+        batch_size: sequences per forward pass.
+        max_length: truncate sequences from the left to this many tokens.
+
+    Returns:
+        One float32 tensor of ``len(answers[i])`` log-likelihoods per prompt.
+
+    Example:
+        >>> choice_logprobs(model, tok, ["Q: 2+2?\\nA:"], [[" 4", " 5"]])
+        [tensor([-1.2, -3.4])]
+    """
+    if len(prompts) != len(answers):
+        raise ValueError("one list of answers per prompt")
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    prompt_ids = encode_segments(tokenizer, prompts, special=True)
+    flat_answers = [a for group in answers for a in group]
+    answer_ids = encode_segments(tokenizer, flat_answers, special=False)
+    if any(len(a) == 0 for a in answer_ids):
+        raise AusteerError("an answer choice tokenizes to nothing; give non-empty choices")
+    owner = [i for i, group in enumerate(answers) for _ in group]
+    out = torch.empty(len(flat_answers), dtype=torch.float32)
+
+    if all(len(a) == 1 for a in answer_ids):
+        # One forward pass per prompt: every choice is a single token predicted at its last position.
+        targets = torch.tensor([a[0] for a in answer_ids])
+        rows_of = [[] for _ in prompts]
+        for j, i in enumerate(owner):
+            rows_of[i].append(j)
+        for start in range(0, len(prompts), batch_size):
+            chunk = range(start, min(start + batch_size, len(prompts)))
+            ids, mask = pad_ids([truncate_left(prompt_ids[i], max_length) for i in chunk], pad, device=device)
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=1, use_cache=False).logits
+            logp = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
+            cols = [j for i in chunk for j in rows_of[i]]
+            rows = torch.tensor([i - start for i in chunk for _ in rows_of[i]])
+            out[cols] = logp[rows, targets[cols]]
+    else:
+        seqs = [truncate_left(prompt_ids[owner[j]] + answer_ids[j], max_length) for j in range(len(flat_answers))]
+        lengths = [min(len(a), len(s) - 1) for a, s in zip(answer_ids, seqs)]
+        for start in range(0, len(seqs), batch_size):
+            chunk = range(start, min(start + batch_size, len(seqs)))
+            ids, mask = pad_ids([seqs[j] for j in chunk], pad, device=device)
+            span = max(lengths[j] for j in chunk)
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=span + 1, use_cache=False
+            ).logits
+            # Position t predicts token t + 1: the last `span` tokens are predicted by the `span` positions before the end.
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            target = ids[:, -span:]
+            picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, span)
+            lens = torch.tensor([lengths[j] for j in chunk], device=picked.device)
+            keep = torch.arange(span, device=picked.device).unsqueeze(0) >= (span - lens).unsqueeze(1)
+            out[list(chunk)] = (picked * keep).sum(-1).float().cpu()
+    result, offset = [], 0
+    for group in answers:
+        result.append(out[offset : offset + len(group)])
+        offset += len(group)
+    return result
+
+
+@torch.inference_mode()
+def generate_texts(
+    model: nn.Module,
+    tokenizer,
+    prompts: Sequence[str],
+    *,
+    max_new_tokens: int = 8,
+    batch_size: int = 16,
+    max_length: int | None = None,
+) -> list[str]:
+    """Greedy continuations of each prompt (left-padded batches, KV cache on)."""
+    device = next(model.parameters()).device
+    pad = _pad_id(tokenizer)
+    prompt_ids = encode_segments(tokenizer, prompts, special=True)
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = [truncate_left(p, max_length) for p in prompt_ids[start : start + batch_size]]
+        ids, mask = pad_ids(chunk, pad, device=device)
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+        )
+        texts.extend(tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True))
+    return texts
+
+
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[^\w\s]", "", text).strip().lower()
+
+
+def parse_number(text: str) -> float | None:
+    match = _NUMBER.search(text)
+    if match is None:
+        return None
+    try:
+        return float(match.group().replace(",", ""))
+    except ValueError:
+        return None
+
+
+def generation_prediction(text: str, choices: Sequence[str], *, numeric: bool = False) -> int:
+    """Which choice a generated text gives, or -1 when none (exact match after normalisation).
+
+    Numeric tasks compare the first number in the text with each choice's number. Other tasks take
+    the choice the text starts with (the longest one when several match).
+    """
+    if numeric:
+        value = parse_number(text)
+        if value is None:
+            return -1
+        for i, choice in enumerate(choices):
+            target = parse_number(choice)
+            if target is not None and math.isclose(value, target, rel_tol=1e-6, abs_tol=1e-6):
+                return i
+        return -1
+    said = _normalise(text)
+    best, best_len = -1, -1
+    for i, choice in enumerate(choices):
+        c = _normalise(choice)
+        if c and (said == c or said.startswith(c + " ")) and len(c) > best_len:
+            best, best_len = i, len(c)
+    return best
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> Interval:
+    """Wilson score interval for a proportion (95% by default); ``(0, 1)`` when ``n == 0``.
+
+    Example:
+        >>> wilson_interval(80, 100)
+        Interval(low=0.711..., high=0.866...)
+    """
+    if n <= 0:
+        return Interval(0.0, 1.0)
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return Interval(max(0.0, centre - half), min(1.0, centre + half))

@@ -1,0 +1,198 @@
+"""The Lightning pipeline: sharding, DDP exactness, resume, checkpoints, train.py -> evaluate.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from austeer_pl import SteeringState
+from austeer_pl.cli import evaluate_main, train_main
+from austeer_pl.lightning import AUSteerModule, ContrastivePairDataModule, PassCheckpoint, shard_batches
+
+from conftest import make_model, make_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_task(path: Path, n: int, seed: int = 0) -> Path:
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"prompt": f"is {a} less than {b}", "choices": ["yes", "no"], "answer": 0 if a < b else 1}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory) -> Path:
+    return write_task(tmp_path_factory.mktemp("task") / "less.jsonl", 63)
+
+
+# ---------------------------------------------------------------------------- sharding
+@pytest.mark.parametrize("n,world,batch", [(37, 2, 4), (5, 2, 2), (1, 3, 4), (64, 4, 8), (10, 1, 3)])
+def test_shard_batches_unrepeated_and_in_step(n, world, batch):
+    shards = [shard_batches(n, r, world, batch) for r in range(world)]
+    flat = sorted(i for shard in shards for b in shard for i in b)
+    assert flat == list(range(n))  # every pair exactly once: no padding duplicates
+    assert len({len(shard) for shard in shards}) == 1  # same number of batches on every rank
+    assert all(len(b) <= batch for shard in shards for b in shard)
+
+
+# ---------------------------------------------------------------------------- resume and checkpoints
+class Crash(pl.Callback):
+    def __init__(self, after: int) -> None:
+        self.after = after
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if batch_idx == self.after:
+            raise RuntimeError("simulated kill")
+
+
+def fit(tiny_dir, task_file, ckpt_dir, *, crash_after=None, ckpt_path=None):
+    module = AUSteerModule(model_name=str(tiny_dir), site=["attention", "ffn"], k=[3, 6], alpha=[1.0, 3.0])
+    data = ContrastivePairDataModule(task=str(task_file), batch_size=4, max_val_examples=8)
+    callbacks = [PassCheckpoint(ckpt_dir, every_n_batches=1)]
+    if crash_after is not None:
+        callbacks.append(Crash(crash_after))
+    trainer = pl.Trainer(
+        max_epochs=1, logger=False, enable_checkpointing=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+    )
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    return module
+
+
+def test_resume_mid_pass_equals_uninterrupted(tiny_dir, task_file, tmp_path):
+    whole = fit(tiny_dir, task_file, tmp_path / "a")
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        fit(tiny_dir, task_file, tmp_path / "b", crash_after=3)
+    saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
+    assert saved["austeer"]["batches_done"] == 4 and not saved["austeer"]["reduced"]
+    resumed = fit(tiny_dir, task_file, tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
+    assert resumed.accumulator.n == whole.accumulator.n == len(resumed.trainer.datamodule.pairs)
+    for key, value in whole.accumulator.tensors.items():
+        assert torch.equal(value, resumed.accumulator.tensors[key]), key
+    assert resumed.state.coordinates() == whole.state.coordinates()
+    assert resumed.state.metadata["fit"]["grid"] == whole.state.metadata["fit"]["grid"]
+
+
+def test_checkpoint_holds_no_base_weights(tiny_dir, task_file, tmp_path):
+    fit(tiny_dir, task_file, tmp_path)
+    ckpt = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert ckpt["state_dict"] == {}
+    n_llm = sum(p.numel() for p in make_model("llama").parameters())
+    stored = sum(t.numel() for t in ckpt["austeer"]["accumulator"].values())
+    assert stored < n_llm / 4  # statistics only: 5 numbers per unit
+
+
+# ---------------------------------------------------------------------------- DDP exactness
+def run_train(args: list[str], cwd: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_two_process_ddp_equals_single_process(tiny_dir, tmp_path):
+    task = write_task(tmp_path / "odd.jsonl", 61, seed=5)  # 37 training pairs: not divisible by 2 or by the batch size
+    common = [
+        "--model.model_name", str(tiny_dir), "--data.task", str(task), "--data.batch_size", "4", "--data.max_val_examples", "12",
+        "--model.site", "[attention, ffn, both]", "--model.k", "[2, 7]", "--model.alpha", "[1, 5]", "--model.sign", "both",
+        "--trainer.accelerator", "cpu", "--wandb_mode", "disabled", "--ddp_timeout", "300",
+    ]
+    run_train([*common, "--trainer.devices", "1", "--run_dir", str(tmp_path / "one")], tmp_path)
+    run_train([*common, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--run_dir", str(tmp_path / "two")], tmp_path)
+    one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["austeer"]["accumulator"]
+    two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)["austeer"]["accumulator"]
+    assert int(one["n"]) == int(two["n"]) == 37
+    for key in one:
+        if one[key].dtype == torch.int64:
+            assert torch.equal(one[key], two[key]), key
+        else:
+            assert torch.allclose(one[key], two[key], rtol=1e-9, atol=1e-9), key
+    s1 = SteeringState.from_pretrained(tmp_path / "one" / "state")
+    s2 = SteeringState.from_pretrained(tmp_path / "two" / "state")
+    assert s1.coordinates() == s2.coordinates()
+    assert torch.equal(s1.momentum, s2.momentum) and s1.alpha == s2.alpha
+    assert s1.metadata["fit"]["grid"] == s2.metadata["fit"]["grid"]
+    assert s2.metadata["fit"]["world_size"] == 2
+
+
+# ---------------------------------------------------------------------------- the command lines
+def test_train_then_evaluate_in_process(tiny_dir, task_file, tmp_path, capsys):
+    export = tmp_path / "state"
+    code = train_main([
+        "--model.model_name", str(tiny_dir), "--data.task", str(task_file), "--model.k", "[2, 4]", "--model.alpha", "[2]",
+        "--data.batch_size", "8", "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "offline",
+    ])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "val accuracy" in out and str(export) in out
+    state = SteeringState.from_pretrained(export)
+    assert state.k in (2, 4) and state.metadata["data"]["task"] == str(task_file)
+    grid = state.metadata["fit"]["grid"]
+    assert len(grid) == 2 and max(g["val_accuracy"] for g in grid) == state.metadata["fit"]["val_accuracy"]
+    # W&B ran offline into the run folder; the local CSV logger recorded the run too.
+    assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
+    assert (tmp_path / "run" / "logs" / "metrics.csv").is_file()
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+    report = tmp_path / "report.json"
+    assert evaluate_main(["--steering", str(export), "--split", "test", "--limit", "9", "--report", str(report), "--scoring", "both"]) == 0
+    r = json.loads(report.read_text())
+    assert r["n_examples"] == 9 and r["n_steered_activations"] == state.k
+    for label in ("unsteered", "steered"):
+        assert 0 <= r[label]["ci_low"] <= r[label]["accuracy"] <= r[label]["ci_high"] <= 1
+        assert sum(c["n"] for c in r[label]["per_class"].values()) == 9
+    assert set(r["by_scoring"]) == {"loglik", "generate"}
+
+
+def test_train_rejects_bad_input_without_writing(tiny_dir, tmp_path, capsys):
+    export = tmp_path / "state"
+    code = train_main(["--model.model_name", str(tiny_dir), "--data.task", str(tmp_path / "missing.jsonl"), "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "disabled"])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "missing.jsonl" in err[0]
+    assert not export.exists()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "x", "choices": ["a", "b"], "answer": 0}\n{"prompt": "y", "choices": ["a"]\n')
+    assert train_main(["--model.model_name", str(tiny_dir), "--data.task", str(bad), "--run_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"]) == 2
+    assert "bad.jsonl:2" in capsys.readouterr().err
+    assert train_main(["--model.model_name", str(tiny_dir), "--model.k", "[0]", "--wandb_mode", "disabled", "--run_dir", str(tmp_path / "run")]) == 2
+    assert "positive whole number" in capsys.readouterr().err
+
+
+def test_evaluate_rejects_bad_input(tmp_path, capsys):
+    assert evaluate_main(["--steering", str(tmp_path / "none")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert evaluate_main([]) == 2
+
+
+@pytest.mark.real_model
+def test_fit_on_embedded_model(tmp_path, capsys):
+    export = tmp_path / "state"
+    code = train_main([
+        "--data.max_train_pairs", "32", "--data.max_val_examples", "16", "--model.k", "[20]", "--model.alpha", "[1]",
+        "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "disabled",
+    ])
+    assert code == 0
+    state = SteeringState.from_pretrained(export)
+    assert state.base_model == "smollm2-135m-instruct" and state.architecture == "llama" and state.n_layers == 30
+    assert state.k == 20 and state.metadata["fit"]["n_pairs"] == 32
+    assert (state.momentum > 0).all()
