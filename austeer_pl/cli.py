@@ -87,7 +87,7 @@ def build_cli(args: Sequence[str] | None = None):
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             trainer_cfg = cfg["trainer"]
             if trainer_cfg.get("max_epochs") not in (None, 1):
-                raise AusteerError("fitting is a single pass over the pairs; drop --trainer.max_epochs")
+                raise AusteerError("fitting is a single pass over the pairs (plus --model.strength_epochs for a learned strength); drop --trainer.max_epochs")
             run_dir = cfg.get("run_dir") or os.environ.get(RUN_DIR_ENV) or str(
                 Path("runs") / f"{_task_stem(cfg['data']['task'])}-{time.strftime('%Y%m%d-%H%M%S')}"
             )
@@ -113,7 +113,11 @@ def build_cli(args: Sequence[str] | None = None):
             kwargs["logger"] = loggers
             kwargs["callbacks"] = [*(user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]), self.pass_checkpoint]
             kwargs["strategy"] = make_strategy(init.get("strategy", "auto"), timeout_s=cfg["ddp_timeout"])
-            kwargs["max_epochs"] = 1
+            model_cfg = cfg["model"]
+            learned = model_cfg.get("strength", "momentum") != "momentum"
+            # Epoch 0 is the momentum pass; a learned strength trains for strength_epochs more.
+            kwargs["max_epochs"] = 1 + (int(model_cfg.get("strength_epochs", 0)) if learned else 0)
+            kwargs["reload_dataloaders_every_n_epochs"] = 1 if learned else 0
             kwargs["use_distributed_sampler"] = False
             kwargs["num_sanity_val_steps"] = 0
             kwargs["enable_checkpointing"] = False
@@ -169,6 +173,11 @@ def _print_fit_summary(module, summary: dict[str, Any]) -> None:
     fit = state.metadata.get("fit", {})
     table.add_row("pairs / fit time", f"{summary.get('n_pairs')} pairs in {summary.get('fit_seconds', 0):.1f} s")
     table.add_row("chosen", f"site={fit.get('site')}  k={state.k}  alpha={state.alpha:g}  sign={state.sign_policy}")
+    if state.strength.get("kind", "momentum") != "momentum":
+        table.add_row(
+            "learned strength",
+            f"{state.strength['kind']}: val {fit.get('val_accuracy_momentum_rule', 0):.3f} with alpha*m -> {fit.get('val_accuracy', 0):.3f} learned (best epoch {fit.get('strength_best_epoch')})",
+        )
     for site, layers in state.layers_by_site().items():
         counts = {l: int(((state.layer == l) & (state.site_index == state.sites.index(site))).sum()) for l in layers}
         table.add_row(f"{site} units", ", ".join(f"L{l}:{c}" for l, c in counts.items()))
@@ -206,6 +215,23 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat_template", default=None, choices=["auto", "on", "off"])
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--compare", action="store_true", help="fit and compare every method on the same split (see README)")
+    c = p.add_argument_group("comparison (--compare)", "fit unsteered, ITI, SADI, CAA, block-level AUSteer and AUSteer on one split, tune each on validation, report test")
+    c.add_argument("--methods", default=None, help="comma-separated subset of unsteered,iti,sadi,caa,austeer_block,austeer (default: all)")
+    c.add_argument("--grid", default="default", choices=["default", "quick"], help="hyperparameter grids: the documented defaults, or 4 points per method")
+    c.add_argument("--site", default=None, help="AUSteer sites to choose from, e.g. attention or attention,ffn,both")
+    c.add_argument("--k", default=None, help="AUSteer k values, e.g. 10,50,100")
+    c.add_argument("--alpha", default=None, help="AUSteer alpha values, e.g. 0.5,1,2")
+    c.add_argument("--sign", default="promote", choices=["promote", "both"], help="AUSteer sign policy")
+    c.add_argument("--negatives", default="sample", choices=["sample", "all"], help="wrong answers per training example")
+    c.add_argument("--max_train_pairs", type=int, default=None, help="cap on training pairs (default: the data module's)")
+    c.add_argument("--max_val_examples", type=int, default=None, help="cap on validation examples (default: the data module's)")
+    c.add_argument("--max_test_examples", type=int, default=None, help="cap on test examples (default: the data module's; --limit also caps them)")
+    c.add_argument("--max_length", type=int, default=None, help="truncate longer sequences from the left (default: the data module's)")
+    c.add_argument("--devices", type=int, default=1, help="processes (DDP when more than 1)")
+    c.add_argument("--export_dir", default=None, help="save each method's chosen state under DIR/METHOD")
+    c.add_argument("--run_dir", default=None, help="folder for W&B files (default: runs/compare-TASK-TIMESTAMP)")
+    c.add_argument("--wandb_mode", default=os.environ.get("WANDB_MODE", "offline"), help="offline, online or disabled")
+    c.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "austeer-pl"))
     return p
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,18 +26,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .errors import AusteerError
-from .evaluation import check_scoring, default_scoring, predict
+from .evaluation import answer_suffixes, check_scoring, default_scoring, predict
 from .models import DEFAULT_MODEL, load_model, model_name_of
 from .momentum import MomentumAccumulator
-from .reading import ActivationReader
-from .scoring import pad_ids, truncate_left
+from .reading import ActivationReader, position_ids_from_mask
+from .scoring import choice_logprobs, pad_ids, truncate_left
 from .selection import SIGN_POLICIES, Selection, rank_units
 from .sites import LayoutSpec, ModelLayout, locate_units
 from .steering import TOKEN_SCOPES, SteeringState
+from .strength import STRENGTH_KINDS, GateStrength, StrengthHandle, build_strength
 from .tasks import Task, TaskExample, format_prompt, join_answer, load_task, make_pairs, split_examples
 
 SITE_OPTIONS = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attention", "ffn")}
-STRENGTHS = ("momentum",)
 
 
 # ============================================================================ data
@@ -125,8 +125,8 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         negatives: str = "sample",
         val_fraction: float = 0.2,
         test_fraction: float = 0.2,
-        max_train_pairs: int | None = 1000,
-        max_val_examples: int | None = 200,
+        max_train_pairs: int | None = 256,
+        max_val_examples: int | None = 100,
         max_test_examples: int | None = 500,
         batch_size: int = 16,
         eval_batch_size: int = 32,
@@ -142,6 +142,7 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         self.task_obj: Task | None = None
         self.splits: dict[str, list[TaskExample]] = {}
         self.pairs: list[EncodedPair] = []
+        self.train_examples: list[EncodedPair] = []
         self.val_prompts: list[str] = []
 
     # -- what the fitting module and evaluate.py need to know
@@ -184,6 +185,12 @@ class ContrastivePairDataModule(pl.LightningDataModule):
             self.pairs = [EncodedPair(prompt_ids[p.prompt], a, b) for p, a, b in zip(pairs, pos, neg)]
         if not self.val_prompts:
             self.val_prompts = [format_prompt(self.tokenizer, task, ex.prompt, chat_template=hp.chat_template) for ex in self.splits["val"]]
+        if not self.train_examples:
+            # For the learned-strength phase: each training example's prompt and right answer, as ids.
+            texts = [format_prompt(self.tokenizer, task, ex.prompt, chat_template=hp.chat_template) for ex in self.splits["train"]]
+            ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
+            answers = self._answers(texts, [ex.target for ex in self.splits["train"]])
+            self.train_examples = [EncodedPair(p, a, []) for p, a in zip(ids, answers)]
 
     def _answers(self, prompt_texts: Sequence[str], choices: Sequence[str]) -> list[list[int]]:
         suffixes = [join_answer(t, c)[len(t):] for t, c in zip(prompt_texts, choices)]
@@ -213,8 +220,25 @@ class ContrastivePairDataModule(pl.LightningDataModule):
             "n_tokens": int(mask.sum()),
         }
 
+    def collate_examples_train(self, items: list[EncodedPair]) -> dict[str, Any]:
+        """Prompt + right answer, left-padded (answers end at the last position), for the strength phase."""
+        if not items:
+            return {"n_examples": 0}
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        seqs = [truncate_left(p.prompt + p.positive, self.hparams.max_length) for p in items]
+        ids, mask = pad_ids(seqs, pad, side="left")
+        return {"n_examples": len(items), "input_ids": ids, "attention_mask": mask, "answer_lengths": torch.tensor([len(p.positive) for p in items])}
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._world()
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        if epoch > 0:
+            # Learned-strength epochs: every process applies the same seeded permutation, then takes
+            # its strided share, so the union of one step's batches is the same global batch.
+            order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(self.hparams.seed + epoch)).tolist()
+            examples = [self.train_examples[i] for i in order]
+            batches = shard_batches(len(examples), rank, world, self.hparams.batch_size)
+            return DataLoader(examples, batch_sampler=_BatchList(batches), collate_fn=self.collate_examples_train, num_workers=self.hparams.num_workers)
         module = self.trainer.lightning_module if self.trainer is not None else None
         progress = (lambda: module.batches_done) if module is not None else (lambda: 0)
         return ResumableLoader(
@@ -337,7 +361,14 @@ class AUSteerModule(pl.LightningModule):
         alpha: strength, or a list to choose from on validation.
         sign: ``promote`` (only m > 0) or ``both``.
         token_scope: ``all``, ``prompt`` or ``generated`` (recorded in the state).
-        strength: ``momentum`` (the paper's rule ``alpha * m``).
+        strength: ``momentum`` (the paper's rule ``alpha * m``), or a learned ``scalar`` per unit or
+            input-conditioned ``gate``, trained after selection (see :mod:`austeer_pl.strength`).
+        strength_epochs: epochs of the learned-strength phase (early-stopped on validation accuracy).
+        strength_lr: Adam learning rate of the strength parameters.
+        kl_weight: weight of KL(unsteered || steered) of the next-token distribution at the answer position.
+        patience: validation epochs without improvement before the strength phase stops.
+        gate_layer: decoder layer whose input the gate reads (default: the first steered layer).
+        gate_width: hidden width of the gate.
         scoring: validation scoring, ``loglik`` or ``generate`` (None: the task's default).
         cache_dir: cache of the converted embedded model.
         layout_layers, layout_attention, layout_ffn: module paths for models austeer-pl does not know.
@@ -348,11 +379,17 @@ class AUSteerModule(pl.LightningModule):
         model_name: str = DEFAULT_MODEL,
         dtype: str | None = None,
         site: str | list[str] = "attention",
-        k: int | list[int] = [10, 50, 100],  # noqa: B006 - jsonargparse needs a literal default
-        alpha: float | list[float] = [0.5, 1.0, 2.0],  # noqa: B006
+        k: int | list[int] = [10, 50],  # noqa: B006 - jsonargparse needs a literal default
+        alpha: float | list[float] = [1.0, 2.0],  # noqa: B006
         sign: str = "promote",
         token_scope: str = "all",
         strength: str = "momentum",
+        strength_epochs: int = 3,
+        strength_lr: float = 0.01,
+        kl_weight: float = 1.0,
+        patience: int = 2,
+        gate_layer: int | None = None,
+        gate_width: int = 16,
         scoring: str | None = None,
         cache_dir: str | None = None,
         layout_layers: str | None = None,
@@ -369,8 +406,10 @@ class AUSteerModule(pl.LightningModule):
             raise AusteerError(f"unknown sign policy '{sign}'; choose promote or both")
         if token_scope not in TOKEN_SCOPES:
             raise AusteerError(f"unknown token scope '{token_scope}'; choose one of {', '.join(TOKEN_SCOPES)}")
-        if strength not in STRENGTHS:
-            raise AusteerError(f"unknown strength function '{strength}'; choose one of {', '.join(STRENGTHS)}")
+        if strength not in STRENGTH_KINDS:
+            raise AusteerError(f"unknown strength function '{strength}'; choose one of {', '.join(STRENGTH_KINDS)}")
+        if strength_epochs < 0 or strength_lr <= 0 or kl_weight < 0 or patience < 1 or gate_width < 1:
+            raise AusteerError("strength_epochs >= 0, strength_lr > 0, kl_weight >= 0, patience >= 1 and gate_width >= 1 are required")
         if scoring is not None:
             check_scoring(scoring)
         self.read_sites = tuple(dict.fromkeys(s for _, sites in self.site_options for s in sites))
@@ -385,6 +424,11 @@ class AUSteerModule(pl.LightningModule):
         self._val_total = 0
         self._fit_started = 0.0
         self._n_tokens = 0
+        self.strength_fn: nn.Module | None = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._best: dict[str, Any] | None = None
+        self._bad_epochs = 0
+        self.strength_history: list[dict[str, float]] = []
         # The frozen LLM is deliberately not a registered submodule (see `llm`).
         self.__dict__["_llm"] = None
         self.__dict__["_tokenizer"] = None
@@ -451,6 +495,8 @@ class AUSteerModule(pl.LightningModule):
             self._pending = None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if self.current_epoch > 0:
+            return self.strength_step(batch)
         if batch["n_pairs"]:
             n = batch["n_pairs"]
             with torch.inference_mode():
@@ -509,10 +555,13 @@ class AUSteerModule(pl.LightningModule):
     def on_validation_epoch_start(self) -> None:
         self._val_correct = torch.zeros(1 + len(self.grid()), dtype=torch.int64)
         self._val_total = 0
+        self._val_nll = 0.0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if not self.rankings or not batch["index"]:
             return None
+        if self.strength_fn is not None:
+            return self.strength_validation_step(batch)
         dm = self.trainer.datamodule
         task = dm.task_obj
         examples = [dm.splits["val"][i] for i in batch["index"]]
@@ -530,6 +579,8 @@ class AUSteerModule(pl.LightningModule):
     def on_validation_epoch_end(self) -> None:
         if not self.rankings:
             return
+        if self.strength_fn is not None:
+            return self.strength_validation_end()
         counts = _all_reduce_sum(torch.cat([self._val_correct, torch.tensor([self._val_total])]).to(self.device)).cpu()
         correct, total = counts[:-1], int(counts[-1])
         if total == 0:
@@ -564,8 +615,131 @@ class AUSteerModule(pl.LightningModule):
         self.log("val/accuracy", chosen["val_accuracy"], rank_zero_only=True)
         self.log("val/k", float(chosen["k"]), rank_zero_only=True)
         self.log("val/alpha", float(chosen["alpha"]), rank_zero_only=True)
+        if self.hparams.strength != "momentum" and self.hparams.strength_epochs > 0:
+            self.start_strength_phase(chosen["val_accuracy"])
+
+    # -- the optional learned-strength phase (epochs after the first)
+    def start_strength_phase(self, val_accuracy: float) -> None:
+        init = self.state.scale.to(self.device)
+        self.strength_fn = build_strength(
+            self.hparams.strength, init, self.layout, self.state.layer.tolist(),
+            gate_layer=self.hparams.gate_layer, gate_width=self.hparams.gate_width,
+        ).to(self.device)
+        self._optimizer = torch.optim.Adam(self.strength_fn.parameters(), lr=self.hparams.strength_lr)
+        # The momentum rule (the initial weights) is the first candidate for the best weights.
+        dm = self.trainer.datamodule
+        rank, world = dm._world()
+        self._val_correct, self._val_total, self._val_nll = torch.zeros(1, dtype=torch.int64), 0, 0.0
+        for indices in shard_batches(len(dm.splits["val"]), rank, world, dm.hparams.eval_batch_size):
+            if indices:
+                self.strength_validation_step({"index": indices})
+        acc, nll = self._reduce_strength_validation()
+        self._best = {"accuracy": acc, "nll": nll, "epoch": 0, "weights": {k: v.detach().clone() for k, v in self.strength_fn.state_dict().items()}}
+        self._bad_epochs = 0
+        self.strength_history = [{"epoch": 0, "val_accuracy": acc, "val_nll": nll}]
+
+    def strength_handle(self) -> StrengthHandle:
+        return StrengthHandle(self.llm, self.layout, self.state, self.strength_fn)
+
+    def strength_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Negative log-likelihood of the right answer plus ``kl_weight`` x KL(unsteered || steered) at the answer position."""
+        ids, mask, lengths = batch["input_ids"], batch["attention_mask"], batch["answer_lengths"].to(self.device)
+        span = int(lengths.max())
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=span + 1, use_cache=False)
+        with self.strength_handle():
+            logits = self.llm(**kwargs).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)
+        picked = logp.gather(-1, ids[:, -span:].unsqueeze(-1)).squeeze(-1)
+        keep = torch.arange(span, device=self.device).unsqueeze(0) >= (span - lengths).unsqueeze(1)
+        nll = -(picked * keep).sum(-1).mean()
+        rows = torch.arange(ids.shape[0], device=self.device)
+        answer_pos = span - lengths  # position (in the kept window) that predicts the first answer token
+        with torch.no_grad():
+            ref = torch.log_softmax(self.llm(**kwargs).logits.float()[rows, answer_pos], dim=-1)
+        steered = torch.log_softmax(logits[rows, answer_pos], dim=-1)
+        kl = torch.sum(ref.exp() * (ref - steered), dim=-1).mean()
+        return nll + self.hparams.kl_weight * kl, nll, kl
+
+    def strength_step(self, batch: dict[str, Any]) -> None:
+        params = list(self.strength_fn.parameters())
+        self._optimizer.zero_grad(set_to_none=False)
+        if batch["n_examples"]:
+            loss, nll, kl = self.strength_loss(batch)
+            self.manual_backward(loss)
+            self.log_dict({"fit/strength_loss": loss.detach(), "fit/strength_nll": nll.detach(), "fit/strength_kl": kl.detach()}, rank_zero_only=True)
+        # Gradient averaging across processes (the DDP reduction; the LLM itself has no gradients).
+        world = self.trainer.world_size
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            _all_reduce_sum(p.grad)
+            p.grad.div_(world)
+        self._optimizer.step()
+        return None
+
+    def strength_validation_step(self, batch: dict[str, Any]) -> None:
+        dm = self.trainer.datamodule
+        examples = [dm.splits["val"][i] for i in batch["index"]]
+        prompts = [dm.val_prompts[i] for i in batch["index"]]
+        answers = torch.tensor([ex.answer for ex in examples])
+        scoring = self.hparams.scoring or default_scoring(dm.task_obj)
+        kwargs = dict(batch_size=dm.hparams.eval_batch_size, max_length=dm.hparams.max_length)
+        with torch.no_grad(), self.strength_handle():
+            if scoring == "loglik":
+                # The log-likelihoods give the prediction and the right answer's NLL (the tie-breaker).
+                scores = choice_logprobs(self.llm, self.tokenizer, prompts, [answer_suffixes(p, ex.choices) for p, ex in zip(prompts, examples)], **kwargs)
+                preds = torch.stack([sc.argmax() for sc in scores])
+                self._val_nll += float(sum(-sc[ex.answer] for sc, ex in zip(scores, examples)))
+            else:
+                preds = predict(self.llm, self.tokenizer, dm.task_obj, examples, prompts, scoring=scoring, **kwargs)
+        self._val_correct[0] += int(preds.eq(answers).sum())
+        self._val_total += len(examples)
+
+    def _reduce_strength_validation(self) -> tuple[float, float]:
+        counts = _all_reduce_sum(torch.tensor([float(self._val_correct[0]), float(self._val_total), self._val_nll], dtype=torch.float64, device=self.device)).cpu()
+        total = max(int(counts[1]), 1)
+        return float(counts[0]) / total, float(counts[2]) / total
+
+    def strength_validation_end(self) -> None:
+        acc, nll = self._reduce_strength_validation()
+        epoch = self.current_epoch
+        self.strength_history.append({"epoch": epoch, "val_accuracy": acc, "val_nll": nll})
+        self.log("val/strength_accuracy", acc, rank_zero_only=True)
+        self.log("val/strength_nll", nll, rank_zero_only=True)
+        # Early stopping on validation accuracy; ties go to the lower NLL of the right answer.
+        if (acc, -nll) > (self._best["accuracy"], -self._best["nll"]):
+            self._best = {"accuracy": acc, "nll": nll, "epoch": epoch, "weights": {k: v.detach().clone() for k, v in self.strength_fn.state_dict().items()}}
+            self._bad_epochs = 0
+        else:
+            self._bad_epochs += 1
+            if self._bad_epochs >= self.hparams.patience:
+                self.trainer.should_stop = True
+
+    def finish_strength_phase(self) -> None:
+        """Keep the best weights (validation accuracy) and fold them into the exported state."""
+        self.strength_fn.load_state_dict(self._best["weights"])
+        fit = dict(self.state.metadata.get("fit", {}))
+        fit.update(
+            strength=self.hparams.strength,
+            val_accuracy_momentum_rule=fit.get("val_accuracy"),
+            val_accuracy=self._best["accuracy"],
+            strength_best_epoch=self._best["epoch"],
+            strength_history=self.strength_history,
+            strength_lr=self.hparams.strength_lr,
+            kl_weight=self.hparams.kl_weight,
+        )
+        metadata = {**self.state.metadata, "fit": fit}
+        if isinstance(self.strength_fn, GateStrength):
+            tensors = {k: v.detach().float().cpu() for k, v in self.strength_fn.state_dict().items()}
+            self.state = replace(self.state, strength=self.strength_fn.config(), strength_tensors=tensors, metadata=metadata)
+        else:
+            learned = self.strength_fn.scale.detach().float().cpu()
+            self.state = replace(self.state, scale=learned, strength={"kind": "scalar"}, metadata=metadata)
+        self.summary["val_accuracy"] = self._best["accuracy"]
 
     def on_fit_end(self) -> None:
+        if self.strength_fn is not None:
+            self.finish_strength_phase()
         if self.state is not None and self.export_dir is not None and self.trainer.is_global_zero:
             self.state.save_pretrained(self.export_dir)
 
@@ -584,11 +758,14 @@ class AUSteerModule(pl.LightningModule):
             "reduced": reduced,
             "world_size": self.trainer.world_size if self._trainer is not None else 1,
             "n_tokens": self._n_tokens,
+            "phase": "strength" if self.strength_fn is not None else "momentum",
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if "austeer" not in checkpoint:
             raise AusteerError("this checkpoint was not written by austeer-pl's AUSteerModule; pass a last.ckpt from a train.py run")
+        if checkpoint["austeer"].get("phase") == "strength":
+            raise AusteerError("this checkpoint was written during the learned-strength phase, which does not resume; start the fit again (the momentum pass is fast to redo) or resume from an earlier checkpoint")
         self._pending = checkpoint["austeer"]
 
     def _restore(self, saved: dict[str, Any]) -> None:

@@ -49,7 +49,7 @@ class SteeringState:
         sites: site names; ``site_index`` points into this tuple.
         site_index, layer, unit: int64 ``(k,)`` coordinates of the steered units.
         momentum: float32 ``(k,)`` activation momentum of each unit (signed).
-        scale: float32 ``(k,)`` multiplicative edit (``alpha * m`` for AUSteer).
+        scale: float32 ``(k,)`` multiplicative edit (``alpha * m`` for AUSteer; learned for ``scalar``).
         shift: float32 ``(k,)`` additive edit (zero for AUSteer).
         alpha: the strength the edits were computed with; ``apply(alpha=...)`` rescales them.
         sign_policy: ``promote`` or ``both``.
@@ -60,6 +60,9 @@ class SteeringState:
         n_layers: its number of decoder layers.
         site_sizes: its units per layer at each site.
         metadata: free-form fit facts (JSON-serialisable).
+        strength: closed description of the strength function: ``{"kind": "momentum"}``,
+            ``{"kind": "scalar"}`` (learned values in ``scale``) or ``{"kind": "gate", ...}``.
+        strength_tensors: the gate's parameters (saved as ``strength.*`` in the safetensors file).
     """
 
     sites: tuple[str, ...]
@@ -78,6 +81,8 @@ class SteeringState:
     token_scope: str = "all"
     method: str = "austeer"
     metadata: dict[str, Any] = field(default_factory=dict)
+    strength: dict[str, Any] = field(default_factory=lambda: {"kind": "momentum"})
+    strength_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.sites = tuple(self.sites)
@@ -155,6 +160,8 @@ class SteeringState:
             raise AusteerError(f"alpha must be a finite number, got {alpha}")
         if alpha == self.alpha:
             return self
+        if self.strength.get("kind") == "gate":
+            raise AusteerError("a learned gate has no single strength to rescale; apply it without alpha, or fit it again")
         if self.alpha == 0:
             raise AusteerError("cannot rescale a state fitted with alpha=0; fit it again with a non-zero alpha")
         ratio = alpha / self.alpha
@@ -231,6 +238,12 @@ class SteeringState:
         if not isinstance(layout, ModelLayout):
             layout = locate_units(model, layout)
         state.check_compatible(layout)
+        if state.strength.get("kind") == "gate":
+            from .strength import StrengthHandle, strength_from_config
+
+            gate = strength_from_config(state.strength, state.strength_tensors, state.k)
+            gate.to(next(model.parameters()).device)
+            return StrengthHandle(model, layout, state, gate, scope)
         return SteeringHandle(model, layout, state, scope)
 
     # ------------------------------------------------------------------ save and load
@@ -249,6 +262,7 @@ class SteeringState:
             "alpha": self.alpha,
             "sign_policy": self.sign_policy,
             "token_scope": self.token_scope,
+            "strength": self.strength,
             "metadata": self.metadata,
         }
 
@@ -270,6 +284,7 @@ class SteeringState:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         try:
             tensors = {name: getattr(self, name).contiguous() for name in _TENSOR_KEYS}
+            tensors.update({f"strength.{name}": t.detach().float().cpu().contiguous() for name, t in self.strength_tensors.items()})
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
             config = self.to_config()
             config["files"] = {WEIGHTS_NAME: sha256_file(tmp / WEIGHTS_NAME)}
@@ -335,6 +350,8 @@ class SteeringState:
                 token_scope=str(config.get("token_scope", "all")),
                 method=str(config.get("method", "austeer")),
                 metadata=dict(config.get("metadata") or {}),
+                strength=dict(config.get("strength") or {"kind": "momentum"}),
+                strength_tensors={name[len("strength."):]: t for name, t in tensors.items() if name.startswith("strength.")},
             )
         except (KeyError, TypeError, ValueError) as err:
             raise AusteerError(f"{config_path} lacks or garbles field {err}; the state was altered, export it again") from None

@@ -1,0 +1,183 @@
+"""Learned adaptive strength: how hard to push each selected unit, learned with the LLM frozen.
+
+Three strength functions (``--model.strength``):
+
+* ``momentum``: the paper's rule, ``s = alpha * m`` (no parameters, the default);
+* ``scalar``: one learned strength per selected unit, initialised at ``alpha * m``;
+* ``gate``: an input-conditioned function. At every position it reads the residual stream entering
+  decoder layer ``g`` (RMS-normalised) and returns per-unit strengths
+  ``s = alpha * m + W2 tanh(W1 h + b1)`` (``W2`` starts at zero, so training starts from the
+  momentum rule). Attention is causal and ``g`` is at or before the first steered layer, so the
+  strengths used to predict the answer are computed from the prompt alone: the gate never sees the
+  answer it is scored on.
+
+Each unit ``a`` becomes ``a + s * a``. The same :class:`StrengthHandle` applies a learned
+function during training and after loading, so an exported state reproduces the trained
+module's outputs exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import AusteerError
+from .sites import ModelLayout, register_site_hook
+
+STRENGTH_KINDS = ("momentum", "scalar", "gate")
+
+
+class ScalarStrength(nn.Module):
+    """One learned strength per selected unit."""
+
+    kind = "scalar"
+
+    def __init__(self, init: torch.Tensor) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(init.detach().clone().float())
+
+    def forward(self, hidden: torch.Tensor | None = None) -> torch.Tensor:
+        return self.scale
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "scalar"}
+
+
+class GateStrength(nn.Module):
+    """Per-position strengths from the residual stream entering decoder layer ``layer``.
+
+    Args:
+        hidden_size: width of the residual stream.
+        init: ``(k,)`` strengths at initialisation (``alpha * m``).
+        layer: the decoder layer whose input is read; at or before the first steered layer.
+        width: hidden width of the gate (the parameter count is ``(hidden_size + k + 1) * width + k``).
+    """
+
+    kind = "gate"
+
+    def __init__(self, hidden_size: int, init: torch.Tensor, layer: int, width: int = 16) -> None:
+        super().__init__()
+        self.layer = int(layer)
+        self.width = int(width)
+        self.inner = nn.Linear(hidden_size, width)
+        self.outer = nn.Linear(width, init.numel())
+        nn.init.normal_(self.inner.weight, std=hidden_size**-0.5)
+        nn.init.zeros_(self.inner.bias)
+        nn.init.zeros_(self.outer.weight)
+        with torch.no_grad():
+            self.outer.bias.copy_(init.float())
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        h = hidden.float()
+        h = h * torch.rsqrt(h.square().mean(-1, keepdim=True) + 1e-6)
+        return self.outer(torch.tanh(self.inner(h)))
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": "gate", "layer": self.layer, "width": self.width, "hidden_size": self.inner.in_features}
+
+
+def build_strength(kind: str, init: torch.Tensor, layout: ModelLayout, steered_layers: list[int], *, gate_layer: int | None = None, gate_width: int = 16) -> nn.Module | None:
+    """The strength module for ``kind`` (None for ``momentum``)."""
+    if kind not in STRENGTH_KINDS:
+        raise AusteerError(f"unknown strength function '{kind}'; choose one of {', '.join(STRENGTH_KINDS)}")
+    if kind == "momentum":
+        return None
+    if kind == "scalar":
+        return ScalarStrength(init)
+    first = min(steered_layers)
+    layer = first if gate_layer is None else int(gate_layer)
+    if not 0 <= layer <= first:
+        raise AusteerError(
+            f"--model.gate_layer {layer} must be between 0 and the first steered layer ({first}), so the gate reads its input before any edit"
+        )
+    hidden = layout.site("residual").size
+    return GateStrength(hidden, init, layer, gate_width)
+
+
+def strength_from_config(config: dict[str, Any], tensors: dict[str, torch.Tensor], k: int) -> GateStrength:
+    """Rebuild a saved gate from its closed description and tensors (no pickle, no class paths)."""
+    if config.get("kind") != "gate":
+        raise AusteerError(f"unknown strength function '{config.get('kind')}' in the state; upgrade austeer-pl or export it again")
+    try:
+        gate = GateStrength(int(config["hidden_size"]), torch.zeros(k), int(config["layer"]), int(config["width"]))
+        gate.load_state_dict({name: tensors[name] for name in gate.state_dict()})
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise AusteerError(f"the state's gate parameters do not match its description ({str(err).splitlines()[0]}); export it again") from None
+    return gate.requires_grad_(False)
+
+
+class StrengthHandle:
+    """Hooks that apply a (possibly learned) strength function to the selected units.
+
+    Differentiable with respect to the strength parameters (edits are out of place when gradients
+    are on); the model's own weights are untouched. Remove with :meth:`remove` or a ``with`` block.
+    """
+
+    def __init__(self, model: nn.Module, layout: ModelLayout, state, strength: nn.Module | None, token_scope: str = "all") -> None:
+        self.strength = strength
+        self.token_scope = token_scope
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._current: torch.Tensor | None = None
+        self._prefill = True
+        self.enabled = True
+        device = next(model.parameters()).device
+        fixed = state.scale.to(device)
+        for i, site_name in enumerate(state.sites):
+            site = layout.site(site_name)
+            rows = state.site_index == i
+            for layer in sorted(set(state.layer[rows].tolist())):
+                cols = torch.nonzero(rows & (state.layer == layer)).flatten().to(device)
+                unit = state.unit.to(device)[cols]
+                self._handles.append(register_site_hook(site, layer, self._edit_fn(unit, cols, fixed)))
+        if isinstance(strength, GateStrength):
+            self._handles.insert(0, layout.layers[strength.layer].register_forward_pre_hook(self._read_gate, with_kwargs=True))
+        if token_scope != "all":
+            self._handles.insert(0, model.register_forward_pre_hook(self._track_phase, with_kwargs=True))
+
+    def _track_phase(self, _module, args, kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        get_len = getattr(cache, "get_seq_length", None)
+        self._prefill = cache is None or not callable(get_len) or int(get_len()) == 0
+        return None
+
+    def _read_gate(self, _module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        self._current = self.strength(hidden)
+        return None
+
+    def _active(self) -> bool:
+        if not self.enabled:
+            return False
+        if self.token_scope == "all":
+            return True
+        return self._prefill if self.token_scope == "prompt" else not self._prefill
+
+    def _edit_fn(self, unit: torch.Tensor, cols: torch.Tensor, fixed: torch.Tensor):
+        def fn(x: torch.Tensor) -> torch.Tensor | None:
+            if not self._active():
+                return None
+            if self.strength is None:
+                s = fixed[cols]
+            elif isinstance(self.strength, GateStrength):
+                s = self._current.index_select(-1, cols)  # (B, T, k_layer)
+            else:
+                s = self.strength().index_select(0, cols)
+            values = x.index_select(-1, unit)
+            # Same arithmetic as SteeringHandle (a * (1 + s)), so exported scalar states match exactly.
+            return x.index_copy(-1, unit, values * (1.0 + s).to(values.dtype))
+
+        return fn
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._current = None
+
+    def __enter__(self) -> StrengthHandle:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

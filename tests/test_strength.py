@@ -1,0 +1,169 @@
+"""The learned-strength phase: gradient isolation, export equality, direction of learning, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from austeer_pl import SteeringState, load_model
+from austeer_pl.lightning import AUSteerModule, ContrastivePairDataModule
+from austeer_pl.strength import GateStrength
+
+from conftest import make_model, make_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama-strength")
+    make_model("llama").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_task(path: Path, n: int) -> Path:
+    rng = random.Random(1)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"prompt": f"is {a} less than {b}", "choices": ["yes", "no"], "answer": 0 if a < b else 1}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory) -> Path:
+    return write_task(tmp_path_factory.mktemp("strength-task") / "less.jsonl", 60)
+
+
+def fit(tiny_dir, task_file, strength, *, epochs=2, kl_weight=1.0, lr=0.05, export=None):
+    module = AUSteerModule(model_name=str(tiny_dir), k=[4], alpha=[1.0], strength=strength, strength_epochs=epochs, strength_lr=lr, kl_weight=kl_weight, patience=epochs)
+    module.export_dir = export
+    data = ContrastivePairDataModule(task=str(task_file), batch_size=6, max_val_examples=12)
+    trainer = pl.Trainer(
+        max_epochs=1 + epochs, reload_dataloaders_every_n_epochs=1, logger=False, enable_checkpointing=False,
+        use_distributed_sampler=False, num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+    )
+    trainer.fit(module, datamodule=data)
+    return module
+
+
+def test_gradients_reach_strength_parameters_only(tiny_dir, task_file):
+    module = fit(tiny_dir, task_file, "gate", epochs=1)
+    dm = module.trainer.datamodule
+    batch = dm.collate_examples_train(dm.train_examples[:5])
+    for p in module.strength_fn.parameters():
+        p.grad = None
+    loss, nll, kl = module.strength_loss(batch)
+    loss.backward()
+    assert all(p.grad is None and not p.requires_grad for p in module.llm.parameters())
+    grads = [p.grad for p in module.strength_fn.parameters()]
+    assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
+    assert torch.isfinite(loss) and kl >= -1e-6
+
+
+@pytest.mark.parametrize("strength", ["scalar", "gate"])
+def test_exported_state_reproduces_trained_module(tiny_dir, task_file, tmp_path, strength):
+    module = fit(tiny_dir, task_file, strength)
+    # Give the strength function clearly non-trivial weights, as if training had moved them far.
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in module.strength_fn.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    module._best["weights"] = {k: v.clone() for k, v in module.strength_fn.state_dict().items()}
+    module.finish_strength_phase()
+    module.state.save_pretrained(tmp_path / "state")
+    state = SteeringState.from_pretrained(tmp_path / "state")
+    assert state.strength["kind"] == strength
+    ids = make_tokenizer()(["is 3 less than 7\nAnswer: yes", "is 9 less than 1\nAnswer:"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        with module.strength_handle():
+            trained = module.llm(**ids).logits
+        fresh, _ = load_model(str(tiny_dir))  # a new model object, loaded the way users load it
+        with state.apply(fresh):
+            loaded = fresh(**ids).logits
+        plain = fresh(**ids).logits
+    assert torch.equal(trained, loaded)
+    assert not torch.equal(loaded, plain)
+    if strength == "gate":
+        from safetensors import safe_open
+
+        with safe_open(tmp_path / "state" / "steering_state.safetensors", "pt") as f:
+            assert {k for k in f.keys() if k.startswith("strength.")} == {"strength.inner.weight", "strength.inner.bias", "strength.outer.weight", "strength.outer.bias"}
+        config = json.loads((tmp_path / "state" / "steering_config.json").read_text())
+        assert config["strength"]["kind"] == "gate" and "class" not in json.dumps(config["strength"])
+
+
+def test_learned_scalar_moves_toward_the_useful_direction(tiny_dir, tmp_path):
+    # Synthetic task: the right answer is always "yes". The negative log-likelihood of "yes" as a
+    # function of each unit's strength is measured independently (finite differences on the
+    # frozen model); training must move every strength downhill on it.
+    path = tmp_path / "always_yes.jsonl"
+    with open(path, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"say yes {i % 10}", "choices": ["yes", "no"], "answer": 0}) + "\n")
+    module = AUSteerModule(model_name=str(tiny_dir), k=[3], alpha=[1.0], sign="both", strength="scalar", strength_epochs=3, strength_lr=0.2, kl_weight=0.0, patience=3)
+    data = ContrastivePairDataModule(task=str(path), batch_size=8, max_val_examples=8)
+    trainer = pl.Trainer(max_epochs=4, reload_dataloaders_every_n_epochs=1, logger=False, enable_checkpointing=False, use_distributed_sampler=False,
+                         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer.fit(module, datamodule=data)
+    init = module.state.momentum * module.state.alpha  # the momentum rule the scalar started from
+    learned = module.strength_fn.scale.detach().clone()
+    batch = data.collate_examples_train(data.train_examples)
+
+    def nll_at(scale: torch.Tensor) -> float:
+        with torch.no_grad():
+            module.strength_fn.scale.copy_(scale)
+            return float(module.strength_loss(batch)[1])
+
+    eps = 1e-2
+    slopes = []
+    for u in range(init.numel()):
+        up, down = init.clone(), init.clone()
+        up[u] += eps
+        down[u] -= eps
+        slopes.append((nll_at(up) - nll_at(down)) / (2 * eps))
+    moved = learned - init
+    for u, slope in enumerate(slopes):
+        if abs(slope) > 1e-4:
+            assert moved[u] * slope < 0, (u, slope, float(moved[u]))
+    assert nll_at(learned) < nll_at(init)
+
+
+def test_gate_for_k100_is_small():
+    gate = GateStrength(hidden_size=4096, init=torch.zeros(100), layer=3)  # a 7B-sized residual stream
+    n_bytes = sum(p.numel() for p in gate.parameters()) * 4
+    assert n_bytes < 300_000
+
+
+@pytest.mark.slow
+def test_ddp_strength_training_equals_single_process(tiny_dir, task_file, tmp_path):
+    def run(extra, name):
+        env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
+        args = [
+            sys.executable, str(ROOT / "train.py"), "--model.model_name", str(tiny_dir), "--data.task", str(task_file),
+            "--model.k", "[4]", "--model.alpha", "[1]", "--model.strength", "scalar", "--model.strength_epochs", "2",
+            "--model.patience", "2", "--data.max_val_examples", "12", "--trainer.accelerator", "cpu", "--wandb_mode", "disabled",
+            "--run_dir", str(tmp_path / name), *extra,
+        ]
+        proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return SteeringState.from_pretrained(tmp_path / name / "state")
+
+    # 36 training examples: 6 global batches of 6, i.e. 3 per process with 2 processes.
+    one = run(["--data.batch_size", "6"], "one")
+    two = run(["--data.batch_size", "3", "--trainer.devices", "2", "--trainer.strategy", "ddp"], "two")
+    assert one.coordinates() == two.coordinates()
+    h1, h2 = one.metadata["fit"]["strength_history"], two.metadata["fit"]["strength_history"]
+    assert [h["val_accuracy"] for h in h1] == [h["val_accuracy"] for h in h2]
+    assert [h["val_nll"] for h in h1] == pytest.approx([h["val_nll"] for h in h2], rel=1e-5)
+    assert torch.allclose(one.scale, two.scale, atol=1e-5), (one.scale, two.scale)
+    assert not torch.allclose(one.scale, one.momentum * one.alpha)  # it did learn
