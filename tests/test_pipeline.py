@@ -196,3 +196,17 @@ def test_fit_on_embedded_model(tmp_path, capsys):
     assert state.base_model == "smollm2-135m-instruct" and state.architecture == "llama" and state.n_layers == 30
     assert state.k == 20 and state.metadata["fit"]["n_pairs"] == 32
     assert (state.momentum > 0).all()
+
+
+def test_command_line_errors_are_one_line_with_exit_code_2(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
+    cases = [
+        ([str(ROOT / "train.py"), "--model.model_name", "no-such-org/no-such-model", "--run_dir", str(tmp_path / "r"), "--export_dir", str(tmp_path / "s")], "no-such-org/no-such-model"),
+        ([str(ROOT / "evaluate.py"), "--steering", str(tmp_path / "missing")], "does not exist"),
+    ]
+    for args, needle in cases:
+        proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+        assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]
+    assert not (tmp_path / "s").exists()
