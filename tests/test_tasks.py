@@ -579,7 +579,7 @@ def test_format_prompt_plain_and_chat():
     expected_plain = "Answer yes or no.\n\nIs the sky blue?\nAnswer:"
     assert T.format_prompt(plain, task, "Is the sky blue?") == expected_plain
     assert T.format_prompt(chat, task, "Is the sky blue?", chat_template=False) == expected_plain
-    expected_chat = "<|im_start|>user\nAnswer yes or no.\n\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\nAnswer:"
+    expected_chat = "<|im_start|>user\nAnswer yes or no.\n\nIs the sky blue?<|im_end|>\n<|im_start|>assistant\n"  # no answer prefix in chat mode
     assert T.format_prompt(chat, task, "Is the sky blue?") == expected_chat
     assert T.format_prompt(chat, task, "Is the sky blue?", chat_template=True) == expected_chat
     assert "no chat template" in error(T.format_prompt, plain, task, "q", chat_template=True)
@@ -602,5 +602,5 @@ def test_rotten_tomatoes_pairs_and_format(rotten):
     pairs = T.make_pairs(parts["train"], seed=0)
     assert len(pairs) == 64 and all({p.positive, p.negative} == {"negative", "positive"} for p in pairs)
     text = T.format_prompt(local_tokenizer(CHATML), rotten, pairs[0].prompt)
-    assert text.startswith("<|im_start|>user\nReview: ") and text.endswith("<|im_start|>assistant\nAnswer:")
-    assert T.join_answer(text, pairs[0].positive, chat=True).endswith("Answer: " + pairs[0].positive)
+    assert text.startswith("<|im_start|>user\nReview: ") and text.endswith("<|im_start|>assistant\n")
+    assert T.join_answer(text, pairs[0].positive, chat=True).endswith("assistant\n" + pairs[0].positive)
