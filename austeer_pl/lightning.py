@@ -380,7 +380,7 @@ class AUSteerModule(pl.LightningModule):
         dtype: str | None = None,
         site: str | list[str] = "attention",
         k: int | list[int] = [10, 50],  # noqa: B006 - jsonargparse needs a literal default
-        alpha: float | list[float] = [1.0, 2.0],  # noqa: B006
+        alpha: float | list[float] = [4.0, 16.0, 64.0],  # noqa: B006
         sign: str = "promote",
         token_scope: str = "all",
         strength: str = "momentum",
