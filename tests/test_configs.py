@@ -1,0 +1,39 @@
+"""Every shipped YAML config parses against the CLI's typed schema (no model is loaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from austeer_pl.cli import build_cli
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+def test_configs_exist():
+    names = {p.stem for p in CONFIGS}
+    assert {"default", "multi-gpu"} <= names and len(names) >= 4
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_config_parses(path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_cli(["--config", str(path), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    resolved = yaml.safe_load(capsys.readouterr().out)
+    written = yaml.safe_load(path.read_text())
+    for section in ("model", "data"):
+        for key, value in (written.get(section) or {}).items():
+            assert resolved[section][key] == value, (section, key)
+
+
+def test_default_config_matches_the_defaults(capsys):
+    with pytest.raises(SystemExit):
+        build_cli(["--print_config"])
+    defaults = yaml.safe_load(capsys.readouterr().out)
+    written = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "default.yaml").read_text())
+    for section in ("model", "data"):
+        for key, value in written[section].items():
+            assert defaults[section][key] == value, (section, key)
