@@ -175,8 +175,8 @@ class ContrastivePairDataModule(pl.LightningDataModule):
                 raise AusteerError("the data module needs a tokenizer: attach it to a trainer with AUSteerModule or set .tokenizer")
             self.tokenizer = module.tokenizer
         hp = self.hparams
+        pairs = make_pairs(self.splits["train"], negatives=hp.negatives, seed=hp.seed, max_pairs=hp.max_train_pairs)
         if not self.pairs:
-            pairs = make_pairs(self.splits["train"], negatives=hp.negatives, seed=hp.seed, max_pairs=hp.max_train_pairs)
             prompts = {p.prompt: None for p in pairs}
             texts = {p: format_prompt(self.tokenizer, task, p, chat_template=hp.chat_template) for p in prompts}
             prompt_ids = dict(zip(texts, self.tokenizer([texts[p] for p in texts], add_special_tokens=True)["input_ids"]))
@@ -187,9 +187,12 @@ class ContrastivePairDataModule(pl.LightningDataModule):
             self.val_prompts = [format_prompt(self.tokenizer, task, ex.prompt, chat_template=hp.chat_template) for ex in self.splits["val"]]
         if not self.train_examples:
             # For the learned-strength phase: each training example's prompt and right answer, as ids.
-            texts = [format_prompt(self.tokenizer, task, ex.prompt, chat_template=hp.chat_template) for ex in self.splits["train"]]
+            # The same examples the pairs came from (max_train_pairs caps both phases).
+            used = {p.example_uid for p in pairs}
+            examples = [ex for ex in self.splits["train"] if ex.uid in used]
+            texts = [format_prompt(self.tokenizer, task, ex.prompt, chat_template=hp.chat_template) for ex in examples]
             ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
-            answers = self._answers(texts, [ex.target for ex in self.splits["train"]])
+            answers = self._answers(texts, [ex.target for ex in examples])
             self.train_examples = [EncodedPair(p, a, []) for p, a in zip(ids, answers)]
 
     def _answers(self, prompt_texts: Sequence[str], choices: Sequence[str]) -> list[list[int]]:

@@ -167,3 +167,10 @@ def test_ddp_strength_training_equals_single_process(tiny_dir, task_file, tmp_pa
     assert [h["val_nll"] for h in h1] == pytest.approx([h["val_nll"] for h in h2], rel=1e-5)
     assert torch.allclose(one.scale, two.scale, atol=1e-5), (one.scale, two.scale)
     assert not torch.allclose(one.scale, one.momentum * one.alpha)  # it did learn
+
+
+def test_strength_phase_uses_the_capped_training_examples(task_file):
+    data = ContrastivePairDataModule(task=str(task_file), max_train_pairs=10)
+    data.tokenizer = make_tokenizer()
+    data.setup("fit")
+    assert len(data.pairs) == 10 and len(data.train_examples) == 10
