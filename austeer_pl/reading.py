@@ -84,19 +84,34 @@ class ActivationReader:
             layout.site(name)
 
     def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict[str, torch.Tensor]:
-        batch = input_ids.shape[0]
+        batch, seq = input_ids.shape[0], input_ids.shape[1]
         device = input_ids.device
         rows = torch.arange(batch, device=device)
         last = last_token_index(attention_mask)
+        # Row of each sequence's last token in a (batch * seq, units) view of a site tensor.
+        flat = rows * seq + last
         n_layers = self.layout.n_layers
-        out = {
-            name: torch.empty(batch, n_layers, self.layout.site(name).size, dtype=torch.float32, device=device)
+        # (layers, batch, units) per site: each hook fills its layer's contiguous slab with one
+        # index_select, without temporaries; the slabs are transposed to (batch, layers, units) once.
+        slabs = {
+            name: torch.empty(n_layers, batch, self.layout.site(name).size, dtype=torch.float32, device=device)
             for name in self.sites
         }
 
         def capture(name: str, layer: int):
+            slab = slabs[name][layer]
+
             def fn(x: torch.Tensor) -> None:
-                out[name][:, layer] = x[rows, last]
+                if (
+                    x.dim() == 3
+                    and x.shape == (batch, seq, slab.shape[1])
+                    and x.dtype == slab.dtype
+                    and x.is_contiguous()
+                    and not x.requires_grad
+                ):
+                    torch.index_select(x.view(batch * seq, x.shape[2]), 0, flat, out=slab)
+                else:
+                    slab.copy_(x[rows, last])
 
             return fn
 
@@ -123,4 +138,4 @@ class ActivationReader:
         finally:
             for handle in handles:
                 handle.remove()
-        return out
+        return {name: slab.transpose(0, 1).contiguous() for name, slab in slabs.items()}

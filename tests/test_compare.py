@@ -1,0 +1,137 @@
+"""evaluate.py --compare: every method fitted, tuned and tested on one split of the Lightning pipeline."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from austeer_pl import SteeringState
+from austeer_pl.cli import evaluate_main
+
+from conftest import make_model, make_tokenizer
+
+METHODS = ["unsteered", "iti", "sadi", "caa", "austeer_block", "austeer"]
+FIELDS = ("name", "test_accuracy", "ci_low", "ci_high", "n_steered_activations", "state_bytes", "fit_seconds", "val_accuracy", "hyperparameters")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def task_file(tmp_path_factory) -> Path:
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("task") / "less.jsonl"
+    with open(path, "w") as f:
+        for _ in range(60):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"prompt": f"is {a} less than {b}", "choices": ["yes", "no"], "answer": 0 if a < b else 1}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_dir, task_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("compare")
+    args = [
+        "--compare", "--model", str(tiny_dir), "--task", str(task_file), "--k", "2,4", "--alpha", "1,4",
+        "--max_val_examples", "8", "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu",
+        "--report", str(out / "compare.json"), "--export_dir", str(out / "states"), "--wandb_mode", "disabled",
+    ]
+    assert evaluate_main(args) == 0
+    return out, json.loads((out / "compare.json").read_text())
+
+
+def test_report_has_one_row_per_method_on_the_same_test_examples(compared, capsys):
+    _, report = compared
+    assert [m["name"] for m in report["methods"]] == METHODS
+    assert report["task"].endswith("less.jsonl") and report["split"] == "test" and report["seed"] == 0
+    assert report["n_test"] == 10 and report["n_val"] == 8 and report["n_train_pairs"] == 60 - 12 - 12
+    for m in report["methods"]:
+        for key in FIELDS:
+            assert key in m, (m["name"], key)
+        assert m["n_test"] == report["n_test"] == m["test"]["n"]  # every method on the same examples
+        assert 0 <= m["ci_low"] <= m["test_accuracy"] <= m["ci_high"] <= 1
+        assert 0 <= m["val_accuracy"] <= 1
+        assert m["grid"] and max(g["val_accuracy"] for g in m["grid"]) == m["val_accuracy"]
+    rows = {m["name"]: m for m in report["methods"]}
+    assert rows["unsteered"]["n_steered_activations"] == 0 and rows["unsteered"]["state_bytes"] == 0 and rows["unsteered"]["fit_seconds"] == 0
+    # One shared pass, counted in full for every fitted method; ITI adds its validation probe pass.
+    shared = report["shared_pass_seconds"]
+    for name in METHODS[1:]:
+        parts = rows[name]["fit_seconds_parts"]
+        assert parts["shared_pass"] == shared > 0 and rows[name]["fit_seconds"] == pytest.approx(sum(parts.values()))
+        assert (parts["probe_pass"] > 0) == (name == "iti")
+    assert rows["austeer"]["n_steered_activations"] in (2, 4) and rows["austeer"]["hyperparameters"]["k"] in (2, 4)
+    assert rows["caa"]["n_steered_activations"] == 32  # hidden size: the whole residual stream of one layer
+    assert rows["iti"]["n_steered_activations"] % 8 == 0  # whole heads of head_dim 8
+    assert "fit_seconds" in report["fit_seconds_note"]
+
+
+def test_chosen_states_are_saved_and_loadable(compared, tiny_dir):
+    out, report = compared
+    model = make_model("llama")
+    for m in report["methods"][1:]:
+        folder = out / "states" / m["name"]
+        state = SteeringState.from_pretrained(folder)
+        assert state.method == m["name"] and state.k == m["n_steered_activations"]
+        assert m["state_bytes"] == sum(p.stat().st_size for p in folder.iterdir()) > 0
+        assert state.metadata["data"]["task"] == report["task"] and state.metadata["fit"]["val_accuracy"] == m["val_accuracy"]
+        ids = torch.tensor([[3, 4, 5, 6]])
+        with state.apply(model):
+            steered = model(ids).logits
+        assert torch.isfinite(steered).all()
+
+
+def test_saved_austeer_state_evaluates_to_the_reported_accuracy(compared):
+    out, report = compared
+    row = next(m for m in report["methods"] if m["name"] == "austeer")
+    path = out / "eval.json"
+    assert evaluate_main(["--steering", str(out / "states" / "austeer"), "--report", str(path)]) == 0
+    again = json.loads(path.read_text())
+    assert again["n_examples"] == row["n_test"] and again["steered"]["accuracy"] == row["test_accuracy"]
+
+
+def test_compare_rejects_bad_input(tmp_path, capsys):
+    assert evaluate_main(["--compare", "--methods", "iti,nope", "--wandb_mode", "disabled"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "nope" in err[0]
+    assert evaluate_main(["--compare", "--scoring", "both"]) == 2
+    assert "one method" in capsys.readouterr().err
+    assert evaluate_main(["--compare", "--max_val_examples", "0"]) == 2
+    assert evaluate_main(["--compare", "--report", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, task_file, tmp_path):
+    """The shared pass, ITI's probe pass, validation and test are sharded and summed exactly under DDP."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    out, one = compared
+    args = [
+        "--compare", "--model", str(tiny_dir), "--task", str(task_file), "--k", "2,4", "--alpha", "1,4",
+        "--max_val_examples", "8", "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu", "--devices", "2",
+        "--report", str(tmp_path / "two.json"), "--export_dir", str(tmp_path / "states"), "--wandb_mode", "disabled",
+    ]
+    env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", AUSTEER_RUN_DIR=str(tmp_path / "run"))
+    proc = subprocess.run([sys.executable, str(root / "evaluate.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["world_size"] == 2 and one["world_size"] == 1 and two["test_uids_sha256"] == one["test_uids_sha256"]
+    for a, b in zip(one["methods"], two["methods"]):
+        assert a["name"] == b["name"] and a["hyperparameters"] == b["hyperparameters"]
+        assert a["grid"] == b["grid"] and a["test"] == b["test"]
+        if a["name"] != "unsteered":
+            s1, s2 = SteeringState.from_pretrained(out / "states" / a["name"]), SteeringState.from_pretrained(tmp_path / "states" / a["name"])
+            assert s1.coordinates() == s2.coordinates() and torch.equal(s1.scale, s2.scale)
+            assert torch.allclose(s1.shift, s2.shift, rtol=1e-6, atol=1e-7)

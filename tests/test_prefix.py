@@ -1,0 +1,247 @@
+"""The shared-prefix reader against the full-sequence ActivationReader on tiny random models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from austeer_pl import ActivationReader, accumulate_momentum, locate_units
+from austeer_pl.errors import AusteerError
+from austeer_pl.fit import read_pair_batch
+from austeer_pl.prefix import (
+    SharedPrefixReader,
+    accumulate_momentum_shared_prefix,
+    read_pair_batch_shared_prefix,
+    read_pairs_shared_prefix,
+    split_shared_prefix,
+)
+from austeer_pl.reading import encode_texts
+
+from conftest import CORE_ARCHS, make_model, make_tokenizer
+
+SITES = ["attention", "ffn", "residual"]
+
+
+def random_ids(lengths, seed):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, 60, (n,), generator=g).tolist() for n in lengths]
+
+
+# Prompts from 1 to 19 tokens (longer than gemma2's sliding window of 8), answers from 1 to 5.
+PROMPT_LENS = [3, 12, 1, 19, 7, 9]
+POS_LENS = [1, 4, 2, 1, 3, 5]
+NEG_LENS = [2, 1, 1, 5, 3, 1]
+
+
+def full_reads(model, layout, sites, seqs):
+    """Oracle: ActivationReader on every full sequence, each read alone (no padding).
+
+    (Batched right padding is not used here: in float64 eager attention a pad query whose sliding
+    window holds no real key gives NaN, which the matmul with zero weights spreads to real rows.)
+    """
+    reader = ActivationReader(model, layout, sites)
+    rows = []
+    with torch.inference_mode():
+        for s in seqs:
+            ids = torch.tensor([s])
+            rows.append(reader(ids, torch.ones_like(ids)))
+    return {site: torch.cat([r[site] for r in rows]) for site in sites}
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_equals_full_sequence_reader_mixed_lengths(arch, dtype):
+    model = make_model(arch).to(dtype)
+    layout = locate_units(model)
+    prompts, pos, neg = random_ids(PROMPT_LENS, 1), random_ids(POS_LENS, 2), random_ids(NEG_LENS, 3)
+    got_pos, got_neg = read_pairs_shared_prefix(model, layout, SITES, prompts, pos, neg, pad_id=0)
+    want_pos = full_reads(model, layout, SITES, [p + a for p, a in zip(prompts, pos)])
+    want_neg = full_reads(model, layout, SITES, [p + a for p, a in zip(prompts, neg)])
+    atol = 1e-5 if dtype == torch.float32 else 2e-6  # gemma2 runs its softmax in float32 even in float64
+    for site in SITES:
+        assert got_pos[site].shape == (len(prompts), layout.n_layers, layout.site(site).size)
+        assert got_pos[site].dtype == torch.float32
+        assert torch.isfinite(got_pos[site]).all() and torch.isfinite(got_neg[site]).all()
+        assert torch.allclose(got_pos[site], want_pos[site], atol=atol), (site, (got_pos[site] - want_pos[site]).abs().max())
+        assert torch.allclose(got_neg[site], want_neg[site], atol=atol), (site, (got_neg[site] - want_neg[site]).abs().max())
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_pad_id_and_batch_composition_do_not_matter():
+    model = make_model("llama")
+    layout = locate_units(model)
+    prompts, pos, neg = random_ids(PROMPT_LENS, 4), random_ids(POS_LENS, 5), random_ids(NEG_LENS, 6)
+    a_pos, a_neg = read_pairs_shared_prefix(model, layout, ["attention"], prompts, pos, neg, pad_id=0)
+    b_pos, b_neg = read_pairs_shared_prefix(model, layout, ["attention"], prompts, pos, neg, pad_id=17)
+    assert torch.allclose(a_pos["attention"], b_pos["attention"], atol=1e-6)
+    for i in range(len(prompts)):  # each pair read alone equals its row in the batch
+        s_pos, s_neg = read_pairs_shared_prefix(model, layout, ["attention"], prompts[i : i + 1], pos[i : i + 1], neg[i : i + 1])
+        assert torch.allclose(s_pos["attention"][0], a_pos["attention"][i], atol=1e-5)
+        assert torch.allclose(s_neg["attention"][0], a_neg["attention"][i], atol=1e-5)
+
+
+def test_shared_prompts_and_answers_are_computed_once():
+    """Pairs from negatives='all' share prompt and right answer; duplicates are read once, values unchanged."""
+    model = make_model("gemma2").double()
+    layout = locate_units(model)
+    p1, p2 = random_ids([11, 4], 7)
+    prompts = [p1, p1, p1, p2, p2]
+    pos = [[5], [5], [5], [9, 9], [9, 9]]
+    neg = [[6], [7, 8], [10], [11], [12, 13, 14]]
+    reader = SharedPrefixReader(model, layout, ["ffn"])
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            got_pos, got_neg = reader.read_pairs(prompts, pos, neg)
+    finally:
+        handle.remove()
+    assert calls == [torch.Size([2, 11]), torch.Size([7, 3])]  # 2 distinct prompts, 7 distinct continuations
+    want_pos = full_reads(model, layout, ["ffn"], [p + a for p, a in zip(prompts, pos)])
+    want_neg = full_reads(model, layout, ["ffn"], [p + a for p, a in zip(prompts, neg)])
+    assert torch.allclose(got_pos["ffn"], want_pos["ffn"], atol=2e-6)
+    assert torch.allclose(got_neg["ffn"], want_neg["ffn"], atol=2e-6)
+    assert torch.equal(got_pos["ffn"][0], got_pos["ffn"][2])
+
+
+@pytest.mark.parametrize("arch", CORE_ARCHS)
+def test_momentum_counts_identical_to_unshared_pass(arch):
+    model = make_model(arch).double()  # float64: values agree to ~1e-15 (gemma2 ~1e-7), so signs agree
+    tok = make_tokenizer()
+    layout = locate_units(model)
+    g = torch.Generator().manual_seed(11)
+    # Four-letter words and a one-character optional suffix: the texts of a batch differ by at most
+    # 6 characters, fewer than gemma2's sliding window (8), so the unshared oracle's right padding
+    # stays NaN-free in float64 (a pad query must see a real key within its window).
+    words = ["good", "fine", "nice", "dull", "poor", "okay", "cool", "vile"]
+    pairs = []
+    for i in range(14):
+        idx = torch.randint(len(words), (4,), generator=g).tolist()
+        prompt = f"review {i % 10}: " + " ".join(words[j] for j in idx[: 1 + i % 2]) + "? answer:"
+        pairs.append((f"{prompt} {words[idx[2]]}", f"{prompt} {words[idx[3]]}{'' if i % 3 else '!'}"))
+    sites = ["attention", "ffn"]
+    plain = accumulate_momentum(model, tok, pairs, sites=sites, batch_size=4, layout=layout)
+    shared = accumulate_momentum_shared_prefix(model, tok, pairs, sites=sites, batch_size=4, layout=layout)
+    assert shared.n == plain.n == len(pairs)
+    for key, value in plain.tensors.items():
+        if value.dtype == torch.int64:
+            assert torch.equal(value, shared.tensors[key]), key
+        else:
+            assert torch.allclose(value, shared.tensors[key], rtol=1e-5, atol=1e-5), key
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_read_pair_batch_drop_in(side):
+    model = make_model("gpt2")
+    tok = make_tokenizer(padding_side=side)
+    layout = locate_units(model)
+    pos_texts = ["is it good? yes", "bad film. no", "a truly wonderful, moving story! great", "x"]
+    neg_texts = ["is it good? no", "bad film. yes indeed", "a truly wonderful, moving story! dull", "y"]
+    pos, neg = encode_texts(tok, pos_texts), encode_texts(tok, neg_texts)
+    with torch.inference_mode():
+        want = read_pair_batch(ActivationReader(model, layout, ["attention", "ffn"]), encode_texts(make_tokenizer(), pos_texts), encode_texts(make_tokenizer(), neg_texts))
+    got = read_pair_batch_shared_prefix(model, layout, ["attention", "ffn"], pos, neg, pad_id=tok.pad_token_id)
+    for w, g in zip(want, got):
+        for site in w:
+            assert torch.allclose(w[site], g[site], atol=1e-5), site
+
+
+def test_split_shared_prefix():
+    assert split_shared_prefix([[5, 6, 7]], [[5, 6, 8, 9]]) == ([[5, 6]], [[7]], [[8, 9]])
+    # One sequence a prefix of the other, or both equal: every rest keeps its read token.
+    assert split_shared_prefix([[5, 6]], [[5, 6, 7]]) == ([[5]], [[6]], [[6, 7]])
+    assert split_shared_prefix([[5, 6]], [[5, 6]]) == ([[5]], [[6]], [[6]])
+    assert split_shared_prefix([[4]], [[5]]) == ([[]], [[4]], [[5]])
+    with pytest.raises(AusteerError, match="empty"):
+        split_shared_prefix([[]], [[1]])
+
+
+def test_empty_prompt_empty_answer_and_truncation():
+    model = make_model("gemma2").double()
+    layout = locate_units(model)
+    prompts = [[], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21]]
+    pos = [[30, 31], [], [22] * 12]  # an empty answer reads the prompt's last token
+    neg = [[32], [40], [23]]
+    got_pos, got_neg = read_pairs_shared_prefix(model, layout, ["attention"], prompts, pos, neg)
+    want_pos = full_reads(model, layout, ["attention"], [p + a for p, a in zip(prompts, pos)])
+    want_neg = full_reads(model, layout, ["attention"], [p + a for p, a in zip(prompts, neg)])
+    assert torch.allclose(got_pos["attention"], want_pos["attention"], atol=2e-6)
+    assert torch.allclose(got_neg["attention"], want_neg["attention"], atol=2e-6)
+    # max_length keeps the last tokens of each full sequence, as the Lightning collate does.
+    got_pos, got_neg = read_pairs_shared_prefix(model, layout, ["attention"], prompts, pos, neg, max_length=5)
+    want_pos = full_reads(model, layout, ["attention"], [(p + a)[-5:] for p, a in zip(prompts, pos)])
+    want_neg = full_reads(model, layout, ["attention"], [(p + a)[-5:] for p, a in zip(prompts, neg)])
+    assert torch.allclose(got_pos["attention"], want_pos["attention"], atol=2e-6)
+    assert torch.allclose(got_neg["attention"], want_neg["attention"], atol=2e-6)
+    with pytest.raises(AusteerError, match="empty"):
+        read_pairs_shared_prefix(model, layout, ["attention"], [[]], [[]], [[1]])
+
+
+def test_fallback_without_cache_gives_same_values():
+    model = make_model("llama")
+    layout = locate_units(model)
+    prompts, pos, neg = random_ids(PROMPT_LENS, 8), random_ids(POS_LENS, 9), random_ids(NEG_LENS, 10)
+    reader = SharedPrefixReader(model, layout, ["ffn"])
+    reader.fallback_reason = "forced"
+    with torch.inference_mode():
+        fb_pos, fb_neg = reader.read_pairs(prompts, pos, neg)
+    sh_pos, sh_neg = read_pairs_shared_prefix(model, layout, ["ffn"], prompts, pos, neg)
+    assert torch.allclose(fb_pos["ffn"], sh_pos["ffn"], atol=1e-5)
+    assert torch.allclose(fb_neg["ffn"], sh_neg["ffn"], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- performance edits elsewhere
+# (Kept here with the other benchmark-driven code: the dense-multiply steering path and the
+# index_select capture of ActivationReader must give the same bits as the paths they speed up.)
+def test_steering_dense_path_is_bit_identical(monkeypatch):
+    from austeer_pl import SteeringState, select_units
+    from austeer_pl import steering
+
+    model = make_model("llama")
+    tok = make_tokenizer(padding_side="left")
+    layout = locate_units(model)
+    pairs = [("is it good? yes", "is it good? no"), ("bad film. no", "bad film. yes"), ("what a mess", "what a joy")]
+    acc = accumulate_momentum(model, tok, pairs, sites=["attention", "ffn"], layout=layout)
+    state = SteeringState.from_selection(select_units(acc, 12, ["attention", "ffn"], "both"), layout, alpha=20.0)
+    batch = tok(["is it good? ", "a truly wonderful, moving story! so "], return_tensors="pt", padding=True)
+
+    def run():
+        with state.apply(model, layout=layout), torch.no_grad():
+            logits = model(**batch).logits
+            out = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True)
+        return logits, out.sequences, torch.stack(out.scores)
+
+    monkeypatch.setattr(steering, "_DENSE_MAX_NUMEL", {"cpu": 1 << 30})
+    dense = run()
+    monkeypatch.setattr(steering, "_DENSE_MAX_NUMEL", {"cpu": 0})
+    indexed = run()
+    for a, b in zip(dense, indexed):
+        assert torch.equal(a, b)
+    with torch.no_grad():
+        plain = model(**batch).logits
+    assert not torch.equal(dense[0], plain)
+
+
+def test_reader_fast_capture_equals_fancy_indexing():
+    model = make_model("gemma2")
+    layout = locate_units(model)
+    tok = make_tokenizer()
+    batch = tok(["is it good? yes", "bad", "a truly wonderful, moving story!"], return_tensors="pt", padding=True)
+    reader = ActivationReader(model, layout, SITES)
+    with torch.inference_mode():
+        got = reader(batch["input_ids"], batch["attention_mask"])
+    last = batch["attention_mask"].sum(1) - 1
+    for site in SITES:
+        for layer in range(layout.n_layers):
+            box = {}
+            module = layout.site(site).modules[layer]
+            if layout.site(site).reads_input:
+                h = module.register_forward_pre_hook(lambda m, a: box.setdefault("x", a[0].clone()))
+            else:
+                h = module.register_forward_hook(lambda m, a, o: box.setdefault("x", (o if torch.is_tensor(o) else o[0]).clone()))
+            with torch.no_grad():
+                model(**batch)
+            h.remove()
+            want = box["x"][torch.arange(3), last]
+            assert torch.equal(got[site][:, layer], want), (site, layer)
+    assert got["attention"].is_contiguous() and got["attention"].shape == (3, layout.n_layers, layout.site("attention").size)
