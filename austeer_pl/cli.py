@@ -104,7 +104,8 @@ def build_cli(args: Sequence[str] | None = None):
             if mode != "disabled":
                 from lightning.pytorch.loggers import WandbLogger
 
-                loggers.insert(0, WandbLogger(project=cfg["wandb_project"], save_dir=str(self.run_dir), offline=mode == "offline", name=self.run_dir.name))
+                # `mode` is passed explicitly: wandb reads WANDB_MODE only once per process.
+                loggers.insert(0, WandbLogger(project=cfg["wandb_project"], save_dir=str(self.run_dir), offline=mode == "offline", name=self.run_dir.name, mode=mode))
             self.loggers = loggers
             self.pass_checkpoint = PassCheckpoint(self.run_dir / "checkpoints", cfg["checkpoint_every"])
             init = self._get(self.config_init, "trainer", default={})

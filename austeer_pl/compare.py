@@ -631,7 +631,7 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
         from lightning.pytorch.loggers import WandbLogger
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        loggers = [WandbLogger(project=opts.wandb_project, save_dir=str(run_dir), offline=opts.wandb_mode == "offline", name=run_dir.name, config=_jsonable(vars(opts)))]
+        loggers = [WandbLogger(project=opts.wandb_project, save_dir=str(run_dir), offline=opts.wandb_mode == "offline", name=run_dir.name, config=_jsonable(vars(opts)), mode=opts.wandb_mode)]
     trainer = make_trainer(accelerator=accelerator, devices=devices, loggers=loggers)
     started = time.perf_counter()
     with _quiet_fit():
