@@ -28,7 +28,8 @@ def mib(x: float) -> float:
 def fit_throughput(d: dict) -> str:
     r = d["results"]
     rows = []
-    for name, v in r["variants"].items():
+    order = ["causal_lm", "base_model", "momentum", "momentum_shared"]
+    for name, v in sorted(r["variants"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         rows.append([name, v["median_s"], v["pairs_per_s"], v["tokens_per_s"], v["throughput_vs_base_model"]["median"], v["throughput_vs_causal_lm"]["median"]])
     head = f"{r['n_pairs']} pairs, batches of {r['batch_size']} pairs ({2 * r['batch_size']} rows), sites {'+'.join(r['sites'])}, {r['real_tokens']} real tokens"
     return head + "\n\n" + C.table(["variant", "s / pass", "pairs/s", "tokens/s", "throughput / base_model", "throughput / causal_lm"], rows)
@@ -58,7 +59,8 @@ def vs_paper(d: dict) -> str:
     r = d["results"]
     rows = []
     base = r["variants"]["ours_batched"].get("memory", {}).get("pass_bytes")
-    for name, v in r["variants"].items():
+    order = ["paper_per_example", "paper_keep_all", "ours_batched", "ours_shared_prefix"]
+    for name, v in sorted(r["variants"].items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else 99):
         mem = v.get("memory", {})
         rows.append([
             name, v["median_s"], v["time_vs_ours_batched"]["median"],
@@ -74,7 +76,7 @@ def vs_paper(d: dict) -> str:
 def steer_generate(d: dict) -> str:
     r = d["results"]
     rows = []
-    for case, v in r["cases"].items():
+    for case, v in sorted(r["cases"].items(), key=lambda kv: (kv[0].split("_")[0] != "generate", int(kv[0].rsplit("batch", 1)[1]))):
         rat = v["steered_over_unsteered"]
         rows.append([case, v["prompt_tokens"], v["unsteered"]["median_s"], v["steered"]["median_s"], rat["median"], f"{rat['min']:.3f}-{rat['max']:.3f}"])
     return f"k = {r['k']} ({r['hooked_modules']} hooked modules), {r['new_tokens']} new tokens\n\n" + C.table(
@@ -84,7 +86,7 @@ def steer_generate(d: dict) -> str:
 def state_io(d: dict) -> str:
     r = d["results"]
     rows = []
-    for k, v in r["states"].items():
+    for k, v in sorted(r["states"].items(), key=lambda kv: int(kv[0])):
         rows.append([k, v["bytes_on_disk"], v["files"].get("steering_state.safetensors", 0), v["hooked_modules"],
                      1000 * v["save"]["median_s"], 1000 * v["load"]["median_s"], 1000 * v["apply"]["median_s"], 1000 * v["load+apply"]["median_s"]])
     return C.table(["k", "bytes on disk", "of which tensors", "hooked modules", "save ms", "load ms", "apply ms", "load+apply ms"], rows)

@@ -245,3 +245,36 @@ def test_reader_fast_capture_equals_fancy_indexing():
             want = box["x"][torch.arange(3), last]
             assert torch.equal(got[site][:, layer], want), (site, layer)
     assert got["attention"].is_contiguous() and got["attention"].shape == (3, layout.n_layers, layout.site("attention").size)
+
+
+def test_unsupported_cache_falls_back_once_per_class(monkeypatch):
+    import transformers
+    from transformers.cache_utils import DynamicLayer
+
+    from austeer_pl import prefix
+
+    class OtherLayer(DynamicLayer):
+        pass
+
+    class OtherCache(transformers.DynamicCache):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.layer_class_to_replicate = OtherLayer
+
+    monkeypatch.setattr(prefix, "_UNSUPPORTED", {})
+    monkeypatch.setattr(transformers, "DynamicCache", OtherCache)
+    model = make_model("llama")
+    layout = locate_units(model)
+    prompts, pos, neg = random_ids(PROMPT_LENS, 12), random_ids(POS_LENS, 13), random_ids(NEG_LENS, 14)
+    with pytest.warns(UserWarning, match="not available"):
+        got_pos, _ = read_pairs_shared_prefix(model, layout, ["ffn"], prompts, pos, neg)
+    assert type(model) in prefix._UNSUPPORTED
+    want = full_reads(model, layout, ["ffn"], [p + a for p, a in zip(prompts, pos)])
+    assert torch.allclose(got_pos["ffn"], want["ffn"], atol=1e-5)
+    calls = []
+    handle = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("cache")), with_kwargs=True)
+    try:
+        read_pairs_shared_prefix(model, layout, ["ffn"], prompts, pos, neg)  # no second attempt
+    finally:
+        handle.remove()
+    assert calls == [None]
