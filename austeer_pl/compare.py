@@ -52,7 +52,6 @@ from .baselines import METHOD_GRIDS, METHODS, HeadMoments, ProbeAccuracy, baseli
 from .errors import AusteerError
 from .evaluation import accuracy_summary, default_scoring, predict
 from .models import DEFAULT_MODEL, model_name_of
-from .reading import ActivationReader
 from .tasks import format_prompt, make_pairs
 
 #: Methods in report order.
@@ -254,11 +253,8 @@ class CompareModule(lit.AUSteerModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if batch["n_pairs"]:
-            n = batch["n_pairs"]
+            pos, neg = self.read_pair_batch(batch)
             with torch.inference_mode():
-                acts = ActivationReader(self.llm, self.layout, self.read_sites)(batch["input_ids"], batch["attention_mask"])
-                pos = {s: a[:n] for s, a in acts.items()}
-                neg = {s: a[n:] for s, a in acts.items()}
                 self.accumulator.update(pos, neg)
                 if self.head_moments is not None:
                     self.head_moments.update(pos, neg)
@@ -283,13 +279,11 @@ class CompareModule(lit.AUSteerModule):
         if self.head_moments is not None:
             started = time.perf_counter()
             self.probe_accuracy = ProbeAccuracy(fit_probes(self.head_moments))
-            reader = ActivationReader(self.llm, self.layout, ["attention"])
             with torch.inference_mode():
                 for batch in dm.val_pair_batches():
                     if batch["n_pairs"]:
-                        n = batch["n_pairs"]
-                        acts = reader(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))["attention"]
-                        self.probe_accuracy.update(acts[:n], acts[n:])
+                        pos, neg = self.read_pair_batch(batch, ["attention"])
+                        self.probe_accuracy.update(pos["attention"], neg["attention"])
             self.probe_accuracy.reduce_(lit._all_reduce_sum)
             seconds = torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=self.device)
             self.timing["probe_pass"] = float(_all_reduce(seconds, "max"))

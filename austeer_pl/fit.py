@@ -55,6 +55,7 @@ def accumulate_momentum(
     layout: ModelLayout | LayoutSpec | None = None,
     accumulator: MomentumAccumulator | None = None,
     max_length: int | None = None,
+    shared_prefix: bool = True,
 ) -> MomentumAccumulator:
     """Accumulate activation momentum over ``(positive_text, negative_text)`` pairs.
 
@@ -67,25 +68,40 @@ def accumulate_momentum(
         layout: precomputed layout or a :class:`LayoutSpec`.
         accumulator: an accumulator to continue; a new one otherwise.
         max_length: truncate longer texts (from the right) to this many tokens.
+        shared_prefix: split each pair at its longest common token prefix, run that prefix once and
+            continue both answers from its KV cache (:mod:`austeer_pl.prefix`): about half the work
+            on short answers. The units are those of the full sequences to float tolerance, so a
+            difference that is zero up to rounding may count on the other side; ``False`` reads the
+            two full sequences.
 
     Example:
         >>> acc = accumulate_momentum(model, tok, [("Q? Yes", "Q? No")], sites=["attention"])
     """
+    from .prefix import SharedPrefixReader, split_shared_prefix
+
     if batch_size <= 0:
         raise AusteerError(f"batch_size must be positive, got {batch_size}")
     if not isinstance(layout, ModelLayout):
         layout = locate_units(model, layout)
-    reader = ActivationReader(model, layout, sites)
-    if accumulator is None:
-        device = next(model.parameters()).device
-        accumulator = MomentumAccumulator({s: layout.site(s).size for s in sites}, layout.n_layers, device=device)
+    if tokenizer.pad_token_id is None:
+        raise AusteerError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
     device = next(model.parameters()).device
+    if accumulator is None:
+        accumulator = MomentumAccumulator({s: layout.site(s).size for s in sites}, layout.n_layers, device=device)
+    full_reader = ActivationReader(model, layout, sites)
+    shared_reader = SharedPrefixReader(model, layout, sites)
     chunk: list[tuple[str, str]] = []
 
     def flush() -> None:
-        pos = encode_texts(tokenizer, [p for p, _ in chunk], device=device, max_length=max_length)
-        neg = encode_texts(tokenizer, [n for _, n in chunk], device=device, max_length=max_length)
-        accumulator.update(*read_pair_batch(reader, pos, neg))
+        where = None if shared_prefix else device  # the shared reader pads on its own
+        pos = encode_texts(tokenizer, [p for p, _ in chunk], device=where, max_length=max_length)
+        neg = encode_texts(tokenizer, [n for _, n in chunk], device=where, max_length=max_length)
+        if shared_prefix:
+            # The full sequences as tokenized, split where they first differ: token boundaries never move.
+            prompts, p_rest, n_rest = split_shared_prefix(_rows(pos), _rows(neg))
+            accumulator.update(*shared_reader.read_pairs(prompts, p_rest, n_rest, tokenizer.pad_token_id))
+        else:
+            accumulator.update(*read_pair_batch(full_reader, pos, neg))
         chunk.clear()
 
     for pair in pairs:
@@ -95,6 +111,12 @@ def accumulate_momentum(
     if chunk:
         flush()
     return accumulator
+
+
+def _rows(enc: dict[str, torch.Tensor]) -> list[list[int]]:
+    """The real ids of each row of an encoded batch, whatever the padding side."""
+    keep = enc["attention_mask"].bool().cpu()
+    return [row[m].tolist() for row, m in zip(enc["input_ids"].cpu(), keep)]
 
 
 def fit_state(
@@ -109,6 +131,7 @@ def fit_state(
     batch_size: int = 16,
     base_model: str = "",
     layout: ModelLayout | LayoutSpec | None = None,
+    shared_prefix: bool = True,
 ) -> SteeringState:
     """Momentum pass, top-``k`` selection and an AUSteer state in one call.
 
@@ -118,7 +141,7 @@ def fit_state(
     """
     if not isinstance(layout, ModelLayout):
         layout = locate_units(model, layout)
-    acc = accumulate_momentum(model, tokenizer, pairs, sites=sites, batch_size=batch_size, layout=layout)
+    acc = accumulate_momentum(model, tokenizer, pairs, sites=sites, batch_size=batch_size, layout=layout, shared_prefix=shared_prefix)
     selection = select_units(acc, k, sites, sign)
     return SteeringState.from_selection(
         selection, layout, alpha=alpha, base_model=base_model or str(getattr(model, "name_or_path", "")),

@@ -29,6 +29,7 @@ from .errors import AusteerError
 from .evaluation import answer_suffixes, check_scoring, default_scoring, predict
 from .models import DEFAULT_MODEL, load_model, model_name_of
 from .momentum import MomentumAccumulator
+from .prefix import SharedPrefixReader
 from .reading import ActivationReader, position_ids_from_mask
 from .scoring import choice_logprobs, pad_ids, truncate_left
 from .selection import SIGN_POLICIES, Selection, rank_units
@@ -116,6 +117,9 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         chat_template: format prompts with the tokenizer's chat template (None: when it has one).
         max_length: truncate longer sequences from the left to this many tokens.
         num_workers: DataLoader worker processes.
+        shared_prefix: in the momentum pass, run each pair's prompt once and continue both answers
+            from its KV cache (about half the work on short answers; the units equal the full
+            sequences' to float tolerance). ``False`` reads the two full sequences of each pair.
     """
 
     def __init__(
@@ -133,6 +137,7 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         chat_template: bool | None = None,
         max_length: int | None = 512,
         num_workers: int = 0,
+        shared_prefix: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -209,11 +214,23 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         return self.trainer.global_rank, self.trainer.world_size
 
     def collate_pairs(self, items: list[EncodedPair]) -> dict[str, Any]:
-        """Positive rows then negative rows of one batch (right-padded), plus their segments."""
+        """One batch of pairs: the prompt and answer ids (shared-prefix reading), or the positive
+        rows then the negative rows, right-padded (full-sequence reading)."""
         if not items:
             return {"n_pairs": 0}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         limit = self.hparams.max_length
+        if self.hparams.shared_prefix:
+            lengths = [len(p.prompt) + len(a) for p in items for a in (p.positive, p.negative)]
+            return {
+                "n_pairs": len(items),
+                "prompt_ids": [p.prompt for p in items],
+                "pos_ids": [p.positive for p in items],
+                "neg_ids": [p.negative for p in items],
+                "pad_id": pad,
+                "max_length": limit,
+                "n_tokens": sum(n if limit is None else min(n, limit) for n in lengths),
+            }
         seqs = [truncate_left(p.prompt + p.positive, limit) for p in items] + [truncate_left(p.prompt + p.negative, limit) for p in items]
         ids, mask = pad_ids(seqs, pad, side="right")
         return {
@@ -428,6 +445,7 @@ class AUSteerModule(pl.LightningModule):
         self._fit_started = 0.0
         self._n_tokens = 0
         self.strength_fn: nn.Module | None = None
+        self._prefix_readers: dict[tuple[str, ...], SharedPrefixReader] = {}
         self._optimizer: torch.optim.Optimizer | None = None
         self._best: dict[str, Any] | None = None
         self._bad_epochs = 0
@@ -477,6 +495,7 @@ class AUSteerModule(pl.LightningModule):
         self.__dict__["_llm"] = model.requires_grad_(False).eval()
         self.__dict__["_tokenizer"] = tokenizer
         self.__dict__["_layout"] = layout or locate_units(model)
+        self._prefix_readers = {}
         return self
 
     # -- the momentum pass
@@ -501,13 +520,28 @@ class AUSteerModule(pl.LightningModule):
         if self.current_epoch > 0:
             return self.strength_step(batch)
         if batch["n_pairs"]:
-            n = batch["n_pairs"]
-            with torch.inference_mode():
-                acts = ActivationReader(self.llm, self.layout, self.read_sites)(batch["input_ids"], batch["attention_mask"])
-            self.accumulator.update({s: a[:n] for s, a in acts.items()}, {s: a[n:] for s, a in acts.items()})
+            pos, neg = self.read_pair_batch(batch)
+            self.accumulator.update(pos, neg)
             self._n_tokens += batch["n_tokens"]
         self.batches_done += 1
         return None
+
+    def read_pair_batch(self, batch: dict[str, Any], sites: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Last-token units of a collated batch of pairs, ``(pos, neg)``, each ``{site: (B, layers, units)}``.
+
+        Reads prompt + answers from a shared KV cache when the batch holds ids per part
+        (``--data.shared_prefix``), or the padded full sequences otherwise.
+        """
+        sites = tuple(sites or self.read_sites)
+        n = batch["n_pairs"]
+        with torch.inference_mode():
+            if "prompt_ids" in batch:
+                reader = self._prefix_readers.get(sites)
+                if reader is None:
+                    reader = self._prefix_readers[sites] = SharedPrefixReader(self.llm, self.layout, sites)
+                return reader.read_pairs(batch["prompt_ids"], batch["pos_ids"], batch["neg_ids"], batch["pad_id"], max_length=batch["max_length"])
+            acts = ActivationReader(self.llm, self.layout, sites)(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
+            return {s: a[:n] for s, a in acts.items()}, {s: a[n:] for s, a in acts.items()}
 
     def finish_pass(self) -> None:
         """Sum the statistics across processes and rank the units (once, at the end of the pass)."""

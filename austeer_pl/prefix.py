@@ -433,35 +433,9 @@ def accumulate_momentum_shared_prefix(
     Example:
         >>> acc = accumulate_momentum_shared_prefix(model, tok, [("Q? Yes", "Q? No")], sites=["attention"])
     """
-    from .momentum import MomentumAccumulator
-    from .sites import locate_units
+    from .fit import accumulate_momentum
 
-    if batch_size <= 0:
-        raise AusteerError(f"batch_size must be positive, got {batch_size}")
-    if not isinstance(layout, ModelLayout):
-        layout = locate_units(model, layout)
-    if tokenizer.pad_token_id is None:
-        raise AusteerError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
-    reader = SharedPrefixReader(model, layout, sites)
-    device = reader._device()
-    if accumulator is None:
-        accumulator = MomentumAccumulator({s: layout.site(s).size for s in sites}, layout.n_layers, device=device)
-    chunk: list[tuple[str, str]] = []
-
-    def encode(texts: list[str]) -> list[list[int]]:
-        enc = tokenizer(texts, add_special_tokens=True, truncation=max_length is not None, max_length=max_length)
-        return [list(ids) for ids in enc["input_ids"]]
-
-    def flush() -> None:
-        prompts, p_rest, n_rest = split_shared_prefix(encode([p for p, _ in chunk]), encode([n for _, n in chunk]))
-        with torch.inference_mode():
-            accumulator.update(*reader.read_pairs(prompts, p_rest, n_rest, tokenizer.pad_token_id))
-        chunk.clear()
-
-    for pair in pairs:
-        chunk.append(pair)
-        if len(chunk) == batch_size:
-            flush()
-    if chunk:
-        flush()
-    return accumulator
+    return accumulate_momentum(
+        model, tokenizer, pairs, sites=sites, batch_size=batch_size, layout=layout,
+        accumulator=accumulator, max_length=max_length, shared_prefix=True,
+    )

@@ -293,8 +293,7 @@ def fitted_ranking(model, tokenizer, *, n_pairs: int = 200, sites: Sequence[str]
     """
     from safetensors.torch import load_file, save_file
 
-    from austeer_pl import MomentumAccumulator, locate_units
-    from austeer_pl.prefix import accumulate_momentum_shared_prefix
+    from austeer_pl import MomentumAccumulator, accumulate_momentum, locate_units
     from austeer_pl.selection import rank_units
 
     layout = locate_units(model)
@@ -306,13 +305,38 @@ def fitted_ranking(model, tokenizer, *, n_pairs: int = 200, sites: Sequence[str]
     else:
         print(f"fitting momentum on {n_pairs} pairs ({', '.join(sites)}); cached at {path}", flush=True)
         pairs = default_pairs(tokenizer, n_pairs)
-        acc = accumulate_momentum_shared_prefix(
+        acc = accumulate_momentum(
             model, tokenizer, [(p["pos"], p["neg"]) for p in pairs], sites=sites, batch_size=16, layout=layout
         ).to("cpu")
         tmp = path.with_suffix(".tmp")
         save_file(acc.state_dict(), str(tmp))
         os.replace(tmp, path)
     return rank_units(acc, sites, "both"), layout
+
+
+def shared_prefix_api():
+    """``austeer_pl.prefix`` if this checkout has it (None on code from before the shared-prefix
+    reader, so the same scripts can measure an older checkout: ``git worktree add`` it, copy
+    ``benchmarks/`` in, run there)."""
+    try:
+        from austeer_pl import prefix
+    except ImportError:
+        return None
+    return prefix
+
+
+def momentum_fit(shared: bool):
+    """``accumulate_momentum`` reading full sequences (``shared=False``) or shared prefixes."""
+    import functools
+    import inspect
+
+    from austeer_pl import accumulate_momentum
+
+    if "shared_prefix" in inspect.signature(accumulate_momentum).parameters:
+        return functools.partial(accumulate_momentum, shared_prefix=shared)
+    if shared:  # an older checkout: the shared pass lived in austeer_pl.prefix
+        return shared_prefix_api().accumulate_momentum_shared_prefix
+    return accumulate_momentum
 
 
 def state_from(selection, layout, k: int, *, layers: Sequence[int] | None = None, alpha: float = 2.0):

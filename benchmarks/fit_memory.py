@@ -30,10 +30,7 @@ def child(args) -> None:
     sites = [s for s in args.sites.split(",") if s]
     widest = max(len(tok(t)["input_ids"]) for pair in pairs for t in pair)
     C.warm(model, tok, device)
-    if args.mode == "shared":
-        from austeer_pl.prefix import accumulate_momentum_shared_prefix as fit
-    else:
-        from austeer_pl import accumulate_momentum as fit
+    fit = C.momentum_fit(args.mode == "shared")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         gpu_before = torch.cuda.memory_allocated(device)

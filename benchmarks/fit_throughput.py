@@ -22,7 +22,6 @@ import torch
 
 from austeer_pl import ActivationReader, MomentumAccumulator, locate_units
 from austeer_pl.fit import read_pair_batch
-from austeer_pl.prefix import read_pair_batch_shared_prefix
 
 
 def main() -> None:
@@ -79,7 +78,9 @@ def main() -> None:
         fresh("momentum_shared", i).update(*read_pair_batch_shared_prefix(model, layout, sites, pos, neg, pad_id=tok.pad_token_id))
 
     variants = {"causal_lm": causal_lm, "base_model": base_model, "momentum": momentum}
-    if not args.no_shared:
+    prefix = C.shared_prefix_api()
+    read_pair_batch_shared_prefix = prefix.read_pair_batch_shared_prefix if prefix else None
+    if not args.no_shared and prefix is not None:
         variants["momentum_shared"] = momentum_shared
     print(f"{n_pairs} pairs in {len(batches)} batches of {args.batch_size}, {n_tokens} real tokens ({n_padded} with padding), sites {sites}, {args.repeats} rounds")
     times = C.interleave(variants, args.repeats, device, steps=len(batches), label="fit")

@@ -26,12 +26,13 @@ import torch
 
 from austeer_pl import MomentumAccumulator, locate_units
 from austeer_pl.fit import read_pair_batch
-from austeer_pl.prefix import read_pair_batch_shared_prefix
 from austeer_pl.reading import ActivationReader
 from austeer_pl.sites import register_site_hook
 
 SITES = ("attention", "ffn")
 VARIANTS = ("paper_per_example", "paper_keep_all", "ours_batched", "ours_shared_prefix")
+if C.shared_prefix_api() is None:  # an older checkout, without the shared-prefix reader
+    VARIANTS = VARIANTS[:3]
 
 
 def paper_way(model, tok, layout, pairs, keep_all: bool, device) -> MomentumAccumulator:
@@ -88,7 +89,7 @@ def make_runner(name, model, tok, layout, pairs, device):
             if name == "ours_batched":
                 acc.update(*read_pair_batch(reader, pos, neg))
             else:
-                acc.update(*read_pair_batch_shared_prefix(model, layout, SITES, pos, neg, pad_id=tok.pad_token_id))
+                acc.update(*C.shared_prefix_api().read_pair_batch_shared_prefix(model, layout, SITES, pos, neg, pad_id=tok.pad_token_id))
         return acc
 
     return ours

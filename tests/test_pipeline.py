@@ -64,9 +64,9 @@ class Crash(pl.Callback):
             raise RuntimeError("simulated kill")
 
 
-def fit(tiny_dir, task_file, ckpt_dir, *, crash_after=None, ckpt_path=None):
+def fit(tiny_dir, task_file, ckpt_dir, *, crash_after=None, ckpt_path=None, shared_prefix=True, negatives="sample"):
     module = AUSteerModule(model_name=str(tiny_dir), site=["attention", "ffn"], k=[3, 6], alpha=[1.0, 3.0])
-    data = ContrastivePairDataModule(task=str(task_file), batch_size=4, max_val_examples=8)
+    data = ContrastivePairDataModule(task=str(task_file), batch_size=4, max_val_examples=8, shared_prefix=shared_prefix, negatives=negatives)
     callbacks = [PassCheckpoint(ckpt_dir, every_n_batches=1)]
     if crash_after is not None:
         callbacks.append(Crash(crash_after))
@@ -90,6 +90,28 @@ def test_resume_mid_pass_equals_uninterrupted(tiny_dir, task_file, tmp_path):
         assert torch.equal(value, resumed.accumulator.tensors[key]), key
     assert resumed.state.coordinates() == whole.state.coordinates()
     assert resumed.state.metadata["fit"]["grid"] == whole.state.metadata["fit"]["grid"]
+
+
+@pytest.mark.parametrize("negatives", ["sample", "all"])
+def test_shared_prefix_pass_equals_full_sequence_pass(tiny_dir, tmp_path, negatives):
+    task = tmp_path / "three.jsonl"  # three choices, so negatives="all" gives two pairs per prompt
+    rng = random.Random(3)
+    with open(task, "w") as f:
+        for _ in range(40):
+            a = rng.randint(0, 20)
+            f.write(json.dumps({"prompt": f"{a} is", "choices": ["small", "medium", "large number"], "answer": min(a // 7, 2)}) + "\n")
+    shared = fit(tiny_dir, task, tmp_path / "s", negatives=negatives)
+    full = fit(tiny_dir, task, tmp_path / "f", shared_prefix=False, negatives=negatives)
+    assert shared._prefix_readers and all(r.fallback_reason is None for r in shared._prefix_readers.values())  # the cache was shared
+    assert not full._prefix_readers
+    assert shared.accumulator.n == full.accumulator.n == len(full.trainer.datamodule.pairs)
+    for key, value in full.accumulator.tensors.items():
+        if value.dtype == torch.int64:
+            assert torch.equal(value, shared.accumulator.tensors[key]), key
+        else:
+            assert torch.allclose(value, shared.accumulator.tensors[key], rtol=1e-4, atol=1e-4), key
+    assert shared.state.coordinates() == full.state.coordinates()
+    assert shared.summary["fit_tokens"] == full.summary["fit_tokens"]  # tokens of the pairs' sequences, however read
 
 
 def test_checkpoint_holds_no_base_weights(tiny_dir, task_file, tmp_path):

@@ -120,7 +120,7 @@ def test_momentum_counts_identical_to_unshared_pass(arch):
         prompt = f"review {i % 10}: " + " ".join(words[j] for j in idx[: 1 + i % 2]) + "? answer:"
         pairs.append((f"{prompt} {words[idx[2]]}", f"{prompt} {words[idx[3]]}{'' if i % 3 else '!'}"))
     sites = ["attention", "ffn"]
-    plain = accumulate_momentum(model, tok, pairs, sites=sites, batch_size=4, layout=layout)
+    plain = accumulate_momentum(model, tok, pairs, sites=sites, batch_size=4, layout=layout, shared_prefix=False)
     shared = accumulate_momentum_shared_prefix(model, tok, pairs, sites=sites, batch_size=4, layout=layout)
     assert shared.n == plain.n == len(pairs)
     for key, value in plain.tensors.items():
