@@ -216,8 +216,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat_template", default=None, choices=["auto", "on", "off"])
     p.add_argument("--cache_dir", default=None)
     p.add_argument("--compare", action="store_true", help="fit and compare every method on the same split (see README)")
-    c = p.add_argument_group("comparison (--compare)", "fit unsteered, ITI, SADI, CAA, block-level AUSteer and AUSteer on one split, tune each on validation, report test")
-    c.add_argument("--methods", default=None, help="comma-separated subset of unsteered,iti,sadi,caa,austeer_block,austeer (default: all)")
+    c = p.add_argument_group("comparison (--compare)", "fit unsteered, ITI, SADI, CAA, block-level AUSteer, AUSteer and its learned-strength variants on one split, tune each on validation, report test")
+    c.add_argument("--methods", default=None, help="comma-separated subset of unsteered,iti,sadi,caa,austeer_block,austeer,austeer_scalar,austeer_gate (default: all)")
+    c.add_argument("--strength_epochs", type=int, default=None, help="training epochs of the learned-strength variants (default: the module's, 3)")
+    c.add_argument("--strength_lr", type=float, default=None, help="their Adam learning rate (default: the module's)")
     c.add_argument("--grid", default="default", choices=["default", "quick"], help="hyperparameter grids: the documented defaults, or 4 points per method")
     c.add_argument("--site", default=None, help="AUSteer sites to choose from, e.g. attention or attention,ffn,both")
     c.add_argument("--k", default=None, help="AUSteer k values, e.g. 10,50,100")
@@ -288,11 +290,14 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     from rich.progress import Progress
 
+    # A learned strength is reported beside the fixed rule it started from, on the same examples.
+    learned = state.strength.get("kind", "momentum") != "momentum" and state.method == "austeer"
+    variants = [("unsteered", None), *([("momentum_rule", state.momentum_rule())] if learned else []), ("steered", state)]
     results: dict[str, Any] = {}
     started = time.perf_counter()
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
         for scoring in scorings:
-            for label, st in (("unsteered", None), ("steered", state)):
+            for label, st in variants:
                 job = bar.add_task(f"{label} ({scoring})", total=len(examples))
                 results[(scoring, label)] = evaluate_examples(
                     model, tokenizer, task, examples, state=st, scoring=scoring, chat_template=chat,
@@ -312,10 +317,12 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "n_units_total": sum(state.site_sizes[s] for s in state.sites) * state.n_layers,
         "k": state.k,
         "alpha": state.alpha,
+        "strength": state.strength.get("kind", "momentum"),
         "sites": list(state.sites),
         "unsteered": results[(primary, "unsteered")],
         "steered": results[(primary, "steered")],
-        "by_scoring": {s: {"unsteered": results[(s, "unsteered")], "steered": results[(s, "steered")]} for s in scorings},
+        **({"momentum_rule": results[(primary, "momentum_rule")]} if learned else {}),
+        "by_scoring": {s: {label: results[(s, label)] for label, _ in variants} for s in scorings},
         "seconds": time.perf_counter() - started,
     }
     if args.report:
@@ -332,8 +339,10 @@ def _print_eval_table(report: dict[str, Any], scorings: list[str]) -> None:
     for col in ("scoring", "model", "accuracy", "95% CI", "per class"):
         table.add_column(col)
     for s in scorings:
-        for label in ("unsteered", "steered"):
+        for label in report["by_scoring"][s]:
             r = report["by_scoring"][s][label]
+            if label == "steered" and report.get("strength", "momentum") != "momentum":
+                label = f"steered ({report['strength']})"
             per = ", ".join(f"{k}: {v['accuracy']:.2f}" for k, v in r["per_class"].items())
             table.add_row(s, label, f"{r['accuracy']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", per)
     Console().print(table)

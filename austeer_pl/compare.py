@@ -7,7 +7,11 @@ plus a test loader and the validation pairs ITI's probes need):
 * ``unsteered``: the base model;
 * ``iti``, ``sadi``, ``caa``, ``austeer_block``: :mod:`austeer_pl.baselines`, each over its grid
   (:data:`~austeer_pl.baselines.METHOD_GRIDS` by default, :data:`QUICK_GRIDS` with ``--grid quick``);
-* ``austeer``: the module's own ``site x k x alpha`` grid.
+* ``austeer``: the module's own ``site x k x alpha`` grid, with the paper's strength rule ``alpha * m``;
+* ``austeer_scalar``, ``austeer_gate``: AUSteer's chosen units with a learned strength function
+  (:mod:`austeer_pl.strength`), trained on the training examples for ``strength_epochs`` epochs
+  after the grid, starting from the momentum rule and keeping the epoch with the best validation
+  accuracy (ties keep the earlier epoch, so epoch 0, the momentum rule itself, wins a tie).
 
 Statistics. :class:`CompareModule` is an :class:`~austeer_pl.lightning.AUSteerModule` whose single
 momentum pass reads the ``attention``, ``ffn`` and ``residual`` sites once per batch and feeds both
@@ -52,10 +56,13 @@ from .baselines import METHOD_GRIDS, METHODS, HeadMoments, ProbeAccuracy, baseli
 from .errors import AusteerError
 from .evaluation import accuracy_summary, default_scoring, predict
 from .models import DEFAULT_MODEL, model_name_of
+from .strength import average_gradients, build_strength, fold_strength, strength_objective
 from .tasks import format_prompt, make_pairs
 
 #: Methods in report order.
-COMPARE_METHODS: tuple[str, ...] = ("unsteered", "iti", "sadi", "caa", "austeer_block", "austeer")
+COMPARE_METHODS: tuple[str, ...] = ("unsteered", "iti", "sadi", "caa", "austeer_block", "austeer", "austeer_scalar", "austeer_gate")
+#: The learned-strength variants of AUSteer and their strength functions.
+LEARNED_METHODS: dict[str, str] = {"austeer_scalar": "scalar", "austeer_gate": "gate"}
 #: Sites the shared pass reads (ITI's head moments come from ``attention``).
 READ_SITES: tuple[str, ...] = ("attention", "ffn", "residual")
 
@@ -74,8 +81,9 @@ GRID_PRESETS = ("default", "quick")
 FIT_SECONDS_NOTE = (
     "fit_seconds = shared momentum pass over the training pairs (one forward pass feeding every method's "
     "statistics; counted in full for each method that uses it) + ITI's validation probe pass (ITI only) + "
-    "the validation time of the method's own grid; 0 for the unsteered model. Under DDP each part is the "
-    "slowest process's wall time."
+    "the validation time of the method's own grid (for the learned AUSteer variants: AUSteer's grid plus "
+    "their strength training and its validation epochs); 0 for the unsteered model. Under DDP each part is "
+    "the slowest process's wall time."
 )
 
 
@@ -208,6 +216,7 @@ class MethodResult:
     val_accuracy: float
     grid: list[dict[str, Any]] = field(default_factory=list)
     tuning_seconds: float = 0.0
+    training_seconds: float = 0.0
     test_predictions: torch.Tensor | None = None
     test_seconds: float = 0.0
 
@@ -227,7 +236,8 @@ class CompareModule(lit.AUSteerModule):
         unknown = [m for m in methods if m not in COMPARE_METHODS]
         if unknown:
             raise AusteerError(f"unknown method(s) {', '.join(unknown)}; choose from {', '.join(COMPARE_METHODS)}")
-        self.methods = ("unsteered", *[m for m in COMPARE_METHODS if m in methods and m != "unsteered"])
+        wanted = set(methods) | ({"austeer"} if any(m in LEARNED_METHODS for m in methods) else set())  # learned variants start from it
+        self.methods = ("unsteered", *[m for m in COMPARE_METHODS if m in wanted and m != "unsteered"])
         self.grids = {k: v for k, v in dict(grids or {}).items() if k in METHODS}
         self.read_sites = tuple(dict.fromkeys([*self.read_sites, *READ_SITES]))
         self.head_moments: HeadMoments | None = None
@@ -298,7 +308,7 @@ class CompareModule(lit.AUSteerModule):
             if method == "austeer":
                 for option, k, alpha in self.grid():
                     out.append(Candidate("austeer", {"site": option, "k": k, "alpha": alpha, "sign": self.hparams.sign}, self.make_state(option, k, alpha)))
-            elif method != "unsteered":
+            elif method != "unsteered" and method not in LEARNED_METHODS:
                 for hyper in grid_points(method, self.layout, self.grids.get(method)):
                     state = baseline_state(
                         method, self.layout, acc=self.accumulator, moments=self.head_moments, accuracy=self.probe_accuracy,
@@ -347,6 +357,8 @@ class CompareModule(lit.AUSteerModule):
         self.results = {}
         for method in self.methods:
             idx = [i for i, c in enumerate(self.candidates) if c.method == method]
+            if not idx:  # the learned variants are trained below
+                continue
             # Best accuracy; ties go to fewer steered activations, then the weaker push, then grid order.
             best = min(idx, key=lambda i: (-acc[i], self.candidates[i].n_steered, self.candidates[i].strength, i))
             grid = [{**_jsonable(self.candidates[i].hyper), "n_steered_activations": self.candidates[i].n_steered, "val_accuracy": acc[i]} for i in idx]
@@ -370,8 +382,81 @@ class CompareModule(lit.AUSteerModule):
         if "austeer" in self.results:
             self.state = self.results["austeer"].chosen.state
         self.summary.update(val_accuracy_unsteered=acc[0], n_val=total, val_total_seconds=float(seconds.sum()))
+        for method in self.methods:
+            if method in LEARNED_METHODS:
+                self.results[method] = self.fit_learned_strength(method)
         for method, res in self.results.items():
             self.log(f"val/{method}_accuracy", res.val_accuracy, rank_zero_only=True)
+
+    # -- the learned-strength variants of AUSteer's choice
+    def fit_learned_strength(self, method: str) -> MethodResult:
+        """Train ``method``'s strength function on AUSteer's chosen units; keep its best validation epoch.
+
+        The steps are the pipeline's learned-strength phase (:func:`~austeer_pl.strength.strength_objective`,
+        the same seeded order and sharding of the training examples, gradients averaged across
+        processes), driven here inside the comparison's validation epoch.
+        """
+        dm = self.trainer.datamodule
+        hp = self.hparams
+        base = self.results["austeer"]
+        state = base.chosen.state
+        rank, world = dm._world()
+        started = time.perf_counter()
+        fn = build_strength(
+            LEARNED_METHODS[method], state.scale.to(self.device), self.layout, state.layer.tolist(),
+            gate_layer=hp.gate_layer, gate_width=hp.gate_width,
+        ).to(self.device)
+        optimizer = torch.optim.Adam(fn.parameters(), lr=hp.strength_lr)
+        best = {"epoch": 0, "accuracy": base.val_accuracy, "weights": {k: v.detach().clone() for k, v in fn.state_dict().items()}}
+        history = [{"epoch": 0, "val_accuracy": base.val_accuracy}]
+        bad = 0
+        for epoch in range(1, hp.strength_epochs + 1):
+            order = torch.randperm(len(dm.train_examples), generator=torch.Generator().manual_seed(dm.hparams.seed + epoch)).tolist()
+            for rows in lit.shard_batches(len(order), rank, world, dm.hparams.batch_size):
+                batch = dm.collate_examples_train([dm.train_examples[order[i]] for i in rows])
+                optimizer.zero_grad(set_to_none=False)
+                if batch["n_examples"]:
+                    # Lightning runs this hook without autograd; the strength parameters need it.
+                    with torch.inference_mode(False), torch.enable_grad():
+                        loss, _, _ = strength_objective(self.llm, self.layout, state, fn, batch, kl_weight=hp.kl_weight)
+                        loss.backward()
+                average_gradients(fn.parameters(), lit._all_reduce_sum, batch["n_examples"])
+                optimizer.step()
+            accuracy = self.val_accuracy_of(fold_strength(state, fn))
+            history.append({"epoch": epoch, "val_accuracy": accuracy})
+            if accuracy > best["accuracy"]:
+                best = {"epoch": epoch, "accuracy": accuracy, "weights": {k: v.detach().clone() for k, v in fn.state_dict().items()}}
+                bad = 0
+            else:
+                bad += 1
+                if bad >= hp.patience:
+                    break
+        fn.load_state_dict(best["weights"])
+        meta = dict(state.metadata)
+        meta["fit"] = {
+            **meta.get("fit", {}), "strength": LEARNED_METHODS[method], "val_accuracy_momentum_rule": base.val_accuracy,
+            "val_accuracy": best["accuracy"], "strength_best_epoch": best["epoch"], "strength_history": history,
+            "strength_lr": hp.strength_lr, "kl_weight": hp.kl_weight,
+        }
+        learned = fold_strength(state, fn, meta)
+        seconds = float(_all_reduce(torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=self.device), "max"))
+        hyper = {**base.chosen.hyper, "strength": LEARNED_METHODS[method], "best_epoch": best["epoch"]}
+        self.log(f"val/{method}_accuracy", best["accuracy"], rank_zero_only=True)
+        return MethodResult(method, Candidate(method, hyper, learned), best["accuracy"], history, base.tuning_seconds + seconds, training_seconds=seconds)
+
+    def val_accuracy_of(self, state) -> float:
+        """Validation accuracy of one state, this process's share scored and the counts summed."""
+        dm = self.trainer.datamodule
+        rank, world = dm._world()
+        correct = total = 0
+        for rows in lit.shard_batches(len(dm.splits["val"]), rank, world, dm.hparams.eval_batch_size):
+            if rows:
+                examples = [dm.splits["val"][i] for i in rows]
+                answers = torch.tensor([ex.answer for ex in examples])
+                correct += int(self._predict(state, examples, [dm.val_prompts[i] for i in rows]).eq(answers).sum())
+                total += len(rows)
+        counts = _all_reduce(torch.tensor([correct, total], dtype=torch.int64, device=self.device)).cpu()
+        return float(counts[0]) / max(int(counts[1]), 1)
 
     # -- test: each method's chosen configuration
     def on_test_epoch_start(self) -> None:
@@ -496,6 +581,8 @@ class CompareOptions:
     k: list[int] | None = None
     alpha: list[float] | None = None
     sign: str = "promote"
+    strength_epochs: int | None = None
+    strength_lr: float | None = None
     negatives: str = "sample"
     max_train_pairs: int | None = None
     max_val_examples: int | None = None
@@ -525,6 +612,10 @@ def options_from_args(args) -> CompareOptions:
         raise AusteerError("--compare tunes on validation and reports the test split; drop --split")
     if g("scoring") == "both":
         raise AusteerError("--compare scores with one method; choose --scoring loglik or generate")
+    if g("strength_epochs") is not None and g("strength_epochs") < 0:
+        raise AusteerError(f"--strength_epochs must be 0 or more, got {g('strength_epochs')}")
+    if g("strength_lr") is not None and not g("strength_lr") > 0:
+        raise AusteerError(f"--strength_lr must be positive, got {g('strength_lr')}")
     for name in ("limit", "max_train_pairs", "max_val_examples", "max_test_examples", "batch_size", "devices", "max_length"):
         value = g(name)
         if value is not None and value <= 0:
@@ -556,6 +647,8 @@ def options_from_args(args) -> CompareOptions:
         k=parse_list(g("k"), "--k", int) if g("k") else None,
         alpha=parse_list(g("alpha"), "--alpha", float) if g("alpha") else None,
         sign=g("sign") or "promote",
+        strength_epochs=g("strength_epochs"),
+        strength_lr=g("strength_lr"),
         negatives=g("negatives") or "sample",
         max_train_pairs=g("max_train_pairs"),
         max_val_examples=g("max_val_examples"),
@@ -614,9 +707,10 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
     grids = {m: (QUICK_GRIDS[m] if opts.grid == "quick" else METHOD_GRIDS[m]) for m in METHOD_GRIDS}
     au = _austeer_grid(opts)
     data = CompareDataModule(**_data_kwargs(opts))
+    learned = {key: getattr(opts, key) for key in ("strength_epochs", "strength_lr") if getattr(opts, key) is not None}
     module = CompareModule(
         methods=opts.methods, grids=grids, model_name=opts.model, dtype=opts.dtype, cache_dir=opts.cache_dir,
-        sign=opts.sign, scoring=opts.scoring, **au,
+        sign=opts.sign, scoring=opts.scoring, **au, **learned,
     )
     run_dir = Path(opts.run_dir or os.environ.get("AUSTEER_RUN_DIR") or Path("runs") / f"compare-{_task_stem(opts.task)}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.environ["AUSTEER_RUN_DIR"] = str(run_dir)  # DDP children re-run the command and must share it
@@ -650,7 +744,9 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
             parts = {"shared_pass": 0.0, "probe_pass": 0.0, "tuning": 0.0}
             state_bytes, state_dir = 0, None
             if state is not None:
-                parts = {"shared_pass": shared, "probe_pass": probe if method == "iti" else 0.0, "tuning": res.tuning_seconds}
+                parts = {"shared_pass": shared, "probe_pass": probe if method == "iti" else 0.0, "tuning": res.tuning_seconds - res.training_seconds}
+                if method in LEARNED_METHODS:
+                    parts["strength_training"] = res.training_seconds
                 if trainer.is_global_zero:
                     folder = (export_root / method) if export_root else scratch / method
                     state.save_pretrained(folder)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,12 +30,12 @@ from .evaluation import answer_suffixes, check_scoring, default_scoring, predict
 from .models import DEFAULT_MODEL, load_model, model_name_of
 from .momentum import MomentumAccumulator
 from .prefix import SharedPrefixReader
-from .reading import ActivationReader, position_ids_from_mask
+from .reading import ActivationReader
 from .scoring import choice_logprobs, pad_ids, truncate_left
 from .selection import SIGN_POLICIES, Selection, rank_units
 from .sites import LayoutSpec, ModelLayout, locate_units
 from .steering import TOKEN_SCOPES, SteeringState
-from .strength import STRENGTH_KINDS, GateStrength, StrengthHandle, build_strength
+from .strength import STRENGTH_KINDS, StrengthHandle, average_gradients, build_strength, fold_strength, strength_objective
 from .tasks import Task, TaskExample, format_prompt, join_answer, load_task, make_pairs, split_examples
 
 SITE_OPTIONS = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attention", "ffn")}
@@ -680,22 +680,7 @@ class AUSteerModule(pl.LightningModule):
 
     def strength_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Negative log-likelihood of the right answer plus ``kl_weight`` x KL(unsteered || steered) at the answer position."""
-        ids, mask, lengths = batch["input_ids"], batch["attention_mask"], batch["answer_lengths"].to(self.device)
-        span = int(lengths.max())
-        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=span + 1, use_cache=False)
-        with self.strength_handle():
-            logits = self.llm(**kwargs).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        picked = logp.gather(-1, ids[:, -span:].unsqueeze(-1)).squeeze(-1)
-        keep = torch.arange(span, device=self.device).unsqueeze(0) >= (span - lengths).unsqueeze(1)
-        nll = -(picked * keep).sum(-1).mean()
-        rows = torch.arange(ids.shape[0], device=self.device)
-        answer_pos = span - lengths  # position (in the kept window) that predicts the first answer token
-        with torch.no_grad():
-            ref = torch.log_softmax(self.llm(**kwargs).logits.float()[rows, answer_pos], dim=-1)
-        steered = torch.log_softmax(logits[rows, answer_pos], dim=-1)
-        kl = torch.sum(ref.exp() * (ref - steered), dim=-1).mean()
-        return nll + self.hparams.kl_weight * kl, nll, kl
+        return strength_objective(self.llm, self.layout, self.state, self.strength_fn, batch, kl_weight=self.hparams.kl_weight)
 
     def strength_step(self, batch: dict[str, Any]) -> None:
         params = list(self.strength_fn.parameters())
@@ -705,12 +690,7 @@ class AUSteerModule(pl.LightningModule):
             self.manual_backward(loss)
             self.log_dict({"fit/strength_loss": loss.detach(), "fit/strength_nll": nll.detach(), "fit/strength_kl": kl.detach()}, rank_zero_only=True)
         # Gradient averaging across processes (the DDP reduction; the LLM itself has no gradients).
-        world = self.trainer.world_size
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            _all_reduce_sum(p.grad)
-            p.grad.div_(world)
+        average_gradients(params, _all_reduce_sum, batch["n_examples"])
         self._optimizer.step()
         return None
 
@@ -765,13 +745,7 @@ class AUSteerModule(pl.LightningModule):
             strength_lr=self.hparams.strength_lr,
             kl_weight=self.hparams.kl_weight,
         )
-        metadata = {**self.state.metadata, "fit": fit}
-        if isinstance(self.strength_fn, GateStrength):
-            tensors = {k: v.detach().float().cpu() for k, v in self.strength_fn.state_dict().items()}
-            self.state = replace(self.state, strength=self.strength_fn.config(), strength_tensors=tensors, metadata=metadata)
-        else:
-            learned = self.strength_fn.scale.detach().float().cpu()
-            self.state = replace(self.state, scale=learned, strength={"kind": "scalar"}, metadata=metadata)
+        self.state = fold_strength(self.state, self.strength_fn, {**self.state.metadata, "fit": fit})
         self.summary["val_accuracy"] = self._best["accuracy"]
 
     def on_fit_end(self) -> None:

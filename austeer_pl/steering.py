@@ -167,6 +167,20 @@ class SteeringState:
         ratio = alpha / self.alpha
         return replace(self, scale=self.scale * ratio, shift=self.shift * ratio, alpha=alpha)
 
+    def momentum_rule(self) -> SteeringState:
+        """The same units with the paper's fixed strength ``alpha * m`` (what a learned strength started from).
+
+        Example:
+            >>> learned = SteeringState.from_pretrained("runs/gate/state")
+            >>> fixed = learned.momentum_rule()  # evaluate both on the same examples
+        """
+        if self.method != "austeer":
+            raise AusteerError(f"a {self.method} state has no momentum rule; only AUSteer states do")
+        return replace(
+            self, scale=self.alpha * self.momentum.clone(), shift=torch.zeros_like(self.momentum),
+            strength={"kind": "momentum"}, strength_tensors={},
+        )
+
     def coordinates(self) -> list[tuple[str, int, int]]:
         return [(self.sites[s], int(l), int(u)) for s, l, u in zip(self.site_index.tolist(), self.layer.tolist(), self.unit.tolist())]
 

@@ -53,17 +53,21 @@ class GateStrength(nn.Module):
         init: ``(k,)`` strengths at initialisation (``alpha * m``).
         layer: the decoder layer whose input is read; at or before the first steered layer.
         width: hidden width of the gate (the parameter count is ``(hidden_size + k + 1) * width + k``).
+        seed: seed of the inner layer's random initialisation (its own generator, so every process
+            of a DDP run starts from the same gate whatever its global random state).
     """
 
     kind = "gate"
 
-    def __init__(self, hidden_size: int, init: torch.Tensor, layer: int, width: int = 16) -> None:
+    def __init__(self, hidden_size: int, init: torch.Tensor, layer: int, width: int = 16, seed: int = 0) -> None:
         super().__init__()
         self.layer = int(layer)
         self.width = int(width)
         self.inner = nn.Linear(hidden_size, width)
         self.outer = nn.Linear(width, init.numel())
-        nn.init.normal_(self.inner.weight, std=hidden_size**-0.5)
+        with torch.no_grad():
+            generator = torch.Generator().manual_seed(int(seed))
+            self.inner.weight.copy_(torch.randn(self.inner.weight.shape, generator=generator) * hidden_size**-0.5)
         nn.init.zeros_(self.inner.bias)
         nn.init.zeros_(self.outer.weight)
         with torch.no_grad():
@@ -181,3 +185,82 @@ class StrengthHandle:
 
     def __exit__(self, *exc) -> None:
         self.remove()
+
+
+# ---------------------------------------------------------------------------- the training objective
+def strength_objective(
+    model: nn.Module,
+    layout: ModelLayout,
+    state,
+    strength: nn.Module,
+    batch: dict[str, Any],
+    *,
+    kl_weight: float = 1.0,
+    token_scope: str = "all",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, nll, kl)`` of one batch of prompt + right answer rows (left-padded, answers last).
+
+    ``nll`` is the right answer's negative log-likelihood under the steered model (summed over its
+    tokens, averaged over rows); ``kl`` is KL(unsteered || steered) of the next-token distribution
+    at the position that predicts the answer's first token; ``loss = nll + kl_weight * kl``. Only
+    ``strength``'s parameters receive gradients (the LLM is frozen and its reference pass runs
+    without a graph).
+
+    ``batch`` holds ``input_ids``, ``attention_mask`` and ``answer_lengths`` (as collated by
+    :meth:`~austeer_pl.lightning.ContrastivePairDataModule.collate_examples_train`).
+    """
+    from .reading import position_ids_from_mask
+
+    device = next(model.parameters()).device
+    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+    lengths = batch["answer_lengths"].to(device)
+    span = int(lengths.max())
+    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=span + 1, use_cache=False)
+    with StrengthHandle(model, layout, state, strength, token_scope):
+        logits = model(**kwargs).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1)
+    picked = logp.gather(-1, ids[:, -span:].unsqueeze(-1)).squeeze(-1)
+    keep = torch.arange(span, device=device).unsqueeze(0) >= (span - lengths).unsqueeze(1)
+    nll = -(picked * keep).sum(-1).mean()
+    rows = torch.arange(ids.shape[0], device=device)
+    answer_pos = span - lengths  # position (in the kept window) that predicts the first answer token
+    with torch.no_grad():
+        ref = torch.log_softmax(model(**kwargs).logits.float()[rows, answer_pos], dim=-1)
+    steered = torch.log_softmax(logits[rows, answer_pos], dim=-1)
+    kl = torch.sum(ref.exp() * (ref - steered), dim=-1).mean()
+    return nll + kl_weight * kl, nll, kl
+
+
+def fold_strength(state, strength: nn.Module, metadata: dict[str, Any] | None = None):
+    """``state`` with a learned strength function folded in, ready to save and apply without training code.
+
+    A scalar becomes the state's ``scale`` (a plain state that any AUSteer loader applies); a gate
+    is stored as ``strength_tensors`` with its closed description.
+    """
+    from dataclasses import replace
+
+    metadata = dict(state.metadata if metadata is None else metadata)
+    if isinstance(strength, GateStrength):
+        tensors = {k: v.detach().float().cpu().clone() for k, v in strength.state_dict().items()}
+        return replace(state, strength=strength.config(), strength_tensors=tensors, metadata=metadata)
+    if isinstance(strength, ScalarStrength):
+        return replace(state, scale=strength.scale.detach().float().cpu().clone(), strength={"kind": "scalar"}, metadata=metadata)
+    raise AusteerError(f"cannot fold a {type(strength).__name__} into a state")
+
+
+def average_gradients(params, all_reduce_sum, n_local: int) -> None:
+    """Turn each process's mean-over-its-rows gradient into the mean over the global batch.
+
+    Every gradient is weighted by this process's share of the rows (``n_local / n_global``) and
+    summed across processes, so uneven shards (the last batch of an epoch) weigh every example the
+    same as a single process would. A process with no rows contributes zeros.
+    """
+    params = list(params)
+    ref = params[0]
+    n_global = float(all_reduce_sum(torch.tensor([float(n_local)], dtype=torch.float64, device=ref.device)))
+    weight = n_local / n_global if n_global else 0.0
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.mul_(weight)
+        all_reduce_sum(p.grad)

@@ -14,7 +14,8 @@ from austeer_pl.cli import evaluate_main
 
 from conftest import make_model, make_tokenizer
 
-METHODS = ["unsteered", "iti", "sadi", "caa", "austeer_block", "austeer"]
+METHODS = ["unsteered", "iti", "sadi", "caa", "austeer_block", "austeer", "austeer_scalar", "austeer_gate"]
+LEARNED = {"austeer_scalar": "scalar", "austeer_gate": "gate"}
 FIELDS = ("name", "test_accuracy", "ci_low", "ci_high", "n_steered_activations", "state_bytes", "fit_seconds", "val_accuracy", "hyperparameters")
 
 
@@ -44,6 +45,7 @@ def compared(tiny_dir, task_file, tmp_path_factory):
         "--compare", "--model", str(tiny_dir), "--task", str(task_file), "--k", "2,4", "--alpha", "1,4",
         "--max_val_examples", "8", "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu",
         "--report", str(out / "compare.json"), "--export_dir", str(out / "states"), "--wandb_mode", "disabled",
+        "--strength_epochs", "2", "--strength_lr", "0.5",
     ]
     assert evaluate_main(args) == 0
     return out, json.loads((out / "compare.json").read_text())
@@ -81,7 +83,8 @@ def test_chosen_states_are_saved_and_loadable(compared, tiny_dir):
     for m in report["methods"][1:]:
         folder = out / "states" / m["name"]
         state = SteeringState.from_pretrained(folder)
-        assert state.method == m["name"] and state.k == m["n_steered_activations"]
+        assert state.method == ("austeer" if m["name"] in LEARNED else m["name"]) and state.k == m["n_steered_activations"]
+        assert state.strength["kind"] == LEARNED.get(m["name"], "momentum")
         assert m["state_bytes"] == sum(p.stat().st_size for p in folder.iterdir()) > 0
         assert state.metadata["data"]["task"] == report["task"] and state.metadata["fit"]["val_accuracy"] == m["val_accuracy"]
         ids = torch.tensor([[3, 4, 5, 6]])
@@ -90,11 +93,34 @@ def test_chosen_states_are_saved_and_loadable(compared, tiny_dir):
         assert torch.isfinite(steered).all()
 
 
-def test_saved_austeer_state_evaluates_to_the_reported_accuracy(compared):
+def test_learned_variants_start_from_austeers_choice(compared):
     out, report = compared
-    row = next(m for m in report["methods"] if m["name"] == "austeer")
-    path = out / "eval.json"
-    assert evaluate_main(["--steering", str(out / "states" / "austeer"), "--report", str(path)]) == 0
+    rows = {m["name"]: m for m in report["methods"]}
+    base = SteeringState.from_pretrained(out / "states" / "austeer")
+    for name, kind in LEARNED.items():
+        row = rows[name]
+        state = SteeringState.from_pretrained(out / "states" / name)
+        assert state.coordinates() == base.coordinates() and torch.equal(state.momentum, base.momentum)
+        history = row["grid"]
+        assert history[0] == {"epoch": 0, "val_accuracy": rows["austeer"]["val_accuracy"]}  # epoch 0 is the momentum rule
+        assert 1 <= len(history) - 1 <= 2 and row["val_accuracy"] >= rows["austeer"]["val_accuracy"]
+        best = row["hyperparameters"]["best_epoch"]
+        assert history[best]["val_accuracy"] == row["val_accuracy"]
+        assert all(h["val_accuracy"] < row["val_accuracy"] for h in history[:best])  # ties keep the earlier epoch
+        assert row["hyperparameters"]["strength"] == kind and row["hyperparameters"]["k"] == rows["austeer"]["hyperparameters"]["k"]
+        assert row["fit_seconds_parts"]["strength_training"] > 0
+        fit = state.metadata["fit"]
+        assert fit["strength"] == kind and fit["strength_best_epoch"] == best and fit["val_accuracy_momentum_rule"] == rows["austeer"]["val_accuracy"]
+        if best > 0:  # a kept epoch was trained: the state differs from the momentum rule
+            assert not torch.equal(state.scale, base.scale) if kind == "scalar" else bool(state.strength_tensors)
+
+
+@pytest.mark.parametrize("method", ["austeer", "austeer_scalar", "austeer_gate"])
+def test_saved_austeer_state_evaluates_to_the_reported_accuracy(compared, method):
+    out, report = compared
+    row = next(m for m in report["methods"] if m["name"] == method)
+    path = out / f"eval-{method}.json"
+    assert evaluate_main(["--steering", str(out / "states" / method), "--report", str(path)]) == 0
     again = json.loads(path.read_text())
     assert again["n_examples"] == row["n_test"] and again["steered"]["accuracy"] == row["test_accuracy"]
 
@@ -121,6 +147,7 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
     args = [
         "--compare", "--model", str(tiny_dir), "--task", str(task_file), "--k", "2,4", "--alpha", "1,4",
         "--max_val_examples", "8", "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu", "--devices", "2",
+        "--strength_epochs", "2", "--strength_lr", "0.5",
         "--report", str(tmp_path / "two.json"), "--export_dir", str(tmp_path / "states"), "--wandb_mode", "disabled",
     ]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", AUSTEER_RUN_DIR=str(tmp_path / "run"))
@@ -133,5 +160,9 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
         assert a["grid"] == b["grid"] and a["test"] == b["test"]
         if a["name"] != "unsteered":
             s1, s2 = SteeringState.from_pretrained(out / "states" / a["name"]), SteeringState.from_pretrained(tmp_path / "states" / a["name"])
-            assert s1.coordinates() == s2.coordinates() and torch.equal(s1.scale, s2.scale)
+            # Learned strengths: gradients averaged across processes equal the global mean up to rounding.
+            same = (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)) if a["name"] in LEARNED else torch.equal
+            assert s1.coordinates() == s2.coordinates() and same(s1.scale, s2.scale)
+            for key, value in s1.strength_tensors.items():
+                assert torch.allclose(value, s2.strength_tensors[key], rtol=1e-5, atol=1e-6), key
             assert torch.allclose(s1.shift, s2.shift, rtol=1e-6, atol=1e-7)

@@ -174,3 +174,26 @@ def test_strength_phase_uses_the_capped_training_examples(task_file):
     data.tokenizer = make_tokenizer()
     data.setup("fit")
     assert len(data.pairs) == 10 and len(data.train_examples) == 10
+
+
+def test_evaluate_reports_a_learned_state_beside_its_momentum_rule(tiny_dir, task_file, tmp_path):
+    from austeer_pl.cli import evaluate_main
+    from austeer_pl.evaluation import evaluate_examples
+    from austeer_pl.tasks import load_task, split_examples
+
+    module = fit(tiny_dir, task_file, "scalar", epochs=1, export=tmp_path / "state")
+    state = SteeringState.from_pretrained(tmp_path / "state")
+    fixed = state.momentum_rule()
+    assert fixed.strength == {"kind": "momentum"} and fixed.coordinates() == state.coordinates()
+    assert torch.allclose(fixed.scale, state.alpha * state.momentum)  # the rule the scalar started from
+    assert evaluate_main(["--steering", str(tmp_path / "state"), "--split", "val", "--report", str(tmp_path / "r.json")]) == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["strength"] == "scalar" and set(report["by_scoring"]["loglik"]) == {"unsteered", "momentum_rule", "steered"}
+    # Independent oracle: the momentum-rule state scored directly on the same validation examples.
+    data = state.metadata["data"]
+    task = load_task(data["task"], seed=data["seed"])
+    val = split_examples(task.examples, seed=data["seed"], val_fraction=data["val_fraction"], test_fraction=data["test_fraction"],
+                         max_val=data["max_val_examples"], max_test=data["max_test_examples"])["val"]
+    want = evaluate_examples(module.llm, module.tokenizer, task, val, state=fixed, scoring="loglik", chat_template=data["chat_template"], max_length=data["max_length"])
+    assert report["momentum_rule"]["correct"] == want["correct"] and report["momentum_rule"]["n"] == len(val)
+    assert report["steered"]["accuracy"] == state.metadata["fit"]["val_accuracy"]  # the fit's own validation score
