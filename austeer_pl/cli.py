@@ -6,7 +6,6 @@ Both print a one-line ``error: ...`` and exit with status 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

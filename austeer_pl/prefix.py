@@ -3,10 +3,13 @@
 A pair's two sequences are ``prompt + right answer`` and ``prompt + wrong answer``. Read as two full
 sequences (:class:`~austeer_pl.reading.ActivationReader` on ``2B`` rows) the prompt is computed
 twice. Here it is computed once per distinct prompt (a prefill over ``U <= B`` rows that keeps the
-key/value cache of every layer and stops after the last decoder layer, so no LM head), and every
-answer is continued from that cache in one batched pass, reading the last answer token's units at
-the requested sites. On the default task (~70 prompt tokens, one answer token) this is about half
-the work of the two-full-sequence pass.
+key/value cache of every layer and stops after the last decoder layer, so no LM head), and the
+answers are continued from that cache, reading the last answer token's units at the requested
+sites. The answers run in rounds over the same ``U`` cache rows (round ``r`` continues every prompt
+with its ``r``-th distinct answer; a pair gives two rounds), and the cache is cut back to the prompt
+after each round: it is never copied per answer, so the pass holds about one prompt cache at a
+time. On the default task (~70 prompt tokens, one answer token) this is about half the work of the
+two-full-sequence pass.
 
 The result has the same contract as :class:`~austeer_pl.reading.ActivationReader` on the
 concatenated ids ``prompt + answer``: the same ``(B, layers, units)`` float32 values, to float
@@ -16,7 +19,8 @@ matmuls differs).
 Padding. Prompts of different lengths are prefilled right-padded (so no query row is fully
 masked, which keeps float64 eager attention free of NaNs), then each cache row is rotated so that
 its real tokens end at the same index: the cache becomes left-padded, and the answers continue
-right after it, right-padded among themselves. Keys are cached after their rotary embedding, at
+right after it, right-padded among themselves (a prompt with no answer in a round runs one
+dropped pad token). Keys are cached after their rotary embedding, at
 their real positions, so rotating the cache rows changes nothing; the continuation gets position
 ids ``len(prompt) + t`` and a mask ``[left-padded prompt | right-padded answer]``. Because the cache
 is left-aligned, the index distance between any two real tokens equals their real distance, so
@@ -251,98 +255,116 @@ class SharedPrefixReader:
         from transformers.cache_utils import DynamicLayer
 
         device = self._device()
-        n_cont = len(cont_prompt)
+        n_cont, n_prompts = len(cont_prompt), len(prompts)
         width = max(len(p) for p in prompts)
-        # Index arithmetic on the host from Python lengths, then one copy each: no device syncs.
-        cont_len = torch.tensor([len(prompts[u]) for u in cont_prompt])
-        rolled = any(len(prompts[u]) != width for u in cont_prompt)
-        rows = torch.tensor(cont_prompt).to(device)
+        n_layers = self.layout.n_layers
+        # (layers, C, units) per site, filled round by round (one index_select per hook, as in ActivationReader).
+        slabs = {
+            name: torch.empty(n_layers, n_cont, self.layout.site(name).size, dtype=torch.float32, device=device)
+            for name in self.sites
+        }
+        if width == 0:  # no shared tokens at all: every continuation is a whole sequence
+            self._continue(None, torch.zeros(n_cont, 0, dtype=torch.long, device=device), [0] * n_cont,
+                           list(cont_answer), list(range(n_cont)), pad_id, slabs)
+            return {name: slab.transpose(0, 1).contiguous() for name, slab in slabs.items()}
 
         # 1. Prefill: the distinct prompts, right-padded, all layers, no LM head; keep the cache.
         # The mask is all ones: a right pad comes after every real token of its row, so causality
         # already hides it from them, and a pad query that sees real keys (instead of nothing, which
         # gives NaN rows in float64 eager attention under a sliding window, and 0 * NaN leaks through
         # the masked weights) stays finite. It also lets sdpa run its plain causal kernel.
-        cache = None
-        if width > 0:
-            ids, _ = _pad([list(p) for p in prompts], pad_id, device, left=False)
-            cache = DynamicCache()
-            try:
-                self._run(
-                    [],
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    position_ids=torch.arange(width, device=device).unsqueeze(0).expand(len(prompts), -1),
-                    use_cache=True,
-                    **{self.cache_kwarg: cache},
-                )
-            except (AttributeError, NotImplementedError, TypeError) as err:  # e.g. linear-attention layers
-                return self._unsupported(f"its forward fails with a plain DynamicCache ({type(err).__name__}: {err})")
-            layers = list(getattr(cache, "layers", []))
-            if len(layers) != self.layout.n_layers or not all(type(layer) is DynamicLayer for layer in layers):
-                return self._unsupported("its KV cache is not made of plain DynamicLayers")
-            # 2. One row per continuation, rotated so that every prompt ends at index width - 1.
-            shift = width - cont_len  # (C,) left padding of each row
-            positions = torch.arange(width)
-            valid = (positions.unsqueeze(0) >= shift.unsqueeze(1)).to(device)  # (C, width): real prompt tokens
-            flat = None
-            if rolled:
-                cols = (positions.unsqueeze(0) - shift.unsqueeze(1)) % width  # (C, width)
-                flat = (torch.tensor(cont_prompt).unsqueeze(1) * width + cols).reshape(-1).to(device)
+        ids, _ = _pad([list(p) for p in prompts], pad_id, device, left=False)
+        cache = DynamicCache()
+        try:
+            self._run(
+                [],
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                position_ids=torch.arange(width, device=device).unsqueeze(0).expand(n_prompts, -1),
+                use_cache=True,
+                **{self.cache_kwarg: cache},
+            )
+        except (AttributeError, NotImplementedError, TypeError) as err:  # e.g. linear-attention layers
+            return self._unsupported(f"its forward fails with a plain DynamicCache ({type(err).__name__}: {err})")
+        layers = list(getattr(cache, "layers", []))
+        if len(layers) != n_layers or not all(type(layer) is DynamicLayer for layer in layers):
+            return self._unsupported("its KV cache is not made of plain DynamicLayers")
+
+        # 2. Rotate each prompt row so that every prompt ends at index width - 1 (a left-padded cache).
+        # Index arithmetic on the host from Python lengths, then one copy each: no device syncs.
+        lengths = [len(p) for p in prompts]
+        shift = width - torch.tensor(lengths)  # (U,) left padding of each row
+        positions = torch.arange(width)
+        prompt_mask = (positions.unsqueeze(0) >= shift.unsqueeze(1)).long().to(device)  # (U, width): real tokens
+        if any(n != width for n in lengths):
+            cols = (positions.unsqueeze(0) - shift.unsqueeze(1)) % width  # (U, width)
+            flat = (torch.arange(n_prompts).unsqueeze(1) * width + cols).reshape(-1).to(device)
             for layer in layers:
                 for name in ("keys", "values"):
                     t = getattr(layer, name)  # (U, heads, width, head_dim)
-                    if flat is not None:
-                        u, h, s, d = t.shape
-                        t = t.transpose(1, 2).reshape(u * s, h, d).index_select(0, flat).view(n_cont, s, h, d).transpose(1, 2)
-                    else:
-                        t = t.index_select(0, rows)
-                    setattr(layer, name, t)
-            prompt_mask = valid.long()
-        else:
-            prompt_mask = torch.zeros(n_cont, 0, dtype=torch.long, device=device)
+                    u, h, w, d = t.shape
+                    setattr(layer, name, t.transpose(1, 2).reshape(u * w, h, d).index_select(0, flat).view(u, w, h, d).transpose(1, 2))
 
-        # 3. Continuation: every answer from its prompt's cache, in one batch; read the last answer token.
-        ans_ids, ans_mask = _pad([list(a) for a in cont_answer], pad_id, device, left=False)
-        last = last_token_index(ans_mask)
-        n_layers = self.layout.n_layers
-        cont_rows = torch.arange(n_cont, device=device)
+        # 3. Continuations in rounds over the same U cache rows, never copied per continuation: round r
+        # continues each prompt with its r-th distinct answer (prompts with fewer answers run a dummy
+        # pad token whose reads are dropped). After each round the cache is cut back to the prompt.
+        rounds: list[dict[int, int]] = []  # per round: prompt row -> continuation index
+        seen = [0] * n_prompts
+        for c, u in enumerate(cont_prompt):
+            if seen[u] == len(rounds):
+                rounds.append({})
+            rounds[seen[u]][u] = c
+            seen[u] += 1
+        for chosen in rounds:
+            answers = [list(cont_answer[chosen[u]]) if u in chosen else [pad_id] for u in range(n_prompts)]
+            targets = [chosen.get(u, -1) for u in range(n_prompts)]
+            self._continue(cache, prompt_mask, lengths, answers, targets, pad_id, slabs)
+            for layer in layers:
+                layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
+        return {name: slab.transpose(0, 1).contiguous() for name, slab in slabs.items()}
+
+    def _continue(self, cache, prompt_mask: torch.Tensor, starts: list[int], answers: list[list[int]],
+                  targets: list[int], pad_id: int, slabs: dict[str, torch.Tensor]) -> None:
+        """One batched continuation (row i: ``answers[i]`` after a cached prompt of ``starts[i]`` tokens);
+        the last answer token's units of row i go to continuation ``targets[i]`` (rows with -1 are dropped)."""
+        device = prompt_mask.device
+        n_rows = len(answers)
+        ans_ids, ans_mask = _pad(answers, pad_id, device, left=False)
         ans_width = ans_ids.shape[1]
-        flat = cont_rows * ans_width + last
-        # (layers, C, units) per site, one index_select per hook (as in ActivationReader).
-        slabs = {
-            name: torch.empty(n_layers, n_cont, self.layout.site(name).size, dtype=torch.float32, device=device)
-            for name in self.sites
-        }
+        keep = [i for i, t in enumerate(targets) if t >= 0]
+        last = torch.tensor([len(answers[i]) - 1 for i in keep])
+        flat = (torch.tensor(keep) * ans_width + last).to(device)
+        dest = torch.tensor([targets[i] for i in keep]).to(device)
+        whole = len(keep) == n_rows and targets == list(range(slabs[self.sites[0]].shape[1]))
 
         def capture(name: str, layer: int):
             slab = slabs[name][layer]
 
             def fn(x: torch.Tensor) -> None:
-                if x.shape == (n_cont, ans_width, slab.shape[1]) and x.dtype == slab.dtype and x.is_contiguous() and not x.requires_grad:
-                    torch.index_select(x.view(n_cont * ans_width, slab.shape[1]), 0, flat, out=slab)
+                rows = x.reshape(n_rows * ans_width, slab.shape[1])
+                if whole and x.dtype == slab.dtype and x.is_contiguous() and not x.requires_grad:
+                    torch.index_select(rows, 0, flat, out=slab)
                 else:
-                    slab.copy_(x[cont_rows, last])
+                    slab.index_copy_(0, dest, rows.index_select(0, flat).to(slab.dtype))
 
             return fn
 
         hooks = [
             register_site_hook(self.layout.site(name), layer, capture(name, layer))
             for name in self.sites
-            for layer in range(n_layers)
+            for layer in range(self.layout.n_layers)
         ]
-        start = cont_len.to(device).unsqueeze(1)
+        start = torch.tensor(starts).to(device).unsqueeze(1)
         kwargs = dict(
             input_ids=ans_ids,
-            # Answer pads are unmasked for the same reason as prompt pads; the read positions come from ans_mask.
+            # Answer pads are unmasked for the same reason as prompt pads; the read positions come from the lengths.
             attention_mask=torch.cat([prompt_mask, torch.ones_like(ans_mask)], dim=1),
-            position_ids=start + torch.arange(ans_ids.shape[1], device=device).unsqueeze(0),
+            position_ids=start + torch.arange(ans_width, device=device).unsqueeze(0),
             use_cache=cache is not None,
         )
         if cache is not None:
             kwargs[self.cache_kwarg] = cache
         self._run(hooks, **kwargs)
-        return {name: slab.transpose(0, 1).contiguous() for name, slab in slabs.items()}
 
 
 def _pad(seqs: list[list[int]], pad_id: int, device, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -69,3 +69,25 @@ def core_model(request):
 @pytest.fixture
 def tokenizer():
     return make_tokenizer()
+
+
+def write_less_task(path, n: int, seed: int = 0):
+    """A synthetic two-choice task file ("is a less than b", yes/no): ``n`` rows, seeded."""
+    import json
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for _ in range(n):
+            a, b = rng.randint(0, 9), rng.randint(0, 9)
+            f.write(json.dumps({"prompt": f"is {a} less than {b}", "choices": ["yes", "no"], "answer": 0 if a < b else 1}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama and the tiny tokenizer saved as a model folder (loaded as users load models)."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    make_model("llama").save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder

@@ -4,35 +4,20 @@ from __future__ import annotations
 
 import json
 import math
-import random
 from pathlib import Path
 
 import pytest
 
 from austeer_pl.analyses import AnalysisOptions, analyze_main, kl_divergence, prepare, strength_convergence
 
-from conftest import make_model, make_tokenizer
+from conftest import write_less_task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama").save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def task_file(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("task") / "less.jsonl"
-    with open(path, "w") as f:
-        for _ in range(60):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            f.write(json.dumps({"prompt": f"is {a} less than {b}", "choices": ["yes", "no"], "answer": 0 if a < b else 1}) + "\n")
-    return path
+    return write_less_task(tmp_path_factory.mktemp("task") / "less.jsonl", 60, seed=0)
 
 
 def run(name: str, tiny_dir: Path, task_file: Path, out: Path, *extra: str, mode: str = "disabled") -> dict:

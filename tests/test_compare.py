@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ import torch
 from austeer_pl import SteeringState
 from austeer_pl.cli import evaluate_main
 
-from conftest import make_model, make_tokenizer
+from conftest import make_model, write_less_task
 
 METHODS = ["unsteered", "iti", "sadi", "caa", "austeer_block", "austeer", "austeer_scalar", "austeer_gate"]
 LEARNED = {"austeer_scalar": "scalar", "austeer_gate": "gate"}
@@ -20,22 +19,8 @@ FIELDS = ("name", "test_accuracy", "ci_low", "ci_high", "n_steered_activations",
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama").save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def task_file(tmp_path_factory) -> Path:
-    rng = random.Random(0)
-    path = tmp_path_factory.mktemp("task") / "less.jsonl"
-    with open(path, "w") as f:
-        for _ in range(60):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            f.write(json.dumps({"prompt": f"is {a} less than {b}", "choices": ["yes", "no"], "answer": 0 if a < b else 1}) + "\n")
-    return path
+    return write_less_task(tmp_path_factory.mktemp("task") / "less.jsonl", 60, seed=0)
 
 
 @pytest.fixture(scope="module")

@@ -184,7 +184,7 @@ def test_momentum_matches_plain_loop(arch):
 
 
 def test_momentum_merge_equals_union():
-    model = make_model("llama")
+    model = make_model("llama").double()  # float64: batch grouping moves only the last bits, below the tolerance
     tok = make_tokenizer()
     pairs = make_pairs(11, seed=3)
     whole = accumulate_momentum(model, tok, pairs, sites=["attention", "ffn"], batch_size=3)

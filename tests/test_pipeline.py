@@ -17,26 +17,9 @@ from austeer_pl import SteeringState
 from austeer_pl.cli import evaluate_main, train_main
 from austeer_pl.lightning import AUSteerModule, ContrastivePairDataModule, PassCheckpoint, shard_batches
 
-from conftest import make_model, make_tokenizer
+from conftest import make_model, write_less_task as write_task
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama")
-    make_model("llama").save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def write_task(path: Path, n: int, seed: int = 0) -> Path:
-    rng = random.Random(seed)
-    with open(path, "w") as f:
-        for _ in range(n):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            f.write(json.dumps({"prompt": f"is {a} less than {b}", "choices": ["yes", "no"], "answer": 0 if a < b else 1}) + "\n")
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -145,9 +128,11 @@ def test_two_process_ddp_equals_single_process(tiny_dir, tmp_path):
     assert int(one["n"]) == int(two["n"]) == 37
     for key in one:
         if one[key].dtype == torch.int64:
-            assert torch.equal(one[key], two[key]), key
+            assert torch.equal(one[key], two[key]), key  # counts: exact
         else:
-            assert torch.allclose(one[key], two[key], rtol=1e-9, atol=1e-9), key
+            # Sums of float32 activations: the shared-prefix rounds group a process's pairs differently
+            # from one process's, which moves the last float32 bits (measured: 2e-8 on values ~5).
+            assert torch.allclose(one[key], two[key], rtol=1e-6, atol=1e-6), key
     s1 = SteeringState.from_pretrained(tmp_path / "one" / "state")
     s2 = SteeringState.from_pretrained(tmp_path / "two" / "state")
     assert s1.coordinates() == s2.coordinates()

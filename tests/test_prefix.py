@@ -96,7 +96,9 @@ def test_shared_prompts_and_answers_are_computed_once():
             got_pos, got_neg = reader.read_pairs(prompts, pos, neg)
     finally:
         handle.remove()
-    assert calls == [torch.Size([2, 11]), torch.Size([7, 3])]  # 2 distinct prompts, 7 distinct continuations
+    # 2 distinct prompts prefilled once; 7 distinct continuations in 4 rounds over the 2 cache rows
+    # (p1 has 4 distinct answers, p2 has 3: the last round runs a dropped pad token for p2).
+    assert calls == [torch.Size([2, 11]), torch.Size([2, 2]), torch.Size([2, 1]), torch.Size([2, 3]), torch.Size([2, 1])]
     want_pos = full_reads(model, layout, ["ffn"], [p + a for p, a in zip(prompts, pos)])
     want_neg = full_reads(model, layout, ["ffn"], [p + a for p, a in zip(prompts, neg)])
     assert torch.allclose(got_pos["ffn"], want_pos["ffn"], atol=2e-6)

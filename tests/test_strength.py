@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import subprocess
 import sys
 from pathlib import Path
@@ -17,31 +16,14 @@ from austeer_pl import SteeringState, load_model
 from austeer_pl.lightning import AUSteerModule, ContrastivePairDataModule
 from austeer_pl.strength import GateStrength
 
-from conftest import make_model, make_tokenizer
+from conftest import make_tokenizer, write_less_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny-llama-strength")
-    make_model("llama").save_pretrained(folder)
-    make_tokenizer().save_pretrained(folder)
-    return folder
-
-
-def write_task(path: Path, n: int) -> Path:
-    rng = random.Random(1)
-    with open(path, "w") as f:
-        for _ in range(n):
-            a, b = rng.randint(0, 9), rng.randint(0, 9)
-            f.write(json.dumps({"prompt": f"is {a} less than {b}", "choices": ["yes", "no"], "answer": 0 if a < b else 1}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="module")
 def task_file(tmp_path_factory) -> Path:
-    return write_task(tmp_path_factory.mktemp("strength-task") / "less.jsonl", 60)
+    return write_less_task(tmp_path_factory.mktemp("strength-task") / "less.jsonl", 60, seed=1)
 
 
 def fit(tiny_dir, task_file, strength, *, epochs=2, kl_weight=1.0, lr=0.05, export=None):
