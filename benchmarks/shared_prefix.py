@@ -3,7 +3,7 @@
 Both variants get the same pre-tokenized batches (16 pairs) of the default task and feed the same
 ``MomentumAccumulator``; they alternate batch by batch. ``full``: ``read_pair_batch`` (positive and
 negative full sequences, 32 rows, one forward). ``shared``: ``read_pair_batch_shared_prefix`` (the
-prompt once - 16 rows - with its KV cache, then both answers from it in one continuation pass).
+prompt once - 16 rows - with its KV cache, then the answers from it in rounds over those rows).
 Also checked: the momentum is identical (counts, the top-k units, sums within tolerance).
 Target: time(shared) / time(full) <= 0.6.
 
