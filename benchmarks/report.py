@@ -123,6 +123,7 @@ SECTIONS = [
     ("fit_throughput", "1. Fitting throughput", fit_throughput),
     ("fit_memory", "2. Fitting memory", fit_memory),
     ("fit_memory_shared", "2b. Fitting memory (shared-prefix pass)", fit_memory),
+    ("fit_memory_full_mmap", "2c. Fitting memory (two full sequences, glibc mmap threshold fixed at 128 KiB)", fit_memory),
     ("steer_generate", "3. Steered generation", steer_generate),
     ("state_io", "4. State size and load-and-apply", state_io),
     ("scaling", "5. Scaling with k and with steered layers", scaling),
