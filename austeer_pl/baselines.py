@@ -58,9 +58,8 @@ import torch
 from torch import nn
 
 from .errors import AusteerError
-from .fit import read_pair_batch
-from .momentum import MomentumAccumulator
-from .reading import ActivationReader, encode_texts
+from .fit import read_text_pairs
+from .momentum import MomentumAccumulator, SummedStatistics
 from .sites import LayoutSpec, ModelLayout, locate_units
 from .steering import SteeringState
 
@@ -504,7 +503,7 @@ def _acts(value: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
     return value
 
 
-class HeadMoments:
+class HeadMoments(SummedStatistics):
     """Per-head first and second moments of the attention site, per class, streaming and mergeable.
 
     For each class ``c`` (0 = positive completions, 1 = negative ones) it keeps the example count
@@ -523,6 +522,10 @@ class HeadMoments:
         >>> moments.mean(0).shape
         torch.Size([layers, heads, head_dim])
     """
+
+    _what = "head-moment"
+    _plural = "head moments"
+    _shape_hint = "; it was saved for another model"
 
     KEYS = ("count", "sum", "outer")
 
@@ -579,36 +582,6 @@ class HeadMoments:
                 self.tensors["sum"][label].add_(x.sum(0))
                 self.tensors["outer"][label].add_(torch.einsum("blhi,blhj->lhij", x, x))
                 self.tensors["count"][label].add_(x.shape[0])
-
-    def merge_(self, other: HeadMoments) -> HeadMoments:
-        """Add another accumulator's examples into this one (in place) and return self."""
-        if (other.n_layers, other.n_heads, other.head_dim) != (self.n_layers, self.n_heads, self.head_dim):
-            raise ValueError("cannot merge head moments of different shapes")
-        for key, value in self.tensors.items():
-            value.add_(other.tensors[key].to(value.device))
-        return self
-
-    def reduce_(self, all_reduce) -> HeadMoments:
-        """Sum every statistic across processes with ``all_reduce(tensor)`` (in place, SUM)."""
-        for key in sorted(self.tensors):
-            all_reduce(self.tensors[key])
-        return self
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {key: value.detach().cpu().clone() for key, value in self.tensors.items()}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        missing = set(self.tensors) - set(state)
-        if missing:
-            raise AusteerError(f"head-moment state is missing {', '.join(sorted(missing))}")
-        for key, value in self.tensors.items():
-            if tuple(state[key].shape) != tuple(value.shape):
-                raise AusteerError(f"head-moment state '{key}' has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}; it was saved for another model")
-            value.copy_(state[key])
-
-    def to(self, device: torch.device | str) -> HeadMoments:
-        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
-        return self
 
     def _require_both(self) -> tuple[int, int]:
         n_pos, n_neg = self.counts
@@ -716,7 +689,7 @@ def fit_probes(moments: HeadMoments, ridge: float = 0.1) -> HeadProbe:
     return HeadProbe(weight, bias, separation, ridge)
 
 
-class ProbeAccuracy:
+class ProbeAccuracy(SummedStatistics):
     """Streaming per-head probe accuracy: integer ``correct`` and ``total`` counts per ``(layer, head)``.
 
     A positive example is correct when its score is ``> 0``, a negative one when it is ``<= 0``.
@@ -729,6 +702,9 @@ class ProbeAccuracy:
         >>> val.accuracy().shape
         torch.Size([layers, heads])
     """
+
+    _what = "probe-accuracy"
+    _plural = "probe accuracies"
 
     def __init__(self, probe: HeadProbe) -> None:
         self.probe = probe
@@ -754,30 +730,6 @@ class ProbeAccuracy:
         if int(total.min()) == 0:
             raise AusteerError("no validation activations were counted; give ITI validation pairs")
         return self.tensors["correct"].double() / total.double()
-
-    def merge_(self, other: ProbeAccuracy) -> ProbeAccuracy:
-        if other.tensors["correct"].shape != self.tensors["correct"].shape:
-            raise ValueError("cannot merge probe accuracies of different shapes")
-        for key, value in self.tensors.items():
-            value.add_(other.tensors[key].to(value.device))
-        return self
-
-    def reduce_(self, all_reduce) -> ProbeAccuracy:
-        for key in sorted(self.tensors):
-            all_reduce(self.tensors[key])
-        return self
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {key: value.detach().cpu().clone() for key, value in self.tensors.items()}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        missing = set(self.tensors) - set(state)
-        if missing:
-            raise AusteerError(f"probe-accuracy state is missing {', '.join(sorted(missing))}")
-        for key, value in self.tensors.items():
-            if tuple(state[key].shape) != tuple(value.shape):
-                raise AusteerError(f"probe-accuracy state '{key}' has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
-            value.copy_(state[key])
 
 
 def select_heads(
@@ -877,24 +829,8 @@ def iti_state(
 
 # ============================================================================ ITI: reading text
 def _read_pairs(model, tokenizer, pairs, layout, batch_size, max_length, consume) -> None:
-    if batch_size <= 0:
-        raise AusteerError(f"batch_size must be positive, got {batch_size}")
-    reader = ActivationReader(model, layout, ["attention"])
-    device = next(model.parameters()).device
-    chunk: list[tuple[str, str]] = []
-
-    def flush() -> None:
-        pos = encode_texts(tokenizer, [p for p, _ in chunk], device=device, max_length=max_length)
-        neg = encode_texts(tokenizer, [n for _, n in chunk], device=device, max_length=max_length)
-        consume(*read_pair_batch(reader, pos, neg))
-        chunk.clear()
-
-    for pair in pairs:
-        chunk.append(pair)
-        if len(chunk) == batch_size:
-            flush()
-    if chunk:
-        flush()
+    for pos, neg in read_text_pairs(model, tokenizer, pairs, layout, ["attention"], batch_size=batch_size, max_length=max_length):
+        consume(pos, neg)
 
 
 def _layout(model: nn.Module, layout: ModelLayout | LayoutSpec | None) -> ModelLayout:

@@ -6,7 +6,7 @@ the plain-PyTorch path for notebooks and tests.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -44,6 +44,55 @@ def read_pair_batch(
     return {s: a[:batch] for s, a in acts.items()}, {s: a[batch:] for s, a in acts.items()}
 
 
+def read_text_pairs(
+    model: nn.Module,
+    tokenizer,
+    pairs: Iterable[tuple[str, str]],
+    layout: ModelLayout,
+    sites: Sequence[str],
+    *,
+    batch_size: int = 16,
+    max_length: int | None = None,
+    shared_prefix: bool = True,
+) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
+    """Last-token units of ``(positive_text, negative_text)`` pairs, one batch at a time.
+
+    Yields ``(pos, neg)``, each ``{site: (batch, layers, units)}``, for every ``batch_size`` pairs.
+    Texts are tokenized whole (truncated to ``max_length`` tokens); with ``shared_prefix`` each
+    pair is then split at its longest common token prefix and read with
+    :class:`~austeer_pl.prefix.SharedPrefixReader`, otherwise both full sequences are read in one pass.
+    """
+    from .prefix import SharedPrefixReader, split_shared_prefix
+
+    if batch_size <= 0:
+        raise AusteerError(f"batch_size must be positive, got {batch_size}")
+    if tokenizer.pad_token_id is None:
+        raise AusteerError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
+    device = next(model.parameters()).device
+    full_reader = ActivationReader(model, layout, sites)
+    shared_reader = SharedPrefixReader(model, layout, sites)
+    where = None if shared_prefix else device  # the shared reader pads on its own
+
+    def read(chunk: list[tuple[str, str]]):
+        pos = encode_texts(tokenizer, [p for p, _ in chunk], device=where, max_length=max_length)
+        neg = encode_texts(tokenizer, [n for _, n in chunk], device=where, max_length=max_length)
+        with torch.inference_mode():
+            if shared_prefix:
+                # The full sequences as tokenized, split where they first differ: token boundaries never move.
+                prompts, p_rest, n_rest = split_shared_prefix(_rows(pos), _rows(neg))
+                return shared_reader.read_pairs(prompts, p_rest, n_rest, tokenizer.pad_token_id)
+            return read_pair_batch(full_reader, pos, neg)
+
+    chunk: list[tuple[str, str]] = []
+    for pair in pairs:
+        chunk.append(pair)
+        if len(chunk) == batch_size:
+            yield read(chunk)
+            chunk = []
+    if chunk:
+        yield read(chunk)
+
+
 @torch.inference_mode()
 def accumulate_momentum(
     model: nn.Module,
@@ -77,39 +126,13 @@ def accumulate_momentum(
     Example:
         >>> acc = accumulate_momentum(model, tok, [("Q? Yes", "Q? No")], sites=["attention"])
     """
-    from .prefix import SharedPrefixReader, split_shared_prefix
-
-    if batch_size <= 0:
-        raise AusteerError(f"batch_size must be positive, got {batch_size}")
     if not isinstance(layout, ModelLayout):
         layout = locate_units(model, layout)
-    if tokenizer.pad_token_id is None:
-        raise AusteerError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
-    device = next(model.parameters()).device
     if accumulator is None:
+        device = next(model.parameters()).device
         accumulator = MomentumAccumulator({s: layout.site(s).size for s in sites}, layout.n_layers, device=device)
-    full_reader = ActivationReader(model, layout, sites)
-    shared_reader = SharedPrefixReader(model, layout, sites)
-    chunk: list[tuple[str, str]] = []
-
-    def flush() -> None:
-        where = None if shared_prefix else device  # the shared reader pads on its own
-        pos = encode_texts(tokenizer, [p for p, _ in chunk], device=where, max_length=max_length)
-        neg = encode_texts(tokenizer, [n for _, n in chunk], device=where, max_length=max_length)
-        if shared_prefix:
-            # The full sequences as tokenized, split where they first differ: token boundaries never move.
-            prompts, p_rest, n_rest = split_shared_prefix(_rows(pos), _rows(neg))
-            accumulator.update(*shared_reader.read_pairs(prompts, p_rest, n_rest, tokenizer.pad_token_id))
-        else:
-            accumulator.update(*read_pair_batch(full_reader, pos, neg))
-        chunk.clear()
-
-    for pair in pairs:
-        chunk.append(pair)
-        if len(chunk) == batch_size:
-            flush()
-    if chunk:
-        flush()
+    for pos, neg in read_text_pairs(model, tokenizer, pairs, layout, sites, batch_size=batch_size, max_length=max_length, shared_prefix=shared_prefix):
+        accumulator.update(pos, neg)
     return accumulator
 
 

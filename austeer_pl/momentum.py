@@ -25,7 +25,52 @@ COUNT_STATS = ("pos_count", "neg_count")
 SUM_STATS = ("sum_pos", "sum_neg", "sum_sq_diff")
 
 
-class MomentumAccumulator:
+class SummedStatistics:
+    """Named tensors that only ever grow by addition: mergeable in any order, summed across processes
+    by one SUM all-reduce each, and checkpointed as plain tensors.
+
+    Subclasses fill ``self.tensors`` and name themselves in error messages (``_what``, ``_plural``).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    _what = "statistics"
+    _plural = "statistics"
+    _missing_hint = ""
+    _shape_hint = ""
+
+    def merge_(self, other):
+        """Add another accumulator's counts and sums into this one (in place) and return self."""
+        if type(other) is not type(self) or {k: v.shape for k, v in other.tensors.items()} != {k: v.shape for k, v in self.tensors.items()}:
+            raise ValueError(f"cannot merge {self._plural} of different shapes")
+        for key, value in self.tensors.items():
+            value.add_(other.tensors[key].to(value.device))
+        return self
+
+    def reduce_(self, all_reduce):
+        """Sum every statistic across processes with ``all_reduce(tensor)`` (in place, e.g. a SUM all-reduce);
+        the keys are visited in sorted order, the same on every process."""
+        for key in sorted(self.tensors):
+            all_reduce(self.tensors[key])
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {key: value.detach().cpu().clone() for key, value in self.tensors.items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        missing = set(self.tensors) - set(state)
+        if missing:
+            raise AusteerError(f"{self._what} state is missing {', '.join(sorted(missing))}{self._missing_hint}")
+        for key, value in self.tensors.items():
+            if tuple(state[key].shape) != tuple(value.shape):
+                raise AusteerError(f"{self._what} state '{key}' has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}{self._shape_hint}")
+            value.copy_(state[key])
+
+    def to(self, device: torch.device | str):
+        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
+        return self
+
+
+class MomentumAccumulator(SummedStatistics):
     """Streaming counts ``P, Q, N`` and sums per activation unit.
 
     Args:
@@ -39,6 +84,10 @@ class MomentumAccumulator:
         >>> acc.momentum("ffn").shape
         torch.Size([2, 8])
     """
+
+    _what = "momentum"
+    _plural = "accumulators"
+    _missing_hint = "; it was saved for other sites"
 
     def __init__(self, site_sizes: Mapping[str, int], n_layers: int, device: torch.device | str | None = None) -> None:
         if not site_sizes:
@@ -91,36 +140,6 @@ class MomentumAccumulator:
             self._t(site, "sum_sq_diff").add_(d.double().square().sum(0))
         if batch:
             self.tensors["n"].add_(batch)
-
-    def merge_(self, other: MomentumAccumulator) -> MomentumAccumulator:
-        """Add another accumulator's pairs into this one (in place) and return self."""
-        if other.site_sizes != self.site_sizes or other.n_layers != self.n_layers:
-            raise ValueError("cannot merge accumulators of different shapes")
-        for key, value in self.tensors.items():
-            value.add_(other.tensors[key].to(value.device))
-        return self
-
-    def reduce_(self, all_reduce) -> MomentumAccumulator:
-        """Sum every statistic across processes with ``all_reduce(tensor)`` (in place, e.g. a SUM all-reduce)."""
-        for key in sorted(self.tensors):
-            all_reduce(self.tensors[key])
-        return self
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {key: value.detach().cpu().clone() for key, value in self.tensors.items()}
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        missing = set(self.tensors) - set(state)
-        if missing:
-            raise AusteerError(f"momentum state is missing {', '.join(sorted(missing))}; it was saved for other sites")
-        for key, value in self.tensors.items():
-            if state[key].shape != value.shape:
-                raise AusteerError(f"momentum state '{key}' has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}")
-            value.copy_(state[key])
-
-    def to(self, device: torch.device | str) -> MomentumAccumulator:
-        self.tensors = {k: v.to(device) for k, v in self.tensors.items()}
-        return self
 
     def _require_pairs(self) -> int:
         n = self.n

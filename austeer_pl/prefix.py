@@ -54,7 +54,7 @@ import torch
 from torch import nn
 
 from .errors import AusteerError
-from .reading import ActivationReader, _StopForward, last_token_index
+from .reading import ActivationReader, _StopForward
 from .sites import ModelLayout, register_site_hook
 
 __all__ = [
