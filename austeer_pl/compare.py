@@ -56,7 +56,7 @@ from .baselines import METHOD_GRIDS, METHODS, HeadMoments, ProbeAccuracy, baseli
 from .errors import AusteerError
 from .evaluation import accuracy_summary, default_scoring, predict
 from .models import DEFAULT_MODEL, model_name_of
-from .strength import average_gradients, build_strength, fold_strength, strength_objective
+from .strength import average_gradients, build_strength, fold_strength, learned_fit_metadata, strength_objective
 from .tasks import format_prompt, make_pairs
 
 #: Methods in report order.
@@ -400,7 +400,6 @@ class CompareModule(lit.AUSteerModule):
         hp = self.hparams
         base = self.results["austeer"]
         state = base.chosen.state
-        rank, world = dm._world()
         started = time.perf_counter()
         fn = build_strength(
             LEARNED_METHODS[method], state.scale.to(self.device), self.layout, state.layer.tolist(),
@@ -411,9 +410,8 @@ class CompareModule(lit.AUSteerModule):
         history = [{"epoch": 0, "val_accuracy": base.val_accuracy}]
         bad = 0
         for epoch in range(1, hp.strength_epochs + 1):
-            order = torch.randperm(len(dm.train_examples), generator=torch.Generator().manual_seed(dm.hparams.seed + epoch)).tolist()
-            for rows in lit.shard_batches(len(order), rank, world, dm.hparams.batch_size):
-                batch = dm.collate_examples_train([dm.train_examples[order[i]] for i in rows])
+            for examples in dm.strength_batches(epoch):
+                batch = dm.collate_examples_train(examples)
                 optimizer.zero_grad(set_to_none=False)
                 if batch["n_examples"]:
                     # Lightning runs this hook without autograd; the strength parameters need it.
@@ -432,12 +430,10 @@ class CompareModule(lit.AUSteerModule):
                 if bad >= hp.patience:
                     break
         fn.load_state_dict(best["weights"])
-        meta = dict(state.metadata)
-        meta["fit"] = {
-            **meta.get("fit", {}), "strength": LEARNED_METHODS[method], "val_accuracy_momentum_rule": base.val_accuracy,
-            "val_accuracy": best["accuracy"], "strength_best_epoch": best["epoch"], "strength_history": history,
-            "strength_lr": hp.strength_lr, "kl_weight": hp.kl_weight,
-        }
+        meta = learned_fit_metadata(
+            state, LEARNED_METHODS[method], val_accuracy=best["accuracy"], best_epoch=best["epoch"],
+            history=history, lr=hp.strength_lr, kl_weight=hp.kl_weight,
+        )
         learned = fold_strength(state, fn, meta)
         seconds = float(_all_reduce(torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=self.device), "max"))
         hyper = {**base.chosen.hyper, "strength": LEARNED_METHODS[method], "best_epoch": best["epoch"]}

@@ -62,15 +62,14 @@ def read_text_pairs(
     pair is then split at its longest common token prefix and read with
     :class:`~austeer_pl.prefix.SharedPrefixReader`, otherwise both full sequences are read in one pass.
     """
-    from .prefix import SharedPrefixReader, split_shared_prefix
+    from .prefix import SharedPrefixReader
 
     if batch_size <= 0:
         raise AusteerError(f"batch_size must be positive, got {batch_size}")
     if tokenizer.pad_token_id is None:
         raise AusteerError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
     device = next(model.parameters()).device
-    full_reader = ActivationReader(model, layout, sites)
-    shared_reader = SharedPrefixReader(model, layout, sites)
+    reader = SharedPrefixReader(model, layout, sites) if shared_prefix else ActivationReader(model, layout, sites)
     where = None if shared_prefix else device  # the shared reader pads on its own
 
     def read(chunk: list[tuple[str, str]]):
@@ -78,10 +77,8 @@ def read_text_pairs(
         neg = encode_texts(tokenizer, [n for _, n in chunk], device=where, max_length=max_length)
         with torch.inference_mode():
             if shared_prefix:
-                # The full sequences as tokenized, split where they first differ: token boundaries never move.
-                prompts, p_rest, n_rest = split_shared_prefix(_rows(pos), _rows(neg))
-                return shared_reader.read_pairs(prompts, p_rest, n_rest, tokenizer.pad_token_id)
-            return read_pair_batch(full_reader, pos, neg)
+                return reader.read_pair_batch(pos, neg, tokenizer.pad_token_id)
+            return read_pair_batch(reader, pos, neg)
 
     chunk: list[tuple[str, str]] = []
     for pair in pairs:
@@ -134,12 +131,6 @@ def accumulate_momentum(
     for pos, neg in read_text_pairs(model, tokenizer, pairs, layout, sites, batch_size=batch_size, max_length=max_length, shared_prefix=shared_prefix):
         accumulator.update(pos, neg)
     return accumulator
-
-
-def _rows(enc: dict[str, torch.Tensor]) -> list[list[int]]:
-    """The real ids of each row of an encoded batch, whatever the padding side."""
-    keep = enc["attention_mask"].bool().cpu()
-    return [row[m].tolist() for row, m in zip(enc["input_ids"].cpu(), keep)]
 
 
 def fit_state(

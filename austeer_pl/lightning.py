@@ -35,7 +35,7 @@ from .scoring import choice_logprobs, pad_ids, truncate_left
 from .selection import SIGN_POLICIES, Selection, rank_units
 from .sites import LayoutSpec, ModelLayout, locate_units
 from .steering import TOKEN_SCOPES, SteeringState
-from .strength import STRENGTH_KINDS, StrengthHandle, average_gradients, build_strength, fold_strength, strength_objective
+from .strength import STRENGTH_KINDS, StrengthHandle, average_gradients, build_strength, fold_strength, learned_fit_metadata, strength_objective
 from .tasks import Task, TaskExample, format_prompt, join_answer, load_task, make_pairs, split_examples
 
 SITE_OPTIONS = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attention", "ffn")}
@@ -249,16 +249,23 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         ids, mask = pad_ids(seqs, pad, side="left")
         return {"n_examples": len(items), "input_ids": ids, "attention_mask": mask, "answer_lengths": torch.tensor([len(p.positive) for p in items])}
 
+    def strength_batches(self, epoch: int) -> list[list[EncodedPair]]:
+        """This process's training examples for learned-strength epoch ``epoch`` (1, 2, ...), in batches.
+
+        Every process applies the same seeded permutation, then takes its share with
+        :func:`shard_batches`, so the union of one step's batches is the same global batch whatever
+        the number of processes.
+        """
+        rank, world = self._world()
+        order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(self.hparams.seed + epoch)).tolist()
+        return [[self.train_examples[order[i]] for i in rows] for rows in shard_batches(len(order), rank, world, self.hparams.batch_size)]
+
     def train_dataloader(self) -> DataLoader:
         rank, world = self._world()
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        if epoch > 0:
-            # Learned-strength epochs: every process applies the same seeded permutation, then takes
-            # its strided share, so the union of one step's batches is the same global batch.
-            order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(self.hparams.seed + epoch)).tolist()
-            examples = [self.train_examples[i] for i in order]
-            batches = shard_batches(len(examples), rank, world, self.hparams.batch_size)
-            return DataLoader(examples, batch_sampler=_BatchList(batches), collate_fn=self.collate_examples_train, num_workers=self.hparams.num_workers)
+        if epoch > 0:  # learned-strength epochs
+            batches = self.strength_batches(epoch)
+            return DataLoader(batches, batch_size=None, collate_fn=self.collate_examples_train, num_workers=self.hparams.num_workers)
         module = self.trainer.lightning_module if self.trainer is not None else None
         progress = (lambda: module.batches_done) if module is not None else (lambda: 0)
         return ResumableLoader(
@@ -735,17 +742,11 @@ class AUSteerModule(pl.LightningModule):
     def finish_strength_phase(self) -> None:
         """Keep the best weights (validation accuracy) and fold them into the exported state."""
         self.strength_fn.load_state_dict(self._best["weights"])
-        fit = dict(self.state.metadata.get("fit", {}))
-        fit.update(
-            strength=self.hparams.strength,
-            val_accuracy_momentum_rule=fit.get("val_accuracy"),
-            val_accuracy=self._best["accuracy"],
-            strength_best_epoch=self._best["epoch"],
-            strength_history=self.strength_history,
-            strength_lr=self.hparams.strength_lr,
-            kl_weight=self.hparams.kl_weight,
+        metadata = learned_fit_metadata(
+            self.state, self.hparams.strength, val_accuracy=self._best["accuracy"], best_epoch=self._best["epoch"],
+            history=self.strength_history, lr=self.hparams.strength_lr, kl_weight=self.hparams.kl_weight,
         )
-        self.state = fold_strength(self.state, self.strength_fn, {**self.state.metadata, "fit": fit})
+        self.state = fold_strength(self.state, self.strength_fn, metadata)
         self.summary["val_accuracy"] = self._best["accuracy"]
 
     def on_fit_end(self) -> None:

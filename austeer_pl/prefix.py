@@ -62,7 +62,6 @@ __all__ = [
     "read_pairs_shared_prefix",
     "read_pair_batch_shared_prefix",
     "split_shared_prefix",
-    "accumulate_momentum_shared_prefix",
 ]
 
 
@@ -182,6 +181,18 @@ class SharedPrefixReader:
         seqs += [_truncate_left(list(p), list(a), max_length) for p, a in zip(prompt_ids, neg_ids)]
         acts = self.read_continuations(seqs, pad_id)
         return {s: a[:n] for s, a in acts.items()}, {s: a[n:] for s, a in acts.items()}
+
+    def read_pair_batch(
+        self, pos: dict[str, torch.Tensor], neg: dict[str, torch.Tensor], pad_id: int = 0
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """``(pos, neg)`` units of already encoded full sequences (``input_ids`` and ``attention_mask``,
+        any padding side): each pair is split at its longest common token prefix
+        (:func:`split_shared_prefix`), so token boundaries never move and the values are those of the
+        full sequences exactly as tokenized."""
+        prompts, p_rest, n_rest = split_shared_prefix(
+            _rows_of(pos["input_ids"], pos["attention_mask"]), _rows_of(neg["input_ids"], neg["attention_mask"])
+        )
+        return self.read_pairs(prompts, p_rest, n_rest, pad_id)
 
     def read_continuations(self, seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
         """Units at the last answer token of each ``(prompt, answer)``; ``{site: (N, layers, units)}``."""
@@ -429,35 +440,5 @@ def read_pair_batch_shared_prefix(
     texts; each pair is split at its longest common token prefix (:func:`split_shared_prefix`), so
     the values are those of the full sequences exactly as tokenized.
     """
-    prompts, p_rest, n_rest = split_shared_prefix(
-        _rows_of(pos["input_ids"], pos["attention_mask"]), _rows_of(neg["input_ids"], neg["attention_mask"])
-    )
-    return read_pairs_shared_prefix(model, layout, sites, prompts, p_rest, n_rest, pad_id)
-
-
-def accumulate_momentum_shared_prefix(
-    model: nn.Module,
-    tokenizer,
-    pairs,
-    *,
-    sites: Sequence[str] = ("attention",),
-    batch_size: int = 16,
-    layout=None,
-    accumulator=None,
-    max_length: int | None = None,
-):
-    """:func:`austeer_pl.fit.accumulate_momentum` with the shared-prefix reader (same arguments, same result).
-
-    Each ``(positive_text, negative_text)`` pair is tokenized whole, exactly as in the unshared pass,
-    then split at its longest common token prefix, so the accumulated statistics equal the unshared
-    pass's (counts exactly in float64, sums to float tolerance).
-
-    Example:
-        >>> acc = accumulate_momentum_shared_prefix(model, tok, [("Q? Yes", "Q? No")], sites=["attention"])
-    """
-    from .fit import accumulate_momentum
-
-    return accumulate_momentum(
-        model, tokenizer, pairs, sites=sites, batch_size=batch_size, layout=layout,
-        accumulator=accumulator, max_length=max_length, shared_prefix=True,
-    )
+    with torch.inference_mode():
+        return SharedPrefixReader(model, layout, sites).read_pair_batch(pos, neg, pad_id)

@@ -248,6 +248,18 @@ def fold_strength(state, strength: nn.Module, metadata: dict[str, Any] | None = 
     raise AusteerError(f"cannot fold a {type(strength).__name__} into a state")
 
 
+def learned_fit_metadata(state, kind: str, *, val_accuracy: float, best_epoch: int, history: list[dict[str, float]],
+                         lr: float, kl_weight: float) -> dict[str, Any]:
+    """``state.metadata`` with its ``fit`` record extended by a learned-strength phase (the fixed
+    rule's validation accuracy is kept as ``val_accuracy_momentum_rule``)."""
+    fit = dict(state.metadata.get("fit", {}))
+    fit.update(
+        strength=kind, val_accuracy_momentum_rule=fit.get("val_accuracy"), val_accuracy=val_accuracy,
+        strength_best_epoch=best_epoch, strength_history=history, strength_lr=lr, kl_weight=kl_weight,
+    )
+    return {**state.metadata, "fit": fit}
+
+
 def average_gradients(params, all_reduce_sum, n_local: int) -> None:
     """Turn each process's mean-over-its-rows gradient into the mean over the global batch.
 

@@ -334,8 +334,8 @@ def momentum_fit(shared: bool):
 
     if "shared_prefix" in inspect.signature(accumulate_momentum).parameters:
         return functools.partial(accumulate_momentum, shared_prefix=shared)
-    if shared:  # an older checkout: the shared pass lived in austeer_pl.prefix
-        return shared_prefix_api().accumulate_momentum_shared_prefix
+    if shared:
+        raise SystemExit("this checkout's accumulate_momentum has no shared-prefix pass; use --mode full")
     return accumulate_momentum
 
 

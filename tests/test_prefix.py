@@ -10,7 +10,6 @@ from austeer_pl.errors import AusteerError
 from austeer_pl.fit import read_pair_batch
 from austeer_pl.prefix import (
     SharedPrefixReader,
-    accumulate_momentum_shared_prefix,
     read_pair_batch_shared_prefix,
     read_pairs_shared_prefix,
     split_shared_prefix,
@@ -123,7 +122,7 @@ def test_momentum_counts_identical_to_unshared_pass(arch):
         pairs.append((f"{prompt} {words[idx[2]]}", f"{prompt} {words[idx[3]]}{'' if i % 3 else '!'}"))
     sites = ["attention", "ffn"]
     plain = accumulate_momentum(model, tok, pairs, sites=sites, batch_size=4, layout=layout, shared_prefix=False)
-    shared = accumulate_momentum_shared_prefix(model, tok, pairs, sites=sites, batch_size=4, layout=layout)
+    shared = accumulate_momentum(model, tok, pairs, sites=sites, batch_size=4, layout=layout, shared_prefix=True)
     assert shared.n == plain.n == len(pairs)
     for key, value in plain.tensors.items():
         if value.dtype == torch.int64:
