@@ -53,22 +53,25 @@ def read_text_pairs(
     *,
     batch_size: int = 16,
     max_length: int | None = None,
-    shared_prefix: bool = True,
+    shared_prefix: bool | str = "auto",
 ) -> Iterator[tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]]:
     """Last-token units of ``(positive_text, negative_text)`` pairs, one batch at a time.
 
     Yields ``(pos, neg)``, each ``{site: (batch, layers, units)}``, for every ``batch_size`` pairs.
-    Texts are tokenized whole (truncated to ``max_length`` tokens); with ``shared_prefix`` each
-    pair is then split at its longest common token prefix and read with
-    :class:`~austeer_pl.prefix.SharedPrefixReader`, otherwise both full sequences are read in one pass.
+    Texts are tokenized whole (truncated to ``max_length`` tokens). Where ``shared_prefix`` holds
+    on the model's device (:func:`~austeer_pl.prefix.use_shared_prefix`: ``"auto"`` is on for the
+    CPU, off for an accelerator) each pair is then split at its longest common token prefix and
+    read with :class:`~austeer_pl.prefix.SharedPrefixReader`; otherwise both full sequences are
+    read in one pass.
     """
-    from .prefix import SharedPrefixReader
+    from .prefix import SharedPrefixReader, use_shared_prefix
 
     if batch_size <= 0:
         raise AusteerError(f"batch_size must be positive, got {batch_size}")
     if tokenizer.pad_token_id is None:
         raise AusteerError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
     device = next(model.parameters()).device
+    shared_prefix = use_shared_prefix(shared_prefix, device)
     reader = SharedPrefixReader(model, layout, sites) if shared_prefix else ActivationReader(model, layout, sites)
     where = None if shared_prefix else device  # the shared reader pads on its own
 
@@ -101,7 +104,7 @@ def accumulate_momentum(
     layout: ModelLayout | LayoutSpec | None = None,
     accumulator: MomentumAccumulator | None = None,
     max_length: int | None = None,
-    shared_prefix: bool = True,
+    shared_prefix: bool | str = "auto",
 ) -> MomentumAccumulator:
     """Accumulate activation momentum over ``(positive_text, negative_text)`` pairs.
 
@@ -118,7 +121,8 @@ def accumulate_momentum(
             continue both answers from its KV cache (:mod:`austeer_pl.prefix`): about half the work
             on short answers. The units are those of the full sequences to float tolerance, so a
             difference that is zero up to rounding may count on the other side; ``False`` reads the
-            two full sequences.
+            two full sequences. ``"auto"``: shared on the CPU, full sequences on an accelerator
+            (:func:`~austeer_pl.prefix.use_shared_prefix`).
 
     Example:
         >>> acc = accumulate_momentum(model, tok, [("Q? Yes", "Q? No")], sites=["attention"])
@@ -145,7 +149,7 @@ def fit_state(
     batch_size: int = 16,
     base_model: str = "",
     layout: ModelLayout | LayoutSpec | None = None,
-    shared_prefix: bool = True,
+    shared_prefix: bool | str = "auto",
 ) -> SteeringState:
     """Momentum pass, top-``k`` selection and an AUSteer state in one call.
 

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -29,7 +29,7 @@ from .errors import AusteerError
 from .evaluation import answer_suffixes, check_scoring, default_scoring, predict
 from .models import DEFAULT_MODEL, load_model, model_name_of
 from .momentum import MomentumAccumulator
-from .prefix import SharedPrefixReader
+from .prefix import SharedPrefixReader, use_shared_prefix
 from .reading import ActivationReader
 from .scoring import choice_logprobs, pad_ids, truncate_left
 from .selection import SIGN_POLICIES, Selection, rank_units
@@ -120,6 +120,8 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         shared_prefix: in the momentum pass, run each pair's prompt once and continue both answers
             from its KV cache (about half the work on short answers; the units equal the full
             sequences' to float tolerance). ``False`` reads the two full sequences of each pair.
+            ``"auto"`` shares on the CPU and reads full sequences on an accelerator, where a small
+            model measured slower shared (:func:`~austeer_pl.prefix.use_shared_prefix`).
     """
 
     def __init__(
@@ -137,9 +139,10 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         chat_template: bool | None = None,
         max_length: int | None = 512,
         num_workers: int = 0,
-        shared_prefix: bool = True,
+        shared_prefix: bool | Literal["auto"] = "auto",
     ) -> None:
         super().__init__()
+        use_shared_prefix(shared_prefix, "cpu")  # a bad value fails here, before any work
         self.save_hyperparameters()
         if batch_size <= 0 or eval_batch_size <= 0:
             raise AusteerError("batch sizes must be positive; set --data.batch_size and --data.eval_batch_size to 1 or more")
@@ -220,10 +223,11 @@ class ContrastivePairDataModule(pl.LightningDataModule):
             return {"n_pairs": 0}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         limit = self.hparams.max_length
-        if self.hparams.shared_prefix:
+        if self.hparams.shared_prefix:  # True or "auto": the module decides on its device
             lengths = [len(p.prompt) + len(a) for p in items for a in (p.positive, p.negative)]
             return {
                 "n_pairs": len(items),
+                "shared_prefix": self.hparams.shared_prefix,
                 "prompt_ids": [p.prompt for p in items],
                 "pos_ids": [p.positive for p in items],
                 "neg_ids": [p.negative for p in items],
@@ -536,17 +540,23 @@ class AUSteerModule(pl.LightningModule):
     def read_pair_batch(self, batch: dict[str, Any], sites: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Last-token units of a collated batch of pairs, ``(pos, neg)``, each ``{site: (B, layers, units)}``.
 
-        Reads prompt + answers from a shared KV cache when the batch holds ids per part
-        (``--data.shared_prefix``), or the padded full sequences otherwise.
+        Reads prompt + answers from a shared KV cache when the batch holds ids per part and
+        ``--data.shared_prefix`` holds on this device, or the padded full sequences otherwise.
         """
         sites = tuple(sites or self.read_sites)
         n = batch["n_pairs"]
         with torch.inference_mode():
             if "prompt_ids" in batch:
-                reader = self._prefix_readers.get(sites)
-                if reader is None:
-                    reader = self._prefix_readers[sites] = SharedPrefixReader(self.llm, self.layout, sites)
-                return reader.read_pairs(batch["prompt_ids"], batch["pos_ids"], batch["neg_ids"], batch["pad_id"], max_length=batch["max_length"])
+                if use_shared_prefix(batch.get("shared_prefix", True), self.device):
+                    reader = self._prefix_readers.get(sites)
+                    if reader is None:
+                        reader = self._prefix_readers[sites] = SharedPrefixReader(self.llm, self.layout, sites)
+                    return reader.read_pairs(batch["prompt_ids"], batch["pos_ids"], batch["neg_ids"], batch["pad_id"], max_length=batch["max_length"])
+                limit = batch["max_length"]
+                seqs = [truncate_left(p + a, limit) for p, a in zip(batch["prompt_ids"], batch["pos_ids"])]
+                seqs += [truncate_left(p + a, limit) for p, a in zip(batch["prompt_ids"], batch["neg_ids"])]
+                ids, mask = pad_ids(seqs, batch["pad_id"], side="right")
+                batch = {"input_ids": ids, "attention_mask": mask}
             acts = ActivationReader(self.llm, self.layout, sites)(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
             return {s: a[:n] for s, a in acts.items()}, {s: a[n:] for s, a in acts.items()}
 

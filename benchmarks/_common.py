@@ -99,7 +99,7 @@ def finish(name: str, args: argparse.Namespace, info: dict[str, Any], results: d
     payload = {
         "benchmark": name,
         "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python " + " ".join([f"benchmarks/{name}.py", *sys.argv[1:]]),
+        "command": "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
         "machine": info,
         "args": {k: v for k, v in vars(args).items()},
         "results": results,
