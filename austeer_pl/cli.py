@@ -176,7 +176,7 @@ def _print_fit_summary(module, summary: dict[str, Any]) -> None:
     if state.strength.get("kind", "momentum") != "momentum":
         table.add_row(
             "learned strength",
-            f"{state.strength['kind']}: val {fit.get('val_accuracy_momentum_rule', 0):.3f} with alpha*m -> {fit.get('val_accuracy', 0):.3f} learned (best epoch {fit.get('strength_best_epoch')})",
+            f"{state.strength['kind']}: val {fit.get('val_accuracy_momentum_rule', 0):.3f} with alpha*m -> {fit.get('val_accuracy', 0):.3f} learned ({fit.get('strength_loss', 'nll')} loss, best epoch {fit.get('strength_best_epoch')})",
         )
     for site, layers in state.layers_by_site().items():
         counts = {l: int(((state.layer == l) & (state.site_index == state.sites.index(site))).sum()) for l in layers}
@@ -219,6 +219,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     c.add_argument("--methods", default=None, help="comma-separated subset of unsteered,iti,sadi,caa,austeer_block,austeer,austeer_scalar,austeer_gate (default: all)")
     c.add_argument("--strength_epochs", type=int, default=None, help="training epochs of the learned-strength variants (default: the module's, 3)")
     c.add_argument("--strength_lr", type=float, default=None, help="their Adam learning rate (default: the module's)")
+    c.add_argument("--strength_loss", default=None, help="their loss: nll (right answer) or choice (right vs. wrong answer); default: the module's, nll")
     c.add_argument("--grid", default="default", choices=["default", "quick"], help="hyperparameter grids: the documented defaults, or 4 points per method")
     c.add_argument("--site", default=None, help="AUSteer sites to choose from, e.g. attention or attention,ffn,both")
     c.add_argument("--k", default=None, help="AUSteer k values, e.g. 10,50,100")

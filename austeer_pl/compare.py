@@ -56,7 +56,7 @@ from .baselines import METHOD_GRIDS, METHODS, HeadMoments, ProbeAccuracy, baseli
 from .errors import AusteerError
 from .evaluation import accuracy_summary, default_scoring, predict
 from .models import DEFAULT_MODEL, model_name_of
-from .strength import average_gradients, build_strength, fold_strength, learned_fit_metadata, strength_objective
+from .strength import STRENGTH_LOSSES, average_gradients, build_strength, fold_strength, learned_fit_metadata, strength_objective
 from .tasks import format_prompt, make_pairs
 
 #: Methods in report order.
@@ -416,7 +416,7 @@ class CompareModule(lit.AUSteerModule):
                 if batch["n_examples"]:
                     # Lightning runs this hook without autograd; the strength parameters need it.
                     with torch.inference_mode(False), torch.enable_grad():
-                        loss, _, _ = strength_objective(self.llm, self.layout, state, fn, batch, kl_weight=hp.kl_weight)
+                        loss, _, _ = strength_objective(self.llm, self.layout, state, fn, batch, kl_weight=hp.kl_weight, loss=hp.strength_loss)
                         loss.backward()
                 average_gradients(fn.parameters(), lit._all_reduce_sum, batch["n_examples"])
                 optimizer.step()
@@ -432,7 +432,7 @@ class CompareModule(lit.AUSteerModule):
         fn.load_state_dict(best["weights"])
         meta = learned_fit_metadata(
             state, LEARNED_METHODS[method], val_accuracy=best["accuracy"], best_epoch=best["epoch"],
-            history=history, lr=hp.strength_lr, kl_weight=hp.kl_weight,
+            history=history, lr=hp.strength_lr, kl_weight=hp.kl_weight, loss=hp.strength_loss,
         )
         learned = fold_strength(state, fn, meta)
         seconds = float(_all_reduce(torch.tensor([time.perf_counter() - started], dtype=torch.float64, device=self.device), "max"))
@@ -579,6 +579,7 @@ class CompareOptions:
     sign: str = "promote"
     strength_epochs: int | None = None
     strength_lr: float | None = None
+    strength_loss: str | None = None
     negatives: str = "sample"
     max_train_pairs: int | None = None
     max_val_examples: int | None = None
@@ -612,6 +613,8 @@ def options_from_args(args) -> CompareOptions:
         raise AusteerError(f"--strength_epochs must be 0 or more, got {g('strength_epochs')}")
     if g("strength_lr") is not None and not g("strength_lr") > 0:
         raise AusteerError(f"--strength_lr must be positive, got {g('strength_lr')}")
+    if g("strength_loss") is not None and g("strength_loss") not in STRENGTH_LOSSES:
+        raise AusteerError(f"--strength_loss must be one of {', '.join(STRENGTH_LOSSES)}, not '{g('strength_loss')}'")
     for name in ("limit", "max_train_pairs", "max_val_examples", "max_test_examples", "batch_size", "devices", "max_length"):
         value = g(name)
         if value is not None and value <= 0:
@@ -645,6 +648,7 @@ def options_from_args(args) -> CompareOptions:
         sign=g("sign") or "promote",
         strength_epochs=g("strength_epochs"),
         strength_lr=g("strength_lr"),
+        strength_loss=g("strength_loss"),
         negatives=g("negatives") or "sample",
         max_train_pairs=g("max_train_pairs"),
         max_val_examples=g("max_val_examples"),
@@ -703,7 +707,7 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
     grids = {m: (QUICK_GRIDS[m] if opts.grid == "quick" else METHOD_GRIDS[m]) for m in METHOD_GRIDS}
     au = _austeer_grid(opts)
     data = CompareDataModule(**_data_kwargs(opts))
-    learned = {key: getattr(opts, key) for key in ("strength_epochs", "strength_lr") if getattr(opts, key) is not None}
+    learned = {key: getattr(opts, key) for key in ("strength_epochs", "strength_lr", "strength_loss") if getattr(opts, key) is not None}
     module = CompareModule(
         methods=opts.methods, grids=grids, model_name=opts.model, dtype=opts.dtype, cache_dir=opts.cache_dir,
         sign=opts.sign, scoring=opts.scoring, **au, **learned,

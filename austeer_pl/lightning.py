@@ -35,7 +35,7 @@ from .scoring import choice_logprobs, pad_ids, truncate_left
 from .selection import SIGN_POLICIES, Selection, rank_units
 from .sites import LayoutSpec, ModelLayout, locate_units
 from .steering import TOKEN_SCOPES, SteeringState
-from .strength import STRENGTH_KINDS, StrengthHandle, average_gradients, build_strength, fold_strength, learned_fit_metadata, strength_objective
+from .strength import STRENGTH_KINDS, STRENGTH_LOSSES, StrengthHandle, average_gradients, build_strength, fold_strength, learned_fit_metadata, strength_objective
 from .tasks import Task, TaskExample, format_prompt, join_answer, load_task, make_pairs, split_examples
 
 SITE_OPTIONS = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attention", "ffn")}
@@ -194,14 +194,18 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         if not self.val_prompts:
             self.val_prompts = [format_prompt(self.tokenizer, task, ex.prompt, chat_template=hp.chat_template) for ex in self.splits["val"]]
         if not self.train_examples:
-            # For the learned-strength phase: each training example's prompt and right answer, as ids.
-            # The same examples the pairs came from (max_train_pairs caps both phases).
-            used = {p.example_uid for p in pairs}
-            examples = [ex for ex in self.splits["train"] if ex.uid in used]
+            # For the learned-strength phase: each training example's prompt, right answer and the
+            # wrong answer of its first pair, as ids. The same examples the pairs came from
+            # (max_train_pairs caps both phases).
+            wrong: dict[str, str] = {}
+            for p in pairs:
+                wrong.setdefault(p.example_uid, p.negative)
+            examples = [ex for ex in self.splits["train"] if ex.uid in wrong]
             texts = [format_prompt(self.tokenizer, task, ex.prompt, chat_template=hp.chat_template) for ex in examples]
             ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
             answers = self._answers(texts, [ex.target for ex in examples])
-            self.train_examples = [EncodedPair(p, a, []) for p, a in zip(ids, answers)]
+            negatives = self._answers(texts, [wrong[ex.uid] for ex in examples])
+            self.train_examples = [EncodedPair(p, a, n) for p, a, n in zip(ids, answers, negatives)]
 
     def _answers(self, prompt_texts: Sequence[str], choices: Sequence[str]) -> list[list[int]]:
         suffixes = [join_answer(t, c)[len(t):] for t, c in zip(prompt_texts, choices)]
@@ -245,13 +249,17 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         }
 
     def collate_examples_train(self, items: list[EncodedPair]) -> dict[str, Any]:
-        """Prompt + right answer, left-padded (answers end at the last position), for the strength phase."""
+        """For the strength phase: rows ``[:n]`` prompt + right answer, rows ``[n:]`` prompt + wrong
+        answer, left-padded (answers end at the last position); see
+        :func:`~austeer_pl.strength.strength_objective`."""
         if not items:
             return {"n_examples": 0}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        seqs = [truncate_left(p.prompt + p.positive, self.hparams.max_length) for p in items]
+        limit = self.hparams.max_length
+        seqs = [truncate_left(p.prompt + p.positive, limit) for p in items] + [truncate_left(p.prompt + p.negative, limit) for p in items]
         ids, mask = pad_ids(seqs, pad, side="left")
-        return {"n_examples": len(items), "input_ids": ids, "attention_mask": mask, "answer_lengths": torch.tensor([len(p.positive) for p in items])}
+        lengths = [len(p.positive) for p in items] + [len(p.negative) for p in items]
+        return {"n_examples": len(items), "input_ids": ids, "attention_mask": mask, "answer_lengths": torch.tensor(lengths)}
 
     def strength_batches(self, epoch: int) -> list[list[EncodedPair]]:
         """This process's training examples for learned-strength epoch ``epoch`` (1, 2, ...), in batches.
@@ -396,6 +404,8 @@ class AUSteerModule(pl.LightningModule):
             input-conditioned ``gate``, trained after selection (see :mod:`austeer_pl.strength`).
         strength_epochs: epochs of the learned-strength phase (early-stopped on validation accuracy).
         strength_lr: Adam learning rate of the strength parameters.
+        strength_loss: ``nll`` (the right answer's negative log-likelihood) or ``choice`` (the
+            logistic loss of right vs. wrong answer, the decision log-likelihood scoring makes).
         kl_weight: weight of KL(unsteered || steered) of the next-token distribution at the answer position.
         patience: validation epochs without improvement before the strength phase stops.
         gate_layer: decoder layer whose input the gate reads (default: the first steered layer).
@@ -417,6 +427,7 @@ class AUSteerModule(pl.LightningModule):
         strength: str = "momentum",
         strength_epochs: int = 3,
         strength_lr: float = 0.01,
+        strength_loss: str = "nll",
         kl_weight: float = 1.0,
         patience: int = 2,
         gate_layer: int | None = None,
@@ -439,6 +450,8 @@ class AUSteerModule(pl.LightningModule):
             raise AusteerError(f"unknown token scope '{token_scope}'; choose one of {', '.join(TOKEN_SCOPES)}")
         if strength not in STRENGTH_KINDS:
             raise AusteerError(f"unknown strength function '{strength}'; choose one of {', '.join(STRENGTH_KINDS)}")
+        if strength_loss not in STRENGTH_LOSSES:
+            raise AusteerError(f"unknown strength loss '{strength_loss}'; choose one of {', '.join(STRENGTH_LOSSES)}")
         if strength_epochs < 0 or strength_lr <= 0 or kl_weight < 0 or patience < 1 or gate_width < 1:
             raise AusteerError("strength_epochs >= 0, strength_lr > 0, kl_weight >= 0, patience >= 1 and gate_width >= 1 are required")
         if scoring is not None:
@@ -610,6 +623,7 @@ class AUSteerModule(pl.LightningModule):
         self._val_correct = torch.zeros(1 + len(self.grid()), dtype=torch.int64)
         self._val_total = 0
         self._val_nll = 0.0
+        self._val_choice = 0.0
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         if not self.rankings or not batch["index"]:
@@ -683,27 +697,27 @@ class AUSteerModule(pl.LightningModule):
         # The momentum rule (the initial weights) is the first candidate for the best weights.
         dm = self.trainer.datamodule
         rank, world = dm._world()
-        self._val_correct, self._val_total, self._val_nll = torch.zeros(1, dtype=torch.int64), 0, 0.0
+        self._val_correct, self._val_total, self._val_nll, self._val_choice = torch.zeros(1, dtype=torch.int64), 0, 0.0, 0.0
         for indices in shard_batches(len(dm.splits["val"]), rank, world, dm.hparams.eval_batch_size):
             if indices:
                 self.strength_validation_step({"index": indices})
-        acc, nll = self._reduce_strength_validation()
-        self._best = {"accuracy": acc, "nll": nll, "epoch": 0, "weights": {k: v.detach().clone() for k, v in self.strength_fn.state_dict().items()}}
+        record = self._reduce_strength_validation()
+        self._best = {**record, "epoch": 0, "weights": {k: v.detach().clone() for k, v in self.strength_fn.state_dict().items()}}
         self._bad_epochs = 0
-        self.strength_history = [{"epoch": 0, "val_accuracy": acc, "val_nll": nll}]
+        self.strength_history = [{"epoch": 0, **record}]
 
     def strength_handle(self) -> StrengthHandle:
         return StrengthHandle(self.llm, self.layout, self.state, self.strength_fn)
 
-    def strength_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Negative log-likelihood of the right answer plus ``kl_weight`` x KL(unsteered || steered) at the answer position."""
-        return strength_objective(self.llm, self.layout, self.state, self.strength_fn, batch, kl_weight=self.hparams.kl_weight)
+    def strength_batch_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, nll, kl)``: ``--model.strength_loss`` plus ``kl_weight`` x KL(unsteered || steered) at the answer position."""
+        return strength_objective(self.llm, self.layout, self.state, self.strength_fn, batch, kl_weight=self.hparams.kl_weight, loss=self.hparams.strength_loss)
 
     def strength_step(self, batch: dict[str, Any]) -> None:
         params = list(self.strength_fn.parameters())
         self._optimizer.zero_grad(set_to_none=False)
         if batch["n_examples"]:
-            loss, nll, kl = self.strength_loss(batch)
+            loss, nll, kl = self.strength_batch_loss(batch)
             self.manual_backward(loss)
             self.log_dict({"fit/strength_loss": loss.detach(), "fit/strength_nll": nll.detach(), "fit/strength_kl": kl.detach()}, rank_zero_only=True)
         # Gradient averaging across processes (the DDP reduction; the LLM itself has no gradients).
@@ -720,29 +734,36 @@ class AUSteerModule(pl.LightningModule):
         kwargs = dict(batch_size=dm.hparams.eval_batch_size, max_length=dm.hparams.max_length)
         with torch.no_grad(), self.strength_handle():
             if scoring == "loglik":
-                # The log-likelihoods give the prediction and the right answer's NLL (the tie-breaker).
+                # The log-likelihoods give the prediction, the right answer's NLL and the cross-entropy
+                # over the choices (the tie-breaker of the nll and the choice loss).
                 scores = choice_logprobs(self.llm, self.tokenizer, prompts, [answer_suffixes(p, ex.choices) for p, ex in zip(prompts, examples)], **kwargs)
                 preds = torch.stack([sc.argmax() for sc in scores])
                 self._val_nll += float(sum(-sc[ex.answer] for sc, ex in zip(scores, examples)))
+                self._val_choice += float(sum(torch.logsumexp(sc.double(), 0) - sc[ex.answer] for sc, ex in zip(scores, examples)))
             else:
                 preds = predict(self.llm, self.tokenizer, dm.task_obj, examples, prompts, scoring=scoring, **kwargs)
         self._val_correct[0] += int(preds.eq(answers).sum())
         self._val_total += len(examples)
 
-    def _reduce_strength_validation(self) -> tuple[float, float]:
-        counts = _all_reduce_sum(torch.tensor([float(self._val_correct[0]), float(self._val_total), self._val_nll], dtype=torch.float64, device=self.device)).cpu()
+    def _reduce_strength_validation(self) -> dict[str, float]:
+        """``val_accuracy``, ``val_nll`` (the right answer's) and ``val_choice_loss`` (cross-entropy
+        over the choices), summed over processes; the latter two are 0 under generation scoring."""
+        sums = [float(self._val_correct[0]), float(self._val_total), self._val_nll, self._val_choice]
+        counts = _all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=self.device)).cpu()
         total = max(int(counts[1]), 1)
-        return float(counts[0]) / total, float(counts[2]) / total
+        return {"val_accuracy": float(counts[0]) / total, "val_nll": float(counts[2]) / total, "val_choice_loss": float(counts[3]) / total}
 
     def strength_validation_end(self) -> None:
-        acc, nll = self._reduce_strength_validation()
+        record = self._reduce_strength_validation()
         epoch = self.current_epoch
-        self.strength_history.append({"epoch": epoch, "val_accuracy": acc, "val_nll": nll})
-        self.log("val/strength_accuracy", acc, rank_zero_only=True)
-        self.log("val/strength_nll", nll, rank_zero_only=True)
-        # Early stopping on validation accuracy; ties go to the lower NLL of the right answer.
-        if (acc, -nll) > (self._best["accuracy"], -self._best["nll"]):
-            self._best = {"accuracy": acc, "nll": nll, "epoch": epoch, "weights": {k: v.detach().clone() for k, v in self.strength_fn.state_dict().items()}}
+        self.strength_history.append({"epoch": epoch, **record})
+        for key, value in record.items():
+            self.log(f"val/strength_{key.removeprefix('val_')}", value, rank_zero_only=True)
+        # Early stopping on validation accuracy; ties go to the lower validation value of the loss
+        # being trained (the right answer's NLL, or the cross-entropy over the choices).
+        tie = "val_nll" if self.hparams.strength_loss == "nll" else "val_choice_loss"
+        if (record["val_accuracy"], -record[tie]) > (self._best["val_accuracy"], -self._best[tie]):
+            self._best = {**record, "epoch": epoch, "weights": {k: v.detach().clone() for k, v in self.strength_fn.state_dict().items()}}
             self._bad_epochs = 0
         else:
             self._bad_epochs += 1
@@ -753,11 +774,11 @@ class AUSteerModule(pl.LightningModule):
         """Keep the best weights (validation accuracy) and fold them into the exported state."""
         self.strength_fn.load_state_dict(self._best["weights"])
         metadata = learned_fit_metadata(
-            self.state, self.hparams.strength, val_accuracy=self._best["accuracy"], best_epoch=self._best["epoch"],
-            history=self.strength_history, lr=self.hparams.strength_lr, kl_weight=self.hparams.kl_weight,
+            self.state, self.hparams.strength, val_accuracy=self._best["val_accuracy"], best_epoch=self._best["epoch"],
+            history=self.strength_history, lr=self.hparams.strength_lr, kl_weight=self.hparams.kl_weight, loss=self.hparams.strength_loss,
         )
         self.state = fold_strength(self.state, self.strength_fn, metadata)
-        self.summary["val_accuracy"] = self._best["accuracy"]
+        self.summary["val_accuracy"] = self._best["val_accuracy"]
 
     def on_fit_end(self) -> None:
         if self.strength_fn is not None:

@@ -27,6 +27,9 @@ from .errors import AusteerError
 from .sites import ModelLayout, register_site_hook
 
 STRENGTH_KINDS = ("momentum", "scalar", "gate")
+#: Losses of the learned-strength phase: the right answer's negative log-likelihood, or the logistic
+#: loss of the right-vs-wrong choice that log-likelihood scoring makes.
+STRENGTH_LOSSES = ("nll", "choice")
 
 
 class ScalarStrength(nn.Module):
@@ -197,23 +200,44 @@ def strength_objective(
     *,
     kl_weight: float = 1.0,
     token_scope: str = "all",
+    loss: str = "nll",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, nll, kl)`` of one batch of prompt + right answer rows (left-padded, answers last).
+    """``(loss, nll, kl)`` of one batch of training examples.
 
-    ``nll`` is the right answer's negative log-likelihood under the steered model (summed over its
-    tokens, averaged over rows); ``kl`` is KL(unsteered || steered) of the next-token distribution
-    at the position that predicts the answer's first token; ``loss = nll + kl_weight * kl``. Only
-    ``strength``'s parameters receive gradients (the LLM is frozen and its reference pass runs
-    without a graph).
+    ``batch`` holds ``n_examples`` (n), ``input_ids``, ``attention_mask`` and ``answer_lengths``, as
+    collated by :meth:`~austeer_pl.lightning.ContrastivePairDataModule.collate_examples_train`:
+    rows ``[:n]`` are prompt + right answer, rows ``[n:]`` (if any) the same prompts + a wrong
+    answer, all left-padded so that the answers end at the last position.
 
-    ``batch`` holds ``input_ids``, ``attention_mask`` and ``answer_lengths`` (as collated by
-    :meth:`~austeer_pl.lightning.ContrastivePairDataModule.collate_examples_train`).
+    * ``nll``: the right answer's negative log-likelihood under the steered model (summed over its
+      tokens, averaged over examples).
+    * ``kl``: KL(unsteered || steered) of the next-token distribution at the position that
+      predicts the right answer's first token.
+    * ``loss="nll"`` (the default): ``nll + kl_weight * kl``; the wrong-answer rows are not run.
+    * ``loss="choice"``: ``-log sigmoid(log p(right) - log p(wrong)) + kl_weight * kl``: the logistic
+      loss of the two-way decision that log-likelihood scoring makes. Raising the right answer alone
+      can raise the wrong one with it; this loss moves only their difference.
+
+    Only ``strength``'s parameters receive gradients (the LLM is frozen and its reference pass
+    runs without a graph).
+
+    Raises:
+        AusteerError: an unknown ``loss``, or ``"choice"`` on a batch without wrong-answer rows.
     """
     from .reading import position_ids_from_mask
 
+    if loss not in STRENGTH_LOSSES:
+        raise AusteerError(f"unknown strength loss '{loss}'; choose one of {', '.join(STRENGTH_LOSSES)}")
     device = next(model.parameters()).device
-    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-    lengths = batch["answer_lengths"].to(device)
+    n = int(batch["n_examples"])
+    ids, mask, lengths = batch["input_ids"], batch["attention_mask"], batch["answer_lengths"]
+    if loss == "choice" and ids.shape[0] != 2 * n:
+        raise AusteerError("the choice loss needs a wrong answer per example; collate the batch with collate_examples_train")
+    if loss == "nll" and ids.shape[0] != n:
+        # The right answers only, without the pad columns that only the wrong answers needed.
+        first = int(mask[:n].ne(0).any(0).long().argmax())
+        ids, mask, lengths = ids[:n, first:], mask[:n, first:], lengths[:n]
+    ids, mask, lengths = ids.to(device), mask.to(device), lengths.to(device)
     span = int(lengths.max())
     kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=span + 1, use_cache=False)
     with StrengthHandle(model, layout, state, strength, token_scope):
@@ -221,14 +245,17 @@ def strength_objective(
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     picked = logp.gather(-1, ids[:, -span:].unsqueeze(-1)).squeeze(-1)
     keep = torch.arange(span, device=device).unsqueeze(0) >= (span - lengths).unsqueeze(1)
-    nll = -(picked * keep).sum(-1).mean()
-    rows = torch.arange(ids.shape[0], device=device)
-    answer_pos = span - lengths  # position (in the kept window) that predicts the first answer token
+    answer_logp = (picked * keep).sum(-1)  # (rows,) log-likelihood of each row's answer
+    nll = -answer_logp[:n].mean()
+    rows = torch.arange(n, device=device)
+    answer_pos = (span - lengths)[:n]  # position (in the kept window) that predicts the first answer token
     with torch.no_grad():
-        ref = torch.log_softmax(model(**kwargs).logits.float()[rows, answer_pos], dim=-1)
+        ref_kwargs = {**kwargs, "input_ids": ids[:n], "attention_mask": mask[:n], "position_ids": kwargs["position_ids"][:n]}
+        ref = torch.log_softmax(model(**ref_kwargs).logits.float()[rows, answer_pos], dim=-1)
     steered = torch.log_softmax(logits[rows, answer_pos], dim=-1)
     kl = torch.sum(ref.exp() * (ref - steered), dim=-1).mean()
-    return nll + kl_weight * kl, nll, kl
+    task = nll if loss == "nll" else nn.functional.softplus(answer_logp[n:] - answer_logp[:n]).mean()
+    return task + kl_weight * kl, nll, kl
 
 
 def fold_strength(state, strength: nn.Module, metadata: dict[str, Any] | None = None):
@@ -249,13 +276,13 @@ def fold_strength(state, strength: nn.Module, metadata: dict[str, Any] | None = 
 
 
 def learned_fit_metadata(state, kind: str, *, val_accuracy: float, best_epoch: int, history: list[dict[str, float]],
-                         lr: float, kl_weight: float) -> dict[str, Any]:
+                         lr: float, kl_weight: float, loss: str = "nll") -> dict[str, Any]:
     """``state.metadata`` with its ``fit`` record extended by a learned-strength phase (the fixed
     rule's validation accuracy is kept as ``val_accuracy_momentum_rule``)."""
     fit = dict(state.metadata.get("fit", {}))
     fit.update(
         strength=kind, val_accuracy_momentum_rule=fit.get("val_accuracy"), val_accuracy=val_accuracy,
-        strength_best_epoch=best_epoch, strength_history=history, strength_lr=lr, kl_weight=kl_weight,
+        strength_best_epoch=best_epoch, strength_history=history, strength_lr=lr, kl_weight=kl_weight, strength_loss=loss,
     )
     return {**state.metadata, "fit": fit}
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from austeer_pl import SteeringState, load_model
+from austeer_pl.errors import AusteerError
 from austeer_pl.lightning import AUSteerModule, ContrastivePairDataModule
 from austeer_pl.strength import GateStrength
 
@@ -44,7 +45,7 @@ def test_gradients_reach_strength_parameters_only(tiny_dir, task_file):
     batch = dm.collate_examples_train(dm.train_examples[:5])
     for p in module.strength_fn.parameters():
         p.grad = None
-    loss, nll, kl = module.strength_loss(batch)
+    loss, nll, kl = module.strength_batch_loss(batch)
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in module.llm.parameters())
     grads = [p.grad for p in module.strength_fn.parameters()]
@@ -84,15 +85,18 @@ def test_exported_state_reproduces_trained_module(tiny_dir, task_file, tmp_path,
         assert config["strength"]["kind"] == "gate" and "class" not in json.dumps(config["strength"])
 
 
-def test_learned_scalar_moves_toward_the_useful_direction(tiny_dir, tmp_path):
-    # Synthetic task: the right answer is always "yes". The negative log-likelihood of "yes" as a
-    # function of each unit's strength is measured independently (finite differences on the
-    # frozen model); training must move every strength downhill on it.
+@pytest.mark.parametrize("loss", ["nll", "choice"])
+def test_learned_scalar_moves_toward_the_useful_direction(tiny_dir, tmp_path, loss):
+    # Synthetic task: the right answer is always "yes". The loss (the negative log-likelihood of
+    # "yes", or the logistic loss of "yes" vs. "no") as a function of each unit's strength is
+    # measured independently (finite differences on the frozen model); training must move every
+    # strength downhill on it.
     path = tmp_path / "always_yes.jsonl"
     with open(path, "w") as f:
         for i in range(40):
             f.write(json.dumps({"prompt": f"say yes {i % 10}", "choices": ["yes", "no"], "answer": 0}) + "\n")
-    module = AUSteerModule(model_name=str(tiny_dir), k=[3], alpha=[1.0], sign="both", strength="scalar", strength_epochs=3, strength_lr=0.2, kl_weight=0.0, patience=3)
+    module = AUSteerModule(model_name=str(tiny_dir), k=[3], alpha=[1.0], sign="both", strength="scalar", strength_epochs=3, strength_lr=0.2,
+                           strength_loss=loss, kl_weight=0.0, patience=3)
     data = ContrastivePairDataModule(task=str(path), batch_size=8, max_val_examples=8)
     trainer = pl.Trainer(max_epochs=4, reload_dataloaders_every_n_epochs=1, logger=False, enable_checkpointing=False, use_distributed_sampler=False,
                          num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
@@ -104,7 +108,7 @@ def test_learned_scalar_moves_toward_the_useful_direction(tiny_dir, tmp_path):
     def nll_at(scale: torch.Tensor) -> float:
         with torch.no_grad():
             module.strength_fn.scale.copy_(scale)
-            return float(module.strength_loss(batch)[1])
+            return float(module.strength_batch_loss(batch)[0])  # kl_weight = 0: the loss alone
 
     eps = 1e-2
     slopes = []
@@ -179,3 +183,61 @@ def test_evaluate_reports_a_learned_state_beside_its_momentum_rule(tiny_dir, tas
     want = evaluate_examples(module.llm, module.tokenizer, task, val, state=fixed, scoring="loglik", chat_template=data["chat_template"], max_length=data["max_length"])
     assert report["momentum_rule"]["correct"] == want["correct"] and report["momentum_rule"]["n"] == len(val)
     assert report["steered"]["accuracy"] == state.metadata["fit"]["val_accuracy"]  # the fit's own validation score
+
+
+def _answer_logp_alone(model, prompt: list[int], answer: list[int]) -> torch.Tensor:
+    """log p(answer | prompt) from one unpadded sequence (no batching, no padding)."""
+    ids = torch.tensor([prompt + answer])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    targets = ids[0, 1:]
+    return logp[torch.arange(len(targets)), targets][-len(answer):].sum()
+
+
+def test_choice_and_nll_losses_against_unbatched_oracles(tiny_dir, task_file):
+    module = fit(tiny_dir, task_file, "scalar", epochs=1)
+    with torch.no_grad():
+        module.strength_fn.scale.mul_(3.0)  # a strength far from the rule, so steering matters
+    data = module.trainer.datamodule
+    examples = data.train_examples[:5]
+    batch = data.collate_examples_train(examples)
+    assert batch["input_ids"].shape[0] == 10 and batch["n_examples"] == 5
+    module.hparams.kl_weight = 0.0
+    with torch.no_grad():
+        with module.strength_handle():
+            right = torch.stack([_answer_logp_alone(module.llm, list(e.prompt), list(e.positive)) for e in examples])
+            wrong = torch.stack([_answer_logp_alone(module.llm, list(e.prompt), list(e.negative)) for e in examples])
+        module.hparams.strength_loss = "nll"
+        nll_loss, nll, _ = module.strength_batch_loss(batch)
+        module.hparams.strength_loss = "choice"
+        choice_loss, nll_again, _ = module.strength_batch_loss(batch)
+    assert torch.allclose(nll, -right.mean(), atol=1e-4) and torch.allclose(nll_loss, nll)
+    assert torch.allclose(nll_again, nll, atol=1e-4)
+    oracle = -torch.nn.functional.logsigmoid(right - wrong).mean()
+    assert torch.allclose(choice_loss, oracle, atol=1e-4), (float(choice_loss), float(oracle))
+    assert not torch.allclose(choice_loss, nll, atol=1e-2)  # a different objective
+
+
+def test_nll_loss_ignores_the_wrong_answer_rows(tiny_dir, task_file):
+    """With ``nll`` the wrong answers are dropped before the forward: the loss is exactly that of a
+    batch of right answers alone."""
+    module = fit(tiny_dir, task_file, "gate", epochs=1)
+    data = module.trainer.datamodule
+    examples = data.train_examples[:6]
+    both = data.collate_examples_train(examples)
+    pad = data.tokenizer.pad_token_id
+    from austeer_pl.scoring import pad_ids
+
+    ids, mask = pad_ids([list(e.prompt) + list(e.positive) for e in examples], pad, side="left")
+    alone = {"n_examples": 6, "input_ids": ids, "attention_mask": mask, "answer_lengths": torch.tensor([len(e.positive) for e in examples])}
+    with torch.no_grad():
+        got, want = module.strength_batch_loss(both), module.strength_batch_loss(alone)
+    for g, w in zip(got, want):
+        assert torch.equal(g, w)
+    with pytest.raises(AusteerError, match="the choice loss needs a wrong answer"):
+        module.hparams.strength_loss = "choice"
+        module.strength_batch_loss(alone)
+
+
+def test_unknown_strength_loss_is_refused():
+    with pytest.raises(AusteerError, match="unknown strength loss 'margin'"):
+        AUSteerModule(strength="scalar", strength_loss="margin")
