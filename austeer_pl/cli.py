@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -58,6 +59,28 @@ def _fail(message: str) -> int:
     return 2
 
 
+def one_line_parse_error(message: str, prog: str = "train.py") -> str:
+    """jsonargparse's multi-line type error, as one line that names the option, the value and what it takes.
+
+    Example:
+        >>> one_line_parse_error('Parser key "data.batch_size":\\n  Expected a int\\n  Given value: abc')
+        "--data.batch_size: invalid value 'abc' (expected int); see train.py --help"
+    """
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return f"invalid arguments; see {prog} --help"
+    key = re.match(r'Parser key "([^"]+)"', lines[0])
+    text = "\n".join(lines)
+    given = re.search(r"(?:Given|Got) value: (.*)", text)
+    if key and given is not None:
+        expected = []
+        for kind in re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", text, flags=re.MULTILINE):
+            expected.append(re.sub(r"<class '([^']+)'>", r"\1", kind).replace("typing.", "").strip())
+        want = f" (expected {' or '.join(dict.fromkeys(expected))})" if expected else ""
+        return f"--{key.group(1)}: invalid value {given.group(1).strip()!r}{want}; see {prog} --help"
+    return "; ".join(lines) + f"; see {prog} --help"
+
+
 # ============================================================================ train
 def _task_stem(task: str) -> str:
     path = Path(task)
@@ -73,6 +96,16 @@ def build_cli(args: Sequence[str] | None = None):
     from .lightning import AUSteerModule, ContrastivePairDataModule, PassCheckpoint, make_strategy
 
     class AusteerCLI(LightningCLI):
+        def init_parser(self, **kwargs):
+            parser = super().init_parser(**kwargs)
+
+            def error(message: str, ex: Exception | None = None):  # one line, exit status 2
+                print(f"error: {one_line_parse_error(message)}", file=sys.stderr)
+                parser.exit(2)
+
+            parser.error = error
+            return parser
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument("--export_dir", type=str | None, default=None, help="where the steering state is exported (default: RUN_DIR/state)")
             parser.add_argument("--run_dir", type=str | None, default=None, help="folder for logs and checkpoints (default: runs/TASK-TIMESTAMP)")
@@ -195,6 +228,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         train(argv)
     except AusteerError as err:
         return _fail(str(err))
+    except SystemExit as stop:  # the parser has printed its one-line error
+        if stop.code == 2:
+            return 2
+        raise
     return 0
 
 

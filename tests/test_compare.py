@@ -30,7 +30,7 @@ def compared(tiny_dir, task_file, tmp_path_factory):
         "--compare", "--model", str(tiny_dir), "--task", str(task_file), "--k", "2,4", "--alpha", "1,4",
         "--max_val_examples", "8", "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu",
         "--report", str(out / "compare.json"), "--export_dir", str(out / "states"), "--wandb_mode", "disabled",
-        "--strength_epochs", "2", "--strength_lr", "0.5",
+        "--strength_epochs", "2", "--strength_lr", "0.5", "--strength_loss", "choice",
     ]
     assert evaluate_main(args) == 0
     return out, json.loads((out / "compare.json").read_text())
@@ -96,6 +96,7 @@ def test_learned_variants_start_from_austeers_choice(compared):
         assert row["fit_seconds_parts"]["strength_training"] > 0
         fit = state.metadata["fit"]
         assert fit["strength"] == kind and fit["strength_best_epoch"] == best and fit["val_accuracy_momentum_rule"] == rows["austeer"]["val_accuracy"]
+        assert fit["strength_loss"] == "choice"
         # The kept weights are the momentum rule exactly when epoch 0 won (the gate's output layer starts at zero).
         unchanged = torch.equal(state.scale, base.scale) if kind == "scalar" else bool(state.strength_tensors["outer.weight"].abs().sum() == 0)
         assert unchanged == (best == 0), (name, best)
@@ -119,6 +120,8 @@ def test_compare_rejects_bad_input(tmp_path, capsys):
     assert "one method" in capsys.readouterr().err
     assert evaluate_main(["--compare", "--max_val_examples", "0"]) == 2
     assert evaluate_main(["--compare", "--report", str(tmp_path)]) == 2
+    assert evaluate_main(["--compare", "--strength_loss", "margin"]) == 2
+    assert "--strength_loss must be one of nll, choice" in capsys.readouterr().err
 
 
 @pytest.mark.slow
@@ -133,7 +136,7 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
     args = [
         "--compare", "--model", str(tiny_dir), "--task", str(task_file), "--k", "2,4", "--alpha", "1,4",
         "--max_val_examples", "8", "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu", "--devices", "2",
-        "--strength_epochs", "2", "--strength_lr", "0.5",
+        "--strength_epochs", "2", "--strength_lr", "0.5", "--strength_loss", "choice",
         "--report", str(tmp_path / "two.json"), "--export_dir", str(tmp_path / "states"), "--wandb_mode", "disabled",
     ]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", AUSTEER_RUN_DIR=str(tmp_path / "run"))

@@ -222,6 +222,19 @@ def test_train_rejects_bad_input_without_writing(tiny_dir, tmp_path, capsys):
     assert "positive whole number" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(("args", "needle"), [
+    (["--data.shared_prefix", "maybe"], "error: --data.shared_prefix: invalid value 'maybe' (expected bool or Literal['auto']); see train.py --help"),
+    (["--data.batch_size", "x"], "error: --data.batch_size: invalid value 'x' (expected int); see train.py --help"),
+    (["--model.alpha", "[fast]"], "error: --model.alpha: invalid value 'fast' (expected float); see train.py --help"),
+    (["--data.bogus", "1"], "error: unrecognized arguments: --data.bogus 1"),
+    (["--model.strength_loss", "margin"], "error: unknown strength loss 'margin'; choose one of nll, choice"),
+])
+def test_train_option_errors_are_one_line(args, needle, tmp_path, capsys):
+    assert train_main([*args, "--wandb_mode", "disabled", "--run_dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [err[0]] and err[0].startswith(needle), err
+
+
 def test_evaluate_rejects_bad_input(tmp_path, capsys):
     assert evaluate_main(["--steering", str(tmp_path / "none")]) == 2
     assert "does not exist" in capsys.readouterr().err
