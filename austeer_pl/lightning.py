@@ -98,6 +98,15 @@ class EncodedPair:
     negative: list[int]
 
 
+def pair_rows(prompts: Sequence[list[int]], positives: Sequence[list[int]], negatives: Sequence[list[int]], pad_id: int,
+              max_length: int | None, *, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)``: every prompt + right answer, then every prompt + wrong answer,
+    each cut to its last ``max_length`` ids and padded on ``side``."""
+    seqs = [truncate_left(p + a, max_length) for p, a in zip(prompts, positives)]
+    seqs += [truncate_left(p + a, max_length) for p, a in zip(prompts, negatives)]
+    return pad_ids(seqs, pad_id, side=side)
+
+
 class ContrastivePairDataModule(pl.LightningDataModule):
     """Serves contrastive pairs (prompt + right answer vs. prompt + wrong answer) and validation examples.
 
@@ -239,8 +248,7 @@ class ContrastivePairDataModule(pl.LightningDataModule):
                 "max_length": limit,
                 "n_tokens": sum(n if limit is None else min(n, limit) for n in lengths),
             }
-        seqs = [truncate_left(p.prompt + p.positive, limit) for p in items] + [truncate_left(p.prompt + p.negative, limit) for p in items]
-        ids, mask = pad_ids(seqs, pad, side="right")
+        ids, mask = pair_rows([p.prompt for p in items], [p.positive for p in items], [p.negative for p in items], pad, limit, side="right")
         return {
             "n_pairs": len(items),
             "input_ids": ids,
@@ -255,9 +263,7 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         if not items:
             return {"n_examples": 0}
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        limit = self.hparams.max_length
-        seqs = [truncate_left(p.prompt + p.positive, limit) for p in items] + [truncate_left(p.prompt + p.negative, limit) for p in items]
-        ids, mask = pad_ids(seqs, pad, side="left")
+        ids, mask = pair_rows([p.prompt for p in items], [p.positive for p in items], [p.negative for p in items], pad, self.hparams.max_length, side="left")
         lengths = [len(p.positive) for p in items] + [len(p.negative) for p in items]
         return {"n_examples": len(items), "input_ids": ids, "attention_mask": mask, "answer_lengths": torch.tensor(lengths)}
 
@@ -565,10 +571,7 @@ class AUSteerModule(pl.LightningModule):
                     if reader is None:
                         reader = self._prefix_readers[sites] = SharedPrefixReader(self.llm, self.layout, sites)
                     return reader.read_pairs(batch["prompt_ids"], batch["pos_ids"], batch["neg_ids"], batch["pad_id"], max_length=batch["max_length"])
-                limit = batch["max_length"]
-                seqs = [truncate_left(p + a, limit) for p, a in zip(batch["prompt_ids"], batch["pos_ids"])]
-                seqs += [truncate_left(p + a, limit) for p, a in zip(batch["prompt_ids"], batch["neg_ids"])]
-                ids, mask = pad_ids(seqs, batch["pad_id"], side="right")
+                ids, mask = pair_rows(batch["prompt_ids"], batch["pos_ids"], batch["neg_ids"], batch["pad_id"], batch["max_length"], side="right")
                 batch = {"input_ids": ids, "attention_mask": mask}
             acts = ActivationReader(self.llm, self.layout, sites)(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
             return {s: a[:n] for s, a in acts.items()}, {s: a[n:] for s, a in acts.items()}
