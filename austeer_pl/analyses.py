@@ -796,9 +796,18 @@ def run_analysis(name: str, args: argparse.Namespace) -> dict[str, Any]:
     stem = _task_stem(args.task)
     out = Path(args.out or Path("runs") / "analyses" / f"{name}-{stem}.json")
     png = Path(args.plot or out.with_suffix(".png"))
-    for path in (out, png):
-        if path.is_dir():
-            raise AusteerError(f"{path} is a folder; give a file path")
+    from .fileio import check_output_file
+
+    for path, what in ((out, "analysis JSON"), (png, "analysis plot")):
+        check_output_file(path, what=what)
+    if out.absolute() == png.absolute():
+        raise AusteerError(f"--out and --plot are the same file {out}; give the plot its own path")
+    if args.wandb_mode not in ("offline", "online", "disabled"):
+        raise AusteerError(f"--wandb_mode must be offline, online or disabled, not '{args.wandb_mode}'")
+    if args.wandb_mode == "online":
+        from .cli import resolve_wandb_mode
+
+        args.wandb_mode = resolve_wandb_mode("online", "offline")
     quiet()
     opts = AnalysisOptions(
         model=args.model, task=args.task, seed=args.seed, split=args.split, max_train_pairs=args.max_train_pairs,
@@ -842,6 +851,11 @@ def analyze_main(argv: Sequence[str] | None = None) -> int:
         analyze(argv)
     except AusteerError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        from .fileio import os_error_message
+
+        print(f"error: {os_error_message(err)}", file=sys.stderr)
         return 2
     except SystemExit as exc:
         return int(exc.code or 0) if isinstance(exc.code, int) else 2

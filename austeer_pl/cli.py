@@ -108,11 +108,13 @@ def build_cli(args: Sequence[str] | None = None):
 
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument("--export_dir", type=str | None, default=None, help="where the steering state is exported (default: RUN_DIR/state)")
+            parser.add_argument("--overwrite", type=bool, default=False, help="replace a steering state already at --export_dir (a folder of other files is never replaced)")
             parser.add_argument("--run_dir", type=str | None, default=None, help="folder for logs and checkpoints (default: runs/TASK-TIMESTAMP)")
             parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from this checkpoint (e.g. RUN_DIR/checkpoints/last.ckpt)")
             parser.add_argument("--checkpoint_every", type=int, default=50, help="write last.ckpt every N batches of the pass (0: only at its end)")
             parser.add_argument("--wandb_mode", type=str, default=os.environ.get("WANDB_MODE", "offline"), help="offline, online or disabled")
             parser.add_argument("--wandb_project", type=str, default=os.environ.get("WANDB_PROJECT", "austeer-pl"))
+            parser.add_argument("--wandb_fallback", type=str, default="offline", help="when --wandb_mode online has no API key or W&B is unreachable: offline (log offline, with a warning) or error")
             parser.add_argument("--ddp_timeout", type=float, default=1800.0, help="seconds before a stuck collective fails")
 
         def instantiate_trainer(self, **kwargs):
@@ -127,9 +129,12 @@ def build_cli(args: Sequence[str] | None = None):
             os.environ[RUN_DIR_ENV] = run_dir
             self.run_dir = Path(run_dir)
             self.export_dir = Path(cfg.get("export_dir") or self.run_dir / "state")
-            mode = cfg["wandb_mode"]
-            if mode not in ("offline", "online", "disabled"):
-                raise AusteerError(f"--wandb_mode must be offline, online or disabled, not '{mode}'")
+            check_train_outputs(self.run_dir, self.export_dir, overwrite=bool(cfg.get("overwrite")))
+            if cfg.get("ckpt_path"):
+                from .lightning import check_resume, pass_settings
+
+                check_resume(cfg["ckpt_path"], pass_settings(cfg["model"], cfg["data"]))
+            mode = resolve_wandb_mode(cfg["wandb_mode"], cfg["wandb_fallback"])
             from lightning.pytorch.loggers import CSVLogger
 
             loggers = [CSVLogger(str(self.run_dir), name="logs", version="")]
@@ -168,13 +173,81 @@ def build_cli(args: Sequence[str] | None = None):
     )
 
 
+_RUN_SUBFOLDERS = ("checkpoints", "logs", "wandb")
+
+
+def check_train_outputs(run_dir: Path, export_dir: Path, *, overwrite: bool) -> None:
+    """Before any work: the export folder may be written, and it does not overlap the run folder.
+
+    ``RUN_DIR/state`` (the default) is fine; the run folder itself, a folder that holds it, or one of
+    its checkpoint/log folders is not, since exporting replaces the export folder whole.
+    """
+    from .fileio import check_output_dir, check_writable_parent, paths_overlap
+    from .steering import is_steering_state
+
+    run, export = run_dir.absolute().resolve(), export_dir.absolute().resolve()
+    if export == run or export in run.parents or any(paths_overlap(export, run / sub) for sub in _RUN_SUBFOLDERS):
+        raise AusteerError(
+            f"--export_dir {export_dir} overlaps the run folder {run_dir} (its logs and checkpoints would be replaced); "
+            "choose an export folder outside it, or RUN_DIR/state"
+        )
+    check_output_dir(export_dir, is_ours=is_steering_state, overwrite=overwrite, what="steering state")
+    if run_dir.exists() and not run_dir.is_dir():
+        raise AusteerError(f"--run_dir {run_dir} is a file; choose a folder path")
+    check_writable_parent(run_dir / "logs", "run folder")
+
+
+def _wandb_key(base_url: str) -> str | None:
+    if os.environ.get("WANDB_API_KEY"):
+        return os.environ["WANDB_API_KEY"]
+    import netrc
+    from urllib.parse import urlparse
+
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC")).authenticators(urlparse(base_url).hostname or "")
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return auth[2] if auth else None
+
+
+def resolve_wandb_mode(mode: str, fallback: str = "offline") -> str:
+    """The W&B mode to run with: ``online`` only when a key exists and the server answers quickly.
+
+    Without a key wandb raises, and with a key but no network it blocks about 100 s before failing;
+    one short connection attempt decides instead. ``fallback`` is ``offline`` (warn and log offline)
+    or ``error`` (one line, exit 2).
+    """
+    if mode not in ("offline", "online", "disabled"):
+        raise AusteerError(f"--wandb_mode must be offline, online or disabled, not '{mode}'")
+    if fallback not in ("offline", "error"):
+        raise AusteerError(f"--wandb_fallback must be offline or error, not '{fallback}'")
+    if mode != "online":
+        return mode
+    from .network import unreachable
+
+    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    if _wandb_key(base_url) is None:
+        problem = "--wandb_mode online needs a W&B API key (WANDB_API_KEY or `wandb login`) and none is set"
+    elif (reason := unreachable(base_url)) is not None:
+        problem = f"--wandb_mode online but W&B is unreachable ({reason})"
+    else:
+        return mode
+    if fallback == "error":
+        raise AusteerError(f"{problem}; set the key or the network, or use --wandb_mode offline")
+    import warnings
+
+    warnings.warn(f"{problem}; logging offline instead (sync later with `wandb sync`; --wandb_fallback error makes this an error)", stacklevel=2)
+    return "offline"
+
+
 def train(args: Sequence[str] | None = None) -> dict[str, Any]:
     """Run ``train.py``: fit, export on global rank zero, print a summary. Returns the summary."""
     cli = build_cli(args)
     trainer, module = cli.trainer, cli.model
     module.export_dir = cli.export_dir
     cfg = cli.config
-    trainer.fit(module, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"))
+    # weights_only explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD overrides only an unset argument.
+    trainer.fit(module, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     if module.state is None:
         raise AusteerError("the fit ended before validation chose a state (interrupted, or --trainer.limit_val_batches 0); resume with --ckpt_path RUN_DIR/checkpoints/last.ckpt")
     summary = dict(module.summary)
@@ -228,6 +301,10 @@ def train_main(argv: Sequence[str] | None = None) -> int:
         train(argv)
     except AusteerError as err:
         return _fail(str(err))
+    except OSError as err:  # a full or read-only disk, a permission: one line with the path
+        from .fileio import os_error_message
+
+        return _fail(os_error_message(err))
     except SystemExit as stop:  # the parser has printed its one-line error
         if stop.code == 2:
             return 2
@@ -251,6 +328,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the fit's)")
     p.add_argument("--chat_template", default=None, choices=["auto", "on", "off"])
     p.add_argument("--cache_dir", default=None)
+    for part, example in (("layers", "model.layers"), ("attention", "self_attn.o_proj"), ("ffn", "mlp")):
+        p.add_argument(f"--layout_{part}", f"--model.layout_{part}", dest=f"layout_{part}", default=None,
+                       help=f"module path of the {part} for models austeer-pl does not locate, e.g. {example} (default: the state's)")
     p.add_argument("--compare", action="store_true", help="fit and compare every method on the same split (see README)")
     c = p.add_argument_group("comparison (--compare)", "fit unsteered, ITI, SADI, CAA, block-level AUSteer, AUSteer and its learned-strength variants on one split, tune each on validation, report test")
     c.add_argument("--methods", default=None, help="comma-separated subset of unsteered,iti,sadi,caa,austeer_block,austeer,austeer_scalar,austeer_gate (default: all)")
@@ -269,6 +349,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     c.add_argument("--max_length", type=int, default=None, help="truncate longer sequences from the left (default: the data module's)")
     c.add_argument("--devices", type=int, default=1, help="processes (DDP when more than 1)")
     c.add_argument("--export_dir", default=None, help="save each method's chosen state under DIR/METHOD")
+    c.add_argument("--overwrite", action="store_true", help="replace steering states already under --export_dir")
+    c.add_argument("--wandb_fallback", default="offline", choices=["offline", "error"], help="--wandb_mode online without a key or network: log offline with a warning, or fail")
     c.add_argument("--run_dir", default=None, help="folder for W&B files (default: runs/compare-TASK-TIMESTAMP)")
     c.add_argument("--wandb_mode", default=os.environ.get("WANDB_MODE", "offline"), help="offline, online or disabled")
     c.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "austeer-pl"))
@@ -287,8 +369,10 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise AusteerError(f"--limit must be positive, got {args.limit}")
     if args.batch_size <= 0:
         raise AusteerError(f"--batch_size must be positive, got {args.batch_size}")
-    if args.report and Path(args.report).is_dir():
-        raise AusteerError(f"--report {args.report} is a folder; give a file path such as report.json")
+    if args.report:
+        from .fileio import check_output_file
+
+        check_output_file(args.report, what="report")
 
     quiet()
     from .evaluation import SCORINGS, default_scoring, evaluate_examples
@@ -323,6 +407,13 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not model_name:
         raise AusteerError("the state does not name its base model; pass --model")
     model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    if args.layout_layers:
+        from .sites import LayoutSpec
+
+        state.layout = {"layers": args.layout_layers, "attention": args.layout_attention, "ffn": args.layout_ffn}
+        LayoutSpec(**state.layout)
+    elif args.layout_attention or args.layout_ffn:
+        raise AusteerError("--layout_attention/--layout_ffn need --layout_layers (the path of the decoder layer list)")
     scorings = list(SCORINGS) if args.scoring == "both" else [args.scoring or default_scoring(task)]
 
     from rich.progress import Progress
@@ -390,4 +481,8 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
         evaluate(argv)
     except AusteerError as err:
         return _fail(str(err))
+    except OSError as err:
+        from .fileio import os_error_message
+
+        return _fail(os_error_message(err))
     return 0

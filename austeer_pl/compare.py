@@ -619,12 +619,14 @@ def options_from_args(args) -> CompareOptions:
         value = g(name)
         if value is not None and value <= 0:
             raise AusteerError(f"--{name} must be positive, got {value}")
+    from .cli import resolve_wandb_mode
+    from .fileio import check_output_dir, check_output_file
+    from .steering import is_steering_state
+
     report = g("report")
-    if report and Path(report).is_dir():
-        raise AusteerError(f"--report {report} is a folder; give a file path such as compare.json")
-    mode = g("wandb_mode") or os.environ.get("WANDB_MODE", "offline")
-    if mode not in ("offline", "online", "disabled"):
-        raise AusteerError(f"--wandb_mode must be offline, online or disabled, not '{mode}'")
+    if report:
+        check_output_file(report, what="comparison report")
+    mode = resolve_wandb_mode(g("wandb_mode") or os.environ.get("WANDB_MODE", "offline"), g("wandb_fallback") or "offline")
     grid = g("grid") or "default"
     if grid not in GRID_PRESETS:
         raise AusteerError(f"--grid must be one of {', '.join(GRID_PRESETS)}, not '{grid}'")
@@ -635,6 +637,10 @@ def options_from_args(args) -> CompareOptions:
     max_test = g("max_test_examples")
     if g("limit") is not None:
         max_test = g("limit") if max_test is None else min(max_test, g("limit"))
+    if g("export_dir"):
+        for method in methods:
+            if method != "unsteered":
+                check_output_dir(Path(g("export_dir")) / method, is_ours=is_steering_state, overwrite=bool(g("overwrite")), what=f"{method} steering state")
     chat = {"on": True, "off": False, "auto": None, None: None}[g("chat_template")]
     return CompareOptions(
         task=g("task") or "rotten_tomatoes",

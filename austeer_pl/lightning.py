@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .errors import AusteerError
+from .fileio import os_error_message
 from .evaluation import answer_suffixes, check_scoring, default_scoring, predict
 from .models import DEFAULT_MODEL, load_model, model_name_of
 from .momentum import MomentumAccumulator
@@ -36,7 +37,7 @@ from .selection import SIGN_POLICIES, Selection, rank_units
 from .sites import LayoutSpec, ModelLayout, locate_units
 from .steering import TOKEN_SCOPES, SteeringState
 from .strength import STRENGTH_KINDS, STRENGTH_LOSSES, StrengthHandle, average_gradients, build_strength, fold_strength, learned_fit_metadata, strength_objective
-from .tasks import Task, TaskExample, format_prompt, join_answer, load_task, make_pairs, split_examples
+from .tasks import NEGATIVE_MODES, Task, TaskExample, format_prompt, join_answer, load_task, make_pairs, split_examples
 
 SITE_OPTIONS = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attention", "ffn")}
 
@@ -155,6 +156,17 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         if batch_size <= 0 or eval_batch_size <= 0:
             raise AusteerError("batch sizes must be positive; set --data.batch_size and --data.eval_batch_size to 1 or more")
+        for option, value, least in (
+            ("max_length", max_length, 2), ("max_train_pairs", max_train_pairs, 1),
+            ("max_val_examples", max_val_examples, 1), ("max_test_examples", max_test_examples, 1),
+        ):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise AusteerError(
+                    f"--data.{option} must be an integer of at least {least} (or null for no limit), got {value!r}"
+                    + ("; a prompt and its answer need at least 2 tokens" if option == "max_length" else "")
+                )
+        if negatives not in NEGATIVE_MODES:
+            raise AusteerError(f"--data.negatives must be one of {', '.join(NEGATIVE_MODES)}, got {negatives!r}")
         self.tokenizer = None
         self.task_obj: Task | None = None
         self.splits: dict[str, list[TaskExample]] = {}
@@ -352,10 +364,65 @@ class PassCheckpoint(Callback):
 
     def save(self, trainer) -> None:
         tmp = self.dirpath / ".last.ckpt.tmp"
-        trainer.save_checkpoint(tmp)  # collective: every rank calls it; rank zero writes
-        if trainer.is_global_zero:
-            tmp.replace(self.last_path)
+        try:
+            trainer.save_checkpoint(tmp)  # collective: every rank calls it; rank zero writes
+            if trainer.is_global_zero:
+                tmp.replace(self.last_path)
+        except (OSError, RuntimeError) as err:
+            # A full or read-only disk: leave the previous last.ckpt, and no partial file, behind.
+            tmp.unlink(missing_ok=True)
+            if isinstance(err, OSError):
+                raise AusteerError(os_error_message(err, self.last_path)) from None
+            if "writ" not in str(err).lower():
+                raise
+            raise AusteerError(f"cannot write the checkpoint {self.last_path} ({str(err).splitlines()[0][:120]}); free disk space or choose another --run_dir") from None
         trainer.strategy.barrier("austeer-checkpoint")
+
+
+PASS_SETTINGS_DATA = ("task", "seed", "negatives", "val_fraction", "test_fraction", "max_train_pairs", "chat_template", "max_length", "batch_size")
+PASS_SETTINGS_MODEL = ("model_name", "dtype", "site", "layout_layers", "layout_attention", "layout_ffn")
+
+
+def pass_settings(model_hparams: Mapping[str, Any], data_hparams: Mapping[str, Any]) -> dict[str, Any]:
+    """The settings a momentum pass depends on; a checkpoint resumes only under the same ones."""
+    data = {key: data_hparams.get(key) for key in PASS_SETTINGS_DATA}
+    model = {key: model_hparams.get(key) for key in PASS_SETTINGS_MODEL}
+    model["site"] = sorted({s for _, sites in parse_sites(model["site"]) for s in sites})
+    return {"data": data, "model": model}
+
+
+def check_resume(path: str | Path, settings: dict[str, Any]) -> None:
+    """Check, before any work, that ``path`` is an austeer-pl checkpoint written under ``settings``.
+
+    It is read with ``weights_only=True`` (explicitly, so ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` cannot
+    turn a crafted file into code execution).
+
+    Raises:
+        AusteerError: naming what is wrong: a missing, truncated or foreign file, or the first
+            setting that differs from the one the checkpoint was written with.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise AusteerError(f"--ckpt_path {path}: no such file; pass RUN_DIR/checkpoints/last.ckpt of the fit to resume")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated zip, not a checkpoint, or objects weights_only refuses
+        detail = " ".join(str(err).split())[:120]
+        raise AusteerError(f"--ckpt_path {path} cannot be read as a checkpoint ({type(err).__name__}: {detail}); it is truncated or not from train.py: start the fit again") from None
+    saved = checkpoint.get("austeer") if isinstance(checkpoint, dict) else None
+    if not isinstance(saved, dict):
+        raise AusteerError(f"--ckpt_path {path} was not written by austeer-pl's train.py; pass a last.ckpt from a train.py run")
+    recorded = saved.get("settings")
+    if not isinstance(recorded, dict):
+        raise AusteerError(f"--ckpt_path {path} records no data and model settings (written by an older austeer-pl); start the fit again")
+    for group in ("data", "model"):
+        for key, value in settings[group].items():
+            before = (recorded.get(group) or {}).get(key)
+            if before != value:
+                raise AusteerError(
+                    f"--ckpt_path {path} was written with --{group}.{key} {before!r}, this run has {value!r}; "
+                    "resume with the same settings, or start a new fit without --ckpt_path"
+                )
 
 
 def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -620,7 +687,15 @@ class AUSteerModule(pl.LightningModule):
             sign_policy=self.hparams.sign,
             token_scope=self.hparams.token_scope,
             metadata=metadata,
+            layout_spec=self.layout_spec(),
         )
+
+    def layout_spec(self) -> dict[str, str | None] | None:
+        """The ``--model.layout_*`` module paths, recorded in exported states (None: located automatically)."""
+        hp = self.hparams
+        if not hp.layout_layers:
+            return None
+        return {"layers": hp.layout_layers, "attention": hp.layout_attention, "ffn": hp.layout_ffn}
 
     def on_validation_epoch_start(self) -> None:
         self._val_correct = torch.zeros(1 + len(self.grid()), dtype=torch.int64)
@@ -805,6 +880,7 @@ class AUSteerModule(pl.LightningModule):
             "world_size": self.trainer.world_size if self._trainer is not None else 1,
             "n_tokens": self._n_tokens,
             "phase": "strength" if self.strength_fn is not None else "momentum",
+            "settings": pass_settings(self.hparams, self.trainer.datamodule.hparams if self._trainer is not None and self.trainer.datamodule is not None else {}),
         }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

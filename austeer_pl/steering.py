@@ -18,8 +18,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +28,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import AusteerError
-from .fileio import replace_dir, sha256_file, write_json
+from .fileio import atomic_dir, sha256_file, write_json
 from .selection import SIGN_POLICIES, Selection
 from .sites import LayoutSpec, ModelLayout, locate_units, register_site_hook
 
@@ -39,6 +37,54 @@ CONFIG_NAME = "steering_config.json"
 WEIGHTS_NAME = "steering_state.safetensors"
 TOKEN_SCOPES = ("all", "prompt", "generated")
 _TENSOR_KEYS = ("site_index", "layer", "unit", "momentum", "scale", "shift")
+_INT_KEYS = ("site_index", "layer", "unit")
+_STRENGTH_KINDS = ("momentum", "scalar", "gate")
+
+
+def is_steering_state(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder written by :meth:`SteeringState.save_pretrained` (and nothing else)."""
+    folder = Path(path)
+    try:
+        names = {p.name for p in folder.iterdir()}
+        config = json.loads((folder / CONFIG_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("package") == "austeer-pl" and names <= {CONFIG_NAME, WEIGHTS_NAME}
+
+
+def _check_tensor(name: str, tensor: Any, *, integer: bool) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise AusteerError(f"steering state field '{name}' must be a tensor, got {type(tensor).__name__}; the state is corrupt, export it again")
+    if tensor.dim() != 1:
+        raise AusteerError(f"steering state tensor '{name}' must be 1-D, got shape {tuple(tensor.shape)}; the state is corrupt, export it again")
+    if integer and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+        raise AusteerError(f"steering state tensor '{name}' must hold integers, got {tensor.dtype}; the state is corrupt, export it again")
+    if not integer:
+        if not tensor.is_floating_point():
+            raise AusteerError(f"steering state tensor '{name}' must hold floats, got {tensor.dtype}; the state is corrupt, export it again")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AusteerError(f"steering state tensor '{name}' holds NaN or infinite values; the state is corrupt, export it again")
+    return tensor
+
+
+def _config_field(config: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    if name not in config:
+        if default is ...:
+            raise AusteerError(f"{CONFIG_NAME} lacks field '{name}'; the state was altered, export it again")
+        return default
+    value = config[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        want = " or ".join(k.__name__ for k in kinds)
+        raise AusteerError(
+            f"{CONFIG_NAME} field '{name}' must be {want}, got {type(value).__name__} {_short(value)}; the state was altered, export it again"
+        )
+    return value
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, torch.Tensor) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
@@ -63,6 +109,9 @@ class SteeringState:
         strength: closed description of the strength function: ``{"kind": "momentum"}``,
             ``{"kind": "scalar"}`` (learned values in ``scale``) or ``{"kind": "gate", ...}``.
         strength_tensors: the gate's parameters (saved as ``strength.*`` in the safetensors file).
+        layout: the :class:`~austeer_pl.sites.LayoutSpec` module paths the state was fitted with
+            (``{"layers", "attention", "ffn"}``) for a model :func:`locate_units` does not know;
+            ``apply`` uses them unless given another layout.
     """
 
     sites: tuple[str, ...]
@@ -83,14 +132,40 @@ class SteeringState:
     metadata: dict[str, Any] = field(default_factory=dict)
     strength: dict[str, Any] = field(default_factory=lambda: {"kind": "momentum"})
     strength_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    layout: dict[str, str | None] | None = None
 
     def __post_init__(self) -> None:
         self.sites = tuple(self.sites)
+        for name in _TENSOR_KEYS:
+            _check_tensor(name, getattr(self, name), integer=name in _INT_KEYS)
         k = self.unit.numel()
         for name in _TENSOR_KEYS:
             tensor = getattr(self, name)
-            if tensor.dim() != 1 or tensor.numel() != k:
-                raise AusteerError(f"steering state tensor '{name}' must have shape ({k},), got {tuple(tensor.shape)}")
+            if tensor.numel() != k:
+                raise AusteerError(f"steering state tensor '{name}' must have shape ({k},) like 'unit', got {tuple(tensor.shape)}; the state is corrupt")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
+            raise AusteerError(f"steering state 'alpha' must be a finite number, got {self.alpha!r}; the state is corrupt, export it again")
+        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
+            raise AusteerError(f"steering state 'n_layers' must be a positive integer, got {self.n_layers!r}; the state is corrupt")
+        if not isinstance(self.site_sizes, Mapping) or not all(
+            isinstance(s, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for s, v in self.site_sizes.items()
+        ):
+            raise AusteerError(f"steering state 'site_sizes' must map site names to positive integers, got {self.site_sizes!r}; the state is corrupt")
+        if not all(isinstance(s, str) for s in self.sites):
+            raise AusteerError(f"steering state 'sites' must be names, got {list(self.sites)!r}; the state is corrupt")
+        if not isinstance(self.metadata, dict):
+            raise AusteerError(f"steering state 'metadata' must be an object, got {type(self.metadata).__name__}; the state is corrupt")
+        if not isinstance(self.strength, dict) or self.strength.get("kind", "momentum") not in _STRENGTH_KINDS:
+            raise AusteerError(f"steering state 'strength' must be an object with kind {', '.join(_STRENGTH_KINDS)}, got {self.strength!r}; the state is corrupt")
+        if self.layout is not None:
+            if not isinstance(self.layout, Mapping) or not isinstance(self.layout.get("layers"), str) or not all(
+                self.layout.get(key) is None or isinstance(self.layout.get(key), str) for key in ("attention", "ffn")
+            ) or set(self.layout) - {"layers", "attention", "ffn"}:
+                raise AusteerError(f"steering state 'layout' must name module paths (layers, attention, ffn), got {self.layout!r}; the state is corrupt")
+            self.layout = {key: self.layout.get(key) for key in ("layers", "attention", "ffn")}
+        for name, tensor in self.strength_tensors.items():
+            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+                raise AusteerError(f"steering state tensor 'strength.{name}' must hold finite floats; the state is corrupt, export it again")
         self.site_index, self.layer, self.unit = (t.long().cpu() for t in (self.site_index, self.layer, self.unit))
         self.momentum, self.scale, self.shift = (t.float().cpu() for t in (self.momentum, self.scale, self.shift))
         if self.token_scope not in TOKEN_SCOPES:
@@ -121,6 +196,7 @@ class SteeringState:
         sign_policy: str = "promote",
         token_scope: str = "all",
         metadata: Mapping[str, Any] | None = None,
+        layout_spec: Mapping[str, str | None] | None = None,
     ) -> SteeringState:
         """An AUSteer state: each selected unit ``a`` becomes ``a + alpha * m * a``.
 
@@ -146,6 +222,7 @@ class SteeringState:
             sign_policy=sign_policy,
             token_scope=token_scope,
             metadata=dict(metadata or {}),
+            layout=dict(layout_spec) if layout_spec is not None else None,
         )
 
     @property
@@ -239,7 +316,7 @@ class SteeringState:
                 counts as prompt. Note that the first new token is predicted at the prompt's last
                 position, so ``generated`` leaves it unsteered.
             layout: a precomputed layout or a :class:`LayoutSpec` for models not known to
-                :func:`~austeer_pl.sites.locate_units`.
+                :func:`~austeer_pl.sites.locate_units` (default: the state's recorded ``layout``).
 
         Example:
             >>> with state.apply(model):
@@ -249,6 +326,8 @@ class SteeringState:
         scope = token_scope or state.token_scope
         if scope not in TOKEN_SCOPES:
             raise AusteerError(f"unknown token scope '{scope}'; choose one of {', '.join(TOKEN_SCOPES)}")
+        if layout is None and state.layout is not None:
+            layout = LayoutSpec(**state.layout)
         if not isinstance(layout, ModelLayout):
             layout = locate_units(model, layout)
         state.check_compatible(layout)
@@ -278,6 +357,7 @@ class SteeringState:
             "token_scope": self.token_scope,
             "strength": self.strength,
             "metadata": self.metadata,
+            "layout": self.layout,
         }
 
     def save_pretrained(self, directory: str | os.PathLike) -> Path:
@@ -292,21 +372,15 @@ class SteeringState:
         from safetensors.torch import save_file
 
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists() and not target.is_dir():
             raise AusteerError(f"cannot save a steering state to {target}: a file is in the way; choose a folder path")
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-        try:
+        with atomic_dir(target) as tmp:
             tensors = {name: getattr(self, name).contiguous() for name in _TENSOR_KEYS}
             tensors.update({f"strength.{name}": t.detach().float().cpu().contiguous() for name, t in self.strength_tensors.items()})
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
             config = self.to_config()
             config["files"] = {WEIGHTS_NAME: sha256_file(tmp / WEIGHTS_NAME)}
             write_json(tmp / CONFIG_NAME, config)
-            replace_dir(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return target
 
     @classmethod
@@ -336,12 +410,18 @@ class SteeringState:
         if not isinstance(config, dict) or config.get("package") != "austeer-pl":
             raise AusteerError(f"{config_path} is not an austeer-pl steering config; pass a folder written by austeer-pl")
         version = config.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise AusteerError(
+                f"{config_path} field 'format_version' must be the integer {FORMAT_VERSION}, got {type(version).__name__} {_short(version)}; "
+                "the state was altered, export it again"
+            )
         if version != FORMAT_VERSION:
             raise AusteerError(
                 f"steering state at {folder} has format version {version}, this austeer-pl reads {FORMAT_VERSION}; "
                 "upgrade austeer-pl or export the state again"
             )
-        expected = (config.get("files") or {}).get(WEIGHTS_NAME)
+        files = _config_field(config, "files", dict, {})
+        expected = files.get(WEIGHTS_NAME)
         if expected is not None and sha256_file(weights_path) != expected:
             raise AusteerError(f"{weights_path} does not match the checksum in {CONFIG_NAME}: the file was altered or truncated; export the state again")
         try:
@@ -351,25 +431,25 @@ class SteeringState:
         missing = [name for name in _TENSOR_KEYS if name not in tensors]
         if missing:
             raise AusteerError(f"{weights_path} lacks tensors {', '.join(missing)}; the state was altered, export it again")
-        try:
-            return cls(
-                sites=tuple(config["sites"]),
-                **{name: tensors[name] for name in _TENSOR_KEYS},
-                alpha=float(config["alpha"]),
-                architecture=str(config["architecture"]),
-                n_layers=int(config["n_layers"]),
-                site_sizes={str(k): int(v) for k, v in config["site_sizes"].items()},
-                base_model=str(config.get("base_model", "")),
-                sign_policy=str(config.get("sign_policy", "promote")),
-                token_scope=str(config.get("token_scope", "all")),
-                method=str(config.get("method", "austeer")),
-                metadata=dict(config.get("metadata") or {}),
-                strength=dict(config.get("strength") or {"kind": "momentum"}),
-                strength_tensors={name[len("strength."):]: t for name, t in tensors.items() if name.startswith("strength.")},
-            )
-        except (KeyError, TypeError, ValueError) as err:
-            raise AusteerError(f"{config_path} lacks or garbles field {err}; the state was altered, export it again") from None
-
+        sites = _config_field(config, "sites", list)
+        site_sizes = _config_field(config, "site_sizes", dict)
+        strength = _config_field(config, "strength", dict, {"kind": "momentum"})
+        return cls(
+            sites=tuple(sites),
+            **{name: tensors[name] for name in _TENSOR_KEYS},
+            alpha=_config_field(config, "alpha", (int, float)),
+            architecture=_config_field(config, "architecture", str),
+            n_layers=_config_field(config, "n_layers", int),
+            site_sizes=dict(site_sizes),
+            base_model=_config_field(config, "base_model", str, ""),
+            sign_policy=_config_field(config, "sign_policy", str, "promote"),
+            token_scope=_config_field(config, "token_scope", str, "all"),
+            method=_config_field(config, "method", str, "austeer"),
+            metadata=dict(_config_field(config, "metadata", dict, {})),
+            strength=dict(strength),
+            strength_tensors={name[len("strength."):]: t for name, t in tensors.items() if name.startswith("strength.")},
+            layout=_config_field(config, "layout", (dict, type(None)), None),
+        )
 
 # Activations up to this many elements are edited with one dense multiply by a full-width factor
 # vector; larger ones (long prefills) with index_select/multiply/index_copy_ on the selected units

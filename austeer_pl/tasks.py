@@ -47,6 +47,7 @@ import importlib.util
 import json
 import math
 import random
+import warnings
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -585,6 +586,14 @@ def _fetch_hub(
     except ImportError:
         raise AusteerError(f"loading {path!r} from the hub needs the datasets package: pip install datasets") from None
     label = f"{path!r}" + (f" (config {config!r})" if config else "")
+    from .network import hub_endpoint, hub_offline, unreachable
+
+    if not hub_offline() and (reason := unreachable(hub_endpoint())) is not None:
+        # One bounded attempt: datasets would retry for about half a minute, printing each try.
+        raise AusteerError(
+            f"cannot fetch dataset {label}: the Hugging Face hub is unreachable ({reason}); if it is in your datasets cache "
+            f"set HF_DATASETS_OFFLINE=1, else use a local file: {LOCAL_FILE_HINT}"
+        )
     try:
         if hub_split is not None:
             loaded = datasets.load_dataset(path, config, split=hub_split, cache_dir=cache_dir)
@@ -780,8 +789,12 @@ def _csv_examples(path: Path) -> list[TaskExample]:
     text = _read_text(path)
     if not text.strip():
         raise AusteerError(f"{path}: file is empty; add a header (prompt,choices,answer) and rows")
-    reader = csv.DictReader(text.splitlines(keepends=True))
-    header = [name.strip() for name in (reader.fieldnames or [])]
+    # strict: an unterminated quote is an error, not a field that swallows the rest of the file.
+    reader = csv.DictReader(text.splitlines(keepends=True), strict=True)
+    try:
+        header = [name.strip() for name in (reader.fieldnames or [])]
+    except csv.Error as exc:
+        raise AusteerError(f"{path}:1: bad CSV header ({exc}); check the quoting") from None
     reader.fieldnames = header
     schema = "prompt,choices,answer or prompt,positive,negative"
     if "prompt" not in header:
@@ -796,12 +809,21 @@ def _csv_examples(path: Path) -> list[TaskExample]:
         if column not in header:
             raise AusteerError(f"{path}:1: missing column '{column}'; the header must be {schema}")
     out = []
+    start = reader.line_num + 1
     try:
         for row in reader:
-            where = f"{path}:{reader.line_num}"
+            where = f"{path}:{start}"
+            extra = row.pop(None, None)
+            if extra is not None:
+                raise AusteerError(
+                    f"{where}: {len(header) + len(extra)} cells but the header has {len(header)}; "
+                    "quote cells that hold commas, or remove the extra cells"
+                )
             out.append(_record_example(row, where, f"{path.name}:{reader.line_num}"))
+            start = reader.line_num + 1
     except csv.Error as exc:
-        raise AusteerError(f"{path}:{reader.line_num}: bad CSV ({exc}); check the quoting") from None
+        hint = "a quote is opened and never closed" if "end of data" in str(exc) else str(exc)
+        raise AusteerError(f"{path}:{start}: bad CSV ({hint}); close the quote, or double a quote inside a quoted cell") from None
     return out
 
 
@@ -1044,32 +1066,62 @@ def split_examples(
     groups: dict[str | None, list[TaskExample]] = {}
     for ex in pool:
         groups.setdefault(ex.split, []).append(ex)
-    held_names = [name for name in ("validation", "test") if name in groups]
-    if "train" in groups and held_names and None not in groups:
-        train = list(groups["train"])
-        rng.shuffle(train)
-        if len(held_names) == 2:
-            val, test = list(groups["validation"]), list(groups["test"])
-            rng.shuffle(val)
-            rng.shuffle(test)
-        else:
-            held = list(groups[held_names[0]])
-            rng.shuffle(held)
+    unlabelled = groups.pop(None, [])
+    labelled = {"val" if name == "validation" else name: rows for name, rows in groups.items()}
+    if len(labelled) == 1 and not unlabelled:
+        only = next(iter(labelled))
+        warnings.warn(
+            f"every example is labelled split '{only}'; the labels are ignored and the examples are split by "
+            f"val_fraction={val_fraction:g} and test_fraction={test_fraction:g}",
+            stacklevel=2,
+        )
+        labelled = {}
+        unlabelled = pool
+    if not labelled:
+        rng.shuffle(unlabelled)
+        n_val, n_test = _split_sizes(len(unlabelled), val_fraction, test_fraction)
+        if len(unlabelled) - n_val - n_test < 1:
+            raise AusteerError(
+                f"only {len(unlabelled)} examples: too few for val_fraction={val_fraction:g} and test_fraction={test_fraction:g}; "
+                "add examples or lower the fractions"
+            )
+        test, val, train = unlabelled[:n_test], unlabelled[n_test : n_test + n_val], unlabelled[n_test + n_val :]
+    else:
+        # Labelled rows stay in their split (a row marked test never reaches training); the
+        # unlabelled rows fill the splits that no row names, by the fractions.
+        parts = {name: list(labelled.get(name, [])) for name in ("train", "val", "test")}
+        for rows in parts.values():
+            rng.shuffle(rows)
+        missing = [name for name in ("train", "val", "test") if name not in labelled]
+        rng.shuffle(unlabelled)
+        if unlabelled and missing:
+            fractions = {"val": val_fraction, "test": test_fraction}
+            if "train" in missing:
+                n_val = round(len(unlabelled) * val_fraction) if "val" in missing else 0
+                n_test = round(len(unlabelled) * test_fraction) if "test" in missing else 0
+                sizes = {"test": n_test, "val": n_val}
+            else:
+                held = [name for name in missing]
+                total = sum(fractions[name] for name in held)
+                n_test = 0 if "test" not in held else (len(unlabelled) if len(held) == 1 else round(len(unlabelled) * test_fraction / total) if total else 0)
+                sizes = {"test": n_test, "val": len(unlabelled) - n_test if "val" in held else 0}
+            start = 0
+            for name in ("test", "val"):
+                parts[name] += unlabelled[start : start + sizes[name]]
+                start += sizes[name]
+            parts["train"] += unlabelled[start:]
+        elif unlabelled:
+            parts["train"] += unlabelled
+        elif "train" in labelled and len(missing) == 1:
+            # One held-out split named: carve it into val and test by the fractions' ratio.
+            held = parts["val"] or parts["test"]
             total = val_fraction + test_fraction
             n_test = 0 if total == 0 else round(len(held) * test_fraction / total)
             if val_fraction > 0 and test_fraction > 0 and len(held) >= 2:
                 n_test = min(max(n_test, 1), len(held) - 1)
             n_val = 0 if total == 0 else len(held) - n_test
-            val, test = held[:n_val], held[n_val : n_val + n_test]
-    else:
-        rng.shuffle(pool)
-        n_val, n_test = _split_sizes(len(pool), val_fraction, test_fraction)
-        if len(pool) - n_val - n_test < 1:
-            raise AusteerError(
-                f"only {len(pool)} examples: too few for val_fraction={val_fraction:g} and test_fraction={test_fraction:g}; "
-                "add examples or lower the fractions"
-            )
-        test, val, train = pool[:n_test], pool[n_test : n_test + n_val], pool[n_test + n_val :]
+            parts["val"], parts["test"] = held[:n_val], held[n_val : n_val + n_test]
+        train, val, test = parts["train"], parts["val"], parts["test"]
     return {
         "train": train if max_train is None else train[:max_train],
         "val": val if max_val is None else val[:max_val],

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -180,7 +181,10 @@ def test_momentum_matches_plain_loop(arch):
         assert p.tolist() == P and q.tolist() == Q
         expected_m = [[(P[l][u] if P[l][u] >= Q[l][u] else -Q[l][u]) / 13 for u in range(size)] for l in range(layout.n_layers)]
         assert torch.allclose(acc.momentum(site).double(), torch.tensor(expected_m, dtype=torch.float64), atol=1e-7)
-        assert torch.allclose(acc.mean_difference(site), sum_d / 13, atol=1e-9)
+        # Gemma's RMSNorm computes in float32 whatever the model's dtype (transformers >= 5.2x), so its
+        # shared-prefix and full-sequence paths agree to float32 rounding only.
+        atol = 1e-6 if arch.startswith("gemma") else 1e-9
+        assert torch.allclose(acc.mean_difference(site), sum_d / 13, atol=atol)
 
 
 def test_momentum_merge_equals_union():
@@ -492,10 +496,10 @@ def test_failed_save_leaves_previous_state(tmp_path, monkeypatch):
     import safetensors.torch
 
     def boom(*a, **k):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(safetensors.torch, "save_file", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(AusteerError, match="disk is full"):
         state.with_alpha(9.0).save_pretrained(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s"]

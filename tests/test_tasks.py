@@ -405,6 +405,8 @@ def local_hub(tmp_path, monkeypatch):
         return real("json", data_files=data_files, split=split, cache_dir=str(tmp_path / "hf_cache"))
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
+    # The stand-in hub answers; the one-attempt reachability probe must not look at the network.
+    monkeypatch.setattr("austeer_pl.network.unreachable", lambda url, timeout=3.0: None)
 
     def add(path: str, splits: dict[str, list[dict]]) -> None:
         files[path] = {s: write_jsonl(tmp_path / f"{path.replace('/', '_')}_{s}.jsonl", rows) for s, rows in splits.items()}
@@ -453,6 +455,20 @@ def test_hub_unreachable_suggests_local_file(local_hub):
     for spec in ("copa", "winogrande", "svamp", "mawps", "hub:owner/name"):
         message = error(T.load_task, spec)
         assert "could not fetch dataset" in message and "--data.task path/to/file.jsonl" in message
+
+
+def test_unreachable_hub_is_one_quick_attempt(monkeypatch):
+    """Without the offline flags, an unreachable hub is one bounded attempt and one line, not half a minute of retries."""
+    import time
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    started = time.perf_counter()
+    message = error(T.load_task, "copa")
+    assert time.perf_counter() - started < 5
+    assert "hub is unreachable (127.0.0.1:9: connection refused)" in message
+    assert "HF_DATASETS_OFFLINE=1" in message and "--data.task path/to/file.jsonl" in message
 
 
 def test_hub_unreachable_real_datasets_offline(tmp_path):
@@ -512,9 +528,26 @@ def test_split_respects_predefined_splits():
     assert len(from_test["val"]) == 3 and len(from_test["test"]) == 3
     capped = T.split_examples(train + val, seed=1, val_fraction=0.1, test_fraction=0.3, max_train=4, max_test=1)
     assert capped == {"train": carved["train"][:4], "val": carved["val"], "test": carved["test"][:1]}
-    # Only one split present, or some examples without a split: ordinary random split.
+    # Some examples without a split: the labelled ones stay put, the unlabelled fill the missing splits.
     mixed = T.split_examples(train + examples(10), seed=1)
-    assert {k: len(v) for k, v in mixed.items()} == {"train": 18, "val": 6, "test": 6}
+    assert {k: len(v) for k, v in mixed.items()} == {"train": 20, "val": 5, "test": 5}
+    assert {ex.uid for ex in mixed["train"]} == {ex.uid for ex in train}
+
+
+def test_split_labels_given_on_some_rows_never_leak_test_into_training():
+    marked_test, rest = examples(7, "test:x"), examples(30)
+    parts = T.split_examples(marked_test + rest, seed=3, val_fraction=0.2, test_fraction=0.2)
+    assert {ex.uid for ex in parts["test"]} == {ex.uid for ex in marked_test}  # labelled test only
+    assert not {ex.uid for ex in marked_test} & {ex.uid for ex in parts["train"] + parts["val"]}
+    assert len(parts["val"]) == 6 and len(parts["train"]) == 24  # val_fraction of the unlabelled, rest train
+    every = T.split_examples(examples(5, "train:x") + examples(5, "validation:x") + examples(5, "test:x") + examples(4), seed=0)
+    assert sum(ex.split is None for ex in every["train"]) == 4  # every split named: the unlabelled train
+
+
+def test_split_labels_all_one_split_warn_and_are_ignored():
+    with pytest.warns(UserWarning, match="every example is labelled split 'test'"):
+        parts = T.split_examples(examples(20, "test:x"), seed=0)
+    assert {k: len(v) for k, v in parts.items()} == {"train": 12, "val": 4, "test": 4}
 
 
 def test_split_errors():
