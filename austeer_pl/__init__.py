@@ -19,7 +19,8 @@ from .momentum import MomentumAccumulator
 from .reading import ActivationReader
 from .selection import Selection, select_units
 from .sites import SITES, LayoutSpec, ModelLayout, locate_units
-from .steering import SteeringHandle, SteeringState
+from .hooks import EditHandle
+from .steering import SteeringState
 
 __all__ = [
     "__version__",
@@ -31,7 +32,7 @@ __all__ = [
     "MomentumAccumulator",
     "SITES",
     "Selection",
-    "SteeringHandle",
+    "EditHandle",
     "SteeringState",
     "accumulate_momentum",
     "fit_state",

@@ -47,7 +47,9 @@ import torch
 from .errors import AusteerError
 from .evaluation import answer_suffixes
 from .reading import position_ids_from_mask
-from .scoring import choice_logprobs, pad_ids, truncate_left
+from .runtime import ModelDataOptions
+from .batching import pad_ids, truncate_left
+from .scoring import choice_logprobs
 from .selection import Selection, rank_units
 from .steering import SteeringState
 
@@ -61,21 +63,11 @@ SITE_CHOICES = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attentio
 
 # ============================================================================ context
 @dataclass
-class AnalysisOptions:
+class AnalysisOptions(ModelDataOptions):
     """Model, data and output settings shared by every analysis (``None``: the pipeline's default)."""
 
-    model: str | None = None
-    task: str = "rotten_tomatoes"
-    seed: int = 0
     split: str = "val"
-    max_train_pairs: int | None = None
     max_examples: int | None = None
-    batch_size: int = 16
-    max_length: int | None = None
-    chat_template: bool | None = None
-    dtype: str | None = None
-    device: str | None = None
-    cache_dir: str | None = None
 
 
 @dataclass
@@ -111,42 +103,45 @@ class AnalysisContext:
 
 
 def prepare(opts: AnalysisOptions) -> AnalysisContext:
-    """Load the model, run the pipeline's momentum pass over the training pairs, collect the examples."""
-    from .compare import _accelerator, fit_statistics
-    from .lightning import ContrastivePairDataModule
-    from .models import DEFAULT_MODEL
-    from .tasks import format_prompt
+    """Load the model, run the engine's momentum pass over the training pairs (one process, no
+    Lightning), collect the examples the analyses score."""
+    from .dataconfig import DataConfig
+    from .fit import accumulate_momentum
+    from .models import DEFAULT_MODEL, load_model, model_name_of
+    from .sites import locate_units
+    from .tasks import format_prompt, join_answer, make_pairs
 
     if opts.split not in ("val", "test"):
         raise AusteerError(f"--split must be val or test, not '{opts.split}'")
     model_name = opts.model or DEFAULT_MODEL
-    kwargs: dict[str, Any] = dict(task=opts.task, seed=opts.seed, batch_size=opts.batch_size, eval_batch_size=opts.batch_size, chat_template=opts.chat_template)
-    if opts.max_train_pairs is not None:
-        kwargs["max_train_pairs"] = opts.max_train_pairs
-    if opts.max_examples is not None:
-        kwargs["max_val_examples" if opts.split == "val" else "max_test_examples"] = opts.max_examples
-    if opts.max_length is not None:
-        kwargs["max_length"] = opts.max_length
-    data = ContrastivePairDataModule(**kwargs)
-    accelerator, devices = _accelerator(opts.device)
+    defaults = DataConfig()
+    config = DataConfig(
+        task=opts.task, seed=opts.seed, chat_template=opts.chat_template,
+        max_train_pairs=opts.max_train_pairs if opts.max_train_pairs is not None else defaults.max_train_pairs,
+        max_val_examples=opts.max_examples if opts.split == "val" and opts.max_examples is not None else defaults.max_val_examples,
+        max_test_examples=opts.max_examples if opts.split == "test" and opts.max_examples is not None else defaults.max_test_examples,
+        max_length=opts.max_length if opts.max_length is not None else defaults.max_length,
+    )
+    task, splits = config.load()
+    model, tokenizer = load_model(model_name, dtype=opts.dtype, device=opts.device, cache_dir=opts.cache_dir)
+    layout = locate_units(model)
     started = time.perf_counter()
-    module = fit_statistics(data, model_name=model_name, sites=("attention", "ffn"), dtype=opts.dtype, cache_dir=opts.cache_dir, accelerator=accelerator, devices=devices)
+    pairs = make_pairs(splits["train"], negatives=config.negatives, seed=config.seed, max_pairs=config.max_train_pairs)
+    texts = {p.prompt: format_prompt(tokenizer, task, p.prompt, chat_template=config.chat_template) for p in pairs}
+    rows = [(join_answer(texts[p.prompt], p.positive), join_answer(texts[p.prompt], p.negative)) for p in pairs]
+    acc = accumulate_momentum(model, tokenizer, rows, sites=("attention", "ffn"), batch_size=opts.batch_size, layout=layout, max_length=config.max_length)
     fit_seconds = time.perf_counter() - started
-    model = module.llm
-    if opts.device is not None:
-        model.to(opts.device)  # Lightning hands the module back on the CPU after fitting
-    examples = list(data.splits[opts.split])
+    examples = list(splits[opts.split])
     if not examples:
         raise AusteerError(f"the {opts.split} split of '{opts.task}' is empty; raise --max_examples or choose another split")
-    prompts = data.val_prompts if opts.split == "val" else [format_prompt(module.tokenizer, data.task_obj, ex.prompt, chat_template=opts.chat_template) for ex in examples]
+    prompts = [format_prompt(tokenizer, task, ex.prompt, chat_template=config.chat_template) for ex in examples]
     info = {
-        "task": opts.task, "task_name": data.task_obj.name, "base_model": model_name, "seed": opts.seed, "split": opts.split,
-        "n_examples": len(examples), "n_train_pairs": module.accumulator.n, "fit_seconds": fit_seconds, "data": data.data_config(),
+        "task": opts.task, "task_name": task.name, "base_model": model_name, "seed": opts.seed, "split": opts.split,
+        "n_examples": len(examples), "n_train_pairs": acc.n, "fit_seconds": fit_seconds, "data": config.to_dict(),
     }
     return AnalysisContext(
-        model=model, tokenizer=module.tokenizer, layout=module.layout, acc=module.accumulator, task=data.task_obj,
-        examples=examples, prompts=list(prompts), base_model=model_name, batch_size=opts.batch_size,
-        max_length=data.hparams.max_length, info=info,
+        model=model, tokenizer=tokenizer, layout=layout, acc=acc, task=task, examples=examples, prompts=prompts,
+        base_model=model_name_of(model) or model_name, batch_size=opts.batch_size, max_length=config.max_length, info=info,
     )
 
 
@@ -663,23 +658,10 @@ def _scalars(result: dict[str, Any]) -> dict[str, float]:
 
 
 def log_wandb(result: dict[str, Any], png: Path, json_path: Path, *, mode: str, project: str, run_dir: Path) -> str | None:
-    """Log the plot, the headline numbers and the JSON (as an artifact) to a W&B run; returns its folder."""
-    if mode == "disabled":
-        return None
-    import wandb
+    """Log an analysis's plot, headline numbers and JSON to a W&B run (see :func:`~austeer_pl.runtime.log_result_wandb`)."""
+    from .runtime import log_result_wandb
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool)) or k in ("block", "unit")}
-    run = wandb.init(project=project, dir=str(run_dir), mode=mode, name=f"{result['analysis']}-{run_dir.name}", job_type="analysis", config=config, reinit="finish_previous")
-    try:
-        run.log({f"{result['analysis']}/plot": wandb.Image(str(png)), **_scalars(result)})
-        artifact = wandb.Artifact(name=f"analysis-{result['analysis']}-{run.id}", type="analysis")
-        artifact.add_file(str(json_path))
-        run.log_artifact(artifact)
-        folder = str(getattr(run, "dir", run_dir))
-    finally:
-        run.finish()
-    return folder
+    return log_result_wandb(result, png, json_path, mode=mode, project=project, run_dir=run_dir, scalars=_scalars(result))
 
 
 # ============================================================================ command line
@@ -693,33 +675,25 @@ class _Parser(argparse.ArgumentParser):
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model, data and output")
-    g.add_argument("--model", default=None, help="base model (default: smollm2-135m-instruct)")
-    g.add_argument("--task", default="rotten_tomatoes", help="task spec (see README)")
-    g.add_argument("--seed", type=int, default=0, help="split seed")
+    from .runtime import add_output_options
+
+    g.add_argument("--model", "--model.model_name", dest="model", default=None, help="base model (default: smollm2-135m-instruct)")
+    g.add_argument("--task", "--data.task", dest="task", default="rotten_tomatoes", help="task spec (see README)")
+    g.add_argument("--seed", "--data.seed", dest="seed", type=int, default=0, help="split seed")
     g.add_argument("--split", default="val", choices=["val", "test"], help="examples to score (default: validation)")
-    g.add_argument("--max_train_pairs", type=int, default=None, help="training pairs of the momentum pass (default: the data module's)")
+    g.add_argument("--max_train_pairs", "--data.max_train_pairs", dest="max_train_pairs", type=int, default=None, help="training pairs of the momentum pass (default: the data module's)")
     g.add_argument("--max_examples", type=int, default=None, help="examples to score (default: the data module's cap)")
-    g.add_argument("--batch_size", type=int, default=16)
-    g.add_argument("--max_length", type=int, default=None)
-    g.add_argument("--chat_template", default=None, choices=["auto", "on", "off"])
-    g.add_argument("--dtype", default=None)
-    g.add_argument("--device", default=None)
-    g.add_argument("--cache_dir", default=None)
-    g.add_argument("--out", default=None, help="JSON result (default: runs/analyses/NAME-TASK.json)")
-    g.add_argument("--plot", default=None, help="PNG plot (default: the JSON path with .png)")
-    g.add_argument("--run_dir", default=None, help="folder of the W&B run (default: runs/analyze-NAME-TASK-TIMESTAMP)")
-    g.add_argument("--wandb_mode", default=os.environ.get("WANDB_MODE", "offline"), choices=["offline", "online", "disabled"])
-    g.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "austeer-pl"))
+    add_output_options(g, name="NAME")
 
 
 def _ints(text: str) -> list[int]:
-    from .compare import parse_list
+    from .runtime import parse_list
 
     return parse_list(text, "list", int)
 
 
 def _floats(text: str) -> list[float]:
-    from .compare import parse_list
+    from .runtime import parse_list
 
     return parse_list(text, "list", float)
 
@@ -778,12 +752,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     for action in {id(a): a for a in sub.choices.values()}.values():  # aliases share their parser
         _common(action)
+    # Behaviour in free text: judge score and perplexity against alpha (its own options; no momentum pass here).
+    from .behaviour import add_behaviour_arguments
+
+    add_behaviour_arguments(sub.add_parser("behaviour", help="judge score and perplexity vs. alpha in free text, AUSteer and CAA"))
     return p
 
 
 def run_analysis(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one analysis from parsed arguments: prepare, analyse, write JSON and PNG, log to W&B."""
-    from .cli import _task_stem, quiet
+    from .runtime import quiet, task_stem as _task_stem
     from .fileio import write_json_atomic
 
     name = ALIASES.get(name, name)
@@ -805,7 +783,7 @@ def run_analysis(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.wandb_mode not in ("offline", "online", "disabled"):
         raise AusteerError(f"--wandb_mode must be offline, online or disabled, not '{args.wandb_mode}'")
     if args.wandb_mode == "online":
-        from .cli import resolve_wandb_mode
+        from .runtime import resolve_wandb_mode
 
         args.wandb_mode = resolve_wandb_mode("online", "offline")
     quiet()
@@ -841,25 +819,19 @@ def analyze(argv: Sequence[str] | None = None) -> dict[str, Any]:
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.name:
-        parser.error(f"name an analysis: one of {', '.join(ANALYSES)}")
+        parser.error(f"name an analysis: one of {', '.join((*ANALYSES, 'behaviour'))}")
+    if args.name == "behaviour":
+        from .behaviour import behaviour_main
+
+        return behaviour_main(args)
     return run_analysis(args.name, args)
 
 
 def analyze_main(argv: Sequence[str] | None = None) -> int:
     """``analyze.py``: 0 on success, 2 with a one-line ``error: ...`` on bad input."""
-    try:
-        analyze(argv)
-    except AusteerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:
-        from .fileio import os_error_message
+    from .runtime import run_main
 
-        print(f"error: {os_error_message(err)}", file=sys.stderr)
-        return 2
-    except SystemExit as exc:
-        return int(exc.code or 0) if isinstance(exc.code, int) else 2
-    return 0
+    return run_main(lambda: analyze(argv))
 
 
 __all__ = [

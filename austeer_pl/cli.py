@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 import time
 from collections.abc import Sequence
@@ -16,78 +15,9 @@ from typing import Any
 
 from .errors import AusteerError
 
-RUN_DIR_ENV = "AUSTEER_RUN_DIR"
-
-# Messages that say nothing actionable about a frozen single-pass fit.
-_NOISE = (
-    r".*configure_optimizers.* returned `None`.*",
-    r".*The number of training batches .* is smaller than the logging interval.*",
-    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
-    r".*`weights_only` was not set.*",
-    r".*The anonymous setting has no effect.*",
-    r".*does not have many workers which may be a bottleneck.*",
-)
-
-
-def quiet() -> None:
-    """Silence library chatter that a user cannot act on (progress bars of weight loading, tips)."""
-    import logging
-    import warnings
-
-    for pattern in _NOISE:
-        warnings.filterwarnings("ignore", message=pattern)
-
-    class _DropTips(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            message = record.getMessage()
-            return "litlogger" not in message and "TPU available" not in message
-
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
-        logging.getLogger(name).addFilter(_DropTips())
-    os.environ.setdefault("WANDB_SILENT", "true")
-    try:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-        hf_logging.set_verbosity_error()
-    except ImportError:  # pragma: no cover
-        pass
-
-
-def _fail(message: str) -> int:
-    print(f"error: {message}", file=sys.stderr)
-    return 2
-
-
-def one_line_parse_error(message: str, prog: str = "train.py") -> str:
-    """jsonargparse's multi-line type error, as one line that names the option, the value and what it takes.
-
-    Example:
-        >>> one_line_parse_error('Parser key "data.batch_size":\\n  Expected a int\\n  Given value: abc')
-        "--data.batch_size: invalid value 'abc' (expected int); see train.py --help"
-    """
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    if not lines:
-        return f"invalid arguments; see {prog} --help"
-    key = re.match(r'Parser key "([^"]+)"', lines[0])
-    text = "\n".join(lines)
-    given = re.search(r"(?:Given|Got) value: (.*)", text)
-    if key and given is not None:
-        expected = []
-        for kind in re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", text, flags=re.MULTILINE):
-            expected.append(re.sub(r"<class '([^']+)'>", r"\1", kind).replace("typing.", "").strip())
-        want = f" (expected {' or '.join(dict.fromkeys(expected))})" if expected else ""
-        return f"--{key.group(1)}: invalid value {given.group(1).strip()!r}{want}; see {prog} --help"
-    return "; ".join(lines) + f"; see {prog} --help"
-
+from .runtime import RUN_DIR_ENV, one_line_parse_error, quiet, resolve_wandb_mode, run_main, task_stem
 
 # ============================================================================ train
-def _task_stem(task: str) -> str:
-    path = Path(task)
-    stem = path.parent.name if path.name == "task.json" else path.stem if path.suffix else task
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)[:40] or "task"
-
-
 def build_cli(args: Sequence[str] | None = None):
     """Parse ``train.py`` arguments into a LightningCLI with module, data module and trainer."""
     quiet()
@@ -123,7 +53,7 @@ def build_cli(args: Sequence[str] | None = None):
             if trainer_cfg.get("max_epochs") not in (None, 1):
                 raise AusteerError("fitting is a single pass over the pairs (plus --model.strength_epochs for a learned strength); drop --trainer.max_epochs")
             run_dir = cfg.get("run_dir") or os.environ.get(RUN_DIR_ENV) or str(
-                Path("runs") / f"{_task_stem(cfg['data']['task'])}-{time.strftime('%Y%m%d-%H%M%S')}"
+                Path("runs") / f"{task_stem(cfg['data']['task'])}-{time.strftime('%Y%m%d-%H%M%S')}"
             )
             # DDP re-launches this script; children must use the same run folder.
             os.environ[RUN_DIR_ENV] = run_dir
@@ -197,49 +127,6 @@ def check_train_outputs(run_dir: Path, export_dir: Path, *, overwrite: bool) -> 
     check_writable_parent(run_dir / "logs", "run folder")
 
 
-def _wandb_key(base_url: str) -> str | None:
-    if os.environ.get("WANDB_API_KEY"):
-        return os.environ["WANDB_API_KEY"]
-    import netrc
-    from urllib.parse import urlparse
-
-    try:
-        auth = netrc.netrc(os.environ.get("NETRC")).authenticators(urlparse(base_url).hostname or "")
-    except (OSError, netrc.NetrcParseError):
-        return None
-    return auth[2] if auth else None
-
-
-def resolve_wandb_mode(mode: str, fallback: str = "offline") -> str:
-    """The W&B mode to run with: ``online`` only when a key exists and the server answers quickly.
-
-    Without a key wandb raises, and with a key but no network it blocks about 100 s before failing;
-    one short connection attempt decides instead. ``fallback`` is ``offline`` (warn and log offline)
-    or ``error`` (one line, exit 2).
-    """
-    if mode not in ("offline", "online", "disabled"):
-        raise AusteerError(f"--wandb_mode must be offline, online or disabled, not '{mode}'")
-    if fallback not in ("offline", "error"):
-        raise AusteerError(f"--wandb_fallback must be offline or error, not '{fallback}'")
-    if mode != "online":
-        return mode
-    from .network import unreachable
-
-    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    if _wandb_key(base_url) is None:
-        problem = "--wandb_mode online needs a W&B API key (WANDB_API_KEY or `wandb login`) and none is set"
-    elif (reason := unreachable(base_url)) is not None:
-        problem = f"--wandb_mode online but W&B is unreachable ({reason})"
-    else:
-        return mode
-    if fallback == "error":
-        raise AusteerError(f"{problem}; set the key or the network, or use --wandb_mode offline")
-    import warnings
-
-    warnings.warn(f"{problem}; logging offline instead (sync later with `wandb sync`; --wandb_fallback error makes this an error)", stacklevel=2)
-    return "offline"
-
-
 def train(args: Sequence[str] | None = None) -> dict[str, Any]:
     """Run ``train.py``: fit, export on global rank zero, print a summary. Returns the summary."""
     cli = build_cli(args)
@@ -297,56 +184,45 @@ def _print_fit_summary(module, summary: dict[str, Any]) -> None:
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
-    try:
-        train(argv)
-    except AusteerError as err:
-        return _fail(str(err))
-    except OSError as err:  # a full or read-only disk, a permission: one line with the path
-        from .fileio import os_error_message
-
-        return _fail(os_error_message(err))
-    except SystemExit as stop:  # the parser has printed its one-line error
-        if stop.code == 2:
-            return 2
-        raise
-    return 0
+    """``train.py``: 0 on success, 2 with one ``error: ...`` line on bad input or a disk fault."""
+    return run_main(lambda: train(argv))
 
 
 # ============================================================================ evaluate
 def evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="evaluate.py", description="Accuracy of a base model with and without a steering state.")
     p.add_argument("--steering", help="steering state folder (written by train.py)")
-    p.add_argument("--task", help="task spec (default: the task the state was fitted on)")
+    p.add_argument("--task", "--data.task", help="task spec (default: the task the state was fitted on)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N examples")
     p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--scoring", default=None, choices=["loglik", "generate", "both"], help="default: the task's (loglik for choices)")
-    p.add_argument("--model", default=None, help="base model (default: the one the state names)")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--scoring", "--model.scoring", default=None, choices=["loglik", "generate", "both"], help="default: the task's (loglik for choices)")
+    p.add_argument("--model", "--model.model_name", default=None, help="base model (default: the one the state names)")
+    p.add_argument("--dtype", "--model.dtype", default=None)
     p.add_argument("--device", default=None)
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=None, help="split seed (default: the fit's)")
-    p.add_argument("--chat_template", default=None, choices=["auto", "on", "off"])
-    p.add_argument("--cache_dir", default=None)
+    p.add_argument("--batch_size", "--data.batch_size", type=int, default=32)
+    p.add_argument("--seed", "--data.seed", type=int, default=None, help="split seed (default: the fit's)")
+    p.add_argument("--chat_template", "--data.chat_template", default=None, choices=["auto", "on", "off"])
+    p.add_argument("--cache_dir", "--model.cache_dir", default=None)
     for part, example in (("layers", "model.layers"), ("attention", "self_attn.o_proj"), ("ffn", "mlp")):
         p.add_argument(f"--layout_{part}", f"--model.layout_{part}", dest=f"layout_{part}", default=None,
                        help=f"module path of the {part} for models austeer-pl does not locate, e.g. {example} (default: the state's)")
     p.add_argument("--compare", action="store_true", help="fit and compare every method on the same split (see README)")
     c = p.add_argument_group("comparison (--compare)", "fit unsteered, ITI, SADI, CAA, block-level AUSteer, AUSteer and its learned-strength variants on one split, tune each on validation, report test")
     c.add_argument("--methods", default=None, help="comma-separated subset of unsteered,iti,sadi,caa,austeer_block,austeer,austeer_scalar,austeer_gate (default: all)")
-    c.add_argument("--strength_epochs", type=int, default=None, help="training epochs of the learned-strength variants (default: the module's, 3)")
-    c.add_argument("--strength_lr", type=float, default=None, help="their Adam learning rate (default: the module's)")
-    c.add_argument("--strength_loss", default=None, help="their loss: nll (right answer) or choice (right vs. wrong answer); default: the module's, nll")
+    c.add_argument("--strength_epochs", "--model.strength_epochs", type=int, default=None, help="training epochs of the learned-strength variants (default: the module's, 3)")
+    c.add_argument("--strength_lr", "--model.strength_lr", type=float, default=None, help="their Adam learning rate (default: the module's)")
+    c.add_argument("--strength_loss", "--model.strength_loss", default=None, help="their loss: nll (right answer) or choice (right vs. wrong answer); default: the module's, nll")
     c.add_argument("--grid", default="default", choices=["default", "quick"], help="hyperparameter grids: the documented defaults, or 4 points per method")
-    c.add_argument("--site", default=None, help="AUSteer sites to choose from, e.g. attention or attention,ffn,both")
-    c.add_argument("--k", default=None, help="AUSteer k values, e.g. 10,50,100")
-    c.add_argument("--alpha", default=None, help="AUSteer alpha values, e.g. 0.5,1,2")
-    c.add_argument("--sign", default="promote", choices=["promote", "both"], help="AUSteer sign policy")
-    c.add_argument("--negatives", default="sample", choices=["sample", "all"], help="wrong answers per training example")
-    c.add_argument("--max_train_pairs", type=int, default=None, help="cap on training pairs (default: the data module's)")
-    c.add_argument("--max_val_examples", type=int, default=None, help="cap on validation examples (default: the data module's)")
-    c.add_argument("--max_test_examples", type=int, default=None, help="cap on test examples (default: the data module's; --limit also caps them)")
-    c.add_argument("--max_length", type=int, default=None, help="truncate longer sequences from the left (default: the data module's)")
+    c.add_argument("--site", "--model.site", default=None, help="AUSteer sites to choose from, e.g. attention or attention,ffn,both")
+    c.add_argument("--k", "--model.k", default=None, help="AUSteer k values, e.g. 10,50,100")
+    c.add_argument("--alpha", "--model.alpha", default=None, help="AUSteer alpha values, e.g. 0.5,1,2")
+    c.add_argument("--sign", "--model.sign", default="promote", choices=["promote", "both"], help="AUSteer sign policy")
+    c.add_argument("--negatives", "--data.negatives", default="sample", choices=["sample", "all"], help="wrong answers per training example")
+    c.add_argument("--max_train_pairs", "--data.max_train_pairs", type=int, default=None, help="cap on training pairs (default: the data module's)")
+    c.add_argument("--max_val_examples", "--data.max_val_examples", type=int, default=None, help="cap on validation examples (default: the data module's)")
+    c.add_argument("--max_test_examples", "--data.max_test_examples", type=int, default=None, help="cap on test examples (default: the data module's; --limit also caps them)")
+    c.add_argument("--max_length", "--data.max_length", type=int, default=None, help="truncate longer sequences from the left (default: the data module's)")
     c.add_argument("--devices", type=int, default=1, help="processes (DDP when more than 1)")
     c.add_argument("--export_dir", default=None, help="save each method's chosen state under DIR/METHOD")
     c.add_argument("--overwrite", action="store_true", help="replace steering states already under --export_dir")
@@ -375,28 +251,25 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         check_output_file(args.report, what="report")
 
     quiet()
+    from .dataconfig import DataConfig
     from .evaluation import SCORINGS, default_scoring, evaluate_examples
     from .fileio import write_json_atomic
     from .models import load_model
     from .steering import SteeringState
-    from .tasks import load_task, split_examples
 
     state = SteeringState.from_pretrained(args.steering)
     data = dict(state.metadata.get("data") or {})
     task_spec = args.task or data.get("task")
     if not task_spec:
         raise AusteerError("the state does not record its task; pass --task")
-    seed = args.seed if args.seed is not None else int(data.get("seed", 0))
-    same_task = task_spec == data.get("task")
-    task = load_task(task_spec, seed=seed)
-    splits = split_examples(
-        task.examples,
-        seed=seed,
-        val_fraction=float(data.get("val_fraction", 0.2)) if same_task else 0.2,
-        test_fraction=float(data.get("test_fraction", 0.2)) if same_task else 0.2,
-        max_val=data.get("max_val_examples") if same_task else None,
-        max_test=data.get("max_test_examples") if same_task else None,
-    )
+    # The fit's recorded data config rebuilds its exact splits; another task keeps its fractions, uncapped.
+    config = DataConfig.from_mapping(data) if data.get("task") else DataConfig(task=task_spec)
+    if task_spec != config.task:
+        config = config.replace(task=task_spec, max_val_examples=None, max_test_examples=None)
+    if args.seed is not None:
+        config = config.replace(seed=args.seed)
+    seed = config.seed
+    task, splits = config.load()
     examples = splits[args.split]
     if args.limit is not None:
         examples = examples[: args.limit]
@@ -477,12 +350,5 @@ def _print_eval_table(report: dict[str, Any], scorings: list[str]) -> None:
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    try:
-        evaluate(argv)
-    except AusteerError as err:
-        return _fail(str(err))
-    except OSError as err:
-        from .fileio import os_error_message
-
-        return _fail(os_error_message(err))
-    return 0
+    """``evaluate.py``: 0 on success, 2 with one ``error: ...`` line on bad input or a disk fault."""
+    return run_main(lambda: evaluate(argv))

@@ -13,7 +13,8 @@ from torch import nn
 
 from .errors import AusteerError
 from .momentum import MomentumAccumulator
-from .reading import ActivationReader, encode_texts
+from .batching import encode_texts
+from .reading import ActivationReader
 from .selection import select_units
 from .sites import LayoutSpec, ModelLayout, locate_units
 from .steering import SteeringState
@@ -116,7 +117,8 @@ def accumulate_momentum(
         batch_size: pairs per forward pass (each pass holds ``2 * batch_size`` rows).
         layout: precomputed layout or a :class:`LayoutSpec`.
         accumulator: an accumulator to continue; a new one otherwise.
-        max_length: truncate longer texts (from the right) to this many tokens.
+        max_length: truncate longer texts from the left to their last ``max_length`` tokens (the
+            last token, whose units are read, always survives).
         shared_prefix: split each pair at its longest common token prefix, run that prefix once and
             continue both answers from its KV cache (:mod:`austeer_pl.prefix`): about half the work
             on short answers. The units are those of the full sequences to float tolerance, so a

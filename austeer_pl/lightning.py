@@ -1,321 +1,87 @@
-"""The Lightning fitting pipeline: contrastive-pair data, the momentum pass, validation grid, export.
+"""The Lightning adapter: one frozen pass, the validation grid, the strength trainers, export.
 
 Fitting is one pass over the training pairs (no optimiser): each process reads its own,
 unrepeated share of the pairs and counts momentum; the counts are summed across processes at
-the end of the pass, so N processes give exactly the counts of one. Then every (site, k, alpha)
-combination of the grid is scored on the validation split and the best becomes the exported
-steering state. The frozen LLM is held outside the module's parameters, so checkpoints carry
-only the accumulator and the selection.
+the end of the pass, so N processes give exactly the counts of one. Then every grid point of
+every method is scored on the validation split and the best becomes the exported steering state;
+learned strengths train in the epochs after. The work itself is :mod:`austeer_pl.engine`'s (the
+same engine ``analyze.py`` drives without Lightning); this module calls it from Lightning hooks,
+reduces across processes through Lightning's strategy and torchmetrics, checkpoints the
+statistics and resumes them. The frozen LLM is held outside the module's parameters, so
+checkpoints carry only the statistics and the selection.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
+import torchmetrics
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 from torch import nn
-from torch.utils.data import DataLoader
 
+from .iti import ProbeAccuracy, fit_probes
+from .datamodule import ContrastivePairDataModule, EncodedPair, ResumableLoader, shard_batches
+from .engine import VALIDATION_SUMS, Candidate, PassStatistics, StrengthTrainer, count_correct, pick, predictions, rank_site_options, read_pair_batch
 from .errors import AusteerError
+from .evaluation import check_scoring, default_scoring
 from .fileio import os_error_message
-from .evaluation import answer_suffixes, check_scoring, default_scoring, predict
+from .hooks import TOKEN_SCOPES
+from .methods import METHODS, FitContext, build_state, get_method, needs
 from .models import DEFAULT_MODEL, load_model, model_name_of
 from .momentum import MomentumAccumulator
-from .prefix import SharedPrefixReader, use_shared_prefix
-from .reading import ActivationReader
-from .scoring import choice_logprobs, pad_ids, truncate_left
-from .selection import SIGN_POLICIES, Selection, rank_units
-from .sites import LayoutSpec, ModelLayout, locate_units
-from .steering import TOKEN_SCOPES, SteeringState
-from .strength import STRENGTH_KINDS, STRENGTH_LOSSES, StrengthHandle, average_gradients, build_strength, fold_strength, learned_fit_metadata, strength_objective
-from .tasks import NEGATIVE_MODES, Task, TaskExample, format_prompt, join_answer, load_task, make_pairs, split_examples
+from .selection import SIGN_POLICIES, Selection
+from .sites import SITES, LayoutSpec, ModelLayout, locate_units
+from .steering import SteeringState
+from .runtime import jsonable
+from .strength import STRENGTH_KINDS, STRENGTH_LOSSES
 
 SITE_OPTIONS = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attention", "ffn")}
 
 
-# ============================================================================ data
-def shard_batches(n: int, rank: int, world: int, batch_size: int) -> list[list[int]]:
-    """Rank ``rank``'s batches of indices ``rank, rank + world, ...`` (no index repeated).
+class ReducedTensor(torchmetrics.Metric):
+    """A tensor summed (or maxed) over processes: torchmetrics keeps it and syncs it on ``compute``.
 
-    Every rank gets the same number of batches (some may be short or empty), so collective
-    operations stay in step even when ``n`` is not divisible by ``world``.
-
-    Example:
-        >>> shard_batches(5, 1, 2, 2)
-        [[1, 3], []]
-    """
-    per_rank = math.ceil(n / world)
-    n_batches = max(1, math.ceil(per_rank / batch_size))
-    mine = list(range(rank, n, world))
-    return [mine[i * batch_size : (i + 1) * batch_size] for i in range(n_batches)]
-
-
-class _BatchList:
-    """A fixed list of index batches that can skip the ones already consumed (for resuming)."""
-
-    def __init__(self, batches: list[list[int]]) -> None:
-        self.batches = batches
-        self.skip = 0
-
-    def __iter__(self):
-        skip, self.skip = self.skip, 0
-        return iter(self.batches[skip:])
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-class ResumableLoader(DataLoader):
-    """A DataLoader whose state is the number of batches the module has consumed.
-
-    Lightning saves this state in checkpoints and restores it before iterating, so a fit resumed
-    mid-pass continues exactly after the last batch that was counted.
+    Integer counts (right answers per grid point, test predictions) stay integers, so N processes
+    give exactly the sums of one.
     """
 
-    def __init__(self, dataset, batches: list[list[int]], progress: Callable[[], int], **kwargs) -> None:
-        super().__init__(dataset, batch_sampler=_BatchList(batches), **kwargs)
-        self._progress = progress
+    full_state_update = False
 
-    def state_dict(self) -> dict[str, int]:
-        return {"batches_done": int(self._progress())}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.batch_sampler.skip = int(state.get("batches_done", 0))
-
-
-@dataclass(frozen=True)
-class EncodedPair:
-    prompt: list[int]
-    positive: list[int]
-    negative: list[int]
-
-
-def pair_rows(prompts: Sequence[list[int]], positives: Sequence[list[int]], negatives: Sequence[list[int]], pad_id: int,
-              max_length: int | None, *, side: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(input_ids, attention_mask)``: every prompt + right answer, then every prompt + wrong answer,
-    each cut to its last ``max_length`` ids and padded on ``side``."""
-    seqs = [truncate_left(p + a, max_length) for p, a in zip(prompts, positives)]
-    seqs += [truncate_left(p + a, max_length) for p, a in zip(prompts, negatives)]
-    return pad_ids(seqs, pad_id, side=side)
-
-
-class ContrastivePairDataModule(pl.LightningDataModule):
-    """Serves contrastive pairs (prompt + right answer vs. prompt + wrong answer) and validation examples.
-
-    Args:
-        task: ``rotten_tomatoes`` (default), a BIG-bench ``task.json``, a paper task on the hub
-            (``boolq``, ``copa``, ``winogrande``, ``svamp``, ``mawps``, ``gsm8k``), ``hub:owner/name``
-            or a local ``.jsonl``/``.json``/``.csv`` file (see the README for the schema).
-        seed: seed of the split and of the sampled wrong answers.
-        negatives: ``sample`` (one wrong choice per example) or ``all`` (every wrong choice).
-        val_fraction: share of examples for validation (hyperparameters are chosen there).
-        test_fraction: share of examples held out for ``evaluate.py``.
-        max_train_pairs: cap on training pairs (None: all).
-        max_val_examples: cap on validation examples.
-        max_test_examples: cap on test examples (recorded for evaluate.py).
-        batch_size: pairs per forward pass in fitting.
-        eval_batch_size: examples per forward pass in validation.
-        chat_template: format prompts with the tokenizer's chat template (None: when it has one).
-        max_length: truncate longer sequences from the left to this many tokens.
-        num_workers: DataLoader worker processes.
-        shared_prefix: in the momentum pass, run each pair's prompt once and continue both answers
-            from its KV cache (about half the work on short answers; the units equal the full
-            sequences' to float tolerance). ``False`` reads the two full sequences of each pair.
-            ``"auto"`` shares on the CPU and reads full sequences on an accelerator, where a small
-            model measured slower shared (:func:`~austeer_pl.prefix.use_shared_prefix`).
-    """
-
-    def __init__(
-        self,
-        task: str = "rotten_tomatoes",
-        seed: int = 0,
-        negatives: str = "sample",
-        val_fraction: float = 0.2,
-        test_fraction: float = 0.2,
-        max_train_pairs: int | None = 256,
-        max_val_examples: int | None = 100,
-        max_test_examples: int | None = 500,
-        batch_size: int = 16,
-        eval_batch_size: int = 32,
-        chat_template: bool | None = None,
-        max_length: int | None = 512,
-        num_workers: int = 0,
-        shared_prefix: bool | Literal["auto"] = "auto",
-    ) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, reduce: str = "sum") -> None:
         super().__init__()
-        use_shared_prefix(shared_prefix, "cpu")  # a bad value fails here, before any work
-        self.save_hyperparameters()
-        if batch_size <= 0 or eval_batch_size <= 0:
-            raise AusteerError("batch sizes must be positive; set --data.batch_size and --data.eval_batch_size to 1 or more")
-        for option, value, least in (
-            ("max_length", max_length, 2), ("max_train_pairs", max_train_pairs, 1),
-            ("max_val_examples", max_val_examples, 1), ("max_test_examples", max_test_examples, 1),
-        ):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-                raise AusteerError(
-                    f"--data.{option} must be an integer of at least {least} (or null for no limit), got {value!r}"
-                    + ("; a prompt and its answer need at least 2 tokens" if option == "max_length" else "")
-                )
-        if negatives not in NEGATIVE_MODES:
-            raise AusteerError(f"--data.negatives must be one of {', '.join(NEGATIVE_MODES)}, got {negatives!r}")
-        self.tokenizer = None
-        self.task_obj: Task | None = None
-        self.splits: dict[str, list[TaskExample]] = {}
-        self.pairs: list[EncodedPair] = []
-        self.train_examples: list[EncodedPair] = []
-        self.val_prompts: list[str] = []
+        self.add_state("value", default=torch.zeros(shape, dtype=dtype), dist_reduce_fx=reduce)
 
-    # -- what the fitting module and evaluate.py need to know
-    def data_config(self) -> dict[str, Any]:
-        """The settings that reproduce these splits (recorded in the exported state)."""
-        keys = ("task", "seed", "negatives", "val_fraction", "test_fraction", "max_train_pairs", "max_val_examples", "max_test_examples", "chat_template", "max_length")
-        return {key: self.hparams[key] for key in keys}
+    def update(self, value: torch.Tensor) -> None:
+        self.value += value.to(self.value.dtype)
 
-    def prepare_task(self) -> Task:
-        if self.task_obj is None:
-            hp = self.hparams
-            self.task_obj = load_task(hp.task, seed=hp.seed)
-            self.splits = split_examples(
-                self.task_obj.examples,
-                seed=hp.seed,
-                val_fraction=hp.val_fraction,
-                test_fraction=hp.test_fraction,
-                max_val=hp.max_val_examples,
-                max_test=hp.max_test_examples,
-            )
-            if not self.splits["train"]:
-                raise AusteerError(f"task '{hp.task}' left no training examples; lower val_fraction/test_fraction or add examples")
-        return self.task_obj
-
-    def setup(self, stage: str | None = None) -> None:
-        task = self.prepare_task()
-        if self.tokenizer is None:
-            module = self.trainer.lightning_module if self.trainer is not None else None
-            if module is None or not hasattr(module, "tokenizer"):
-                raise AusteerError("the data module needs a tokenizer: attach it to a trainer with AUSteerModule or set .tokenizer")
-            self.tokenizer = module.tokenizer
-        hp = self.hparams
-        pairs = make_pairs(self.splits["train"], negatives=hp.negatives, seed=hp.seed, max_pairs=hp.max_train_pairs)
-        if not self.pairs:
-            prompts = {p.prompt: None for p in pairs}
-            texts = {p: format_prompt(self.tokenizer, task, p, chat_template=hp.chat_template) for p in prompts}
-            prompt_ids = dict(zip(texts, self.tokenizer([texts[p] for p in texts], add_special_tokens=True)["input_ids"]))
-            pos = self._answers([texts[p.prompt] for p in pairs], [p.positive for p in pairs])
-            neg = self._answers([texts[p.prompt] for p in pairs], [p.negative for p in pairs])
-            self.pairs = [EncodedPair(prompt_ids[p.prompt], a, b) for p, a, b in zip(pairs, pos, neg)]
-        if not self.val_prompts:
-            self.val_prompts = [format_prompt(self.tokenizer, task, ex.prompt, chat_template=hp.chat_template) for ex in self.splits["val"]]
-        if not self.train_examples:
-            # For the learned-strength phase: each training example's prompt, right answer and the
-            # wrong answer of its first pair, as ids. The same examples the pairs came from
-            # (max_train_pairs caps both phases).
-            wrong: dict[str, str] = {}
-            for p in pairs:
-                wrong.setdefault(p.example_uid, p.negative)
-            examples = [ex for ex in self.splits["train"] if ex.uid in wrong]
-            texts = [format_prompt(self.tokenizer, task, ex.prompt, chat_template=hp.chat_template) for ex in examples]
-            ids = self.tokenizer(texts, add_special_tokens=True)["input_ids"] if texts else []
-            answers = self._answers(texts, [ex.target for ex in examples])
-            negatives = self._answers(texts, [wrong[ex.uid] for ex in examples])
-            self.train_examples = [EncodedPair(p, a, n) for p, a, n in zip(ids, answers, negatives)]
-
-    def _answers(self, prompt_texts: Sequence[str], choices: Sequence[str]) -> list[list[int]]:
-        suffixes = [join_answer(t, c)[len(t):] for t, c in zip(prompt_texts, choices)]
-        ids = self.tokenizer(suffixes, add_special_tokens=False)["input_ids"]
-        for seq, choice in zip(ids, choices):
-            if not seq:
-                raise AusteerError(f"answer {choice!r} tokenizes to nothing; give non-empty choices")
-        return ids
-
-    def _world(self) -> tuple[int, int]:
-        if self.trainer is None:
-            return 0, 1
-        return self.trainer.global_rank, self.trainer.world_size
-
-    def collate_pairs(self, items: list[EncodedPair]) -> dict[str, Any]:
-        """One batch of pairs: the prompt and answer ids (shared-prefix reading), or the positive
-        rows then the negative rows, right-padded (full-sequence reading)."""
-        if not items:
-            return {"n_pairs": 0}
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        limit = self.hparams.max_length
-        if self.hparams.shared_prefix:  # True or "auto": the module decides on its device
-            lengths = [len(p.prompt) + len(a) for p in items for a in (p.positive, p.negative)]
-            return {
-                "n_pairs": len(items),
-                "shared_prefix": self.hparams.shared_prefix,
-                "prompt_ids": [p.prompt for p in items],
-                "pos_ids": [p.positive for p in items],
-                "neg_ids": [p.negative for p in items],
-                "pad_id": pad,
-                "max_length": limit,
-                "n_tokens": sum(n if limit is None else min(n, limit) for n in lengths),
-            }
-        ids, mask = pair_rows([p.prompt for p in items], [p.positive for p in items], [p.negative for p in items], pad, limit, side="right")
-        return {
-            "n_pairs": len(items),
-            "input_ids": ids,
-            "attention_mask": mask,
-            "n_tokens": int(mask.sum()),
-        }
-
-    def collate_examples_train(self, items: list[EncodedPair]) -> dict[str, Any]:
-        """For the strength phase: rows ``[:n]`` prompt + right answer, rows ``[n:]`` prompt + wrong
-        answer, left-padded (answers end at the last position); see
-        :func:`~austeer_pl.strength.strength_objective`."""
-        if not items:
-            return {"n_examples": 0}
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        ids, mask = pair_rows([p.prompt for p in items], [p.positive for p in items], [p.negative for p in items], pad, self.hparams.max_length, side="left")
-        lengths = [len(p.positive) for p in items] + [len(p.negative) for p in items]
-        return {"n_examples": len(items), "input_ids": ids, "attention_mask": mask, "answer_lengths": torch.tensor(lengths)}
-
-    def strength_batches(self, epoch: int) -> list[list[EncodedPair]]:
-        """This process's training examples for learned-strength epoch ``epoch`` (1, 2, ...), in batches.
-
-        Every process applies the same seeded permutation, then takes its share with
-        :func:`shard_batches`, so the union of one step's batches is the same global batch whatever
-        the number of processes.
-        """
-        rank, world = self._world()
-        order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(self.hparams.seed + epoch)).tolist()
-        return [[self.train_examples[order[i]] for i in rows] for rows in shard_batches(len(order), rank, world, self.hparams.batch_size)]
-
-    def train_dataloader(self) -> DataLoader:
-        rank, world = self._world()
-        epoch = self.trainer.current_epoch if self.trainer is not None else 0
-        if epoch > 0:  # learned-strength epochs
-            batches = self.strength_batches(epoch)
-            return DataLoader(batches, batch_size=None, collate_fn=self.collate_examples_train, num_workers=self.hparams.num_workers)
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        progress = (lambda: module.batches_done) if module is not None else (lambda: 0)
-        return ResumableLoader(
-            self.pairs,
-            shard_batches(len(self.pairs), rank, world, self.hparams.batch_size),
-            progress,
-            collate_fn=self.collate_pairs,
-            num_workers=self.hparams.num_workers,
-        )
-
-    def collate_examples(self, items: list[int]) -> dict[str, Any]:
-        return {"index": items}
-
-    def val_dataloader(self) -> DataLoader:
-        rank, world = self._world()
-        batches = shard_batches(len(self.splits["val"]), rank, world, self.hparams.eval_batch_size)
-        return DataLoader(list(range(len(self.splits["val"]))), batch_sampler=_BatchList(batches), collate_fn=self.collate_examples)
+    def compute(self) -> torch.Tensor:
+        return self.value
 
 
-# ============================================================================ strategy and callbacks
+@dataclass
+class MethodResult:
+    """A method's validation grid, its chosen point and (after testing) its test predictions."""
+
+    method: str
+    chosen: Candidate
+    val_accuracy: float
+    grid: list[dict[str, Any]] = field(default_factory=list)
+    tuning_seconds: float = 0.0
+    training_seconds: float = 0.0
+    test_predictions: torch.Tensor | None = None
+    test_seconds: float = 0.0
+
+
+# ============================================================================ strategy, checkpoints, trainer
 class FrozenDDPStrategy(DDPStrategy):
     """DDP that does not wrap a module with nothing to train.
 
@@ -339,6 +105,27 @@ def make_strategy(name: str, *, timeout_s: float = 1800.0):
     if start is None:
         return name
     return FrozenDDPStrategy(start_method=start, timeout=timedelta(seconds=timeout_s), broadcast_buffers=False)
+
+
+def frozen_trainer(
+    *, accelerator: str = "auto", devices: Any = None, loggers: Any = False, strategy: str = "auto", ddp_timeout: float = 1800.0,
+    limit_val_batches: float | int | None = None, max_epochs: int = 1,
+) -> pl.Trainer:
+    """A Trainer for a frozen fit: one pass epoch (plus learned-strength epochs), no checkpoints, no
+    sanity check, no distributed sampler (the data module shards without repeats itself)."""
+    if devices is None:
+        devices = 1
+    n_devices = devices if isinstance(devices, int) else (len(devices) if isinstance(devices, list) else 1)
+    if strategy == "auto" and n_devices > 1:
+        strategy = "ddp"
+    import sys
+
+    return pl.Trainer(
+        max_epochs=max_epochs, reload_dataloaders_every_n_epochs=1 if max_epochs > 1 else 0,
+        accelerator=accelerator, devices=devices, strategy=make_strategy(strategy, timeout_s=ddp_timeout), logger=loggers,
+        enable_checkpointing=False, use_distributed_sampler=False, num_sanity_val_steps=0, enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False, log_every_n_steps=10, limit_val_batches=limit_val_batches,
+    )
 
 
 class PassCheckpoint(Callback):
@@ -425,13 +212,6 @@ def check_resume(path: str | Path, settings: dict[str, Any]) -> None:
                 )
 
 
-def _all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.SUM)
-    return tensor
-
-
-# ============================================================================ the module
 def parse_sites(site: str | Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
     options = [site] if isinstance(site, str) else list(site)
     out = []
@@ -463,7 +243,11 @@ def _as_list(value, name: str, kind: type) -> list:
 
 
 class AUSteerModule(pl.LightningModule):
-    """A frozen causal LM, its momentum pass over contrastive pairs, and the validation grid.
+    """A frozen causal LM, its momentum pass over contrastive pairs, the validation grid and the
+    learned-strength phase, as Lightning hooks around :mod:`austeer_pl.engine`.
+
+    ``train.py`` fits AUSteer (and ``--model.strength``'s learned variant); ``evaluate.py
+    --compare`` calls :meth:`use_methods` to fit every registered method in the same run.
 
     Args:
         model_name: ``smollm2-135m-instruct`` (embedded), a hub id, a local folder or a ``.gguf`` file.
@@ -529,28 +313,44 @@ class AUSteerModule(pl.LightningModule):
             raise AusteerError("strength_epochs >= 0, strength_lr > 0, kl_weight >= 0, patience >= 1 and gate_width >= 1 are required")
         if scoring is not None:
             check_scoring(scoring)
-        self.read_sites = tuple(dict.fromkeys(s for _, sites in self.site_options for s in sites))
         self.export_dir: Path | None = None
         self.batches_done = 0
-        self.accumulator: MomentumAccumulator | None = None
+        self.stats: PassStatistics | None = None
         self.rankings: dict[str, Selection] = {}
         self.state: SteeringState | None = None
         self.summary: dict[str, Any] = {}
+        self.candidates: list[Candidate] = []
+        self.results: dict[str, MethodResult] = {}
+        self.trainers: dict[str, StrengthTrainer] = {}
+        self.timing: dict[str, float] = {}
         self._pending: dict[str, Any] | None = None
-        self._val_correct: torch.Tensor | None = None
-        self._val_total = 0
         self._fit_started = 0.0
         self._n_tokens = 0
-        self.strength_fn: nn.Module | None = None
-        self._prefix_readers: dict[tuple[str, ...], SharedPrefixReader] = {}
-        self._optimizer: torch.optim.Optimizer | None = None
-        self._best: dict[str, Any] | None = None
-        self._bad_epochs = 0
-        self.strength_history: list[dict[str, float]] = []
+        self._readers: dict = {}
+        self._metrics: dict[str, ReducedTensor] = {}
+        learned = f"austeer_{strength}" if strength != "momentum" and strength_epochs > 0 else None
+        self.use_methods(("unsteered", "austeer", *([learned] if learned else [])), primary=learned or "austeer")
         # The frozen LLM is deliberately not a registered submodule (see `llm`).
         self.__dict__["_llm"] = None
         self.__dict__["_tokenizer"] = None
         self.__dict__["_layout"] = None
+
+    def use_methods(self, methods: Sequence[str], grids: Mapping[str, Any] | None = None, *, primary: str = "austeer") -> AUSteerModule:
+        """Fit, tune (and test) these registered methods in the same run (``evaluate.py --compare``).
+
+        ``grids`` replaces methods' default grids; AUSteer's grid is the module's ``site``, ``k``,
+        ``alpha``. ``primary`` is the method whose chosen state becomes :attr:`state` (the export).
+        """
+        for m in methods:
+            get_method(m)
+        wanted = set(methods) | ({"austeer"} if any(get_method(m).learned for m in methods) else set())  # learned variants start from it
+        self.methods = ("unsteered", *[m for m in METHODS if m in wanted and m != "unsteered"])
+        self.grids = {k: v for k, v in dict(grids or {}).items() if k in METHODS and k != "austeer"}
+        self.primary = primary
+        sites = {s for _, group in self.site_options for s in group}
+        sites |= {s for m in self.methods if m != "austeer" for s in get_method(m).read_sites}
+        self.read_sites = tuple(s for s in SITES if s in sites)
+        return self
 
     # -- the frozen model, outside parameters and state_dict
     def _load(self) -> None:
@@ -559,9 +359,7 @@ class AUSteerModule(pl.LightningModule):
             model, tokenizer = load_model(hp.model_name, dtype=hp.dtype, cache_dir=hp.cache_dir)
             self.__dict__["_llm"] = model.to(self.device)
             self.__dict__["_tokenizer"] = tokenizer
-            spec = None
-            if hp.layout_layers:
-                spec = LayoutSpec(hp.layout_layers, hp.layout_attention, hp.layout_ffn)
+            spec = LayoutSpec(**self.layout_spec()) if self.layout_spec() else None
             self.__dict__["_layout"] = locate_units(model, spec)
 
     @property
@@ -580,6 +378,13 @@ class AUSteerModule(pl.LightningModule):
         self._load()
         return self._layout
 
+    def layout_spec(self) -> dict[str, str | None] | None:
+        """The ``--model.layout_*`` module paths, recorded in exported states (None: located automatically)."""
+        hp = self.hparams
+        if not hp.layout_layers:
+            return None
+        return {"layers": hp.layout_layers, "attention": hp.layout_attention, "ffn": hp.layout_ffn}
+
     def _apply(self, fn, *args, **kwargs):
         # Device and dtype moves of the module apply to the frozen model too.
         super()._apply(fn, *args, **kwargs)
@@ -592,15 +397,33 @@ class AUSteerModule(pl.LightningModule):
         self.__dict__["_llm"] = model.requires_grad_(False).eval()
         self.__dict__["_tokenizer"] = tokenizer
         self.__dict__["_layout"] = layout or locate_units(model)
-        self._prefix_readers = {}
+        self._readers = {}
         return self
+
+    # -- reductions: Lightning's (a no-op on one process)
+    def _sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self._trainer is None:
+            return tensor
+        return self.trainer.strategy.reduce(tensor, reduce_op="sum")
+
+    def _reduced(self, name: str, local: torch.Tensor, reduce: str = "sum") -> torch.Tensor:
+        """``local`` summed (or maxed) over processes through a torchmetrics metric."""
+        metric = ReducedTensor(tuple(local.shape), local.dtype, reduce).to(self.device)
+        metric.update(local.to(self.device))
+        out = metric.compute().cpu()
+        self._metrics[name] = metric
+        return out
+
+    @property
+    def accumulator(self) -> MomentumAccumulator | None:
+        return None if self.stats is None else self.stats.accumulator
 
     # -- the momentum pass
     def setup(self, stage: str) -> None:
         for site in self.read_sites:
             self.layout.site(site)
-        if self.accumulator is None:
-            self.accumulator = MomentumAccumulator({s: self.layout.site(s).size for s in self.read_sites}, self.layout.n_layers)
+        if self.stats is None:
+            self.stats = PassStatistics.create(self.layout, self.read_sites, head_moments="head_moments" in needs(self.methods))
 
     def configure_optimizers(self):
         return None
@@ -608,7 +431,7 @@ class AUSteerModule(pl.LightningModule):
     def on_train_start(self) -> None:
         self._fit_started = time.perf_counter()
         self.llm.eval()
-        self.accumulator.to(self.device)
+        self.stats.to(self.device)
         if self._pending is not None:
             self._restore(self._pending)
             self._pending = None
@@ -617,252 +440,274 @@ class AUSteerModule(pl.LightningModule):
         if self.current_epoch > 0:
             return self.strength_step(batch)
         if batch["n_pairs"]:
-            pos, neg = self.read_pair_batch(batch)
-            self.accumulator.update(pos, neg)
+            self.stats.update(*read_pair_batch(self.llm, self.layout, batch, self.read_sites, readers=self._readers))
             self._n_tokens += batch["n_tokens"]
         self.batches_done += 1
         return None
 
-    def read_pair_batch(self, batch: dict[str, Any], sites: Sequence[str] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """Last-token units of a collated batch of pairs, ``(pos, neg)``, each ``{site: (B, layers, units)}``.
-
-        Reads prompt + answers from a shared KV cache when the batch holds ids per part and
-        ``--data.shared_prefix`` holds on this device, or the padded full sequences otherwise.
-        """
-        sites = tuple(sites or self.read_sites)
-        n = batch["n_pairs"]
-        with torch.inference_mode():
-            if "prompt_ids" in batch:
-                if use_shared_prefix(batch.get("shared_prefix", True), self.device):
-                    reader = self._prefix_readers.get(sites)
-                    if reader is None:
-                        reader = self._prefix_readers[sites] = SharedPrefixReader(self.llm, self.layout, sites)
-                    return reader.read_pairs(batch["prompt_ids"], batch["pos_ids"], batch["neg_ids"], batch["pad_id"], max_length=batch["max_length"])
-                ids, mask = pair_rows(batch["prompt_ids"], batch["pos_ids"], batch["neg_ids"], batch["pad_id"], batch["max_length"], side="right")
-                batch = {"input_ids": ids, "attention_mask": mask}
-            acts = ActivationReader(self.llm, self.layout, sites)(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device))
-            return {s: a[:n] for s, a in acts.items()}, {s: a[n:] for s, a in acts.items()}
+    def read_pair_batch(self, batch: dict[str, Any], sites: Sequence[str] | None = None):
+        return read_pair_batch(self.llm, self.layout, batch, tuple(sites or self.read_sites), readers=self._readers)
 
     def finish_pass(self) -> None:
         """Sum the statistics across processes and rank the units (once, at the end of the pass)."""
         if self.rankings:
             return
-        self.accumulator.reduce_(_all_reduce_sum)
-        n_max = max(self.k_grid)
-        rankings = {}
-        for name, sites in self.site_options:
-            ranked = rank_units(self.accumulator, sites, self.hparams.sign)
-            if ranked.k < n_max:
-                raise AusteerError(
-                    f"k={n_max} but only {ranked.k} {name} units are eligible (sign policy {self.hparams.sign}); lower --model.k or use --model.sign both"
-                )
-            rankings[name] = ranked.head(n_max)
-        self.rankings = rankings
-        tokens = torch.tensor([self._n_tokens], dtype=torch.int64, device=self.device)
-        self.summary["fit_tokens"] = int(_all_reduce_sum(tokens))
+        self.stats.reduce_(self._sum)
+        self.rankings = rank_site_options(self.stats.accumulator, self.site_options, self.hparams.sign, max(self.k_grid))
+        tokens = self._sum(torch.tensor([self._n_tokens], dtype=torch.int64, device=self.device))
+        self.summary["fit_tokens"] = int(tokens)
         self.summary["fit_seconds"] = time.perf_counter() - self._fit_started
         self.summary["n_pairs"] = self.accumulator.n
 
-    def on_validation_start(self) -> None:
-        # Lightning validates at the end of the training epoch, before on_train_epoch_end.
-        if self.trainer.state.fn == "fit" and not self.trainer.sanity_checking:
-            self.finish_pass()
-
     def on_train_epoch_end(self) -> None:
+        if self.current_epoch > 0:
+            return
         self.finish_pass()
         self.log("fit/n_pairs", float(self.accumulator.n), rank_zero_only=True)
         self.log("fit/seconds", float(self.summary["fit_seconds"]), rank_zero_only=True)
         self.log("fit/tokens", float(self.summary["fit_tokens"]), rank_zero_only=True)
 
-    # -- the validation grid
+    # -- the validation grid (epoch 0) and the strength trainers' validation (epochs 1..)
     def grid(self) -> list[tuple[str, int, float]]:
         return [(name, k, alpha) for name, _ in self.site_options for k in self.k_grid for alpha in self.alpha_grid]
 
-    def make_state(self, site_option: str, k: int, alpha: float, metadata: dict[str, Any] | None = None) -> SteeringState:
-        return SteeringState.from_selection(
-            self.rankings[site_option].head(k),
-            self.layout,
-            alpha=alpha,
-            base_model=model_name_of(self.llm),
-            sign_policy=self.hparams.sign,
-            token_scope=self.hparams.token_scope,
-            metadata=metadata,
-            layout_spec=self.layout_spec(),
+    def fit_context(self, metadata: Mapping[str, Any] | None = None) -> FitContext:
+        return FitContext(
+            layout=self.layout, acc=self.accumulator, moments=self.stats.head_moments if self.stats else None,
+            probe_accuracy=getattr(self, "probe_accuracy", None), rankings=self.rankings, base_model=model_name_of(self.llm),
+            token_scope=self.hparams.token_scope, sign=self.hparams.sign, layout_spec=self.layout_spec(), metadata=dict(metadata or {}),
         )
 
-    def layout_spec(self) -> dict[str, str | None] | None:
-        """The ``--model.layout_*`` module paths, recorded in exported states (None: located automatically)."""
-        hp = self.hparams
-        if not hp.layout_layers:
-            return None
-        return {"layers": hp.layout_layers, "attention": hp.layout_attention, "ffn": hp.layout_ffn}
+    def make_state(self, site_option: str, k: int, alpha: float, metadata: dict[str, Any] | None = None) -> SteeringState:
+        return build_state("austeer", self.fit_context(metadata), site=site_option, k=k, alpha=alpha)
+
+    def on_validation_start(self) -> None:
+        # Lightning validates at the end of the training epoch, before on_train_epoch_end.
+        if self.trainer.state.fn != "fit" or self.trainer.sanity_checking or self.current_epoch > 0:
+            return
+        self.finish_pass()
+        if self.candidates:
+            return
+        if "probe_accuracy" in needs(self.methods):
+            started = time.perf_counter()
+            self.probe_accuracy = ProbeAccuracy(fit_probes(self.stats.head_moments))
+            with torch.inference_mode():
+                for batch in self.trainer.datamodule.val_pair_batches():
+                    if batch["n_pairs"]:
+                        pos, neg = self.read_pair_batch(batch, ["attention"])
+                        self.probe_accuracy.update(pos["attention"], neg["attention"])
+            self.probe_accuracy.reduce_(self._sum)
+            self.timing["probe_pass"] = float(self._reduced("probe_seconds", torch.tensor([time.perf_counter() - started], dtype=torch.float64), "max"))
+        self.candidates = self.build_candidates()
+
+    def build_candidates(self) -> list[Candidate]:
+        """Unsteered first, then every grid point of every grid method (states built once)."""
+        ctx = self.fit_context({"data": self.trainer.datamodule.data_config()})
+        out = [Candidate("unsteered", {}, None)]
+        for method in self.methods:
+            if method == "austeer":
+                for option, k, alpha in self.grid():
+                    out.append(Candidate("austeer", {"site": option, "k": k, "alpha": alpha, "sign": self.hparams.sign}, self.make_state(option, k, alpha)))
+            elif method != "unsteered" and get_method(method).points is not None:
+                for hyper in get_method(method).grid_points(self.layout, self.grids.get(method)):
+                    out.append(Candidate(method, dict(hyper), build_state(method, ctx, **hyper)))
+        return out
+
+    def _scoring(self) -> str:
+        return self.hparams.scoring or default_scoring(self.trainer.datamodule.task_obj)
 
     def on_validation_epoch_start(self) -> None:
-        self._val_correct = torch.zeros(1 + len(self.grid()), dtype=torch.int64)
+        self._val_correct = torch.zeros(len(self.candidates), dtype=torch.int64)
+        self._val_seconds = torch.zeros(len(self.candidates), dtype=torch.float64)
         self._val_total = 0
-        self._val_nll = 0.0
-        self._val_choice = 0.0
+        self._strength_sums = {m: torch.zeros(VALIDATION_SUMS, dtype=torch.float64) for m in self.trainers}
+
+    def _val_batch(self, indices: Sequence[int]):
+        dm = self.trainer.datamodule
+        return [dm.splits["val"][i] for i in indices], [dm.val_prompts[i] for i in indices]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if not self.rankings or not batch["index"]:
+        if not batch["index"] or not self.rankings:
             return None
-        if self.strength_fn is not None:
-            return self.strength_validation_step(batch)
         dm = self.trainer.datamodule
-        task = dm.task_obj
-        examples = [dm.splits["val"][i] for i in batch["index"]]
-        prompts = [dm.val_prompts[i] for i in batch["index"]]
-        scoring = self.hparams.scoring or default_scoring(task)
-        answers = torch.tensor([ex.answer for ex in examples])
-        kwargs = dict(scoring=scoring, batch_size=dm.hparams.eval_batch_size, max_length=dm.hparams.max_length)
-        self._val_correct[0] += int(predict(self.llm, self.tokenizer, task, examples, prompts, **kwargs).eq(answers).sum())
-        for i, (option, k, alpha) in enumerate(self.grid(), start=1):
-            with self.make_state(option, k, alpha).apply(self.llm, layout=self.layout):
-                self._val_correct[i] += int(predict(self.llm, self.tokenizer, task, examples, prompts, **kwargs).eq(answers).sum())
+        examples, prompts = self._val_batch(batch["index"])
+        kwargs = dict(scoring=self._scoring(), batch_size=dm.hparams.eval_batch_size, max_length=dm.hparams.max_length)
+        if self.current_epoch > 0:
+            for method, trainer in self.trainers.items():
+                if not trainer.stopped:
+                    started = time.perf_counter()
+                    self._strength_sums[method] += trainer.validation_sums(self.tokenizer, dm.task_obj, examples, prompts, **kwargs)
+                    self._train_seconds[method] += time.perf_counter() - started
+            return None
+        self._val_correct += count_correct(self.llm, self.tokenizer, dm.task_obj, self.candidates, examples, prompts, layout=self.layout,
+                                           seconds=self._val_seconds, **kwargs)
         self._val_total += len(examples)
         return None
 
     def on_validation_epoch_end(self) -> None:
         if not self.rankings:
             return
-        if self.strength_fn is not None:
+        if self.current_epoch > 0:
             return self.strength_validation_end()
-        counts = _all_reduce_sum(torch.cat([self._val_correct, torch.tensor([self._val_total])]).to(self.device)).cpu()
+        counts = self._reduced("val_correct", torch.cat([self._val_correct, torch.tensor([self._val_total])]))
+        seconds = self._reduced("val_seconds", self._val_seconds, "max")
         correct, total = counts[:-1], int(counts[-1])
         if total == 0:
             raise AusteerError("the validation split is empty; raise --data.val_fraction or --data.max_val_examples")
         acc = (correct.double() / total).tolist()
-        results = [
-            {"site": option, "k": k, "alpha": alpha, "val_accuracy": a}
-            for (option, k, alpha), a in zip(self.grid(), acc[1:])
-        ]
-        # Best accuracy; ties go to fewer units, then the weaker push, then grid order.
-        best = min(range(len(results)), key=lambda i: (-results[i]["val_accuracy"], results[i]["k"], abs(results[i]["alpha"]), i))
-        chosen = results[best]
         dm = self.trainer.datamodule
-        metadata = {
-            "fit": {
-                "strength": self.hparams.strength,
-                "n_pairs": self.accumulator.n,
-                "n_val_examples": total,
-                "val_accuracy_unsteered": acc[0],
-                "val_accuracy": chosen["val_accuracy"],
-                "site": chosen["site"],
-                "grid": results,
-                "fit_seconds": self.summary.get("fit_seconds"),
-                "world_size": self.trainer.world_size,
-                "scoring": self.hparams.scoring or default_scoring(dm.task_obj),
-            },
-            "data": dm.data_config(),
+        fit_meta = {
+            "n_pairs": self.accumulator.n, "n_val_examples": total, "val_accuracy_unsteered": acc[0],
+            "fit_seconds": self.summary.get("fit_seconds"), "world_size": self.trainer.world_size, "scoring": self._scoring(),
         }
-        self.state = self.make_state(chosen["site"], chosen["k"], chosen["alpha"], metadata)
-        self.summary.update(val_accuracy_unsteered=acc[0], val_accuracy=chosen["val_accuracy"], choice=chosen, grid=results, n_val=total)
+        self.results = {}
+        for method in self.methods:
+            idx = [i for i, c in enumerate(self.candidates) if c.method == method]
+            if not idx:  # the learned variants are trained in the next epochs
+                continue
+            best = pick(self.candidates, acc, idx)
+            grid = [{**jsonable(self.candidates[i].hyper), "n_steered_activations": self.candidates[i].n_steered, "val_accuracy": acc[i]} for i in idx]
+            chosen = self.candidates[best]
+            if chosen.state is not None:
+                extra = {"strength": "momentum", "site": chosen.hyper["site"]} if method == "austeer" else {}
+                chosen.state.metadata = {**chosen.state.metadata, "fit": {**fit_meta, "val_accuracy": acc[best], "grid": grid, **extra}, "data": dm.data_config()}
+            self.results[method] = MethodResult(method, chosen, acc[best], grid, float(seconds[idx].sum()))
+            self.log(f"val/{method}_accuracy", acc[best], rank_zero_only=True)
+        austeer = self.results["austeer"]
+        self.state = austeer.chosen.state
+        self.summary.update(val_accuracy_unsteered=acc[0], val_accuracy=austeer.val_accuracy, choice={**austeer.chosen.hyper, "val_accuracy": austeer.val_accuracy},
+                            grid=austeer.grid, n_val=total, val_total_seconds=float(seconds.sum()))
         self.log("val/accuracy_unsteered", acc[0], rank_zero_only=True)
-        self.log("val/accuracy", chosen["val_accuracy"], rank_zero_only=True)
-        self.log("val/k", float(chosen["k"]), rank_zero_only=True)
-        self.log("val/alpha", float(chosen["alpha"]), rank_zero_only=True)
-        if self.hparams.strength != "momentum" and self.hparams.strength_epochs > 0:
-            self.start_strength_phase(chosen["val_accuracy"])
+        self.log("val/accuracy", austeer.val_accuracy, rank_zero_only=True)
+        self.log("val/k", float(austeer.chosen.hyper["k"]), rank_zero_only=True)
+        self.log("val/alpha", float(austeer.chosen.hyper["alpha"]), rank_zero_only=True)
+        self.start_strength_phase()
 
-    # -- the optional learned-strength phase (epochs after the first)
-    def start_strength_phase(self, val_accuracy: float) -> None:
-        init = self.state.scale.to(self.device)
-        self.strength_fn = build_strength(
-            self.hparams.strength, init, self.layout, self.state.layer.tolist(),
-            gate_layer=self.hparams.gate_layer, gate_width=self.hparams.gate_width,
-        ).to(self.device)
-        self._optimizer = torch.optim.Adam(self.strength_fn.parameters(), lr=self.hparams.strength_lr)
-        # The momentum rule (the initial weights) is the first candidate for the best weights.
+    # -- the learned-strength variants (epochs after the first), one StrengthTrainer each
+    def start_strength_phase(self) -> None:
+        hp = self.hparams
+        learned = [m for m in self.methods if get_method(m).learned]
+        self.trainers = {}
+        self._train_seconds = {}
+        if not learned or hp.strength_epochs == 0:
+            return
         dm = self.trainer.datamodule
         rank, world = dm._world()
-        self._val_correct, self._val_total, self._val_nll, self._val_choice = torch.zeros(1, dtype=torch.int64), 0, 0.0, 0.0
-        for indices in shard_batches(len(dm.splits["val"]), rank, world, dm.hparams.eval_batch_size):
-            if indices:
-                self.strength_validation_step({"index": indices})
-        record = self._reduce_strength_validation()
-        self._best = {**record, "epoch": 0, "weights": {k: v.detach().clone() for k, v in self.strength_fn.state_dict().items()}}
-        self._bad_epochs = 0
-        self.strength_history = [{"epoch": 0, **record}]
+        for method in learned:
+            started = time.perf_counter()
+            trainer = StrengthTrainer(self.llm, self.layout, self.state, get_method(method).learned, lr=hp.strength_lr, kl_weight=hp.kl_weight,
+                                      loss=hp.strength_loss, patience=hp.patience, gate_layer=hp.gate_layer, gate_width=hp.gate_width)
+            sums = torch.zeros(VALIDATION_SUMS, dtype=torch.float64)
+            for indices in shard_batches(len(dm.splits["val"]), rank, world, dm.hparams.eval_batch_size):
+                if indices:
+                    examples, prompts = self._val_batch(indices)
+                    sums += trainer.validation_sums(self.tokenizer, dm.task_obj, examples, prompts, scoring=self._scoring(),
+                                                    batch_size=dm.hparams.eval_batch_size, max_length=dm.hparams.max_length)
+            trainer.begin(self._reduced(f"{method}_epoch0", sums))
+            self.trainers[method] = trainer
+            self._train_seconds[method] = time.perf_counter() - started
 
-    def strength_handle(self) -> StrengthHandle:
-        return StrengthHandle(self.llm, self.layout, self.state, self.strength_fn)
+    @property
+    def strength_fn(self) -> nn.Module | None:
+        """The primary learned strength's module (``--model.strength``), while it trains."""
+        trainer = self.trainers.get(self.primary)
+        return None if trainer is None else trainer.fn
+
+    @property
+    def _best(self) -> dict[str, Any] | None:
+        trainer = self.trainers.get(self.primary)
+        return None if trainer is None else trainer.best
+
+    @property
+    def strength_history(self) -> list[dict[str, float]]:
+        trainer = self.trainers.get(self.primary)
+        return [] if trainer is None else trainer.history
+
+    def strength_handle(self):
+        return self.trainers[self.primary].handle()
 
     def strength_batch_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, nll, kl)``: ``--model.strength_loss`` plus ``kl_weight`` x KL(unsteered || steered) at the answer position."""
-        return strength_objective(self.llm, self.layout, self.state, self.strength_fn, batch, kl_weight=self.hparams.kl_weight, loss=self.hparams.strength_loss)
+        trainer = self.trainers[self.primary]
+        trainer.loss, trainer.kl_weight = self.hparams.strength_loss, self.hparams.kl_weight  # the module's settings rule
+        return trainer.batch_loss(batch)
 
     def strength_step(self, batch: dict[str, Any]) -> None:
-        params = list(self.strength_fn.parameters())
-        self._optimizer.zero_grad(set_to_none=False)
-        if batch["n_examples"]:
-            loss, nll, kl = self.strength_batch_loss(batch)
-            self.manual_backward(loss)
-            self.log_dict({"fit/strength_loss": loss.detach(), "fit/strength_nll": nll.detach(), "fit/strength_kl": kl.detach()}, rank_zero_only=True)
-        # Gradient averaging across processes (the DDP reduction; the LLM itself has no gradients).
-        average_gradients(params, _all_reduce_sum, batch["n_examples"])
-        self._optimizer.step()
+        for method, trainer in self.trainers.items():
+            started = time.perf_counter()
+            losses = trainer.step(batch, self._sum)
+            self._train_seconds[method] += time.perf_counter() - started
+            if losses is not None and method == self.primary:
+                self.log_dict({f"fit/strength_{k}": v for k, v in losses.items()}, rank_zero_only=True)
         return None
 
-    def strength_validation_step(self, batch: dict[str, Any]) -> None:
-        dm = self.trainer.datamodule
-        examples = [dm.splits["val"][i] for i in batch["index"]]
-        prompts = [dm.val_prompts[i] for i in batch["index"]]
-        answers = torch.tensor([ex.answer for ex in examples])
-        scoring = self.hparams.scoring or default_scoring(dm.task_obj)
-        kwargs = dict(batch_size=dm.hparams.eval_batch_size, max_length=dm.hparams.max_length)
-        with torch.no_grad(), self.strength_handle():
-            if scoring == "loglik":
-                # The log-likelihoods give the prediction, the right answer's NLL and the cross-entropy
-                # over the choices (the tie-breaker of the nll and the choice loss).
-                scores = choice_logprobs(self.llm, self.tokenizer, prompts, [answer_suffixes(p, ex.choices) for p, ex in zip(prompts, examples)], **kwargs)
-                preds = torch.stack([sc.argmax() for sc in scores])
-                self._val_nll += float(sum(-sc[ex.answer] for sc, ex in zip(scores, examples)))
-                self._val_choice += float(sum(torch.logsumexp(sc.double(), 0) - sc[ex.answer] for sc, ex in zip(scores, examples)))
-            else:
-                preds = predict(self.llm, self.tokenizer, dm.task_obj, examples, prompts, scoring=scoring, **kwargs)
-        self._val_correct[0] += int(preds.eq(answers).sum())
-        self._val_total += len(examples)
-
-    def _reduce_strength_validation(self) -> dict[str, float]:
-        """``val_accuracy``, ``val_nll`` (the right answer's) and ``val_choice_loss`` (cross-entropy
-        over the choices), summed over processes; the latter two are 0 under generation scoring."""
-        sums = [float(self._val_correct[0]), float(self._val_total), self._val_nll, self._val_choice]
-        counts = _all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=self.device)).cpu()
-        total = max(int(counts[1]), 1)
-        return {"val_accuracy": float(counts[0]) / total, "val_nll": float(counts[2]) / total, "val_choice_loss": float(counts[3]) / total}
-
     def strength_validation_end(self) -> None:
-        record = self._reduce_strength_validation()
         epoch = self.current_epoch
-        self.strength_history.append({"epoch": epoch, **record})
-        for key, value in record.items():
-            self.log(f"val/strength_{key.removeprefix('val_')}", value, rank_zero_only=True)
-        # Early stopping on validation accuracy; ties go to the lower validation value of the loss
-        # being trained (the right answer's NLL, or the cross-entropy over the choices).
-        tie = "val_nll" if self.hparams.strength_loss == "nll" else "val_choice_loss"
-        if (record["val_accuracy"], -record[tie]) > (self._best["val_accuracy"], -self._best[tie]):
-            self._best = {**record, "epoch": epoch, "weights": {k: v.detach().clone() for k, v in self.strength_fn.state_dict().items()}}
-            self._bad_epochs = 0
-        else:
-            self._bad_epochs += 1
-            if self._bad_epochs >= self.hparams.patience:
-                self.trainer.should_stop = True
+        for method, trainer in self.trainers.items():
+            if trainer.stopped:
+                continue
+            trainer.end_epoch(epoch, self._reduced(f"{method}_val", self._strength_sums[method]))
+            record = trainer.history[-1]
+            for key, value in record.items():
+                if key != "epoch":
+                    self.log(f"val/{method}_{key.removeprefix('val_')}", value, rank_zero_only=True)
+        if self.trainers and all(t.stopped for t in self.trainers.values()):
+            self.trainer.should_stop = True
 
     def finish_strength_phase(self) -> None:
-        """Keep the best weights (validation accuracy) and fold them into the exported state."""
-        self.strength_fn.load_state_dict(self._best["weights"])
-        metadata = learned_fit_metadata(
-            self.state, self.hparams.strength, val_accuracy=self._best["val_accuracy"], best_epoch=self._best["epoch"],
-            history=self.strength_history, lr=self.hparams.strength_lr, kl_weight=self.hparams.kl_weight, loss=self.hparams.strength_loss,
-        )
-        self.state = fold_strength(self.state, self.strength_fn, metadata)
-        self.summary["val_accuracy"] = self._best["val_accuracy"]
+        """Fold each trainer's best weights into its state; the primary one becomes :attr:`state`."""
+        base = self.results["austeer"]
+        for method, trainer in self.trainers.items():
+            learned = trainer.fold()
+            seconds = float(self._reduced(f"{method}_seconds", torch.tensor([self._train_seconds[method]], dtype=torch.float64), "max"))
+            hyper = {**base.chosen.hyper, "strength": trainer.kind, "best_epoch": trainer.best["epoch"]}
+            self.results[method] = MethodResult(method, Candidate(method, hyper, learned), trainer.best["val_accuracy"], trainer.history,
+                                                base.tuning_seconds + seconds, training_seconds=seconds)
+            if method == self.primary:
+                self.state = learned
+                self.summary["val_accuracy"] = trainer.best["val_accuracy"]
+        self._folded = True
 
     def on_fit_end(self) -> None:
-        if self.strength_fn is not None:
+        if self.trainers and not getattr(self, "_folded", False):
             self.finish_strength_phase()
         if self.state is not None and self.export_dir is not None and self.trainer.is_global_zero:
             self.state.save_pretrained(self.export_dir)
+
+    # -- test (evaluate.py --compare): each method's chosen state on the same examples
+    def on_test_epoch_start(self) -> None:
+        if not self.results:
+            raise AusteerError("nothing to test: the validation grid did not run (is the validation split empty?)")
+        n_test = len(self.trainer.datamodule.splits["test"])
+        if n_test == 0:
+            raise AusteerError("the test split is empty; raise --max_test_examples or the test fraction")
+        self._test_codes = torch.zeros(len(self.methods), n_test, dtype=torch.int64)
+        self._test_seconds = torch.zeros(len(self.methods), dtype=torch.float64)
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        if not batch["index"]:
+            return None
+        dm = self.trainer.datamodule
+        index = torch.tensor(batch["index"])
+        examples = [dm.splits["test"][i] for i in batch["index"]]
+        prompts = [dm.test_prompts[i] for i in batch["index"]]
+        for j, method in enumerate(self.methods):
+            started = time.perf_counter()
+            preds = predictions(self.llm, self.tokenizer, dm.task_obj, self.results[method].chosen.state, examples, prompts, scoring=self._scoring(),
+                                batch_size=dm.hparams.eval_batch_size, max_length=dm.hparams.max_length, layout=self.layout)
+            # +2 keeps every written code positive (predictions are >= -1), so a SUM gathers them exactly.
+            self._test_codes[j, index] = preds.long().cpu() + 2
+            self._test_seconds[j] += time.perf_counter() - started
+        return None
+
+    def on_test_epoch_end(self) -> None:
+        codes = self._reduced("test_codes", self._test_codes)
+        seconds = self._reduced("test_seconds", self._test_seconds, "max")
+        if bool(codes.eq(0).any()):
+            raise AusteerError("some test examples were not scored on any process; this is a bug, please report it")
+        for j, method in enumerate(self.methods):
+            self.results[method].test_predictions = codes[j] - 2
+            self.results[method].test_seconds = float(seconds[j])
 
     # -- checkpoints: the accumulator and selection only
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -872,7 +717,7 @@ class AUSteerModule(pl.LightningModule):
         if not reduced:
             # Mid-pass: each process holds part of the counts; the checkpoint keeps their sum.
             for t in tensors.values():
-                _all_reduce_sum(t)
+                self._sum(t)
         checkpoint["austeer"] = {
             "accumulator": {k: v.cpu() for k, v in tensors.items()},
             "batches_done": self.batches_done,

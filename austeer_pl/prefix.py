@@ -53,6 +53,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from .batching import pad_ids, truncate_pair_left
 from .errors import AusteerError
 from .reading import ActivationReader, _StopForward
 from .sites import ModelLayout, register_site_hook
@@ -106,16 +107,6 @@ def use_shared_prefix(setting: bool | str, device: torch.device | str) -> bool:
     if setting == "auto":
         return torch.device(device).type == "cpu"
     raise AusteerError(f"shared_prefix must be true, false or auto, not {setting!r}; set --data.shared_prefix to one of them")
-
-
-def _truncate_left(prompt: list[int], answer: list[int], limit: int | None) -> tuple[list[int], list[int]]:
-    """Keep the last ``limit`` tokens of ``prompt + answer``, split back into prompt and answer."""
-    if limit is None or len(prompt) + len(answer) <= limit:
-        return prompt, answer
-    cut = len(prompt) + len(answer) - limit
-    if cut <= len(prompt):
-        return prompt[cut:], answer
-    return [], answer[cut - len(prompt) :]
 
 
 def split_shared_prefix(
@@ -198,8 +189,8 @@ class SharedPrefixReader:
             raise ValueError(f"expected as many positives and negatives as prompts ({n}), got {len(pos_ids)} and {len(neg_ids)}")
         if n == 0:
             raise AusteerError("no pairs to read")
-        seqs = [_truncate_left(list(p), list(a), max_length) for p, a in zip(prompt_ids, pos_ids)]
-        seqs += [_truncate_left(list(p), list(a), max_length) for p, a in zip(prompt_ids, neg_ids)]
+        seqs = [truncate_pair_left(list(p), list(a), max_length) for p, a in zip(prompt_ids, pos_ids)]
+        seqs += [truncate_pair_left(list(p), list(a), max_length) for p, a in zip(prompt_ids, neg_ids)]
         acts = self.read_continuations(seqs, pad_id)
         return {s: a[:n] for s, a in acts.items()}, {s: a[n:] for s, a in acts.items()}
 
@@ -263,7 +254,7 @@ class SharedPrefixReader:
     def _full(self, seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
         if self._full_reader is None:
             self._full_reader = ActivationReader(self.model, self.layout, self.sites)
-        ids, mask = _pad(seqs, pad_id, self._device(), left=False)
+        ids, mask = pad_ids(seqs, pad_id, side="right", device=self._device())
         return self._full_reader(ids, mask)
 
     def _run(self, hooks: list, **kwargs) -> None:
@@ -305,7 +296,7 @@ class SharedPrefixReader:
         # already hides it from them, and a pad query that sees real keys (instead of nothing, which
         # gives NaN rows in float64 eager attention under a sliding window, and 0 * NaN leaks through
         # the masked weights) stays finite. It also lets sdpa run its plain causal kernel.
-        ids, _ = _pad([list(p) for p in prompts], pad_id, device, left=False)
+        ids, _ = pad_ids([list(p) for p in prompts], pad_id, side="right", device=device)
         cache = DynamicCache()
         try:
             self._run(
@@ -361,7 +352,7 @@ class SharedPrefixReader:
         the last answer token's units of row i go to continuation ``targets[i]`` (rows with -1 are dropped)."""
         device = prompt_mask.device
         n_rows = len(answers)
-        ans_ids, ans_mask = _pad(answers, pad_id, device, left=False)
+        ans_ids, ans_mask = pad_ids(answers, pad_id, side="right", device=device)
         ans_width = ans_ids.shape[1]
         keep = [i for i, t in enumerate(targets) if t >= 0]
         last = torch.tensor([len(answers[i]) - 1 for i in keep])
@@ -397,18 +388,6 @@ class SharedPrefixReader:
         if cache is not None:
             kwargs[self.cache_kwarg] = cache
         self._run(hooks, **kwargs)
-
-
-def _pad(seqs: list[list[int]], pad_id: int, device, *, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), int(pad_id), dtype=torch.long)
-    mask = torch.zeros(len(seqs), width, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if s:
-            sl = slice(width - len(s), width) if left else slice(0, len(s))
-            ids[i, sl] = torch.tensor(s, dtype=torch.long)
-            mask[i, sl] = 1
-    return ids.to(device), mask.to(device)
 
 
 def read_pairs_shared_prefix(

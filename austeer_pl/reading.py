@@ -36,26 +36,6 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def encode_texts(
-    tokenizer, texts: Sequence[str], *, device: torch.device | str | None = None, max_length: int | None = None
-) -> dict[str, torch.Tensor]:
-    """Tokenize texts into one right-padded batch (``input_ids``, ``attention_mask``)."""
-    if tokenizer.pad_token_id is None:
-        raise AusteerError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
-    batch = tokenizer(
-        list(texts),
-        return_tensors="pt",
-        padding=True,
-        truncation=max_length is not None,
-        max_length=max_length,
-        add_special_tokens=True,
-    )
-    out = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-    if device is not None:
-        out = {k: v.to(device) for k, v in out.items()}
-    return out
-
-
 class _StopForward(Exception):
     """Raised after the last decoder layer: nothing after it (final norm, LM head) is needed."""
 

@@ -1,8 +1,9 @@
 """Scoring multiple-choice examples: log-likelihood of each choice, or greedy generation.
 
-Prompt and answer are tokenized separately and their ids concatenated, so the boundary between
-them is the same for every choice, in fitting and in scoring. Batches are left-padded, so every
-answer ends at the last position and only the last few positions' logits are computed.
+A choice's ids are the ids of the joined text ``prompt + choice`` after the prompt
+(:func:`~austeer_pl.batching.encode_answers`), the same rule as in fitting. Batches are
+left-padded, so every answer ends at the last position and only the last few positions' logits
+are computed.
 """
 
 from __future__ import annotations
@@ -15,49 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .batching import encode_answers, encode_segments, pad_id_of, pad_ids, truncate_left
 from .errors import AusteerError
 from .reading import position_ids_from_mask
-
-
-def encode_segments(tokenizer, texts: Sequence[str], *, special: bool) -> list[list[int]]:
-    """Token ids of each text (with the tokenizer's special tokens when ``special``)."""
-    if not texts:
-        return []
-    return tokenizer(list(texts), add_special_tokens=special)["input_ids"]
-
-
-def pad_ids(
-    seqs: Sequence[Sequence[int]], pad_id: int, *, side: str = "left", device: torch.device | str | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad id lists into ``(input_ids, attention_mask)``."""
-    width = max((len(s) for s in seqs), default=0)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        if not seq:
-            continue
-        row = torch.as_tensor(seq, dtype=torch.long)
-        if side == "left":
-            ids[i, width - len(seq):] = row
-            mask[i, width - len(seq):] = 1
-        else:
-            ids[i, : len(seq)] = row
-            mask[i, : len(seq)] = 1
-    if device is not None:
-        ids, mask = ids.to(device), mask.to(device)
-    return ids, mask
-
-
-def truncate_left(seq: list[int], max_length: int | None) -> list[int]:
-    """Keep the last ``max_length`` ids (the answer end must survive truncation)."""
-    return seq if max_length is None or len(seq) <= max_length else seq[-max_length:]
-
-
-def _pad_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad is None:
-        raise AusteerError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
-    return int(pad)
 
 
 @torch.inference_mode()
@@ -91,16 +52,20 @@ def choice_logprobs(
     if len(prompts) != len(answers):
         raise ValueError("one list of answers per prompt")
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
-    prompt_ids = encode_segments(tokenizer, prompts, special=True)
+    pad = pad_id_of(tokenizer)
     flat_answers = [a for group in answers for a in group]
-    answer_ids = encode_segments(tokenizer, flat_answers, special=False)
-    if any(len(a) == 0 for a in answer_ids):
-        raise AusteerError("an answer choice tokenizes to nothing; give non-empty choices")
     owner = [i for i, group in enumerate(answers) for _ in group]
+    if any(not a for a in flat_answers):
+        raise AusteerError("an answer choice tokenizes to nothing; give non-empty choices")
+    pair_prompt_ids, answer_ids = encode_answers(tokenizer, [prompts[i] for i in owner], flat_answers)
     out = torch.empty(len(flat_answers), dtype=torch.float32)
+    prompt_ids = {}
+    for j, i in enumerate(owner):
+        prompt_ids.setdefault(i, pair_prompt_ids[j])
+    # One forward per prompt when every choice is one token after the same prompt ids.
+    single = all(len(a) == 1 for a in answer_ids) and all(pair_prompt_ids[j] == prompt_ids[owner[j]] for j in range(len(owner)))
 
-    if all(len(a) == 1 for a in answer_ids):
+    if single:
         # One forward pass per prompt: every choice is a single token predicted at its last position.
         targets = torch.tensor([a[0] for a in answer_ids])
         rows_of = [[] for _ in prompts]
@@ -108,14 +73,14 @@ def choice_logprobs(
             rows_of[i].append(j)
         for start in range(0, len(prompts), batch_size):
             chunk = range(start, min(start + batch_size, len(prompts)))
-            ids, mask = pad_ids([truncate_left(prompt_ids[i], max_length) for i in chunk], pad, device=device)
+            ids, mask = pad_ids([truncate_left(prompt_ids.get(i, []), max_length) for i in chunk], pad, device=device)
             logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=1, use_cache=False).logits
             logp = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
             cols = [j for i in chunk for j in rows_of[i]]
             rows = torch.tensor([i - start for i in chunk for _ in rows_of[i]])
             out[cols] = logp[rows, targets[cols]]
     else:
-        seqs = [truncate_left(prompt_ids[owner[j]] + answer_ids[j], max_length) for j in range(len(flat_answers))]
+        seqs = [truncate_left(pair_prompt_ids[j] + answer_ids[j], max_length) for j in range(len(flat_answers))]
         lengths = [min(len(a), len(s) - 1) for a, s in zip(answer_ids, seqs)]
         for start in range(0, len(seqs), batch_size):
             chunk = range(start, min(start + batch_size, len(seqs)))
@@ -156,7 +121,7 @@ def generate_texts(
 ) -> list[str]:
     """Greedy continuations of each prompt (left-padded batches, KV cache on)."""
     device = next(model.parameters()).device
-    pad = _pad_id(tokenizer)
+    pad = pad_id_of(tokenizer)
     prompt_ids = encode_segments(tokenizer, prompts, special=True)
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):

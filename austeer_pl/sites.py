@@ -133,9 +133,6 @@ class ModelLayout:
             )
         return self.sites[name]
 
-    def site_sizes(self) -> dict[str, int]:
-        return {name: site.size for name, site in self.sites.items()}
-
     def n_units(self, sites: tuple[str, ...] | list[str]) -> int:
         return sum(self.site(s).size * self.n_layers for s in sites)
 

@@ -29,13 +29,14 @@ from torch import nn
 from ._version import __version__
 from .errors import AusteerError
 from .fileio import atomic_dir, sha256_file, write_json
+from .hooks import TOKEN_SCOPES, EditHandle
 from .selection import SIGN_POLICIES, Selection
-from .sites import LayoutSpec, ModelLayout, locate_units, register_site_hook
+from .sites import LayoutSpec, ModelLayout, locate_units
+from .strength import strength_from_config
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "steering_config.json"
 WEIGHTS_NAME = "steering_state.safetensors"
-TOKEN_SCOPES = ("all", "prompt", "generated")
 _TENSOR_KEYS = ("site_index", "layer", "unit", "momentum", "scale", "shift")
 _INT_KEYS = ("site_index", "layer", "unit")
 _STRENGTH_KINDS = ("momentum", "scalar", "gate")
@@ -300,7 +301,7 @@ class SteeringState:
         alpha: float | None = None,
         token_scope: str | None = None,
         layout: ModelLayout | LayoutSpec | None = None,
-    ) -> SteeringHandle:
+    ) -> EditHandle:
         """Register hooks that edit the selected units; returns a handle with ``.remove()``.
 
         This mutates ``model`` by adding forward hooks (only on the layers that hold selected units)
@@ -331,13 +332,25 @@ class SteeringState:
         if not isinstance(layout, ModelLayout):
             layout = locate_units(model, layout)
         state.check_compatible(layout)
+        gate = None
         if state.strength.get("kind") == "gate":
-            from .strength import StrengthHandle, strength_from_config
-
             gate = strength_from_config(state.strength, state.strength_tensors, state.k)
             gate.to(next(model.parameters()).device)
-            return StrengthHandle(model, layout, state, gate, scope)
-        return SteeringHandle(model, layout, state, scope)
+        return EditHandle(model, layout, state, gate, scope)
+
+    def merge_into(self, model: nn.Module, *, layout: ModelLayout | LayoutSpec | None = None) -> nn.Module:
+        """Fold the state into ``model``'s weights **in place** and return the model.
+
+        This mutates ``model`` permanently (as peft's ``merge_and_unload`` does): the edited
+        projections' weights (and biases) are rescaled so that the plain model computes what the
+        hooked model computes. Only edits that fold exactly are accepted; see :mod:`austeer_pl.merge`.
+
+        Example:
+            >>> merged = state.merge_into(model)  # then merged.save_pretrained("steered-model")
+        """
+        from .merge import merge_into
+
+        return merge_into(self, model, layout=layout)
 
     # ------------------------------------------------------------------ save and load
     def to_config(self) -> dict[str, Any]:
@@ -450,110 +463,3 @@ class SteeringState:
             strength_tensors={name[len("strength."):]: t for name, t in tensors.items() if name.startswith("strength.")},
             layout=_config_field(config, "layout", (dict, type(None)), None),
         )
-
-# Activations up to this many elements are edited with one dense multiply by a full-width factor
-# vector; larger ones (long prefills) with index_select/multiply/index_copy_ on the selected units
-# only. On the CPU the crossover is near 64k elements; elsewhere one kernel launch beats three up to
-# far larger tensors.
-_DENSE_MAX_NUMEL = {"cpu": 1 << 16}
-_DENSE_MAX_NUMEL_ACCELERATOR = 1 << 22
-
-
-class SteeringHandle:
-    """Hooks that steer a model; remove them with :meth:`remove` or by leaving the ``with`` block."""
-
-    def __init__(self, model: nn.Module, layout: ModelLayout, state: SteeringState, token_scope: str) -> None:
-        self.model = model
-        self.layout = layout
-        self.state = state
-        self.token_scope = token_scope
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        # Current phase of generation: True while the input is being processed (prefill).
-        self._prefill = True
-        try:
-            param = next(model.parameters())
-            device, dtype = param.device, param.dtype
-        except StopIteration:
-            device, dtype = torch.device("cpu"), torch.float32
-        for i, site_name in enumerate(state.sites):
-            site = layout.site(site_name)
-            rows = state.site_index == i
-            for layer in sorted(set(state.layer[rows].tolist())):
-                sel = rows & (state.layer == layer)
-                unit_cpu = state.unit[sel]
-                unit = unit_cpu.to(device)
-                factor = (1.0 + state.scale[sel]).to(device=device, dtype=dtype)
-                shift = state.shift[sel]
-                shift = shift.to(device=device, dtype=dtype) if bool(shift.ne(0).any()) else None
-                # Multiplicative-only edits of distinct units also get a full-width factor vector
-                # (1 outside the selected units; x * 1 == x exactly), so that small activations
-                # (decoding steps) are edited by one multiply instead of select/multiply/copy.
-                dense = None
-                if shift is None and unit_cpu.unique().numel() == unit_cpu.numel():
-                    dense = torch.ones(site.size, device=device, dtype=dtype)
-                    dense.index_copy_(0, unit, factor)
-                self._handles.append(register_site_hook(site, layer, self._edit_fn(unit, factor, shift, dense)))
-        if token_scope != "all":
-            self._handles.append(model.register_forward_pre_hook(self._track_phase, with_kwargs=True))
-
-    def _track_phase(self, _module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        past = 0
-        if cache is not None:
-            get_len = getattr(cache, "get_seq_length", None)
-            past = int(get_len()) if callable(get_len) else 0
-        self._prefill = past == 0
-        return None
-
-    def _active(self) -> bool:
-        if self.token_scope == "all":
-            return True
-        return self._prefill if self.token_scope == "prompt" else not self._prefill
-
-    def _edit_fn(self, unit: torch.Tensor, factor: torch.Tensor, shift: torch.Tensor | None, dense: torch.Tensor | None = None):
-        # One hook per (site, layer) with units; it runs on every forward (every decoding step), so
-        # the per-call Python work is kept to a few attribute reads. Both edit paths give the same
-        # bits: the selected units are multiplied by the same factors, the others are left as is.
-        check_phase = self.token_scope != "all"
-        dense_limit = _DENSE_MAX_NUMEL.get(dense.device.type, _DENSE_MAX_NUMEL_ACCELERATOR) if dense is not None else 0
-
-        def fn(x: torch.Tensor) -> torch.Tensor | None:
-            if check_phase and not self._active():
-                return None
-            if dense is not None and x.numel() <= dense_limit and x.dtype == dense.dtype and x.device == dense.device:
-                if x.requires_grad:
-                    return x * dense
-                x.mul_(dense)  # in place, as in _edit: a fresh activation that nothing else holds
-                return None
-            if unit.device != x.device:  # model moved after apply (e.g. by Lightning)
-                return _edit(x, unit.to(x.device), factor.to(x.device, x.dtype), None if shift is None else shift.to(x.device, x.dtype))
-            return _edit(x, unit, factor, shift)
-
-        return fn
-
-    def remove(self) -> None:
-        """Remove every hook this handle registered."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    @property
-    def active(self) -> bool:
-        return bool(self._handles)
-
-    def __enter__(self) -> SteeringHandle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
-def _edit(x: torch.Tensor, unit: torch.Tensor, factor: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor | None:
-    values = x.index_select(-1, unit) * factor
-    if shift is not None:
-        values = values + shift
-    if x.requires_grad or torch.is_grad_enabled() and factor.requires_grad:
-        return x.index_copy(-1, unit, values)
-    # In-place: the tensor is a fresh activation that nothing else holds; avoids a full copy.
-    x.index_copy_(-1, unit, values)
-    return None

@@ -11,7 +11,7 @@ Three strength functions (``--model.strength``):
   strengths used to predict the answer are computed from the prompt alone: the gate never sees the
   answer it is scored on.
 
-Each unit ``a`` becomes ``a + s * a``. The same :class:`StrengthHandle` applies a learned
+Each unit ``a`` becomes ``a + s * a``. The same :class:`~austeer_pl.hooks.EditHandle` applies a learned
 function during training and after loading, so an exported state reproduces the trained
 module's outputs exactly.
 """
@@ -24,7 +24,8 @@ import torch
 from torch import nn
 
 from .errors import AusteerError
-from .sites import ModelLayout, register_site_hook
+from .hooks import EditHandle
+from .sites import ModelLayout
 
 STRENGTH_KINDS = ("momentum", "scalar", "gate")
 #: Losses of the learned-strength phase: the right answer's negative log-likelihood, or the logistic
@@ -115,81 +116,6 @@ def strength_from_config(config: dict[str, Any], tensors: dict[str, torch.Tensor
     return gate.requires_grad_(False)
 
 
-class StrengthHandle:
-    """Hooks that apply a (possibly learned) strength function to the selected units.
-
-    Differentiable with respect to the strength parameters (edits are out of place when gradients
-    are on); the model's own weights are untouched. Remove with :meth:`remove` or a ``with`` block.
-    """
-
-    def __init__(self, model: nn.Module, layout: ModelLayout, state, strength: nn.Module | None, token_scope: str = "all") -> None:
-        self.strength = strength
-        self.token_scope = token_scope
-        self._handles: list[torch.utils.hooks.RemovableHandle] = []
-        self._current: torch.Tensor | None = None
-        self._prefill = True
-        self.enabled = True
-        device = next(model.parameters()).device
-        fixed = state.scale.to(device)
-        for i, site_name in enumerate(state.sites):
-            site = layout.site(site_name)
-            rows = state.site_index == i
-            for layer in sorted(set(state.layer[rows].tolist())):
-                cols = torch.nonzero(rows & (state.layer == layer)).flatten().to(device)
-                unit = state.unit.to(device)[cols]
-                self._handles.append(register_site_hook(site, layer, self._edit_fn(unit, cols, fixed)))
-        if isinstance(strength, GateStrength):
-            self._handles.insert(0, layout.layers[strength.layer].register_forward_pre_hook(self._read_gate, with_kwargs=True))
-        if token_scope != "all":
-            self._handles.insert(0, model.register_forward_pre_hook(self._track_phase, with_kwargs=True))
-
-    def _track_phase(self, _module, args, kwargs):
-        cache = kwargs.get("cache", kwargs.get("past_key_values"))
-        get_len = getattr(cache, "get_seq_length", None)
-        self._prefill = cache is None or not callable(get_len) or int(get_len()) == 0
-        return None
-
-    def _read_gate(self, _module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        self._current = self.strength(hidden)
-        return None
-
-    def _active(self) -> bool:
-        if not self.enabled:
-            return False
-        if self.token_scope == "all":
-            return True
-        return self._prefill if self.token_scope == "prompt" else not self._prefill
-
-    def _edit_fn(self, unit: torch.Tensor, cols: torch.Tensor, fixed: torch.Tensor):
-        def fn(x: torch.Tensor) -> torch.Tensor | None:
-            if not self._active():
-                return None
-            if self.strength is None:
-                s = fixed[cols]
-            elif isinstance(self.strength, GateStrength):
-                s = self._current.index_select(-1, cols)  # (B, T, k_layer)
-            else:
-                s = self.strength().index_select(0, cols)
-            values = x.index_select(-1, unit)
-            # Same arithmetic as SteeringHandle (a * (1 + s)), so exported scalar states match exactly.
-            return x.index_copy(-1, unit, values * (1.0 + s).to(values.dtype))
-
-        return fn
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._current = None
-
-    def __enter__(self) -> StrengthHandle:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.remove()
-
-
 # ---------------------------------------------------------------------------- the training objective
 def strength_objective(
     model: nn.Module,
@@ -240,7 +166,7 @@ def strength_objective(
     ids, mask, lengths = ids.to(device), mask.to(device), lengths.to(device)
     span = int(lengths.max())
     kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=span + 1, use_cache=False)
-    with StrengthHandle(model, layout, state, strength, token_scope):
+    with EditHandle(model, layout, state, strength, token_scope):
         logits = model(**kwargs).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     picked = logp.gather(-1, ids[:, -span:].unsqueeze(-1)).squeeze(-1)

@@ -133,7 +133,7 @@ def default_pairs(tokenizer, n: int, seed: int = 0) -> list[dict[str, str]]:
 
 def encode_batches(tokenizer, pairs: Sequence[dict[str, str]], batch_size: int, device) -> list[tuple[dict, dict]]:
     """Pre-tokenized ``(pos, neg)`` batches (right-padded), as :func:`accumulate_momentum` builds them."""
-    from austeer_pl.reading import encode_texts
+    from austeer_pl.batching import encode_texts
 
     batches = []
     for i in range(0, len(pairs), batch_size):

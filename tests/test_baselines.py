@@ -10,31 +10,44 @@ import pytest
 import torch
 
 from austeer_pl import AusteerError, MomentumAccumulator, SteeringState, accumulate_momentum, locate_units
-from austeer_pl.baselines import (
-    METHOD_GRIDS,
-    METHODS,
-    STRENGTH_KEY,
+from austeer_pl.iti import (
     HeadMoments,
     ProbeAccuracy,
     accumulate_head_moments,
     accumulate_probe_accuracy,
-    baseline_state,
+    fit_probes,
+    iti_directions,
+    iti_state,
+    select_heads,
+)
+from austeer_pl.baselines import (
     block_austeer_state,
     caa_candidate_layers,
     caa_state,
     caa_vector,
-    fit_probes,
-    grid_points,
-    iti_directions,
-    iti_state,
     rank_blocks,
     sadi_head_scores,
-    sadi_mask,
     sadi_state,
-    select_heads,
-    steered_activations,
 )
+from austeer_pl.methods import METHODS as REGISTRY
+from austeer_pl.methods import FitContext, build_state, grid_points
 from austeer_pl.steering import CONFIG_NAME
+
+METHODS = [m for m, entry in REGISTRY.items() if entry.points is not None and m != "austeer"]
+STRENGTH_KEY = {m: REGISTRY[m].strength_key for m in METHODS}
+
+
+def baseline_state(method, layout, *, acc=None, moments=None, accuracy=None, base_model="", **hyper):
+    return build_state(method, FitContext(layout=layout, acc=acc, moments=moments, probe_accuracy=accuracy, base_model=base_model), **hyper)
+
+
+def sadi_mask(acc, layout, *, site, k):
+    """The units a SADI state edits, as a (layers, units) mask: the oracle the state is compared with."""
+    key = "k_heads" if site == "attention" else "k_units"
+    state = sadi_state(acc, layout, site=site, delta=1.0, **{key: k})
+    mask = torch.zeros(layout.n_layers, layout.site(site).size, dtype=torch.bool)
+    mask[state.layer, state.unit] = True
+    return mask
 
 from conftest import make_model, make_tokenizer
 
@@ -260,7 +273,7 @@ def test_iti_direction_sigma_and_state():
     for i, (l, h) in enumerate([(1, 2), (0, 0), (1, 1)]):
         want = 2.5 * sigma[l, h] * direction[l, h]
         assert torch.allclose(state.shift[4 * i: 4 * i + 4], want.float(), atol=1e-6)
-    assert torch.equal(state.scale, torch.zeros(12)) and steered_activations(state) == 12
+    assert torch.equal(state.scale, torch.zeros(12)) and state.k == 12
     assert state.metadata["sigma"] == pytest.approx([float(sigma[1, 2]), float(sigma[0, 0]), float(sigma[1, 1])])
 
 
@@ -290,7 +303,7 @@ def test_sadi_masks_and_state():
     assert torch.equal(sadi_mask(acc, layout, site="attention", k=2), expected)
 
     state = sadi_state(acc, layout, site="attention", k_heads=2, delta=3.0)
-    assert state.method == "sadi" and state.alpha == 3.0 and steered_activations(state) == 2 * D
+    assert state.method == "sadi" and state.alpha == 3.0 and state.k == 2 * D
     assert state.metadata["heads"] == [list(b) for b in best]
     for l, u, s in zip(state.layer.tolist(), state.unit.tolist(), state.scale.tolist()):
         assert expected[l, u]
@@ -367,7 +380,7 @@ def test_caa_vector_matches_plain_loop(arch):
         assert state.method == "caa" and state.alpha == 1.5 and state.sites == ("residual",)
         assert state.unit.tolist() == list(range(32)) and set(state.layer.tolist()) == {layer}
         assert torch.allclose(state.shift.double(), 1.5 * vector, atol=1e-6)
-        assert torch.equal(state.scale, torch.zeros(32)) and steered_activations(state) == 32
+        assert torch.equal(state.scale, torch.zeros(32)) and state.k == 32
     with pytest.raises(AusteerError, match="out of range"):
         caa_state(acc, layout, layout.n_layers, 1.0)
 
@@ -411,7 +424,7 @@ def test_block_austeer_picks_whole_blocks():
     expected_m = [1.0, 1.0, -1.0, -1.0, 0.75, 0.75, 0.75, 1.0]
     assert state.momentum.tolist() == expected_m
     assert state.scale.tolist() == [2.0 * m for m in expected_m]
-    assert torch.equal(state.shift, torch.zeros(8)) and steered_activations(state) == 8
+    assert torch.equal(state.shift, torch.zeros(8)) and state.k == 8
 
     ffn_only = block_austeer_state(acc, layout, k_blocks=1, alpha=1.0, sites=["ffn"])
     assert ffn_only.coordinates() == [("ffn", 0, u) for u in range(hidden)]
@@ -463,7 +476,7 @@ def test_states_apply_save_load_and_rescale(method, fitted, tmp_path):
     json.dumps(state.metadata)
     expected_k = {"iti": 3 * layout.head_dim, "sadi": 2 * layout.head_dim, "caa": layout.site("residual").size,
                   "austeer_block": 2 * layout.head_dim}[method]
-    assert steered_activations(state) == expected_k
+    assert state.k == expected_k
 
     batch = tok(TEXTS, return_tensors="pt", padding=True)
     with torch.no_grad():
@@ -496,7 +509,7 @@ def test_states_apply_save_load_and_rescale(method, fitted, tmp_path):
 def test_grid_points_build_states(fitted):
     arch, model, tok, layout, acc, moments, accuracy = fitted
     n_heads = layout.n_layers * layout.n_heads
-    assert set(METHOD_GRIDS) == set(METHODS) == set(STRENGTH_KEY)
+    assert set(METHODS) == {"iti", "sadi", "caa", "austeer_block"} and all(STRENGTH_KEY.values())
     for method in METHODS:
         points = grid_points(method, layout)
         assert points and len(points) == len({json.dumps(p, sort_keys=True) for p in points})

@@ -59,7 +59,6 @@ def test_report_has_one_row_per_method_on_the_same_test_examples(compared, capsy
     assert rows["austeer"]["n_steered_activations"] in (2, 4) and rows["austeer"]["hyperparameters"]["k"] in (2, 4)
     assert rows["caa"]["n_steered_activations"] == 32  # hidden size: the whole residual stream of one layer
     assert rows["iti"]["n_steered_activations"] % 8 == 0  # whole heads of head_dim 8
-    assert "fit_seconds" in report["fit_seconds_note"]
 
 
 def test_chosen_states_are_saved_and_loadable(compared, tiny_dir):
@@ -87,11 +86,13 @@ def test_learned_variants_start_from_austeers_choice(compared):
         state = SteeringState.from_pretrained(out / "states" / name)
         assert state.coordinates() == base.coordinates() and torch.equal(state.momentum, base.momentum)
         history = row["grid"]
-        assert history[0] == {"epoch": 0, "val_accuracy": rows["austeer"]["val_accuracy"]}  # epoch 0 is the momentum rule
+        assert history[0]["epoch"] == 0 and history[0]["val_accuracy"] == rows["austeer"]["val_accuracy"]  # epoch 0 is the momentum rule
         assert 1 <= len(history) - 1 <= 2 and row["val_accuracy"] >= rows["austeer"]["val_accuracy"]
         best = row["hyperparameters"]["best_epoch"]
         assert history[best]["val_accuracy"] == row["val_accuracy"]
-        assert all(h["val_accuracy"] < row["val_accuracy"] for h in history[:best])  # ties keep the earlier epoch
+        # The one tie rule (train.py's): higher accuracy, or the same with a lower value of the loss trained.
+        key = lambda h: (h["val_accuracy"], -h["val_choice_loss"])  # noqa: E731
+        assert all(key(h) < key(history[best]) for h in history[:best]) and all(key(h) <= key(history[best]) for h in history)
         assert row["hyperparameters"]["strength"] == kind and row["hyperparameters"]["k"] == rows["austeer"]["hyperparameters"]["k"]
         assert row["fit_seconds_parts"]["strength_training"] > 0
         fit = state.metadata["fit"]
@@ -135,7 +136,8 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
     out, one = compared
     args = [
         "--compare", "--model", str(tiny_dir), "--task", str(task_file), "--k", "2,4", "--alpha", "1,4",
-        "--max_val_examples", "8", "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu", "--devices", "2",
+        # Batches of 4 per process: the same global batch of 8 per step as the single process.
+        "--max_val_examples", "8", "--max_test_examples", "10", "--batch_size", "4", "--device", "cpu", "--devices", "2",
         "--strength_epochs", "2", "--strength_lr", "0.5", "--strength_loss", "choice",
         "--report", str(tmp_path / "two.json"), "--export_dir", str(tmp_path / "states"), "--wandb_mode", "disabled",
     ]
@@ -145,13 +147,44 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1 and two["test_uids_sha256"] == one["test_uids_sha256"]
     for a, b in zip(one["methods"], two["methods"]):
-        assert a["name"] == b["name"] and a["hyperparameters"] == b["hyperparameters"]
-        assert a["grid"] == b["grid"] and a["test"] == b["test"]
+        assert a["name"] == b["name"] and a["hyperparameters"] == b["hyperparameters"] and a["test"] == b["test"]
+        if a["name"] in LEARNED:
+            # The training history: the same accuracies; losses summed in another order agree to rounding.
+            assert [h["val_accuracy"] for h in a["grid"]] == [h["val_accuracy"] for h in b["grid"]]
+            for key in ("val_nll", "val_choice_loss"):
+                assert [h[key] for h in a["grid"]] == pytest.approx([h[key] for h in b["grid"]], rel=1e-4), key
+        else:
+            assert a["grid"] == b["grid"]
         if a["name"] != "unsteered":
             s1, s2 = SteeringState.from_pretrained(out / "states" / a["name"]), SteeringState.from_pretrained(tmp_path / "states" / a["name"])
             # Learned strengths: gradients averaged across processes equal the global mean up to rounding.
             same = (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)) if a["name"] in LEARNED else torch.equal
             assert s1.coordinates() == s2.coordinates() and same(s1.scale, s2.scale)
             for key, value in s1.strength_tensors.items():
-                assert torch.allclose(value, s2.strength_tensors[key], rtol=1e-5, atol=1e-6), key
+                # Adam (lr 0.5 here) normalises each step, which lifts the rounding of the gradient sums a little.
+                assert torch.allclose(value, s2.strength_tensors[key], rtol=1e-4, atol=1e-4), (key, float((value - s2.strength_tensors[key]).abs().max()))
             assert torch.allclose(s1.shift, s2.shift, rtol=1e-6, atol=1e-7)
+
+
+def test_train_and_compare_export_bit_identical_gate_states(compared, tiny_dir, task_file, tmp_path):
+    """One engine: train.py --model.strength gate and --compare's austeer_gate, with the same data,
+    seed and settings, train the same gate on the same batches and keep the same epoch."""
+    from austeer_pl.cli import train_main
+
+    out, _ = compared
+    code = train_main([
+        "--model.model_name", str(tiny_dir), "--data.task", str(task_file), "--model.k", "[2, 4]", "--model.alpha", "[1, 4]",
+        "--data.max_val_examples", "8", "--data.max_test_examples", "10", "--data.batch_size", "8", "--data.eval_batch_size", "8",
+        "--model.strength", "gate", "--model.strength_epochs", "2", "--model.strength_lr", "0.5", "--model.strength_loss", "choice",
+        "--trainer.accelerator", "cpu", "--run_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "gate"), "--wandb_mode", "disabled",
+    ])
+    assert code == 0
+    trained, compared_gate = SteeringState.from_pretrained(tmp_path / "gate"), SteeringState.from_pretrained(out / "states" / "austeer_gate")
+    assert trained.coordinates() == compared_gate.coordinates()
+    for name in ("momentum", "scale", "shift"):
+        assert torch.equal(getattr(trained, name), getattr(compared_gate, name)), name
+    assert trained.strength == compared_gate.strength and set(trained.strength_tensors) == set(compared_gate.strength_tensors)
+    for key, value in trained.strength_tensors.items():
+        assert torch.equal(value, compared_gate.strength_tensors[key]), key
+    assert trained.metadata["fit"]["strength_history"] == compared_gate.metadata["fit"]["strength_history"]
+    assert len(trained.metadata["fit"]["strength_history"]) == 3  # epoch 0 and two trained epochs

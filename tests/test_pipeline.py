@@ -87,8 +87,8 @@ def test_shared_prefix_pass_equals_full_sequence_pass(tiny_dir, tmp_path, negati
             f.write(json.dumps({"prompt": f"{a} is", "choices": ["small", "medium", "large number"], "answer": min(a // 7, 2)}) + "\n")
     shared = fit(tiny_dir, task, tmp_path / "s", negatives=negatives)
     full = fit(tiny_dir, task, tmp_path / "f", shared_prefix=False, negatives=negatives)
-    assert shared._prefix_readers and all(r.fallback_reason is None for r in shared._prefix_readers.values())  # the cache was shared
-    assert not full._prefix_readers
+    assert shared._readers and all(r.fallback_reason is None for r in shared._readers.values())  # the cache was shared
+    assert not full._readers
     assert shared.accumulator.n == full.accumulator.n == len(full.trainer.datamodule.pairs)
     for key, value in full.accumulator.tensors.items():
         if value.dtype == torch.int64:
@@ -113,7 +113,7 @@ def test_auto_shared_prefix_batch_read_as_full_sequences(tiny_dir, task_file, tm
     """``auto`` collates prompt/answer ids; where it resolves to off (an accelerator) the module reads
     them as the full sequences, bit for bit what ``shared_prefix=False`` collates and reads."""
     module = fit(tiny_dir, task_file, tmp_path, shared_prefix="auto")
-    assert module._prefix_readers  # on the CPU auto shares
+    assert module._readers  # on the CPU auto shares
     data = module.trainer.datamodule
     items = data.pairs[:5]
     prompt_form = data.collate_pairs(items)

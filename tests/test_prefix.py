@@ -14,7 +14,7 @@ from austeer_pl.prefix import (
     read_pairs_shared_prefix,
     split_shared_prefix,
 )
-from austeer_pl.reading import encode_texts
+from austeer_pl.batching import encode_texts
 
 from conftest import CORE_ARCHS, make_model, make_tokenizer
 
@@ -196,7 +196,7 @@ def test_fallback_without_cache_gives_same_values():
 # index_select capture of ActivationReader must give the same bits as the paths they speed up.)
 def test_steering_dense_path_is_bit_identical(monkeypatch):
     from austeer_pl import SteeringState, select_units
-    from austeer_pl import steering
+    from austeer_pl import hooks
 
     model = make_model("llama")
     tok = make_tokenizer(padding_side="left")
@@ -212,9 +212,9 @@ def test_steering_dense_path_is_bit_identical(monkeypatch):
             out = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True)
         return logits, out.sequences, torch.stack(out.scores)
 
-    monkeypatch.setattr(steering, "_DENSE_MAX_NUMEL", {"cpu": 1 << 30})
+    monkeypatch.setattr(hooks, "_DENSE_MAX_NUMEL", {"cpu": 1 << 30})
     dense = run()
-    monkeypatch.setattr(steering, "_DENSE_MAX_NUMEL", {"cpu": 0})
+    monkeypatch.setattr(hooks, "_DENSE_MAX_NUMEL", {"cpu": 0})
     indexed = run()
     for a, b in zip(dense, indexed):
         assert torch.equal(a, b)

@@ -124,10 +124,20 @@ def test_learned_scalar_moves_toward_the_useful_direction(tiny_dir, tmp_path, lo
     assert nll_at(learned) < nll_at(init)
 
 
-def test_gate_for_k100_is_small():
-    gate = GateStrength(hidden_size=4096, init=torch.zeros(100), layer=3)  # a 7B-sized residual stream
-    n_bytes = sum(p.numel() for p in gate.parameters()) * 4
-    assert n_bytes < 300_000
+def test_saved_gate_for_k100_on_a_7b_residual_stream_is_small(tmp_path):
+    from austeer_pl.strength import fold_strength
+
+    k = 100
+    state = SteeringState(
+        sites=("attention",), site_index=torch.zeros(k, dtype=torch.long), layer=torch.full((k,), 3), unit=torch.arange(k),
+        momentum=torch.full((k,), 0.5), scale=torch.full((k,), 2.0), shift=torch.zeros(k), alpha=4.0,
+        architecture="llama", n_layers=32, site_sizes={"attention": 4096},
+    )
+    gate = GateStrength(hidden_size=4096, init=state.scale, layer=3)  # a 7B-sized residual stream
+    folder = fold_strength(state, gate).save_pretrained(tmp_path / "gate")
+    size = sum(p.stat().st_size for p in folder.iterdir())
+    assert size < 1_000_000, size  # the whole exported state, on disk
+    assert SteeringState.from_pretrained(folder).strength_tensors["inner.weight"].shape == (16, 4096)
 
 
 @pytest.mark.slow
@@ -225,7 +235,7 @@ def test_nll_loss_ignores_the_wrong_answer_rows(tiny_dir, task_file):
     examples = data.train_examples[:6]
     both = data.collate_examples_train(examples)
     pad = data.tokenizer.pad_token_id
-    from austeer_pl.scoring import pad_ids
+    from austeer_pl.batching import pad_ids
 
     ids, mask = pad_ids([list(e.prompt) + list(e.positive) for e in examples], pad, side="left")
     alone = {"n_examples": 6, "input_ids": ids, "attention_mask": mask, "answer_lengths": torch.tensor([len(e.positive) for e in examples])}

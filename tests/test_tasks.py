@@ -623,9 +623,9 @@ def test_format_prompt_plain_and_chat():
 
 
 def test_join_answer_convention():
-    assert T.join_answer("Q?\nAnswer:", "yes", chat=False) == "Q?\nAnswer: yes"
-    assert T.join_answer("<|im_start|>assistant\n", "yes", chat=True) == "<|im_start|>assistant\nyes"
-    assert T.join_answer("<|im_start|>assistant\nAnswer:", "yes", chat=True) == "<|im_start|>assistant\nAnswer: yes"
+    assert T.join_answer("Q?\nAnswer:", "yes") == "Q?\nAnswer: yes"
+    assert T.join_answer("<|im_start|>assistant\n", "yes") == "<|im_start|>assistant\nyes"
+    assert T.join_answer("<|im_start|>assistant\nAnswer:", "yes") == "<|im_start|>assistant\nAnswer: yes"
     assert T.join_answer("q\n", "yes") == "q\nyes" and T.join_answer("", "yes") == "yes"
 
 
@@ -636,4 +636,4 @@ def test_rotten_tomatoes_pairs_and_format(rotten):
     assert len(pairs) == 64 and all({p.positive, p.negative} == {"negative", "positive"} for p in pairs)
     text = T.format_prompt(local_tokenizer(CHATML), rotten, pairs[0].prompt)
     assert text.startswith("<|im_start|>user\nReview: ") and text.endswith("<|im_start|>assistant\n")
-    assert T.join_answer(text, pairs[0].positive, chat=True).endswith("assistant\n" + pairs[0].positive)
+    assert T.join_answer(text, pairs[0].positive).endswith("assistant\n" + pairs[0].positive)

@@ -1,0 +1,339 @@
+"""The one fitting engine, without Lightning: the statistics pass, grid scoring and its pick, and the
+learned-strength trainer.
+
+``train.py`` (through :class:`~austeer_pl.lightning.AUSteerModule`), ``evaluate.py --compare`` (the
+same module with more methods) and :mod:`austeer_pl.analyses` (directly, one process) all drive
+these pieces. Everything a process computes here is a local sum; a driver that runs on several
+processes passes an ``all_reduce_sum`` callable (the gradient averaging of the strength trainer),
+or reduces the returned sums itself (the Lightning adapter does it with torchmetrics).
+
+Example:
+    >>> stats = PassStatistics.for_methods(layout, ["austeer", "caa"])
+    >>> for batch in batches:
+    ...     stats.update(*read_pair_batch(model, layout, batch, stats.sites))
+    >>> rankings = rank_site_options(stats.accumulator, [("attention", ("attention",))], "promote", k_max=50)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from .iti import HeadMoments
+from .batching import pair_rows
+from .errors import AusteerError
+from .evaluation import answer_suffixes, predict
+from .momentum import MomentumAccumulator
+from .prefix import SharedPrefixReader, use_shared_prefix
+from .reading import ActivationReader
+from .scoring import choice_logprobs
+from .selection import Selection, rank_units
+from .sites import ModelLayout
+from .strength import STRENGTH_LOSSES, average_gradients, build_strength, fold_strength, learned_fit_metadata, strength_objective
+
+
+def _identity(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+# ---------------------------------------------------------------------------- the statistics pass
+def read_pair_batch(
+    model: nn.Module, layout: ModelLayout, batch: dict[str, Any], sites: Sequence[str], *, readers: dict | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Last-token units of a collated batch of pairs, ``(pos, neg)``, each ``{site: (B, layers, units)}``.
+
+    A batch with ``prompt_ids`` (shared-prefix collation) is read from one KV cache per prompt
+    where ``shared_prefix`` holds on the model's device, else joined into full sequences; a batch
+    with ``input_ids`` holds the positive rows, then the negative rows.
+    """
+    sites = tuple(sites)
+    device = next(model.parameters()).device
+    n = batch["n_pairs"]
+    with torch.inference_mode():
+        if "prompt_ids" in batch:
+            if use_shared_prefix(batch.get("shared_prefix", True), device):
+                readers = {} if readers is None else readers
+                reader = readers.get(sites)
+                if reader is None:
+                    reader = readers[sites] = SharedPrefixReader(model, layout, sites)
+                return reader.read_pairs(batch["prompt_ids"], batch["pos_ids"], batch["neg_ids"], batch["pad_id"], max_length=batch["max_length"])
+            ids, mask = pair_rows(batch["prompt_ids"], batch["pos_ids"], batch["neg_ids"], batch["pad_id"], batch["max_length"], side="right")
+            batch = {"input_ids": ids, "attention_mask": mask}
+        acts = ActivationReader(model, layout, sites)(batch["input_ids"].to(device), batch["attention_mask"].to(device))
+        return {s: a[:n] for s, a in acts.items()}, {s: a[n:] for s, a in acts.items()}
+
+
+@dataclass
+class PassStatistics:
+    """The shared pass's streaming statistics: momentum counts and sums, plus ITI's head moments."""
+
+    accumulator: MomentumAccumulator
+    head_moments: HeadMoments | None = None
+    reduced: bool = False
+
+    @classmethod
+    def create(cls, layout: ModelLayout, sites: Sequence[str], *, head_moments: bool = False) -> PassStatistics:
+        acc = MomentumAccumulator({s: layout.site(s).size for s in sites}, layout.n_layers)
+        return cls(acc, HeadMoments.from_layout(layout) if head_moments else None)
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        return self.accumulator.sites
+
+    def update(self, pos: dict[str, torch.Tensor], neg: dict[str, torch.Tensor]) -> None:
+        with torch.inference_mode():
+            self.accumulator.update(pos, neg)
+            if self.head_moments is not None:
+                self.head_moments.update(pos, neg)
+
+    def reduce_(self, all_reduce_sum: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Sum every process's statistics (once)."""
+        if self.reduced:
+            return
+        self.accumulator.reduce_(all_reduce_sum)
+        if self.head_moments is not None:
+            self.head_moments.reduce_(all_reduce_sum)
+        self.reduced = True
+
+    def to(self, device) -> PassStatistics:
+        self.accumulator.to(device)
+        if self.head_moments is not None:
+            self.head_moments.to(device)
+        return self
+
+
+def rank_site_options(acc: MomentumAccumulator, site_options: Sequence[tuple[str, tuple[str, ...]]], sign: str, k_max: int) -> dict[str, Selection]:
+    """AUSteer's ranking of each site option (``("both", ("attention", "ffn"))``...), cut to ``k_max`` units."""
+    rankings = {}
+    for name, sites in site_options:
+        ranked = rank_units(acc, sites, sign)
+        if ranked.k < k_max:
+            raise AusteerError(
+                f"k={k_max} but only {ranked.k} {name} units are eligible (sign policy {sign}); lower --model.k or use --model.sign both"
+            )
+        rankings[name] = ranked.head(k_max)
+    return rankings
+
+
+# ---------------------------------------------------------------------------- grid scoring and the pick
+@dataclass
+class Candidate:
+    """One grid point of one method, with its state (None for the unsteered model)."""
+
+    method: str
+    hyper: dict[str, Any]
+    state: Any = None
+
+    @property
+    def n_steered(self) -> int:
+        return 0 if self.state is None else int(self.state.k)
+
+    @property
+    def strength(self) -> float:
+        return 0.0 if self.state is None else abs(float(self.state.alpha))
+
+
+def predictions(model, tokenizer, task, state, examples, prompts, *, scoring: str, batch_size: int, max_length: int | None, layout=None) -> torch.Tensor:
+    """Predicted choice per example with ``state`` applied (None: unsteered)."""
+    ctx = state.apply(model, layout=layout) if state is not None else nullcontext()
+    with ctx:
+        return predict(model, tokenizer, task, examples, prompts, scoring=scoring, batch_size=batch_size, max_length=max_length)
+
+
+def count_correct(model, tokenizer, task, candidates: Sequence[Candidate], examples, prompts, *, scoring: str, batch_size: int,
+                  max_length: int | None, layout=None, seconds: torch.Tensor | None = None) -> torch.Tensor:
+    """``(len(candidates),)`` int64: how many of ``examples`` each candidate answers right.
+
+    ``seconds`` (float64, same length), when given, accumulates each candidate's scoring time.
+    """
+    import time
+
+    answers = torch.tensor([ex.answer for ex in examples], dtype=torch.long)
+    out = torch.zeros(len(candidates), dtype=torch.int64)
+    if not examples:
+        return out
+    for i, cand in enumerate(candidates):
+        started = time.perf_counter()
+        preds = predictions(model, tokenizer, task, cand.state, examples, prompts, scoring=scoring, batch_size=batch_size, max_length=max_length, layout=layout)
+        out[i] = int(preds.eq(answers).sum())
+        if seconds is not None:
+            seconds[i] += time.perf_counter() - started
+    return out
+
+
+def pick(candidates: Sequence[Candidate], values: Sequence[float], indices: Sequence[int] | None = None) -> int:
+    """The index of the best candidate by ``values`` (higher is better).
+
+    The one tie rule of every grid: ties go to fewer steered activations, then the weaker push
+    (smaller ``|alpha|``), then grid order.
+    """
+    indices = list(range(len(candidates))) if indices is None else list(indices)
+    if not indices:
+        raise AusteerError("no grid point to choose from; give at least one value for each hyperparameter")
+    return min(indices, key=lambda i: (-values[i], candidates[i].n_steered, candidates[i].strength, i))
+
+
+# ---------------------------------------------------------------------------- the learned-strength trainer
+#: Sums the strength trainer's validation keeps per process: right answers, examples, the right
+#: answer's NLL, the cross-entropy over the choices.
+VALIDATION_SUMS = 4
+
+
+@dataclass
+class StrengthTrainer:
+    """Trains one learned strength on a chosen state with the LLM frozen; keeps its best validation epoch.
+
+    The steps are the same for ``train.py`` and ``--compare``: ``begin`` records epoch 0 (the rule
+    ``alpha * m`` the strength starts from), ``step`` runs one optimiser step on a batch of
+    training examples (gradients averaged across processes by ``all_reduce_sum``), ``validation_sums``
+    scores this process's share of validation, and ``end_epoch`` takes the reduced sums, appends
+    to the history, keeps the best epoch and says whether to stop. The one tie rule: a later epoch
+    replaces the best only if its validation accuracy is higher, or equal with a lower validation
+    value of the loss being trained (the right answer's NLL, or the cross-entropy over the choices).
+
+    Example:
+        >>> trainer = StrengthTrainer(model, layout, state, "gate", lr=0.01)
+        >>> trainer.begin(reduce(trainer.validation_sums(...)))
+        >>> for epoch in range(1, 4):
+        ...     for batch in batches(epoch):
+        ...         trainer.step(batch)
+        ...     if trainer.end_epoch(epoch, reduce(trainer.validation_sums(...))):
+        ...         break
+        >>> learned = trainer.fold()
+    """
+
+    model: nn.Module
+    layout: ModelLayout
+    state: Any
+    kind: str
+    lr: float = 0.01
+    kl_weight: float = 1.0
+    loss: str = "nll"
+    patience: int = 2
+    gate_layer: int | None = None
+    gate_width: int = 16
+    fn: nn.Module = field(init=False)
+    history: list[dict[str, float]] = field(default_factory=list, init=False)
+    best: dict[str, Any] | None = field(default=None, init=False)
+    stopped: bool = field(default=False, init=False)
+
+    def __post_init__(self) -> None:
+        if self.loss not in STRENGTH_LOSSES:
+            raise AusteerError(f"unknown strength loss '{self.loss}'; choose one of {', '.join(STRENGTH_LOSSES)}")
+        device = next(self.model.parameters()).device
+        self.fn = build_strength(self.kind, self.state.scale.to(device), self.layout, self.state.layer.tolist(),
+                                 gate_layer=self.gate_layer, gate_width=self.gate_width).to(device)
+        self.optimizer = torch.optim.Adam(self.fn.parameters(), lr=self.lr)
+        self._bad = 0
+
+    @property
+    def tie_key(self) -> str:
+        return "val_nll" if self.loss == "nll" else "val_choice_loss"
+
+    def handle(self):
+        from .hooks import EditHandle
+
+        return EditHandle(self.model, self.layout, self.state, self.fn)
+
+    def batch_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(loss, nll, kl)`` of one collated batch (see :func:`~austeer_pl.strength.strength_objective`)."""
+        return strength_objective(self.model, self.layout, self.state, self.fn, batch, kl_weight=self.kl_weight, loss=self.loss)
+
+    def step(self, batch: dict[str, Any], all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity) -> dict[str, torch.Tensor] | None:
+        """One optimiser step; every process calls it once per global step (with an empty batch if it has none)."""
+        if self.stopped:
+            return None
+        self.optimizer.zero_grad(set_to_none=False)
+        out = None
+        if batch["n_examples"]:
+            with torch.inference_mode(False), torch.enable_grad():
+                loss, nll, kl = self.batch_loss(batch)
+                loss.backward()
+            out = {"loss": loss.detach(), "nll": nll.detach(), "kl": kl.detach()}
+        average_gradients(self.fn.parameters(), all_reduce_sum, batch["n_examples"])
+        self.optimizer.step()
+        return out
+
+    def validation_sums(self, tokenizer, task, examples, prompts, *, scoring: str, batch_size: int, max_length: int | None) -> torch.Tensor:
+        """This process's ``(VALIDATION_SUMS,)`` float64 sums on ``examples`` with the current strength."""
+        out = torch.zeros(VALIDATION_SUMS, dtype=torch.float64)
+        if not examples:
+            return out
+        answers = torch.tensor([ex.answer for ex in examples])
+        with torch.no_grad(), self.handle():
+            if scoring == "loglik":
+                scores = choice_logprobs(self.model, tokenizer, prompts, [answer_suffixes(p, ex.choices) for p, ex in zip(prompts, examples)],
+                                         batch_size=batch_size, max_length=max_length)
+                preds = torch.stack([sc.argmax() for sc in scores])
+                out[2] = float(sum(-sc[ex.answer] for sc, ex in zip(scores, examples)))
+                out[3] = float(sum(torch.logsumexp(sc.double(), 0) - sc[ex.answer] for sc, ex in zip(scores, examples)))
+            else:
+                preds = predict(self.model, tokenizer, task, examples, prompts, scoring=scoring, batch_size=batch_size, max_length=max_length)
+        out[0] = float(preds.eq(answers).sum())
+        out[1] = float(len(examples))
+        return out
+
+    @staticmethod
+    def record(sums: torch.Tensor) -> dict[str, float]:
+        """Reduced validation sums as ``val_accuracy``, ``val_nll``, ``val_choice_loss`` (the latter two 0 under generation)."""
+        total = max(float(sums[1]), 1.0)
+        return {"val_accuracy": float(sums[0]) / total, "val_nll": float(sums[2]) / total, "val_choice_loss": float(sums[3]) / total}
+
+    def _snapshot(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().clone() for k, v in self.fn.state_dict().items()}
+
+    def begin(self, sums: torch.Tensor) -> dict[str, float]:
+        """Epoch 0: the rule the strength starts from is the first candidate for the best weights."""
+        rec = self.record(sums)
+        self.history = [{"epoch": 0, **rec}]
+        self.best = {**rec, "epoch": 0, "weights": self._snapshot()}
+        self._bad = 0
+        return rec
+
+    def end_epoch(self, epoch: int, sums: torch.Tensor) -> bool:
+        """Record epoch ``epoch``'s reduced validation sums; True when training should stop."""
+        if self.stopped:
+            return True
+        rec = self.record(sums)
+        self.history.append({"epoch": epoch, **rec})
+        tie = self.tie_key
+        if (rec["val_accuracy"], -rec[tie]) > (self.best["val_accuracy"], -self.best[tie]):
+            self.best = {**rec, "epoch": epoch, "weights": self._snapshot()}
+            self._bad = 0
+        else:
+            self._bad += 1
+            if self._bad >= self.patience:
+                self.stopped = True
+        return self.stopped
+
+    def fold(self):
+        """The state with the best weights folded in (a scalar into ``scale``, a gate into ``strength_tensors``)."""
+        self.fn.load_state_dict(self.best["weights"])
+        metadata = learned_fit_metadata(
+            self.state, self.kind, val_accuracy=self.best["val_accuracy"], best_epoch=self.best["epoch"],
+            history=self.history, lr=self.lr, kl_weight=self.kl_weight, loss=self.loss,
+        )
+        return fold_strength(self.state, self.fn, metadata)
+
+
+def finite_or_zero(value: float) -> float:
+    return value if math.isfinite(value) else 0.0
+
+
+__all__ = [
+    "Candidate",
+    "PassStatistics",
+    "StrengthTrainer",
+    "VALIDATION_SUMS",
+    "count_correct",
+    "pick",
+    "predictions",
+    "rank_site_options",
+    "read_pair_batch",
+]
