@@ -1,8 +1,7 @@
 """The paper's analyses of activation units: ``python analyze.py NAME [options]``.
 
-Each analysis fits the momentum statistics with the Lightning pipeline's shared pass (the
-pairs of :class:`~austeer_pl.lightning.ContrastivePairDataModule`, :func:`austeer_pl.compare.fit_statistics`),
-then probes the frozen model on the validation split (or ``--split test``) with batched forward
+Each analysis fits the momentum statistics with the engine's pass over the training pairs, directly
+(one process, no Lightning: :func:`prepare`), then probes the frozen model on the validation split (or ``--split test``) with batched forward
 passes, and writes a JSON result and a PNG plot (and logs both to W&B unless ``--wandb_mode disabled``).
 
 ==================  ==============================================================================
@@ -27,6 +26,8 @@ Example:
     >>> ctx = prepare(AnalysisOptions(model="smollm2-135m-instruct", max_train_pairs=200, max_examples=50))
     >>> result = dimension_sweep(ctx, site="attention", stride=4, alpha=2.0)
     >>> plot_sweep(result, "sweep.png")
+
+Why one module of this size: five analyses, each an experiment function and its plot, share one context, one parser and one writer; a module per analysis would repeat all three.
 """
 
 from __future__ import annotations

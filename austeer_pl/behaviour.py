@@ -30,6 +30,8 @@ Example:
     >>> report = behaviour_report(model, tok, state, prompts, load_judge("vader"))
     >>> report["unsteered"]["share_positive"], report["steered"]["share_positive"]
     (0.41, 0.78)
+
+Why one module of this size: generation, judging, the budgeted choice and the strength curve share the same candidate records and are read together; the judges themselves are in :mod:`austeer_pl.judge`.
 """
 
 from __future__ import annotations
@@ -683,6 +685,8 @@ def add_behaviour_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     """Every option of ``analyze.py behaviour`` (a complete set: do not add the other analyses' common options)."""
     p.add_argument("--steering", required=True, help="steering state folder (the state to sweep, e.g. written by train.py)")
     p.add_argument("--caa", default=None, help="a CAA state folder to sweep beside it (default: fit CAA on the same training pairs)")
+    p.add_argument("--iti", default=None, help="an ITI state folder to sweep beside them (e.g. from evaluate.py --compare --methods iti --export_dir)")
+    p.add_argument("--iti_alphas", default=None, help="ITI strengths, e.g. 0,5,15 (default: 0, 0.5, 1, 2, 4 x its alpha)")
     p.add_argument("--task", "--data.task", dest="task", default=None, help="behaviour task (default: the one the state was fitted on; sentiment or a prompt,positive,negative file)")
     p.add_argument("--model", "--model.model_name", dest="model", default=None, help="base model (default: the one the state names)")
     p.add_argument("--judge", default="vader", help="vader, vader:negative or a local sequence-classification model folder")
@@ -802,6 +806,11 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
         states["caa"] = caa
         if multipliers is not None:
             sweep["caa"] = multipliers
+    if getattr(args, "iti", None):
+        states["iti"] = SteeringState.from_pretrained(args.iti)
+        iti_alphas = _float_list(getattr(args, "iti_alphas", None), "--iti_alphas")
+        if iti_alphas is not None:
+            sweep["iti"] = iti_alphas
     info = {"task": str(task_spec), "task_name": task.name, "base_model": model_name, "split": args.split, "seed": seed,
             "steering": str(args.steering), "caa": caa_info}
     result = strength_curve(

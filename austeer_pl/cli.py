@@ -6,6 +6,7 @@ Both print a one-line ``error: ...`` and exit with status 2 on bad input.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -174,10 +175,18 @@ def _print_fit_summary(module, summary: dict[str, Any]) -> None:
     for site, layers in state.layers_by_site().items():
         counts = {l: int(((state.layer == l) & (state.site_index == state.sites.index(site))).sum()) for l in layers}
         table.add_row(f"{site} units", ", ".join(f"L{l}:{c}" for l, c in counts.items()))
-    table.add_row(
-        "val accuracy",
-        f"{summary['val_accuracy_unsteered']:.3f} unsteered -> {summary['val_accuracy']:.3f} steered (n={summary['n_val']})",
-    )
+    if summary.get("selection") == "judge":
+        verdict = "" if summary.get("beats_unsteered") else "  (no grid point beat unsteered within the fluency budget)"
+        table.add_row(
+            f"val share judged positive ({fit.get('judge')})",
+            f"{summary['val_accuracy_unsteered']:.3f} unsteered -> {summary['val_accuracy']:.3f} steered, perplexity x{summary['perplexity_ratio']:.2f} "
+            f"(budget x{fit.get('fluency_budget')}, n={summary['n_val']} prompts){verdict}",
+        )
+    else:
+        table.add_row(
+            "val accuracy",
+            f"{summary['val_accuracy_unsteered']:.3f} unsteered -> {summary['val_accuracy']:.3f} steered (n={summary['n_val']})",
+        )
     Console(stderr=False).print(table)
     # A plain line that scripts can grep, whatever the terminal width.
     print(f"steering state exported to {summary['export_dir']}")
@@ -196,7 +205,10 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N examples")
     p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--scoring", "--model.scoring", default=None, choices=["loglik", "generate", "both"], help="default: the task's (loglik for choices)")
+    p.add_argument("--scoring", "--model.scoring", default=None, choices=["loglik", "generate", "both", "paper", "judge"],
+                   help="default: the task's (loglik for choices, judge for behaviour tasks: a judge of generated text and its fluency)")
+    p.add_argument("--judge", default="vader", help="with --scoring judge: vader, vader:negative or a local classifier folder")
+    p.add_argument("--max_new_tokens", type=int, default=32, help="with --scoring judge: tokens generated per prompt")
     p.add_argument("--model", "--model.model_name", default=None, help="base model (default: the one the state names)")
     p.add_argument("--dtype", "--model.dtype", default=None)
     p.add_argument("--device", default=None)
@@ -207,6 +219,11 @@ def evaluate_parser() -> argparse.ArgumentParser:
     for part, example in (("layers", "model.layers"), ("attention", "self_attn.o_proj"), ("ffn", "mlp")):
         p.add_argument(f"--layout_{part}", f"--model.layout_{part}", dest=f"layout_{part}", default=None,
                        help=f"module path of the {part} for models austeer-pl does not locate, e.g. {example} (default: the state's)")
+    p.add_argument("--protocol", "--data.protocol", dest="protocol", default=None, choices=["default", "paper"],
+                   help="prompt and scoring protocol (default: the state's; paper: the AUSteer paper code's, see docs/paper_protocol.md)")
+    p.add_argument("--task_files", "--data.task_files", dest="task_files", default=None,
+                   help="local files (comma-separated) with rows in the hub task's own schema, read instead of fetching")
+    p.add_argument("--dump_examples", default=None, help="write the split's examples as JSONL (uid, prompt, choices, answer, scoring, the token read) and stop; needs no --steering")
     p.add_argument("--compare", action="store_true", help="fit and compare every method on the same split (see README)")
     c = p.add_argument_group("comparison (--compare)", "fit unsteered, ITI, SADI, CAA, block-level AUSteer, AUSteer and its learned-strength variants on one split, tune each on validation, report test")
     c.add_argument("--methods", default=None, help="comma-separated subset of unsteered,iti,sadi,caa,austeer_block,austeer,austeer_scalar,austeer_gate (default: all)")
@@ -239,8 +256,10 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         from .compare import compare_main_args
 
         return compare_main_args(args)
+    if args.dump_examples and not args.steering:
+        return dump_examples(args)
     if not args.steering:
-        raise AusteerError("--steering DIR is required (a folder written by train.py); or use --compare")
+        raise AusteerError("--steering DIR is required (a folder written by train.py); or use --compare, or --dump_examples with --task")
     if args.limit is not None and args.limit <= 0:
         raise AusteerError(f"--limit must be positive, got {args.limit}")
     if args.batch_size <= 0:
@@ -268,6 +287,10 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         config = config.replace(task=task_spec, max_val_examples=None, max_test_examples=None)
     if args.seed is not None:
         config = config.replace(seed=args.seed)
+    if args.protocol is not None:
+        config = config.replace(protocol=args.protocol)
+    if args.task_files is not None:
+        config = config.replace(task_files=args.task_files)
     seed = config.seed
     task, splits = config.load()
     examples = splits[args.split]
@@ -287,7 +310,9 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         LayoutSpec(**state.layout)
     elif args.layout_attention or args.layout_ffn:
         raise AusteerError("--layout_attention/--layout_ffn need --layout_layers (the path of the decoder layer list)")
-    scorings = list(SCORINGS) if args.scoring == "both" else [args.scoring or default_scoring(task)]
+    if args.scoring == "judge" or (args.scoring is None and task.behaviour):
+        return _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, config)
+    scorings = ["loglik", "generate"] if args.scoring == "both" else [args.scoring or default_scoring(task)]
 
     from rich.progress import Progress
 
@@ -324,11 +349,90 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "steered": results[(primary, "steered")],
         **({"momentum_rule": results[(primary, "momentum_rule")]} if learned else {}),
         "by_scoring": {s: {label: results[(s, label)] for label, _ in variants} for s in scorings},
+        "protocol": config.protocol,
+        # The paper code's own logged accuracy for this setting (configs/paper), printed beside this run's.
+        **({"paper_accuracy": config.paper_accuracy} if config.paper_accuracy is not None else {}),
         "seconds": time.perf_counter() - started,
     }
     if args.report:
         write_json_atomic(args.report, report)
     _print_eval_table(report, scorings)
+    return report
+
+
+def dump_examples(args) -> dict[str, Any]:
+    """``evaluate.py --dump_examples OUT.jsonl``: the exact inputs of a split, one line per example:
+    ``uid``, ``prompt`` (the text before the answer), ``choices`` (the exact answer strings as they
+    follow the prompt), ``answer``, ``scoring``, the training pair's two texts' ends and the position
+    and text of the token whose units are read (the last token of prompt + right answer)."""
+    from .batching import encode_pairs
+    from .dataconfig import DataConfig
+    from .evaluation import answer_suffixes, default_scoring
+    from .fileio import atomic_path, check_output_file
+    from .models import DEFAULT_MODEL, load_tokenizer
+    from .tasks import join_for, make_pairs
+
+    check_output_file(args.dump_examples, what="example dump")
+    if not args.task:
+        raise AusteerError("--dump_examples needs --task (or --steering, to read the state's)")
+    quiet()
+    config = DataConfig(task=args.task, seed=args.seed or 0, protocol=args.protocol or "default", task_files=args.task_files)
+    task, splits = config.load()
+    examples = splits[args.split][: args.limit] if args.limit else splits[args.split]
+    if not examples:
+        raise AusteerError(f"the {args.split} split of '{args.task}' is empty; choose another split or task")
+    tokenizer = load_tokenizer(args.model or DEFAULT_MODEL, cache_dir=args.cache_dir)
+    chat = {"on": True, "off": False, "auto": None, None: None}[args.chat_template]
+    from .tasks import format_prompt
+
+    prompts = [format_prompt(tokenizer, task, ex.prompt, chat_template=chat) for ex in examples]
+    pairs = {p.example_uid: p for p in make_pairs(examples, negatives="sample", seed=config.seed)}
+    pos = [join_for(task, t, pairs[ex.uid].positive)[len(t):] for t, ex in zip(prompts, examples)]
+    neg = [join_for(task, t, pairs[ex.uid].negative)[len(t):] for t, ex in zip(prompts, examples)]
+    prompt_ids, pos_ids, _ = encode_pairs(tokenizer, prompts, pos, neg)
+    scoring = args.scoring or default_scoring(task)
+    with atomic_path(args.dump_examples) as tmp, open(tmp, "w") as f:
+        for ex, text, p_ids, a_ids, a, b in zip(examples, prompts, prompt_ids, pos_ids, pos, neg):
+            ids = p_ids + a_ids
+            f.write(json.dumps({
+                "uid": ex.uid, "prompt": text, "choices": answer_suffixes(text, ex.choices, task), "answer": ex.answer, "scoring": scoring,
+                "pair": {"positive": a, "negative": b}, "read_position": len(ids) - 1, "read_token": tokenizer.decode(ids[-1:]),
+                "n_tokens": len(ids),
+            }, ensure_ascii=False) + "\n")
+    print(f"wrote {len(examples)} {args.split} examples of {args.task} ({config.protocol} protocol) to {args.dump_examples}")
+    return {"n_examples": len(examples), "path": str(args.dump_examples)}
+
+
+def _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, config) -> dict[str, Any]:
+    """Behaviour: the judge score and fluency of greedy generations from held-out prompts, unsteered vs.
+    steered (share judged positive with its 95% Wilson interval, mean judge score, perplexity under
+    the unsteered model, distinct-2)."""
+    from .behaviour import behaviour_prompts, behaviour_report
+    from .fileio import write_json_atomic
+
+    if args.max_new_tokens < 1:
+        raise AusteerError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+    started = time.perf_counter()
+    prompts = behaviour_prompts(tokenizer, task, examples, chat_template=chat)
+    result = behaviour_report(model, tokenizer, state, prompts, args.judge, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, max_length=config.max_length)
+    report = {"task": config.task, "split": args.split, "seed": config.seed, "base_model": args.model or state.base_model,
+              "steering": str(args.steering), "method": state.method, "scoring": "judge", "n_steered_activations": state.k,
+              "k": state.k, "alpha": state.alpha, **result, "seconds": time.perf_counter() - started}
+    if args.report:
+        write_json_atomic(args.report, report)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{config.task} ({args.split}, {report['n_prompts']} prompts, judge {args.judge}, {state.k} steered units)", title_justify="left")
+    for col in ("model", "share positive", "95% CI", "mean score", "perplexity", "distinct-2"):
+        table.add_column(col)
+    for label in ("unsteered", "steered"):
+        r = report[label]
+        table.add_row(label, f"{r['share_positive']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", f"{r['mean_score']:+.3f}",
+                      f"{r['perplexity']:.2f}", f"{r['distinct_2']:.3f}")
+    Console().print(table)
+    print(f"perplexity ratio steered / unsteered: {report['perplexity_ratio']:.3f}")
     return report
 
 
@@ -347,6 +451,9 @@ def _print_eval_table(report: dict[str, Any], scorings: list[str]) -> None:
             per = ", ".join(f"{k}: {v['accuracy']:.2f}" for k, v in r["per_class"].items())
             table.add_row(s, label, f"{r['accuracy']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", per)
     Console().print(table)
+    if report.get("paper_accuracy") is not None:
+        print(f"paper code's logged accuracy (reproduce_result.log): {report['paper_accuracy']:.3f}; this run, steered: {report['steered']['accuracy']:.3f}"
+              " (hyperparameters chosen on validation here, on test in the paper code)")
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:

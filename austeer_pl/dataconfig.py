@@ -36,6 +36,9 @@ class DataConfig:
     max_test_examples: int | None = 500
     chat_template: bool | None = None
     max_length: int | None = 512
+    protocol: str = "default"
+    task_files: str | None = None
+    paper_accuracy: float | None = None
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> DataConfig:
@@ -57,7 +60,18 @@ class DataConfig:
 
     def load(self, *, task: Task | None = None) -> tuple[Task, dict[str, list[TaskExample]]]:
         """The task and its ``train``/``val``/``test`` splits, exactly as the fit saw them."""
-        task = load_task(self.task, seed=self.seed) if task is None else task
+        if task is None:
+            if self.protocol == "paper":
+                from .paper import check_protocol, load_paper_task
+
+                check_protocol(self.protocol)
+                task = load_paper_task(self.task, files=self.task_files)
+            elif self.protocol == "default":
+                task = load_task(self.task, seed=self.seed, files=self.task_files)
+            else:
+                raise AusteerError(f"--data.protocol must be default or paper, not {self.protocol!r}")
+        if self.protocol == "paper" and not any(ex.split == "validation" for ex in task.examples):
+            raise AusteerError(f"the paper protocol found no validation rows in the training split of {self.task!r}; give at least 2 training rows")
         splits = split_examples(
             task.examples, seed=self.seed, val_fraction=self.val_fraction, test_fraction=self.test_fraction,
             max_val=self.max_val_examples, max_test=self.max_test_examples,

@@ -20,7 +20,7 @@ from .batching import encode_pairs, pad_id_of, pair_rows
 from .dataconfig import DataConfig
 from .errors import AusteerError
 from .prefix import use_shared_prefix
-from .tasks import NEGATIVE_MODES, Task, TaskExample, format_prompt, join_answer, make_pairs
+from .tasks import NEGATIVE_MODES, Task, TaskExample, format_prompt, join_for, make_pairs
 
 
 # ============================================================================ data
@@ -104,6 +104,13 @@ class ContrastivePairDataModule(pl.LightningDataModule):
             sequences' to float tolerance). ``False`` reads the two full sequences of each pair.
             ``"auto"`` shares on the CPU and reads full sequences on an accelerator, where a small
             model measured slower shared (:func:`~austeer_pl.prefix.use_shared_prefix`).
+        protocol: ``default`` (this project's prompts and scoring) or ``paper`` (the AUSteer paper
+            code's prompts, training strings, read token, scoring and sizes: :mod:`austeer_pl.paper`).
+        task_files: local files (comma-separated) with rows in a hub task's own schema, read
+            through ``datasets`` instead of fetching; a split is named in the file name or a
+            ``split`` column.
+        paper_accuracy: the paper code's logged accuracy for this setting (configs in
+            ``configs/paper``), recorded so that ``evaluate.py`` prints it beside this run's.
     """
 
     def __init__(
@@ -122,6 +129,9 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         max_length: int | None = 512,
         num_workers: int = 0,
         shared_prefix: bool | Literal["auto"] = "auto",
+        protocol: Literal["default", "paper"] = "default",
+        task_files: str | None = None,
+        paper_accuracy: float | None = None,
     ) -> None:
         super().__init__()
         use_shared_prefix(shared_prefix, "cpu")  # a bad value fails here, before any work
@@ -137,6 +147,8 @@ class ContrastivePairDataModule(pl.LightningDataModule):
                     f"--data.{option} must be an integer of at least {least} (or null for no limit), got {value!r}"
                     + ("; a prompt and its answer need at least 2 tokens" if option == "max_length" else "")
                 )
+        if protocol not in ("default", "paper"):
+            raise AusteerError(f"--data.protocol must be default or paper, not {protocol!r}")
         if negatives not in NEGATIVE_MODES:
             raise AusteerError(f"--data.negatives must be one of {', '.join(NEGATIVE_MODES)}, got {negatives!r}")
         self.tokenizer = None
@@ -201,7 +213,7 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         for choice in (*positives, *negatives):
             if not choice:
                 raise AusteerError(f"answer {choice!r} tokenizes to nothing; give non-empty choices")
-        suffix = lambda t, c: join_answer(t, c)[len(t):]  # noqa: E731
+        suffix = lambda t, c: join_for(self.task_obj, t, c)[len(t):]  # noqa: E731
         return encode_pairs(self.tokenizer, texts, [suffix(t, c) for t, c in zip(texts, positives)], [suffix(t, c) for t, c in zip(texts, negatives)])
 
     def encode_pairs(self, pairs) -> list[EncodedPair]:

@@ -16,7 +16,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -268,7 +267,7 @@ class StrengthTrainer:
         answers = torch.tensor([ex.answer for ex in examples])
         with torch.no_grad(), self.handle():
             if scoring == "loglik":
-                scores = choice_logprobs(self.model, tokenizer, prompts, [answer_suffixes(p, ex.choices) for p, ex in zip(prompts, examples)],
+                scores = choice_logprobs(self.model, tokenizer, prompts, [answer_suffixes(p, ex.choices, task) for p, ex in zip(prompts, examples)],
                                          batch_size=batch_size, max_length=max_length)
                 preds = torch.stack([sc.argmax() for sc in scores])
                 out[2] = float(sum(-sc[ex.answer] for sc, ex in zip(scores, examples)))
@@ -320,10 +319,6 @@ class StrengthTrainer:
             history=self.history, lr=self.lr, kl_weight=self.kl_weight, loss=self.loss,
         )
         return fold_strength(self.state, self.fn, metadata)
-
-
-def finite_or_zero(value: float) -> float:
-    return value if math.isfinite(value) else 0.0
 
 
 __all__ = [

@@ -1,8 +1,10 @@
 """Accuracy of a (steered or unsteered) model on a task's examples.
 
-Two scorings: ``loglik`` picks the choice with the highest log-likelihood (single- or
+Three scorings: ``loglik`` picks the choice with the highest log-likelihood (single- or
 multi-token choices); ``generate`` generates greedily and counts an exact match (numerically for
-math tasks), as the paper does.
+math tasks: the last number of the generation); ``paper`` is the paper code's own (greedy
+generation of its ``max_new_tokens``, lowercase exact match on one token or its number extraction:
+:func:`austeer_pl.paper.paper_prediction`), the default of a task in the paper protocol.
 """
 
 from __future__ import annotations
@@ -17,12 +19,14 @@ from torch import nn
 from .errors import AusteerError
 from .scoring import choice_logprobs, generate_texts, generation_prediction, wilson_interval
 from .steering import SteeringState
-from .tasks import Task, TaskExample, format_prompt, join_answer
+from .tasks import Task, TaskExample, format_prompt, join_for
 
-SCORINGS = ("loglik", "generate")
+SCORINGS = ("loglik", "generate", "paper")
 
 
 def default_scoring(task: Task) -> str:
+    if task.protocol == "paper":
+        return "paper"
     return "generate" if task.scoring == "generate" else "loglik"
 
 
@@ -32,9 +36,12 @@ def check_scoring(scoring: str) -> str:
     return scoring
 
 
-def answer_suffixes(prompt_text: str, choices: Sequence[str]) -> list[str]:
-    """Each choice as the text that follows ``prompt_text`` (the joining rule of :func:`join_answer`)."""
-    return [join_answer(prompt_text, c)[len(prompt_text):] for c in choices]
+def answer_suffixes(prompt_text: str, choices: Sequence[str], task: Task | None = None) -> list[str]:
+    """Each choice as the text that follows ``prompt_text`` (the joining rule of the task, :func:`~austeer_pl.tasks.join_for`)."""
+    return [join_for(task or _DEFAULT, prompt_text, c)[len(prompt_text):] for c in choices]
+
+
+_DEFAULT = Task("default", ())
 
 
 def prompt_texts(tokenizer, task: Task, examples: Sequence[TaskExample], chat_template: bool | None) -> list[str]:
@@ -57,8 +64,15 @@ def predict(
     check_scoring(scoring)
     if not examples:
         return torch.empty(0, dtype=torch.long)
+    if scoring == "paper":
+        from .paper import paper_max_new_tokens, paper_prediction
+
+        config = getattr(model, "config", None)
+        tokens = max_new_tokens or paper_max_new_tokens(task.name, str(getattr(config, "name_or_path", "")), getattr(config, "model_type", None))
+        texts = generate_texts(model, tokenizer, prompts, max_new_tokens=tokens, batch_size=batch_size, max_length=max_length)
+        return torch.tensor([paper_prediction(ex, t) for t, ex in zip(texts, examples)], dtype=torch.long)
     if scoring == "loglik":
-        answers = [answer_suffixes(p, ex.choices) for p, ex in zip(prompts, examples)]
+        answers = [answer_suffixes(p, ex.choices, task) for p, ex in zip(prompts, examples)]
         scores = choice_logprobs(model, tokenizer, prompts, answers, batch_size=batch_size, max_length=max_length)
         return torch.stack([s.argmax() for s in scores])
     numeric = task.scoring == "generate"

@@ -9,6 +9,8 @@ same engine ``analyze.py`` drives without Lightning); this module calls it from 
 reduces across processes through Lightning's strategy and torchmetrics, checkpoints the
 statistics and resumes them. The frozen LLM is held outside the module's parameters, so
 checkpoints carry only the statistics and the selection.
+
+Why one module of this size: the hooks of one LightningModule (pass, grid, strength epochs, test, checkpoints) must sit in one class; the work they call is in :mod:`austeer_pl.engine`.
 """
 
 from __future__ import annotations
@@ -44,7 +46,10 @@ from .steering import SteeringState
 from .runtime import jsonable
 from .strength import STRENGTH_KINDS, STRENGTH_LOSSES
 
-SITE_OPTIONS = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attention", "ffn")}
+SITE_OPTIONS = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attention", "ffn"), "residual": ("residual",)}
+#: How the grid is chosen: by validation accuracy, or by a judge of generated text under a fluency
+#: budget (behaviour tasks); ``auto`` follows the task.
+SELECTIONS = ("auto", "accuracy", "judge")
 
 
 class ReducedTensor(torchmetrics.Metric):
@@ -166,7 +171,8 @@ class PassCheckpoint(Callback):
         trainer.strategy.barrier("austeer-checkpoint")
 
 
-PASS_SETTINGS_DATA = ("task", "seed", "negatives", "val_fraction", "test_fraction", "max_train_pairs", "chat_template", "max_length", "batch_size")
+PASS_SETTINGS_DATA = ("task", "seed", "negatives", "val_fraction", "test_fraction", "max_train_pairs", "chat_template", "max_length", "batch_size",
+                      "protocol", "task_files")
 PASS_SETTINGS_MODEL = ("model_name", "dtype", "site", "layout_layers", "layout_attention", "layout_ffn")
 
 
@@ -218,7 +224,7 @@ def parse_sites(site: str | Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
     for opt in options:
         key = str(opt).strip().lower()
         if key not in SITE_OPTIONS:
-            raise AusteerError(f"unknown site '{opt}'; choose attention, ffn or both (or a list of them)")
+            raise AusteerError(f"unknown site '{opt}'; choose attention, ffn, both or residual (or a list of them)")
         if key not in [o for o, _ in out]:
             out.append((key, SITE_OPTIONS[key]))
     if not out:
@@ -252,7 +258,7 @@ class AUSteerModule(pl.LightningModule):
     Args:
         model_name: ``smollm2-135m-instruct`` (embedded), a hub id, a local folder or a ``.gguf`` file.
         dtype: ``float32``, ``bfloat16``, ``float16`` or None (the checkpoint's).
-        site: ``attention``, ``ffn``, ``both``, or a list of them to choose from on validation.
+        site: ``attention``, ``ffn``, ``both``, ``residual`` (the decoder layer output, which the paper code also steers), or a list of them to choose from on validation.
         k: number of units, or a list to choose from on validation.
         alpha: strength, or a list to choose from on validation.
         sign: ``promote`` (only m > 0) or ``both``.
@@ -270,6 +276,14 @@ class AUSteerModule(pl.LightningModule):
         scoring: validation scoring, ``loglik`` or ``generate`` (None: the task's default).
         cache_dir: cache of the converted embedded model.
         layout_layers, layout_attention, layout_ffn: module paths for models austeer-pl does not know.
+        selection: ``accuracy`` (validation accuracy), ``judge`` (behaviour: the judge score of greedy
+            generations from validation prompts, among grid points whose perplexity under the
+            unsteered model is at most ``fluency_budget`` x the unsteered one's) or ``auto`` (``judge``
+            for behaviour tasks such as ``sentiment``).
+        judge: ``vader``, ``vader:negative`` or a local classifier folder (see :mod:`austeer_pl.judge`).
+        fluency_budget: the largest perplexity ratio a chosen behaviour state may have (default 1.5).
+        max_new_tokens: tokens generated per validation prompt when judging.
+        max_judge_prompts: distinct validation prompts generated from when judging.
     """
 
     def __init__(
@@ -294,6 +308,11 @@ class AUSteerModule(pl.LightningModule):
         layout_layers: str | None = None,
         layout_attention: str | None = None,
         layout_ffn: str | None = None,
+        selection: str = "auto",
+        judge: str = "vader",
+        fluency_budget: float = 1.5,
+        max_new_tokens: int = 32,
+        max_judge_prompts: int = 32,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -313,6 +332,10 @@ class AUSteerModule(pl.LightningModule):
             raise AusteerError("strength_epochs >= 0, strength_lr > 0, kl_weight >= 0, patience >= 1 and gate_width >= 1 are required")
         if scoring is not None:
             check_scoring(scoring)
+        if selection not in SELECTIONS:
+            raise AusteerError(f"--model.selection must be one of {', '.join(SELECTIONS)}, not '{selection}'")
+        if not math.isfinite(fluency_budget) or fluency_budget <= 0 or max_new_tokens < 1 or max_judge_prompts < 1:
+            raise AusteerError("--model.fluency_budget > 0 (a perplexity ratio), --model.max_new_tokens >= 1 and --model.max_judge_prompts >= 1 are required")
         self.export_dir: Path | None = None
         self.batches_done = 0
         self.stats: PassStatistics | None = None
@@ -499,6 +522,31 @@ class AUSteerModule(pl.LightningModule):
             self.probe_accuracy.reduce_(self._sum)
             self.timing["probe_pass"] = float(self._reduced("probe_seconds", torch.tensor([time.perf_counter() - started], dtype=torch.float64), "max"))
         self.candidates = self.build_candidates()
+        if self.by_judge():
+            self.behaviour_choice = self.choose_by_judge()
+
+    def by_judge(self) -> bool:
+        """Whether the grid is chosen by a judge of generated text (behaviour tasks)."""
+        selection = self.hparams.selection
+        if selection == "auto":
+            return bool(getattr(self.trainer.datamodule.task_obj, "behaviour", False))
+        return selection == "judge"
+
+    def choose_by_judge(self):
+        """AUSteer's grid judged on greedy generations from validation prompts (every process
+        computes the same choice: generation is deterministic and the prompts are few)."""
+        from .behaviour import behaviour_prompts, choose_by_judge
+
+        if any(m != "austeer" and not get_method(m).learned for m in self.methods if m != "unsteered"):
+            raise AusteerError("--compare chooses by accuracy; fit behaviour states with train.py (--model.selection judge)")
+        hp, dm = self.hparams, self.trainer.datamodule
+        prompts = behaviour_prompts(self.tokenizer, dm.task_obj, dm.splits["val"], chat_template=dm.hparams.chat_template)[: hp.max_judge_prompts]
+        if not prompts:
+            raise AusteerError("the validation split is empty; raise --data.val_fraction or --data.max_val_examples")
+        grid = [(f"{c.hyper['site']},k={c.hyper['k']},alpha={c.hyper['alpha']:g}", c.state) for c in self.candidates if c.method == "austeer"]
+        self._n_judge_prompts = len(prompts)
+        return choose_by_judge(self.llm, self.tokenizer, grid, prompts, hp.judge, budget=hp.fluency_budget, max_new_tokens=hp.max_new_tokens,
+                               batch_size=dm.hparams.eval_batch_size, max_length=dm.hparams.max_length, layout=self.layout)
 
     def build_candidates(self) -> list[Candidate]:
         """Unsteered first, then every grid point of every grid method (states built once)."""
@@ -527,7 +575,7 @@ class AUSteerModule(pl.LightningModule):
         return [dm.splits["val"][i] for i in indices], [dm.val_prompts[i] for i in indices]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if not batch["index"] or not self.rankings:
+        if not batch["index"] or not self.rankings or (self.current_epoch == 0 and getattr(self, "behaviour_choice", None) is not None):
             return None
         dm = self.trainer.datamodule
         examples, prompts = self._val_batch(batch["index"])
@@ -549,6 +597,8 @@ class AUSteerModule(pl.LightningModule):
             return
         if self.current_epoch > 0:
             return self.strength_validation_end()
+        if getattr(self, "behaviour_choice", None) is not None:
+            return self.finish_behaviour_choice()
         counts = self._reduced("val_correct", torch.cat([self._val_correct, torch.tensor([self._val_total])]))
         seconds = self._reduced("val_seconds", self._val_seconds, "max")
         correct, total = counts[:-1], int(counts[-1])
@@ -581,6 +631,46 @@ class AUSteerModule(pl.LightningModule):
         self.log("val/accuracy", austeer.val_accuracy, rank_zero_only=True)
         self.log("val/k", float(austeer.chosen.hyper["k"]), rank_zero_only=True)
         self.log("val/alpha", float(austeer.chosen.hyper["alpha"]), rank_zero_only=True)
+        self.start_strength_phase()
+
+    def finish_behaviour_choice(self) -> None:
+        """The judged grid's pick becomes the state; when no steered point beats the unsteered model
+        within the budget, the best steered point within it is kept and the summary says so."""
+        from .behaviour import UNSTEERED
+
+        choice, hp, dm = self.behaviour_choice, self.hparams, self.trainer.datamodule
+        steered = [r for r in choice.results if r["label"] != UNSTEERED]
+        base = next(r for r in choice.results if r["label"] == UNSTEERED)
+        beats = choice.choice.label != UNSTEERED
+        if beats:
+            label = choice.choice.label
+        else:  # the best steered point within the budget (or the most fluent ones if none is)
+            pool = [r for r in steered if r["perplexity"] <= hp.fluency_budget * base["perplexity"]] or steered
+            label = max(pool, key=lambda r: (r["share_positive"], r["mean_score"], -r["perplexity_ratio"]))["label"]
+        austeer = [c for c in self.candidates if c.method == "austeer"]
+        index = [r["label"] for r in steered].index(label)
+        chosen = austeer[index]
+        record = steered[index]
+        grid = [{**jsonable(c.hyper), "n_steered_activations": c.n_steered, **{k: r[k] for k in ("share_positive", "mean_score", "perplexity_ratio", "distinct_2")}}
+                for c, r in zip(austeer, steered)]
+        beats = choice.choice.label != UNSTEERED
+        chosen.state.metadata = {
+            **chosen.state.metadata,
+            "fit": {"strength": "momentum", "site": chosen.hyper["site"], "selection": "judge", "judge": hp.judge, "fluency_budget": hp.fluency_budget,
+                    "n_pairs": self.accumulator.n, "n_val_prompts": self._n_judge_prompts,
+                    "val_share_positive_unsteered": base["share_positive"], "val_share_positive": record["share_positive"],
+                    "val_perplexity_ratio": record["perplexity_ratio"], "beats_unsteered": beats, "grid": grid,
+                    "fit_seconds": self.summary.get("fit_seconds"), "world_size": self.trainer.world_size},
+            "data": dm.data_config(),
+        }
+        self.results = {"austeer": MethodResult("austeer", chosen, record["share_positive"], grid)}
+        self.state = chosen.state
+        self.summary.update(val_accuracy_unsteered=base["share_positive"], val_accuracy=record["share_positive"], selection="judge",
+                            beats_unsteered=beats, perplexity_ratio=record["perplexity_ratio"], n_val=self._n_judge_prompts,
+                            choice={**chosen.hyper, "share_positive": record["share_positive"]}, grid=grid)
+        self.log("val/share_positive_unsteered", base["share_positive"], rank_zero_only=True)
+        self.log("val/share_positive", record["share_positive"], rank_zero_only=True)
+        self.log("val/perplexity_ratio", record["perplexity_ratio"], rank_zero_only=True)
         self.start_strength_phase()
 
     # -- the learned-strength variants (epochs after the first), one StrengthTrainer each

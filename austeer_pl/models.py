@@ -13,6 +13,8 @@
 The cache conversion is atomic: it is written to a hidden temporary sibling folder, finished
 with a marker file (:data:`MARKER_NAME`) and then renamed into place, under a file lock so that
 several processes (DDP ranks) can ask for it at once.
+
+Why one module of this size: loading has one entry point (:func:`load_model`) whose failure modes (cache conversion, locks, checksums, hub, GGUF) all end in one-line errors; split, they would each re-derive the same cache facts.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = [
     "embedded_gguf_path",
     "ensure_embedded_model",
     "load_model",
+    "load_tokenizer",
     "model_name_of",
     "resolve_dtype",
 ]
@@ -609,6 +612,34 @@ def load_model(
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str = DEFAULT_MODEL, *, cache_dir: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model :func:`load_model` accepts, without loading its weights.
+
+    Example:
+        >>> load_tokenizer("smollm2-135m-instruct")("Hello")["input_ids"]  # doctest: +SKIP
+    """
+    name = str(name_or_path).strip()
+    path = pathlib.Path(name).expanduser()
+    try:
+        with _quiet_transformers():
+            if name.lower() == DEFAULT_MODEL:
+                tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model(cache_dir))
+            elif path.is_dir():
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            elif path.is_file() and path.suffix.lower() == ".gguf":
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+            elif _looks_like_path(name):
+                raise AusteerError(f"no such file or folder: {name}; pass an existing model folder, a .gguf file, or '{DEFAULT_MODEL}'")
+            else:
+                _check_hub_reachable(name)
+                tokenizer = AutoTokenizer.from_pretrained(name)
+    except _load_errors() as error:
+        raise AusteerError(f"could not load the tokenizer of {name!r} ({_first_line(error)}); pass a model folder, a .gguf file or a hub id") from None
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
 
 
 def _check_hub_reachable(name: str) -> None:

@@ -146,11 +146,21 @@ def _normalise(text: str) -> str:
 
 
 def parse_number(text: str) -> float | None:
-    match = _NUMBER.search(text)
-    if match is None:
+    """The answer number of a generation: the last number (after ``####`` where present, as GSM8K
+    writes answers), commas as thousands separators. A model that reasons before answering ends with
+    the answer, so the first number would be a step of the reasoning.
+
+    Example:
+        >>> parse_number("3 apples and 4 pears make 7"), parse_number("... #### 1,200 (done in 2 steps)")
+        (7.0, 1200.0)
+    """
+    head, sep, tail = text.partition("####")
+    source = tail if sep else head
+    matches = _NUMBER.findall(source)
+    if not matches:
         return None
     try:
-        return float(match.group().replace(",", ""))
+        return float(matches[0 if sep else -1].replace(",", ""))
     except ValueError:
         return None
 

@@ -38,6 +38,8 @@ Conventions:
 
 Every user error raises :class:`~austeer_pl.errors.AusteerError` with a one-line message. This module
 imports only the standard library at import time (``datasets`` is imported when a hub task is loaded).
+
+Why one module of this size: every task format (embedded, BIG-bench, hub, local files) shares the same row validators and one-line error vocabulary; the split, pair and prompt rules that all of them feed are here too.
 """
 
 from __future__ import annotations
@@ -154,6 +156,10 @@ class Task:
             (generate an answer and match it, numerically for math tasks).
         instruction: Text put before every prompt (empty, or ending in whitespace).
         answer_prefix: Text put after the prompt, before the answer (e.g. ``"Answer:"``).
+        behaviour: a behaviour task (the choices are continuations to write, not answers to pick):
+            ``train.py`` chooses by a judge of generated text and ``evaluate.py`` reports it.
+        protocol: ``default`` (this project's prompts) or ``paper`` (the AUSteer paper code's, see
+            :mod:`austeer_pl.paper`): prompts are fed raw and answers follow them without a separator.
     """
 
     name: str
@@ -161,6 +167,8 @@ class Task:
     scoring: str = "choice"
     instruction: str = ""
     answer_prefix: str = DEFAULT_ANSWER_PREFIX
+    behaviour: bool = False
+    protocol: str = "default"
 
     def __post_init__(self) -> None:
         if not isinstance(self.examples, tuple):
@@ -579,15 +587,67 @@ EMBEDDED_TASKS = ("rotten_tomatoes", "sentiment")
 TASK_NAMES = EMBEDDED_TASKS + tuple(HUB_TASKS)
 
 
+_FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def local_hub_rows(files: str | Sequence[str], *, dataset: str, cache_dir: Any = None) -> dict[str, list[Mapping[str, Any]]]:
+    """Rows in a hub dataset's own schema from local JSONL/JSON/CSV/Parquet files, read through
+    ``datasets`` instead of fetched, keyed by canonical split.
+
+    A file's split is its ``split`` column when it has one (per row), else the split word in its
+    name (``train``, ``validation``/``val``/``dev``, ``test``).
+
+    Raises:
+        AusteerError: a missing file, an unknown type, or a file whose split cannot be told.
+
+    Example:
+        >>> rows = local_hub_rows("boolq_train.jsonl,boolq_validation.jsonl", dataset="google/boolq")  # doctest: +SKIP
+    """
+    import datasets
+
+    paths = [Path(p.strip()).expanduser() for p in (files.split(",") if isinstance(files, str) else files) if str(p).strip()]
+    if not paths:
+        raise AusteerError("--data.task_files is empty; give one or more files, comma-separated")
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for path in paths:
+        if not path.is_file():
+            raise AusteerError(f"--data.task_files {path}: no such file; check the path")
+        kind = _FILE_KINDS.get(path.suffix.lower())
+        if kind is None:
+            raise AusteerError(f"--data.task_files {path}: unsupported type {path.suffix or '(none)'!r}; use one of {', '.join(_FILE_KINDS)}")
+        try:
+            rows = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache_dir)
+        except Exception as exc:  # datasets raises many kinds for a malformed file
+            raise AusteerError(f"--data.task_files {path}: cannot read it as {kind} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+        if "split" in rows.column_names:
+            for row in rows:
+                out.setdefault(_canonical_split(str(row["split"])), []).append({k: v for k, v in row.items() if k != "split"})
+            continue
+        words = re.findall(r"[a-z]+", path.stem.lower())
+        named = [_SPLIT_ALIASES[w] for w in words if w in _SPLIT_ALIASES]
+        if len(set(named)) != 1:
+            raise AusteerError(
+                f"--data.task_files {path}: name its split in the file name (train, validation, test) or add a 'split' column, for {dataset}"
+            )
+        out.setdefault(named[0], []).extend(rows)
+    return out
+
+
 def _fetch_hub(
-    path: str, config: str | None, splits: Sequence[str] | None, *, hub_split: str | None, cache_dir: Any
+    path: str, config: str | None, splits: Sequence[str] | None, *, hub_split: str | None, cache_dir: Any, files: Any = None
 ) -> dict[str, Iterable[Mapping[str, Any]]]:
-    """Rows of each wanted split of a hub dataset, keyed by canonical split name."""
+    """Rows of each wanted split of a hub dataset (or of local ``files`` in its schema), keyed by canonical split name."""
     try:
         import datasets
     except ImportError:
         raise AusteerError(f"loading {path!r} from the hub needs the datasets package: pip install datasets") from None
     label = f"{path!r}" + (f" (config {config!r})" if config else "")
+    if files:
+        available = local_hub_rows(files, dataset=label, cache_dir=cache_dir)
+        wanted = {name: rows for name, rows in available.items() if splits is None or name in splits}
+        if not wanted:
+            raise AusteerError(f"--data.task_files give splits {', '.join(sorted(available))} but {label} needs one of {', '.join(splits or ())}")
+        return wanted
     from .network import hub_endpoint, hub_offline, unreachable
 
     if not hub_offline() and (reason := unreachable(hub_endpoint())) is not None:
@@ -620,7 +680,7 @@ def _fetch_hub(
 
 
 def load_hub_task(
-    name_or_path: str, *, hub_split: str | None = None, cache_dir: Any = None, seed: int = 0
+    name_or_path: str, *, hub_split: str | None = None, cache_dir: Any = None, seed: int = 0, files: Any = None
 ) -> Task:
     """Load one of :data:`HUB_TASKS` by name (or hub path), or any ``owner/name[:config]`` in the generic schema.
 
@@ -645,7 +705,7 @@ def load_hub_task(
     name = name_or_path if name_or_path in HUB_TASKS else by_path.get(name_or_path)
     if name is not None:
         hub = HUB_TASKS[name]
-        rows = _fetch_hub(hub.path, hub.config, hub.splits, hub_split=hub_split, cache_dir=cache_dir)
+        rows = _fetch_hub(hub.path, hub.config, hub.splits, hub_split=hub_split, cache_dir=cache_dir, files=files)
         examples = [ex for split, split_rows in rows.items() for ex in hub.convert(split_rows, split=split, seed=seed)]
         task_name, scoring, instruction, prefix = name, hub.scoring, hub.instruction, hub.answer_prefix
         label = hub.path
@@ -653,7 +713,7 @@ def load_hub_task(
         path, _, config = name_or_path.partition(":")
         if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
             raise AusteerError(f"bad hub dataset name {name_or_path!r}; write hub:owner/name or hub:owner/name:config")
-        rows = _fetch_hub(path, config or None, None, hub_split=hub_split, cache_dir=cache_dir)
+        rows = _fetch_hub(path, config or None, None, hub_split=hub_split, cache_dir=cache_dir, files=files)
         examples = [
             ex for split, split_rows in rows.items()
             for ex in generic_examples(split_rows, split=split, seed=seed, dataset=path)
@@ -837,7 +897,7 @@ def sentiment_task() -> Task:
                 uid=f"{SENTIMENT_TASK}:{pos[1]}-{neg[1]}",
             )
         )
-    return Task(name=SENTIMENT_TASK, examples=tuple(examples), scoring="choice", instruction="", answer_prefix=SENTIMENT_ANSWER_PREFIX)
+    return Task(name=SENTIMENT_TASK, examples=tuple(examples), scoring="choice", instruction="", answer_prefix=SENTIMENT_ANSWER_PREFIX, behaviour=True)
 
 
 def _read_text(path: Path) -> str:
@@ -1068,7 +1128,7 @@ def load_bigbench_task(path: str | Path, *, data: Mapping[str, Any] | None = Non
 # Entry point
 
 
-def load_task(spec: str, *, hub_split: str | None = None, cache_dir: Any = None, seed: int = 0) -> Task:
+def load_task(spec: str, *, hub_split: str | None = None, cache_dir: Any = None, seed: int = 0, files: Any = None) -> Task:
     """Load a task from a name, a hub dataset or a local file.
 
     Args:
@@ -1077,6 +1137,8 @@ def load_task(spec: str, *, hub_split: str | None = None, cache_dir: Any = None,
             or the path of a ``.jsonl``/``.json``/``.csv`` file or BIG-bench ``task.json`` (or its folder).
         hub_split: For hub tasks, load only this split (default: the train and held-out splits).
         cache_dir: For hub tasks, the ``datasets`` cache folder.
+        files: For hub tasks, local files with rows in the hub dataset's own schema, read instead
+            of fetching (see :func:`local_hub_rows`).
         seed: For numeric tasks, the seed of the wrong number in each example's choices.
 
     Returns:
@@ -1102,11 +1164,13 @@ def load_task(spec: str, *, hub_split: str | None = None, cache_dir: Any = None,
     if name == "sentiment":  # behaviour pairs for free generation (austeer_pl.behaviour)
         return sentiment_task()
     if name in HUB_TASKS:
-        return load_hub_task(name, hub_split=hub_split, cache_dir=cache_dir, seed=seed)
+        return load_hub_task(name, hub_split=hub_split, cache_dir=cache_dir, seed=seed, files=files)
     if name.startswith("hub:"):
-        return load_hub_task(text[4:].strip(), hub_split=hub_split, cache_dir=cache_dir, seed=seed)
+        return load_hub_task(text[4:].strip(), hub_split=hub_split, cache_dir=cache_dir, seed=seed, files=files)
     if is_hub:
-        return load_hub_task(text, hub_split=hub_split, cache_dir=cache_dir, seed=seed)
+        return load_hub_task(text, hub_split=hub_split, cache_dir=cache_dir, seed=seed, files=files)
+    if files:
+        raise AusteerError(f"--data.task_files apply to hub tasks ({', '.join(HUB_TASKS)}, hub:owner/name), not {text!r}; drop them")
     path = Path(text).expanduser()
     if path.exists():
         return load_local_task(path)
@@ -1279,6 +1343,13 @@ def make_pairs(
         raise AusteerError(f"max_pairs={max_pairs!r} must be a positive integer or None")
     pairs: list[ContrastivePair] = []
     for ex in examples:
+        if getattr(ex, "negative", None) is not None and getattr(ex, "positive", None) is not None:
+            # The paper protocol's examples carry the training pair's own strings (BoolQ trains on
+            # "Yes"/"No" and scores " yes"/" no"; numeric tasks have one chosen wrong answer).
+            pairs.append(ContrastivePair(prompt=ex.prompt, positive=ex.positive, negative=ex.negative, example_uid=ex.uid))
+            if max_pairs is not None and len(pairs) >= max_pairs:
+                return pairs[:max_pairs]
+            continue
         wrong = ex.wrong_choices
         chosen = wrong if negatives == "all" else (random.Random(f"{seed}:{ex.uid}").choice(wrong),)
         pairs.extend(ContrastivePair(prompt=ex.prompt, positive=ex.target, negative=neg, example_uid=ex.uid) for neg in chosen)
@@ -1314,6 +1385,8 @@ def format_prompt(tokenizer: Any, task: Task, prompt: str, *, chat_template: boo
         >>> format_prompt(None, task, "Is the sky blue?", chat_template=False)
         'Answer briefly.\\nIs the sky blue?\\nAnswer:'
     """
+    if task.protocol == "paper":
+        return prompt  # the paper feeds its prompts raw: no template, no instruction, no prefix
     has_template = bool(getattr(tokenizer, "chat_template", None))
     use_template = has_template if chat_template is None else bool(chat_template)
     user = _with_instruction(task.instruction, prompt)
@@ -1321,12 +1394,19 @@ def format_prompt(tokenizer: Any, task: Task, prompt: str, *, chat_template: boo
         return f"{user}\n{task.answer_prefix}"
     if not has_template:
         raise AusteerError("chat_template=True but the tokenizer has no chat template; set chat_template to false or None")
-    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False)
+    # enable_thinking=False: Qwen3's template then answers directly (other templates ignore the flag).
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False, enable_thinking=False)
     if not isinstance(text, str):
         raise AusteerError(f"the tokenizer's apply_chat_template returned {type(text).__name__}, not text; set chat_template to false")
     # The assistant turn is the answer slot: no answer prefix after the template (measured on
     # SmolLM2 / Rotten Tomatoes validation: 0.50 with "Answer:" appended, 0.59 without).
     return text
+
+
+def join_for(task: Task, prompt_text: str, choice: str) -> str:
+    """``prompt_text`` followed by ``choice`` as ``task`` joins them: without a separator under the
+    paper protocol (its answers are written to follow the prompt), else :func:`join_answer`."""
+    return prompt_text + choice if task.protocol == "paper" else join_answer(prompt_text, choice)
 
 
 def join_answer(prompt_text: str, choice: str) -> str:
@@ -1365,6 +1445,7 @@ __all__ = [
     "generic_examples",
     "gsm8k_examples",
     "join_answer",
+    "join_for",
     "load_bigbench_task",
     "load_hub_task",
     "load_local_task",

@@ -97,6 +97,8 @@ def main() -> None:
     p.add_argument("--n", type=int, default=None, help="pairs to score (default 64, --quick 16)")
     p.add_argument("--fit_pairs", type=int, default=200)
     p.add_argument("--cv_layer", type=int, default=10)
+    p.add_argument("--gen_prompts", type=int, default=8, help="prompts of the generation-speed measurement")
+    p.add_argument("--gen_tokens", type=int, default=64, help="new tokens per prompt there")
     args = p.parse_args()
     try:
         from llama_cpp import Llama
@@ -153,12 +155,24 @@ def main() -> None:
             "llama.cpp merged": lambda: margins.__setitem__("llama.cpp merged", llama_margins("merged")),
         }
         times = C.interleave(variants, args.repeats, device, warmup=False, label="llama.cpp")
+        # Generation speed: greedy completions of the same prompts, base and merged interleaved.
+        prompts = [pair["prompt"] for pair in pairs[: args.gen_prompts]]
+        tokens_out = {"base": 0, "merged": 0}
+
+        def generate(name: str) -> None:
+            for text in prompts:
+                out = engines[name].create_completion(text, max_tokens=args.gen_tokens, temperature=0.0)
+                tokens_out[name] += int(out["usage"]["completion_tokens"])
+
+        gen_times = C.interleave({"generate base": lambda: generate("base"), "generate merged": lambda: generate("merged")},
+                                 args.repeats, device, warmup=False, label="llama.cpp generation")
         margins["transformers unsteered"] = hf_margins(False)
         margins["transformers hooked"] = hf_margins(True)
         control = control_vector_check(engines["base"], model, tok, layout, args.cv_layer, Path(tmp) / "cv.gguf")
         for llm in engines.values():
             llm.close()
     ratio = C.paired_ratio(times, "llama.cpp merged", "llama.cpp base")
+    gen_ratio = C.paired_ratio(gen_times, "generate merged", "generate base")
     agree = float(np.mean((margins["llama.cpp merged"] > 0) == (margins["transformers hooked"] > 0)))
     spread = np.abs(margins["llama.cpp merged"] - margins["transformers hooked"])
     shift_hf = np.abs(margins["transformers hooked"] - margins["transformers unsteered"]).mean()
@@ -169,6 +183,9 @@ def main() -> None:
         "margin_abs_diff_merged_vs_hooked": {"mean": float(spread.mean()), "max": float(spread.max())},
         "margin_abs_change_by_steering_transformers": float(shift_hf),
         "llama_cpp_merged_over_base_time": ratio,
+        "llama_cpp_generation_merged_over_base_time": gen_ratio,
+        "generation": {"prompts": len(prompts), "max_tokens": args.gen_tokens, "tokens": tokens_out,
+                       "seconds": {name: C.summary(t) for name, t in gen_times.items()}},
         "llama_cpp_seconds": {name: C.summary(t) for name, t in times.items()},
         "control_vector": control,
     }
@@ -177,6 +194,8 @@ def main() -> None:
     print(f"llama.cpp merged picks what transformers hooked picks on {agree:.1%} of {n} pairs; "
           f"|margin difference| mean {spread.mean():.3g} (steering moves the margin by {shift_hf:.3g} on average)")
     print(f"llama.cpp time merged / base: {ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})")
+    print(f"llama.cpp generation time merged / base ({len(prompts)} prompts x {args.gen_tokens} tokens): "
+          f"{gen_ratio['median']:.3f} ({gen_ratio['min']:.3f}-{gen_ratio['max']:.3f})")
     print("control vector: correlation of llama.cpp's logit change with the hooked shift at layer "
           + ", ".join(f"{layer}: {c:.3f}" for layer, c in control["correlation_with_hooked_shift_at_layer"].items()))
     note = C.contention_note(info)

@@ -532,7 +532,7 @@ def test_resume_with_the_same_settings_is_accepted(world, tmp_path):
 
     model = {"model_name": str(world["tiny"]), "dtype": None, "site": "attention", "layout_layers": None, "layout_attention": None, "layout_ffn": None}
     data = {"task": str(world["task"]), "seed": 0, "negatives": "sample", "val_fraction": 0.2, "test_fraction": 0.2,
-            "max_train_pairs": 256, "chat_template": None, "max_length": 512, "batch_size": 4}
+            "max_train_pairs": 256, "chat_template": None, "max_length": 512, "batch_size": 4, "protocol": "default", "task_files": None}
     check_resume(world["ckpt"], pass_settings(model, data))
     with pytest.raises(AusteerError, match="--data.batch_size 4, this run has 8"):
         check_resume(world["ckpt"], pass_settings(model, {**data, "batch_size": 8}))

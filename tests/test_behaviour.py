@@ -498,3 +498,39 @@ def test_real_model_fluency_and_steered_generation(sentiment):
     pairs = generate_pairs(model, tok, state, prompts, max_new_tokens=12)
     assert pairs.unsteered == plain_generate(model, tok, prompts, 12)
     assert pairs.steered != pairs.unsteered and all(t.strip() for t in pairs.unsteered)
+
+
+def test_train_chooses_by_judge_and_evaluate_reports_it(tiny_dir, tmp_path, capsys):
+    """train.py on a behaviour task picks its grid point by the judge under the fluency budget (every
+    candidate's share and perplexity ratio are recorded), and evaluate.py reports judge and fluency."""
+    import json
+
+    from austeer_pl import SteeringState
+    from austeer_pl.cli import evaluate_main, train_main
+
+    rows = tmp_path / "pairs.jsonl"
+    with open(rows, "w") as f:
+        for i in range(40):
+            f.write(json.dumps({"prompt": f"say {i % 7} ", "positive": "good good", "negative": "bad bad"}) + "\n")
+    export = tmp_path / "state"
+    code = train_main([
+        "--model.model_name", str(tiny_dir), "--data.task", str(rows), "--model.k", "[2, 4]", "--model.alpha", "[1, 8]",
+        "--model.selection", "judge", "--model.max_new_tokens", "4", "--model.max_judge_prompts", "5", "--data.batch_size", "8",
+        "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "disabled",
+    ])
+    assert code == 0, capsys.readouterr().err
+    fit = SteeringState.from_pretrained(export).metadata["fit"]
+    assert fit["selection"] == "judge" and fit["judge"] == "vader" and fit["fluency_budget"] == 1.5 and fit["n_val_prompts"] == 5
+    assert len(fit["grid"]) == 4 and all({"share_positive", "perplexity_ratio"} <= set(g) for g in fit["grid"])
+    chosen = next(g for g in fit["grid"] if g["k"] == SteeringState.from_pretrained(export).k and g["alpha"] == SteeringState.from_pretrained(export).alpha)
+    within = [g for g in fit["grid"] if g["perplexity_ratio"] <= 1.5]
+    if within:  # the pick respects the budget whenever some point does
+        assert chosen["perplexity_ratio"] <= 1.5 and chosen["share_positive"] == max(g["share_positive"] for g in within)
+    assert "val share judged positive" in capsys.readouterr().out
+    report = tmp_path / "r.json"
+    assert evaluate_main(["--steering", str(export), "--scoring", "judge", "--max_new_tokens", "4", "--limit", "6", "--report", str(report)]) == 0
+    r = json.loads(report.read_text())
+    assert r["scoring"] == "judge" and 1 <= r["n_prompts"] <= 6  # the distinct prompts of 6 test examples
+    for side in ("unsteered", "steered"):
+        assert 0 <= r[side]["ci_low"] <= r[side]["share_positive"] <= r[side]["ci_high"] <= 1 and r[side]["perplexity"] > 0
+    assert r["perplexity_ratio"] == pytest.approx(r["steered"]["perplexity"] / r["unsteered"]["perplexity"])

@@ -9,15 +9,21 @@ import yaml
 
 from austeer_pl.cli import build_cli
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "paper").glob("*.yaml"))
 
 
 def test_configs_exist():
     names = {p.stem for p in CONFIGS}
     assert {"default", "multi-gpu"} <= names and len(names) >= 4
+    paper = [p for p in CONFIGS if p.parent.name == "paper"]
+    assert len(paper) == 15  # the 15 model x task settings of the paper code's reproduce.sh
+    for path in paper:
+        data = yaml.safe_load(path.read_text())["data"]
+        assert data["protocol"] == "paper" and 0 < data["paper_accuracy"] < 1, path
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_config_parses(path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_cli(["--config", str(path), "--print_config"])

@@ -454,7 +454,7 @@ def test_protocol_names():
 def test_load_paper_task_wires_the_hub_splits(monkeypatch):
     asked = {}
 
-    def fake_fetch(path, config, splits, *, hub_split, cache_dir):
+    def fake_fetch(path, config, splits, *, hub_split, cache_dir, files=None):
         asked.update(path=path, config=config, splits=splits)
         return {"train": [WINO_ROW] * 3, "validation": [WINO_ROW] * 2}
 
@@ -462,7 +462,8 @@ def test_load_paper_task_wires_the_hub_splits(monkeypatch):
     task = P.load_paper_task("winogrande")
     assert asked == {"path": "allenai/winogrande", "config": "winogrande_m", "splits": ("train", "validation")}
     assert (task.name, task.scoring, task.instruction, task.answer_prefix) == ("winogrande", "choice", "", "")
-    assert [e.uid for e in task.examples] == ["train:0", "train:1", "train:2", "test:0", "test:1"]
+    # Three training rows are fewer than the paper reads: the last fifth (one row) is our validation.
+    assert [e.uid for e in task.examples] == ["train:0", "train:1", "validation:2", "test:0", "test:1"]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -501,10 +502,55 @@ def test_paper_config(path):
     setting = P.paper_setting(model["model_name"], data["task"])
     assert setting is not None
     assert model["site"] == setting.site and setting.k in model["k"] and setting.alpha in model["alpha"]
-    assert (model["dtype"], model["sign"], model["scoring"], model["token_scope"]) == ("float16", "both", "generate", "all")
+    assert (model["dtype"], model["sign"], model["scoring"], model["token_scope"]) == ("float16", "both", "paper", "all")
     assert (data["protocol"], data["chat_template"], data["max_test_examples"]) == ("paper", False, None)
     assert data["paper_accuracy"] == LOGGED_ACCURACY[(setting.model, setting.task)]
     header = text.split("\nmodel:", 1)[0]
     command = f"--model {setting.model} --data_name {setting.task} --k {setting.k} --alpha {setting.alpha:g} --applied_module {setting.site}"
     assert command in header and repr(setting.accuracy) in header and f"line {setting.line})" in header
     assert f"max_new_tokens {P.paper_max_new_tokens(setting.task, setting.model)} " in header
+
+
+# ---------------------------------------------------------------------------- the pipeline under the paper protocol
+@pytest.mark.parametrize("task", ["boolq", "copa", "winogrande", "svamp", "mawps"])
+def test_train_then_evaluate_under_the_paper_protocol_on_local_hub_rows(task, tiny_dir, tmp_path, capsys):
+    """train.py reads local rows in the hub schema, builds the paper's pairs and prompts, chooses on a
+    validation split carved from training rows; evaluate.py rebuilds the protocol from the state,
+    scores the paper's way and dumps the exact inputs."""
+    import importlib.util
+    import json
+
+    from austeer_pl import SteeringState
+    from austeer_pl.cli import evaluate_main, train_main
+
+    spec = importlib.util.spec_from_file_location("paper_rows", Path(__file__).resolve().parents[1] / "benchmarks" / "paper_rows.py")
+    rows = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rows)
+    files = ",".join(str(p) for p in rows.write_rows(tmp_path / "rows", n=24)[task])
+    export = tmp_path / "state"
+    code = train_main([
+        "--model.model_name", str(tiny_dir), "--data.task", task, "--data.protocol", "paper", "--data.task_files", files,
+        "--model.k", "[2]", "--model.alpha", "[1]", "--model.sign", "both", "--data.max_val_examples", "6", "--data.max_test_examples", "8",
+        "--data.batch_size", "8", "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "disabled",
+    ])
+    assert code == 0, capsys.readouterr().err
+    state = SteeringState.from_pretrained(export)
+    data = state.metadata["data"]
+    assert data["protocol"] == "paper" and data["task_files"] == files and state.metadata["fit"]["scoring"] == "paper"
+    report = tmp_path / "r.json"
+    assert evaluate_main(["--steering", str(export), "--report", str(report)]) == 0
+    r = json.loads(report.read_text())
+    assert r["protocol"] == "paper" and r["scoring"] == "paper" and r["n_examples"] == 8
+    dump = tmp_path / "d.jsonl"
+    assert evaluate_main(["--task", task, "--protocol", "paper", "--task_files", files, "--split", "test", "--model", str(tiny_dir), "--dump_examples", str(dump)]) == 0
+    lines = [json.loads(line) for line in dump.read_text().splitlines()]
+    from austeer_pl.dataconfig import DataConfig
+
+    _, splits = DataConfig(task=task, protocol="paper", task_files=files).load()
+    assert [line["uid"] for line in lines] == [ex.uid for ex in splits["test"]] and len(lines) == 24  # the paper's test set, whole
+    assert all(line["scoring"] == "paper" for line in lines)
+    for line, ex in zip(lines, splits["test"]):
+        assert line["prompt"] == ex.prompt and line["choices"] == list(ex.choices)  # raw prompt; answers follow it with no separator
+        assert line["pair"] == {"positive": ex.positive, "negative": ex.negative} and line["read_position"] == line["n_tokens"] - 1
+    assert not {ex.uid for ex in splits["val"]} & {ex.uid for ex in splits["test"]}
+    assert all(ex.uid.startswith("validation:") for ex in splits["val"])  # carved from training rows, never from test
