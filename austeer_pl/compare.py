@@ -212,7 +212,9 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
     au = _austeer_grid(opts)
     data = ContrastivePairDataModule(**_data_kwargs(opts))
     learned = {key: getattr(opts, key) for key in ("strength_epochs", "strength_lr", "strength_loss") if getattr(opts, key) is not None}
-    module = AUSteerModule(model_name=opts.model, dtype=opts.dtype, cache_dir=opts.cache_dir, sign=opts.sign, scoring=opts.scoring, **au, **learned)
+    # The comparison scores every method by validation accuracy (also on a behaviour task's pairs).
+    module = AUSteerModule(model_name=opts.model, dtype=opts.dtype, cache_dir=opts.cache_dir, sign=opts.sign, scoring=opts.scoring,
+                           selection="accuracy", **au, **learned)
     module.use_methods(opts.methods, grids)
     run_dir = run_dir_for("compare", opts.task, opts.run_dir)
     logger = wandb_logger(opts.wandb_mode, opts.wandb_project, run_dir, config=jsonable(vars(opts)))
