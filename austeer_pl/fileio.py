@@ -177,8 +177,9 @@ def replace_dir(src: Path, target: Path) -> None:
                     backups.append(backup)
                 except FileNotFoundError:
                     pass  # another writer moved it first
-            else:
+            elif target.exists() or target.is_symlink():
                 raise AusteerError(f"cannot replace {target}: a file is in the way; choose a folder path")
+            # else: another writer moved it away between our two calls; try again
         raise AusteerError(f"cannot write {target}: other processes keep replacing it; run one writer at a time")
     finally:
         for backup in backups:

@@ -469,7 +469,10 @@ class AUSteerModule(pl.LightningModule):
                 chosen.state.metadata = {**chosen.state.metadata, "fit": {**fit_meta, "val_accuracy": acc[best], "grid": grid, **extra}, "data": dm.data_config()}
             self.results[method] = MethodResult(method, chosen, acc[best], grid, float(seconds[idx].sum()))
             self.log(f"val/{method}_accuracy", acc[best], rank_zero_only=True)
-        austeer = self.results["austeer"]
+        austeer = self.results.get("austeer")
+        self.summary.update(val_accuracy_unsteered=acc[0], n_val=total, val_total_seconds=float(seconds.sum()))
+        if austeer is None:  # a comparison without AUSteer
+            return
         self.state = austeer.chosen.state
         self.summary.update(val_accuracy_unsteered=acc[0], val_accuracy=austeer.val_accuracy, choice={**austeer.chosen.hyper, "val_accuracy": austeer.val_accuracy},
                             grid=austeer.grid, n_val=total, val_total_seconds=float(seconds.sum()))

@@ -188,3 +188,11 @@ def test_train_and_compare_export_bit_identical_gate_states(compared, tiny_dir, 
         assert torch.equal(value, compared_gate.strength_tensors[key]), key
     assert trained.metadata["fit"]["strength_history"] == compared_gate.metadata["fit"]["strength_history"]
     assert len(trained.metadata["fit"]["strength_history"]) == 3  # epoch 0 and two trained epochs
+
+
+def test_a_comparison_without_austeer(tiny_dir, task_file, tmp_path):
+    report = tmp_path / "caa.json"
+    args = ["--compare", "--model", str(tiny_dir), "--task", str(task_file), "--methods", "caa", "--grid", "quick", "--max_val_examples", "8",
+            "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu", "--report", str(report), "--wandb_mode", "disabled"]
+    assert evaluate_main(args) == 0
+    assert [m["name"] for m in json.loads(report.read_text())["methods"]] == ["unsteered", "caa"]
