@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
@@ -170,16 +171,19 @@ def replace_dir(src: Path, target: Path) -> None:
             except OSError as err:
                 if err.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
                     raise
-            if target.is_dir() and not target.is_symlink():
+            try:
+                kind = os.lstat(target).st_mode  # one look: other writers may swap the target in between
+            except FileNotFoundError:
+                continue  # another writer moved it away between our two calls; try again
+            if stat.S_ISDIR(kind):
                 backup = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:12]}")
                 try:
                     os.replace(target, backup)
                     backups.append(backup)
                 except FileNotFoundError:
                     pass  # another writer moved it first
-            elif target.exists() or target.is_symlink():
+            else:
                 raise AusteerError(f"cannot replace {target}: a file is in the way; choose a folder path")
-            # else: another writer moved it away between our two calls; try again
         raise AusteerError(f"cannot write {target}: other processes keep replacing it; run one writer at a time")
     finally:
         for backup in backups:

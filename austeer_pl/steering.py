@@ -385,7 +385,7 @@ class SteeringState:
         from safetensors.torch import save_file
 
         target = Path(directory)
-        if target.exists() and not target.is_dir():
+        if target.is_file():  # one look (a folder another writer is replacing may be missing for a moment)
             raise AusteerError(f"cannot save a steering state to {target}: a file is in the way; choose a folder path")
         with atomic_dir(target) as tmp:
             tensors = {name: getattr(self, name).contiguous() for name in _TENSOR_KEYS}
