@@ -750,7 +750,7 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
     from .models import load_model
     from .runtime import quiet, task_stem
     from .sites import locate_units
-    from .tasks import make_pairs, split_examples
+    from .tasks import make_pairs
 
     for key in ("max_prompts", "max_new_tokens", "batch_size", "max_train_pairs", "max_length"):
         value = getattr(args, key, None)
@@ -771,14 +771,16 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
     multipliers = _float_list(args.caa_multipliers, "--caa_multipliers")
     judge = load_judge(args.judge)
     quiet()
-    seed = args.seed if args.seed is not None else int(data.get("seed", 0))
-    same_task = task_spec == data.get("task")
-    task = load_behaviour_task(task_spec, seed=seed)
-    splits = split_examples(
-        task.examples, seed=seed,
-        val_fraction=float(data.get("val_fraction", 0.2)) if same_task else 0.2,
-        test_fraction=float(data.get("test_fraction", 0.2)) if same_task else 0.2,
-    )
+    # The fit's recorded data config rebuilds its splits (as evaluate.py does); another task keeps its fractions.
+    from .dataconfig import DataConfig
+
+    config = DataConfig.from_mapping(data) if data.get("task") else DataConfig(task=str(task_spec))
+    if task_spec != config.task:
+        config = config.replace(task=str(task_spec), max_val_examples=None, max_test_examples=None)
+    if args.seed is not None:
+        config = config.replace(seed=args.seed)
+    seed = config.seed
+    task, splits = config.load()
     examples = splits[args.split][: args.max_prompts]
     if not examples:
         raise AusteerError(f"the {args.split} split of '{task_spec}' is empty; choose another split or task")

@@ -62,9 +62,8 @@ class DataConfig:
         """The task and its ``train``/``val``/``test`` splits, exactly as the fit saw them."""
         if task is None:
             if self.protocol == "paper":
-                from .paper import check_protocol, load_paper_task
+                from .paper import load_paper_task
 
-                check_protocol(self.protocol)
                 task = load_paper_task(self.task, files=self.task_files)
             elif self.protocol == "default":
                 task = load_task(self.task, seed=self.seed, files=self.task_files)

@@ -474,8 +474,7 @@ class AUSteerModule(pl.LightningModule):
         if austeer is None:  # a comparison without AUSteer
             return
         self.state = austeer.chosen.state
-        self.summary.update(val_accuracy_unsteered=acc[0], val_accuracy=austeer.val_accuracy, choice={**austeer.chosen.hyper, "val_accuracy": austeer.val_accuracy},
-                            grid=austeer.grid, n_val=total, val_total_seconds=float(seconds.sum()))
+        self.summary.update(val_accuracy=austeer.val_accuracy, choice={**austeer.chosen.hyper, "val_accuracy": austeer.val_accuracy}, grid=austeer.grid)
         self.log("val/accuracy_unsteered", acc[0], rank_zero_only=True)
         self.log("val/accuracy", austeer.val_accuracy, rank_zero_only=True)
         self.log("val/k", float(austeer.chosen.hyper["k"]), rank_zero_only=True)

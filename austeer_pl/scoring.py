@@ -95,7 +95,7 @@ def choice_logprobs(
             picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, span)
             lens = torch.tensor([lengths[j] for j in chunk], device=picked.device)
             keep = torch.arange(span, device=picked.device).unsqueeze(0) >= (span - lens).unsqueeze(1)
-            out[list(chunk)] = (picked * keep).sum(-1).float().cpu()
+            out[list(chunk)] = torch.where(keep, picked, 0.0).sum(-1).float().cpu()  # where, not *: a pad position may hold NaN
     if bool(torch.isnan(out).any()):
         bad = int(torch.isnan(out).nonzero()[0, 0])
         raise AusteerError(
