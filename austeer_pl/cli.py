@@ -40,6 +40,7 @@ def build_cli(args: Sequence[str] | None = None):
         def add_arguments_to_parser(self, parser) -> None:
             parser.add_argument("--export_dir", type=str | None, default=None, help="where the steering state is exported (default: RUN_DIR/state)")
             parser.add_argument("--overwrite", type=bool, default=False, help="replace a steering state already at --export_dir (a folder of other files is never replaced)")
+            parser.add_argument("--export_anyway", type=bool, default=False, help="export the best steered grid point even when the verdict says steering did not help (default: an empty state that steers nothing)")
             parser.add_argument("--run_dir", type=str | None, default=None, help="folder for logs and checkpoints (default: runs/TASK-TIMESTAMP)")
             parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from this checkpoint (e.g. RUN_DIR/checkpoints/last.ckpt)")
             parser.add_argument("--checkpoint_every", type=int, default=50, help="write last.ckpt every N batches of the pass (0: only at its end)")
@@ -134,6 +135,7 @@ def train(args: Sequence[str] | None = None) -> dict[str, Any]:
     trainer, module = cli.trainer, cli.model
     module.export_dir = cli.export_dir
     cfg = cli.config
+    module.export_anyway = bool(cfg.get("export_anyway"))
     # weights_only explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD overrides only an unset argument.
     trainer.fit(module, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
     if module.state is None:
@@ -144,6 +146,12 @@ def train(args: Sequence[str] | None = None) -> dict[str, Any]:
         _log_artifact(cli.loggers, cli.export_dir)
         _print_fit_summary(module, summary)
     return summary
+
+
+def _criterion_text(criterion: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{-value:.4f}" if criterion == "loss" else f"{value:.4f}"
 
 
 def _log_artifact(loggers, export_dir: Path) -> None:
@@ -183,13 +191,25 @@ def _print_fit_summary(module, summary: dict[str, Any]) -> None:
             f"(budget x{fit.get('fluency_budget')}, n={summary['n_val']} prompts){verdict}",
         )
     else:
+        verdict = summary.get("verdict") or {}
+        best = verdict.get("best") or {}
         table.add_row(
             "val accuracy",
             f"{summary['val_accuracy_unsteered']:.3f} unsteered -> {summary['val_accuracy']:.3f} steered (n={summary['n_val']})",
         )
+        if "criterion" in summary:
+            table.add_row(f"val {summary['criterion']}", f"{_criterion_text(summary['criterion'], summary['val_criterion_unsteered'])} unsteered -> "
+                          f"{_criterion_text(summary['criterion'], summary['val_criterion'])} chosen")
+            table.add_row("harm (KL on ordinary text)", f"{summary.get('harm_kl', 0):.3f} nats/token (budget {fit.get('harm_budget')})")
+            table.add_row("verdict", ("steering helps: " if verdict.get("helps") else "steering did not help: ") + str(verdict.get("reason", "")))
+            if not state.k and best:
+                table.add_row("best steered point", f"site={best.get('site')} k={best.get('k')} alpha={best.get('alpha'):g} (export it with --export_anyway true)")
     Console(stderr=False).print(table)
     # A plain line that scripts can grep, whatever the terminal width.
-    print(f"steering state exported to {summary['export_dir']}")
+    if state.k or summary.get("selection") == "judge":
+        print(f"steering state exported to {summary['export_dir']}")
+    else:
+        print(f"no steering exported to {summary['export_dir']}: an empty state (0 units); steering did not help on validation")
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
@@ -213,6 +233,8 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", "--model.dtype", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--batch_size", "--data.batch_size", type=int, default=32)
+    p.add_argument("--eval_batch_size", "--data.eval_batch_size", type=int, default=None,
+                   help="examples per scoring batch in --compare's validation and test (default: --batch_size); the grid's choice is the same for any number of processes at the same value")
     p.add_argument("--seed", "--data.seed", type=int, default=None, help="split seed (default: the fit's)")
     p.add_argument("--chat_template", "--data.chat_template", default=None, choices=["auto", "on", "off"])
     p.add_argument("--cache_dir", "--model.cache_dir", default=None)
@@ -271,7 +293,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     quiet()
     from .dataconfig import DataConfig
-    from .evaluation import SCORINGS, default_scoring, evaluate_examples
+    from .evaluation import SCORINGS, default_scoring, evaluate_examples, mcnemar
     from .fileio import write_json_atomic
     from .models import load_model
     from .steering import SteeringState
@@ -349,6 +371,9 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "steered": results[(primary, "steered")],
         **({"momentum_rule": results[(primary, "momentum_rule")]} if learned else {}),
         "by_scoring": {s: {label: results[(s, label)] for label, _ in variants} for s in scorings},
+        # Is the steered model's gain on these examples more than chance? (paired: the same examples)
+        "mcnemar": mcnemar(results[(primary, "unsteered")]["per_example_correct"], results[(primary, "steered")]["per_example_correct"]),
+        **({"fit_verdict": state.metadata["fit"]["verdict"]} if isinstance(state.metadata.get("fit"), dict) and "verdict" in state.metadata["fit"] else {}),
         "protocol": config.protocol,
         # The paper code's own logged accuracy for this setting (configs/paper), printed beside this run's.
         **({"paper_accuracy": config.paper_accuracy} if config.paper_accuracy is not None else {}),
@@ -451,6 +476,14 @@ def _print_eval_table(report: dict[str, Any], scorings: list[str]) -> None:
             per = ", ".join(f"{k}: {v['accuracy']:.2f}" for k, v in r["per_class"].items())
             table.add_row(s, label, f"{r['accuracy']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", per)
     Console().print(table)
+    test = report.get("mcnemar")
+    if test is not None:
+        gain = report["steered"]["accuracy"] - report["unsteered"]["accuracy"]
+        print(f"steered vs. unsteered on the same {report['n_examples']} examples: {gain:+.3f} ({test['gained']} gained, {test['lost']} lost), "
+              f"McNemar exact p = {test['p_value']:.3g}: " + ("significant at 0.05" if test["significant_at_0.05"] else "not significant at 0.05"))
+    verdict = report.get("fit_verdict")
+    if verdict is not None and not report["n_steered_activations"]:
+        print(f"the fit exported no steering: {verdict.get('reason')}")
     if report.get("paper_accuracy") is not None:
         print(f"paper code's logged accuracy (reproduce_result.log): {report['paper_accuracy']:.3f}; this run, steered: {report['steered']['accuracy']:.3f}"
               " (hyperparameters chosen on validation here, on test in the paper code)")

@@ -113,7 +113,7 @@ def options_from_args(args) -> CompareOptions:
         raise AusteerError(f"--strength_lr must be positive, got {g('strength_lr')}")
     if g("strength_loss") is not None and g("strength_loss") not in STRENGTH_LOSSES:
         raise AusteerError(f"--strength_loss must be one of {', '.join(STRENGTH_LOSSES)}, not '{g('strength_loss')}'")
-    for name in ("limit", "max_train_pairs", "max_val_examples", "max_test_examples", "batch_size", "devices", "max_length"):
+    for name in ("limit", "max_train_pairs", "max_val_examples", "max_test_examples", "batch_size", "eval_batch_size", "devices", "max_length"):
         value = g(name)
         if value is not None and value <= 0:
             raise AusteerError(f"--{name} must be positive, got {value}")
@@ -157,6 +157,7 @@ def options_from_args(args) -> CompareOptions:
         max_val_examples=g("max_val_examples"),
         max_test_examples=max_test,
         batch_size=g("batch_size") or 16,
+        eval_batch_size=g("eval_batch_size"),
         max_length=g("max_length"),
         chat_template=chat,
         scoring=g("scoring"),
@@ -212,10 +213,13 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
     au = _austeer_grid(opts)
     data = ContrastivePairDataModule(**_data_kwargs(opts))
     learned = {key: getattr(opts, key) for key in ("strength_epochs", "strength_lr", "strength_loss") if getattr(opts, key) is not None}
-    # The comparison scores every method by validation accuracy (also on a behaviour task's pairs).
+    # The comparison tunes every method with the engine's one pick (also on a behaviour task's pairs),
+    # reports each method's best steered point with the verdict beside it, and bounds none of them by
+    # the harm budget (block-level methods' grids would mostly fall outside it; their rows would be unsteered).
     module = AUSteerModule(model_name=opts.model, dtype=opts.dtype, cache_dir=opts.cache_dir, sign=opts.sign, scoring=opts.scoring,
-                           selection="accuracy", **au, **learned)
+                           selection="accuracy", harm_budget=None, **au, **learned)
     module.use_methods(opts.methods, grids)
+    module.export_anyway = True
     run_dir = run_dir_for("compare", opts.task, opts.run_dir)
     logger = wandb_logger(opts.wandb_mode, opts.wandb_project, run_dir, config=jsonable(vars(opts)))
     loggers: Any = [logger] if logger is not None else False

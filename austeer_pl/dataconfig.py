@@ -32,7 +32,7 @@ class DataConfig:
     val_fraction: float = 0.2
     test_fraction: float = 0.2
     max_train_pairs: int | None = 256
-    max_val_examples: int | None = 100
+    max_val_examples: int | None = 200
     max_test_examples: int | None = 500
     chat_template: bool | None = None
     max_length: int | None = 512

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -178,6 +179,167 @@ def pick(candidates: Sequence[Candidate], values: Sequence[float], indices: Sequ
     return min(indices, key=lambda i: (-values[i], candidates[i].n_steered, candidates[i].strength, i))
 
 
+#: Validation criteria of the grid: higher is better for each (``loss`` is negated).
+CRITERIA = ("accuracy", "margin", "loss")
+
+
+def criterion_values(stats: torch.Tensor, criterion: str) -> torch.Tensor:
+    """Per-example values of ``criterion`` from :class:`~austeer_pl.gridscore.GridScorer` statistics ``(..., 3)``; higher is better."""
+    if criterion not in CRITERIA:
+        raise AusteerError(f"unknown selection criterion '{criterion}'; choose one of {', '.join(CRITERIA)}")
+    column = {"accuracy": 0, "margin": 1, "loss": 2}[criterion]
+    values = stats[..., column]
+    return -values if criterion == "loss" else values
+
+
+def halving_schedule(n_examples: int, n_candidates: int, *, min_examples: int, eta: int, final: int) -> list[int]:
+    """Example counts of successive halving's rounds: ``min_examples * eta**r``, until at most ``final``
+    candidates remain (each round keeps ``ceil(alive / eta)``, at least ``final``) or all examples are used."""
+    rounds, alive, n = [], n_candidates, min(max(min_examples, 1), n_examples)
+    while True:
+        if alive <= final or n >= n_examples:
+            rounds.append(n_examples)
+            return rounds
+        rounds.append(n)
+        alive = max(final, math.ceil(alive / eta))
+        n = min(n_examples, n * eta)
+
+
+@dataclass
+class GridChoice:
+    """What :func:`choose` decided: the chosen grid point, the best steered one, and why.
+
+    ``index`` is the exported candidate (0, the unsteered model, when steering did not help);
+    ``best`` is the best steered candidate within the harm budget (None when there is none).
+    """
+
+    index: int
+    best: int | None
+    helps: bool
+    criterion: str
+    values: list[float | None]
+    accuracy: list[float | None]
+    n_scored: list[int]
+    harm: dict[int, float]
+    gain: float = 0.0
+    gain_se: float = 0.0
+    threshold: float = 0.0
+    accuracy_gain: float = 0.0
+    n_verdict: int = 0
+    reason: str = ""
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    scored_evaluations: int = 0
+
+
+def _normal_quantile(p: float) -> float:
+    return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p, dtype=torch.float64)))
+
+
+def choose(
+    candidates: Sequence[Candidate],
+    n_examples: int,
+    score: Callable[[Sequence[int], int, int], torch.Tensor],
+    *,
+    criterion: str = "loss",
+    halving: bool = True,
+    min_examples: int = 16,
+    eta: int = 3,
+    final: int = 2,
+    harm: Callable[[Sequence[int]], torch.Tensor] | None = None,
+    harm_budget: float | None = None,
+    level: float = 0.05,
+    correction: str = "grid",
+) -> GridChoice:
+    """The one grid pick of every fit: successive halving on a continuous criterion, a harm budget,
+    and a verdict against "no steering".
+
+    ``candidates[0]`` must be the unsteered model; it is scored on every example reached and is
+    never pruned. ``score(indices, lo, hi)`` returns the (already reduced) ``(len(indices), hi - lo,
+    3)`` statistics of those candidates on examples ``lo..hi-1`` of a fixed order. With ``halving``
+    every steered candidate is scored on the first ``min_examples`` examples, the best ``1/eta``
+    by ``criterion`` go on to ``eta`` times as many, and so on until ``final`` remain, which see
+    every example (:func:`halving_schedule`); without it every candidate sees every example.
+
+    ``harm(indices)`` gives every steered candidate's KL on ordinary text first; only those within
+    ``harm_budget`` are scored at all. The best steered point is the first in the order: more
+    examples scored, then the criterion, then :func:`pick`'s tie rule (fewer units, weaker push).
+    The verdict is a one-sided paired test of its per-example criterion against
+    the unsteered model's on the same examples: steering helps when the mean gain exceeds
+    ``z * se`` with ``z`` the normal quantile of ``1 - level / G`` (Bonferroni over the G steered grid
+    points, since the best of G noisy estimates is biased upward), and its validation accuracy is
+    not below unsteered. ``level >= 1`` skips the test (the best steered point is always chosen).
+    ``correction="final"`` divides ``level`` by the number of points in the last round instead of G
+    (less conservative: it ignores the selection of the earlier rounds).
+    """
+    if not candidates or candidates[0].state is not None:
+        raise AusteerError("the grid must start with the unsteered model (no steering is a grid point)")
+    if n_examples <= 0:
+        raise AusteerError("the validation split is empty; raise --data.val_fraction or --data.max_val_examples")
+    if eta < 2 or min_examples < 1 or final < 1:
+        raise AusteerError("--model.halving_eta >= 2, --model.halving_min_examples >= 1 and final >= 1 are required")
+    G = len(candidates)
+    stats = torch.full((G, n_examples, 3), float("nan"), dtype=torch.float64)
+    reached = [0] * G
+    steered = list(range(1, G))
+    harms: dict[int, float] = {}
+    eligible = steered
+    if harm is not None and harm_budget is not None and steered:
+        # The harm budget bounds the choice before anything is scored: a state that wrecks ordinary text is not a candidate.
+        harms = dict(zip(steered, (float(v) for v in harm(steered))))
+        eligible = [i for i in steered if harms[i] <= harm_budget]
+    schedule = halving_schedule(n_examples, len(eligible), min_examples=min_examples, eta=eta, final=final) if halving and eligible else [n_examples]
+    alive, lo, rounds, evaluations = eligible, 0, [], 0
+
+    def mean_value(i: int) -> float:
+        return float(criterion_values(stats[i, : reached[i]], criterion).mean())
+
+    for hi in schedule:
+        # The unsteered model and the live candidates, on the examples not yet scored.
+        todo = [0, *alive]
+        stats[todo, lo:hi] = score(todo, lo, hi).to(torch.float64)
+        evaluations += len(todo) * (hi - lo)
+        for i in todo:
+            reached[i] = hi
+        rounds.append({"examples": hi, "candidates": len(alive)})
+        if hi >= n_examples:
+            break
+        order = sorted(alive, key=lambda i: (-mean_value(i), candidates[i].n_steered, candidates[i].strength, i))
+        alive = order[: max(final, math.ceil(len(alive) / eta))]
+        lo = hi
+
+    values = [mean_value(i) if reached[i] else None for i in range(G)]
+    accuracy = [float(stats[i, : reached[i], 0].mean()) if reached[i] else None for i in range(G)]
+    order = sorted(eligible, key=lambda i: (-reached[i], -values[i], candidates[i].n_steered, candidates[i].strength, i))
+    best = order[0] if order else None
+    choice = GridChoice(0, best, False, criterion, values, accuracy, reached, harms, rounds=rounds, scored_evaluations=evaluations)
+    if best is None:
+        choice.reason = f"no steered grid point is within the harm budget (KL <= {harm_budget:g} nats per token on ordinary text)"
+        return choice
+    n = reached[best]
+    d = criterion_values(stats[best, :n], criterion) - criterion_values(stats[0, :n], criterion)
+    choice.gain = float(d.mean())
+    choice.gain_se = float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("inf")
+    acc_gain = float(stats[best, :n, 0].mean() - stats[0, :n, 0].mean())
+    choice.accuracy_gain, choice.n_verdict = acc_gain, n
+    if level >= 1:
+        choice.helps, choice.index, choice.reason = True, best, "verdict off (--model.verdict_level 1): the best steered grid point is chosen"
+        return choice
+    if correction not in ("grid", "final"):
+        raise AusteerError(f"--model.verdict_correction must be grid or final, not '{correction}'")
+    tests = len(steered) if correction == "grid" else rounds[-1]["candidates"]
+    z = _normal_quantile(1.0 - level / max(1, tests))
+    choice.threshold = z * choice.gain_se
+    if choice.gain <= choice.threshold:
+        choice.reason = (f"the best grid point's validation {criterion} gain {choice.gain:+.4f} is within the noise "
+                         f"({z:.2f} x se {choice.gain_se:.4f} over {n} examples, {tests} comparisons)")
+    elif acc_gain < 0:
+        choice.reason = f"the best grid point by {criterion} lowers validation accuracy ({acc_gain:+.3f})"
+    else:
+        choice.helps, choice.index = True, best
+        choice.reason = f"validation {criterion} gain {choice.gain:+.4f} > {z:.2f} x se {choice.gain_se:.4f} ({n} examples)"
+    return choice
+
+
 # ---------------------------------------------------------------------------- the learned-strength trainer
 #: Sums the strength trainer's validation keeps per process: right answers, examples, the right
 #: answer's NLL, the cross-entropy over the choices.
@@ -322,7 +484,12 @@ class StrengthTrainer:
 
 
 __all__ = [
+    "CRITERIA",
     "Candidate",
+    "GridChoice",
+    "choose",
+    "criterion_values",
+    "halving_schedule",
     "PassStatistics",
     "StrengthTrainer",
     "VALIDATION_SUMS",

@@ -9,6 +9,7 @@ generation of its ``max_new_tokens``, lowercase exact match on one token or its 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -108,11 +109,32 @@ def accuracy_summary(examples: Sequence[TaskExample], preds: torch.Tensor) -> di
         "accuracy": c / n if n else 0.0,
         "correct": c,
         "n": n,
+        "per_example_correct": correct.long().tolist(),
         "ci_low": ci.low,
         "ci_high": ci.high,
         "unanswered": int(preds.eq(-1).sum()),
         "per_class": per_class,
     }
+
+
+def mcnemar(base_correct: Sequence[int], new_correct: Sequence[int]) -> dict[str, Any]:
+    """McNemar's exact test of two models scored right/wrong on the same examples.
+
+    Only the discordant examples count: ``gained`` (wrong before, right after) and ``lost``; under
+    the null hypothesis of equal accuracy each discordant example goes either way with probability
+    1/2, so the two-sided p-value is ``min(1, 2 * P(Binomial(gained + lost, 1/2) <= min(gained, lost)))``.
+
+    Example:
+        >>> mcnemar([0, 0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1, 0])["p_value"]  # 6 gained, 1 lost
+        0.125
+    """
+    if len(base_correct) != len(new_correct):
+        raise ValueError("both models must be scored on the same examples")
+    gained = sum(1 for a, b in zip(base_correct, new_correct) if not a and b)
+    lost = sum(1 for a, b in zip(base_correct, new_correct) if a and not b)
+    m = gained + lost
+    tail = sum(math.comb(m, i) for i in range(min(gained, lost) + 1)) / 2**m if m else 1.0
+    return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail), "significant_at_0.05": m > 0 and min(1.0, 2 * tail) < 0.05}
 
 
 def evaluate_examples(

@@ -15,8 +15,10 @@ Why one module of this size: the hooks of one LightningModule (pass, grid, stren
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from dataclasses import replace
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +31,8 @@ from torch import nn
 
 from .iti import ProbeAccuracy, fit_probes
 from .datamodule import ContrastivePairDataModule, EncodedPair, ResumableLoader, shard_batches
-from .engine import VALIDATION_SUMS, Candidate, PassStatistics, StrengthTrainer, count_correct, pick, predictions, rank_site_options, read_pair_batch
+from .engine import CRITERIA, VALIDATION_SUMS, Candidate, PassStatistics, StrengthTrainer, choose, predictions, rank_site_options, read_pair_batch
+from .gridscore import GridScorer, generic_texts, harm_kl
 from .errors import AusteerError
 from .evaluation import check_scoring, default_scoring
 from .hooks import TOKEN_SCOPES
@@ -58,6 +61,11 @@ from .pipeline import (
 #: How the grid is chosen: by validation accuracy, or by a judge of generated text under a fluency
 #: budget (behaviour tasks); ``auto`` follows the task.
 SELECTIONS = ("auto", "accuracy", "judge")
+
+#: The default validation grid (both sites, k and alpha on log scales) and how it is chosen; the
+#: regret table of ``benchmarks/selection.py`` (``benchmarks/README.md``) is why.
+DEFAULT_GRID = {"site": ["attention", "ffn"], "k": [3, 10, 30, 100], "alpha": [4.0, 8.0, 16.0]}
+DEFAULT_SELECTION = {"criterion": "loss", "halving": True, "min_examples": 16, "eta": 3, "harm_budget": 0.5, "level": 0.05}
 
 
 class ReducedTensor(torchmetrics.Metric):
@@ -130,15 +138,30 @@ class AUSteerModule(pl.LightningModule):
         fluency_budget: the largest perplexity ratio a chosen behaviour state may have (default 1.5).
         max_new_tokens: tokens generated per validation prompt when judging.
         max_judge_prompts: distinct validation prompts generated from when judging.
+        criterion: what the grid is chosen by on validation: ``loss`` (the mean choice log-loss,
+            ``logsumexp(choices) - log p(right)``; the default), ``margin`` (right minus best wrong
+            log-likelihood) or ``accuracy``; accuracy is always reported beside it. Generation
+            scorings use accuracy.
+        halving: successive halving: every grid point on the first ``halving_min_examples``
+            validation examples, the best ``1/halving_eta`` on ``halving_eta`` times as many, ...
+            until two remain, which see all; false scores every point on every example.
+        harm_budget: the largest mean per-token KL (nats) to the unsteered next-token distribution
+            on ordinary text (the model's own answers to generic requests) a grid point may have;
+            points above it are not candidates. None: no bound.
+        verdict_level: the verdict's one-sided level, Bonferroni-corrected over the grid: the best
+            point must beat "no steering" by more than that noise, or the fit exports an empty state
+            (``train.py --export_anyway`` exports the best point regardless). 1 turns the verdict off.
+        replay: score grid points from the unsteered model's recorded layers below their first
+            steered layer (exact; about half the work for AUSteer's upper-layer units).
     """
 
     def __init__(
         self,
         model_name: str = DEFAULT_MODEL,
         dtype: str | None = None,
-        site: str | list[str] = "attention",
-        k: int | list[int] = [10, 50],  # noqa: B006 - jsonargparse needs a literal default
-        alpha: float | list[float] = [4.0, 16.0, 64.0],  # noqa: B006
+        site: str | list[str] = ["attention", "ffn"],  # noqa: B006 - jsonargparse needs a literal default (DEFAULT_GRID)
+        k: int | list[int] = [3, 10, 30, 100],  # noqa: B006
+        alpha: float | list[float] = [4.0, 8.0, 16.0],  # noqa: B006
         sign: str = "promote",
         token_scope: str = "all",
         strength: str = "momentum",
@@ -159,6 +182,13 @@ class AUSteerModule(pl.LightningModule):
         fluency_budget: float = 1.5,
         max_new_tokens: int = 32,
         max_judge_prompts: int = 32,
+        criterion: str = "loss",
+        halving: bool = True,
+        halving_min_examples: int = 16,
+        halving_eta: int = 3,
+        harm_budget: float | None = 0.5,
+        verdict_level: float = 0.05,
+        replay: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -182,7 +212,18 @@ class AUSteerModule(pl.LightningModule):
             raise AusteerError(f"--model.selection must be one of {', '.join(SELECTIONS)}, not '{selection}'")
         if not math.isfinite(fluency_budget) or fluency_budget <= 0 or max_new_tokens < 1 or max_judge_prompts < 1:
             raise AusteerError("--model.fluency_budget > 0 (a perplexity ratio), --model.max_new_tokens >= 1 and --model.max_judge_prompts >= 1 are required")
+        if criterion not in CRITERIA:
+            raise AusteerError(f"--model.criterion must be one of {', '.join(CRITERIA)}, not '{criterion}'")
+        if halving_min_examples < 1 or halving_eta < 2:
+            raise AusteerError("--model.halving_min_examples >= 1 and --model.halving_eta >= 2 are required")
+        if harm_budget is not None and (not math.isfinite(harm_budget) or harm_budget <= 0):
+            raise AusteerError(f"--model.harm_budget must be a positive KL in nats per token (or null for no bound), not {harm_budget}")
+        if not math.isfinite(verdict_level) or not 0 < verdict_level <= 1:
+            raise AusteerError(f"--model.verdict_level must be in (0, 1] (1 turns the verdict off), not {verdict_level}")
         self.export_dir: Path | None = None
+        #: Export the best steered grid point even when the verdict says steering did not help (``train.py --export_anyway``).
+        self.export_anyway = False
+        self.verdict: dict[str, Any] = {}
         self.batches_done = 0
         self.stats: PassStatistics | None = None
         self.rankings: dict[str, Selection] = {}
@@ -370,6 +411,8 @@ class AUSteerModule(pl.LightningModule):
         self.candidates = self.build_candidates()
         if self.by_judge():
             self.behaviour_choice = self.choose_by_judge()
+        else:
+            self.run_grid()
 
     def by_judge(self) -> bool:
         """Whether the grid is chosen by a judge of generated text (behaviour tasks)."""
@@ -411,9 +454,6 @@ class AUSteerModule(pl.LightningModule):
         return self.hparams.scoring or default_scoring(self.trainer.datamodule.task_obj)
 
     def on_validation_epoch_start(self) -> None:
-        self._val_correct = torch.zeros(len(self.candidates), dtype=torch.int64)
-        self._val_seconds = torch.zeros(len(self.candidates), dtype=torch.float64)
-        self._val_total = 0
         self._strength_sums = {m: torch.zeros(VALIDATION_SUMS, dtype=torch.float64) for m in self.trainers}
 
     def _val_batch(self, indices: Sequence[int]):
@@ -421,22 +461,80 @@ class AUSteerModule(pl.LightningModule):
         return [dm.splits["val"][i] for i in indices], [dm.val_prompts[i] for i in indices]
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if not batch["index"] or not self.rankings or (self.current_epoch == 0 and getattr(self, "behaviour_choice", None) is not None):
+        # Epoch 0's grid is scored in run_grid (successive halving needs its own order of examples);
+        # the epochs after validate the learned strengths.
+        if not batch["index"] or not self.rankings or self.current_epoch == 0:
             return None
         dm = self.trainer.datamodule
         examples, prompts = self._val_batch(batch["index"])
         kwargs = dict(scoring=self._scoring(), batch_size=dm.hparams.eval_batch_size, max_length=dm.hparams.max_length)
-        if self.current_epoch > 0:
-            for method, trainer in self.trainers.items():
-                if not trainer.stopped:
-                    started = time.perf_counter()
-                    self._strength_sums[method] += trainer.validation_sums(self.tokenizer, dm.task_obj, examples, prompts, **kwargs)
-                    self._train_seconds[method] += time.perf_counter() - started
-            return None
-        self._val_correct += count_correct(self.llm, self.tokenizer, dm.task_obj, self.candidates, examples, prompts, layout=self.layout,
-                                           seconds=self._val_seconds, **kwargs)
-        self._val_total += len(examples)
+        for method, trainer in self.trainers.items():
+            if not trainer.stopped:
+                started = time.perf_counter()
+                self._strength_sums[method] += trainer.validation_sums(self.tokenizer, dm.task_obj, examples, prompts, **kwargs)
+                self._train_seconds[method] += time.perf_counter() - started
         return None
+
+    # -- the grid: every method's points scored on validation and chosen by the engine's one rule
+    def _score_batch(self, states: Sequence[Any], examples, prompts, scorer: GridScorer | None) -> torch.Tensor:
+        if scorer is not None:
+            return scorer.score(states, examples, prompts)
+        # Generation scorings give right or wrong only (the continuous criteria need log-likelihoods).
+        dm = self.trainer.datamodule
+        out = torch.zeros(len(states), len(examples), 3, dtype=torch.float64)
+        answers = torch.tensor([ex.answer for ex in examples])
+        for j, state in enumerate(states):
+            preds = predictions(self.llm, self.tokenizer, dm.task_obj, state, examples, prompts, scoring=self._scoring(),
+                                batch_size=dm.hparams.eval_batch_size, max_length=dm.hparams.max_length, layout=self.layout)
+            out[j, :, 0] = preds.eq(answers).double()
+        return out
+
+    def criterion(self) -> str:
+        """The grid's validation criterion: ``--model.criterion``, or accuracy under generation scorings."""
+        return self.hparams.criterion if self._scoring() == "loglik" else "accuracy"
+
+    def run_grid(self) -> None:
+        """Score and choose every grid method with :func:`~austeer_pl.engine.choose`.
+
+        Each round's examples are cut into contiguous batches of ``eval_batch_size``, dealt to the
+        processes in turn; each process writes its batches' statistics into a zero tensor and the
+        sum over processes gathers them exactly (every entry is written by one process), so N
+        processes compute the statistics, and therefore the choice, of one.
+        """
+        hp, dm = self.hparams, self.trainer.datamodule
+        examples, prompts = list(dm.splits["val"]), list(dm.val_prompts)
+        if not examples:
+            raise AusteerError("the validation split is empty; raise --data.val_fraction or --data.max_val_examples")
+        rank, world = dm._world()
+        size = dm.hparams.eval_batch_size
+        scorer = GridScorer(self.llm, self.tokenizer, self.layout, dm.task_obj, batch_size=size, max_length=dm.hparams.max_length,
+                            replay=hp.replay) if self._scoring() == "loglik" else None
+        calls = itertools.count()
+        generic: list = []
+        self.grid_choices = {}
+        for method in self.methods:
+            idx = [0] + [i for i, c in enumerate(self.candidates) if c.method == method and method != "unsteered"]
+            if len(idx) == 1:  # unsteered itself, or a learned variant (trained in the next epochs)
+                continue
+            cands = [self.candidates[i] for i in idx]
+            started = time.perf_counter()
+
+            def score(sub, lo, hi, cands=cands):
+                local = torch.zeros(len(sub), hi - lo, 3, dtype=torch.float64)
+                for b in list(range(lo, hi, size))[rank::world]:
+                    e = min(b + size, hi)
+                    local[:, b - lo : e - lo] = self._score_batch([cands[j].state for j in sub], examples[b:e], prompts[b:e], scorer)
+                return self._reduced(f"grid_{next(calls)}", local)
+
+            def harm(sub, cands=cands):
+                if not generic:
+                    generic.extend(generic_texts(self.tokenizer, self.llm, chat_template=dm.hparams.chat_template))
+                return harm_kl(self.llm, self.tokenizer, self.layout, [cands[j].state for j in sub], generic, replay=hp.replay)
+
+            choice = choose(cands, len(examples), score, criterion=self.criterion(), halving=hp.halving, min_examples=hp.halving_min_examples,
+                            eta=hp.halving_eta, harm=harm if hp.harm_budget is not None else None, harm_budget=hp.harm_budget, level=hp.verdict_level)
+            seconds = float(self._reduced(f"grid_seconds_{method}", torch.tensor([time.perf_counter() - started], dtype=torch.float64), "max"))
+            self.grid_choices[method] = (idx, choice, seconds)
 
     def on_validation_epoch_end(self) -> None:
         if not self.rankings:
@@ -445,40 +543,76 @@ class AUSteerModule(pl.LightningModule):
             return self.strength_validation_end()
         if getattr(self, "behaviour_choice", None) is not None:
             return self.finish_behaviour_choice()
-        counts = self._reduced("val_correct", torch.cat([self._val_correct, torch.tensor([self._val_total])]))
-        seconds = self._reduced("val_seconds", self._val_seconds, "max")
-        correct, total = counts[:-1], int(counts[-1])
-        if total == 0:
-            raise AusteerError("the validation split is empty; raise --data.val_fraction or --data.max_val_examples")
-        acc = (correct.double() / total).tolist()
-        dm = self.trainer.datamodule
+        self.finish_grid()
+
+    def finish_grid(self) -> None:
+        """Each method's chosen point becomes its result; AUSteer's becomes :attr:`state` (an empty
+        state, which steers nothing, when the verdict says steering did not help, unless
+        :attr:`export_anyway`)."""
+        hp, dm = self.hparams, self.trainer.datamodule
+        n_val = len(dm.splits["val"])
         fit_meta = {
-            "n_pairs": self.accumulator.n, "n_val_examples": total, "val_accuracy_unsteered": acc[0],
-            "fit_seconds": self.summary.get("fit_seconds"), "world_size": self.trainer.world_size, "scoring": self._scoring(),
+            "n_pairs": self.accumulator.n, "n_val_examples": n_val, "fit_seconds": self.summary.get("fit_seconds"),
+            "world_size": self.trainer.world_size, "scoring": self._scoring(), "criterion": self.criterion(), "halving": hp.halving,
+            "harm_budget": hp.harm_budget, "verdict_level": hp.verdict_level,
         }
         self.results = {}
-        for method in self.methods:
-            idx = [i for i, c in enumerate(self.candidates) if c.method == method]
-            if not idx:  # the learned variants are trained in the next epochs
-                continue
-            best = pick(self.candidates, acc, idx)
-            grid = [{**jsonable(self.candidates[i].hyper), "n_steered_activations": self.candidates[i].n_steered, "val_accuracy": acc[i]} for i in idx]
-            chosen = self.candidates[best]
+        total_seconds = 0.0
+        for method, (idx, choice, seconds) in self.grid_choices.items():
+            cands = [self.candidates[i] for i in idx]
+            total_seconds += seconds
+            key = f"val_{choice.criterion}"
+            grid = [{**jsonable(c.hyper), "n_steered_activations": c.n_steered, "val_accuracy": choice.accuracy[j], key: choice.values[j],
+                     "n_val_scored": choice.n_scored[j], **({"harm_kl": choice.harm[j]} if j in choice.harm else {})}
+                    for j, c in enumerate(cands) if j > 0]
+            verdict = {"helps": choice.helps, "reason": choice.reason, "criterion_gain": choice.gain, "criterion_gain_se": choice.gain_se,
+                       "threshold": choice.threshold, "accuracy_gain": choice.accuracy_gain, "n_verdict": choice.n_verdict,
+                       "best": None if choice.best is None else jsonable(cands[choice.best].hyper), "evaluations": choice.scored_evaluations,
+                       "rounds": choice.rounds}
+            j = choice.index if method == "austeer" and not self.export_anyway else (choice.best if choice.best is not None else 0)
+            chosen = cands[j]
+
+            def meta(i: int) -> dict[str, Any]:
+                return {**fit_meta, "val_accuracy_unsteered": choice.accuracy[0], "val_accuracy": choice.accuracy[i], key: choice.values[i],
+                        f"{key}_unsteered": choice.values[0], "harm_kl": choice.harm.get(i, 0.0), "grid": grid, "verdict": verdict,
+                        **({"strength": "momentum", "site": cands[i].hyper.get("site")} if method == "austeer" else {})}
+
+            if method == "austeer":
+                b = choice.best if choice.best is not None else 1
+                best = cands[b].state
+                # The learned variants start from the best steered point (the rule alpha * m is their epoch 0).
+                best.metadata = {**best.metadata, "fit": meta(b), "data": dm.data_config()}
+                self._strength_base = best
+                if chosen.state is None:  # "no steering" is the choice: an empty state says so wherever it goes
+                    empty = replace(best, **{t: getattr(best, t)[:0] for t in ("site_index", "layer", "unit", "momentum", "scale", "shift")}, alpha=0.0)
+                    chosen = Candidate("austeer", {"site": best.sites[0] if len(best.sites) == 1 else "both", "k": 0, "alpha": 0.0, "sign": hp.sign}, empty)
             if chosen.state is not None:
-                extra = {"strength": "momentum", "site": chosen.hyper["site"]} if method == "austeer" else {}
-                chosen.state.metadata = {**chosen.state.metadata, "fit": {**fit_meta, "val_accuracy": acc[best], "grid": grid, **extra}, "data": dm.data_config()}
-            self.results[method] = MethodResult(method, chosen, acc[best], grid, float(seconds[idx].sum()))
-            self.log(f"val/{method}_accuracy", acc[best], rank_zero_only=True)
+                chosen.state.metadata = {**chosen.state.metadata, "fit": {**meta(j), "site": chosen.hyper.get("site")} if method == "austeer" else meta(j),
+                                         "data": dm.data_config()}
+            self.results[method] = MethodResult(method, chosen, choice.accuracy[j], grid, seconds)
+            self.log(f"val/{method}_accuracy", choice.accuracy[j], rank_zero_only=True)
+            if method == "austeer":
+                self.verdict = verdict
+                self.summary.update(val_accuracy_unsteered=choice.accuracy[0], n_val=n_val, val_accuracy=choice.accuracy[j], criterion=choice.criterion,
+                                    val_criterion_unsteered=choice.values[0], val_criterion=choice.values[j], harm_kl=choice.harm.get(j, 0.0),
+                                    helps=choice.helps, verdict=verdict, choice={**chosen.hyper, "val_accuracy": choice.accuracy[j]}, grid=grid,
+                                    grid_seconds=seconds, exported="steered" if chosen.state.k else "no steering")
+        if self.grid_choices:
+            acc0 = next(iter(self.grid_choices.values()))[1].accuracy[0]
+            self.results = {"unsteered": MethodResult("unsteered", self.candidates[0], acc0, [{"n_steered_activations": 0, "val_accuracy": acc0}]), **self.results}
+            self.log("val/unsteered_accuracy", acc0, rank_zero_only=True)
+        self.summary.update(val_total_seconds=total_seconds)
         austeer = self.results.get("austeer")
-        self.summary.update(val_accuracy_unsteered=acc[0], n_val=total, val_total_seconds=float(seconds.sum()))
         if austeer is None:  # a comparison without AUSteer
             return
         self.state = austeer.chosen.state
-        self.summary.update(val_accuracy=austeer.val_accuracy, choice={**austeer.chosen.hyper, "val_accuracy": austeer.val_accuracy}, grid=austeer.grid)
-        self.log("val/accuracy_unsteered", acc[0], rank_zero_only=True)
+        self.log("val/accuracy_unsteered", self.summary["val_accuracy_unsteered"], rank_zero_only=True)
         self.log("val/accuracy", austeer.val_accuracy, rank_zero_only=True)
         self.log("val/k", float(austeer.chosen.hyper["k"]), rank_zero_only=True)
         self.log("val/alpha", float(austeer.chosen.hyper["alpha"]), rank_zero_only=True)
+        self.log("val/helps", float(self.verdict["helps"]), rank_zero_only=True)
+        self.log("val/criterion_gain", float(self.verdict["criterion_gain"]), rank_zero_only=True)
+        self.log("val/harm_kl", float(self.summary["harm_kl"]), rank_zero_only=True)
         self.start_strength_phase()
 
     def finish_behaviour_choice(self) -> None:
@@ -533,7 +667,7 @@ class AUSteerModule(pl.LightningModule):
         rank, world = dm._world()
         for method in learned:
             started = time.perf_counter()
-            trainer = StrengthTrainer(self.llm, self.layout, self.state, get_method(method).learned, lr=hp.strength_lr, kl_weight=hp.kl_weight,
+            trainer = StrengthTrainer(self.llm, self.layout, getattr(self, "_strength_base", None) or self.state, get_method(method).learned, lr=hp.strength_lr, kl_weight=hp.kl_weight,
                                       loss=hp.strength_loss, patience=hp.patience, gate_layer=hp.gate_layer, gate_width=hp.gate_width)
             sums = torch.zeros(VALIDATION_SUMS, dtype=torch.float64)
             for indices in shard_batches(len(dm.splits["val"]), rank, world, dm.hparams.eval_batch_size):

@@ -238,6 +238,8 @@ class SteeringState:
             raise AusteerError(f"alpha must be a finite number, got {alpha}")
         if alpha == self.alpha:
             return self
+        if self.k == 0:  # an empty state ("no steering" was chosen) steers nothing at any strength
+            return replace(self, alpha=alpha)
         if self.strength.get("kind") == "gate":
             raise AusteerError("a learned gate has no single strength to rescale; apply it without alpha, or fit it again")
         if self.alpha == 0:

@@ -43,9 +43,9 @@ def world(tmp_path_factory):
     task = write_less_task(root / "less.jsonl", 40)
     run = root / "run"
     code = train_main([
-        "--model.model_name", str(tiny), "--data.task", str(task), "--model.k", "[3]", "--model.alpha", "[2]",
+        "--model.model_name", str(tiny), "--data.task", str(task), "--model.site", "attention", "--model.k", "[3]", "--model.alpha", "[2]",
         "--data.batch_size", "4", "--checkpoint_every", "1", "--run_dir", str(run), "--export_dir", str(root / "state"),
-        "--wandb_mode", "disabled",
+        "--wandb_mode", "disabled", "--export_anyway", "true",
     ])
     assert code == 0
     return {"root": root, "tiny": tiny, "task": task, "state": root / "state", "ckpt": run / "checkpoints" / "last.ckpt"}
@@ -97,8 +97,8 @@ class Case:
 
 def train_args(world, tmp_path, *extra: str) -> list[str]:
     return [
-        "--model.model_name", str(world["tiny"]), "--data.task", str(world["task"]), "--model.k", "[3]", "--model.alpha", "[2]",
-        "--data.batch_size", "4", "--run_dir", str(tmp_path / "run"), "--wandb_mode", "disabled", *extra,
+        "--model.model_name", str(world["tiny"]), "--data.task", str(world["task"]), "--model.site", "attention", "--model.k", "[3]", "--model.alpha", "[2]",
+        "--data.batch_size", "4", "--run_dir", str(tmp_path / "run"), "--wandb_mode", "disabled", "--export_anyway", "true", *extra,
     ]
 
 

@@ -514,7 +514,7 @@ def test_train_chooses_by_judge_and_evaluate_reports_it(tiny_dir, tmp_path, caps
             f.write(json.dumps({"prompt": f"say {i % 7} ", "positive": "good good", "negative": "bad bad"}) + "\n")
     export = tmp_path / "state"
     code = train_main([
-        "--model.model_name", str(tiny_dir), "--data.task", str(rows), "--model.k", "[2, 4]", "--model.alpha", "[1, 8]",
+        "--model.model_name", str(tiny_dir), "--data.task", str(rows), "--model.site", "attention", "--model.k", "[2, 4]", "--model.alpha", "[1, 8]",
         "--model.selection", "judge", "--model.max_new_tokens", "4", "--model.max_judge_prompts", "5", "--data.batch_size", "8",
         "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "disabled",
     ])

@@ -136,8 +136,9 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
     out, one = compared
     args = [
         "--compare", "--model", str(tiny_dir), "--task", str(task_file), "--k", "2,4", "--alpha", "1,4",
-        # Batches of 4 per process: the same global batch of 8 per step as the single process.
-        "--max_val_examples", "8", "--max_test_examples", "10", "--batch_size", "4", "--device", "cpu", "--devices", "2",
+        # Batches of 4 per process: the same global batch of 8 per step as the single process. The
+        # grid deals whole scoring batches to the processes, so it takes the single process's size.
+        "--max_val_examples", "8", "--max_test_examples", "10", "--batch_size", "4", "--eval_batch_size", "8", "--device", "cpu", "--devices", "2",
         "--strength_epochs", "2", "--strength_lr", "0.5", "--strength_loss", "choice",
         "--report", str(tmp_path / "two.json"), "--export_dir", str(tmp_path / "states"), "--wandb_mode", "disabled",
     ]
@@ -154,7 +155,15 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
             for key in ("val_nll", "val_choice_loss"):
                 assert [h[key] for h in a["grid"]] == pytest.approx([h[key] for h in b["grid"]], rel=1e-4), key
         else:
-            assert a["grid"] == b["grid"]
+            # The same points, the same scored examples and accuracies; the continuous criterion of
+            # shift states (ITI, CAA: shifts from float sums of another order) agrees to rounding.
+            key = next((k for k in a["grid"][0] if k.startswith("val_") and k != "val_accuracy"), None)
+            strip = lambda grid: [{k: v for k, v in g.items() if k != key} for g in grid]  # noqa: E731
+            assert strip(a["grid"]) == strip(b["grid"])
+            if key is not None:
+                assert [g[key] for g in a["grid"]] == pytest.approx([g[key] for g in b["grid"]], rel=1e-5)
+                if a["name"] in ("austeer", "austeer_block"):  # scales from integer counts: the same bits
+                    assert a["grid"] == b["grid"]
         if a["name"] != "unsteered":
             s1, s2 = SteeringState.from_pretrained(out / "states" / a["name"]), SteeringState.from_pretrained(tmp_path / "states" / a["name"])
             # Learned strengths: gradients averaged across processes equal the global mean up to rounding.

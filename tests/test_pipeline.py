@@ -182,16 +182,20 @@ def test_two_process_ddp_equals_single_process(tiny_dir, tmp_path):
 def test_train_then_evaluate_in_process(tiny_dir, task_file, tmp_path, capsys):
     export = tmp_path / "state"
     code = train_main([
-        "--model.model_name", str(tiny_dir), "--data.task", str(task_file), "--model.k", "[2, 4]", "--model.alpha", "[2]",
-        "--data.batch_size", "8", "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "offline",
+        "--model.model_name", str(tiny_dir), "--data.task", str(task_file), "--model.site", "attention", "--model.k", "[2, 4]", "--model.alpha", "[2]",
+        "--data.batch_size", "8", "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "offline", "--export_anyway", "true",
     ])
     assert code == 0
     out = capsys.readouterr().out
-    assert "val accuracy" in out and str(export) in out
+    assert "val accuracy" in out and "verdict" in out and str(export) in out
     state = SteeringState.from_pretrained(export)
     assert state.k in (2, 4) and state.metadata["data"]["task"] == str(task_file)
-    grid = state.metadata["fit"]["grid"]
-    assert len(grid) == 2 and max(g["val_accuracy"] for g in grid) == state.metadata["fit"]["val_accuracy"]
+    fit = state.metadata["fit"]
+    grid = fit["grid"]
+    # Two points: halving keeps both to the end, and the chosen one has the lower validation log-loss.
+    assert len(grid) == 2 and all(g["n_val_scored"] == fit["n_val_examples"] for g in grid)
+    assert fit["criterion"] == "loss" and max(g["val_loss"] for g in grid) == fit["val_loss"]
+    assert fit["val_accuracy"] == next(g["val_accuracy"] for g in grid if g["k"] == state.k)
     # W&B ran offline into the run folder; the local CSV logger recorded the run too.
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert (tmp_path / "run" / "logs" / "metrics.csv").is_file()
@@ -245,8 +249,8 @@ def test_evaluate_rejects_bad_input(tmp_path, capsys):
 def test_fit_on_embedded_model(tmp_path, capsys):
     export = tmp_path / "state"
     code = train_main([
-        "--data.max_train_pairs", "32", "--data.max_val_examples", "16", "--model.k", "[20]", "--model.alpha", "[1]",
-        "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "disabled",
+        "--data.max_train_pairs", "32", "--data.max_val_examples", "16", "--model.site", "attention", "--model.k", "[20]", "--model.alpha", "[1]",
+        "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "disabled", "--export_anyway", "true",
     ])
     assert code == 0
     state = SteeringState.from_pretrained(export)
