@@ -248,7 +248,7 @@ def choose(
     harm: Callable[[Sequence[int]], torch.Tensor] | None = None,
     harm_budget: float | None = None,
     level: float = 0.05,
-    correction: str = "grid",
+    correction: str = "final",
 ) -> GridChoice:
     """The one grid pick of every fit: successive halving on a continuous criterion, a harm budget,
     and a verdict against "no steering".
@@ -263,13 +263,14 @@ def choose(
     ``harm(indices)`` gives every steered candidate's KL on ordinary text first; only those within
     ``harm_budget`` are scored at all. The best steered point is the first in the order: more
     examples scored, then the criterion, then :func:`pick`'s tie rule (fewer units, weaker push).
-    The verdict is a one-sided paired test of its per-example criterion against
-    the unsteered model's on the same examples: steering helps when the mean gain exceeds
-    ``z * se`` with ``z`` the normal quantile of ``1 - level / G`` (Bonferroni over the G steered grid
-    points, since the best of G noisy estimates is biased upward), and its validation accuracy is
-    not below unsteered. ``level >= 1`` skips the test (the best steered point is always chosen).
-    ``correction="final"`` divides ``level`` by the number of points in the last round instead of G
-    (less conservative: it ignores the selection of the earlier rounds).
+    The verdict is a one-sided paired test of its per-example criterion against the unsteered
+    model's on the same examples: steering helps when the mean gain exceeds ``z * se`` with ``z``
+    the normal quantile of ``1 - level / m``, and its validation accuracy is not below unsteered.
+    ``correction="final"`` (the default) takes ``m`` as the number of points in halving's last round
+    (the points whose estimates on every example compete; it does not correct for the earlier
+    rounds' pruning); ``"grid"`` takes all G steered points (Bonferroni: stricter, since the best of
+    G noisy estimates is biased upward; in ``benchmarks/selection.py`` too strict to find the gains
+    that were there). ``level >= 1`` skips the test (the best steered point is always chosen).
     """
     if not candidates or candidates[0].state is not None:
         raise AusteerError("the grid must start with the unsteered model (no steering is a grid point)")

@@ -65,7 +65,7 @@ SELECTIONS = ("auto", "accuracy", "judge")
 #: The default validation grid (both sites, k and alpha on log scales) and how it is chosen; the
 #: regret table of ``benchmarks/selection.py`` (``benchmarks/README.md``) is why.
 DEFAULT_GRID = {"site": ["attention", "ffn"], "k": [3, 10, 30, 100], "alpha": [4.0, 8.0, 16.0]}
-DEFAULT_SELECTION = {"criterion": "loss", "halving": True, "min_examples": 16, "eta": 3, "harm_budget": 0.5, "level": 0.05}
+DEFAULT_SELECTION = {"criterion": "loss", "halving": True, "min_examples": 16, "eta": 3, "harm_budget": 0.5, "level": 0.05, "correction": "final"}
 
 
 class ReducedTensor(torchmetrics.Metric):
@@ -151,6 +151,9 @@ class AUSteerModule(pl.LightningModule):
         verdict_level: the verdict's one-sided level, Bonferroni-corrected over the grid: the best
             point must beat "no steering" by more than that noise, or the fit exports an empty state
             (``train.py --export_anyway`` exports the best point regardless). 1 turns the verdict off.
+        verdict_correction: ``final`` (the default) divides the level by the number of points that
+            reach halving's last round; ``grid`` by the whole grid (Bonferroni, stricter). The regret
+            table of ``benchmarks/selection.py`` chose ``final``.
         replay: score grid points from the unsteered model's recorded layers below their first
             steered layer (exact; about half the work for AUSteer's upper-layer units).
     """
@@ -188,6 +191,7 @@ class AUSteerModule(pl.LightningModule):
         halving_eta: int = 3,
         harm_budget: float | None = 0.5,
         verdict_level: float = 0.05,
+        verdict_correction: str = "final",
         replay: bool = True,
     ) -> None:
         super().__init__()
@@ -218,6 +222,8 @@ class AUSteerModule(pl.LightningModule):
             raise AusteerError("--model.halving_min_examples >= 1 and --model.halving_eta >= 2 are required")
         if harm_budget is not None and (not math.isfinite(harm_budget) or harm_budget <= 0):
             raise AusteerError(f"--model.harm_budget must be a positive KL in nats per token (or null for no bound), not {harm_budget}")
+        if verdict_correction not in ("final", "grid"):
+            raise AusteerError(f"--model.verdict_correction must be final or grid, not '{verdict_correction}'")
         if not math.isfinite(verdict_level) or not 0 < verdict_level <= 1:
             raise AusteerError(f"--model.verdict_level must be in (0, 1] (1 turns the verdict off), not {verdict_level}")
         self.export_dir: Path | None = None
@@ -532,7 +538,8 @@ class AUSteerModule(pl.LightningModule):
                 return harm_kl(self.llm, self.tokenizer, self.layout, [cands[j].state for j in sub], generic, replay=hp.replay)
 
             choice = choose(cands, len(examples), score, criterion=self.criterion(), halving=hp.halving, min_examples=hp.halving_min_examples,
-                            eta=hp.halving_eta, harm=harm if hp.harm_budget is not None else None, harm_budget=hp.harm_budget, level=hp.verdict_level)
+                            eta=hp.halving_eta, harm=harm if hp.harm_budget is not None else None, harm_budget=hp.harm_budget, level=hp.verdict_level,
+                            correction=hp.verdict_correction)
             seconds = float(self._reduced(f"grid_seconds_{method}", torch.tensor([time.perf_counter() - started], dtype=torch.float64), "max"))
             self.grid_choices[method] = (idx, choice, seconds)
 
@@ -554,7 +561,7 @@ class AUSteerModule(pl.LightningModule):
         fit_meta = {
             "n_pairs": self.accumulator.n, "n_val_examples": n_val, "fit_seconds": self.summary.get("fit_seconds"),
             "world_size": self.trainer.world_size, "scoring": self._scoring(), "criterion": self.criterion(), "halving": hp.halving,
-            "harm_budget": hp.harm_budget, "verdict_level": hp.verdict_level,
+            "harm_budget": hp.harm_budget, "verdict_level": hp.verdict_level, "verdict_correction": hp.verdict_correction,
         }
         self.results = {}
         total_seconds = 0.0

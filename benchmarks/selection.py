@@ -267,15 +267,24 @@ def report(args) -> None:
         for n in names:
             r = e["rules"][n]
             print(f"   {n:55s} {r['test_accuracy']:.3f} regret {r['regret']:+.3f} kl {r['harm_kl']:.2f} helps {r['helps']} evals {r['evaluations']} {r['chosen']}")
-    lines = ["| config | n val / test | unsteered | oracle | " + " | ".join(names) + " |", "| --- " * (4 + len(names)) + "|"]
+    main = [n for n in names if n.startswith(("before (", "after"))] + ["loss, halving, harm budget, no verdict"]
+    lines = ["| config | n val / test | unsteered | oracle | " + " | ".join(main) + " |", "| --- " * (4 + len(main)) + "|"]
     for e in rows:
         cells = []
-        for n in names:
+        for n in main:
             r = e["rules"][n]
-            label = "none" if r["chosen"] == "no steering" else f"{r['chosen']['site'][:3]} k{r['chosen']['k']} a{r['chosen']['alpha']:g}"
+            label = "no steering" if r["chosen"] == "no steering" else f"{r['chosen']['site'][:3]} k={r['chosen']['k']} a={r['chosen']['alpha']:g}"
             cells.append(f"{r['test_accuracy']:.3f} ({label})")
         lines.append(f"| {e['config']} | {e['n_val']} / {e['n_test']} | {e['unsteered']:.3f} | {e['oracle']:.3f} | " + " | ".join(cells) + " |")
-    mean = ["| mean regret | | | | " + " | ".join(f"{sum(e['rules'][n]['regret'] for e in rows) / max(1, len(rows)):.3f}" for n in names) + " |"]
+    mean = ["", "| rule | mean regret (oracle - chosen) | mean gain over unsteered | worst gain | configs declared no help | mean KL of the chosen | mean evaluations |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
+    for n in names:
+        rs = [e["rules"][n] for e in rows]
+        gains = [r["test_accuracy"] - e["unsteered"] for r, e in zip(rs, rows)]
+        evals = [r["evaluations"] for r in rs if r["evaluations"] is not None]
+        mean.append(f"| {n} | {sum(r['regret'] for r in rs) / max(1, len(rs)):.3f} | {sum(gains) / max(1, len(gains)):+.3f} | {min(gains):+.3f} | "
+                    f"{sum(1 for r in rs if r['chosen'] == 'no steering')} / {len(rs)} | {sum(r['harm_kl'] for r in rs) / max(1, len(rs)):.2f} | "
+                    f"{sum(evals) / len(evals) if evals else float('nan'):.0f} |")
     text = "\n".join(lines + mean)
     print(text)
     write_json_atomic(OUT / "report.json", {"rows": rows, "table": text})

@@ -249,20 +249,23 @@ def test_harm_budget_keeps_generation_coherent_on_embedded_model():
     assert within and len(within) < len(states)
     asks = [format_prompt(tok, Task("generic", ()), a, chat_template=True) for a in (
         "Review: a gorgeous, moving film.\nIs the sentiment of this review positive or negative?", "Write one sentence about the sea.")]
-    base = generate_texts(model, tok, asks, max_new_tokens=32)
+    base = generate_texts(model, tok, asks, max_new_tokens=24)
     base_ppl = perplexity(model, tok, asks, base)
 
     def fluency(state):
         with state.apply(model, layout=layout):
-            out = generate_texts(model, tok, asks, max_new_tokens=32)
+            out = generate_texts(model, tok, asks, max_new_tokens=24)
         return float((perplexity(model, tok, asks, out).log().mean() - base_ppl.log().mean()).exp()), distinct_n(out), out
 
     worst_in = max(within, key=lambda i: float(kl[i]))
     ratio, distinct, out = fluency(states[worst_in])
-    assert ratio <= 1.5 and distinct >= 0.6, (float(kl[worst_in]), ratio, distinct, out)
+    # Coherent: perplexity under the unsteered model at most 2.5x the unsteered answers' and no loops.
+    # (On the 256-pair default grid the points within the budget measured 0.93x to 1.34x, those above
+    # it 2.9x to 915x: benchmarks/README.md, "Choosing well".)
+    assert ratio <= 2.5 and distinct >= 0.6, (float(kl[worst_in]), ratio, distinct, out)
     worst = int(kl.argmax())
     ratio_bad, distinct_bad, out_bad = fluency(states[worst])
-    assert ratio_bad > 1.5 or distinct_bad < 0.6, (float(kl[worst]), ratio_bad, distinct_bad, out_bad)
+    assert ratio_bad > 2.5 or distinct_bad < 0.6, (float(kl[worst]), ratio_bad, distinct_bad, out_bad)
 
 
 def test_a_fit_that_does_not_help_says_so_and_exports_an_empty_state(tiny_dir, tmp_path, capsys):
@@ -294,3 +297,29 @@ def test_a_fit_that_does_not_help_says_so_and_exports_an_empty_state(tiny_dir, t
     best = SteeringState.from_pretrained(tmp_path / "anyway")
     assert best.k in (2, 4) and best.metadata["fit"]["verdict"] == fit["verdict"]
     assert {"site": best.metadata["fit"]["site"], "k": best.k, "alpha": best.alpha} == {key: fit["verdict"]["best"][key] for key in ("site", "k", "alpha")}
+
+
+def test_verdict_correction_counts_the_final_round_or_the_whole_grid():
+    # Point 27's per-example gain over unsteered is exactly 0.010 +- 0.06 (t = 2.36 on 200 examples),
+    # the others are clearly worse: enough against the final round's two points (z = 1.96), not
+    # against Bonferroni over all 27 (z = 2.90).
+    from statistics import NormalDist
+
+    n = 200
+    z = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    z = (z - z.mean()) / z.std()
+    stats = torch.zeros(28, n, 3, dtype=torch.float64)
+    stats[:, :, 2] = 0.7 + 0.05 * torch.arange(28, dtype=torch.float64).unsqueeze(1) / 27  # worse and worse
+    stats[27, :, 2] = 0.7 - (0.010 + 0.06 * z)
+    stats[:, :, 0] = 1.0
+    cands = [Candidate("unsteered", {}, None)] + [Candidate("austeer", {}, _Units(i, 1.0)) for i in range(1, 28)]
+    score = lambda idx, lo, hi: stats[list(idx), lo:hi]  # noqa: E731
+    final = choose(cands, n, score, halving=True, min_examples=16, eta=3, correction="final")
+    grid = choose(cands, n, score, halving=True, min_examples=16, eta=3, correction="grid")
+    assert final.best == grid.best == 27 and final.rounds[-1]["candidates"] == 2
+    assert final.gain / final.gain_se == pytest.approx(0.010 / (0.06 / math.sqrt(n)))
+    assert final.threshold / final.gain_se == pytest.approx(NormalDist().inv_cdf(1 - 0.05 / 2), abs=1e-9)
+    assert grid.threshold / grid.gain_se == pytest.approx(NormalDist().inv_cdf(1 - 0.05 / 27), abs=1e-9)
+    assert final.helps and final.index == 27 and not grid.helps and grid.index == 0
+    with pytest.raises(Exception, match="verdict_correction"):
+        choose(cands, 200, score, correction="holm")
