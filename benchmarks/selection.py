@@ -233,7 +233,7 @@ def rules() -> list[dict]:
     for budget in (0.25, 1.0):
         out.append({**base, "name": f"loss, halving, harm budget {budget:g}, verdict", "harm_budget": budget})
     out.append({**base, "name": "accuracy, halving, harm budget, verdict", "criterion": "accuracy"})
-    out.append({**base, "name": "loss, halving, harm budget, verdict (final-round correction)", "correction": "final"})
+    out.append({**base, "name": "loss, halving, harm budget, verdict (Bonferroni over the grid)", "correction": "grid"})
     out.append({**base, "name": "accuracy, halving, harm budget, verdict (final-round correction)", "criterion": "accuracy", "correction": "final"})
     out.append({**base, "name": "margin, halving, harm budget, verdict (final-round correction)", "criterion": "margin", "correction": "final"})
     out.append({**base, "name": "after (default: loss, halving, harm budget, verdict)"})
