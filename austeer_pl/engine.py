@@ -146,27 +146,6 @@ def predictions(model, tokenizer, task, state, examples, prompts, *, scoring: st
         return predict(model, tokenizer, task, examples, prompts, scoring=scoring, batch_size=batch_size, max_length=max_length)
 
 
-def count_correct(model, tokenizer, task, candidates: Sequence[Candidate], examples, prompts, *, scoring: str, batch_size: int,
-                  max_length: int | None, layout=None, seconds: torch.Tensor | None = None) -> torch.Tensor:
-    """``(len(candidates),)`` int64: how many of ``examples`` each candidate answers right.
-
-    ``seconds`` (float64, same length), when given, accumulates each candidate's scoring time.
-    """
-    import time
-
-    answers = torch.tensor([ex.answer for ex in examples], dtype=torch.long)
-    out = torch.zeros(len(candidates), dtype=torch.int64)
-    if not examples:
-        return out
-    for i, cand in enumerate(candidates):
-        started = time.perf_counter()
-        preds = predictions(model, tokenizer, task, cand.state, examples, prompts, scoring=scoring, batch_size=batch_size, max_length=max_length, layout=layout)
-        out[i] = int(preds.eq(answers).sum())
-        if seconds is not None:
-            seconds[i] += time.perf_counter() - started
-    return out
-
-
 def pick(candidates: Sequence[Candidate], values: Sequence[float], indices: Sequence[int] | None = None) -> int:
     """The index of the best candidate by ``values`` (higher is better).
 
@@ -494,7 +473,6 @@ __all__ = [
     "PassStatistics",
     "StrengthTrainer",
     "VALIDATION_SUMS",
-    "count_correct",
     "pick",
     "predictions",
     "rank_site_options",

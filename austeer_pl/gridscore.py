@@ -20,6 +20,7 @@ state, so what the unsteered pass recorded would not be the same input.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -118,14 +119,17 @@ def decision_statistics(scores: Sequence[torch.Tensor], answers: Sequence[int]) 
 
     The prediction is ``argmax`` (the first of tied choices), as in :func:`~austeer_pl.evaluation.predict`.
     """
-    out = torch.empty(len(scores), len(STATISTICS), dtype=torch.float64)
-    for i, (sc, answer) in enumerate(zip(scores, answers)):
-        sc = sc.double()
-        right = sc[answer]
-        wrong = torch.cat([sc[:answer], sc[answer + 1 :]])
-        out[i, 0] = float(int(sc.argmax()) == answer)
-        out[i, 1] = right - wrong.max() if wrong.numel() else 0.0
-        out[i, 2] = torch.logsumexp(sc, 0) - right
+    if not scores:
+        return torch.empty(0, len(STATISTICS), dtype=torch.float64)
+    # One padded (n, choices) table: padding is -inf, so it never wins, never is the best wrong
+    # choice, and adds exp(-inf) = 0 to the logsumexp.
+    table = torch.nn.utils.rnn.pad_sequence([sc.double() for sc in scores], batch_first=True, padding_value=-math.inf)
+    rows, answer = torch.arange(len(scores)), torch.as_tensor(list(answers), dtype=torch.long)
+    right = table[rows, answer]
+    wrong = table.index_put((rows, answer), torch.tensor(-math.inf, dtype=torch.float64))
+    best_wrong = wrong.max(dim=1).values
+    margin = torch.where(torch.isfinite(best_wrong), right - best_wrong, torch.zeros_like(right))
+    out = torch.stack([table.argmax(dim=1).eq(answer).double(), margin, torch.logsumexp(table, dim=1) - right], dim=1)
     return out
 
 
