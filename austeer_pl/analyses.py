@@ -153,16 +153,12 @@ def _steer(ctx: AnalysisContext, state: SteeringState | None):
 
 def score(ctx: AnalysisContext, state: SteeringState | None = None) -> dict[str, float]:
     """Accuracy and mean margin (right answer's log-likelihood minus the best wrong one's), steered by ``state``."""
+    from .gridscore import decision_statistics
+
     with _steer(ctx, state):
         scores = choice_logprobs(ctx.model, ctx.tokenizer, ctx.prompts, ctx.answers, batch_size=ctx.batch_size, max_length=ctx.max_length)
-    table = torch.nn.utils.rnn.pad_sequence([s.double() for s in scores], batch_first=True, padding_value=-math.inf)
-    answers = torch.tensor([ex.answer for ex in ctx.examples])
-    rows = torch.arange(len(scores))
-    right = table[rows, answers]
-    wrong = table.clone()
-    wrong[rows, answers] = -math.inf
-    margin = right - wrong.max(dim=1).values
-    return {"accuracy": float(table.argmax(dim=1).eq(answers).double().mean()), "margin": float(margin.mean())}
+    stats = decision_statistics(scores, [ex.answer for ex in ctx.examples])
+    return {"accuracy": float(stats[:, 0].mean()), "margin": float(stats[:, 1].mean())}
 
 
 @torch.inference_mode()

@@ -29,6 +29,7 @@ from .iti import HeadMoments
 from .batching import pair_rows
 from .errors import AusteerError
 from .evaluation import answer_suffixes, predict
+from .gridscore import decision_statistics
 from .momentum import MomentumAccumulator
 from .prefix import SharedPrefixReader, use_shared_prefix
 from .reading import ActivationReader
@@ -411,12 +412,14 @@ class StrengthTrainer:
             if scoring == "loglik":
                 scores = choice_logprobs(self.model, tokenizer, prompts, [answer_suffixes(p, ex.choices, task) for p, ex in zip(prompts, examples)],
                                          batch_size=batch_size, max_length=max_length)
-                preds = torch.stack([sc.argmax() for sc in scores])
-                out[2] = float(sum(-sc[ex.answer] for sc, ex in zip(scores, examples)))
-                out[3] = float(sum(torch.logsumexp(sc.double(), 0) - sc[ex.answer] for sc, ex in zip(scores, examples)))
+                stats = decision_statistics(scores, answers.tolist())  # correct, margin, choice log-loss
+                starts = torch.tensor([0] + [len(sc) for sc in scores[:-1]]).cumsum(0)
+                out[0] = stats[:, 0].sum()
+                out[2] = -torch.cat([sc.double() for sc in scores])[starts + answers].sum()  # the right answers' NLL
+                out[3] = stats[:, 2].sum()
             else:
                 preds = predict(self.model, tokenizer, task, examples, prompts, scoring=scoring, batch_size=batch_size, max_length=max_length)
-        out[0] = float(preds.eq(answers).sum())
+                out[0] = float(preds.eq(answers).sum())
         out[1] = float(len(examples))
         return out
 

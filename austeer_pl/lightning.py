@@ -517,6 +517,9 @@ class AUSteerModule(pl.LightningModule):
                             replay=hp.replay) if self._scoring() == "loglik" else None
         calls = itertools.count()
         generic: list = []
+        # No steering is every method's candidate 0, scored on the same batches when the methods'
+        # halving schedules cut the same ranges: its reduced statistics are kept per batch and reused.
+        unsteered: dict[tuple[int, int], torch.Tensor] = {}
         self.grid_choices = {}
         for method in self.methods:
             idx = [0] + [i for i, c in enumerate(self.candidates) if c.method == method and method != "unsteered"]
@@ -526,11 +529,23 @@ class AUSteerModule(pl.LightningModule):
             started = time.perf_counter()
 
             def score(sub, lo, hi, cands=cands):
-                local = torch.zeros(len(sub), hi - lo, 3, dtype=torch.float64)
-                for b in list(range(lo, hi, size))[rank::world]:
-                    e = min(b + size, hi)
-                    local[:, b - lo : e - lo] = self._score_batch([cands[j].state for j in sub], examples[b:e], prompts[b:e], scorer)
-                return self._reduced(f"grid_{next(calls)}", local)
+                sub = list(sub)
+                spans = [(b, min(b + size, hi)) for b in range(lo, hi, size)]
+                reuse = 0 in sub and all(span in unsteered for span in spans)
+                rows = [j for j in sub if not (reuse and j == 0)]
+                out = torch.zeros(len(sub), hi - lo, 3, dtype=torch.float64)
+                if rows:  # every process takes the same branch: the cache is built from reduced values
+                    local = torch.zeros(len(rows), hi - lo, 3, dtype=torch.float64)
+                    for b, e in spans[rank::world]:
+                        local[:, b - lo : e - lo] = self._score_batch([cands[j].state for j in rows], examples[b:e], prompts[b:e], scorer)
+                    out[[sub.index(j) for j in rows]] = self._reduced(f"grid_{next(calls)}", local)
+                if 0 in sub:
+                    for b, e in spans:
+                        if reuse:
+                            out[sub.index(0), b - lo : e - lo] = unsteered[(b, e)]
+                        else:
+                            unsteered[(b, e)] = out[sub.index(0), b - lo : e - lo].clone()
+                return out
 
             def harm(sub, cands=cands):
                 if not generic:

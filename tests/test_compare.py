@@ -205,3 +205,24 @@ def test_a_comparison_without_austeer(tiny_dir, task_file, tmp_path):
             "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu", "--report", str(report), "--wandb_mode", "disabled"]
     assert evaluate_main(args) == 0
     assert [m["name"] for m in json.loads(report.read_text())["methods"]] == ["unsteered", "caa"]
+
+
+def test_no_steering_is_scored_once_for_all_methods(tiny_dir, task_file, tmp_path, monkeypatch):
+    from austeer_pl.gridscore import GridScorer
+
+    scored: list[tuple[str, int]] = []
+    original = GridScorer.score
+
+    def counting(self, states, examples, prompts):
+        scored.extend(("unsteered" if s is None else "steered", len(examples)) for s in states)
+        return original(self, states, examples, prompts)
+
+    monkeypatch.setattr(GridScorer, "score", counting)
+    report = tmp_path / "two.json"
+    args = ["--compare", "--model", str(tiny_dir), "--task", str(task_file), "--methods", "caa,sadi", "--grid", "quick", "--max_val_examples", "8",
+            "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu", "--report", str(report), "--wandb_mode", "disabled"]
+    assert evaluate_main(args) == 0
+    methods = {m["name"]: m for m in json.loads(report.read_text())["methods"]}
+    assert sum(n for kind, n in scored if kind == "unsteered") == 8  # the 8 validation examples, once, not once per method
+    assert sum(n for kind, n in scored if kind == "steered") > 0
+    assert {"caa", "sadi", "unsteered"} <= set(methods)

@@ -114,6 +114,25 @@ def test_decision_statistics_follow_the_definitions():
     assert torch.equal(criterion_values(stats, "loss"), -stats[:, 2])
 
 
+def test_strength_validation_sums_match_the_per_example_oracle():
+    from austeer_pl.engine import StrengthTrainer
+
+    model, tok = make_model("llama"), make_tokenizer()
+    layout = locate_units(model)
+    task, examples, prompts = _examples(9)
+    three = Task("three", tuple(TaskExample(ex.prompt, ("yes", "no", "maybe"), ex.answer, ex.uid) for ex in examples[:5]))
+    for t, exs in ((task, examples), (three, list(three.examples))):
+        state = _state(layout, "ffn", [(1, 2), (2, 5)], 4.0)
+        trainer = StrengthTrainer(model, layout, state, "scalar")
+        sums = trainer.validation_sums(tok, t, exs, prompts[: len(exs)], scoring="loglik", batch_size=4, max_length=None)
+        with state.apply(model, layout=layout):
+            scores = choice_logprobs(model, tok, prompts[: len(exs)], [answer_suffixes(p, ex.choices, t) for p, ex in zip(prompts, exs)], batch_size=4)
+        correct = sum(float(int(sc.argmax()) == ex.answer) for sc, ex in zip(scores, exs))
+        nll = sum(-float(sc[ex.answer]) for sc, ex in zip(scores, exs))
+        loss = sum(math.log(sum(math.exp(float(v)) for v in sc)) - float(sc[ex.answer]) for sc, ex in zip(scores, exs))
+        assert sums.tolist() == pytest.approx([correct, len(exs), nll, loss], rel=1e-9, abs=1e-9)
+
+
 # ---------------------------------------------------------------------------- the chooser on synthetic statistics
 class _Units:
     def __init__(self, k, alpha):
