@@ -105,16 +105,43 @@ def stability(d: dict[str, torch.Tensor], sites, ks, ns, *, outer: int = 6, inne
 
 
 # ---------------------------------------------------------------------------- score one configuration
+def momentum_pass(model, tok, layout, task, config, train, sites):
+    """The momentum accumulator over ``config``'s training pairs, and each pair's difference ``pos - neg`` per site."""
+    from austeer_pl.fit import read_text_pairs
+    from austeer_pl.momentum import MomentumAccumulator
+    from austeer_pl.tasks import format_prompt, join_answer, make_pairs
+
+    pairs = make_pairs(train, negatives=config.negatives, seed=config.seed, max_pairs=config.max_train_pairs)
+    texts = {p.prompt: format_prompt(tok, task, p.prompt, chat_template=config.chat_template) for p in pairs}
+    rows = [(join_answer(texts[p.prompt], p.positive), join_answer(texts[p.prompt], p.negative)) for p in pairs]
+    acc = MomentumAccumulator({s: layout.site(s).size for s in sites}, layout.n_layers)
+    diffs = {s: [] for s in sites}
+    for pos, neg in read_text_pairs(model, tok, rows, layout, sites, batch_size=16, max_length=config.max_length):
+        acc.update(pos, neg)
+        for s in sites:
+            diffs[s].append((pos[s].float() - neg[s].float()))
+    return acc, {s: torch.cat(v) for s, v in diffs.items()}
+
+
+def build_states(model, layout, acc, points):
+    """AUSteer's state for each ``(site, k, alpha)`` point, built as ``train.py`` builds its grid."""
+    from austeer_pl.engine import rank_site_options
+    from austeer_pl.methods import FitContext, build_state
+    from austeer_pl.models import model_name_of
+
+    options = [(s, (s,)) for s in sorted({p[0] for p in points})]
+    rankings = rank_site_options(acc, options, "promote", max(p[1] for p in points))
+    ctx = FitContext(layout=layout, acc=acc, rankings=rankings, base_model=model_name_of(model), sign="promote")
+    return [build_state("austeer", ctx, site=s, k=k, alpha=a) for s, k, a in points]
+
+
 def score(args) -> None:
     from austeer_pl.dataconfig import DataConfig
-    from austeer_pl.engine import Candidate, rank_site_options
-    from austeer_pl.fit import read_text_pairs
+    from austeer_pl.engine import Candidate
     from austeer_pl.gridscore import GridScorer, generic_texts, harm_kl
-    from austeer_pl.methods import FitContext, build_state
-    from austeer_pl.models import load_model, model_name_of
-    from austeer_pl.momentum import MomentumAccumulator
+    from austeer_pl.models import load_model
     from austeer_pl.sites import locate_units
-    from austeer_pl.tasks import format_prompt, join_answer, make_pairs
+    from austeer_pl.tasks import format_prompt
 
     torch.manual_seed(0)
     tag = _tag(args.task, args.seed, args.pairs)
@@ -125,16 +152,7 @@ def score(args) -> None:
     layout = locate_units(model)
     sites = ("attention", "ffn")
     started = time.perf_counter()
-    pairs = make_pairs(splits["train"], negatives=config.negatives, seed=config.seed, max_pairs=config.max_train_pairs)
-    texts = {p.prompt: format_prompt(tok, task, p.prompt, chat_template=config.chat_template) for p in pairs}
-    rows = [(join_answer(texts[p.prompt], p.positive), join_answer(texts[p.prompt], p.negative)) for p in pairs]
-    acc = MomentumAccumulator({s: layout.site(s).size for s in sites}, layout.n_layers)
-    diffs = {s: [] for s in sites}
-    for pos, neg in read_text_pairs(model, tok, rows, layout, sites, batch_size=16, max_length=config.max_length):
-        acc.update(pos, neg)
-        for s in sites:
-            diffs[s].append((pos[s].float() - neg[s].float()))
-    d = {s: torch.cat(v) for s, v in diffs.items()}
+    acc, d = momentum_pass(model, tok, layout, task, config, splits["train"], sites)
     pass_seconds = time.perf_counter() - started
     print(f"{tag}: {acc.n} pairs in {pass_seconds:.0f} s; val {len(splits['val'])}, test {len(splits['test'])}", flush=True)
 
@@ -147,10 +165,7 @@ def score(args) -> None:
         return
     grids = [OLD_GRID, new_grid()]
     points = sorted({(s, int(k), float(a)) for g in grids for s in g["site"] for k in g["k"] for a in g["alpha"]}, key=lambda p: (p[0] != "attention", p[1], p[2]))
-    options = [(s, (s,)) for s in sorted({p[0] for p in points})]
-    rankings = rank_site_options(acc, options, "promote", max(p[1] for p in points))
-    ctx = FitContext(layout=layout, acc=acc, rankings=rankings, base_model=model_name_of(model), sign="promote")
-    cands = [Candidate("unsteered", {}, None)] + [Candidate("austeer", {"site": s, "k": k, "alpha": a}, build_state("austeer", ctx, site=s, k=k, alpha=a)) for s, k, a in points]
+    cands = [Candidate("unsteered", {}, None)] + [Candidate("austeer", {"site": s, "k": k, "alpha": a}, state) for (s, k, a), state in zip(points, build_states(model, layout, acc, points))]
     scorer = GridScorer(model, tok, layout, task, batch_size=args.batch_size, max_length=config.max_length)
     result = {"task": args.task, "seed": args.seed, "pairs": acc.n, "pass_seconds": pass_seconds, "candidates": [c.hyper for c in cands]}
     for split in ("val", "test"):
@@ -276,15 +291,22 @@ def report(args) -> None:
             label = "no steering" if r["chosen"] == "no steering" else f"{r['chosen']['site'][:3]} k={r['chosen']['k']} a={r['chosen']['alpha']:g}"
             cells.append(f"{r['test_accuracy']:.3f} ({label})")
         lines.append(f"| {e['config']} | {e['n_val']} / {e['n_test']} | {e['unsteered']:.3f} | {e['oracle']:.3f} | " + " | ".join(cells) + " |")
-    mean = ["", "| rule | mean regret (oracle - chosen) | mean gain over unsteered | worst gain | configs declared no help | mean KL of the chosen | mean evaluations |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
-    for n in names:
-        rs = [e["rules"][n] for e in rows]
-        gains = [r["test_accuracy"] - e["unsteered"] for r, e in zip(rs, rows)]
-        evals = [r["evaluations"] for r in rs if r["evaluations"] is not None]
-        mean.append(f"| {n} | {sum(r['regret'] for r in rs) / max(1, len(rs)):.3f} | {sum(gains) / max(1, len(gains)):+.3f} | {min(gains):+.3f} | "
-                    f"{sum(1 for r in rs if r['chosen'] == 'no steering')} / {len(rs)} | {sum(r['harm_kl'] for r in rs) / max(1, len(rs)):.2f} | "
-                    f"{sum(evals) / len(evals) if evals else float('nan'):.0f} |")
+    groups = {"all configurations": rows, "rotten_tomatoes": [e for e in rows if e["config"].startswith("rotten_tomatoes")]}
+    groups["BIG-bench"] = [e for e in rows if e not in groups["rotten_tomatoes"]]
+    mean = []
+    for group, members in groups.items():
+        if not members or (group == "all configurations" and len(members) in (len(groups["rotten_tomatoes"]), len(groups["BIG-bench"]))):
+            continue
+        mean += ["", f"{group} ({len(members)}):", "",
+                 "| rule | mean regret (oracle - chosen) | mean gain over unsteered | worst gain | configs declared no help | mean KL of the chosen | mean evaluations |",
+                 "| --- | --- | --- | --- | --- | --- | --- |"]
+        for n in names:
+            rs = [e["rules"][n] for e in members]
+            gains = [r["test_accuracy"] - e["unsteered"] for r, e in zip(rs, members)]
+            evals = [r["evaluations"] for r in rs if r["evaluations"] is not None]
+            mean.append(f"| {n} | {sum(r['regret'] for r in rs) / len(rs):.3f} | {sum(gains) / len(gains):+.3f} | {min(gains):+.3f} | "
+                        f"{sum(1 for r in rs if r['chosen'] == 'no steering')} / {len(rs)} | {sum(r['harm_kl'] for r in rs) / len(rs):.2f} | "
+                        f"{sum(evals) / len(evals) if evals else float('nan'):.0f} |")
     text = "\n".join(lines + mean)
     print(text)
     write_json_atomic(OUT / "report.json", {"rows": rows, "table": text})
