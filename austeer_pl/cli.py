@@ -204,6 +204,11 @@ def _print_fit_summary(module, summary: dict[str, Any]) -> None:
             table.add_row("verdict", ("steering helps: " if verdict.get("helps") else "steering did not help: ") + str(verdict.get("reason", "")))
             if not state.k and best:
                 table.add_row("best steered point", f"site={best.get('site')} k={best.get('k')} alpha={best.get('alpha'):g} (export it with --export_anyway true)")
+            learned = summary.get("learned_verdict")
+            if learned:
+                exported = state.strength.get("kind", "momentum") != "momentum"
+                table.add_row("learned strength verdict", ("helps: " if learned.get("helps") else "did not help: ") + str(learned.get("reason", ""))
+                              + ("" if exported or learned.get("helps") else " (the grid's choice is exported; --export_anyway true exports the learned strength)"))
     Console(stderr=False).print(table)
     # A plain line that scripts can grep, whatever the terminal width.
     if state.k or summary.get("selection") == "judge":

@@ -297,28 +297,49 @@ def choose(
         choice.reason = f"no steered grid point is within the harm budget (KL <= {harm_budget:g} nats per token on ordinary text)"
         return choice
     n = reached[best]
-    d = criterion_values(stats[best, :n], criterion) - criterion_values(stats[0, :n], criterion)
-    choice.gain = float(d.mean())
-    choice.gain_se = float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("inf")
-    acc_gain = float(stats[best, :n, 0].mean() - stats[0, :n, 0].mean())
-    choice.accuracy_gain, choice.n_verdict = acc_gain, n
     if level >= 1:
+        v = paired_verdict(stats[best, :n], stats[0, :n], criterion, level=level)
+        choice.gain, choice.gain_se, choice.accuracy_gain, choice.n_verdict = v["gain"], v["gain_se"], v["accuracy_gain"], n
         choice.helps, choice.index, choice.reason = True, best, "verdict off (--model.verdict_level 1): the best steered grid point is chosen"
         return choice
     if correction not in ("grid", "final"):
         raise AusteerError(f"--model.verdict_correction must be grid or final, not '{correction}'")
     tests = len(steered) if correction == "grid" else rounds[-1]["candidates"]
-    z = _normal_quantile(1.0 - level / max(1, tests))
-    choice.threshold = z * choice.gain_se
-    if choice.gain <= choice.threshold:
-        choice.reason = (f"the best grid point's validation {criterion} gain {choice.gain:+.4f} is within the noise "
-                         f"({z:.2f} x se {choice.gain_se:.4f} over {n} examples, {tests} comparisons)")
-    elif acc_gain < 0:
-        choice.reason = f"the best grid point by {criterion} lowers validation accuracy ({acc_gain:+.3f})"
-    else:
-        choice.helps, choice.index = True, best
-        choice.reason = f"validation {criterion} gain {choice.gain:+.4f} > {z:.2f} x se {choice.gain_se:.4f} ({n} examples)"
+    v = paired_verdict(stats[best, :n], stats[0, :n], criterion, level=level, tests=tests, what="the best grid point")
+    choice.gain, choice.gain_se, choice.threshold, choice.accuracy_gain, choice.n_verdict = v["gain"], v["gain_se"], v["threshold"], v["accuracy_gain"], n
+    choice.helps, choice.reason = v["helps"], v["reason"]
+    if choice.helps:
+        choice.index = best
     return choice
+
+
+def paired_verdict(steered: torch.Tensor, unsteered: torch.Tensor, criterion: str, *, level: float = 0.05, tests: int = 1,
+                   what: str = "the steered state") -> dict[str, Any]:
+    """Whether ``steered`` beats ``unsteered`` on the same examples beyond the noise.
+
+    Both are ``(n, 3)`` per-example statistics (:data:`~austeer_pl.gridscore.STATISTICS`). The
+    per-example criterion gain must exceed ``z * se`` (``z`` the normal quantile of ``1 - level /
+    tests``: a one-sided paired test, Bonferroni-corrected for ``tests`` comparisons), and accuracy
+    must not drop. Returns ``helps``, ``reason``, ``gain``, ``gain_se``, ``threshold``,
+    ``accuracy_gain`` and ``n``.
+    """
+    n = steered.shape[0]
+    d = criterion_values(steered, criterion) - criterion_values(unsteered, criterion)
+    gain = float(d.mean()) if n else 0.0
+    se = float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("inf")
+    acc_gain = float(steered[:, 0].mean() - unsteered[:, 0].mean()) if n else 0.0
+    z = _normal_quantile(1.0 - min(level, 1.0) / max(1, tests)) if level < 1 else 0.0
+    out = {"helps": False, "gain": gain, "gain_se": se, "threshold": z * se, "accuracy_gain": acc_gain, "n": n, "tests": tests}
+    if level >= 1:
+        out.update(helps=True, reason="verdict off (--model.verdict_level 1)")
+    elif gain <= z * se:
+        out["reason"] = (f"{what}'s validation {criterion} gain {gain:+.4f} is within the noise "
+                         f"({z:.2f} x se {se:.4f} over {n} examples, {tests} comparisons)")
+    elif acc_gain < 0:
+        out["reason"] = f"{what} by {criterion} lowers validation accuracy ({acc_gain:+.3f})"
+    else:
+        out.update(helps=True, reason=f"validation {criterion} gain {gain:+.4f} > {z:.2f} x se {se:.4f} ({n} examples)")
+    return out
 
 
 # ---------------------------------------------------------------------------- the learned-strength trainer
@@ -473,6 +494,7 @@ __all__ = [
     "choose",
     "criterion_values",
     "halving_schedule",
+    "paired_verdict",
     "PassStatistics",
     "StrengthTrainer",
     "VALIDATION_SUMS",

@@ -31,7 +31,7 @@ from torch import nn
 
 from .iti import ProbeAccuracy, fit_probes
 from .datamodule import ContrastivePairDataModule, EncodedPair, ResumableLoader, shard_batches
-from .engine import CRITERIA, VALIDATION_SUMS, Candidate, PassStatistics, StrengthTrainer, choose, predictions, rank_site_options, read_pair_batch
+from .engine import CRITERIA, VALIDATION_SUMS, Candidate, PassStatistics, StrengthTrainer, choose, paired_verdict, predictions, rank_site_options, read_pair_batch
 from .gridscore import GridScorer, generic_texts, harm_kl
 from .errors import AusteerError
 from .evaluation import check_scoring, default_scoring
@@ -520,6 +520,8 @@ class AUSteerModule(pl.LightningModule):
         # No steering is every method's candidate 0, scored on the same batches when the methods'
         # halving schedules cut the same ranges: its reduced statistics are kept per batch and reused.
         unsteered: dict[tuple[int, int], torch.Tensor] = {}
+        self._val_unsteered = torch.full((len(examples), 3), float("nan"), dtype=torch.float64)  # for the learned strength's verdict
+        self._generic = generic
         self.grid_choices = {}
         for method in self.methods:
             idx = [0] + [i for i, c in enumerate(self.candidates) if c.method == method and method != "unsteered"]
@@ -545,6 +547,7 @@ class AUSteerModule(pl.LightningModule):
                             out[sub.index(0), b - lo : e - lo] = unsteered[(b, e)]
                         else:
                             unsteered[(b, e)] = out[sub.index(0), b - lo : e - lo].clone()
+                        self._val_unsteered[b:e] = unsteered[(b, e)]
                 return out
 
             def harm(sub, cands=cands):
@@ -758,9 +761,57 @@ class AUSteerModule(pl.LightningModule):
             self.results[method] = MethodResult(method, Candidate(method, hyper, learned), trainer.best["val_accuracy"], trainer.history,
                                                 base.tuning_seconds + seconds, training_seconds=seconds)
             if method == self.primary:
-                self.state = learned
-                self.summary["val_accuracy"] = trainer.best["val_accuracy"]
+                verdict = self.learned_verdict(learned)
+                if verdict is not None:
+                    learned.metadata = {**learned.metadata, "fit": {**learned.metadata.get("fit", {}), "learned_verdict": verdict}}
+                    self.summary["learned_verdict"] = verdict
+                    if self.logger is not None and self.trainer.is_global_zero:  # on_fit_end: self.log is closed
+                        self.logger.log_metrics({"val/learned_helps": float(verdict["helps"]), "val/learned_criterion_gain": verdict["gain"]})
+                if verdict is None or verdict["helps"] or self.export_anyway:
+                    self.state = learned
+                    self.summary["val_accuracy"] = trainer.best["val_accuracy"]
+                    self.summary["exported"] = "steered"
+                else:  # the grid's choice stays the export, and says why the learned strength is not
+                    self.state.metadata = {**self.state.metadata, "fit": {**self.state.metadata.get("fit", {}), "learned_verdict": verdict}}
         self._folded = True
+
+    def learned_verdict(self, learned) -> dict[str, Any] | None:
+        """The grid's verdict, applied to the learned strength: it is exported only if it, too, beats
+        no steering on validation beyond the noise (one more comparison than the grid's verdict
+        counts) and keeps ordinary text within the harm budget; otherwise the grid's own choice is
+        (the best point when that helped, else the empty state). None for a judged (behaviour) fit."""
+        hp = self.hparams
+        grid = self.grid_choices.get("austeer") if getattr(self, "grid_choices", None) else None
+        if grid is None:
+            return None
+        _, choice, _ = grid
+        dm = self.trainer.datamodule
+        examples, prompts = list(dm.splits["val"]), list(dm.val_prompts)
+        rank, world = dm._world()
+        size = dm.hparams.eval_batch_size
+        # Plain scoring (no replay): a gate reads the residual stream, possibly below the first steered layer.
+        scorer = GridScorer(self.llm, self.tokenizer, self.layout, dm.task_obj, batch_size=size, max_length=dm.hparams.max_length,
+                            replay=False) if self._scoring() == "loglik" else None
+        local = torch.zeros(1, len(examples), 3, dtype=torch.float64)
+        for b in list(range(0, len(examples), size))[rank::world]:
+            local[:, b : b + size] = self._score_batch([learned], examples[b : b + size], prompts[b : b + size], scorer)
+        stats = self._reduced("learned_verdict", local)[0]
+        base = self._val_unsteered
+        if torch.isnan(base).any():  # not every example reached by the grid: score no steering too
+            local = torch.zeros(1, len(examples), 3, dtype=torch.float64)
+            for b in list(range(0, len(examples), size))[rank::world]:
+                local[:, b : b + size] = self._score_batch([None], examples[b : b + size], prompts[b : b + size], scorer)
+            base = self._reduced("learned_verdict_unsteered", local)[0]
+        tests = 1 + (sum(1 for c in self.candidates if c.method == "austeer") if hp.verdict_correction == "grid" else (choice.rounds[-1]["candidates"] if choice.rounds else 1))
+        verdict = paired_verdict(stats, base, self.criterion(), level=hp.verdict_level, tests=tests, what="the learned strength")
+        if hp.harm_budget is not None:
+            if not self._generic:
+                self._generic.extend(generic_texts(self.tokenizer, self.llm, chat_template=dm.hparams.chat_template))
+            verdict["harm_kl"] = float(harm_kl(self.llm, self.tokenizer, self.layout, [learned], self._generic, replay=False)[0])
+            if verdict["helps"] and verdict["harm_kl"] > hp.harm_budget:
+                verdict.update(helps=False, reason=f"the learned strength's KL on ordinary text {verdict['harm_kl']:.3f} is above the harm budget {hp.harm_budget:g}")
+        verdict["val_accuracy"] = float(stats[:, 0].mean())
+        return verdict
 
     def on_fit_end(self) -> None:
         if self.trainers and not getattr(self, "_folded", False):

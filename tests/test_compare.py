@@ -186,6 +186,7 @@ def test_train_and_compare_export_bit_identical_gate_states(compared, tiny_dir, 
         "--data.max_val_examples", "8", "--data.max_test_examples", "10", "--data.batch_size", "8", "--data.eval_batch_size", "8",
         "--model.strength", "gate", "--model.strength_epochs", "2", "--model.strength_lr", "0.5", "--model.strength_loss", "choice",
         "--trainer.accelerator", "cpu", "--run_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "gate"), "--wandb_mode", "disabled",
+        "--export_anyway", "true",  # as --compare does: the learned state whatever the verdict
     ])
     assert code == 0
     trained, compared_gate = SteeringState.from_pretrained(tmp_path / "gate"), SteeringState.from_pretrained(out / "states" / "austeer_gate")

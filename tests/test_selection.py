@@ -342,3 +342,34 @@ def test_verdict_correction_counts_the_final_round_or_the_whole_grid():
     assert final.helps and final.index == 27 and not grid.helps and grid.index == 0
     with pytest.raises(Exception, match="verdict_correction"):
         choose(cands, 200, score, correction="holm")
+
+
+def test_a_learned_strength_is_exported_only_when_it_beats_no_steering(tiny_dir, tmp_path, capsys):
+    """The grid's verdict also judges the learned strength: on a task where nothing helps, the
+    export stays the empty state (with the learned verdict recorded) unless --export_anyway; on a
+    task the learned strength can solve (the right answer is always "yes"), it is exported."""
+    import json
+
+    from austeer_pl.cli import train_main
+    from conftest import write_less_task
+
+    task = write_less_task(tmp_path / "less.jsonl", 60, seed=4)
+    common = ["--model.model_name", str(tiny_dir), "--model.k", "[4]", "--model.alpha", "[1]", "--model.strength", "scalar",
+              "--model.strength_epochs", "1", "--data.batch_size", "8", "--wandb_mode", "disabled"]
+    assert train_main([*common, "--data.task", str(task), "--run_dir", str(tmp_path / "r1"), "--export_dir", str(tmp_path / "none")]) == 0
+    out = capsys.readouterr().out
+    state = SteeringState.from_pretrained(tmp_path / "none")
+    learned = state.metadata["fit"]["learned_verdict"]
+    assert state.k == 0 and not learned["helps"] and "learned strength" in learned["reason"] and "learned strength verdict" in out
+    assert learned["tests"] == 1 + state.metadata["fit"]["verdict"]["rounds"][-1]["candidates"]  # the final round's points + the learned one
+    assert train_main([*common, "--data.task", str(task), "--run_dir", str(tmp_path / "r2"), "--export_dir", str(tmp_path / "anyway"), "--export_anyway", "true"]) == 0
+    anyway = SteeringState.from_pretrained(tmp_path / "anyway")
+    assert anyway.strength["kind"] == "scalar" and anyway.k == 4 and anyway.metadata["fit"]["learned_verdict"] == learned
+
+    yes = tmp_path / "always_yes.jsonl"
+    yes.write_text("".join(json.dumps({"prompt": f"say yes {i % 10}", "choices": ["yes", "no"], "answer": 0}) + "\n" for i in range(80)))
+    assert train_main([*common, "--data.task", str(yes), "--model.strength_lr", "0.5", "--model.strength_loss", "choice", "--model.kl_weight", "0", "--model.harm_budget", "null",
+                       "--model.strength_epochs", "2", "--run_dir", str(tmp_path / "r3"), "--export_dir", str(tmp_path / "yes")]) == 0
+    solved = SteeringState.from_pretrained(tmp_path / "yes")
+    verdict = solved.metadata["fit"]["learned_verdict"]
+    assert verdict["helps"] and verdict["gain"] > verdict["threshold"] and solved.strength["kind"] == "scalar", verdict
