@@ -765,8 +765,9 @@ class AUSteerModule(pl.LightningModule):
                 if verdict is not None:
                     learned.metadata = {**learned.metadata, "fit": {**learned.metadata.get("fit", {}), "learned_verdict": verdict}}
                     self.summary["learned_verdict"] = verdict
-                    if self.logger is not None and self.trainer.is_global_zero:  # on_fit_end: self.log is closed
-                        self.logger.log_metrics({"val/learned_helps": float(verdict["helps"]), "val/learned_criterion_gain": verdict["gain"]})
+                    if self.trainer.is_global_zero:  # on_fit_end: self.log is closed, the loggers are not
+                        for logger in self.loggers:
+                            logger.log_metrics({"val/learned_helps": float(verdict["helps"]), "val/learned_criterion_gain": verdict["gain"]}, step=self.global_step)
                 if verdict is None or verdict["helps"] or self.export_anyway:
                     self.state = learned
                     self.summary["val_accuracy"] = trainer.best["val_accuracy"]

@@ -103,6 +103,7 @@ def score(args) -> None:
         for epoch in range(args.epochs + 1):
             if epoch:
                 t = time.perf_counter()
+                trainer.stopped = False  # every epoch trains; the product's patience is replayed in the report
                 for batch in dm.strength_batches(epoch):
                     trainer.step(dm.collate_examples_train(batch))
                 train_seconds += time.perf_counter() - t
@@ -120,7 +121,6 @@ def score(args) -> None:
             if epoch == 0:
                 trainer.begin(val)
             else:
-                trainer.stopped = False  # every epoch runs; the product's patience is replayed in the report
                 trainer.end_epoch(epoch, val)
         # Test is scored only for the epochs a rule chooses (validation alone decides which).
         history[0]["test"] = start[kind][1]
@@ -169,18 +169,21 @@ def loss_epoch(history: list[dict], harm_budget: float | None = None) -> int:
 
 
 def report(args) -> None:
-    files = sorted(Path(p) for p in (args.files or [str(f) for f in OUT.glob("learned-*.json")]))
+    import selection as sel
+
+    files = sorted(Path(p) for p in (args.files or [str(f) for f in OUT.glob("learned-*.json") if f.name != "learned-report.json"]))
     lines = ["| config | variant | best epoch: product rule / choice log-loss | val acc (rule -> learned) | test acc: rule | learned (product rule) | learned (choice log-loss, harm budget) | regret to the grid oracle (product rule) | KL of the learned state | train s |",
              "| --- " * 10 + "|"]
     summary: dict[str, list] = {}
     for f in files:
         r = json.loads(f.read_text())
+        config = sel._tag(r["task"], r["seed"], r["pairs"])
         for name, v in r["variants"].items():
             h = v["history"]
             a, b = product_epoch(h, loss=v["loss"]), loss_epoch(h, HARM_BUDGET)
             ta, tb = h[a]["test"]["val_accuracy"], h[b]["test"]["val_accuracy"]
             summary.setdefault(name, []).append((ta - r["rule_test_accuracy"], tb - r["rule_test_accuracy"], r["oracle"] - ta, r["oracle"] - tb, h[a]["harm_kl"]))
-            lines.append(f"| {f.stem.removeprefix('learned-')} | {name} | {a} / {b} | {h[0]['val']['val_accuracy']:.3f} -> {h[a]['val']['val_accuracy']:.3f} | "
+            lines.append(f"| {config} | {name} | {a} / {b} | {h[0]['val']['val_accuracy']:.3f} -> {h[a]['val']['val_accuracy']:.3f} | "
                          f"{r['rule_test_accuracy']:.3f} | {ta:.3f} | {tb:.3f} | {r['oracle'] - ta:+.3f} | {h[a]['harm_kl']:.2f} | {v['train_seconds']:.0f} |")
     mean = ["", "| variant | configs | mean test gain over the rule (product epoch rule) | (choice log-loss epoch rule) | mean regret (product) | (choice log-loss) | mean KL |", "| --- " * 7 + "|"]
     for name, rows in summary.items():
