@@ -761,7 +761,7 @@ class AUSteerModule(pl.LightningModule):
             self.results[method] = MethodResult(method, Candidate(method, hyper, learned), trainer.best["val_accuracy"], trainer.history,
                                                 base.tuning_seconds + seconds, training_seconds=seconds)
             if method == self.primary:
-                verdict = self.learned_verdict(learned)
+                verdict = self.learned_verdict(learned, epochs=len(trainer.history) - 1)
                 if verdict is not None:
                     learned.metadata = {**learned.metadata, "fit": {**learned.metadata.get("fit", {}), "learned_verdict": verdict}}
                     self.summary["learned_verdict"] = verdict
@@ -772,15 +772,18 @@ class AUSteerModule(pl.LightningModule):
                     self.state = learned
                     self.summary["val_accuracy"] = trainer.best["val_accuracy"]
                     self.summary["exported"] = "steered"
+                    if verdict is not None and "harm_kl" in verdict:
+                        self.summary["harm_kl"] = verdict["harm_kl"]  # the exported state's
                 else:  # the grid's choice stays the export, and says why the learned strength is not
                     self.state.metadata = {**self.state.metadata, "fit": {**self.state.metadata.get("fit", {}), "learned_verdict": verdict}}
         self._folded = True
 
-    def learned_verdict(self, learned) -> dict[str, Any] | None:
+    def learned_verdict(self, learned, epochs: int = 1) -> dict[str, Any] | None:
         """The grid's verdict, applied to the learned strength: it is exported only if it, too, beats
-        no steering on validation beyond the noise (one more comparison than the grid's verdict
-        counts) and keeps ordinary text within the harm budget; otherwise the grid's own choice is
-        (the best point when that helped, else the empty state). None for a judged (behaviour) fit."""
+        no steering on validation beyond the noise and keeps ordinary text within the harm budget;
+        otherwise the grid's own choice is (the best point when that helped, else the empty state).
+        The test counts the grid verdict's comparisons plus one per trained epoch (the best epoch was
+        picked on the same examples). None for a judged (behaviour) fit."""
         hp = self.hparams
         grid = self.grid_choices.get("austeer") if getattr(self, "grid_choices", None) else None
         if grid is None:
@@ -803,16 +806,23 @@ class AUSteerModule(pl.LightningModule):
             for b in list(range(0, len(examples), size))[rank::world]:
                 local[:, b : b + size] = self._score_batch([None], examples[b : b + size], prompts[b : b + size], scorer)
             base = self._reduced("learned_verdict_unsteered", local)[0]
-        tests = 1 + (sum(1 for c in self.candidates if c.method == "austeer") if hp.verdict_correction == "grid" else (choice.rounds[-1]["candidates"] if choice.rounds else 1))
+        grid_tests = sum(1 for c in self.candidates if c.method == "austeer") if hp.verdict_correction == "grid" else (choice.rounds[-1]["candidates"] if choice.rounds else 1)
+        tests = grid_tests + max(1, epochs)
         verdict = paired_verdict(stats, base, self.criterion(), level=hp.verdict_level, tests=tests, what="the learned strength")
         if hp.harm_budget is not None:
             if not self._generic:
                 self._generic.extend(generic_texts(self.tokenizer, self.llm, chat_template=dm.hparams.chat_template))
-            verdict["harm_kl"] = float(harm_kl(self.llm, self.tokenizer, self.layout, [learned], self._generic, replay=False)[0])
+            local = harm_kl(self.llm, self.tokenizer, self.layout, [learned], self._generic, replay=False).to(torch.float64)
+            verdict["harm_kl"] = float(self._reduced("learned_harm", local, "max").reshape(-1)[0])  # one value on every process
             if verdict["helps"] and verdict["harm_kl"] > hp.harm_budget:
                 verdict.update(helps=False, reason=f"the learned strength's KL on ordinary text {verdict['harm_kl']:.3f} is above the harm budget {hp.harm_budget:g}")
         verdict["val_accuracy"] = float(stats[:, 0].mean())
         return verdict
+
+    def on_train_end(self) -> None:
+        # Before the strategy's teardown moves the model to the CPU: the learned verdict scores on the device.
+        if self.trainers and not getattr(self, "_folded", False):
+            self.finish_strength_phase()
 
     def on_fit_end(self) -> None:
         if self.trainers and not getattr(self, "_folded", False):

@@ -362,7 +362,7 @@ def test_a_learned_strength_is_exported_only_when_it_beats_no_steering(tiny_dir,
     learned = state.metadata["fit"]["learned_verdict"]
     assert state.k == 0 and not learned["helps"] and "learned strength" in learned["reason"] and "learned strength verdict" in out
     assert "val/learned_helps" in (tmp_path / "r1" / "logs" / "metrics.csv").read_text().splitlines()[0]  # logged after the fit
-    assert learned["tests"] == 1 + state.metadata["fit"]["verdict"]["rounds"][-1]["candidates"]  # the final round's points + the learned one
+    assert learned["tests"] == 1 + state.metadata["fit"]["verdict"]["rounds"][-1]["candidates"]  # the final round's points + one trained epoch
     assert train_main([*common, "--data.task", str(task), "--run_dir", str(tmp_path / "r2"), "--export_dir", str(tmp_path / "anyway"), "--export_anyway", "true"]) == 0
     anyway = SteeringState.from_pretrained(tmp_path / "anyway")
     assert anyway.strength["kind"] == "scalar" and anyway.k == 4 and anyway.metadata["fit"]["learned_verdict"] == learned
