@@ -356,9 +356,12 @@ class StrengthTrainer:
     ``alpha * m`` the strength starts from), ``step`` runs one optimiser step on a batch of
     training examples (gradients averaged across processes by ``all_reduce_sum``), ``validation_sums``
     scores this process's share of validation, and ``end_epoch`` takes the reduced sums, appends
-    to the history, keeps the best epoch and says whether to stop. The one tie rule: a later epoch
-    replaces the best only if its validation accuracy is higher, or equal with a lower validation
-    value of the loss being trained (the right answer's NLL, or the cross-entropy over the choices).
+    to the history, keeps the best epoch and says whether to stop. ``criterion="loss"`` (what
+    ``train.py`` passes under log-likelihood scoring: the grid's own criterion) keeps the epoch
+    with the lowest validation choice log-loss; a later epoch replaces the best only if strictly
+    lower. ``criterion="accuracy"`` (generation scorings, and the default here) keeps the higher
+    validation accuracy, ties to a lower validation value of the loss being trained (the right
+    answer's NLL, or the cross-entropy over the choices).
 
     Example:
         >>> trainer = StrengthTrainer(model, layout, state, "gate", lr=0.01)
@@ -381,6 +384,7 @@ class StrengthTrainer:
     patience: int = 2
     gate_layer: int | None = None
     gate_width: int = 16
+    criterion: str = "accuracy"
     fn: nn.Module = field(init=False)
     history: list[dict[str, float]] = field(default_factory=list, init=False)
     best: dict[str, Any] | None = field(default=None, init=False)
@@ -389,6 +393,8 @@ class StrengthTrainer:
     def __post_init__(self) -> None:
         if self.loss not in STRENGTH_LOSSES:
             raise AusteerError(f"unknown strength loss '{self.loss}'; choose one of {', '.join(STRENGTH_LOSSES)}")
+        if self.criterion not in ("accuracy", "loss"):
+            raise AusteerError(f"the strength's epoch criterion must be accuracy or loss, not '{self.criterion}'")
         device = next(self.model.parameters()).device
         self.fn = build_strength(self.kind, self.state.scale.to(device), self.layout, self.state.layer.tolist(),
                                  gate_layer=self.gate_layer, gate_width=self.gate_width).to(device)
@@ -468,7 +474,11 @@ class StrengthTrainer:
         rec = self.record(sums)
         self.history.append({"epoch": epoch, **rec})
         tie = self.tie_key
-        if (rec["val_accuracy"], -rec[tie]) > (self.best["val_accuracy"], -self.best[tie]):
+        if self.criterion == "loss":
+            better = rec["val_choice_loss"] < self.best["val_choice_loss"]
+        else:
+            better = (rec["val_accuracy"], -rec[tie]) > (self.best["val_accuracy"], -self.best[tie])
+        if better:
             self.best = {**rec, "epoch": epoch, "weights": self._snapshot()}
             self._bad = 0
         else:

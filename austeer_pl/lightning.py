@@ -693,7 +693,8 @@ class AUSteerModule(pl.LightningModule):
         for method in learned:
             started = time.perf_counter()
             trainer = StrengthTrainer(self.llm, self.layout, getattr(self, "_strength_base", None) or self.state, get_method(method).learned, lr=hp.strength_lr, kl_weight=hp.kl_weight,
-                                      loss=hp.strength_loss, patience=hp.patience, gate_layer=hp.gate_layer, gate_width=hp.gate_width)
+                                      loss=hp.strength_loss, patience=hp.patience, gate_layer=hp.gate_layer, gate_width=hp.gate_width,
+                                      criterion="loss" if self.criterion() == "loss" else "accuracy")
             sums = torch.zeros(VALIDATION_SUMS, dtype=torch.float64)
             for indices in shard_batches(len(dm.splits["val"]), rank, world, dm.hparams.eval_batch_size):
                 if indices:

@@ -133,6 +133,27 @@ def test_strength_validation_sums_match_the_per_example_oracle():
         assert sums.tolist() == pytest.approx([correct, len(exs), nll, loss], rel=1e-9, abs=1e-9)
 
 
+def test_strength_epochs_are_chosen_by_the_grids_criterion():
+    from austeer_pl.engine import StrengthTrainer
+
+    model = make_model("llama")
+    layout = locate_units(model)
+    state = _state(layout, "ffn", [(1, 2)], 2.0)
+    # sums: right answers, examples, NLL sum, choice log-loss sum. Epoch 1: more right, higher loss;
+    # epoch 2: fewer right, the lowest loss; epoch 3: no better on either.
+    history = [(6, 10, 9.0, 6.0), (8, 10, 9.5, 6.5), (5, 10, 8.0, 5.0), (5, 10, 8.0, 5.0)]
+    picked = {}
+    for criterion in ("accuracy", "loss"):
+        trainer = StrengthTrainer(model, layout, state, "scalar", loss="choice", criterion=criterion, patience=5)
+        trainer.begin(torch.tensor(history[0], dtype=torch.float64))
+        for epoch, sums in enumerate(history[1:], 1):
+            trainer.end_epoch(epoch, torch.tensor(sums, dtype=torch.float64))
+        picked[criterion] = trainer.best["epoch"]
+    assert picked == {"accuracy": 1, "loss": 2}  # a tie (epoch 3) never replaces the best
+    with pytest.raises(Exception, match="accuracy or loss"):
+        StrengthTrainer(model, layout, state, "scalar", criterion="margin")
+
+
 # ---------------------------------------------------------------------------- the chooser on synthetic statistics
 class _Units:
     def __init__(self, k, alpha):

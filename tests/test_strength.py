@@ -97,7 +97,8 @@ def test_learned_scalar_moves_toward_the_useful_direction(tiny_dir, tmp_path, lo
         for i in range(40):
             f.write(json.dumps({"prompt": f"say yes {i % 10}", "choices": ["yes", "no"], "answer": 0}) + "\n")
     module = AUSteerModule(model_name=str(tiny_dir), k=[3], alpha=[1.0], sign="both", strength="scalar", strength_epochs=3, strength_lr=0.2,
-                           strength_loss=loss, kl_weight=0.0, patience=3)
+                           strength_loss=loss, kl_weight=0.0, patience=3,
+                           criterion="accuracy")  # keeps the trained epoch (ties to the trained loss): this test is about the gradient's direction
     data = ContrastivePairDataModule(task=str(path), batch_size=8, max_val_examples=8)
     trainer = pl.Trainer(max_epochs=4, reload_dataloaders_every_n_epochs=1, logger=False, enable_checkpointing=False, use_distributed_sampler=False,
                          num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
