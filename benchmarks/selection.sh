@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The regret table of benchmarks/README.md ("Choosing well"): each configuration's statistics, then the report.
-# About 2.5 hours on 2 CPU cores (sizes cut to fit one session; larger --val/--test give tighter numbers); each configuration is written as soon as it is done.
+# About 4 hours on 2 CPU cores (sizes cut to fit one session; larger --val/--test give tighter numbers); each configuration is written as soon as it is done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}

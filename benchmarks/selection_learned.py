@@ -8,9 +8,9 @@ point), and trains each learned-strength variant on it with the product's own
 the strength phase of ``train.py`` does (same learning rate, batches, epochs, validation sums).
 
 Every epoch runs (no early stop) and is scored on validation, so the report can replay two
-epoch-choice rules on the saved history: the product's rule (validation accuracy, ties to the lower
-loss, patience 2) and the grid's criterion (the lowest validation choice log-loss within the harm
-budget). Test is scored for the epochs those rules choose, and never takes part in a choice.
+epoch-choice rules on the saved history: the first round's rule (validation accuracy, ties to the
+lower loss, patience 2) and the grid's criterion, which ``train.py`` now uses (the lowest
+validation choice log-loss; here also within the harm budget). Test is scored for the epochs those rules choose, and never takes part in a choice.
 
     python benchmarks/selection_learned.py score --task rotten_tomatoes --seed 0 --pairs 256 --val 150 --test 150
     python benchmarks/selection_learned.py report
@@ -124,7 +124,7 @@ def score(args) -> None:
                 trainer.end_epoch(epoch, val)
         # Test is scored only for the epochs a rule chooses (validation alone decides which).
         history[0]["test"] = start[kind][1]
-        for epoch in sorted({product_epoch(history, loss=loss), loss_epoch(history, HARM_BUDGET)} - {0}):
+        for epoch in sorted({accuracy_epoch(history, loss=loss), loss_epoch(history, HARM_BUDGET)} - {0}):
             trainer.fn.load_state_dict(weights[epoch])
             history[epoch]["test"] = _rows(sums("test"))
             print(f"  {name} epoch {epoch}: test acc {history[epoch]['test']['val_accuracy']:.3f}", flush=True)
@@ -146,8 +146,8 @@ def _live_state(trainer):
 
 
 # ---------------------------------------------------------------------------- epoch-choice rules
-def product_epoch(history: list[dict], patience: int = 2, loss: str = "choice") -> int:
-    """``StrengthTrainer``'s rule replayed: a later epoch replaces the best only with higher validation
+def accuracy_epoch(history: list[dict], patience: int = 2, loss: str = "choice") -> int:
+    """``StrengthTrainer``'s accuracy rule replayed (the first round's; ``criterion="accuracy"``): a later epoch replaces the best only with higher validation
     accuracy, or equal with a lower value of the trained loss; training stops after ``patience`` epochs without one."""
     tie = "val_nll" if loss == "nll" else "val_choice_loss"
     best, bad = 0, 0
@@ -172,7 +172,7 @@ def report(args) -> None:
     import selection as sel
 
     files = sorted(Path(p) for p in (args.files or [str(f) for f in OUT.glob("learned-*.json") if f.name != "learned-report.json"]))
-    lines = ["| config | variant | best epoch: product rule / choice log-loss | val acc (rule -> learned) | test acc: rule | learned (product rule) | learned (choice log-loss, harm budget) | regret to the grid oracle (product rule) | KL of the learned state | train s |",
+    lines = ["| config | variant | best epoch: accuracy rule / log-loss rule | val acc: alpha*m -> learned (accuracy rule / log-loss rule) | test acc: rule | learned (accuracy rule) | learned (log-loss rule, train.py's) | regret to the grid oracle (log-loss rule) | KL of the learned state (log-loss rule) | train s |",
              "| --- " * 10 + "|"]
     summary: dict[str, list] = {}
     for f in files:
@@ -180,12 +180,12 @@ def report(args) -> None:
         config = sel._tag(r["task"], r["seed"], r["pairs"])
         for name, v in r["variants"].items():
             h = v["history"]
-            a, b = product_epoch(h, loss=v["loss"]), loss_epoch(h, HARM_BUDGET)
+            a, b = accuracy_epoch(h, loss=v["loss"]), loss_epoch(h, HARM_BUDGET)
             ta, tb = h[a]["test"]["val_accuracy"], h[b]["test"]["val_accuracy"]
-            summary.setdefault(name, []).append((ta - r["rule_test_accuracy"], tb - r["rule_test_accuracy"], r["oracle"] - ta, r["oracle"] - tb, h[a]["harm_kl"]))
-            lines.append(f"| {config} | {name} | {a} / {b} | {h[0]['val']['val_accuracy']:.3f} -> {h[a]['val']['val_accuracy']:.3f} | "
-                         f"{r['rule_test_accuracy']:.3f} | {ta:.3f} | {tb:.3f} | {r['oracle'] - ta:+.3f} | {h[a]['harm_kl']:.2f} | {v['train_seconds']:.0f} |")
-    mean = ["", "| variant | configs | mean test gain over the rule (product epoch rule) | (choice log-loss epoch rule) | mean regret (product) | (choice log-loss) | mean KL |", "| --- " * 7 + "|"]
+            summary.setdefault(name, []).append((ta - r["rule_test_accuracy"], tb - r["rule_test_accuracy"], r["oracle"] - ta, r["oracle"] - tb, h[b]["harm_kl"]))
+            lines.append(f"| {config} | {name} | {a} / {b} | {h[0]['val']['val_accuracy']:.3f} -> {h[a]['val']['val_accuracy']:.3f} / {h[b]['val']['val_accuracy']:.3f} | "
+                         f"{r['rule_test_accuracy']:.3f} | {ta:.3f} | {tb:.3f} | {r['oracle'] - tb:+.3f} | {h[b]['harm_kl']:.2f} | {v['train_seconds']:.0f} |")
+    mean = ["", "| variant | configs | mean test gain over alpha*m (accuracy epoch rule) | (log-loss epoch rule) | mean regret (accuracy rule) | (log-loss rule) | mean KL (log-loss rule) |", "| --- " * 7 + "|"]
     for name, rows in summary.items():
         m = lambda i: sum(x[i] for x in rows) / len(rows)  # noqa: E731
         mean.append(f"| {name} | {len(rows)} | {m(0):+.3f} | {m(1):+.3f} | {m(2):.3f} | {m(3):.3f} | {m(4):.2f} |")
