@@ -495,6 +495,18 @@ class AUSteerModule(pl.LightningModule):
             out[j, :, 0] = preds.eq(answers).double()
         return out
 
+    def _dealt_scores(self, states: Sequence[Any], spans: Sequence[tuple[int, int]], lo: int, hi: int, scorer: GridScorer | None, name: str) -> torch.Tensor:
+        """``(len(states), hi - lo, 3)`` validation statistics of examples ``lo..hi-1``: the batch
+        ``spans`` are dealt to the processes in turn, each writes its own into zeros, and the sum
+        over processes gathers them exactly (every entry is written by one process)."""
+        dm = self.trainer.datamodule
+        examples, prompts = dm.splits["val"], dm.val_prompts
+        rank, world = dm._world()
+        local = torch.zeros(len(states), hi - lo, 3, dtype=torch.float64)
+        for b, e in list(spans)[rank::world]:
+            local[:, b - lo : e - lo] = self._score_batch(states, examples[b:e], prompts[b:e], scorer)
+        return self._reduced(name, local)
+
     def criterion(self) -> str:
         """The grid's validation criterion: ``--model.criterion``, or accuracy under generation scorings."""
         return self.hparams.criterion if self._scoring() == "loglik" else "accuracy"
@@ -502,16 +514,14 @@ class AUSteerModule(pl.LightningModule):
     def run_grid(self) -> None:
         """Score and choose every grid method with :func:`~austeer_pl.engine.choose`.
 
-        Each round's examples are cut into contiguous batches of ``eval_batch_size``, dealt to the
-        processes in turn; each process writes its batches' statistics into a zero tensor and the
-        sum over processes gathers them exactly (every entry is written by one process), so N
-        processes compute the statistics, and therefore the choice, of one.
+        Each round's examples are cut into contiguous batches of ``eval_batch_size`` and dealt to
+        the processes (:meth:`_dealt_scores`), so N processes compute the statistics, and therefore
+        the choice, of one.
         """
         hp, dm = self.hparams, self.trainer.datamodule
-        examples, prompts = list(dm.splits["val"]), list(dm.val_prompts)
+        examples = dm.splits["val"]
         if not examples:
             raise AusteerError("the validation split is empty; raise --data.val_fraction or --data.max_val_examples")
-        rank, world = dm._world()
         size = dm.hparams.eval_batch_size
         scorer = GridScorer(self.llm, self.tokenizer, self.layout, dm.task_obj, batch_size=size, max_length=dm.hparams.max_length,
                             replay=hp.replay) if self._scoring() == "loglik" else None
@@ -537,10 +547,7 @@ class AUSteerModule(pl.LightningModule):
                 rows = [j for j in sub if not (reuse and j == 0)]
                 out = torch.zeros(len(sub), hi - lo, 3, dtype=torch.float64)
                 if rows:  # every process takes the same branch: the cache is built from reduced values
-                    local = torch.zeros(len(rows), hi - lo, 3, dtype=torch.float64)
-                    for b, e in spans[rank::world]:
-                        local[:, b - lo : e - lo] = self._score_batch([cands[j].state for j in rows], examples[b:e], prompts[b:e], scorer)
-                    out[[sub.index(j) for j in rows]] = self._reduced(f"grid_{next(calls)}", local)
+                    out[[sub.index(j) for j in rows]] = self._dealt_scores([cands[j].state for j in rows], spans, lo, hi, scorer, f"grid_{next(calls)}")
                 if 0 in sub:
                     for b, e in spans:
                         if reuse:
@@ -791,22 +798,13 @@ class AUSteerModule(pl.LightningModule):
             return None
         _, choice, _ = grid
         dm = self.trainer.datamodule
-        examples, prompts = list(dm.splits["val"]), list(dm.val_prompts)
-        rank, world = dm._world()
         size = dm.hparams.eval_batch_size
         # Plain scoring (no replay): a gate reads the residual stream, possibly below the first steered layer.
         scorer = GridScorer(self.llm, self.tokenizer, self.layout, dm.task_obj, batch_size=size, max_length=dm.hparams.max_length,
                             replay=False) if self._scoring() == "loglik" else None
-        local = torch.zeros(1, len(examples), 3, dtype=torch.float64)
-        for b in list(range(0, len(examples), size))[rank::world]:
-            local[:, b : b + size] = self._score_batch([learned], examples[b : b + size], prompts[b : b + size], scorer)
-        stats = self._reduced("learned_verdict", local)[0]
-        base = self._val_unsteered
-        if torch.isnan(base).any():  # not every example reached by the grid: score no steering too
-            local = torch.zeros(1, len(examples), 3, dtype=torch.float64)
-            for b in list(range(0, len(examples), size))[rank::world]:
-                local[:, b : b + size] = self._score_batch([None], examples[b : b + size], prompts[b : b + size], scorer)
-            base = self._reduced("learned_verdict_unsteered", local)[0]
+        n = len(dm.splits["val"])
+        stats = self._dealt_scores([learned], [(b, min(b + size, n)) for b in range(0, n, size)], 0, n, scorer, "learned_verdict")[0]
+        base = self._val_unsteered  # complete: choose scores no steering on every validation example
         grid_tests = sum(1 for c in self.candidates if c.method == "austeer") if hp.verdict_correction == "grid" else (choice.rounds[-1]["candidates"] if choice.rounds else 1)
         tests = grid_tests + max(1, epochs)
         verdict = paired_verdict(stats, base, self.criterion(), level=hp.verdict_level, tests=tests, what="the learned strength")

@@ -312,15 +312,20 @@ def report(args) -> None:
     write_json_atomic(OUT / "report.json", {"rows": rows, "table": text})
 
 
+def config_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options that name one configuration (task, split seed, pairs, split sizes); ``selection_learned.py`` shares them."""
+    parser.add_argument("--task", default="rotten_tomatoes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairs", type=int, default=256)
+    parser.add_argument("--val", type=int, default=200)
+    parser.add_argument("--test", type=int, default=250)
+    return parser
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("score")
-    s.add_argument("--task", default="rotten_tomatoes")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--pairs", type=int, default=256)
-    s.add_argument("--val", type=int, default=200)
-    s.add_argument("--test", type=int, default=250)
+    s = config_arguments(sub.add_parser("score"))
     s.add_argument("--batch_size", type=int, default=8)
     s.add_argument("--stability", action="store_true")
     s.add_argument("--stability_only", action="store_true", help="only the pass and the top-k overlap (no grid scoring)")

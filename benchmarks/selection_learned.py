@@ -40,12 +40,6 @@ VARIANTS = [(f"{kind}_{loss}_kl{kl:g}", kind, loss, kl) for loss, kl in (("choic
 HARM_BUDGET = DEFAULT_SELECTION["harm_budget"]
 
 
-def _rows(sums: torch.Tensor) -> dict:
-    from austeer_pl.engine import StrengthTrainer
-
-    return StrengthTrainer.record(sums)
-
-
 def score(args) -> None:
     import selection as sel
 
@@ -113,9 +107,9 @@ def score(args) -> None:
                 val = sums("val")
                 kl0 = float(harm_kl(model, tok, layout, [_live_state(trainer)], generic)[0])
                 if epoch == 0:
-                    start[kind] = (val, _rows(sums("test")), kl0)
+                    start[kind] = (val, StrengthTrainer.record(sums("test")), kl0)
             weights.append(trainer._snapshot())
-            history.append({"epoch": epoch, "val": _rows(val), "test": None, "harm_kl": kl0})
+            history.append({"epoch": epoch, "val": StrengthTrainer.record(val), "test": None, "harm_kl": kl0})
             print(f"  {name} epoch {epoch}: val acc {history[-1]['val']['val_accuracy']:.3f} loss {history[-1]['val']['val_choice_loss']:.4f}  "
                   f"kl {kl0:.3f}  ({time.perf_counter() - started:.0f} s)", flush=True)
             if epoch == 0:
@@ -126,7 +120,7 @@ def score(args) -> None:
         history[0]["test"] = start[kind][1]
         for epoch in sorted({accuracy_epoch(history, loss=loss), loss_epoch(history, HARM_BUDGET)} - {0}):
             trainer.fn.load_state_dict(weights[epoch])
-            history[epoch]["test"] = _rows(sums("test"))
+            history[epoch]["test"] = StrengthTrainer.record(sums("test"))
             print(f"  {name} epoch {epoch}: test acc {history[epoch]['test']['val_accuracy']:.3f}", flush=True)
         result["variants"][name] = {"kind": kind, "loss": loss, "kl_weight": kl, "history": history, "train_seconds": train_seconds,
                                     "seconds": time.perf_counter() - started}
@@ -198,12 +192,9 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)
-    s = sub.add_parser("score")
-    s.add_argument("--task", default="rotten_tomatoes")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--pairs", type=int, default=256)
-    s.add_argument("--val", type=int, default=200)
-    s.add_argument("--test", type=int, default=250)
+    import selection as sel
+
+    s = sel.config_arguments(sub.add_parser("score"))
     s.add_argument("--epochs", type=int, default=3)
     s.add_argument("--variants", nargs="*", default=None, help=f"names among {', '.join(v[0] for v in VARIANTS)} (default: all)")
     s.add_argument("--redo", action="store_true", help="score variants already in the output again")
