@@ -46,6 +46,8 @@ from typing import Any
 import torch
 
 from .errors import AusteerError
+from .fileio import Output, png_output, save_figure
+from .runtime import OneLineParser, claim_run_dir
 from .evaluation import answer_suffixes
 from .reading import position_ids_from_mask
 from .runtime import ModelDataOptions
@@ -521,14 +523,12 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path: str | os.PathLike) -> Path:
-    from .fileio import atomic_path
-
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    _pyplot().close(fig)
-    return path
+def _save(fig, path: str | os.PathLike | Output) -> Path:
+    output = path if isinstance(path, Output) else png_output(path)
+    try:
+        return save_figure(fig, output)
+    finally:
+        _pyplot().close(fig)
 
 
 def _title(result: dict[str, Any]) -> str:
@@ -662,13 +662,6 @@ def log_wandb(result: dict[str, Any], png: Path, json_path: Path, *, mode: str, 
 
 
 # ============================================================================ command line
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``error: ...``, exit status 2)."""
-
-    def error(self, message: str):  # noqa: D401
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model, data and output")
@@ -707,8 +700,8 @@ def _typed(fn, what: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="analyze.py", description="The AUSteer paper's activation-unit analyses; each writes JSON and a PNG plot.")
-    sub = p.add_subparsers(dest="name", metavar="NAME", parser_class=_Parser)
+    p = OneLineParser(prog="analyze.py", description="The AUSteer paper's activation-unit analyses; each writes JSON and a PNG plot.")
+    sub = p.add_subparsers(dest="name", metavar="NAME", parser_class=OneLineParser)
     ints, floats = _typed(_ints, "whole numbers"), _typed(_floats, "numbers")
 
     s = sub.add_parser("sweep", aliases=["dimension_sweep"], help="one AU at a time within a block vs. the whole block")
@@ -759,7 +752,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_analysis(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one analysis from parsed arguments: prepare, analyse, write JSON and PNG, log to W&B."""
     from .runtime import quiet, task_stem as _task_stem
-    from .fileio import write_json_atomic
+    from .fileio import json_output, write_json_output
 
     name = ALIASES.get(name, name)
     if name not in ANALYSES:
@@ -771,12 +764,11 @@ def run_analysis(name: str, args: argparse.Namespace) -> dict[str, Any]:
     stem = _task_stem(args.task)
     out = Path(args.out or Path("runs") / "analyses" / f"{name}-{stem}.json")
     png = Path(args.plot or out.with_suffix(".png"))
-    from .fileio import check_output_file
-
-    for path, what in ((out, "analysis JSON"), (png, "analysis plot")):
-        check_output_file(path, what=what)
     if out.absolute() == png.absolute():
         raise AusteerError(f"--out and --plot are the same file {out}; give the plot its own path")
+    reads = [args.task, args.model]
+    out_file = json_output(out, "analysis JSON", overwrite=args.overwrite).check(inputs=reads)
+    png_file = png_output(png, "analysis plot", overwrite=args.overwrite).check(inputs=reads)
     if args.wandb_mode not in ("offline", "online", "disabled"):
         raise AusteerError(f"--wandb_mode must be offline, online or disabled, not '{args.wandb_mode}'")
     if args.wandb_mode == "online":
@@ -804,10 +796,14 @@ def run_analysis(name: str, args: argparse.Namespace) -> dict[str, Any]:
         result = sign_policies(ctx, site=args.site, ks=args.ks, alphas=args.alpha)
     result["analysis_seconds"] = time.perf_counter() - started
     result["plot"] = str(png)
-    write_json_atomic(out, result)
-    PLOTS[name](result, png)
-    run_dir = Path(args.run_dir or Path("runs") / f"analyze-{name}-{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-    log_wandb(result, png, out, mode=args.wandb_mode, project=args.wandb_project, run_dir=run_dir)
+    write_json_output(out_file, result)
+    PLOTS[name](result, png_file)
+    if args.wandb_mode != "disabled":
+        run = claim_run_dir(f"analyze-{name}", args.task, args.run_dir)
+        try:
+            log_wandb(result, png, out, mode=args.wandb_mode, project=args.wandb_project, run_dir=run.path)
+        finally:
+            run.release()
     print(f"{name}: wrote {out} and {png}")
     return result
 

@@ -91,6 +91,30 @@ def encode_pairs(tokenizer, prompt_texts: Sequence[str], positives: Sequence[str
     return prompts, pos_out, neg_out
 
 
+def context_length(model) -> int | None:
+    """The longest sequence ``model`` was built for (``max_position_embeddings``), if it says."""
+    config = getattr(model, "config", None)
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def check_generation_length(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    """Refuse a generation that cannot fit the model's context (it would run for hours, then fail).
+
+    Example:
+        >>> check_generation_length(model, [[1, 2, 3]], 10**9)  # doctest: +SKIP
+        AusteerError: --max_new_tokens 1000000000 does not fit the model's context of 8192 tokens ...
+    """
+    limit = context_length(model)
+    longest = max((len(ids) for ids in prompt_ids), default=0)
+    if limit is not None and longest + max_new_tokens > limit:
+        room = max(limit - longest, 0)
+        raise AusteerError(
+            f"--max_new_tokens {max_new_tokens} does not fit the model's context of {limit} tokens "
+            f"(the longest prompt takes {longest}); use at most {room}, or shorten the prompts with --max_length"
+        )
+
+
 def truncate_left(seq: Sequence[int], max_length: int | None) -> list[int]:
     """Keep the last ``max_length`` ids (the answer end must survive truncation)."""
     seq = list(seq)

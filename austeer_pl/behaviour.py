@@ -55,8 +55,10 @@ import torch
 from torch import nn
 
 from .errors import AusteerError
+from .fileio import Output
+from .runtime import OneLineParser
 from .judge import JudgeLike, distinct_n, load_judge, mean_perplexity, perplexity
-from .batching import encode_segments, pad_id_of, pad_ids, truncate_left
+from .batching import check_generation_length, encode_segments, pad_id_of, pad_ids, truncate_left
 from .scoring import wilson_interval
 from .steering import SteeringState
 from .tasks import ContrastivePair, Task, TaskExample, format_prompt, join_answer
@@ -174,11 +176,13 @@ def generate_new_text(
     ids_all = encode_segments(tokenizer, list(prompts), special=True)
     if any(len(ids) == 0 for ids in ids_all):
         raise AusteerError("a prompt tokenizes to nothing; give every prompt some text")
+    ids_all = [truncate_left(list(p), max_length) for p in ids_all]
+    check_generation_length(model, ids_all, max_new_tokens)
     texts: list[str] = []
     steer = state.apply(model, alpha=alpha, layout=layout) if state is not None else nullcontext()
     with steer:
         for b, start in enumerate(range(0, len(ids_all), batch_size)):
-            chunk = [truncate_left(list(p), max_length) for p in ids_all[start : start + batch_size]]
+            chunk = ids_all[start : start + batch_size]
             ids, mask = pad_ids(chunk, config.pad_token_id, side="left", device=device)
             rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if do_sample else nullcontext()
             with rng:
@@ -553,8 +557,8 @@ def strength_curve(
     max_length: int | None = None,
     layout=None,
     budget: float = DEFAULT_BUDGET,
-    out: str | os.PathLike | None = None,
-    plot: str | os.PathLike | None = None,
+    out: str | os.PathLike | Output | None = None,
+    plot: str | os.PathLike | Output | None = None,
     info: Mapping[str, Any] | None = None,
     n_examples: int = 3,
 ) -> dict[str, Any]:
@@ -575,11 +579,12 @@ def strength_curve(
         >>> result = strength_curve(model, tok, {"austeer": state, "caa": caa}, prompts, "vader",
         ...                         out="docs/behaviour_curve.json", plot="docs/behaviour_curve.png")
     """
-    from .fileio import check_output_file, write_json_atomic
+    from .fileio import json_output, png_output, write_json_output
 
-    for path in (out, plot):
-        if path is not None:
-            check_output_file(path, what="strength curve")
+    if out is not None and not isinstance(out, Output):
+        out = json_output(out, "strength curve").check()
+    if plot is not None and not isinstance(plot, Output):
+        plot = png_output(plot, "strength curve plot").check()
     judge = load_judge(judge)
     prompts = list(prompts)
     if not prompts:
@@ -617,9 +622,9 @@ def strength_curve(
         "seconds": time.perf_counter() - started,
     }
     if plot is not None:
-        result["plot"] = str(plot)
+        result["plot"] = str(plot.path)
     if out is not None:
-        write_json_atomic(out, result)
+        write_json_output(out, result)
     if plot is not None:
         plot_strength_curve(result, plot)
     return result
@@ -634,9 +639,9 @@ def _pyplot():
     return plt
 
 
-def plot_strength_curve(result: Mapping[str, Any], path: str | os.PathLike) -> Path:
+def plot_strength_curve(result: Mapping[str, Any], path: str | os.PathLike | Output) -> Path:
     """Judge score (share positive with its 95% interval, mean score) and perplexity against alpha, one column per state."""
-    from .fileio import atomic_path
+    from .fileio import png_output, save_figure
 
     plt = _pyplot()
     import matplotlib.ticker as mticker
@@ -673,11 +678,10 @@ def plot_strength_curve(result: Mapping[str, Any], path: str | os.PathLike) -> P
             ax.legend(fontsize=7, loc="upper left")
     title = f"Behaviour strength curve - {result.get('task', '')} {result.get('base_model', '')} (n={result['n_prompts']} prompts, {result['max_new_tokens']} new tokens)"
     fig.suptitle(title.replace("  ", " "), fontsize=10)
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    try:
+        return save_figure(fig, path if isinstance(path, Output) else png_output(path))
+    finally:
+        plt.close(fig)
 
 
 # ============================================================================ analyze.py behaviour
@@ -699,6 +703,7 @@ def add_behaviour_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--caa_layer", type=int, default=None, help="layer of a fitted CAA (default: a third of the way in)")
     p.add_argument("--max_train_pairs", type=int, default=None, help="pairs of a fitted CAA (default: the fit's, else 128)")
     p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="fluency budget drawn on the plot (perplexity ratio)")
+    p.add_argument("--allow_changed_inputs", action="store_true", help="go on even if the state's task file or base model changed since the fit (a warning)")
     from .runtime import add_output_options
 
     add_output_options(p, name="behaviour")
@@ -746,7 +751,9 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
         >>> parser = add_behaviour_arguments(argparse.ArgumentParser())
         >>> behaviour_main(parser.parse_args(["--steering", "runs/sentiment/state"]))
     """
-    from .fileio import check_output_file
+    from . import inputs
+    from .dataconfig import DataConfig
+    from .fileio import json_output, png_output
     from .models import load_model
     from .runtime import quiet, task_stem
     from .sites import locate_units
@@ -758,37 +765,33 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
             raise AusteerError(f"--{key} must be positive, got {value}")
     state = SteeringState.from_pretrained(args.steering)
     caa = SteeringState.from_pretrained(args.caa) if args.caa else None
-    data = dict(state.metadata.get("data") or {})
-    task_spec = args.task or data.get("task")
-    if not task_spec:
-        raise AusteerError("the state does not record its task; pass --task (sentiment or a prompt,positive,negative file)")
+    # The fit's recorded data config rebuilds its splits (as evaluate.py does); another task keeps its fractions.
+    config = DataConfig.of_state(state.metadata, task=args.task, seed=args.seed)
+    data = config.to_dict()
+    task_spec = config.task
     stem = task_stem(str(task_spec))
     out = Path(args.out or Path("runs") / "analyses" / f"behaviour-{stem}.json")
     png = Path(args.plot or out.with_suffix(".png"))
-    for path in (out, png):
-        check_output_file(path, what="strength curve")
+    model_name = args.model or state.base_model
+    if not model_name:
+        raise AusteerError("the state does not name its base model; pass --model")
+    reads = [args.steering, args.caa, getattr(args, "iti", None), task_spec, model_name, args.judge]
+    out_file = json_output(out, "strength curve", overwrite=args.overwrite).check(inputs=reads)
+    png_file = png_output(png, "strength curve plot", overwrite=args.overwrite).check(inputs=reads)
     alphas = _float_list(args.alphas, "--alphas")
     multipliers = _float_list(args.caa_multipliers, "--caa_multipliers")
     judge = load_judge(args.judge)
     quiet()
-    # The fit's recorded data config rebuilds its splits (as evaluate.py does); another task keeps its fractions.
-    from .dataconfig import DataConfig
-
-    config = DataConfig.from_mapping(data) if data.get("task") else DataConfig(task=str(task_spec))
-    if task_spec != config.task:
-        config = config.replace(task=str(task_spec), max_val_examples=None, max_test_examples=None)
-    if args.seed is not None:
-        config = config.replace(seed=args.seed)
+    inputs.check_task(state.metadata.get("inputs"), config, allow=args.allow_changed_inputs)
     seed = config.seed
     task, splits = config.load()
     examples = splits[args.split][: args.max_prompts]
     if not examples:
         raise AusteerError(f"the {args.split} split of '{task_spec}' is empty; choose another split or task")
-    model_name = args.model or state.base_model
-    if not model_name:
-        raise AusteerError("the state does not name its base model; pass --model")
     model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
     layout = locate_units(model)
+    state.check_compatible(layout)
+    inputs.check_model(state.metadata.get("inputs"), model_name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
     chat = {"on": True, "off": False, "auto": None, None: data.get("chat_template")}[args.chat_template]
     prompts = behaviour_prompts(tokenizer, task, examples, chat_template=chat)
     max_length = args.max_length or data.get("max_length")
@@ -817,13 +820,18 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
             "steering": str(args.steering), "caa": caa_info}
     result = strength_curve(
         model, tokenizer, states, prompts, judge, alphas=sweep or None, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, max_length=max_length, layout=layout, budget=args.budget, out=out, plot=png, info=info,
+        batch_size=args.batch_size, max_length=max_length, layout=layout, budget=args.budget, out=out_file, plot=png_file, info=info,
     )
     if getattr(args, "wandb_mode", "disabled") != "disabled":
         from .runtime import log_result_wandb
 
-        run_dir = Path(args.run_dir or Path("runs") / f"analyze-behaviour-{stem}-{time.strftime('%Y%m%d-%H%M%S')}")
-        log_result_wandb({"analysis": "behaviour", **result}, png, out, mode=args.wandb_mode, project=args.wandb_project, run_dir=run_dir)
+        from .runtime import claim_run_dir
+
+        run = claim_run_dir("analyze-behaviour", str(task_spec), args.run_dir)
+        try:
+            log_result_wandb({"analysis": "behaviour", **result}, png, out, mode=args.wandb_mode, project=args.wandb_project, run_dir=run.path)
+        finally:
+            run.release()
     print(f"behaviour: wrote {out} and {png}")
     return result
 
@@ -832,16 +840,9 @@ def behaviour_cli(argv: Sequence[str] | None = None) -> int:
     """``analyze.py behaviour`` on its own: 0 on success, 2 with a one-line ``error: ...`` on bad input."""
     from .runtime import run_main
 
-    parser = add_behaviour_arguments(_Parser(prog="analyze.py behaviour", description="Judge score and perplexity against alpha (AUSteer and CAA)."))
+    parser = add_behaviour_arguments(OneLineParser(prog="analyze.py behaviour", description="Judge score and perplexity against alpha (AUSteer and CAA)."))
     return run_main(lambda: behaviour_main(parser.parse_args(argv)))
 
-
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``error: ...``, exit status 2)."""
-
-    def error(self, message: str):  # noqa: D401
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 __all__ = [

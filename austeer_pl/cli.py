@@ -6,7 +6,6 @@ Both print a one-line ``error: ...`` and exit with status 2 on bad input.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -16,7 +15,7 @@ from typing import Any
 
 from .errors import AusteerError
 
-from .runtime import RUN_DIR_ENV, one_line_parse_error, quiet, resolve_wandb_mode, run_main, task_stem
+from .runtime import OneLineParser, claim_run_dir, one_line_parse_error, quiet, resolve_wandb_mode, run_main
 
 # ============================================================================ train
 def build_cli(args: Sequence[str] | None = None):
@@ -54,19 +53,29 @@ def build_cli(args: Sequence[str] | None = None):
             trainer_cfg = cfg["trainer"]
             if trainer_cfg.get("max_epochs") not in (None, 1):
                 raise AusteerError("fitting is a single pass over the pairs (plus --model.strength_epochs for a learned strength); drop --trainer.max_epochs")
-            run_dir = cfg.get("run_dir") or os.environ.get(RUN_DIR_ENV) or str(
-                Path("runs") / f"{task_stem(cfg['data']['task'])}-{time.strftime('%Y%m%d-%H%M%S')}"
-            )
-            # DDP re-launches this script; children must use the same run folder.
-            os.environ[RUN_DIR_ENV] = run_dir
-            self.run_dir = Path(run_dir)
-            self.export_dir = Path(cfg.get("export_dir") or self.run_dir / "state")
-            check_train_outputs(self.run_dir, self.export_dir, overwrite=bool(cfg.get("overwrite")))
+            given = cfg.get("run_dir")
+            if given and Path(given).exists() and not Path(given).is_dir():
+                raise AusteerError(f"--run_dir {given} is a file; choose a folder path")
             if cfg.get("ckpt_path"):
                 from .lightning import check_resume, pass_settings
 
                 check_resume(cfg["ckpt_path"], pass_settings(cfg["model"], cfg["data"]))
             mode = resolve_wandb_mode(cfg["wandb_mode"], cfg["wandb_fallback"])
+            if given:
+                check_train_outputs(Path(given), Path(cfg.get("export_dir") or Path(given) / "state"), overwrite=bool(cfg.get("overwrite")),
+                                    inputs=train_inputs(cfg))
+            # A new folder for each fit (or the one given, locked while the fit runs); DDP children share it.
+            self.run = claim_run_dir("", cfg["data"]["task"], given)
+            self.run_dir = self.run.path
+            self.export_dir = Path(cfg.get("export_dir") or self.run_dir / "state")
+            try:
+                check_train_outputs(self.run_dir, self.export_dir, overwrite=bool(cfg.get("overwrite")), inputs=train_inputs(cfg))
+            except AusteerError:
+                self.run.release()
+                if not given:
+                    (self.run_dir / ".lock").unlink(missing_ok=True)
+                    self.run_dir.rmdir()
+                raise
             from lightning.pytorch.loggers import CSVLogger
 
             loggers = [CSVLogger(str(self.run_dir), name="logs", version="")]
@@ -108,14 +117,23 @@ def build_cli(args: Sequence[str] | None = None):
 _RUN_SUBFOLDERS = ("checkpoints", "logs", "wandb")
 
 
-def check_train_outputs(run_dir: Path, export_dir: Path, *, overwrite: bool) -> None:
-    """Before any work: the export folder may be written, and it does not overlap the run folder.
+def train_inputs(cfg) -> list[str]:
+    """The paths ``train.py`` reads: no output may be, hold or lie in one of them."""
+    data, model = cfg["data"], cfg["model"]
+    files = [p for p in str(data.get("task_files") or "").split(",") if p.strip()]
+    configs = [str(c) for c in (cfg.get("config") or []) if c is not None]
+    return [str(data.get("task") or ""), *files, str(model.get("model_name") or ""), str(cfg.get("ckpt_path") or ""), *configs]
+
+
+def check_train_outputs(run_dir: Path, export_dir: Path, *, overwrite: bool, inputs: Sequence[str] = ()) -> None:
+    """Before any work: the export folder may be written, and it does not overlap the run folder
+    or an input.
 
     ``RUN_DIR/state`` (the default) is fine; the run folder itself, a folder that holds it, or one of
     its checkpoint/log folders is not, since exporting replaces the export folder whole.
     """
-    from .fileio import check_output_dir, check_writable_parent, paths_overlap
-    from .steering import is_steering_state
+    from .fileio import check_writable_parent, paths_overlap
+    from .steering import SteeringState
 
     run, export = run_dir.absolute().resolve(), export_dir.absolute().resolve()
     if export == run or export in run.parents or any(paths_overlap(export, run / sub) for sub in _RUN_SUBFOLDERS):
@@ -123,7 +141,7 @@ def check_train_outputs(run_dir: Path, export_dir: Path, *, overwrite: bool) -> 
             f"--export_dir {export_dir} overlaps the run folder {run_dir} (its logs and checkpoints would be replaced); "
             "choose an export folder outside it, or RUN_DIR/state"
         )
-    check_output_dir(export_dir, is_ours=is_steering_state, overwrite=overwrite, what="steering state")
+    SteeringState.output(export_dir, overwrite=overwrite).check(inputs=inputs)
     if run_dir.exists() and not run_dir.is_dir():
         raise AusteerError(f"--run_dir {run_dir} is a file; choose a folder path")
     check_writable_parent(run_dir / "logs", "run folder")
@@ -132,12 +150,29 @@ def check_train_outputs(run_dir: Path, export_dir: Path, *, overwrite: bool) -> 
 def train(args: Sequence[str] | None = None) -> dict[str, Any]:
     """Run ``train.py``: fit, export on global rank zero, print a summary. Returns the summary."""
     cli = build_cli(args)
+    try:
+        return _fit(cli)
+    finally:
+        run = getattr(cli, "run", None)
+        if run is not None:
+            run.release()
+
+
+def _fit(cli) -> dict[str, Any]:
+    from lightning.pytorch.trainer.states import TrainerStatus
+
     trainer, module = cli.trainer, cli.model
     module.export_dir = cli.export_dir
     cfg = cli.config
     module.export_anyway = bool(cfg.get("export_anyway"))
-    # weights_only explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD overrides only an unset argument.
-    trainer.fit(module, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    module.overwrite = bool(cfg.get("overwrite"))
+    try:
+        # weights_only explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD overrides only an unset argument.
+        trainer.fit(module, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except SystemExit:
+        if trainer.state.status == TrainerStatus.INTERRUPTED:  # Lightning turns Ctrl-C into exit(1)
+            raise KeyboardInterrupt from None
+        raise
     if module.state is None:
         raise AusteerError("the fit ended before validation chose a state (interrupted, or --trainer.limit_val_batches 0); resume with --ckpt_path RUN_DIR/checkpoints/last.ckpt")
     summary = dict(module.summary)
@@ -224,8 +259,12 @@ def train_main(argv: Sequence[str] | None = None) -> int:
 
 # ============================================================================ evaluate
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="evaluate.py", description="Accuracy of a base model with and without a steering state.")
+    p = OneLineParser(prog="evaluate.py", description="Accuracy of a base model with and without a steering state.")
     p.add_argument("--steering", help="steering state folder (written by train.py)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a file at --report/--dump_examples that austeer-pl did not write (its own are replaced freely), and steering states under --compare's --export_dir")
+    p.add_argument("--allow_changed_inputs", action="store_true",
+                   help="evaluate even if the state's task file or base model weights changed since the fit (a warning instead of an error)")
     p.add_argument("--task", "--data.task", help="task spec (default: the task the state was fitted on)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N examples")
@@ -269,7 +308,6 @@ def evaluate_parser() -> argparse.ArgumentParser:
     c.add_argument("--max_length", "--data.max_length", type=int, default=None, help="truncate longer sequences from the left (default: the data module's)")
     c.add_argument("--devices", type=int, default=1, help="processes (DDP when more than 1)")
     c.add_argument("--export_dir", default=None, help="save each method's chosen state under DIR/METHOD")
-    c.add_argument("--overwrite", action="store_true", help="replace steering states already under --export_dir")
     c.add_argument("--wandb_fallback", default="offline", choices=["offline", "error"], help="--wandb_mode online without a key or network: log offline with a warning, or fail")
     c.add_argument("--run_dir", default=None, help="folder for W&B files (default: runs/compare-TASK-TIMESTAMP)")
     c.add_argument("--wandb_mode", default=os.environ.get("WANDB_MODE", "offline"), help="offline, online or disabled")
@@ -291,54 +329,47 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise AusteerError(f"--limit must be positive, got {args.limit}")
     if args.batch_size <= 0:
         raise AusteerError(f"--batch_size must be positive, got {args.batch_size}")
-    if args.report:
-        from .fileio import check_output_file
-
-        check_output_file(args.report, what="report")
 
     quiet()
+    from . import inputs
     from .dataconfig import DataConfig
-    from .evaluation import SCORINGS, default_scoring, evaluate_examples, mcnemar
-    from .fileio import write_json_atomic
+    from .evaluation import default_scoring, evaluate_examples, mcnemar
+    from .fileio import json_output, write_json_output
     from .models import load_model
     from .steering import SteeringState
 
     state = SteeringState.from_pretrained(args.steering)
-    data = dict(state.metadata.get("data") or {})
-    task_spec = args.task or data.get("task")
-    if not task_spec:
-        raise AusteerError("the state does not record its task; pass --task")
-    # The fit's recorded data config rebuilds its exact splits; another task keeps its fractions, uncapped.
-    config = DataConfig.from_mapping(data) if data.get("task") else DataConfig(task=task_spec)
-    if task_spec != config.task:
-        config = config.replace(task=task_spec, max_val_examples=None, max_test_examples=None)
-    if args.seed is not None:
-        config = config.replace(seed=args.seed)
-    if args.protocol is not None:
-        config = config.replace(protocol=args.protocol)
-    if args.task_files is not None:
-        config = config.replace(task_files=args.task_files)
+    config = DataConfig.of_state(state.metadata, task=args.task, seed=args.seed, protocol=args.protocol, task_files=args.task_files)
+    model_name = args.model or state.base_model
+    if not model_name:
+        raise AusteerError("the state does not name its base model; pass --model")
+    report_out = None
+    if args.report:
+        report_out = json_output(args.report, "evaluation report", overwrite=args.overwrite).check(
+            inputs=[args.steering, config.task, *(config.task_files or "").split(","), model_name, args.judge])
+    pins = state.metadata.get("inputs")
+    inputs.check_task(pins, config, allow=args.allow_changed_inputs)
     seed = config.seed
-    task, splits = config.load()
+    task, splits = config.load(need=(args.split,))
     examples = splits[args.split]
     if args.limit is not None:
         examples = examples[: args.limit]
     if not examples:
-        raise AusteerError(f"the {args.split} split of '{task_spec}' is empty; choose another split or task")
+        raise AusteerError(f"the {args.split} split of '{config.task}' is empty; choose another split or task")
+    task_spec = config.task
+    data = config.to_dict()
     chat = {"on": True, "off": False, "auto": None, None: data.get("chat_template")}[args.chat_template]
-    model_name = args.model or state.base_model
-    if not model_name:
-        raise AusteerError("the state does not name its base model; pass --model")
     model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
-    if args.layout_layers:
-        from .sites import LayoutSpec
+    from .sites import LayoutSpec, locate_units
 
+    if args.layout_layers:
         state.layout = {"layers": args.layout_layers, "attention": args.layout_attention, "ffn": args.layout_ffn}
-        LayoutSpec(**state.layout)
     elif args.layout_attention or args.layout_ffn:
         raise AusteerError("--layout_attention/--layout_ffn need --layout_layers (the path of the decoder layer list)")
+    state.check_compatible(locate_units(model, LayoutSpec(**state.layout) if state.layout else None))
+    inputs.check_model(pins, model_name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
     if args.scoring == "judge" or (args.scoring is None and task.behaviour):
-        return _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, config)
+        return _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, config, report_out)
     scorings = ["loglik", "generate"] if args.scoring == "both" else [args.scoring or default_scoring(task)]
 
     from rich.progress import Progress
@@ -384,10 +415,14 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **({"paper_accuracy": config.paper_accuracy} if config.paper_accuracy is not None else {}),
         "seconds": time.perf_counter() - started,
     }
-    if args.report:
-        write_json_atomic(args.report, report)
+    if report_out is not None:
+        write_json_output(report_out, report)
     _print_eval_table(report, scorings)
     return report
+
+
+#: The fields of each ``--dump_examples`` line (also how an earlier dump is recognised).
+DUMP_KEYS = ("uid", "prompt", "choices", "answer", "scoring", "pair", "read_position", "read_token", "n_tokens")
 
 
 def dump_examples(args) -> dict[str, Any]:
@@ -398,47 +433,47 @@ def dump_examples(args) -> dict[str, Any]:
     from .batching import encode_pairs
     from .dataconfig import DataConfig
     from .evaluation import answer_suffixes, default_scoring
-    from .fileio import atomic_path, check_output_file
+    from .fileio import jsonl_output, write_jsonl_output
     from .models import DEFAULT_MODEL, load_tokenizer
-    from .tasks import join_for, make_pairs
+    from .tasks import format_prompt, join_for, make_pairs
 
-    check_output_file(args.dump_examples, what="example dump")
     if not args.task:
         raise AusteerError("--dump_examples needs --task (or --steering, to read the state's)")
-    quiet()
     config = DataConfig(task=args.task, seed=args.seed or 0, protocol=args.protocol or "default", task_files=args.task_files)
-    task, splits = config.load()
+    out = jsonl_output(args.dump_examples, "example dump", DUMP_KEYS, overwrite=args.overwrite).check(
+        inputs=[config.task, *(config.task_files or "").split(","), args.model])
+    quiet()
+    task, splits = config.load(need=(args.split,))
     examples = splits[args.split][: args.limit] if args.limit else splits[args.split]
     if not examples:
         raise AusteerError(f"the {args.split} split of '{args.task}' is empty; choose another split or task")
     tokenizer = load_tokenizer(args.model or DEFAULT_MODEL, cache_dir=args.cache_dir)
     chat = {"on": True, "off": False, "auto": None, None: None}[args.chat_template]
-    from .tasks import format_prompt
-
     prompts = [format_prompt(tokenizer, task, ex.prompt, chat_template=chat) for ex in examples]
     pairs = {p.example_uid: p for p in make_pairs(examples, negatives="sample", seed=config.seed)}
     pos = [join_for(task, t, pairs[ex.uid].positive)[len(t):] for t, ex in zip(prompts, examples)]
     neg = [join_for(task, t, pairs[ex.uid].negative)[len(t):] for t, ex in zip(prompts, examples)]
     prompt_ids, pos_ids, _ = encode_pairs(tokenizer, prompts, pos, neg)
     scoring = args.scoring or default_scoring(task)
-    with atomic_path(args.dump_examples) as tmp, open(tmp, "w") as f:
-        for ex, text, p_ids, a_ids, a, b in zip(examples, prompts, prompt_ids, pos_ids, pos, neg):
-            ids = p_ids + a_ids
-            f.write(json.dumps({
-                "uid": ex.uid, "prompt": text, "choices": answer_suffixes(text, ex.choices, task), "answer": ex.answer, "scoring": scoring,
-                "pair": {"positive": a, "negative": b}, "read_position": len(ids) - 1, "read_token": tokenizer.decode(ids[-1:]),
-                "n_tokens": len(ids),
-            }, ensure_ascii=False) + "\n")
+    rows = []
+    for ex, text, p_ids, a_ids, a, b in zip(examples, prompts, prompt_ids, pos_ids, pos, neg):
+        ids = p_ids + a_ids
+        rows.append({
+            "uid": ex.uid, "prompt": text, "choices": answer_suffixes(text, ex.choices, task), "answer": ex.answer, "scoring": scoring,
+            "pair": {"positive": a, "negative": b}, "read_position": len(ids) - 1, "read_token": tokenizer.decode(ids[-1:]),
+            "n_tokens": len(ids),
+        })
+    write_jsonl_output(out, rows)
     print(f"wrote {len(examples)} {args.split} examples of {args.task} ({config.protocol} protocol) to {args.dump_examples}")
     return {"n_examples": len(examples), "path": str(args.dump_examples)}
 
 
-def _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, config) -> dict[str, Any]:
+def _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, config, report_out) -> dict[str, Any]:
     """Behaviour: the judge score and fluency of greedy generations from held-out prompts, unsteered vs.
     steered (share judged positive with its 95% Wilson interval, mean judge score, perplexity under
     the unsteered model, distinct-2)."""
     from .behaviour import behaviour_prompts, behaviour_report
-    from .fileio import write_json_atomic
+    from .fileio import write_json_output
 
     if args.max_new_tokens < 1:
         raise AusteerError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
@@ -449,8 +484,8 @@ def _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, con
     report = {"task": config.task, "split": args.split, "seed": config.seed, "base_model": args.model or state.base_model,
               "steering": str(args.steering), "method": state.method, "scoring": "judge", "n_steered_activations": state.k,
               "k": state.k, "alpha": state.alpha, **result, "seconds": time.perf_counter() - started}
-    if args.report:
-        write_json_atomic(args.report, report)
+    if report_out is not None:
+        write_json_output(report_out, report)
     from rich.console import Console
     from rich.table import Table
 

@@ -45,7 +45,7 @@ import torch
 from .errors import AusteerError
 from .methods import GRID_PRESETS, METHODS, get_method, learned_methods
 from .models import DEFAULT_MODEL
-from .runtime import ModelDataOptions, accelerator_for, jsonable, parse_list, quiet, quiet_fit, resolve_wandb_mode, run_dir_for, wandb_logger
+from .runtime import ModelDataOptions, accelerator_for, claim_run_dir, jsonable, parse_list, quiet, quiet_fit, resolve_wandb_mode, wandb_logger
 from .strength import STRENGTH_LOSSES
 
 #: Methods in report order (the registry's order).
@@ -93,6 +93,7 @@ class CompareOptions(ModelDataOptions):
     devices: int = 1
     report: str | None = None
     export_dir: str | None = None
+    overwrite: bool = False
     run_dir: str | None = None
     wandb_mode: str = "offline"
     wandb_project: str = "austeer-pl"
@@ -117,12 +118,13 @@ def options_from_args(args) -> CompareOptions:
         value = g(name)
         if value is not None and value <= 0:
             raise AusteerError(f"--{name} must be positive, got {value}")
-    from .fileio import check_output_dir, check_output_file
-    from .steering import is_steering_state
+    from .fileio import json_output
+    from .steering import SteeringState
 
     report = g("report")
+    reads = [g("task"), g("model")]
     if report:
-        check_output_file(report, what="comparison report")
+        json_output(report, "comparison report", overwrite=bool(g("overwrite"))).check(inputs=reads)
     mode = resolve_wandb_mode(g("wandb_mode") or os.environ.get("WANDB_MODE", "offline"), g("wandb_fallback") or "offline")
     grid = g("grid") or "default"
     if grid not in GRID_PRESETS:
@@ -137,7 +139,7 @@ def options_from_args(args) -> CompareOptions:
     if g("export_dir"):
         for method in methods:
             if method != "unsteered":
-                check_output_dir(Path(g("export_dir")) / method, is_ours=is_steering_state, overwrite=bool(g("overwrite")), what=f"{method} steering state")
+                SteeringState.output(Path(g("export_dir")) / method, overwrite=bool(g("overwrite"))).check(inputs=reads)
     chat = {"on": True, "off": False, "auto": None, None: None}[g("chat_template")]
     return CompareOptions(
         task=g("task") or "rotten_tomatoes",
@@ -167,6 +169,7 @@ def options_from_args(args) -> CompareOptions:
         cache_dir=g("cache_dir"),
         report=report,
         export_dir=g("export_dir"),
+        overwrite=bool(g("overwrite")),
         run_dir=g("run_dir"),
         wandb_mode=mode,
         wandb_project=g("wandb_project") or os.environ.get("WANDB_PROJECT", "austeer-pl"),
@@ -203,8 +206,7 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
     opts.model = opts.model or DEFAULT_MODEL
     quiet()
     from .datamodule import ContrastivePairDataModule
-    from .evaluation import accuracy_summary
-    from .lightning import AUSteerModule, frozen_trainer
+    from .lightning import AUSteerModule
 
     accelerator, devices = accelerator_for(opts.device)
     if opts.devices > 1:
@@ -220,7 +222,17 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
                            selection="accuracy", harm_budget=None, **au, **learned)
     module.use_methods(opts.methods, grids)
     module.export_anyway = True
-    run_dir = run_dir_for("compare", opts.task, opts.run_dir)
+    run = claim_run_dir("compare", opts.task, opts.run_dir)
+    try:
+        return _compare(opts, module, data, grids, run.path, accelerator, devices)
+    finally:
+        run.release()
+
+
+def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerator, devices) -> dict[str, Any]:
+    from .evaluation import accuracy_summary
+    from .lightning import frozen_trainer
+
     logger = wandb_logger(opts.wandb_mode, opts.wandb_project, run_dir, config=jsonable(vars(opts)))
     loggers: Any = [logger] if logger is not None else False
     epochs = 1 + (module.hparams.strength_epochs if any(get_method(m).learned for m in module.methods) else 0)
@@ -253,7 +265,9 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
                     parts["strength_training"] = res.training_seconds
                 if trainer.is_global_zero:
                     folder = (export_root / method) if export_root else scratch / method
-                    state.save_pretrained(folder)
+                    if export_root:
+                        state.metadata = {**state.metadata, "inputs": module.input_pins()}
+                    state.save_pretrained(folder, overwrite=opts.overwrite)
                     state_bytes = folder_bytes(folder)
                     state_dir = str(folder) if export_root else None
             entries.append({
@@ -306,9 +320,9 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
     }
     if trainer.is_global_zero:
         if opts.report:
-            from .fileio import write_json_atomic
+            from .fileio import json_output, write_json_output
 
-            write_json_atomic(opts.report, report)
+            write_json_output(json_output(opts.report, "comparison report", overwrite=opts.overwrite), report)
         _log_wandb(loggers, report)
         print_compare_table(report)
     return report

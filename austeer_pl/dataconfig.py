@@ -7,12 +7,28 @@ written once, here, and never re-typed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 from typing import Any
 
 from .errors import AusteerError
 from .tasks import Task, TaskExample, load_task, split_examples
+
+_SPLITS = ("train", "val", "test")
+
+
+def _is_local(spec: str) -> bool:
+    return Path(str(spec)).expanduser().exists()
+
+
+def _absolute(spec: str | None) -> str | None:
+    """A local path as an absolute one (names and hub ids unchanged)."""
+    if spec is None:
+        return None
+    text = str(spec).strip()
+    return str(Path(text).expanduser().absolute()) if _is_local(text) else text
 
 
 @dataclass(frozen=True)
@@ -20,7 +36,7 @@ class DataConfig:
     """The settings of a fit's data (the ``--data.*`` options that decide which examples go where).
 
     Example:
-        >>> config = DataConfig.from_metadata(state.metadata)
+        >>> config = DataConfig.of_state(state.metadata)
         >>> task, splits = config.load()
         >>> len(splits["test"])
         500
@@ -40,17 +56,64 @@ class DataConfig:
     task_files: str | None = None
     paper_accuracy: float | None = None
 
+    def __post_init__(self) -> None:
+        kinds = {"task": (str,), "seed": (int,), "negatives": (str,), "val_fraction": (int, float), "test_fraction": (int, float),
+                 "max_train_pairs": (int, type(None)), "max_val_examples": (int, type(None)), "max_test_examples": (int, type(None)),
+                 "chat_template": (bool, type(None)), "max_length": (int, type(None)), "protocol": (str,), "task_files": (str, type(None)),
+                 "paper_accuracy": (int, float, type(None))}
+        for name, allowed in kinds.items():
+            value = getattr(self, name)
+            if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
+                want = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
+                raise AusteerError(f"data setting '{name}' must be {want}, got {type(value).__name__} {str(value)[:40]!r}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise AusteerError(f"data setting '{name}' must be a finite number, got {value}")
+
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> DataConfig:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in names})
 
     @classmethod
-    def from_metadata(cls, metadata: Mapping[str, Any]) -> DataConfig:
+    def of_state(cls, metadata: Any, *, task: str | None = None, **changes: Any) -> DataConfig:
+        """The data settings a state was fitted with (they rebuild its exact splits).
+
+        ``task`` other than the fit's keeps the fit's fractions and seed with no caps; ``changes``
+        that are not None replace settings (``seed``, ``protocol``, ``task_files``).
+
+        Raises:
+            AusteerError: the state records no task and none is given, or its ``metadata.data`` is
+                not a valid data configuration.
+        """
         data = metadata.get("data") if isinstance(metadata, Mapping) else None
-        if not isinstance(data, Mapping) or not data.get("task"):
-            raise AusteerError("the state does not record its data settings; pass --task")
-        return cls.from_mapping(data)
+        if data is not None and not isinstance(data, Mapping):
+            raise AusteerError(f"the state's metadata.data must be an object, got {type(data).__name__}; the state was altered, export it again")
+        if not data or not data.get("task"):
+            if task is None:
+                raise AusteerError("the state does not record its task; pass --task")
+            config = cls(task=task)
+        else:
+            try:
+                config = cls.from_mapping(data)
+            except AusteerError as err:
+                raise AusteerError(f"the state's metadata.data is damaged ({err}); export it again, or pass --task") from None
+            if task is not None and not config.same_task(task):
+                config = config.replace(task=task, max_val_examples=None, max_test_examples=None)
+        picked = {k: v for k, v in changes.items() if v is not None}
+        return config.replace(**picked) if picked else config
+
+    def same_task(self, spec: str) -> bool:
+        """Whether ``spec`` names this config's task (paths compared as files, not as text)."""
+        if str(spec).strip() == self.task:
+            return True
+        if _is_local(spec) and _is_local(self.task):
+            return Path(str(spec)).expanduser().resolve() == Path(self.task).expanduser().resolve()
+        return False
+
+    def absolute(self) -> DataConfig:
+        """The same settings with local task paths made absolute (what a state records)."""
+        files = None if self.task_files is None else ",".join(_absolute(p) or "" for p in self.task_files.split(",") if p.strip())
+        return self.replace(task=_absolute(self.task), task_files=files)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -58,22 +121,30 @@ class DataConfig:
     def replace(self, **changes: Any) -> DataConfig:
         return DataConfig(**{**self.to_dict(), **changes})
 
-    def load(self, *, task: Task | None = None) -> tuple[Task, dict[str, list[TaskExample]]]:
-        """The task and its ``train``/``val``/``test`` splits, exactly as the fit saw them."""
-        if task is None:
-            if self.protocol == "paper":
-                from .paper import load_paper_task
+    def load_task(self) -> Task:
+        """The task, under this config's protocol."""
+        if self.protocol == "paper":
+            from .paper import load_paper_task
 
-                task = load_paper_task(self.task, files=self.task_files)
-            elif self.protocol == "default":
-                task = load_task(self.task, seed=self.seed, files=self.task_files)
-            else:
-                raise AusteerError(f"--data.protocol must be default or paper, not {self.protocol!r}")
-        if self.protocol == "paper" and not any(ex.split == "validation" for ex in task.examples):
+            return load_paper_task(self.task, files=self.task_files)
+        if self.protocol == "default":
+            return load_task(self.task, seed=self.seed, files=self.task_files)
+        raise AusteerError(f"--data.protocol must be default or paper, not {self.protocol!r}")
+
+    def load(self, *, task: Task | None = None, need: tuple[str, ...] = _SPLITS) -> tuple[Task, dict[str, list[TaskExample]]]:
+        """The task and its ``train``/``val``/``test`` splits, exactly as the fit saw them.
+
+        ``need`` names the splits the caller uses: a command that only shows the test split needs
+        no training or validation rows.
+        """
+        if task is None:
+            task = self.load_task()
+        if self.protocol == "paper" and ("train" in need or "val" in need) and not any(ex.split == "validation" for ex in task.examples):
             raise AusteerError(f"the paper protocol found no validation rows in the training split of {self.task!r}; give at least 2 training rows")
+        only_test = set(need) <= {"test"} and all(ex.split == "test" for ex in task.examples)
         splits = split_examples(
             task.examples, seed=self.seed, val_fraction=self.val_fraction, test_fraction=self.test_fraction,
-            max_val=self.max_val_examples, max_test=self.max_test_examples,
+            max_val=self.max_val_examples, max_test=self.max_test_examples, keep_lone_split=only_test,
         )
         return task, splits
 

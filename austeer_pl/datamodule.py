@@ -162,8 +162,9 @@ class ContrastivePairDataModule(pl.LightningDataModule):
 
     # -- what the fitting module and evaluate.py need to know
     def config(self) -> DataConfig:
-        """The settings that reproduce these splits (recorded in the exported state, read by evaluate.py)."""
-        return DataConfig.from_mapping(self.hparams)
+        """The settings that reproduce these splits (recorded in the exported state, read by evaluate.py),
+        with local task paths made absolute: a state evaluated from another folder reads the same file."""
+        return DataConfig.from_mapping(self.hparams).absolute()
 
     def data_config(self) -> dict[str, Any]:
         return self.config().to_dict()

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +33,8 @@ import numpy as np
 
 from ._version import __version__
 from .errors import AusteerError
-from .fileio import atomic_dir, atomic_path, check_output_dir, check_output_file, paths_overlap, sha256_file
+from .runtime import OneLineParser
+from .fileio import Output, parse_json, paths_overlap, sha256_file
 from .merge import check_foldable, merge_into, site_edits
 
 FORMATS = ("transformers", "gguf", "control-vector")
@@ -94,9 +94,10 @@ def _model_card(record: dict[str, Any]) -> str:
 
 def _is_merged_folder(path: Path) -> bool:
     try:
-        return PROVENANCE_KEY in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
+        config = parse_json((path / "config.json").read_bytes(), str(path / "config.json"))
+    except (OSError, AusteerError):
         return False
+    return isinstance(config, dict) and PROVENANCE_KEY in config
 
 
 def _is_our_gguf(path: Path) -> bool:
@@ -108,23 +109,24 @@ def _is_our_gguf(path: Path) -> bool:
         return False
 
 
-def _check_output_file(path: Path, *, overwrite: bool, what: str) -> Path:
-    check_output_file(path, what=what)
-    if path.exists() or path.is_symlink():
-        if not _is_our_gguf(path):
-            raise AusteerError(f"refusing to replace {path}: it is not a file that export.py wrote; choose a new file path")
-        if not overwrite:
-            raise AusteerError(f"{path} already holds a {what}; pass --overwrite to replace it, or choose another path")
-    return path
+def merged_output(out: str | Path, *, overwrite: bool = False) -> Output:
+    """A merged transformers folder: replaces one export.py wrote (with ``overwrite``), never anything else."""
+    return Output(Path(out), "merged model", _is_merged_folder, overwrite=overwrite, folder=True, ours_need_overwrite=True)
+
+
+def gguf_output(out: str | Path, what: str = "merged GGUF model", *, overwrite: bool = False) -> Output:
+    """A GGUF file: replaces one export.py wrote (with ``overwrite``), never anything else."""
+    return Output(Path(out), what, _is_our_gguf, overwrite=overwrite, ours_need_overwrite=True)
 
 
 # ============================================================================ transformers
-def save_merged(model, tokenizer, out: str | Path, record: dict[str, Any], *, max_shard_size: str = "5GB") -> Path:
+def save_merged(model, tokenizer, out: str | Path, record: dict[str, Any], *, max_shard_size: str = "5GB", overwrite: bool = True) -> Path:
     """Save a merged model as a plain transformers folder with its provenance, atomically."""
     from safetensors import SafetensorError
 
     model.config.austeer_pl = record
-    with atomic_dir(out) as tmp:
+    output = merged_output(out, overwrite=overwrite).check()
+    with output.writing() as tmp:
         try:
             model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         except SafetensorError as err:  # safetensors reports I/O errors as its own type
@@ -273,7 +275,8 @@ def _edit_gguf_tensors(state, reader, dtype: str | None) -> dict[str, tuple[np.n
     return new
 
 
-def export_gguf(state, source: str | Path, out: str | Path, *, dtype: str | None = None, record: dict[str, Any] | None = None) -> Path:
+def export_gguf(state, source: str | Path, out: str | Path, *, dtype: str | None = None, record: dict[str, Any] | None = None,
+                overwrite: bool = True) -> Path:
     """Write ``source`` GGUF with ``state`` folded in to ``out``, atomically.
 
     Every metadata key and every tensor the state does not touch is copied byte for byte; the
@@ -302,7 +305,7 @@ def export_gguf(state, source: str | Path, out: str | Path, *, dtype: str | None
         raise AusteerError(f"the GGUF base {source} is big-endian; convert it with gguf_convert_endian.py first")
     arch = check_gguf_base(state, reader, source)
     edited = _edit_gguf_tensors(state, reader, dtype)
-    with atomic_path(out) as tmp:
+    with gguf_output(out, overwrite=overwrite).check(inputs=[source]).writing() as tmp:
         writer = gguf.GGUFWriter(None, arch)
         try:
             for field in reader.fields.values():
@@ -369,7 +372,7 @@ def control_vector_directions(state) -> dict[int, np.ndarray]:
     return directions
 
 
-def export_control_vector(state, out: str | Path, *, record: dict[str, Any] | None = None) -> Path:
+def export_control_vector(state, out: str | Path, *, record: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
     """Write an additive residual state as a llama.cpp control-vector GGUF (``--control-vector FILE``), atomically.
 
     Example:
@@ -378,7 +381,7 @@ def export_control_vector(state, out: str | Path, *, record: dict[str, Any] | No
     import gguf
 
     directions = control_vector_directions(state)
-    with atomic_path(out) as tmp:
+    with gguf_output(out, "control vector", overwrite=overwrite).check().writing() as tmp:
         writer = gguf.GGUFWriter(tmp, CONTROL_VECTOR_ARCH)
         try:
             writer.add_string(f"{CONTROL_VECTOR_ARCH}.model_hint", state.architecture)
@@ -395,14 +398,9 @@ def export_control_vector(state, out: str | Path, *, record: dict[str, Any] | No
 
 
 # ============================================================================ command line
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, exit status 2
-        print(f"error: {message}; see export.py --help", file=sys.stderr)
-        raise SystemExit(2)
-
 
 def export_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="export.py", description="Merge a steering state into its base model (or write a control vector) for serving without austeer-pl.")
+    p = OneLineParser(prog="export.py", description="Merge a steering state into its base model (or write a control vector) for serving without austeer-pl.")
     p.add_argument("--steering", required=True, help="steering state folder (written by train.py)")
     p.add_argument("--out", required=True, help="output folder (transformers) or .gguf file (gguf, control-vector)")
     p.add_argument("--format", default="transformers", choices=FORMATS)
@@ -412,6 +410,7 @@ def export_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_shard_size", default="5GB", help="transformers: largest safetensors shard")
     p.add_argument("--cache_dir", default=None, help="cache folder of the embedded model")
     p.add_argument("--overwrite", action="store_true", help="replace an output that export.py wrote before")
+    p.add_argument("--allow_changed_inputs", action="store_true", help="merge even if the base model's weights differ from the fit's (a warning)")
     return p
 
 
@@ -451,25 +450,32 @@ def export(argv: Sequence[str] | None = None) -> Path:
     if paths_overlap(out, args.steering):
         raise AusteerError(f"--out {out} overlaps the steering state folder {args.steering}; choose another path")
     name = args.model or state.base_model
+    pins = state.metadata.get("inputs")
     if args.format == "transformers":
-        check_output_dir(out, is_ours=_is_merged_folder, overwrite=args.overwrite, what="merged model")
+        merged_output(out, overwrite=args.overwrite).check(inputs=[args.steering, name])
     else:
-        _check_output_file(out, overwrite=args.overwrite, what="control vector" if args.format == "control-vector" else "merged GGUF model")
+        what = "control vector" if args.format == "control-vector" else "merged GGUF model"
+        gguf_output(out, what, overwrite=args.overwrite).check(inputs=[args.steering, name])
 
     if args.format == "control-vector":
         if args.dtype is not None:
             raise AusteerError("--dtype does not apply to control vectors (llama.cpp reads them as F32); drop it")
-        export_control_vector(state, out, record=provenance(state, args.steering))
+        export_control_vector(state, out, record=provenance(state, args.steering), overwrite=args.overwrite)
         print(f"control vector written to {out}")
         return out
     check_foldable(state)
     if not name:
         raise AusteerError("the state does not name its base model; pass --model")
+    from .inputs import check_model
+
     if args.format == "gguf":
         base = _gguf_base(name)
         if paths_overlap(out, base):
             raise AusteerError(f"--out {out} is the GGUF base itself; choose another path")
-        export_gguf(state, base, out, dtype=_gguf_dtype(args.dtype), record=provenance(state, args.steering, base=str(name)))
+        pin = pins.get("model") if isinstance(pins, dict) else None
+        if isinstance(pin, dict) and pin.get("kind") == "file":  # fitted on a GGUF file: merge into that same file
+            check_model(pins, str(base), allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
+        export_gguf(state, base, out, dtype=_gguf_dtype(args.dtype), record=provenance(state, args.steering, base=str(name)), overwrite=args.overwrite)
         print(f"merged GGUF model written to {out}")
         return out
 
@@ -478,21 +484,20 @@ def export(argv: Sequence[str] | None = None) -> Path:
 
     target = resolve_dtype(args.dtype)
     model, tokenizer = load_model(name, dtype="float32" if target is not None else None, cache_dir=args.cache_dir)
+    from .sites import LayoutSpec, locate_units
+
+    state.check_compatible(locate_units(model, LayoutSpec(**state.layout) if state.layout else None))
+    check_model(pins, name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
     merge_into(state, model)  # in float32 when a lower precision is asked for, then cast once
     if target is not None:
         model.to(dtype=target)
-    save_merged(model, tokenizer, out, provenance(state, args.steering, base=str(name)), max_shard_size=args.max_shard_size)
+    save_merged(model, tokenizer, out, provenance(state, args.steering, base=str(name)), max_shard_size=args.max_shard_size, overwrite=args.overwrite)
     print(f"merged model written to {out}")
     return out
 
 
 def export_main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``export.py`` / ``austeer-export``: 0 on success, 2 with one ``error:`` line on bad input."""
-    try:
-        export(argv)
-    except AusteerError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except SystemExit as stop:  # the parser printed its one-line error (or --help)
-        return int(stop.code or 0)
-    return 0
+    from .runtime import run_main
+
+    return run_main(lambda: export(argv))

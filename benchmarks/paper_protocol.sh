@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The paper protocol end to end on the embedded model, offline: local rows in each hub schema
-# (benchmarks/paper_rows.py), then train.py and evaluate.py under --data.protocol paper for the
+# (tests/fixtures/paper_rows.py), then train.py and evaluate.py under --data.protocol paper for the
 # five tasks. Results: benchmarks/results/paper_protocol/TASK.json (evaluate.py's report) and the
 # example dumps (the exact prompts, answer strings and read token of every test example).
 set -euo pipefail
@@ -10,7 +10,7 @@ N=${N:-40}
 OUT=benchmarks/results/paper_protocol
 ROWS=runs/paper_rows
 mkdir -p "$OUT"
-$PY benchmarks/paper_rows.py --out "$ROWS" --n "$N" > /dev/null
+$PY tests/fixtures/paper_rows.py --out "$ROWS" --n "$N" > /dev/null
 for task in boolq copa winogrande svamp mawps; do
   split=test; [ "$task" = boolq ] || [ "$task" = winogrande ] && split=validation
   files="$ROWS/${task}_train.jsonl,$ROWS/${task}_${split}.jsonl"

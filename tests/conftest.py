@@ -91,3 +91,34 @@ def tiny_dir(tmp_path_factory):
     make_model("llama").save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     return folder
+
+
+def write_custom_code_folder(folder, marker, *, kind: str = "causal"):
+    """A model folder whose config needs its own Python code (``auto_map`` to ``evil.py``, an
+    unregistered ``model_type``); importing ``evil.py`` writes ``marker``. Loading it with
+    ``trust_remote_code`` unset makes transformers ask on stdin, and "y" would run the file."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    model = make_model("llama")
+    if kind == "classifier":
+        model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**{**tiny_config("llama").to_dict(), "num_labels": 2}))
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "evil"
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel",
+                          "AutoModelForSequenceClassification": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
+    tokenizer_config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    (folder / "evil.py").write_text(
+        f"import pathlib\npathlib.Path({str(marker)!r}).write_text('custom code ran')\n"
+        "from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast\n"
+        "class EvilConfig(LlamaConfig):\n    model_type = 'evil'\n"
+        "class EvilModel(LlamaForCausalLM):\n    config_class = EvilConfig\n"
+        "class EvilTokenizer(PreTrainedTokenizerFast):\n    pass\n"
+    )
+    return folder

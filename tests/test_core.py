@@ -477,7 +477,7 @@ def test_state_files_missing_or_altered(tmp_path):
 
     folder = state.save_pretrained(tmp_path / "s")  # overwrite works
     (folder / CONFIG_NAME).write_text("{not json")
-    with pytest.raises(AusteerError, match="not valid JSON") as err:
+    with pytest.raises(AusteerError, match="invalid JSON") as err:
         SteeringState.from_pretrained(folder)
     assert "\n" not in str(err.value)
 

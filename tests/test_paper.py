@@ -523,7 +523,7 @@ def test_train_then_evaluate_under_the_paper_protocol_on_local_hub_rows(task, ti
     from austeer_pl import SteeringState
     from austeer_pl.cli import evaluate_main, train_main
 
-    spec = importlib.util.spec_from_file_location("paper_rows", Path(__file__).resolve().parents[1] / "benchmarks" / "paper_rows.py")
+    spec = importlib.util.spec_from_file_location("paper_rows", Path(__file__).resolve().parent / "fixtures" / "paper_rows.py")
     rows = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rows)
     files = ",".join(str(p) for p in rows.write_rows(tmp_path / "rows", n=24)[task])
