@@ -65,7 +65,7 @@ def build_cli(args: Sequence[str] | None = None):
                 check_train_outputs(Path(given), Path(cfg.get("export_dir") or Path(given) / "state"), overwrite=bool(cfg.get("overwrite")),
                                     inputs=train_inputs(cfg))
             # A new folder for each fit (or the one given, locked while the fit runs); DDP children share it.
-            self.run = claim_run_dir("", cfg["data"]["task"], given)
+            self.run = claim_run_dir("", cfg["data"]["task"], given, inputs=train_inputs(cfg))
             self.run_dir = self.run.path
             self.export_dir = Path(cfg.get("export_dir") or self.run_dir / "state")
             try:
@@ -149,7 +149,11 @@ def check_train_outputs(run_dir: Path, export_dir: Path, *, overwrite: bool, inp
 
 def train(args: Sequence[str] | None = None) -> dict[str, Any]:
     """Run ``train.py``: fit, export on global rank zero, print a summary. Returns the summary."""
-    cli = build_cli(args)
+    try:
+        cli = build_cli(args)
+    except (ValueError, RecursionError) as err:  # e.g. a --config YAML with a 5,000-digit number or deep nesting
+        detail = " ".join(str(err).split())[:120] or type(err).__name__
+        raise AusteerError(f"cannot read the arguments or --config file ({type(err).__name__}: {detail}); fix the value") from None
     try:
         return _fit(cli)
     finally:
@@ -443,7 +447,7 @@ def dump_examples(args) -> dict[str, Any]:
     out = jsonl_output(args.dump_examples, "example dump", DUMP_KEYS, overwrite=args.overwrite).check(
         inputs=[config.task, *(config.task_files or "").split(","), args.model])
     quiet()
-    task, splits = config.load(need=(args.split,))
+    task, splits = config.load(need=(args.split,), rows_as_labelled=True)
     examples = splits[args.split][: args.limit] if args.limit else splits[args.split]
     if not examples:
         raise AusteerError(f"the {args.split} split of '{args.task}' is empty; choose another split or task")

@@ -222,7 +222,7 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
                            selection="accuracy", harm_budget=None, **au, **learned)
     module.use_methods(opts.methods, grids)
     module.export_anyway = True
-    run = claim_run_dir("compare", opts.task, opts.run_dir)
+    run = claim_run_dir("compare", opts.task, opts.run_dir, inputs=[opts.task, opts.model])
     try:
         return _compare(opts, module, data, grids, run.path, accelerator, devices)
     finally:

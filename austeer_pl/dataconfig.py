@@ -14,13 +14,15 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AusteerError
-from .tasks import Task, TaskExample, load_task, split_examples
+from .tasks import Task, TaskExample, is_named_task, load_task, split_examples
 
 _SPLITS = ("train", "val", "test")
 
 
 def _is_local(spec: str) -> bool:
-    return Path(str(spec)).expanduser().exists()
+    """Whether ``load_task`` reads ``spec`` as a local path (not a task name or hub dataset)."""
+    text = str(spec).strip()
+    return not is_named_task(text) and Path(text).expanduser().exists()
 
 
 def _absolute(spec: str | None) -> str | None:
@@ -98,7 +100,12 @@ class DataConfig:
             except AusteerError as err:
                 raise AusteerError(f"the state's metadata.data is damaged ({err}); export it again, or pass --task") from None
             if task is not None and not config.same_task(task):
-                config = config.replace(task=task, max_val_examples=None, max_test_examples=None)
+                from .inputs import same_content
+
+                if _is_local(task) and same_content(metadata.get("inputs"), task):
+                    config = config.replace(task=_absolute(task))  # the fit's file, moved: the fit's splits
+                else:
+                    config = config.replace(task=task, max_val_examples=None, max_test_examples=None)
         picked = {k: v for k, v in changes.items() if v is not None}
         return config.replace(**picked) if picked else config
 
@@ -131,17 +138,20 @@ class DataConfig:
             return load_task(self.task, seed=self.seed, files=self.task_files)
         raise AusteerError(f"--data.protocol must be default or paper, not {self.protocol!r}")
 
-    def load(self, *, task: Task | None = None, need: tuple[str, ...] = _SPLITS) -> tuple[Task, dict[str, list[TaskExample]]]:
+    def load(self, *, task: Task | None = None, need: tuple[str, ...] = _SPLITS, rows_as_labelled: bool = False
+             ) -> tuple[Task, dict[str, list[TaskExample]]]:
         """The task and its ``train``/``val``/``test`` splits, exactly as the fit saw them.
 
-        ``need`` names the splits the caller uses: a command that only shows the test split needs
-        no training or validation rows.
+        ``need`` names the splits the caller uses: one that only reads the test split needs no
+        training or validation rows. ``rows_as_labelled`` (a command that shows a file's rows and
+        fits nothing, such as ``--dump_examples``) keeps rows that all name one split in it; a fit
+        splits such a file by the fractions, and evaluating its state must do the same.
         """
         if task is None:
             task = self.load_task()
         if self.protocol == "paper" and ("train" in need or "val" in need) and not any(ex.split == "validation" for ex in task.examples):
             raise AusteerError(f"the paper protocol found no validation rows in the training split of {self.task!r}; give at least 2 training rows")
-        only_test = set(need) <= {"test"} and all(ex.split == "test" for ex in task.examples)
+        only_test = rows_as_labelled and set(need) <= {"test"} and all(ex.split == "test" for ex in task.examples)
         splits = split_examples(
             task.examples, seed=self.seed, val_fraction=self.val_fraction, test_fraction=self.test_fraction,
             max_val=self.max_val_examples, max_test=self.max_test_examples, keep_lone_split=only_test,

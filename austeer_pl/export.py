@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -92,12 +93,23 @@ def _model_card(record: dict[str, Any]) -> str:
     )
 
 
+#: What a merged folder holds: the model's config, weights and index, the tokenizer's files, the card.
+_MERGED_FILES = re.compile(
+    r"(config\.json|generation_config\.json|model(-\d+-of-\d+)?\.safetensors|model\.safetensors\.index\.json|README\.md"
+    r"|tokenizer(_config)?\.json|tokenizer\.model|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt"
+    r"|chat_template\.(jinja|json))"
+)
+
+
 def _is_merged_folder(path: Path) -> bool:
+    """A folder export.py wrote: a config with the provenance key, and only a merged model's files
+    (a file a user added makes it theirs: it is not replaced)."""
     try:
+        names = [p.name for p in path.iterdir()]
         config = parse_json((path / "config.json").read_bytes(), str(path / "config.json"))
     except (OSError, AusteerError):
         return False
-    return isinstance(config, dict) and PROVENANCE_KEY in config
+    return isinstance(config, dict) and PROVENANCE_KEY in config and all(_MERGED_FILES.fullmatch(n) for n in names)
 
 
 def _is_our_gguf(path: Path) -> bool:

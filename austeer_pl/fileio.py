@@ -26,6 +26,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import stat
 import uuid
 from collections.abc import Callable, Iterable, Iterator
@@ -48,13 +49,16 @@ _REASONS = {
     errno.ENAMETOOLONG: "the name is too long",
 }
 
-#: The key that marks a JSON output as austeer-pl's (its value names the output and the version).
-JSON_MARKER = "austeer_pl"
+#: The key that marks a JSON output as austeer-pl's (its value names the output and the version;
+#: distinct from the ``austeer_pl`` provenance record of a merged model's ``config.json``).
+JSON_MARKER = "austeer_pl_output"
 #: The PNG text chunk that marks a plot as austeer-pl's.
 PNG_SOFTWARE = f"austeer-pl {__version__}"
-#: Bytes a temporary name adds to its target's name: ".NAME.<pid>-<8 hex>.tmp".
-_TEMP_OVERHEAD = 1 + 1 + 10 + 1 + 8 + 4
-_OURS = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[0-9a-f]{8}\.(?:tmp|old)$")
+#: This machine, in temporary names: a process id means something only on the host that made it.
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
+#: Bytes a temporary name adds to its target's name: ".NAME.<host>-<pid>-<8 hex>.tmp".
+_TEMP_OVERHEAD = 1 + 1 + 6 + 1 + 10 + 1 + 8 + 4
+_OURS = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}\.(?P<kind>tmp|old)$")
 
 
 def os_error_message(err: OSError, path: str | os.PathLike | None = None, doing: str = "write") -> str:
@@ -139,7 +143,8 @@ def is_marked_json(path: Path) -> bool:
             obj = json.loads(f.read())
     except (OSError, ValueError, RecursionError):
         return False
-    return isinstance(obj, dict) and isinstance(obj.get(JSON_MARKER), dict)
+    marker = obj.get(JSON_MARKER) if isinstance(obj, dict) else None
+    return isinstance(marker, dict) and isinstance(marker.get("output"), str)
 
 
 def jsonl_with_keys(keys: Iterable[str]) -> Callable[[Path], bool]:
@@ -290,6 +295,8 @@ class Output:
 
     def _judge_once(self, found: Path, mode: int, *, at_swap: bool, shown: Path) -> None:
         during = " (it appeared while this command ran)" if at_swap else ""
+        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
+            raise AusteerError(f"cannot write the {self.what} to {shown}: it is a device, pipe or socket{during}; pass a file path")
         if self.folder:
             if not stat.S_ISDIR(mode):
                 raise AusteerError(f"cannot write the {self.what} to {shown}: a file is in the way{during}; choose a new folder path")
@@ -297,6 +304,11 @@ class Output:
                 empty = not any(found.iterdir())
             except OSError as err:
                 raise AusteerError(os_error_message(err, shown, "read")) from None
+            if not at_swap and os.path.ismount(found):
+                raise AusteerError(
+                    f"cannot write the {self.what} to {shown}: it is a mount point, and a {self.what} is written whole by a rename "
+                    "that a mount point cannot take; pass a folder inside it"
+                )
             if empty:
                 return
             if not self.is_ours(found):
@@ -317,23 +329,40 @@ class Output:
             raise AusteerError(f"refusing to replace {shown}{during}: it is not a {self.what} that austeer-pl wrote; {fix}")
 
     # -- the write
+    def temporary(self) -> Path:
+        """A fresh temporary path beside the output (nothing is created)."""
+        return self.path.with_name(f".{self.path.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
     @contextmanager
     def writing(self) -> Iterator[Path]:
         """Yield a temporary path (an empty folder for folder outputs) beside :attr:`path`; on
-        success it replaces the output, after :meth:`check`'s rules are applied once more."""
+        success it replaces the output (:meth:`place`)."""
         target = self.path
+        tmp = self.temporary()
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             remove_stale_temporaries(target)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
             if self.folder:
                 tmp.mkdir(mode=0o700)
             else:
                 tmp.touch(mode=0o600)
         except OSError as err:
+            _remove(tmp)
             raise AusteerError(os_error_message(err, target)) from None
         try:
-            yield tmp
+            try:
+                yield tmp
+            except OSError as err:  # a full disk or a permission while the output is written
+                raise AusteerError(os_error_message(err, target)) from None
+            self.place(tmp)
+        finally:
+            _remove(tmp)
+
+    def place(self, tmp: Path) -> None:
+        """Move the finished ``tmp`` onto the output, after :meth:`check`'s rules are applied once more
+        to what is there at that moment (moved aside, judged, and put back if it may not be replaced)."""
+        target = self.path
+        try:
             if self.folder:
                 _normal_permissions(tmp)
             else:
@@ -345,27 +374,44 @@ class Output:
             _remove(tmp)
 
     def _swap(self, tmp: Path, target: Path) -> None:
-        backups: list[Path] = []
+        backups: list[Path] = []  # our own earlier outputs, moved aside: removed once the new one is in place
+        placed = False
         try:
             for _ in range(20):
                 if _place(tmp, target, folder=self.folder):
+                    placed = True
                     return
-                aside = target.with_name(f".{target.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.old")
+                aside = target.with_name(f".{target.name}.{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}.old")
                 try:
                     os.rename(target, aside)  # one atomic look: another writer may swap it in between
                 except FileNotFoundError:
                     continue
                 try:
                     self._judge(aside, at_swap=True, shown=target)
-                except AusteerError as refusal:
+                except BaseException as stop:  # a refusal, or a signal while judging: put it back untouched
                     if not _place(aside, target, folder=stat.S_ISDIR(os.lstat(aside).st_mode)):
-                        raise AusteerError(f"{refusal} (what was at {target} is kept as {aside})") from None
+                        visible = _keep_visible(aside, target)
+                        if isinstance(stop, AusteerError):
+                            raise AusteerError(f"{stop} (what was at {target} is kept as {visible})") from None
                     raise
                 backups.append(aside)
             raise AusteerError(f"cannot write {target}: other processes keep replacing it; run one writer at a time")
         finally:
-            for backup in backups:  # judged ours: safe to remove
-                _remove(backup)
+            for backup in backups:
+                if placed:
+                    _remove(backup)  # judged ours and replaced
+                elif not _place(backup, target, folder=stat.S_ISDIR(os.lstat(backup).st_mode)):
+                    _keep_visible(backup, target)
+
+
+def _keep_visible(aside: Path, target: Path) -> Path:
+    """Give something that could not go back to ``target`` a visible name beside it (never delete it)."""
+    visible = target.with_name(f"{target.name}.kept-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(aside, visible)
+        return visible
+    except OSError:
+        return aside
 
 
 def _place(src: Path, target: Path, *, folder: bool) -> bool:
@@ -414,7 +460,12 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
-    """Remove the temporaries a killed writer left beside ``target`` (only those of dead processes)."""
+    """Clean up beside ``target`` after writers of this machine that were killed outright (SIGKILL).
+
+    Their ``.tmp`` outputs are removed; what one had moved aside (``.old``: a user's file being
+    judged, or an earlier output) is never removed: it goes back to ``target`` when that is free.
+    Only temporaries of this host whose process is gone are touched. Returns what was removed.
+    """
     target = Path(target)
     removed = []
     try:
@@ -423,9 +474,16 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
         return removed
     for sibling in siblings:
         match = _OURS.match(sibling.name)
-        if match and match["name"] == target.name and not _alive(int(match["pid"])):
+        if not match or match["name"] != target.name or match["host"] != _HOST or _alive(int(match["pid"])):
+            continue
+        if match["kind"] == "tmp":
             _remove(sibling)
             removed.append(sibling)
+        else:
+            try:
+                _place(sibling, target, folder=sibling.is_dir() and not sibling.is_symlink())
+            except OSError:
+                pass
     return removed
 
 
@@ -440,6 +498,12 @@ def write_json_output(output: Output, obj: dict[str, Any]) -> Path:
     with output.writing() as tmp:
         write_json(tmp, {**obj, JSON_MARKER: {"output": output.what, "version": __version__}})
     return output.path
+
+
+def write_json_atomic(path: str | os.PathLike, obj: dict[str, Any], *, what: str = "result") -> Path:
+    """Write a JSON result that a script owns (the benchmarks' results), replacing what is there
+    (never a folder or an input); commands describe their outputs with :func:`json_output`."""
+    return write_json_output(json_output(path, what, overwrite=True).check(), obj)
 
 
 def jsonl_output(path: str | os.PathLike, what: str, keys: Iterable[str], *, overwrite: bool = False) -> Output:
@@ -485,6 +549,7 @@ __all__ = [
     "save_figure",
     "sha256_file",
     "write_json",
+    "write_json_atomic",
     "write_json_output",
     "write_jsonl_output",
 ]

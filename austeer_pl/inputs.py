@@ -77,7 +77,7 @@ def task_files(config: Any) -> list[Path]:
     elif name.lower() not in HUB_TASKS and not name.lower().startswith("hub:") and name not in {h.path for h in HUB_TASKS.values()}:
         path = Path(name).expanduser()
         files.append(path / "task.json" if path.is_dir() else path)
-    return [p.absolute() for p in files]
+    return [p.expanduser().resolve() for p in files]
 
 
 def task_pins(config: Any) -> dict[str, str]:
@@ -134,7 +134,7 @@ def check_task(recorded: Mapping[str, Any] | None, config: Any, *, allow: bool =
         return  # a state from before pins, or a task that reads no local file
     now = {str(p): p for p in task_files(config)}
     for where, digest in pins.items():
-        path = now.get(str(where))
+        path = now.get(str(Path(str(where)).resolve()))
         if path is None:
             continue  # another task than the fit's (the caller chose it)
         if not path.is_file():
@@ -142,6 +142,13 @@ def check_task(recorded: Mapping[str, Any] | None, config: Any, *, allow: bool =
             continue
         if sha256_cached(path) != digest:
             _refuse_or_warn(f"the task file {where} changed since the fit (sha256 {_short(digest)}... then, {_short(sha256_cached(path))}... now)", allow)
+
+
+def same_content(recorded: Mapping[str, Any] | None, path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` holds a task file the state was fitted on (moved or renamed)."""
+    pins = (recorded or {}).get("task") if isinstance(recorded, Mapping) else None
+    file = Path(path).expanduser()
+    return isinstance(pins, Mapping) and file.is_file() and sha256_cached(file) in set(pins.values())
 
 
 def check_model(recorded: Mapping[str, Any] | None, name: str, model: Any = None, *, allow: bool = False, cache_dir: Any = None) -> None:
@@ -152,14 +159,14 @@ def check_model(recorded: Mapping[str, Any] | None, name: str, model: Any = None
     now = model_pin(name, model, cache_dir=cache_dir)
     then_sums, now_sums = pin.get("sha256"), now.get("sha256")
     if isinstance(then_sums, Mapping) and isinstance(now_sums, Mapping):
-        if dict(then_sums) != dict(now_sums):
-            changed = sorted(set(then_sums) ^ set(now_sums) | {f for f in then_sums if f in now_sums and then_sums[f] != now_sums[f]})
+        # The weights' content, whatever the files are called (a renamed GGUF is the same model).
+        if sorted(then_sums.values()) != sorted(now_sums.values()):
+            changed = sorted(f for f in set(then_sums) | set(now_sums) if then_sums.get(f) != now_sums.get(f))
             _refuse_or_warn(f"the base model {name} has other weights than the fit's ({', '.join(changed[:3])} differ)", allow)
     elif pin.get("kind") == "hub" and now.get("kind") == "hub":
         if pin.get("revision") and now.get("revision") and pin["revision"] != now["revision"]:
             _refuse_or_warn(f"the base model {name} is at revision {_short(now['revision'])}..., the fit used {_short(pin['revision'])}...", allow)
-    elif pin.get("kind") != now.get("kind"):
-        _refuse_or_warn(f"the base model {name} is not the one the state was fitted on ({pin.get('kind')} {pin.get('path') or pin.get('name')})", allow)
+    # A hub id on one side and local files on the other cannot be compared here: nothing is said.
 
 
-__all__ = ["check_model", "check_task", "model_pin", "record", "sha256_cached", "task_files", "task_pins"]
+__all__ = ["check_model", "check_task", "model_pin", "record", "same_content", "sha256_cached", "task_files", "task_pins"]

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 
 from .errors import AusteerError
-from .fileio import Output
+from .fileio import Output, os_error_message
 
 SITE_OPTIONS = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attention", "ffn"), "residual": ("residual",)}
 
@@ -89,20 +89,33 @@ class PassCheckpoint(Callback):
         self.save(trainer)
 
     def save(self, trainer) -> None:
-        # Through a temporary file of this process's own name, renamed into place (a kill leaves the
-        # previous last.ckpt; the next writer removes a killed one's temporary).
+        """Every rank builds the checkpoint (a collective); rank zero writes it to a temporary file of
+        its own and swaps it in. Whether that worked is agreed on by every rank before any raises,
+        so a full disk on rank zero never leaves the others waiting in a collective."""
         output = Output(self.last_path, "checkpoint", lambda path: path.suffix == ".ckpt", overwrite=True)
+        tmp = output.temporary()
+        failure: BaseException | None = None
         try:
             if trainer.is_global_zero:
-                with output.writing() as tmp:
-                    trainer.save_checkpoint(tmp)  # collective: every rank calls it; rank zero writes
-            else:
-                trainer.save_checkpoint(self.last_path)
-        except RuntimeError as err:
-            if "writ" not in str(err).lower():
-                raise
-            raise AusteerError(f"cannot write the checkpoint {self.last_path} ({str(err).splitlines()[0][:120]}); free disk space or choose another --run_dir") from None
-        trainer.strategy.barrier("austeer-checkpoint")
+                self.dirpath.mkdir(parents=True, exist_ok=True)
+            trainer.save_checkpoint(tmp if trainer.is_global_zero else self.last_path)  # only rank zero writes
+            if trainer.is_global_zero:
+                output.place(tmp)
+        except (OSError, RuntimeError, AusteerError) as err:
+            failure = err
+        finally:
+            if trainer.is_global_zero:
+                tmp.unlink(missing_ok=True)
+        failed = trainer.strategy.reduce(torch.tensor([1.0 if failure is not None else 0.0], device=trainer.strategy.root_device), reduce_op="max")
+        if float(failed.reshape(-1)[0]) > 0:
+            if isinstance(failure, AusteerError):
+                raise failure
+            if isinstance(failure, OSError):
+                raise AusteerError(os_error_message(failure, self.last_path)) from None
+            if failure is not None and "writ" not in str(failure).lower():
+                raise failure
+            detail = str(failure).splitlines()[0][:120] if failure is not None else "it failed on another process"
+            raise AusteerError(f"cannot write the checkpoint {self.last_path} ({detail}); free disk space or choose another --run_dir") from None
 
 
 PASS_SETTINGS_DATA = ("task", "seed", "negatives", "val_fraction", "test_fraction", "max_train_pairs", "chat_template", "max_length", "batch_size",

@@ -8,6 +8,7 @@ name their run folders the same way and talk to W&B the same way.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import re
 import signal
@@ -15,7 +16,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,7 +181,11 @@ class RunFolder:
             self._handle = None
 
 
-def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None) -> RunFolder:
+#: What a run folder holds: logs (CSV, config), checkpoints, W&B files, the lock, the default export.
+RUN_ENTRIES = frozenset({"logs", "checkpoints", "wandb", "state", ".lock", "config.yaml", "hparams.yaml"})
+
+
+def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None, *, inputs: Sequence[str | os.PathLike | None] = ()) -> RunFolder:
     """The run folder of a command: ``given``, else a new ``runs/KIND-TASK-TIMESTAMP[-N]``, created
     exclusively and locked (a folder another running command holds is refused in one line); DDP
     children take the launching process's folder from ``AUSTEER_RUN_DIR``.
@@ -193,6 +198,20 @@ def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None) 
     if is_launched_child() and os.environ.get(RUN_DIR_ENV):
         return RunFolder(Path(os.environ[RUN_DIR_ENV]))
     prefix = f"{kind}-" if kind else ""
+    if given:
+        from .fileio import paths_overlap
+
+        for item in inputs:
+            if item and Path(item).expanduser().exists() and paths_overlap(given, Path(item).expanduser()):
+                raise AusteerError(f"--run_dir {given} is (or holds, or lies in) the input {item}; choose another folder")
+        found = Path(given)
+        if found.is_dir():
+            others = sorted(p.name for p in found.iterdir() if p.name not in RUN_ENTRIES)
+            if others:
+                raise AusteerError(
+                    f"--run_dir {given} holds other files than a run's ({', '.join(others[:3])}); its logs and checkpoints would mix with them: "
+                    "choose a new or empty folder"
+                )
     try:
         if given:
             path = Path(given)
@@ -220,9 +239,12 @@ def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None) 
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except ImportError:  # pragma: no cover - no flock (Windows): unique default names still hold
         pass
-    except OSError:
-        handle.close()
-        raise AusteerError(f"the run folder {path} is in use by another running command; wait for it, or choose another --run_dir") from None
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            handle.close()
+            raise AusteerError(f"the run folder {path} is in use by another running command; wait for it, or choose another --run_dir") from None
+        # A file system without locks (some NFS or Lustre mounts): unique default names still hold.
+        warnings.warn(f"cannot lock the run folder {path} ({(err.strerror or str(err)).lower()}); run one command per --run_dir", stacklevel=2)
     os.environ[RUN_DIR_ENV] = str(path)
     return RunFolder(path, handle)
 
@@ -401,6 +423,7 @@ __all__ = [
     "Interrupted",
     "OneLineParser",
     "RUN_DIR_ENV",
+    "RUN_ENTRIES",
     "RunFolder",
     "WANDB_MODES",
     "accelerator_for",

@@ -48,7 +48,6 @@ import csv
 import itertools
 import functools
 import importlib.util
-import json
 import math
 import random
 import warnings
@@ -235,8 +234,10 @@ def _parse_answer(value: Any, choices: tuple[str, ...], where: str) -> int:
         text = value.strip()
         if text in choices:
             return choices.index(text)
-        if re.fullmatch(r"[+-]?\d+", text):
+        if re.fullmatch(r"[+-]?\d{1,18}", text):
             return _parse_answer(int(text), choices, where)
+        if re.fullmatch(r"[+-]?\d+", text):
+            raise AusteerError(f"{where}: answer {_short(text)} is out of range for {n} choices; {fix}")
         if not text:
             raise AusteerError(f"{where}: answer is empty; {fix}")
         raise AusteerError(f"{where}: answer {_short(text)} is not among the choices {_short(list(choices), 120)}; {fix}")
@@ -1116,6 +1117,13 @@ def load_bigbench_task(path: str | Path, *, data: Mapping[str, Any] | None = Non
 # Entry point
 
 
+def is_named_task(spec: str) -> bool:
+    """Whether ``spec`` names an embedded or hub task (never a local path, whatever the working folder holds)."""
+    text = str(spec).strip()
+    name = text.lower()
+    return name in TASK_NAMES or name.startswith("hub:") or text in {hub.path for hub in HUB_TASKS.values()}
+
+
 def load_task(spec: str, *, hub_split: str | None = None, cache_dir: Any = None, seed: int = 0, files: Any = None) -> Task:
     """Load a task from a name, a hub dataset or a local file.
 
@@ -1435,6 +1443,7 @@ __all__ = [
     "format_prompt",
     "generic_examples",
     "gsm8k_examples",
+    "is_named_task",
     "join_answer",
     "join_for",
     "load_bigbench_task",

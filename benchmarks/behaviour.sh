@@ -17,5 +17,5 @@ $PY evaluate.py --compare --task sentiment --methods iti --grid quick --max_trai
   --max_test_examples 100 --export_dir "$RUN/compare" --overwrite --report "$OUT/iti-compare.json" --wandb_mode disabled > "$OUT/iti-compare.log" 2>&1
 $PY analyze.py behaviour --steering "$RUN/austeer" --iti "$RUN/compare/iti" --split test --max_prompts 24 --max_new_tokens 32 \
   --alphas 0,2,8,32 --caa_multipliers 0,2,4,8 --iti_alphas 0,5,15,30 --max_train_pairs 128 \
-  --out "$OUT/curve.json" --plot docs/behaviour_curve.png --wandb_mode disabled | tee "$OUT/curve.log"
-$PY evaluate.py --steering "$RUN/austeer" --scoring judge --limit 24 --report "$OUT/evaluate.json" | tee "$OUT/evaluate.log"
+  --out "$OUT/curve.json" --plot docs/behaviour_curve.png --overwrite --wandb_mode disabled | tee "$OUT/curve.log"
+$PY evaluate.py --steering "$RUN/austeer" --scoring judge --limit 24 --report "$OUT/evaluate.json" --overwrite | tee "$OUT/evaluate.log"

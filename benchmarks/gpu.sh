@@ -25,5 +25,5 @@ bench vs_paper vs_paper
 for kind in default gate; do
   extra=(); [ "$kind" = gate ] && extra=(--model.strength gate --model.strength_epochs 3)
   $PY train.py --trainer.accelerator gpu --wandb_mode disabled --export_dir "$R/state_$kind" "${extra[@]}"
-  $PY evaluate.py --steering "$R/state_$kind" --report "$R/evaluate_$kind.json" --wandb_mode disabled
+  $PY evaluate.py --steering "$R/state_$kind" --report "$R/evaluate_$kind.json" --overwrite
 done

@@ -26,7 +26,7 @@ for v in "${variants[@]}"; do
   # shellcheck disable=SC2086
   $PY train.py --run_dir "$OUT/$name.run" --export_dir "$OUT/$name.state" --wandb_mode disabled --model.strength_epochs 3 $args || exit 1
   fit=$(( $(date +%s) - start ))
-  $PY evaluate.py --steering "$OUT/$name.state" --report "$OUT/$name.json" --wandb_mode disabled || exit 1
+  $PY evaluate.py --steering "$OUT/$name.state" --report "$OUT/$name.json" --overwrite || exit 1
   echo "$name $fit" >> "$OUT/fit_seconds.txt"
 done
 $PY - "$OUT" <<'PY' | tee "$OUT/table.md"

@@ -18,7 +18,7 @@ for task in boolq copa winogrande svamp mawps; do
   $PY train.py --data.task "$task" --data.protocol paper --data.task_files "$files" --model.site attention \
     --model.k "[10, 50]" --model.alpha "[4, 16]" --model.sign both --data.max_test_examples null \
     --run_dir "runs/paper-$task" --export_dir "runs/paper-$task/state" --overwrite true --wandb_mode disabled > "$OUT/$task-train.log" 2>&1
-  $PY evaluate.py --steering "runs/paper-$task/state" --report "$OUT/$task.json" > "$OUT/$task-evaluate.log" 2>&1
-  $PY evaluate.py --task "$task" --protocol paper --task_files "$files" --split test --dump_examples "$OUT/$task-examples.jsonl" > /dev/null 2>&1
+  $PY evaluate.py --steering "runs/paper-$task/state" --report "$OUT/$task.json" --overwrite > "$OUT/$task-evaluate.log" 2>&1
+  $PY evaluate.py --task "$task" --protocol paper --task_files "$files" --split test --dump_examples "$OUT/$task-examples.jsonl" --overwrite > /dev/null 2>&1
   echo "$task: $(( $(date +%s) - start )) s; $(grep -h 'unsteered\|steered' "$OUT/$task-evaluate.log" | tr -s ' ' | head -2 | tr '\n' ' ')"
 done

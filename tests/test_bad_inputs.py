@@ -673,6 +673,19 @@ def _compare_run_folder_in_use(world, tmp_path, mp):
                            "--run_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"]
 
 
+def _run_dir_is_a_user_folder(world, tmp_path, mp):
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("three years of work")
+    return train_main, [*train_args(world, tmp_path), "--run_dir", str(mine)]
+
+
+def _run_dir_is_the_model(world, tmp_path, mp):
+    model = tmp_path / "model"
+    shutil.copytree(world["tiny"], model)
+    return train_main, [*train_args(world, tmp_path), "--model.model_name", str(model), "--run_dir", str(model / "run")]
+
+
 # 7. One line instead of a traceback.
 def _huge_int(digits: int = 5000) -> str:
     return "1" * digits
@@ -789,6 +802,18 @@ def _evaluate_judge_max_new_tokens_huge(world, tmp_path, mp):
     return evaluate_main, eval_args(world["state"], "--scoring", "judge", "--max_new_tokens", "1000000000")
 
 
+def _task_answer_5000_digits(world, tmp_path, mp):
+    bad = tmp_path / "t.csv"
+    bad.write_text(f"prompt,choices,answer\nx,a|b,{_huge_int()}\n")
+    return evaluate_main, ["--task", str(bad), "--model", str(world["tiny"]), "--dump_examples", str(tmp_path / "d.jsonl")]
+
+
+def _config_yaml_5000_digits(world, tmp_path, mp):
+    config = tmp_path / "big.yaml"
+    config.write_text(f"data:\n  seed: {_huge_int()}\n")
+    return train_main, ["--config", str(config), *train_args(world, tmp_path)]
+
+
 def _evaluate_parser_error(world, tmp_path, mp):
     return evaluate_main, ["--steering", str(world["state"]), "--limit", "many"]
 
@@ -800,8 +825,8 @@ def _export_parser_error(world, tmp_path, mp):
 NEW_CASES = [
     Case("custom-code-model-train", _custom_code_model_train, "needs its own Python code to load (custom code), which austeer-pl never runs", stdin="y\n"),
     Case("custom-code-model-evaluate", _custom_code_model_evaluate, "needs its own Python code to load (custom code)", stdin="y\n"),
-    Case("custom-code-judge-generate", _custom_code_judge, "the classifier judge", stdin="y\n"),
-    Case("custom-code-judge-evaluate", _custom_code_judge_evaluate, "the classifier judge", stdin="y\n"),
+    Case("custom-code-judge-generate", _custom_code_judge, "needs its own Python code to load (custom code)", stdin="y\n"),
+    Case("custom-code-judge-evaluate", _custom_code_judge_evaluate, "needs its own Python code to load (custom code)", stdin="y\n"),
     Case("report-is-the-task-file", _report_is_task_file, "is (or holds, or lies in) the input"),
     Case("report-over-a-user-file", _report_over_user_file, "it is not a evaluation report that austeer-pl wrote; pass --overwrite"),
     Case("report-inside-the-state", _report_inside_state, "is (or holds, or lies in) the input"),
@@ -850,6 +875,10 @@ NEW_CASES = [
     Case("report-name-300-chars", _report_name_too_long, "its name is 305 bytes"),
     Case("generate-max-new-tokens-1e9", _generate_max_new_tokens_huge, "does not fit the model's context"),
     Case("evaluate-judge-max-new-tokens-1e9", _evaluate_judge_max_new_tokens_huge, "does not fit the model's context"),
+    Case("run-dir-is-a-user-folder", _run_dir_is_a_user_folder, "holds other files than a run's (thesis.tex)"),
+    Case("run-dir-inside-the-model", _run_dir_is_the_model, "is (or holds, or lies in) the input"),
+    Case("task-answer-5000-digits", _task_answer_5000_digits, "is out of range for 2 choices"),
+    Case("config-yaml-5000-digits", _config_yaml_5000_digits, "cannot read the arguments or --config file"),
     Case("evaluate-parser-error", _evaluate_parser_error, "invalid int value: 'many'; see evaluate.py --help"),
     Case("export-parser-error", _export_parser_error, "invalid choice: 'onnx'"),
 ]
@@ -936,7 +965,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, world, tmp_path, 
     assert all(p == "run" or p.startswith("run/") for p in new), sorted(new)
     for made, text in case.made.items():  # what a user put there while the command ran is still there, unchanged
         assert (tmp_path / made).is_dir() if text is None else (tmp_path / made).read_text() == text, made
-    assert not any(p.endswith(".tmp") or ".old-" in p for p in after), sorted(after)
+    assert not any(p.endswith((".tmp", ".old")) or ".kept-" in p for p in after), sorted(after)
     assert snapshot(world["state"]) == world_before
     assert seconds < 60
     assert not (tmp_path / "pwned").exists()
@@ -1087,7 +1116,7 @@ def test_every_hub_loader_refuses_custom_code():
     checked, missing = 0, []
     for name in ("from_pretrained", "load_dataset"):
         for path, line, owner, node in _calls(name):
-            if owner in ("SteeringState", "cls", "PeftModel"):
+            if owner == "SteeringState":
                 continue  # our own state loader: JSON and safetensors, no code
             checked += 1
             flag = next((k for k in node.keywords if k.arg == "trust_remote_code"), None)
@@ -1148,7 +1177,7 @@ def test_a_writer_killed_outright_leaves_a_temporary_the_next_writer_removes(wor
     assert len(temporaries()) == 2
     assert evaluate_main(eval_args(world["state"], "--report", str(target))) == 0
     left = temporaries()
-    assert len(left) == 1 and f".{live.pid}-" in left[0]  # the dead writer's is gone, the live one's kept
+    assert len(left) == 1 and f"-{live.pid}-" in left[0]  # the dead writer's is gone, the live one's kept
     live.kill()
     live.wait()
 
@@ -1203,7 +1232,7 @@ def test_outputs_of_our_own_are_replaced_and_others_only_with_overwrite(world, t
     report = tmp_path / "r.json"
     assert evaluate_main(eval_args(world["state"], "--report", str(report))) == 0
     assert evaluate_main(eval_args(world["state"], "--report", str(report))) == 0  # ours: replaced freely
-    assert json.loads(report.read_text())["austeer_pl"]["output"] == "evaluation report"
+    assert json.loads(report.read_text())["austeer_pl_output"]["output"] == "evaluation report"
     mine = tmp_path / "mine.json"
     mine.write_text("mine")
     assert evaluate_main(eval_args(world["state"], "--report", str(mine))) == 2 and mine.read_text() == "mine"
@@ -1255,3 +1284,68 @@ def test_only_the_test_rows_are_needed_to_show_the_test_split(tmp_path, tiny_dir
     _, full = DataConfig(task="boolq", protocol="paper", task_files=",".join(str(p) for p in files)).load()
     dumped = [json.loads(line)["uid"] for line in out.read_text().splitlines()]
     assert sorted(dumped) == sorted(ex.uid for ex in full["test"])  # the same test rows as with the training rows beside them
+
+
+def test_a_users_file_moved_aside_by_a_killed_writer_comes_back(tmp_path):
+    """A writer killed (SIGKILL) while it judged what was at its target leaves that file under a
+    hidden name; the next writer puts it back and never deletes it."""
+    from austeer_pl.fileio import _HOST, json_output, write_json_output
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    target = tmp_path / "r.json"
+    aside = tmp_path / f".r.json.{_HOST}-{dead}-0123abcd.old"
+    aside.write_text("mine")
+    with pytest.raises(AusteerError, match="not a report that austeer-pl wrote"):
+        write_json_output(json_output(target).check(), {"a": 1})  # the check passes (nothing there yet); the write finds it back
+    assert target.read_text() == "mine" and not aside.exists()
+
+
+def test_a_fitted_state_on_rows_all_labelled_test_evaluates_its_own_test_split(world, tmp_path):
+    """A file whose rows all say ``test`` is split by the fractions at fit time; its state's evaluation
+    reads that test split, never the training rows."""
+    rows = [json.loads(line) for line in world["task"].read_text().splitlines()]
+    task = tmp_path / "all_test.jsonl"
+    task.write_text("".join(json.dumps({**row, "split": "test"}) + "\n" for row in rows))
+    with pytest.warns(UserWarning, match="every example is labelled split 'test'"):
+        assert train_main(train_args(world, tmp_path, "--data.task", str(task), "--export_dir", str(tmp_path / "state"))) == 0
+    report = tmp_path / "r.json"
+    with pytest.warns(UserWarning, match="every example is labelled split 'test'"):
+        assert evaluate_main(["--steering", str(tmp_path / "state"), "--report", str(report)]) == 0
+    from austeer_pl.dataconfig import DataConfig
+
+    with pytest.warns(UserWarning):
+        _, splits = DataConfig.of_state(SteeringState.from_pretrained(tmp_path / "state").metadata).load()
+    assert json.loads(report.read_text())["n_examples"] == len(splits["test"]) < len(rows)
+
+
+def test_a_task_name_stays_a_name_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    from austeer_pl.dataconfig import DataConfig
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "less.jsonl").write_text("{}\n")
+    assert DataConfig(task="boolq").absolute().task == "boolq"
+    assert DataConfig(task="less.jsonl").absolute().task == str(tmp_path / "less.jsonl")
+
+
+def test_a_moved_task_file_keeps_the_fits_splits(world, tmp_path):
+    """The state's file moved (another machine, another folder): the same content under --task is the fit's task, caps and all."""
+    from austeer_pl.dataconfig import DataConfig
+
+    state = SteeringState.from_pretrained(world["state"])
+    moved = tmp_path / "elsewhere.jsonl"
+    shutil.copy(world["task"], moved)
+    config = DataConfig.of_state(state.metadata, task=str(moved))
+    recorded = DataConfig.of_state(state.metadata)
+    assert config.task == str(moved) and (config.max_val_examples, config.max_test_examples) == (recorded.max_val_examples, recorded.max_test_examples)
+    write_less_task(moved, 40, seed=3)  # other content: another task, uncapped
+    assert DataConfig.of_state(state.metadata, task=str(moved)).max_test_examples is None
+
+
+def test_a_merged_folder_with_a_users_file_is_not_replaced(world, tmp_path, capsys):
+    out = tmp_path / "merged"
+    assert export_main(["--steering", str(world["state"]), "--out", str(out)]) == 0
+    assert export_main(["--steering", str(world["state"]), "--out", str(out), "--overwrite"]) == 0  # ours: replaced
+    (out / "notes.txt").write_text("mine")
+    assert export_main(["--steering", str(world["state"]), "--out", str(out), "--overwrite"]) == 2
+    assert (out / "notes.txt").read_text() == "mine" and "holds other files" in capsys.readouterr().err

@@ -111,14 +111,17 @@ def test_stale_temporaries_of_dead_writers_only(tmp_path):
     import sys
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    from austeer_pl.fileio import _HOST
+
     target = tmp_path / "r.json"
-    stale = tmp_path / f".r.json.{dead}-0123abcd.tmp"
-    mine = tmp_path / f".r.json.{os.getpid()}-0123abcd.tmp"
-    other = tmp_path / f".other.json.{dead}-0123abcd.tmp"
-    for path in (stale, mine, other):
+    stale = tmp_path / f".r.json.{_HOST}-{dead}-0123abcd.tmp"
+    mine = tmp_path / f".r.json.{_HOST}-{os.getpid()}-0123abcd.tmp"
+    other = tmp_path / f".other.json.{_HOST}-{dead}-0123abcd.tmp"
+    elsewhere = tmp_path / f".r.json.{'0' * 6 if _HOST != '0' * 6 else '1' * 6}-{dead}-0123abcd.tmp"  # another host's: its pid means nothing here
+    for path in (stale, mine, other, elsewhere):
         path.write_text("x")
     assert remove_stale_temporaries(target) == [stale]
-    assert not stale.exists() and mine.exists() and other.exists()
+    assert not stale.exists() and mine.exists() and other.exists() and elsewhere.exists()
 
 
 @pytest.mark.parametrize("text, needle", [
