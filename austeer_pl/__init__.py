@@ -1,7 +1,7 @@
 """austeer-pl: fine-grained activation steering (AUSteer) for causal language models.
 
 The core (this namespace) imports torch, safetensors and transformers only; the Lightning
-pipeline lives in :mod:`austeer_pl.lightning` and is imported on demand.
+pipeline lives in :mod:`austeer_pl.lightning.module` and is imported on demand.
 
 Example:
     >>> from austeer_pl import load_model, SteeringState
@@ -11,16 +11,16 @@ Example:
     ...     out = model.generate(**tokenizer("Great film!", return_tensors="pt"), max_new_tokens=5)
 """
 
-from ._version import __version__
-from .errors import AusteerError
-from .fit import accumulate_momentum, fit_state
-from .models import DEFAULT_MODEL, load_model
-from .momentum import MomentumAccumulator
-from .reading import ActivationReader
-from .selection import Selection, select_units
-from .sites import SITES, LayoutSpec, ModelLayout, locate_units
-from .hooks import EditHandle
-from .steering import SteeringState
+from austeer_pl._version import __version__
+from austeer_pl.errors import AusteerError
+from austeer_pl.core.pairs import accumulate_momentum, fit_state
+from austeer_pl.core.models import DEFAULT_MODEL, load_model
+from austeer_pl.core.momentum import MomentumAccumulator
+from austeer_pl.core.reading import ActivationReader
+from austeer_pl.core.selection import Selection, select_units
+from austeer_pl.core.sites import SITES, LayoutSpec, ModelLayout, locate_units
+from austeer_pl.core.hooks import EditHandle
+from austeer_pl.core.state import SteeringState
 
 __all__ = [
     "__version__",

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:  # runnable as `python benchmarks/<name>.py` from 
 
 import torch  # noqa: E402
 
-from austeer_pl.fileio import write_json_atomic  # noqa: E402
+from austeer_pl.core.fileio import write_json_atomic  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STATE_CACHE = Path(os.environ.get("AUSTEER_BENCH_CACHE", Path.home() / ".cache" / "austeer_pl" / "benchmarks"))
@@ -117,7 +117,7 @@ def default_pairs(tokenizer, n: int, seed: int = 0) -> list[dict[str, str]]:
 
     Each item has ``prompt`` (formatted prompt text), ``pos`` and ``neg`` (full texts).
     """
-    from austeer_pl.tasks import format_prompt, join_answer, load_task, make_pairs, split_examples
+    from austeer_pl.tasks.sources import format_prompt, join_answer, load_task, make_pairs, split_examples
 
     task = load_task("rotten_tomatoes")
     train = split_examples(task.examples, seed=seed, max_train=n)["train"]
@@ -133,7 +133,7 @@ def default_pairs(tokenizer, n: int, seed: int = 0) -> list[dict[str, str]]:
 
 def encode_batches(tokenizer, pairs: Sequence[dict[str, str]], batch_size: int, device) -> list[tuple[dict, dict]]:
     """Pre-tokenized ``(pos, neg)`` batches (right-padded), as :func:`accumulate_momentum` builds them."""
-    from austeer_pl.batching import encode_texts
+    from austeer_pl.core.tokens import encode_texts
 
     batches = []
     for i in range(0, len(pairs), batch_size):
@@ -294,7 +294,7 @@ def fitted_ranking(model, tokenizer, *, n_pairs: int = 200, sites: Sequence[str]
     from safetensors.torch import load_file, save_file
 
     from austeer_pl import MomentumAccumulator, accumulate_momentum, locate_units
-    from austeer_pl.selection import rank_units
+    from austeer_pl.core.selection import rank_units
 
     layout = locate_units(model)
     STATE_CACHE.mkdir(parents=True, exist_ok=True)
@@ -315,11 +315,11 @@ def fitted_ranking(model, tokenizer, *, n_pairs: int = 200, sites: Sequence[str]
 
 
 def shared_prefix_api():
-    """``austeer_pl.prefix`` if this checkout has it (None on code from before the shared-prefix
+    """``austeer_pl.core.prefix`` if this checkout has it (None on code from before the shared-prefix
     reader, so the same scripts can measure an older checkout: ``git worktree add`` it, copy
     ``benchmarks/`` in, run there)."""
     try:
-        from austeer_pl import prefix
+        from austeer_pl.core import prefix
     except ImportError:
         return None
     return prefix
@@ -343,7 +343,7 @@ def state_from(selection, layout, k: int, *, layers: Sequence[int] | None = None
     """An AUSteer state with the top ``k`` units; with ``layers``, the units are spread evenly over
     exactly those layers (the best ``k / len(layers)`` of each, in ranking order)."""
     from austeer_pl import SteeringState
-    from austeer_pl.selection import Selection
+    from austeer_pl.core.selection import Selection
 
     if layers is not None:
         layers = list(layers)

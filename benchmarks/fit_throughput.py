@@ -7,7 +7,7 @@ per forward, positive and negative rows in one pass, as ``accumulate_momentum`` 
 * ``base_model``: ``model.model(...)``, no hooks: decoder layers + final norm, no LM head.
 * ``momentum``: ``ActivationReader`` (hooks at every layer's sites, stops after the last decoder layer)
   + ``MomentumAccumulator.update``: the real fitting step.
-* ``momentum_shared``: the same statistics with the shared-prefix reader (``austeer_pl.prefix``).
+* ``momentum_shared``: the same statistics with the shared-prefix reader (``austeer_pl.core.prefix``).
 
 The momentum pass skips the LM head, so it beats ``causal_lm`` for free; ``base_model`` is the honest
 "plain forward" yardstick. Target: throughput(momentum) / throughput(base_model) >= 0.90.
@@ -21,7 +21,7 @@ import _common as C
 import torch
 
 from austeer_pl import ActivationReader, MomentumAccumulator, locate_units
-from austeer_pl.fit import read_pair_batch
+from austeer_pl.core.pairs import read_pair_batch
 
 
 def main() -> None:

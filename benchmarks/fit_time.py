@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from austeer_pl.fileio import write_json_atomic  # noqa: E402
+from austeer_pl.core.fileio import write_json_atomic  # noqa: E402
 
 BEFORE = ["--model.site", "attention", "--model.k", "[10, 50]", "--model.alpha", "[4, 16, 64]", "--model.criterion", "accuracy",
           "--model.halving", "false", "--model.harm_budget", "null", "--model.verdict_level", "1", "--model.replay", "false",

@@ -17,8 +17,8 @@ import _common as C
 import torch
 
 from austeer_pl import MomentumAccumulator, SteeringState, select_units
-from austeer_pl.fit import read_pair_batch
-from austeer_pl.reading import ActivationReader
+from austeer_pl.core.pairs import read_pair_batch
+from austeer_pl.core.reading import ActivationReader
 
 
 def spaced(n_layers: int, count: int) -> list[int]:

@@ -16,8 +16,8 @@ import _common as C
 import torch
 
 from austeer_pl import ActivationReader, MomentumAccumulator, locate_units, select_units
-from austeer_pl.fit import read_pair_batch
-from austeer_pl.prefix import read_pair_batch_shared_prefix, split_shared_prefix
+from austeer_pl.core.pairs import read_pair_batch
+from austeer_pl.core.prefix import read_pair_batch_shared_prefix, split_shared_prefix
 
 
 def main() -> None:

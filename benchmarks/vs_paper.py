@@ -25,9 +25,9 @@ import _common as C
 import torch
 
 from austeer_pl import MomentumAccumulator, locate_units
-from austeer_pl.fit import read_pair_batch
-from austeer_pl.reading import ActivationReader
-from austeer_pl.sites import register_site_hook
+from austeer_pl.core.pairs import read_pair_batch
+from austeer_pl.core.reading import ActivationReader
+from austeer_pl.core.sites import register_site_hook
 
 SITES = ("attention", "ffn")
 VARIANTS = ("paper_per_example", "paper_keep_all", "ours_batched", "ours_shared_prefix")

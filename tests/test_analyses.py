@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from austeer_pl.analyses import AnalysisOptions, analyze_main, kl_divergence, prepare, strength_convergence
+from austeer_pl.analyses.units import AnalysisOptions, analyze_main, kl_divergence, prepare, strength_convergence
 
 from conftest import write_less_task
 

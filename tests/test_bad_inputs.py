@@ -24,11 +24,11 @@ import pytest
 import torch
 
 from austeer_pl import SteeringState
-from austeer_pl.analyses import analyze_main
-from austeer_pl.cli import evaluate_main, train, train_main
+from austeer_pl.analyses.units import analyze_main
+from austeer_pl.cli.main import evaluate_main, train, train_main
 from austeer_pl.errors import AusteerError
-from austeer_pl.export import export_main
-from austeer_pl.generation import generate_main
+from austeer_pl.export.formats import export_main
+from austeer_pl.cli.generate import generate_main
 
 from conftest import make_model, make_tokenizer, write_custom_code_folder, write_less_task
 
@@ -73,7 +73,7 @@ def rewrite_state(folder: Path, *, config: Callable[[dict], None] | None = None,
     """Alter a saved state the way a hand edit would (keeping the checksum consistent, so only the field is wrong)."""
     from safetensors.torch import load_file, save_file
 
-    from austeer_pl.fileio import sha256_file
+    from austeer_pl.core.fileio import sha256_file
 
     cfg = json.loads((folder / "steering_config.json").read_text())
     if tensors is not None:
@@ -143,7 +143,7 @@ def _export_is_a_file(world, tmp_path, mp):
 
 def _readonly_output(world, tmp_path, mp):
     real = os.access
-    mp.setattr("austeer_pl.fileio.os.access", lambda path, mode: False if Path(path) == tmp_path else real(path, mode))
+    mp.setattr("austeer_pl.core.fileio.os.access", lambda path, mode: False if Path(path) == tmp_path else real(path, mode))
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "new"))
 
 
@@ -386,7 +386,7 @@ def _eval_layout_without_layers(world, tmp_path, mp):
 
 
 def _eval_full_disk_report(world, tmp_path, mp):
-    import austeer_pl.fileio as fileio
+    import austeer_pl.core.fileio as fileio
 
     def full(path, obj):
         Path(path).write_text("{")
@@ -532,7 +532,7 @@ def _state_appears_in_export_during_fit(world, tmp_path, mp):
 
 
 def _file_appears_in_merge_out(world, tmp_path, mp):
-    _appears_during(mp, "austeer_pl.export._model_card", tmp_path / "merged" / "notes.txt")
+    _appears_during(mp, "austeer_pl.export.formats._model_card", tmp_path / "merged" / "notes.txt")
     return export_main, ["--steering", str(world["state"]), "--out", str(tmp_path / "merged")]
 
 
@@ -584,23 +584,23 @@ def _sigterm_during_state_export(world, tmp_path, mp):
 
 
 def _ctrl_c_during_evaluate(world, tmp_path, mp):
-    import austeer_pl.evaluation
+    import austeer_pl.scoring.evaluate
 
-    _signal_during(mp, austeer_pl.evaluation, "evaluate_examples", None)
+    _signal_during(mp, austeer_pl.scoring.evaluate, "evaluate_examples", None)
     return evaluate_main, eval_args(world["state"], "--report", str(tmp_path / "r.json"))
 
 
 def _ctrl_c_during_generate(world, tmp_path, mp):
-    import austeer_pl.behaviour
+    import austeer_pl.analyses.behaviour
 
-    _signal_during(mp, austeer_pl.behaviour, "generate_pairs", None)
+    _signal_during(mp, austeer_pl.analyses.behaviour, "generate_pairs", None)
     return generate_main, ["--steering", str(world["state"]), "--prompt", "is 1 less than 2", "--out", str(tmp_path / "g.jsonl")]
 
 
 def _sigterm_during_fit(world, tmp_path, mp):
     import signal
 
-    from austeer_pl.gridscore import GridScorer
+    from austeer_pl.fit.gridscore import GridScorer
 
     _signal_during(mp, GridScorer, "score", signal.SIGTERM)
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "export"))
@@ -1000,7 +1000,7 @@ def test_report_has_normal_permissions(world, tmp_path):
 
 
 def test_wandb_online_falls_back_to_offline_with_a_warning(monkeypatch, tmp_path):
-    from austeer_pl.cli import resolve_wandb_mode
+    from austeer_pl.cli.main import resolve_wandb_mode
 
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
@@ -1013,7 +1013,7 @@ def test_wandb_online_falls_back_to_offline_with_a_warning(monkeypatch, tmp_path
 
 
 def test_resume_with_the_same_settings_is_accepted(world, tmp_path):
-    from austeer_pl.lightning import check_resume, pass_settings
+    from austeer_pl.lightning.module import check_resume, pass_settings
 
     model = {"model_name": str(world["tiny"]), "dtype": None, "site": "attention", "layout_layers": None, "layout_attention": None, "layout_ffn": None}
     data = {"task": str(world["task"]), "seed": 0, "negatives": "sample", "val_fraction": 0.2, "test_fraction": 0.2,
@@ -1035,7 +1035,7 @@ def test_custom_layout_is_recorded_and_evaluated(world, tmp_path, capsys):
 
 
 def test_scoring_refuses_nan_log_probabilities():
-    from austeer_pl.scoring import choice_logprobs
+    from austeer_pl.scoring.loglik import choice_logprobs
 
     model = make_model("llama")
     with torch.no_grad():
@@ -1045,8 +1045,8 @@ def test_scoring_refuses_nan_log_probabilities():
 
 
 def test_cache_overwritten_in_place_is_caught(tmp_path, monkeypatch):
-    from austeer_pl import models
-    from austeer_pl.models import ensure_embedded_model, load_model
+    from austeer_pl.core import models
+    from austeer_pl.core.models import ensure_embedded_model, load_model
 
     from test_models import FakeEmbedded
 
@@ -1062,7 +1062,7 @@ def test_cache_overwritten_in_place_is_caught(tmp_path, monkeypatch):
 
 
 def test_truncated_gguf_message_does_not_blame_a_missing_package(tmp_path):
-    from austeer_pl.models import load_model
+    from austeer_pl.core.models import load_model
 
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF\x03\x00\x00\x00" + bytes(20))
@@ -1127,7 +1127,7 @@ def test_every_hub_loader_refuses_custom_code():
 
 def test_custom_code_never_runs_when_a_user_types_y(tmp_path):
     """The issue's own repro, as a user runs it: ``echo y | generate.py ... --judge FOLDER``."""
-    from austeer_pl.steering import SteeringState  # noqa: F401 - the state below is the world's
+    from austeer_pl.core.state import SteeringState  # noqa: F401 - the state below is the world's
 
     marker = tmp_path / "pwned"
     judge = write_custom_code_folder(tmp_path / "judge", marker, kind="classifier")
@@ -1160,7 +1160,7 @@ def test_a_writer_killed_outright_leaves_a_temporary_the_next_writer_removes(wor
     removes what a dead writer left, and nothing of a live writer's."""
     script = (
         "import sys, time\n"
-        "from austeer_pl.fileio import json_output\n"
+        "from austeer_pl.core.fileio import json_output\n"
         "with json_output(sys.argv[1]).writing() as tmp:\n"
         "    tmp.write_bytes(b'0' * 100000)\n"
         "    print('writing', flush=True)\n"
@@ -1193,7 +1193,7 @@ def test_sigterm_from_another_process_during_export_leaves_nothing(world, tmp_pa
         "    print('written', flush=True)\n"
         "    time.sleep(60)\n"
         "PreTrainedModel.save_pretrained = slow\n"
-        "from austeer_pl.export import export_main\n"
+        "from austeer_pl.export.formats import export_main\n"
         "sys.exit(export_main(sys.argv[1:]))\n"
     )
     out = tmp_path / "merged"
@@ -1208,10 +1208,10 @@ def test_sigterm_from_another_process_during_export_leaves_nothing(world, tmp_pa
 
 
 def test_run_folders_are_new_for_each_command_started_in_the_same_second(tmp_path, monkeypatch):
-    from austeer_pl.runtime import claim_run_dir
+    from austeer_pl.cli.runtime import claim_run_dir
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("austeer_pl.runtime.time.strftime", lambda fmt: "20261206-120000")
+    monkeypatch.setattr("austeer_pl.cli.runtime.time.strftime", lambda fmt: "20261206-120000")
     a, b = claim_run_dir("", "less.jsonl"), claim_run_dir("", "less.jsonl")
     assert a.path != b.path and a.path.is_dir() and b.path.is_dir()
     assert (a.path.name, b.path.name) == ("less-20261206-120000", "less-20261206-120000-2")
@@ -1279,7 +1279,7 @@ def test_only_the_test_rows_are_needed_to_show_the_test_split(tmp_path, tiny_dir
     code = evaluate_main(["--task", "boolq", "--protocol", "paper", "--task_files", ",".join(test_only), "--split", "test",
                           "--model", str(tiny_dir), "--dump_examples", str(out)])
     assert code == 0
-    from austeer_pl.dataconfig import DataConfig
+    from austeer_pl.tasks.config import DataConfig
 
     _, full = DataConfig(task="boolq", protocol="paper", task_files=",".join(str(p) for p in files)).load()
     dumped = [json.loads(line)["uid"] for line in out.read_text().splitlines()]
@@ -1289,7 +1289,7 @@ def test_only_the_test_rows_are_needed_to_show_the_test_split(tmp_path, tiny_dir
 def test_a_users_file_moved_aside_by_a_killed_writer_comes_back(tmp_path):
     """A writer killed (SIGKILL) while it judged what was at its target leaves that file under a
     hidden name; the next writer puts it back and never deletes it."""
-    from austeer_pl.fileio import _HOST, json_output, write_json_output
+    from austeer_pl.core.fileio import _HOST, json_output, write_json_output
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     target = tmp_path / "r.json"
@@ -1311,7 +1311,7 @@ def test_a_fitted_state_on_rows_all_labelled_test_evaluates_its_own_test_split(w
     report = tmp_path / "r.json"
     with pytest.warns(UserWarning, match="every example is labelled split 'test'"):
         assert evaluate_main(["--steering", str(tmp_path / "state"), "--report", str(report)]) == 0
-    from austeer_pl.dataconfig import DataConfig
+    from austeer_pl.tasks.config import DataConfig
 
     with pytest.warns(UserWarning):
         _, splits = DataConfig.of_state(SteeringState.from_pretrained(tmp_path / "state").metadata).load()
@@ -1319,7 +1319,7 @@ def test_a_fitted_state_on_rows_all_labelled_test_evaluates_its_own_test_split(w
 
 
 def test_a_task_name_stays_a_name_beside_a_folder_of_that_name(tmp_path, monkeypatch):
-    from austeer_pl.dataconfig import DataConfig
+    from austeer_pl.tasks.config import DataConfig
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "boolq").mkdir()
@@ -1330,7 +1330,7 @@ def test_a_task_name_stays_a_name_beside_a_folder_of_that_name(tmp_path, monkeyp
 
 def test_a_moved_task_file_keeps_the_fits_splits(world, tmp_path):
     """The state's file moved (another machine, another folder): the same content under --task is the fit's task, caps and all."""
-    from austeer_pl.dataconfig import DataConfig
+    from austeer_pl.tasks.config import DataConfig
 
     state = SteeringState.from_pretrained(world["state"])
     moved = tmp_path / "elsewhere.jsonl"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from austeer_pl import AusteerError, MomentumAccumulator, SteeringState, accumulate_momentum, locate_units
-from austeer_pl.iti import (
+from austeer_pl.methods.iti import (
     HeadMoments,
     ProbeAccuracy,
     accumulate_head_moments,
@@ -20,7 +20,7 @@ from austeer_pl.iti import (
     iti_state,
     select_heads,
 )
-from austeer_pl.baselines import (
+from austeer_pl.methods.baselines import (
     block_austeer_state,
     caa_candidate_layers,
     caa_state,
@@ -29,9 +29,9 @@ from austeer_pl.baselines import (
     sadi_head_scores,
     sadi_state,
 )
-from austeer_pl.methods import METHODS as REGISTRY
-from austeer_pl.methods import FitContext, build_state, grid_points
-from austeer_pl.steering import CONFIG_NAME
+from austeer_pl.methods.registry import METHODS as REGISTRY
+from austeer_pl.methods.registry import FitContext, build_state, grid_points
+from austeer_pl.core.state import CONFIG_NAME
 
 METHODS = [m for m, entry in REGISTRY.items() if entry.points is not None and m != "austeer"]
 STRENGTH_KEY = {m: REGISTRY[m].strength_key for m in METHODS}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import transformers
 
-from austeer_pl.batching import encode_answers, encode_pairs, encode_texts, pad_ids, truncate_left, truncate_pair_left
+from austeer_pl.core.tokens import encode_answers, encode_pairs, encode_texts, pad_ids, truncate_left, truncate_pair_left
 
 from conftest import make_model, make_tokenizer
 
@@ -49,7 +49,7 @@ def test_left_truncation_keeps_the_read_token():
 def test_truncated_momentum_reads_the_answer_token():
     """With max_length set, the pass reads the same last-token units as the full sequences' last tokens."""
     from austeer_pl import accumulate_momentum, locate_units
-    from austeer_pl.reading import ActivationReader
+    from austeer_pl.core.reading import ActivationReader
 
     model, tok = make_model("llama").double(), make_tokenizer()
     layout = locate_units(model)
@@ -71,7 +71,7 @@ def test_pad_ids_sides():
 
 
 def test_numeric_answers_are_the_last_number():
-    from austeer_pl.scoring import generation_prediction, parse_number
+    from austeer_pl.scoring.loglik import generation_prediction, parse_number
 
     assert parse_number("First 3 apples, then 4 more: 7") == 7.0  # the answer ends the reasoning
     assert parse_number("so #### 1,250 (after 2 steps)") == 1250.0 and parse_number("no digits") is None

@@ -16,9 +16,9 @@ import torch
 from torch import nn
 
 from austeer_pl import AusteerError, accumulate_momentum, fit_state, locate_units
-from austeer_pl import tasks as T
-from austeer_pl.baselines import caa_state
-from austeer_pl.behaviour import (
+from austeer_pl.tasks import sources as T
+from austeer_pl.methods.baselines import caa_state
+from austeer_pl.analyses.behaviour import (
     SENTIMENT_MAX_WORDS,
     SENTIMENT_MIN_WORDS,
     add_behaviour_arguments,
@@ -35,8 +35,8 @@ from austeer_pl.behaviour import (
     strength_curve,
     text_metrics,
 )
-from austeer_pl.generation import generate_main
-from austeer_pl.judge import (
+from austeer_pl.cli.generate import generate_main
+from austeer_pl.scoring.judges import (
     CallableJudge,
     ClassifierJudge,
     VaderJudge,
@@ -46,7 +46,7 @@ from austeer_pl.judge import (
     mean_perplexity,
     perplexity,
 )
-from austeer_pl.models import load_model
+from austeer_pl.core.models import load_model
 
 from conftest import make_model, make_tokenizer
 
@@ -506,7 +506,7 @@ def test_train_chooses_by_judge_and_evaluate_reports_it(tiny_dir, tmp_path, caps
     import json
 
     from austeer_pl import SteeringState
-    from austeer_pl.cli import evaluate_main, train_main
+    from austeer_pl.cli.main import evaluate_main, train_main
 
     rows = tmp_path / "pairs.jsonl"
     with open(rows, "w") as f:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from austeer_pl import SteeringState
-from austeer_pl.cli import evaluate_main
+from austeer_pl.cli.main import evaluate_main
 
 from conftest import make_model, write_less_task
 
@@ -178,7 +178,7 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
 def test_train_and_compare_export_bit_identical_gate_states(compared, tiny_dir, task_file, tmp_path):
     """One engine: train.py --model.strength gate and --compare's austeer_gate, with the same data,
     seed and settings, train the same gate on the same batches and keep the same epoch."""
-    from austeer_pl.cli import train_main
+    from austeer_pl.cli.main import train_main
 
     out, _ = compared
     code = train_main([
@@ -209,7 +209,7 @@ def test_a_comparison_without_austeer(tiny_dir, task_file, tmp_path):
 
 
 def test_no_steering_is_scored_once_for_all_methods(tiny_dir, task_file, tmp_path, monkeypatch):
-    from austeer_pl.gridscore import GridScorer
+    from austeer_pl.fit.gridscore import GridScorer
 
     scored: list[tuple[str, int]] = []
     original = GridScorer.score

@@ -21,9 +21,9 @@ from austeer_pl import (
     locate_units,
     select_units,
 )
-from austeer_pl.reading import last_token_index, position_ids_from_mask
-from austeer_pl.selection import rank_units
-from austeer_pl.steering import CONFIG_NAME, WEIGHTS_NAME
+from austeer_pl.core.reading import last_token_index, position_ids_from_mask
+from austeer_pl.core.selection import rank_units
+from austeer_pl.core.state import CONFIG_NAME, WEIGHTS_NAME
 
 from conftest import ALL_ARCHS, CORE_ARCHS, make_model, make_tokenizer, tiny_config
 

@@ -18,11 +18,11 @@ import torch
 import transformers
 
 from austeer_pl import AusteerError, SteeringState, accumulate_momentum, locate_units
-from austeer_pl.baselines import caa_state
-from austeer_pl.export import _BLOCK_SCALES, GGUF_PROVENANCE_KEY, export_gguf, export_main, scale_block_rows
-from austeer_pl.fileio import sha256_file
-from austeer_pl.steering import WEIGHTS_NAME
-from austeer_pl.strength import GateStrength, fold_strength
+from austeer_pl.methods.baselines import caa_state
+from austeer_pl.export.formats import _BLOCK_SCALES, GGUF_PROVENANCE_KEY, export_gguf, export_main, scale_block_rows
+from austeer_pl.core.fileio import sha256_file
+from austeer_pl.core.state import WEIGHTS_NAME
+from austeer_pl.core.strength import GateStrength, fold_strength
 
 from conftest import make_model, make_tokenizer
 from test_merge import make_pairs, random_state, residual_shift
@@ -393,7 +393,7 @@ def test_block_scales_refuse_what_they_cannot_do():
 
 @pytest.mark.real_model
 def test_embedded_gguf_export(tmp_path):
-    from austeer_pl.models import embedded_gguf_path
+    from austeer_pl.core.models import embedded_gguf_path
 
     try:
         source = embedded_gguf_path()

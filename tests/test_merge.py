@@ -12,9 +12,9 @@ import transformers
 from torch import nn
 
 from austeer_pl import AusteerError, LayoutSpec, SteeringState, accumulate_momentum, locate_units, select_units
-from austeer_pl.baselines import block_austeer_state, sadi_state
-from austeer_pl.merge import check_foldable, ffn_output_projection, merge_into
-from austeer_pl.strength import GateStrength, ScalarStrength, fold_strength
+from austeer_pl.methods.baselines import block_austeer_state, sadi_state
+from austeer_pl.core.merge import check_foldable, ffn_output_projection, merge_into
+from austeer_pl.core.strength import GateStrength, ScalarStrength, fold_strength
 
 from conftest import ALL_ARCHS, make_model, make_tokenizer
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from austeer_pl import AusteerError, SteeringState, accumulate_momentum, locate_units
-from austeer_pl.engine import StrengthTrainer, rank_site_options
-from austeer_pl.iti import accumulate_head_moments, accumulate_probe_accuracy, fit_probes
-from austeer_pl.methods import METHODS, FitContext, build_state, needs
+from austeer_pl.fit.engine import StrengthTrainer, rank_site_options
+from austeer_pl.methods.iti import accumulate_head_moments, accumulate_probe_accuracy, fit_probes
+from austeer_pl.methods.registry import METHODS, FitContext, build_state, needs
 
 from conftest import make_model, make_tokenizer
 

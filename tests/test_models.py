@@ -1,4 +1,4 @@
-"""Tests for austeer_pl.models: dtype options, loading, and the embedded-model cache."""
+"""Tests for austeer_pl.core.models: dtype options, loading, and the embedded-model cache."""
 
 from __future__ import annotations
 
@@ -13,9 +13,9 @@ import torch
 from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from austeer_pl import models
+from austeer_pl.core import models
 from austeer_pl.errors import AusteerError
-from austeer_pl.models import (
+from austeer_pl.core.models import (
     DEFAULT_MODEL,
     MARKER_NAME,
     default_cache_dir,

@@ -34,7 +34,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import torch
 from austeer_pl import SteeringState, load_model, locate_units
-from austeer_pl.selection import Selection
+from austeer_pl.core.selection import Selection
 
 model, tok = load_model({str(tiny_dir)!r})
 layout = locate_units(model)

@@ -1,4 +1,4 @@
-"""Tests of austeer_pl.paper: the paper code's protocol (zijian678/AUSteer @ d657387) reproduced.
+"""Tests of austeer_pl.tasks.paper: the paper code's protocol (zijian678/AUSteer @ d657387) reproduced.
 
 Prompts are checked string for string against templates written out here by hand and against the
 rows the paper code itself printed in its reproduce_result.log; answer strings, wrong answers,
@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from austeer_pl import paper as P
+from austeer_pl.tasks import paper as P
 from austeer_pl.errors import AusteerError
-from austeer_pl.tasks import TaskExample, split_examples
+from austeer_pl.tasks.sources import TaskExample, split_examples
 
 REPO = Path(__file__).parents[1]
 
@@ -33,7 +33,7 @@ def error(fn, *args, **kwargs) -> str:
 
 def test_import_pulls_in_no_heavy_dependencies():
     code = (
-        "import sys, austeer_pl.paper\n"
+        "import sys, austeer_pl.tasks.paper\n"
         "heavy = [m for m in ('lightning', 'pytorch_lightning', 'sentence_transformers', 'sklearn', 'datasets') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
@@ -521,7 +521,7 @@ def test_train_then_evaluate_under_the_paper_protocol_on_local_hub_rows(task, ti
     import json
 
     from austeer_pl import SteeringState
-    from austeer_pl.cli import evaluate_main, train_main
+    from austeer_pl.cli.main import evaluate_main, train_main
 
     spec = importlib.util.spec_from_file_location("paper_rows", Path(__file__).resolve().parent / "fixtures" / "paper_rows.py")
     rows = importlib.util.module_from_spec(spec)
@@ -544,7 +544,7 @@ def test_train_then_evaluate_under_the_paper_protocol_on_local_hub_rows(task, ti
     dump = tmp_path / "d.jsonl"
     assert evaluate_main(["--task", task, "--protocol", "paper", "--task_files", files, "--split", "test", "--model", str(tiny_dir), "--dump_examples", str(dump)]) == 0
     lines = [json.loads(line) for line in dump.read_text().splitlines()]
-    from austeer_pl.dataconfig import DataConfig
+    from austeer_pl.tasks.config import DataConfig
 
     _, splits = DataConfig(task=task, protocol="paper", task_files=files).load()
     assert [line["uid"] for line in lines] == [ex.uid for ex in splits["test"]] and len(lines) == 24  # the paper's test set, whole

@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from austeer_pl import SteeringState
-from austeer_pl.cli import evaluate_main, train_main
+from austeer_pl.cli.main import evaluate_main, train_main
 from austeer_pl.errors import AusteerError
-from austeer_pl.lightning import AUSteerModule, ContrastivePairDataModule, PassCheckpoint, shard_batches
-from austeer_pl.prefix import SharedPrefixReader, use_shared_prefix
+from austeer_pl.lightning.module import AUSteerModule, ContrastivePairDataModule, PassCheckpoint, shard_batches
+from austeer_pl.core.prefix import SharedPrefixReader, use_shared_prefix
 
 from conftest import make_model, write_less_task as write_task
 

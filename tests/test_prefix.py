@@ -7,14 +7,14 @@ import torch
 
 from austeer_pl import ActivationReader, accumulate_momentum, locate_units
 from austeer_pl.errors import AusteerError
-from austeer_pl.fit import read_pair_batch
-from austeer_pl.prefix import (
+from austeer_pl.core.pairs import read_pair_batch
+from austeer_pl.core.prefix import (
     SharedPrefixReader,
     read_pair_batch_shared_prefix,
     read_pairs_shared_prefix,
     split_shared_prefix,
 )
-from austeer_pl.batching import encode_texts
+from austeer_pl.core.tokens import encode_texts
 
 from conftest import CORE_ARCHS, make_model, make_tokenizer
 
@@ -196,7 +196,7 @@ def test_fallback_without_cache_gives_same_values():
 # index_select capture of ActivationReader must give the same bits as the paths they speed up.)
 def test_steering_dense_path_is_bit_identical(monkeypatch):
     from austeer_pl import SteeringState, select_units
-    from austeer_pl import hooks
+    from austeer_pl.core import hooks
 
     model = make_model("llama")
     tok = make_tokenizer(padding_side="left")
@@ -252,7 +252,7 @@ def test_unsupported_cache_falls_back_once_per_class(monkeypatch):
     import transformers
     from transformers.cache_utils import DynamicLayer
 
-    from austeer_pl import prefix
+    from austeer_pl.core import prefix
 
     class OtherLayer(DynamicLayer):
         pass

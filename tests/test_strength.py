@@ -14,8 +14,8 @@ import torch
 
 from austeer_pl import SteeringState, load_model
 from austeer_pl.errors import AusteerError
-from austeer_pl.lightning import AUSteerModule, ContrastivePairDataModule
-from austeer_pl.strength import GateStrength
+from austeer_pl.lightning.module import AUSteerModule, ContrastivePairDataModule
+from austeer_pl.core.strength import GateStrength
 
 from conftest import make_tokenizer, write_less_task
 
@@ -128,7 +128,7 @@ def test_learned_scalar_moves_toward_the_useful_direction(tiny_dir, tmp_path, lo
 
 
 def test_saved_gate_for_k100_on_a_7b_residual_stream_is_small(tmp_path):
-    from austeer_pl.strength import fold_strength
+    from austeer_pl.core.strength import fold_strength
 
     k = 100
     state = SteeringState(
@@ -176,9 +176,9 @@ def test_strength_phase_uses_the_capped_training_examples(task_file):
 
 
 def test_evaluate_reports_a_learned_state_beside_its_momentum_rule(tiny_dir, task_file, tmp_path):
-    from austeer_pl.cli import evaluate_main
-    from austeer_pl.evaluation import evaluate_examples
-    from austeer_pl.tasks import load_task, split_examples
+    from austeer_pl.cli.main import evaluate_main
+    from austeer_pl.scoring.evaluate import evaluate_examples
+    from austeer_pl.tasks.sources import load_task, split_examples
 
     module = fit(tiny_dir, task_file, "scalar", epochs=1, export=tmp_path / "state")
     state = SteeringState.from_pretrained(tmp_path / "state")
@@ -238,7 +238,7 @@ def test_nll_loss_ignores_the_wrong_answer_rows(tiny_dir, task_file):
     examples = data.train_examples[:6]
     both = data.collate_examples_train(examples)
     pad = data.tokenizer.pad_token_id
-    from austeer_pl.batching import pad_ids
+    from austeer_pl.core.tokens import pad_ids
 
     ids, mask = pad_ids([list(e.prompt) + list(e.positive) for e in examples], pad, side="left")
     alone = {"n_examples": 6, "input_ids": ids, "attention_mask": mask, "answer_lengths": torch.tensor([len(e.positive) for e in examples])}

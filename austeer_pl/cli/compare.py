@@ -1,0 +1,388 @@
+"""Compare AUSteer with the block-level baselines on one split: ``evaluate.py --compare``.
+
+This module only orchestrates: it parses the comparison's options, runs the one
+:class:`~austeer_pl.lightning.module.AUSteerModule` with every requested method of the registry
+(:mod:`austeer_pl.methods.registry`) on one :class:`~austeer_pl.lightning.datamodule.ContrastivePairDataModule`,
+tests each method's chosen state on the same examples, and writes the report. The methods:
+
+* ``unsteered``: the base model;
+* ``iti``, ``sadi``, ``caa``, ``austeer_block``: :mod:`austeer_pl.methods.baselines`, each over its
+  registered grid (or its quick grid with ``--grid quick``);
+* ``austeer``: the module's own ``site x k x alpha`` grid, with the paper's strength rule ``alpha * m``;
+* ``austeer_scalar``, ``austeer_gate``: AUSteer's chosen units with a learned strength, trained by
+  the same :class:`~austeer_pl.fit.engine.StrengthTrainer` as ``train.py --model.strength`` (the same
+  batches, the same tie rule, the same history), so both export the same state.
+
+One momentum pass reads the ``attention``, ``ffn`` and ``residual`` sites once per batch and feeds
+every method's statistics; they are summed across processes at the end of the pass, so N
+processes give the statistics of one. Validation and test run in Lightning's loops, sharded
+across processes; correct counts and predictions are summed exactly.
+
+Fit time. ``fit_seconds`` of a method is the shared pass (counted in full for every method that
+uses it), plus ITI's probe pass (ITI only), plus the validation time of the method's own grid; the
+unsteered model's is 0. The parts are in ``fit_seconds_parts``. Under DDP each part is the slowest
+process's time.
+
+Example:
+    >>> report = compare(task="rotten_tomatoes", max_train_pairs=300, max_val_examples=100, grid="quick")
+    >>> [(m["name"], round(m["test_accuracy"], 3)) for m in report["methods"]]
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from austeer_pl.errors import AusteerError
+from austeer_pl.methods.registry import GRID_PRESETS, METHODS, get_method, learned_methods
+from austeer_pl.core.models import DEFAULT_MODEL
+from austeer_pl.cli.runtime import ModelDataOptions, accelerator_for, claim_run_dir, jsonable, parse_list, quiet, quiet_fit, resolve_wandb_mode, wandb_logger
+from austeer_pl.core.strength import STRENGTH_LOSSES
+
+#: Methods in report order (the registry's order).
+COMPARE_METHODS: tuple[str, ...] = tuple(METHODS)
+#: Sites the shared pass reads (ITI's head moments come from ``attention``).
+READ_SITES: tuple[str, ...] = ("attention", "ffn", "residual")
+
+FIT_SECONDS_NOTE = (
+    "fit_seconds = shared momentum pass over the training pairs (one forward pass feeding every method's "
+    "statistics; counted in full for each method that uses it) + ITI's validation probe pass (ITI only) + "
+    "the validation time of the method's own grid (for the learned AUSteer variants: AUSteer's grid plus "
+    "their strength training and its validation epochs); 0 for the unsteered model. Under DDP each part is "
+    "the slowest process's wall time."
+)
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Total size of the files in a folder (recursively)."""
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+
+@dataclass
+class CompareOptions(ModelDataOptions):
+    """Everything ``evaluate.py --compare`` needs (see :func:`options_from_args`).
+
+    ``None`` for a data or grid option means the pipeline's default
+    (:class:`~austeer_pl.lightning.module.ContrastivePairDataModule`, :class:`~austeer_pl.lightning.module.AUSteerModule`).
+    """
+
+    methods: tuple[str, ...] = COMPARE_METHODS
+    grid: str = "default"
+    site: list[str] | None = None
+    k: list[int] | None = None
+    alpha: list[float] | None = None
+    sign: str = "promote"
+    strength_epochs: int | None = None
+    strength_lr: float | None = None
+    strength_loss: str | None = None
+    negatives: str = "sample"
+    max_val_examples: int | None = None
+    max_test_examples: int | None = None
+    eval_batch_size: int | None = None
+    scoring: str | None = None
+    devices: int = 1
+    report: str | None = None
+    export_dir: str | None = None
+    overwrite: bool = False
+    run_dir: str | None = None
+    wandb_mode: str = "offline"
+    wandb_project: str = "austeer-pl"
+
+
+def options_from_args(args) -> CompareOptions:
+    """Map the parsed ``evaluate.py`` arguments to :class:`CompareOptions` (checking them)."""
+    g = lambda name, default=None: getattr(args, name, default)  # noqa: E731
+    if g("steering"):
+        raise AusteerError("--compare fits its own states; drop --steering")
+    if g("split", "test") != "test":
+        raise AusteerError("--compare tunes on validation and reports the test split; drop --split")
+    if g("scoring") == "both":
+        raise AusteerError("--compare scores with one method; choose --scoring loglik or generate")
+    if g("strength_epochs") is not None and g("strength_epochs") < 0:
+        raise AusteerError(f"--strength_epochs must be 0 or more, got {g('strength_epochs')}")
+    if g("strength_lr") is not None and not g("strength_lr") > 0:
+        raise AusteerError(f"--strength_lr must be positive, got {g('strength_lr')}")
+    if g("strength_loss") is not None and g("strength_loss") not in STRENGTH_LOSSES:
+        raise AusteerError(f"--strength_loss must be one of {', '.join(STRENGTH_LOSSES)}, not '{g('strength_loss')}'")
+    for name in ("limit", "max_train_pairs", "max_val_examples", "max_test_examples", "batch_size", "eval_batch_size", "devices", "max_length"):
+        value = g(name)
+        if value is not None and value <= 0:
+            raise AusteerError(f"--{name} must be positive, got {value}")
+    from austeer_pl.core.fileio import json_output
+    from austeer_pl.core.state import SteeringState
+
+    report = g("report")
+    reads = [g("task"), g("model")]
+    if report:
+        json_output(report, "comparison report", overwrite=bool(g("overwrite"))).check(inputs=reads)
+    mode = resolve_wandb_mode(g("wandb_mode") or os.environ.get("WANDB_MODE", "offline"), g("wandb_fallback") or "offline")
+    grid = g("grid") or "default"
+    if grid not in GRID_PRESETS:
+        raise AusteerError(f"--grid must be one of {', '.join(GRID_PRESETS)}, not '{grid}'")
+    methods = tuple(parse_list(g("methods"), "--methods", str)) if g("methods") else COMPARE_METHODS
+    bad = [m for m in methods if m not in COMPARE_METHODS]
+    if bad:
+        raise AusteerError(f"--methods: unknown method(s) {', '.join(bad)}; choose from {', '.join(COMPARE_METHODS)}")
+    max_test = g("max_test_examples")
+    if g("limit") is not None:
+        max_test = g("limit") if max_test is None else min(max_test, g("limit"))
+    if g("export_dir"):
+        for method in methods:
+            if method != "unsteered":
+                SteeringState.output(Path(g("export_dir")) / method, overwrite=bool(g("overwrite"))).check(inputs=reads)
+    chat = {"on": True, "off": False, "auto": None, None: None}[g("chat_template")]
+    return CompareOptions(
+        task=g("task") or "rotten_tomatoes",
+        model=g("model") or DEFAULT_MODEL,
+        seed=0 if g("seed") is None else int(g("seed")),
+        methods=methods,
+        grid=grid,
+        site=parse_list(g("site"), "--site", str) if g("site") else None,
+        k=parse_list(g("k"), "--k", int) if g("k") else None,
+        alpha=parse_list(g("alpha"), "--alpha", float) if g("alpha") else None,
+        sign=g("sign") or "promote",
+        strength_epochs=g("strength_epochs"),
+        strength_lr=g("strength_lr"),
+        strength_loss=g("strength_loss"),
+        negatives=g("negatives") or "sample",
+        max_train_pairs=g("max_train_pairs"),
+        max_val_examples=g("max_val_examples"),
+        max_test_examples=max_test,
+        batch_size=g("batch_size") or 16,
+        eval_batch_size=g("eval_batch_size"),
+        max_length=g("max_length"),
+        chat_template=chat,
+        scoring=g("scoring"),
+        dtype=g("dtype"),
+        device=g("device"),
+        devices=g("devices") or 1,
+        cache_dir=g("cache_dir"),
+        report=report,
+        export_dir=g("export_dir"),
+        overwrite=bool(g("overwrite")),
+        run_dir=g("run_dir"),
+        wandb_mode=mode,
+        wandb_project=g("wandb_project") or os.environ.get("WANDB_PROJECT", "austeer-pl"),
+    )
+
+
+def _austeer_grid(opts: CompareOptions) -> dict[str, Any]:
+    """AUSteer's grid: the options given, else the quick preset (``--grid quick``) or the module's defaults."""
+    preset = dict(get_method("austeer").quick_grid) if opts.grid == "quick" else {}
+    out = {"site": opts.site or preset.get("site"), "k": opts.k or preset.get("k"), "alpha": opts.alpha or preset.get("alpha")}
+    return {key: value for key, value in out.items() if value is not None}
+
+
+def _data_kwargs(opts: CompareOptions) -> dict[str, Any]:
+    out = dict(task=opts.task, seed=opts.seed, negatives=opts.negatives, batch_size=opts.batch_size,
+               eval_batch_size=opts.eval_batch_size or opts.batch_size, chat_template=opts.chat_template)
+    for key in ("max_train_pairs", "max_val_examples", "max_test_examples", "max_length"):
+        if getattr(opts, key) is not None:
+            out[key] = getattr(opts, key)
+    return out
+
+
+def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, Any]:
+    """Fit, tune and test every method on one split; write the report and states; return the report.
+
+    Example:
+        >>> report = compare(task="rotten_tomatoes", max_train_pairs=300, grid="quick", report="compare.json")
+    """
+    opts = opts or CompareOptions()
+    for key, value in overrides.items():
+        if not hasattr(opts, key):
+            raise AusteerError(f"unknown comparison option '{key}'")
+        setattr(opts, key, value)
+    opts.model = opts.model or DEFAULT_MODEL
+    quiet()
+    from austeer_pl.lightning.datamodule import ContrastivePairDataModule
+    from austeer_pl.lightning.module import AUSteerModule
+
+    accelerator, devices = accelerator_for(opts.device)
+    if opts.devices > 1:
+        devices = opts.devices if devices is None else devices
+    grids = {m: dict(get_method(m).quick_grid if opts.grid == "quick" else get_method(m).grid) for m in METHODS if get_method(m).points is not None and m != "austeer"}
+    au = _austeer_grid(opts)
+    data = ContrastivePairDataModule(**_data_kwargs(opts))
+    learned = {key: getattr(opts, key) for key in ("strength_epochs", "strength_lr", "strength_loss") if getattr(opts, key) is not None}
+    # The comparison tunes every method with the engine's one pick (also on a behaviour task's pairs),
+    # reports each method's best steered point with the verdict beside it, and bounds none of them by
+    # the harm budget (block-level methods' grids would mostly fall outside it; their rows would be unsteered).
+    module = AUSteerModule(model_name=opts.model, dtype=opts.dtype, cache_dir=opts.cache_dir, sign=opts.sign, scoring=opts.scoring,
+                           selection="accuracy", harm_budget=None, **au, **learned)
+    module.use_methods(opts.methods, grids)
+    module.export_anyway = True
+    run = claim_run_dir("compare", opts.task, opts.run_dir, inputs=[opts.task, opts.model])
+    try:
+        return _compare(opts, module, data, grids, run.path, accelerator, devices)
+    finally:
+        run.release()
+
+
+def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerator, devices) -> dict[str, Any]:
+    from austeer_pl.scoring.evaluate import accuracy_summary
+    from austeer_pl.lightning.module import frozen_trainer
+
+    logger = wandb_logger(opts.wandb_mode, opts.wandb_project, run_dir, config=jsonable(vars(opts)))
+    loggers: Any = [logger] if logger is not None else False
+    epochs = 1 + (module.hparams.strength_epochs if any(get_method(m).learned for m in module.methods) else 0)
+    trainer = frozen_trainer(accelerator=accelerator, devices=devices, loggers=loggers, max_epochs=epochs)
+    started = time.perf_counter()
+    with quiet_fit():
+        trainer.fit(module, datamodule=data)
+        if not module.results:
+            raise AusteerError("the comparison stopped before the validation grid ran; check the validation split")
+        trainer.test(module, datamodule=data, verbose=False)
+    total_seconds = time.perf_counter() - started
+    test_examples = data.splits["test"]
+    shared = float(module.summary.get("fit_seconds") or 0.0)
+    probe = float(module.timing.get("probe_pass", 0.0))
+    entries = []
+    export_root = Path(opts.export_dir) if opts.export_dir else None
+    scratch = None
+    if trainer.is_global_zero:
+        scratch = Path(tempfile.mkdtemp(prefix=".compare-states-"))
+    try:
+        for method in module.methods:
+            res = module.results[method]
+            state = res.chosen.state
+            summary = accuracy_summary(test_examples, res.test_predictions)
+            parts = {"shared_pass": 0.0, "probe_pass": 0.0, "tuning": 0.0}
+            state_bytes, state_dir = 0, None
+            if state is not None:
+                parts = {"shared_pass": shared, "probe_pass": probe if method == "iti" else 0.0, "tuning": res.tuning_seconds - res.training_seconds}
+                if get_method(method).learned:
+                    parts["strength_training"] = res.training_seconds
+                if trainer.is_global_zero:
+                    folder = (export_root / method) if export_root else scratch / method
+                    if export_root:
+                        state.metadata = {**state.metadata, "inputs": module.input_pins()}
+                    state.save_pretrained(folder, overwrite=opts.overwrite)
+                    state_bytes = folder_bytes(folder)
+                    state_dir = str(folder) if export_root else None
+            entries.append({
+                "name": method,
+                "hyperparameters": jsonable(res.chosen.hyper),
+                "val_accuracy": res.val_accuracy,
+                "test_accuracy": summary["accuracy"],
+                "ci_low": summary["ci_low"],
+                "ci_high": summary["ci_high"],
+                "n_test": summary["n"],
+                "test": summary,
+                "n_steered_activations": res.chosen.n_steered,
+                "state_bytes": state_bytes,
+                "state_dir": state_dir,
+                "fit_seconds": sum(parts.values()),
+                "fit_seconds_parts": parts,
+                "val_seconds": res.tuning_seconds,
+                "test_seconds": res.test_seconds,
+                "grid": res.grid,
+            })
+    finally:
+        if scratch is not None:
+            shutil.rmtree(scratch, ignore_errors=True)
+    task = data.task_obj
+    layout = module.layout
+    uids = "\n".join(ex.uid for ex in test_examples)
+    report = {
+        "kind": "compare",
+        "task": opts.task,
+        "task_name": task.name,
+        "split": "test",
+        "seed": opts.seed,
+        "base_model": opts.model,
+        "scoring": module.hparams.scoring or ("generate" if task.scoring == "generate" else "loglik"),
+        "grid_preset": opts.grid,
+        "grids": jsonable({**{m: grids[m] for m in grids if m in module.methods},
+                            "austeer": {"site": [o for o, _ in module.site_options], "k": module.k_grid, "alpha": module.alpha_grid}}),
+        "data": data.data_config(),
+        "n_train_pairs": module.accumulator.n,
+        "n_val": int(module.summary.get("n_val", 0)),
+        "n_test": len(test_examples),
+        "test_uids_sha256": hashlib.sha256(uids.encode()).hexdigest(),
+        "n_units_total": {s: layout.site(s).size * layout.n_layers for s in READ_SITES},
+        "shared_pass_seconds": shared,
+        "probe_pass_seconds": probe,
+        "total_seconds": total_seconds,
+        "world_size": trainer.world_size,
+        "fit_seconds_note": FIT_SECONDS_NOTE,
+        "methods": entries,
+    }
+    if trainer.is_global_zero:
+        if opts.report:
+            from austeer_pl.core.fileio import json_output, write_json_output
+
+            write_json_output(json_output(opts.report, "comparison report", overwrite=opts.overwrite), report)
+        _log_wandb(loggers, report)
+        print_compare_table(report)
+    return report
+
+
+def _log_wandb(loggers, report: dict[str, Any]) -> None:
+    for logger in loggers or []:
+        if type(logger).__name__ != "WandbLogger":
+            continue
+        import wandb
+
+        cols = ["method", "val_accuracy", "test_accuracy", "ci_low", "ci_high", "n_steered_activations", "state_bytes", "fit_seconds"]
+        table = wandb.Table(columns=cols, data=[[m["name"] if c == "method" else m[c] for c in cols] for m in report["methods"]])
+        exp = logger.experiment
+        exp.log({"compare/table": table, **{f"test/{m['name']}_accuracy": m["test_accuracy"] for m in report["methods"]}})
+        exp.finish()
+
+
+def print_compare_table(report: dict[str, Any]) -> None:
+    """The comparison as a rich table on stdout."""
+    from rich.console import Console
+    from rich.table import Table
+
+    title = f"{report['task_name']}: test n={report['n_test']}, val n={report['n_val']}, {report['n_train_pairs']} training pairs ({report['base_model']})"
+    table = Table(title=title, title_justify="left")
+    for col, justify in (("method", "left"), ("val acc", "right"), ("test acc", "right"), ("95% CI", "right"),
+                         ("steered", "right"), ("state", "right"), ("fit s", "right"), ("chosen", "left")):
+        table.add_column(col, justify=justify)
+    for m in report["methods"]:
+        hyper = ", ".join(f"{k}={v if not isinstance(v, list) else '+'.join(map(str, v))}" for k, v in m["hyperparameters"].items())
+        table.add_row(
+            m["name"], f"{m['val_accuracy']:.3f}", f"{m['test_accuracy']:.3f}", f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]",
+            str(m["n_steered_activations"]), _human_bytes(m["state_bytes"]), f"{m['fit_seconds']:.1f}", hyper or "-",
+        )
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def _human_bytes(n: int) -> str:
+    if n <= 0:
+        return "-"
+    if n < 1024:
+        return f"{n} B"
+    if n < 1024 * 1024:
+        return f"{n / 1024:.1f} KB"
+    return f"{n / 1024 / 1024:.1f} MB"
+
+
+def compare_main_args(args) -> dict[str, Any]:
+    """``evaluate.py --compare``: run :func:`compare` with the parsed arguments."""
+    return compare(options_from_args(args))
+
+
+__all__ = [
+    "COMPARE_METHODS",
+    "CompareOptions",
+    "FIT_SECONDS_NOTE",
+    "READ_SITES",
+    "compare",
+    "compare_main_args",
+    "folder_bytes",
+    "options_from_args",
+    "print_compare_table",
+]

@@ -1,0 +1,538 @@
+"""Command-line entry points: ``train.py`` (LightningCLI) and ``evaluate.py``.
+
+Both print a one-line ``error: ...`` and exit with status 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from austeer_pl.errors import AusteerError
+
+from austeer_pl.cli.runtime import OneLineParser, claim_run_dir, one_line_parse_error, quiet, resolve_wandb_mode, run_main
+
+# ============================================================================ train
+def build_cli(args: Sequence[str] | None = None):
+    """Parse ``train.py`` arguments into a LightningCLI with module, data module and trainer."""
+    quiet()
+    from lightning.pytorch.cli import LightningCLI
+
+    from austeer_pl.lightning.module import AUSteerModule, ContrastivePairDataModule, PassCheckpoint, make_strategy
+
+    class AusteerCLI(LightningCLI):
+        def init_parser(self, **kwargs):
+            parser = super().init_parser(**kwargs)
+
+            def error(message: str, ex: Exception | None = None):  # one line, exit status 2
+                print(f"error: {one_line_parse_error(message)}", file=sys.stderr)
+                parser.exit(2)
+
+            parser.error = error
+            return parser
+
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.add_argument("--export_dir", type=str | None, default=None, help="where the steering state is exported (default: RUN_DIR/state)")
+            parser.add_argument("--overwrite", type=bool, default=False, help="replace a steering state already at --export_dir (a folder of other files is never replaced)")
+            parser.add_argument("--export_anyway", type=bool, default=False, help="export the best steered grid point even when the verdict says steering did not help (default: an empty state that steers nothing)")
+            parser.add_argument("--run_dir", type=str | None, default=None, help="folder for logs and checkpoints (default: runs/TASK-TIMESTAMP)")
+            parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from this checkpoint (e.g. RUN_DIR/checkpoints/last.ckpt)")
+            parser.add_argument("--checkpoint_every", type=int, default=50, help="write last.ckpt every N batches of the pass (0: only at its end)")
+            parser.add_argument("--wandb_mode", type=str, default=os.environ.get("WANDB_MODE", "offline"), help="offline, online or disabled")
+            parser.add_argument("--wandb_project", type=str, default=os.environ.get("WANDB_PROJECT", "austeer-pl"))
+            parser.add_argument("--wandb_fallback", type=str, default="offline", help="when --wandb_mode online has no API key or W&B is unreachable: offline (log offline, with a warning) or error")
+            parser.add_argument("--ddp_timeout", type=float, default=1800.0, help="seconds before a stuck collective fails")
+
+        def instantiate_trainer(self, **kwargs):
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            trainer_cfg = cfg["trainer"]
+            if trainer_cfg.get("max_epochs") not in (None, 1):
+                raise AusteerError("fitting is a single pass over the pairs (plus --model.strength_epochs for a learned strength); drop --trainer.max_epochs")
+            given = cfg.get("run_dir")
+            if given and Path(given).exists() and not Path(given).is_dir():
+                raise AusteerError(f"--run_dir {given} is a file; choose a folder path")
+            if cfg.get("ckpt_path"):
+                from austeer_pl.lightning.module import check_resume, pass_settings
+
+                check_resume(cfg["ckpt_path"], pass_settings(cfg["model"], cfg["data"]))
+            mode = resolve_wandb_mode(cfg["wandb_mode"], cfg["wandb_fallback"])
+            if given:
+                check_train_outputs(Path(given), Path(cfg.get("export_dir") or Path(given) / "state"), overwrite=bool(cfg.get("overwrite")),
+                                    inputs=train_inputs(cfg))
+            # A new folder for each fit (or the one given, locked while the fit runs); DDP children share it.
+            self.run = claim_run_dir("", cfg["data"]["task"], given, inputs=train_inputs(cfg))
+            self.run_dir = self.run.path
+            self.export_dir = Path(cfg.get("export_dir") or self.run_dir / "state")
+            try:
+                check_train_outputs(self.run_dir, self.export_dir, overwrite=bool(cfg.get("overwrite")), inputs=train_inputs(cfg))
+            except AusteerError:
+                self.run.release()
+                if not given:
+                    (self.run_dir / ".lock").unlink(missing_ok=True)
+                    self.run_dir.rmdir()
+                raise
+            from lightning.pytorch.loggers import CSVLogger
+
+            loggers = [CSVLogger(str(self.run_dir), name="logs", version="")]
+            if mode != "disabled":
+                from lightning.pytorch.loggers import WandbLogger
+
+                # `mode` is passed explicitly: wandb reads WANDB_MODE only once per process.
+                loggers.insert(0, WandbLogger(project=cfg["wandb_project"], save_dir=str(self.run_dir), offline=mode == "offline", name=self.run_dir.name, mode=mode))
+            self.loggers = loggers
+            self.pass_checkpoint = PassCheckpoint(self.run_dir / "checkpoints", cfg["checkpoint_every"])
+            init = self._get(self.config_init, "trainer", default={})
+            user_callbacks = init.get("callbacks") or []
+            kwargs = dict(kwargs)
+            kwargs["logger"] = loggers
+            kwargs["callbacks"] = [*(user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]), self.pass_checkpoint]
+            kwargs["strategy"] = make_strategy(init.get("strategy", "auto"), timeout_s=cfg["ddp_timeout"])
+            model_cfg = cfg["model"]
+            learned = model_cfg.get("strength", "momentum") != "momentum"
+            # Epoch 0 is the momentum pass; a learned strength trains for strength_epochs more.
+            kwargs["max_epochs"] = 1 + (int(model_cfg.get("strength_epochs", 0)) if learned else 0)
+            kwargs["reload_dataloaders_every_n_epochs"] = 1 if learned else 0
+            kwargs["use_distributed_sampler"] = False
+            kwargs["num_sanity_val_steps"] = 0
+            kwargs["enable_checkpointing"] = False
+            return super().instantiate_trainer(**kwargs)
+
+    return AusteerCLI(
+        AUSteerModule,
+        ContrastivePairDataModule,
+        run=False,
+        args=list(args) if args is not None else None,
+        save_config_kwargs={"overwrite": True},
+        seed_everything_default=0,
+        trainer_defaults={"enable_model_summary": False, "log_every_n_steps": 10},
+        parser_kwargs={"description": "Fit an AUSteer steering state on contrastive pairs and export it.", "default_config_files": []},
+    )
+
+
+_RUN_SUBFOLDERS = ("checkpoints", "logs", "wandb")
+
+
+def train_inputs(cfg) -> list[str]:
+    """The paths ``train.py`` reads: no output may be, hold or lie in one of them."""
+    data, model = cfg["data"], cfg["model"]
+    files = [p for p in str(data.get("task_files") or "").split(",") if p.strip()]
+    configs = [str(c) for c in (cfg.get("config") or []) if c is not None]
+    return [str(data.get("task") or ""), *files, str(model.get("model_name") or ""), str(cfg.get("ckpt_path") or ""), *configs]
+
+
+def check_train_outputs(run_dir: Path, export_dir: Path, *, overwrite: bool, inputs: Sequence[str] = ()) -> None:
+    """Before any work: the export folder may be written, and it does not overlap the run folder
+    or an input.
+
+    ``RUN_DIR/state`` (the default) is fine; the run folder itself, a folder that holds it, or one of
+    its checkpoint/log folders is not, since exporting replaces the export folder whole.
+    """
+    from austeer_pl.core.fileio import check_writable_parent, paths_overlap
+    from austeer_pl.core.state import SteeringState
+
+    run, export = run_dir.absolute().resolve(), export_dir.absolute().resolve()
+    if export == run or export in run.parents or any(paths_overlap(export, run / sub) for sub in _RUN_SUBFOLDERS):
+        raise AusteerError(
+            f"--export_dir {export_dir} overlaps the run folder {run_dir} (its logs and checkpoints would be replaced); "
+            "choose an export folder outside it, or RUN_DIR/state"
+        )
+    SteeringState.output(export_dir, overwrite=overwrite).check(inputs=inputs)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise AusteerError(f"--run_dir {run_dir} is a file; choose a folder path")
+    check_writable_parent(run_dir / "logs", "run folder")
+
+
+def train(args: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run ``train.py``: fit, export on global rank zero, print a summary. Returns the summary."""
+    try:
+        cli = build_cli(args)
+    except (ValueError, RecursionError) as err:  # e.g. a --config YAML with a 5,000-digit number or deep nesting
+        detail = " ".join(str(err).split())[:120] or type(err).__name__
+        raise AusteerError(f"cannot read the arguments or --config file ({type(err).__name__}: {detail}); fix the value") from None
+    try:
+        return _fit(cli)
+    finally:
+        run = getattr(cli, "run", None)
+        if run is not None:
+            run.release()
+
+
+def _fit(cli) -> dict[str, Any]:
+    from lightning.pytorch.trainer.states import TrainerStatus
+
+    trainer, module = cli.trainer, cli.model
+    module.export_dir = cli.export_dir
+    cfg = cli.config
+    module.export_anyway = bool(cfg.get("export_anyway"))
+    module.overwrite = bool(cfg.get("overwrite"))
+    try:
+        # weights_only explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD overrides only an unset argument.
+        trainer.fit(module, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)
+    except SystemExit:
+        if trainer.state.status == TrainerStatus.INTERRUPTED:  # Lightning turns Ctrl-C into exit(1)
+            raise KeyboardInterrupt from None
+        raise
+    if module.state is None:
+        raise AusteerError("the fit ended before validation chose a state (interrupted, or --trainer.limit_val_batches 0); resume with --ckpt_path RUN_DIR/checkpoints/last.ckpt")
+    summary = dict(module.summary)
+    summary.update(export_dir=str(cli.export_dir), run_dir=str(cli.run_dir), units=module.state.layers_by_site(), k=module.state.k, alpha=module.state.alpha)
+    if trainer.is_global_zero:
+        _log_artifact(cli.loggers, cli.export_dir)
+        _print_fit_summary(module, summary)
+    return summary
+
+
+def _criterion_text(criterion: str, value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{-value:.4f}" if criterion == "loss" else f"{value:.4f}"
+
+
+def _log_artifact(loggers, export_dir: Path) -> None:
+    for logger in loggers:
+        if type(logger).__name__ == "WandbLogger":
+            import wandb
+
+            artifact = wandb.Artifact(name=f"steering-state-{logger.experiment.id}", type="steering-state")
+            artifact.add_dir(str(export_dir))
+            logger.experiment.log_artifact(artifact)
+            logger.experiment.finish()
+
+
+def _print_fit_summary(module, summary: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    state = module.state
+    table = Table(title="AUSteer fit", show_header=False, title_justify="left")
+    table.add_row("base model", state.base_model)
+    fit = state.metadata.get("fit", {})
+    table.add_row("pairs / fit time", f"{summary.get('n_pairs')} pairs in {summary.get('fit_seconds', 0):.1f} s")
+    table.add_row("chosen", f"site={fit.get('site')}  k={state.k}  alpha={state.alpha:g}  sign={state.sign_policy}")
+    if state.strength.get("kind", "momentum") != "momentum":
+        table.add_row(
+            "learned strength",
+            f"{state.strength['kind']}: val {fit.get('val_accuracy_momentum_rule', 0):.3f} with alpha*m -> {fit.get('val_accuracy', 0):.3f} learned ({fit.get('strength_loss', 'nll')} loss, best epoch {fit.get('strength_best_epoch')})",
+        )
+    for site, layers in state.layers_by_site().items():
+        counts = {l: int(((state.layer == l) & (state.site_index == state.sites.index(site))).sum()) for l in layers}
+        table.add_row(f"{site} units", ", ".join(f"L{l}:{c}" for l, c in counts.items()))
+    if summary.get("selection") == "judge":
+        verdict = "" if summary.get("beats_unsteered") else "  (no grid point beat unsteered within the fluency budget)"
+        table.add_row(
+            f"val share judged positive ({fit.get('judge')})",
+            f"{summary['val_accuracy_unsteered']:.3f} unsteered -> {summary['val_accuracy']:.3f} steered, perplexity x{summary['perplexity_ratio']:.2f} "
+            f"(budget x{fit.get('fluency_budget')}, n={summary['n_val']} prompts){verdict}",
+        )
+    else:
+        verdict = summary.get("verdict") or {}
+        best = verdict.get("best") or {}
+        table.add_row(
+            "val accuracy",
+            f"{summary['val_accuracy_unsteered']:.3f} unsteered -> {summary['val_accuracy']:.3f} steered (n={summary['n_val']})",
+        )
+        if "criterion" in summary:
+            table.add_row(f"val {summary['criterion']}", f"{_criterion_text(summary['criterion'], summary['val_criterion_unsteered'])} unsteered -> "
+                          f"{_criterion_text(summary['criterion'], summary['val_criterion'])} chosen")
+            table.add_row("harm (KL on ordinary text)", f"{summary.get('harm_kl', 0):.3f} nats/token (budget {fit.get('harm_budget')})")
+            table.add_row("verdict", ("steering helps: " if verdict.get("helps") else "steering did not help: ") + str(verdict.get("reason", "")))
+            if not state.k and best:
+                table.add_row("best steered point", f"site={best.get('site')} k={best.get('k')} alpha={best.get('alpha'):g} (export it with --export_anyway true)")
+            learned = summary.get("learned_verdict")
+            if learned:
+                exported = state.strength.get("kind", "momentum") != "momentum"
+                table.add_row("learned strength verdict", ("helps: " if learned.get("helps") else "did not help: ") + str(learned.get("reason", ""))
+                              + ("" if exported or learned.get("helps") else " (the grid's choice is exported; --export_anyway true exports the learned strength)"))
+    Console(stderr=False).print(table)
+    # A plain line that scripts can grep, whatever the terminal width.
+    if state.k or summary.get("selection") == "judge":
+        print(f"steering state exported to {summary['export_dir']}")
+    else:
+        print(f"no steering exported to {summary['export_dir']}: an empty state (0 units); steering did not help on validation")
+
+
+def train_main(argv: Sequence[str] | None = None) -> int:
+    """``train.py``: 0 on success, 2 with one ``error: ...`` line on bad input or a disk fault."""
+    return run_main(lambda: train(argv))
+
+
+# ============================================================================ evaluate
+def evaluate_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="evaluate.py", description="Accuracy of a base model with and without a steering state.")
+    p.add_argument("--steering", help="steering state folder (written by train.py)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a file at --report/--dump_examples that austeer-pl did not write (its own are replaced freely), and steering states under --compare's --export_dir")
+    p.add_argument("--allow_changed_inputs", action="store_true",
+                   help="evaluate even if the state's task file or base model weights changed since the fit (a warning instead of an error)")
+    p.add_argument("--task", "--data.task", help="task spec (default: the task the state was fitted on)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--limit", type=int, default=None, help="evaluate at most N examples")
+    p.add_argument("--report", help="write the JSON report here")
+    p.add_argument("--scoring", "--model.scoring", default=None, choices=["loglik", "generate", "both", "paper", "judge"],
+                   help="default: the task's (loglik for choices, judge for behaviour tasks: a judge of generated text and its fluency)")
+    p.add_argument("--judge", default="vader", help="with --scoring judge: vader, vader:negative or a local classifier folder")
+    p.add_argument("--max_new_tokens", type=int, default=32, help="with --scoring judge: tokens generated per prompt")
+    p.add_argument("--model", "--model.model_name", default=None, help="base model (default: the one the state names)")
+    p.add_argument("--dtype", "--model.dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--batch_size", "--data.batch_size", type=int, default=32)
+    p.add_argument("--eval_batch_size", "--data.eval_batch_size", type=int, default=None,
+                   help="examples per scoring batch in --compare's validation and test (default: --batch_size); the grid's choice is the same for any number of processes at the same value")
+    p.add_argument("--seed", "--data.seed", type=int, default=None, help="split seed (default: the fit's)")
+    p.add_argument("--chat_template", "--data.chat_template", default=None, choices=["auto", "on", "off"])
+    p.add_argument("--cache_dir", "--model.cache_dir", default=None)
+    for part, example in (("layers", "model.layers"), ("attention", "self_attn.o_proj"), ("ffn", "mlp")):
+        p.add_argument(f"--layout_{part}", f"--model.layout_{part}", dest=f"layout_{part}", default=None,
+                       help=f"module path of the {part} for models austeer-pl does not locate, e.g. {example} (default: the state's)")
+    p.add_argument("--protocol", "--data.protocol", dest="protocol", default=None, choices=["default", "paper"],
+                   help="prompt and scoring protocol (default: the state's; paper: the AUSteer paper code's, see docs/paper_protocol.md)")
+    p.add_argument("--task_files", "--data.task_files", dest="task_files", default=None,
+                   help="local files (comma-separated) with rows in the hub task's own schema, read instead of fetching")
+    p.add_argument("--dump_examples", default=None, help="write the split's examples as JSONL (uid, prompt, choices, answer, scoring, the token read) and stop; needs no --steering")
+    p.add_argument("--compare", action="store_true", help="fit and compare every method on the same split (see README)")
+    c = p.add_argument_group("comparison (--compare)", "fit unsteered, ITI, SADI, CAA, block-level AUSteer, AUSteer and its learned-strength variants on one split, tune each on validation, report test")
+    c.add_argument("--methods", default=None, help="comma-separated subset of unsteered,iti,sadi,caa,austeer_block,austeer,austeer_scalar,austeer_gate (default: all)")
+    c.add_argument("--strength_epochs", "--model.strength_epochs", type=int, default=None, help="training epochs of the learned-strength variants (default: the module's, 3)")
+    c.add_argument("--strength_lr", "--model.strength_lr", type=float, default=None, help="their Adam learning rate (default: the module's)")
+    c.add_argument("--strength_loss", "--model.strength_loss", default=None, help="their loss: nll (right answer) or choice (right vs. wrong answer); default: the module's, nll")
+    c.add_argument("--grid", default="default", choices=["default", "quick"], help="hyperparameter grids: the documented defaults, or 4 points per method")
+    c.add_argument("--site", "--model.site", default=None, help="AUSteer sites to choose from, e.g. attention or attention,ffn,both")
+    c.add_argument("--k", "--model.k", default=None, help="AUSteer k values, e.g. 10,50,100")
+    c.add_argument("--alpha", "--model.alpha", default=None, help="AUSteer alpha values, e.g. 0.5,1,2")
+    c.add_argument("--sign", "--model.sign", default="promote", choices=["promote", "both"], help="AUSteer sign policy")
+    c.add_argument("--negatives", "--data.negatives", default="sample", choices=["sample", "all"], help="wrong answers per training example")
+    c.add_argument("--max_train_pairs", "--data.max_train_pairs", type=int, default=None, help="cap on training pairs (default: the data module's)")
+    c.add_argument("--max_val_examples", "--data.max_val_examples", type=int, default=None, help="cap on validation examples (default: the data module's)")
+    c.add_argument("--max_test_examples", "--data.max_test_examples", type=int, default=None, help="cap on test examples (default: the data module's; --limit also caps them)")
+    c.add_argument("--max_length", "--data.max_length", type=int, default=None, help="truncate longer sequences from the left (default: the data module's)")
+    c.add_argument("--devices", type=int, default=1, help="processes (DDP when more than 1)")
+    c.add_argument("--export_dir", default=None, help="save each method's chosen state under DIR/METHOD")
+    c.add_argument("--wandb_fallback", default="offline", choices=["offline", "error"], help="--wandb_mode online without a key or network: log offline with a warning, or fail")
+    c.add_argument("--run_dir", default=None, help="folder for W&B files (default: runs/compare-TASK-TIMESTAMP)")
+    c.add_argument("--wandb_mode", default=os.environ.get("WANDB_MODE", "offline"), help="offline, online or disabled")
+    c.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "austeer-pl"))
+    return p
+
+
+def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    args = evaluate_parser().parse_args(argv)
+    if args.compare:
+        from austeer_pl.cli.compare import compare_main_args
+
+        return compare_main_args(args)
+    if args.dump_examples and not args.steering:
+        return dump_examples(args)
+    if not args.steering:
+        raise AusteerError("--steering DIR is required (a folder written by train.py); or use --compare, or --dump_examples with --task")
+    if args.limit is not None and args.limit <= 0:
+        raise AusteerError(f"--limit must be positive, got {args.limit}")
+    if args.batch_size <= 0:
+        raise AusteerError(f"--batch_size must be positive, got {args.batch_size}")
+
+    quiet()
+    from austeer_pl.fit import pins as inputs
+    from austeer_pl.tasks.config import DataConfig
+    from austeer_pl.scoring.evaluate import default_scoring, evaluate_examples, mcnemar
+    from austeer_pl.core.fileio import json_output, write_json_output
+    from austeer_pl.core.models import load_model
+    from austeer_pl.core.state import SteeringState
+
+    state = SteeringState.from_pretrained(args.steering)
+    config = DataConfig.of_state(state.metadata, task=args.task, seed=args.seed, protocol=args.protocol, task_files=args.task_files)
+    model_name = args.model or state.base_model
+    if not model_name:
+        raise AusteerError("the state does not name its base model; pass --model")
+    report_out = None
+    if args.report:
+        report_out = json_output(args.report, "evaluation report", overwrite=args.overwrite).check(
+            inputs=[args.steering, config.task, *(config.task_files or "").split(","), model_name, args.judge])
+    pins = state.metadata.get("inputs")
+    inputs.check_task(pins, config, allow=args.allow_changed_inputs)
+    seed = config.seed
+    task, splits = config.load(need=(args.split,))
+    examples = splits[args.split]
+    if args.limit is not None:
+        examples = examples[: args.limit]
+    if not examples:
+        raise AusteerError(f"the {args.split} split of '{config.task}' is empty; choose another split or task")
+    task_spec = config.task
+    data = config.to_dict()
+    chat = {"on": True, "off": False, "auto": None, None: data.get("chat_template")}[args.chat_template]
+    model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    from austeer_pl.core.sites import LayoutSpec, locate_units
+
+    if args.layout_layers:
+        state.layout = {"layers": args.layout_layers, "attention": args.layout_attention, "ffn": args.layout_ffn}
+    elif args.layout_attention or args.layout_ffn:
+        raise AusteerError("--layout_attention/--layout_ffn need --layout_layers (the path of the decoder layer list)")
+    state.check_compatible(locate_units(model, LayoutSpec(**state.layout) if state.layout else None))
+    inputs.check_model(pins, model_name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
+    if args.scoring == "judge" or (args.scoring is None and task.behaviour):
+        return _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, config, report_out)
+    scorings = ["loglik", "generate"] if args.scoring == "both" else [args.scoring or default_scoring(task)]
+
+    from rich.progress import Progress
+
+    # A learned strength is reported beside the fixed rule it started from, on the same examples.
+    learned = state.strength.get("kind", "momentum") != "momentum" and state.method == "austeer"
+    variants = [("unsteered", None), *([("momentum_rule", state.momentum_rule())] if learned else []), ("steered", state)]
+    results: dict[str, Any] = {}
+    started = time.perf_counter()
+    with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
+        for scoring in scorings:
+            for label, st in variants:
+                job = bar.add_task(f"{label} ({scoring})", total=len(examples))
+                results[(scoring, label)] = evaluate_examples(
+                    model, tokenizer, task, examples, state=st, scoring=scoring, chat_template=chat,
+                    batch_size=args.batch_size, max_length=data.get("max_length"), progress=lambda n, job=job: bar.advance(job, n),
+                )
+    primary = scorings[0]
+    report = {
+        "task": task_spec,
+        "split": args.split,
+        "seed": seed,
+        "base_model": model_name,
+        "steering": str(args.steering),
+        "method": state.method,
+        "scoring": primary,
+        "n_examples": len(examples),
+        "n_steered_activations": state.k,
+        "n_units_total": sum(state.site_sizes[s] for s in state.sites) * state.n_layers,
+        "k": state.k,
+        "alpha": state.alpha,
+        "strength": state.strength.get("kind", "momentum"),
+        "sites": list(state.sites),
+        "unsteered": results[(primary, "unsteered")],
+        "steered": results[(primary, "steered")],
+        **({"momentum_rule": results[(primary, "momentum_rule")]} if learned else {}),
+        "by_scoring": {s: {label: results[(s, label)] for label, _ in variants} for s in scorings},
+        # Is the steered model's gain on these examples more than chance? (paired: the same examples)
+        "mcnemar": mcnemar(results[(primary, "unsteered")]["per_example_correct"], results[(primary, "steered")]["per_example_correct"]),
+        **({"fit_verdict": state.metadata["fit"]["verdict"]} if isinstance(state.metadata.get("fit"), dict) and "verdict" in state.metadata["fit"] else {}),
+        "protocol": config.protocol,
+        # The paper code's own logged accuracy for this setting (configs/paper), printed beside this run's.
+        **({"paper_accuracy": config.paper_accuracy} if config.paper_accuracy is not None else {}),
+        "seconds": time.perf_counter() - started,
+    }
+    if report_out is not None:
+        write_json_output(report_out, report)
+    _print_eval_table(report, scorings)
+    return report
+
+
+#: The fields of each ``--dump_examples`` line (also how an earlier dump is recognised).
+DUMP_KEYS = ("uid", "prompt", "choices", "answer", "scoring", "pair", "read_position", "read_token", "n_tokens")
+
+
+def dump_examples(args) -> dict[str, Any]:
+    """``evaluate.py --dump_examples OUT.jsonl``: the exact inputs of a split, one line per example:
+    ``uid``, ``prompt`` (the text before the answer), ``choices`` (the exact answer strings as they
+    follow the prompt), ``answer``, ``scoring``, the training pair's two texts' ends and the position
+    and text of the token whose units are read (the last token of prompt + right answer)."""
+    from austeer_pl.core.tokens import encode_pairs
+    from austeer_pl.tasks.config import DataConfig
+    from austeer_pl.scoring.evaluate import answer_suffixes, default_scoring
+    from austeer_pl.core.fileio import jsonl_output, write_jsonl_output
+    from austeer_pl.core.models import DEFAULT_MODEL, load_tokenizer
+    from austeer_pl.tasks.sources import format_prompt, join_for, make_pairs
+
+    if not args.task:
+        raise AusteerError("--dump_examples needs --task (or --steering, to read the state's)")
+    config = DataConfig(task=args.task, seed=args.seed or 0, protocol=args.protocol or "default", task_files=args.task_files)
+    out = jsonl_output(args.dump_examples, "example dump", DUMP_KEYS, overwrite=args.overwrite).check(
+        inputs=[config.task, *(config.task_files or "").split(","), args.model])
+    quiet()
+    task, splits = config.load(need=(args.split,), rows_as_labelled=True)
+    examples = splits[args.split][: args.limit] if args.limit else splits[args.split]
+    if not examples:
+        raise AusteerError(f"the {args.split} split of '{args.task}' is empty; choose another split or task")
+    tokenizer = load_tokenizer(args.model or DEFAULT_MODEL, cache_dir=args.cache_dir)
+    chat = {"on": True, "off": False, "auto": None, None: None}[args.chat_template]
+    prompts = [format_prompt(tokenizer, task, ex.prompt, chat_template=chat) for ex in examples]
+    pairs = {p.example_uid: p for p in make_pairs(examples, negatives="sample", seed=config.seed)}
+    pos = [join_for(task, t, pairs[ex.uid].positive)[len(t):] for t, ex in zip(prompts, examples)]
+    neg = [join_for(task, t, pairs[ex.uid].negative)[len(t):] for t, ex in zip(prompts, examples)]
+    prompt_ids, pos_ids, _ = encode_pairs(tokenizer, prompts, pos, neg)
+    scoring = args.scoring or default_scoring(task)
+    rows = []
+    for ex, text, p_ids, a_ids, a, b in zip(examples, prompts, prompt_ids, pos_ids, pos, neg):
+        ids = p_ids + a_ids
+        rows.append({
+            "uid": ex.uid, "prompt": text, "choices": answer_suffixes(text, ex.choices, task), "answer": ex.answer, "scoring": scoring,
+            "pair": {"positive": a, "negative": b}, "read_position": len(ids) - 1, "read_token": tokenizer.decode(ids[-1:]),
+            "n_tokens": len(ids),
+        })
+    write_jsonl_output(out, rows)
+    print(f"wrote {len(examples)} {args.split} examples of {args.task} ({config.protocol} protocol) to {args.dump_examples}")
+    return {"n_examples": len(examples), "path": str(args.dump_examples)}
+
+
+def _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, config, report_out) -> dict[str, Any]:
+    """Behaviour: the judge score and fluency of greedy generations from held-out prompts, unsteered vs.
+    steered (share judged positive with its 95% Wilson interval, mean judge score, perplexity under
+    the unsteered model, distinct-2)."""
+    from austeer_pl.analyses.behaviour import behaviour_prompts, behaviour_report
+    from austeer_pl.core.fileio import write_json_output
+
+    if args.max_new_tokens < 1:
+        raise AusteerError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
+    started = time.perf_counter()
+    prompts = behaviour_prompts(tokenizer, task, examples, chat_template=chat)
+    result = behaviour_report(model, tokenizer, state, prompts, args.judge, max_new_tokens=args.max_new_tokens,
+                              batch_size=args.batch_size, max_length=config.max_length)
+    report = {"task": config.task, "split": args.split, "seed": config.seed, "base_model": args.model or state.base_model,
+              "steering": str(args.steering), "method": state.method, "scoring": "judge", "n_steered_activations": state.k,
+              "k": state.k, "alpha": state.alpha, **result, "seconds": time.perf_counter() - started}
+    if report_out is not None:
+        write_json_output(report_out, report)
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{config.task} ({args.split}, {report['n_prompts']} prompts, judge {args.judge}, {state.k} steered units)", title_justify="left")
+    for col in ("model", "share positive", "95% CI", "mean score", "perplexity", "distinct-2"):
+        table.add_column(col)
+    for label in ("unsteered", "steered"):
+        r = report[label]
+        table.add_row(label, f"{r['share_positive']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", f"{r['mean_score']:+.3f}",
+                      f"{r['perplexity']:.2f}", f"{r['distinct_2']:.3f}")
+    Console().print(table)
+    print(f"perplexity ratio steered / unsteered: {report['perplexity_ratio']:.3f}")
+    return report
+
+
+def _print_eval_table(report: dict[str, Any], scorings: list[str]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{report['task']} ({report['split']}, n={report['n_examples']}, {report['n_steered_activations']} steered units)", title_justify="left")
+    for col in ("scoring", "model", "accuracy", "95% CI", "per class"):
+        table.add_column(col)
+    for s in scorings:
+        for label in report["by_scoring"][s]:
+            r = report["by_scoring"][s][label]
+            if label == "steered" and report.get("strength", "momentum") != "momentum":
+                label = f"steered ({report['strength']})"
+            per = ", ".join(f"{k}: {v['accuracy']:.2f}" for k, v in r["per_class"].items())
+            table.add_row(s, label, f"{r['accuracy']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", per)
+    Console().print(table)
+    test = report.get("mcnemar")
+    if test is not None:
+        gain = report["steered"]["accuracy"] - report["unsteered"]["accuracy"]
+        print(f"steered vs. unsteered on the same {report['n_examples']} examples: {gain:+.3f} ({test['gained']} gained, {test['lost']} lost), "
+              f"McNemar exact p = {test['p_value']:.3g}: " + ("significant at 0.05" if test["significant_at_0.05"] else "not significant at 0.05"))
+    verdict = report.get("fit_verdict")
+    if verdict is not None and not report["n_steered_activations"]:
+        print(f"the fit exported no steering: {verdict.get('reason')}")
+    if report.get("paper_accuracy") is not None:
+        print(f"paper code's logged accuracy (reproduce_result.log): {report['paper_accuracy']:.3f}; this run, steered: {report['steered']['accuracy']:.3f}"
+              " (hyperparameters chosen on validation here, on test in the paper code)")
+
+
+def evaluate_main(argv: Sequence[str] | None = None) -> int:
+    """``evaluate.py``: 0 on success, 2 with one ``error: ...`` line on bad input or a disk fault."""
+    return run_main(lambda: evaluate(argv))

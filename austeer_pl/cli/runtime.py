@@ -1,0 +1,444 @@
+"""The command lines' shared runtime: quiet logging, one-line errors, run folders, W&B and devices.
+
+``train.py``, ``evaluate.py`` (also ``--compare``), ``analyze.py``, ``export.py`` and
+``generate.py`` use these, so they fail the same way (``error: ...`` on one line, exit status 2),
+name their run folders the same way and talk to W&B the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import re
+import signal
+import sys
+import threading
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from austeer_pl.errors import AusteerError
+
+RUN_DIR_ENV = "AUSTEER_RUN_DIR"
+WANDB_MODES = ("offline", "online", "disabled")
+
+# Messages that say nothing actionable about a frozen single-pass fit.
+_NOISE = (
+    r".*configure_optimizers.* returned `None`.*",
+    r".*The number of training batches .* is smaller than the logging interval.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+    r".*`weights_only` was not set.*",
+    r".*The anonymous setting has no effect.*",
+    r".*does not have many workers which may be a bottleneck.*",
+    r".*smaller than the logging interval.*",
+    r".*limit_val_batches.*",
+    r".*`training_step` returned `None`.*",
+    r".*GPU available but not used.*",
+    r".*args parameter is intended to run from within Python.*",
+)
+
+
+def quiet() -> None:
+    """Silence library chatter that a user cannot act on (progress bars of weight loading, tips)."""
+    import logging
+
+    for pattern in _NOISE:
+        warnings.filterwarnings("ignore", message=pattern)
+
+    class _DropTips(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            message = record.getMessage()
+            return "litlogger" not in message and "TPU available" not in message
+
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
+        logging.getLogger(name).addFilter(_DropTips())
+    os.environ.setdefault("WANDB_SILENT", "true")
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+
+
+def fail(message: str) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+class Interrupted(BaseException):
+    """A termination signal (SIGTERM, SIGHUP) raised where the program is, like ``KeyboardInterrupt``
+    for SIGINT, so that every ``finally`` runs: temporary outputs are removed, nothing half-written stays."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    raise Interrupted(signum)
+
+
+_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def run_main(fn: Callable[[], Any]) -> int:
+    """Run an entry point: 0 on success; an :class:`AusteerError`, an ``OSError`` (disk, permission)
+    or a parser error becomes one ``error:`` line and exit status 2; Ctrl-C (SIGINT) and SIGTERM
+    clean up like an error, print one line and exit with 128 + the signal number."""
+    from austeer_pl.core.fileio import os_error_message
+
+    previous: dict[int, Any] = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in _SIGNALS:
+            previous[signum] = signal.signal(signum, _raise_interrupted)
+    try:
+        fn()
+    except AusteerError as err:
+        return fail(str(err))
+    except OSError as err:
+        return fail(os_error_message(err))
+    except (KeyboardInterrupt, Interrupted) as stop:
+        signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
+        print(f"error: interrupted by {signal.Signals(signum).name}; outputs are written whole or not at all, so none is half-written",
+              file=sys.stderr)
+        return 128 + int(signum)
+    except SystemExit as stop:  # a parser has printed its one-line error
+        if stop.code in (None, 0):
+            return 0
+        if isinstance(stop.code, int):
+            return stop.code
+        return fail(str(stop.code))
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+    return 0
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse whose errors are one ``error: ...; see PROG --help`` line and exit status 2 (every command's parser)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"error: {message}; see {self.prog} --help", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def one_line_parse_error(message: str, prog: str = "train.py") -> str:
+    """jsonargparse's multi-line type error, as one line that names the option, the value and what it takes.
+
+    Example:
+        >>> one_line_parse_error('Parser key "data.batch_size":\\n  Expected a int\\n  Given value: abc')
+        "--data.batch_size: invalid value 'abc' (expected int); see train.py --help"
+    """
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    if not lines:
+        return f"invalid arguments; see {prog} --help"
+    key = re.match(r'Parser key "([^"]+)"', lines[0])
+    text = "\n".join(lines)
+    given = re.search(r"(?:Given|Got) value: (.*)", text)
+    if key and given is not None:
+        expected = []
+        for kind in re.findall(r"Expected a (.+?)(?:\. Got value:.*)?$", text, flags=re.MULTILINE):
+            expected.append(re.sub(r"<class '([^']+)'>", r"\1", kind).replace("typing.", "").strip())
+        want = f" (expected {' or '.join(dict.fromkeys(expected))})" if expected else ""
+        return f"--{key.group(1)}: invalid value {given.group(1).strip()!r}{want}; see {prog} --help"
+    return "; ".join(lines) + f"; see {prog} --help"
+
+
+def task_stem(task: str) -> str:
+    """A short folder-safe name for a task spec."""
+    path = Path(task)
+    stem = path.parent.name if path.name == "task.json" else path.stem if path.suffix else task
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)[:40] or "task"
+
+
+def is_launched_child() -> bool:
+    """Whether this process was started by a DDP launcher for another rank (it then shares the
+    launching process's run folder, named in ``AUSTEER_RUN_DIR``, and claims nothing)."""
+    for name in ("LOCAL_RANK", "RANK"):
+        value = os.environ.get(name, "")
+        if value.isdigit() and int(value) > 0:
+            return True
+    return False
+
+
+@dataclass
+class RunFolder:
+    """A run folder this process has claimed: created for it alone (default names) and locked
+    while it runs, so two commands never write one folder's logs, config and checkpoints at once."""
+
+    path: Path
+    _handle: Any = None
+
+    def release(self) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing drops the lock
+            self._handle = None
+
+
+#: What a run folder holds: logs (CSV, config), checkpoints, W&B files, the lock, the default export.
+RUN_ENTRIES = frozenset({"logs", "checkpoints", "wandb", "state", ".lock", "config.yaml", "hparams.yaml"})
+
+
+def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None, *, inputs: Sequence[str | os.PathLike | None] = ()) -> RunFolder:
+    """The run folder of a command: ``given``, else a new ``runs/KIND-TASK-TIMESTAMP[-N]``, created
+    exclusively and locked (a folder another running command holds is refused in one line); DDP
+    children take the launching process's folder from ``AUSTEER_RUN_DIR``.
+
+    Example:
+        >>> run = claim_run_dir("compare", "rotten_tomatoes")
+        >>> run.path  # doctest: +SKIP
+        PosixPath('runs/compare-rotten_tomatoes-20261206-101500')
+    """
+    if is_launched_child() and os.environ.get(RUN_DIR_ENV):
+        return RunFolder(Path(os.environ[RUN_DIR_ENV]))
+    prefix = f"{kind}-" if kind else ""
+    if given:
+        from austeer_pl.core.fileio import paths_overlap
+
+        for item in inputs:
+            if item and Path(item).expanduser().exists() and paths_overlap(given, Path(item).expanduser()):
+                raise AusteerError(f"--run_dir {given} is (or holds, or lies in) the input {item}; choose another folder")
+        found = Path(given)
+        if found.is_dir():
+            others = sorted(p.name for p in found.iterdir() if p.name not in RUN_ENTRIES)
+            if others:
+                raise AusteerError(
+                    f"--run_dir {given} holds other files than a run's ({', '.join(others[:3])}); its logs and checkpoints would mix with them: "
+                    "choose a new or empty folder"
+                )
+    try:
+        if given:
+            path = Path(given)
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            base = Path("runs") / f"{prefix}{task_stem(task)}-{time.strftime('%Y%m%d-%H%M%S')}"
+            base.parent.mkdir(parents=True, exist_ok=True)
+            for n in range(1, 1000):
+                path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+                try:
+                    path.mkdir()
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise AusteerError(f"cannot make a new run folder beside {base}: 999 exist; pass --run_dir")
+        handle = open(path / ".lock", "a+")  # noqa: SIM115 - held open for the run
+    except OSError as err:
+        from austeer_pl.core.fileio import os_error_message
+
+        raise AusteerError(os_error_message(err, given or "the run folder")) from None
+    try:
+        import fcntl
+
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # pragma: no cover - no flock (Windows): unique default names still hold
+        pass
+    except OSError as err:
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            handle.close()
+            raise AusteerError(f"the run folder {path} is in use by another running command; wait for it, or choose another --run_dir") from None
+        # A file system without locks (some NFS or Lustre mounts): unique default names still hold.
+        warnings.warn(f"cannot lock the run folder {path} ({(err.strerror or str(err)).lower()}); run one command per --run_dir", stacklevel=2)
+    os.environ[RUN_DIR_ENV] = str(path)
+    return RunFolder(path, handle)
+
+
+# ---------------------------------------------------------------------------- W&B
+def _wandb_key(base_url: str) -> str | None:
+    if os.environ.get("WANDB_API_KEY"):
+        return os.environ["WANDB_API_KEY"]
+    import netrc
+    from urllib.parse import urlparse
+
+    try:
+        auth = netrc.netrc(os.environ.get("NETRC")).authenticators(urlparse(base_url).hostname or "")
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return auth[2] if auth else None
+
+
+def resolve_wandb_mode(mode: str, fallback: str = "offline") -> str:
+    """The W&B mode to run with: ``online`` only when a key exists and the server answers quickly.
+
+    Without a key wandb raises, and with a key but no network it blocks about 100 s before failing;
+    one short connection attempt decides instead. ``fallback`` is ``offline`` (warn and log offline)
+    or ``error`` (one line, exit 2).
+    """
+    if mode not in WANDB_MODES:
+        raise AusteerError(f"--wandb_mode must be offline, online or disabled, not '{mode}'")
+    if fallback not in ("offline", "error"):
+        raise AusteerError(f"--wandb_fallback must be offline or error, not '{fallback}'")
+    if mode != "online":
+        return mode
+    from austeer_pl.core.network import unreachable
+
+    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    if _wandb_key(base_url) is None:
+        problem = "--wandb_mode online needs a W&B API key (WANDB_API_KEY or `wandb login`) and none is set"
+    elif (reason := unreachable(base_url)) is not None:
+        problem = f"--wandb_mode online but W&B is unreachable ({reason})"
+    else:
+        return mode
+    if fallback == "error":
+        raise AusteerError(f"{problem}; set the key or the network, or use --wandb_mode offline")
+    warnings.warn(f"{problem}; logging offline instead (sync later with `wandb sync`; --wandb_fallback error makes this an error)", stacklevel=2)
+    return "offline"
+
+
+def wandb_logger(mode: str, project: str, run_dir: Path, config: dict[str, Any] | None = None):
+    """A Lightning ``WandbLogger`` writing into ``run_dir`` (None when ``mode`` is ``disabled``).
+
+    ``mode`` is passed explicitly: wandb reads ``WANDB_MODE`` only once per process.
+    """
+    if mode == "disabled":
+        return None
+    from lightning.pytorch.loggers import WandbLogger
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return WandbLogger(project=project, save_dir=str(run_dir), offline=mode == "offline", name=run_dir.name, mode=mode, config=config)
+
+
+def log_result_wandb(result: dict[str, Any], png: Path, json_path: Path, *, mode: str, project: str, run_dir: Path,
+                     scalars: dict[str, float] | None = None) -> str | None:
+    """Log a result's plot, headline numbers and JSON (as an artifact) to a W&B run; returns its folder."""
+    if mode == "disabled":
+        return None
+    import wandb
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    name = result.get("analysis", "result")
+    config = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool)) or k in ("block", "unit")}
+    run = wandb.init(project=project, dir=str(run_dir), mode=mode, name=f"{name}-{run_dir.name}", job_type="analysis", config=config, reinit="finish_previous")
+    try:
+        run.log({f"{name}/plot": wandb.Image(str(png)), **(scalars or {})})
+        artifact = wandb.Artifact(name=f"analysis-{name}-{run.id}", type="analysis")
+        artifact.add_file(str(json_path))
+        run.log_artifact(artifact)
+        folder = str(getattr(run, "dir", run_dir))
+    finally:
+        run.finish()
+    return folder
+
+
+# ---------------------------------------------------------------------------- devices
+def accelerator_for(device: str | None) -> tuple[str, Any]:
+    """Map ``--device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``, None) to Lightning's ``(accelerator, devices)``."""
+    if device is None:
+        return "auto", None
+    dev = str(device).strip().lower()
+    if dev == "cpu":
+        return "cpu", None
+    if dev in ("cuda", "gpu"):
+        return "gpu", None
+    if dev.startswith("cuda:") and dev[5:].isdigit():
+        return "gpu", [int(dev[5:])]
+    if dev == "mps":
+        return "mps", None
+    raise AusteerError(f"--device {device!r} is not understood; use cpu, cuda, cuda:N or mps")
+
+
+class quiet_fit:
+    """Silence Lightning's chatter about the frozen single-pass fit (no optimiser, no val batches)."""
+
+    def __enter__(self):
+        self._ctx = warnings.catch_warnings()
+        self._ctx.__enter__()
+        for pattern in _NOISE:
+            warnings.filterwarnings("ignore", message=pattern)
+        return self
+
+    def __exit__(self, *exc):
+        return self._ctx.__exit__(*exc)
+
+
+@dataclass
+class ModelDataOptions:
+    """The model and data settings every driver takes (``None``: the pipeline's default)."""
+
+    model: str | None = None
+    task: str = "rotten_tomatoes"
+    seed: int = 0
+    max_train_pairs: int | None = None
+    batch_size: int = 16
+    max_length: int | None = None
+    chat_template: bool | None = None
+    dtype: str | None = None
+    device: str | None = None
+    cache_dir: str | None = None
+
+
+def add_output_options(p, *, name: str) -> None:
+    """The options every analysis shares (batching, model loading, outputs, W&B), with the
+    ``--data.*``/``--model.*`` spellings of ``train.py`` as aliases."""
+    p.add_argument("--batch_size", "--data.batch_size", dest="batch_size", type=int, default=16)
+    p.add_argument("--max_length", "--data.max_length", dest="max_length", type=int, default=None)
+    p.add_argument("--chat_template", "--data.chat_template", dest="chat_template", default=None, choices=["auto", "on", "off"])
+    p.add_argument("--dtype", "--model.dtype", dest="dtype", default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--cache_dir", "--model.cache_dir", dest="cache_dir", default=None)
+    p.add_argument("--out", default=None, help=f"JSON result (default: runs/analyses/{name}-TASK.json)")
+    p.add_argument("--plot", default=None, help="PNG plot (default: the JSON path with .png)")
+    p.add_argument("--overwrite", action="store_true", help="replace files at --out/--plot that austeer-pl did not write (its own are replaced freely)")
+    p.add_argument("--run_dir", default=None, help=f"folder of the W&B run (default: runs/analyze-{name}-TASK-TIMESTAMP)")
+    p.add_argument("--wandb_mode", default=os.environ.get("WANDB_MODE", "offline"), choices=list(WANDB_MODES))
+    p.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "austeer-pl"))
+
+
+def jsonable(value: Any) -> Any:
+    """Tuples as lists, recursively (JSON reports and W&B configs)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def parse_list(value: Any, name: str, kind: type) -> list:
+    """``"10,50"``, ``"[10, 50]"``, ``10`` or ``[10, 50]`` as a list of ``kind``."""
+    if value is None:
+        return []
+    if isinstance(value, (list, tuple)):
+        items = list(value)
+    else:
+        items = [p for p in str(value).strip().strip("[]").replace(" ", ",").split(",") if p]
+    out = []
+    for item in items:
+        try:
+            out.append(kind(item) if kind is not str else str(item).strip().strip("'\""))
+        except (TypeError, ValueError):
+            raise AusteerError(f"{name}: {item!r} is not a {'whole number' if kind is int else 'number' if kind is float else 'name'}") from None
+    if not out:
+        raise AusteerError(f"{name} is empty; give at least one value")
+    return out
+
+
+__all__ = [
+    "ModelDataOptions",
+    "Interrupted",
+    "OneLineParser",
+    "RUN_DIR_ENV",
+    "RUN_ENTRIES",
+    "RunFolder",
+    "WANDB_MODES",
+    "accelerator_for",
+    "add_output_options",
+    "jsonable",
+    "fail",
+    "log_result_wandb",
+    "one_line_parse_error",
+    "parse_list",
+    "quiet",
+    "quiet_fit",
+    "resolve_wandb_mode",
+    "claim_run_dir",
+    "is_launched_child",
+    "run_main",
+    "task_stem",
+    "wandb_logger",
+]

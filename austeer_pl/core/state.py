@@ -1,0 +1,514 @@
+"""Steering states: apply a handful of unit edits to a model, save them, load them.
+
+A :class:`SteeringState` is a list of activation units ``(site, layer, unit)`` with an edit for
+each. At inference every selected unit ``a`` becomes::
+
+    a + scale * a + shift
+
+For AUSteer ``scale = alpha * m`` (the adaptive rule ``a + alpha * m * a``) and ``shift = 0``;
+block-level methods use the same representation (SADI: a mask times a scale; ITI and CAA: shifts).
+
+The state is saved as a folder with a JSON config and one ``.safetensors`` file; nothing is
+pickled, and loading or applying a state imports neither Lightning nor anything but torch,
+safetensors and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from austeer_pl._version import __version__
+from austeer_pl.errors import AusteerError
+from austeer_pl.core.fileio import Output, parse_json, sha256_file, write_json
+from austeer_pl.core.hooks import TOKEN_SCOPES, EditHandle
+from austeer_pl.core.selection import SIGN_POLICIES, Selection
+from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
+from austeer_pl.core.strength import strength_from_config
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "steering_config.json"
+WEIGHTS_NAME = "steering_state.safetensors"
+_TENSOR_KEYS = ("site_index", "layer", "unit", "momentum", "scale", "shift")
+_INT_KEYS = ("site_index", "layer", "unit")
+_STRENGTH_KINDS = ("momentum", "scalar", "gate")
+_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def is_steering_state(path: str | os.PathLike) -> bool:
+    """True when ``path`` is a folder of a steering state's files and nothing else (what
+    :meth:`SteeringState.save_pretrained` writes, also when damaged): only then may a save replace it."""
+    folder = Path(path)
+    try:
+        names = {p.name for p in folder.iterdir()}
+        text = (folder / CONFIG_NAME).read_bytes()
+    except OSError:
+        return False
+    if not names <= {CONFIG_NAME, WEIGHTS_NAME}:
+        return False
+    try:
+        config = json.loads(text)
+    except (ValueError, RecursionError):
+        return True  # our file name, and nothing a reader could use: a damaged state
+    return isinstance(config, dict) and config.get("package") == "austeer-pl"
+
+
+def _check_tensor(name: str, tensor: Any, *, integer: bool) -> torch.Tensor:
+    if not isinstance(tensor, torch.Tensor):
+        raise AusteerError(f"steering state field '{name}' must be a tensor, got {type(tensor).__name__}; the state is corrupt, export it again")
+    if tensor.dim() != 1:
+        raise AusteerError(f"steering state tensor '{name}' must be 1-D, got shape {tuple(tensor.shape)}; the state is corrupt, export it again")
+    if integer and tensor.dtype not in _INT_DTYPES:
+        raise AusteerError(f"steering state tensor '{name}' must hold integers, got {tensor.dtype}; the state is corrupt, export it again")
+    if not integer:
+        if tensor.dtype not in _FLOAT_DTYPES:  # float8 and the like cannot even be checked for NaN
+            raise AusteerError(f"steering state tensor '{name}' must hold float16/32/64 or bfloat16 values, got {tensor.dtype}; the state is corrupt, export it again")
+        if not bool(torch.isfinite(tensor).all()):
+            raise AusteerError(f"steering state tensor '{name}' holds NaN or infinite values; the state is corrupt, export it again")
+    return tensor
+
+
+def _config_field(config: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
+    if name not in config:
+        if default is ...:
+            raise AusteerError(f"{CONFIG_NAME} lacks field '{name}'; the state was altered, export it again")
+        return default
+    value = config[name]
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+        want = " or ".join(k.__name__ for k in kinds)
+        raise AusteerError(
+            f"{CONFIG_NAME} field '{name}' must be {want}, got {type(value).__name__} {_short(value)}; the state was altered, export it again"
+        )
+    return value
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, torch.Tensor) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+@dataclass
+class SteeringState:
+    """Selected activation units and their edits, tied to one base model's architecture.
+
+    Attributes:
+        sites: site names; ``site_index`` points into this tuple.
+        site_index, layer, unit: int64 ``(k,)`` coordinates of the steered units.
+        momentum: float32 ``(k,)`` activation momentum of each unit (signed).
+        scale: float32 ``(k,)`` multiplicative edit (``alpha * m`` for AUSteer; learned for ``scalar``).
+        shift: float32 ``(k,)`` additive edit (zero for AUSteer).
+        alpha: the strength the edits were computed with; ``apply(alpha=...)`` rescales them.
+        sign_policy: ``promote`` or ``both``.
+        token_scope: ``all`` (default), ``prompt`` or ``generated``.
+        method: ``austeer`` or the name of a block-level method.
+        base_model: the name or path of the model the state was fitted on.
+        architecture: that model's ``config.model_type``.
+        n_layers: its number of decoder layers.
+        site_sizes: its units per layer at each site.
+        metadata: free-form fit facts (JSON-serialisable).
+        strength: closed description of the strength function: ``{"kind": "momentum"}``,
+            ``{"kind": "scalar"}`` (learned values in ``scale``) or ``{"kind": "gate", ...}``.
+        strength_tensors: the gate's parameters (saved as ``strength.*`` in the safetensors file).
+        layout: the :class:`~austeer_pl.core.sites.LayoutSpec` module paths the state was fitted with
+            (``{"layers", "attention", "ffn"}``) for a model :func:`locate_units` does not know;
+            ``apply`` uses them unless given another layout.
+    """
+
+    sites: tuple[str, ...]
+    site_index: torch.Tensor
+    layer: torch.Tensor
+    unit: torch.Tensor
+    momentum: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    alpha: float
+    architecture: str
+    n_layers: int
+    site_sizes: dict[str, int]
+    base_model: str = ""
+    sign_policy: str = "promote"
+    token_scope: str = "all"
+    method: str = "austeer"
+    metadata: dict[str, Any] = field(default_factory=dict)
+    strength: dict[str, Any] = field(default_factory=lambda: {"kind": "momentum"})
+    strength_tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    layout: dict[str, str | None] | None = None
+
+    def __post_init__(self) -> None:
+        self.sites = tuple(self.sites)
+        for name in _TENSOR_KEYS:
+            _check_tensor(name, getattr(self, name), integer=name in _INT_KEYS)
+        k = self.unit.numel()
+        for name in _TENSOR_KEYS:
+            tensor = getattr(self, name)
+            if tensor.numel() != k:
+                raise AusteerError(f"steering state tensor '{name}' must have shape ({k},) like 'unit', got {tuple(tensor.shape)}; the state is corrupt")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
+            raise AusteerError(f"steering state 'alpha' must be a finite number, got {self.alpha!r}; the state is corrupt, export it again")
+        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
+            raise AusteerError(f"steering state 'n_layers' must be a positive integer, got {self.n_layers!r}; the state is corrupt")
+        if not isinstance(self.site_sizes, Mapping) or not all(
+            isinstance(s, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for s, v in self.site_sizes.items()
+        ):
+            raise AusteerError(f"steering state 'site_sizes' must map site names to positive integers, got {self.site_sizes!r}; the state is corrupt")
+        if not all(isinstance(s, str) for s in self.sites):
+            raise AusteerError(f"steering state 'sites' must be names, got {list(self.sites)!r}; the state is corrupt")
+        if not isinstance(self.metadata, dict):
+            raise AusteerError(f"steering state 'metadata' must be an object, got {type(self.metadata).__name__}; the state is corrupt")
+        if not isinstance(self.strength, dict) or self.strength.get("kind", "momentum") not in _STRENGTH_KINDS:
+            raise AusteerError(f"steering state 'strength' must be an object with kind {', '.join(_STRENGTH_KINDS)}, got {self.strength!r}; the state is corrupt")
+        if self.layout is not None:
+            if not isinstance(self.layout, Mapping) or not isinstance(self.layout.get("layers"), str) or not all(
+                self.layout.get(key) is None or isinstance(self.layout.get(key), str) for key in ("attention", "ffn")
+            ) or set(self.layout) - {"layers", "attention", "ffn"}:
+                raise AusteerError(f"steering state 'layout' must name module paths (layers, attention, ffn), got {self.layout!r}; the state is corrupt")
+            self.layout = {key: self.layout.get(key) for key in ("layers", "attention", "ffn")}
+        for name, tensor in self.strength_tensors.items():
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype not in _FLOAT_DTYPES or not bool(torch.isfinite(tensor).all()):
+                raise AusteerError(f"steering state tensor 'strength.{name}' must hold finite floats; the state is corrupt, export it again")
+        self.site_index, self.layer, self.unit = (t.long().cpu() for t in (self.site_index, self.layer, self.unit))
+        self.momentum, self.scale, self.shift = (t.float().cpu() for t in (self.momentum, self.scale, self.shift))
+        if self.token_scope not in TOKEN_SCOPES:
+            raise AusteerError(f"unknown token scope '{self.token_scope}'; choose one of {', '.join(TOKEN_SCOPES)}")
+        if self.sign_policy not in SIGN_POLICIES:
+            raise AusteerError(f"unknown sign policy '{self.sign_policy}'; choose one of {', '.join(SIGN_POLICIES)}")
+        if k and (int(self.site_index.min()) < 0 or int(self.site_index.max()) >= len(self.sites)):
+            raise AusteerError("steering state has a site index outside its list of sites; the state is corrupt, fit it again")
+        for i, site in enumerate(self.sites):
+            rows = self.site_index == i
+            if site not in self.site_sizes:
+                raise AusteerError(f"steering state uses site '{site}' but records no size for it; the state is corrupt")
+            if rows.any():
+                if int(self.layer[rows].min()) < 0 or int(self.layer[rows].max()) >= self.n_layers:
+                    raise AusteerError(f"steering state has a layer outside 0..{self.n_layers - 1}; the state is corrupt")
+                if int(self.unit[rows].min()) < 0 or int(self.unit[rows].max()) >= self.site_sizes[site]:
+                    raise AusteerError(f"steering state has a {site} unit outside 0..{self.site_sizes[site] - 1}; the state is corrupt")
+        if self.strength.get("kind") == "gate":
+            self._check_gate()
+
+    def _check_gate(self) -> None:
+        """A learned gate's description and tensors must fit each other and the steered layers."""
+        gate = self.strength
+        for key in ("layer", "width", "hidden_size"):
+            value = gate.get(key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "layer" else 1):
+                raise AusteerError(
+                    f"steering state gate field '{key}' must be a {'non-negative' if key == 'layer' else 'positive'} integer, got {_short(value)}; "
+                    "the state is corrupt, export it again"
+                )
+        if self.k and gate["layer"] > int(self.layer.min()):
+            raise AusteerError(
+                f"steering state gate reads layer {gate['layer']}, above the first steered layer {int(self.layer.min())} (it would see its own edits); "
+                "the state is corrupt, export it again"
+            )
+        if gate["layer"] >= self.n_layers:
+            raise AusteerError(f"steering state gate reads layer {gate['layer']} of a {self.n_layers}-layer model; the state is corrupt, export it again")
+        shapes = {"inner.weight": (gate["width"], gate["hidden_size"]), "inner.bias": (gate["width"],),
+                  "outer.weight": (self.k, gate["width"]), "outer.bias": (self.k,)}
+        for name, shape in shapes.items():
+            tensor = self.strength_tensors.get(name)
+            if tensor is None or tuple(tensor.shape) != shape:
+                found = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
+                raise AusteerError(f"steering state gate tensor 'strength.{name}' must have shape {shape}, got {found}; the state is corrupt, export it again")
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_selection(
+        cls,
+        selection: Selection,
+        layout: ModelLayout,
+        *,
+        alpha: float,
+        base_model: str = "",
+        sign_policy: str = "promote",
+        token_scope: str = "all",
+        metadata: Mapping[str, Any] | None = None,
+        layout_spec: Mapping[str, str | None] | None = None,
+    ) -> SteeringState:
+        """An AUSteer state: each selected unit ``a`` becomes ``a + alpha * m * a``.
+
+        Example:
+            >>> state = SteeringState.from_selection(select_units(acc, 20, ["attention"]), layout, alpha=5.0)
+        """
+        alpha = float(alpha)
+        if not math.isfinite(alpha):
+            raise AusteerError(f"alpha must be a finite number, got {alpha}")
+        return cls(
+            sites=selection.sites,
+            site_index=selection.site_index,
+            layer=selection.layer,
+            unit=selection.unit,
+            momentum=selection.momentum,
+            scale=alpha * selection.momentum,
+            shift=torch.zeros_like(selection.momentum),
+            alpha=alpha,
+            architecture=layout.architecture,
+            n_layers=layout.n_layers,
+            site_sizes={s: layout.site(s).size for s in selection.sites},
+            base_model=base_model,
+            sign_policy=sign_policy,
+            token_scope=token_scope,
+            metadata=dict(metadata or {}),
+            layout=dict(layout_spec) if layout_spec is not None else None,
+        )
+
+    @property
+    def k(self) -> int:
+        """Number of steered units."""
+        return int(self.unit.numel())
+
+    def with_alpha(self, alpha: float) -> SteeringState:
+        """The same units with every edit rescaled linearly to strength ``alpha``."""
+        alpha = float(alpha)
+        if not math.isfinite(alpha):
+            raise AusteerError(f"alpha must be a finite number, got {alpha}")
+        if alpha == self.alpha:
+            return self
+        if self.k == 0:  # an empty state ("no steering" was chosen) steers nothing at any strength
+            return replace(self, alpha=alpha)
+        if self.strength.get("kind") == "gate":
+            raise AusteerError("a learned gate has no single strength to rescale; apply it without alpha, or fit it again")
+        if self.alpha == 0:
+            raise AusteerError("cannot rescale a state fitted with alpha=0; fit it again with a non-zero alpha")
+        ratio = alpha / self.alpha
+        return replace(self, scale=self.scale * ratio, shift=self.shift * ratio, alpha=alpha)
+
+    def momentum_rule(self) -> SteeringState:
+        """The same units with the paper's fixed strength ``alpha * m`` (what a learned strength started from).
+
+        Example:
+            >>> learned = SteeringState.from_pretrained("runs/gate/state")
+            >>> fixed = learned.momentum_rule()  # evaluate both on the same examples
+        """
+        if self.method != "austeer":
+            raise AusteerError(f"a {self.method} state has no momentum rule; only AUSteer states do")
+        return replace(
+            self, scale=self.alpha * self.momentum.clone(), shift=torch.zeros_like(self.momentum),
+            strength={"kind": "momentum"}, strength_tensors={},
+        )
+
+    def coordinates(self) -> list[tuple[str, int, int]]:
+        return [(self.sites[s], int(l), int(u)) for s, l, u in zip(self.site_index.tolist(), self.layer.tolist(), self.unit.tolist())]
+
+    def layers_by_site(self) -> dict[str, list[int]]:
+        """The layers that hold steered units, per site."""
+        out: dict[str, list[int]] = {}
+        for i, site in enumerate(self.sites):
+            layers = sorted(set(self.layer[self.site_index == i].tolist()))
+            if layers:
+                out[site] = layers
+        return out
+
+    # ------------------------------------------------------------------ validation and apply
+    def check_compatible(self, layout: ModelLayout) -> None:
+        """Raise an :class:`AusteerError` naming the first difference between the state's model and ``layout``."""
+        fitted = f" (fitted on {self.base_model})" if self.base_model else ""
+        if layout.architecture != self.architecture:
+            raise AusteerError(
+                f"steering state is for a '{self.architecture}' model{fitted} but this model is '{layout.architecture}'; "
+                "apply it to the model it was fitted on"
+            )
+        if layout.n_layers != self.n_layers:
+            raise AusteerError(
+                f"steering state is for a model with {self.n_layers} layers{fitted} but this model has {layout.n_layers}; "
+                "apply it to the model it was fitted on"
+            )
+        for site, size in self.site_sizes.items():
+            if site not in layout.sites:
+                raise AusteerError(f"steering state steers the {site} site, which this model does not have; apply it to the model it was fitted on")
+            if layout.site(site).size != size:
+                raise AusteerError(
+                    f"steering state expects {size} {site} units per layer{fitted} but this model has "
+                    f"{layout.site(site).size}; apply it to the model it was fitted on"
+                )
+
+    def apply(
+        self,
+        model: nn.Module,
+        *,
+        alpha: float | None = None,
+        token_scope: str | None = None,
+        layout: ModelLayout | LayoutSpec | None = None,
+    ) -> EditHandle:
+        """Register hooks that edit the selected units; returns a handle with ``.remove()``.
+
+        This mutates ``model`` by adding forward hooks (only on the layers that hold selected units)
+        until the handle is removed; the weights are never touched, so after removal the model's
+        outputs are bit-identical to before. The handle is also a context manager.
+
+        Args:
+            model: the base model (same architecture and sizes as the state's).
+            alpha: strength override; edits are rescaled linearly.
+            token_scope: override of ``all`` / ``prompt`` / ``generated``. ``prompt`` steers the
+                forward pass that processes the input (the prefill); ``generated`` steers the
+                positions of generated tokens (decoding steps with a KV cache). A plain forward call
+                counts as prompt. Note that the first new token is predicted at the prompt's last
+                position, so ``generated`` leaves it unsteered.
+            layout: a precomputed layout or a :class:`LayoutSpec` for models not known to
+                :func:`~austeer_pl.core.sites.locate_units` (default: the state's recorded ``layout``).
+
+        Example:
+            >>> with state.apply(model):
+            ...     out = model.generate(**inputs, max_new_tokens=20)
+        """
+        state = self if alpha is None else self.with_alpha(alpha)
+        scope = token_scope or state.token_scope
+        if scope not in TOKEN_SCOPES:
+            raise AusteerError(f"unknown token scope '{scope}'; choose one of {', '.join(TOKEN_SCOPES)}")
+        if layout is None and state.layout is not None:
+            layout = LayoutSpec(**state.layout)
+        if not isinstance(layout, ModelLayout):
+            layout = locate_units(model, layout)
+        state.check_compatible(layout)
+        gate = None
+        if state.strength.get("kind") == "gate":
+            if "residual" in layout.sites and layout.site("residual").size != state.strength["hidden_size"]:
+                raise AusteerError(
+                    f"steering state gate reads a residual stream of {state.strength['hidden_size']} but this model's has "
+                    f"{layout.site('residual').size}; apply it to the model it was fitted on"
+                )
+            gate = strength_from_config(state.strength, state.strength_tensors, state.k)
+            gate.to(next(model.parameters()).device)
+        return EditHandle(model, layout, state, gate, scope)
+
+    def merge_into(self, model: nn.Module, *, layout: ModelLayout | LayoutSpec | None = None) -> nn.Module:
+        """Fold the state into ``model``'s weights **in place** and return the model.
+
+        This mutates ``model`` permanently (as peft's ``merge_and_unload`` does): the edited
+        projections' weights (and biases) are rescaled so that the plain model computes what the
+        hooked model computes. Only edits that fold exactly are accepted; see :mod:`austeer_pl.core.merge`.
+
+        Example:
+            >>> merged = state.merge_into(model)  # then merged.save_pretrained("steered-model")
+        """
+        from austeer_pl.core.merge import merge_into
+
+        return merge_into(self, model, layout=layout)
+
+    # ------------------------------------------------------------------ save and load
+    def to_config(self) -> dict[str, Any]:
+        return {
+            "format_version": FORMAT_VERSION,
+            "package": "austeer-pl",
+            "package_version": __version__,
+            "method": self.method,
+            "base_model": self.base_model,
+            "architecture": self.architecture,
+            "n_layers": self.n_layers,
+            "site_sizes": dict(self.site_sizes),
+            "sites": list(self.sites),
+            "k": self.k,
+            "alpha": self.alpha,
+            "sign_policy": self.sign_policy,
+            "token_scope": self.token_scope,
+            "strength": self.strength,
+            "metadata": self.metadata,
+            "layout": self.layout,
+        }
+
+    def save_pretrained(self, directory: str | os.PathLike, *, overwrite: bool = True) -> Path:
+        """Write the state to ``directory`` (JSON config + safetensors), atomically.
+
+        The folder is assembled beside its destination and moved into place, so an interrupted save
+        leaves either the previous folder or the new one, never a mix. An earlier steering state
+        there is replaced (unless ``overwrite`` is false); a folder of anything else never is, also
+        when it appears while the state is being written.
+
+        Example:
+            >>> state.save_pretrained("runs/rt-austeer")
+        """
+        from safetensors.torch import save_file
+
+        output = self.output(directory, overwrite=overwrite).check()
+        with output.writing() as tmp:
+            tensors = {name: getattr(self, name).contiguous() for name in _TENSOR_KEYS}
+            tensors.update({f"strength.{name}": t.detach().float().cpu().contiguous() for name, t in self.strength_tensors.items()})
+            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
+            config = self.to_config()
+            config["files"] = {WEIGHTS_NAME: sha256_file(tmp / WEIGHTS_NAME)}
+            write_json(tmp / CONFIG_NAME, config)
+        return output.path
+
+    @staticmethod
+    def output(directory: str | os.PathLike, *, overwrite: bool = False, flag: str = "--overwrite") -> Output:
+        """The steering-state folder output at ``directory`` (see :class:`~austeer_pl.core.fileio.Output`)."""
+        return Output(Path(directory), "steering state", is_steering_state, overwrite=overwrite, folder=True, ours_need_overwrite=True, flag=flag)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> SteeringState:
+        """Load a state saved by :meth:`save_pretrained`; no pickle is involved.
+
+        Raises:
+            AusteerError: when the folder or a file is missing, altered, or of an unknown format.
+
+        Example:
+            >>> state = SteeringState.from_pretrained("runs/rt-austeer")
+        """
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        folder = Path(directory)
+        if not folder.is_dir():
+            raise AusteerError(f"no steering state at {folder}: the folder does not exist; pass the folder written by train.py (--export_dir)")
+        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise AusteerError(f"steering state at {folder} is missing {path.name}; export it again with train.py or save_pretrained")
+        try:
+            text = config_path.read_bytes()
+        except OSError as err:
+            raise AusteerError(f"cannot read {config_path} ({(err.strerror or str(err)).lower()}); check its permissions") from None
+        config = parse_json(text, str(config_path), fix="the state was altered, export it again")
+        if not isinstance(config, dict) or config.get("package") != "austeer-pl":
+            raise AusteerError(f"{config_path} is not an austeer-pl steering config; pass a folder written by austeer-pl")
+        version = config.get("format_version")
+        if isinstance(version, bool) or not isinstance(version, int):
+            raise AusteerError(
+                f"{config_path} field 'format_version' must be the integer {FORMAT_VERSION}, got {type(version).__name__} {_short(version)}; "
+                "the state was altered, export it again"
+            )
+        if version != FORMAT_VERSION:
+            raise AusteerError(
+                f"steering state at {folder} has format version {version}, this austeer-pl reads {FORMAT_VERSION}; "
+                "upgrade austeer-pl or export the state again"
+            )
+        files = _config_field(config, "files", dict, {})
+        expected = files.get(WEIGHTS_NAME)
+        if expected is not None and sha256_file(weights_path) != expected:
+            raise AusteerError(f"{weights_path} does not match the checksum in {CONFIG_NAME}: the file was altered or truncated; export the state again")
+        try:
+            tensors = load_file(str(weights_path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AusteerError(f"cannot read {weights_path} ({str(err).splitlines()[0]}); export the state again") from None
+        missing = [name for name in _TENSOR_KEYS if name not in tensors]
+        if missing:
+            raise AusteerError(f"{weights_path} lacks tensors {', '.join(missing)}; the state was altered, export it again")
+        sites = _config_field(config, "sites", list)
+        site_sizes = _config_field(config, "site_sizes", dict)
+        strength = _config_field(config, "strength", dict, {"kind": "momentum"})
+        return cls(
+            sites=tuple(sites),
+            **{name: tensors[name] for name in _TENSOR_KEYS},
+            alpha=_config_field(config, "alpha", (int, float)),
+            architecture=_config_field(config, "architecture", str),
+            n_layers=_config_field(config, "n_layers", int),
+            site_sizes=dict(site_sizes),
+            base_model=_config_field(config, "base_model", str, ""),
+            sign_policy=_config_field(config, "sign_policy", str, "promote"),
+            token_scope=_config_field(config, "token_scope", str, "all"),
+            method=_config_field(config, "method", str, "austeer"),
+            metadata=dict(_config_field(config, "metadata", dict, {})),
+            strength=dict(strength),
+            strength_tensors={name[len("strength."):]: t for name, t in tensors.items() if name.startswith("strength.")},
+            layout=_config_field(config, "layout", (dict, type(None)), None),
+        )
