@@ -5,7 +5,7 @@ See ``python export.py --help`` and the README ("Serve it"). The logic lives in 
 
 import sys
 
-from austeer_pl.export.formats import export_main
+from austeer_pl.cli.export import export_main
 
 if __name__ == "__main__":
     sys.exit(export_main())

@@ -12,15 +12,15 @@ Example:
 """
 
 from austeer_pl._version import __version__
-from austeer_pl.errors import AusteerError
-from austeer_pl.core.pairs import accumulate_momentum, fit_state
+from austeer_pl.core.hooks import EditHandle
 from austeer_pl.core.models import DEFAULT_MODEL, load_model
 from austeer_pl.core.momentum import MomentumAccumulator
+from austeer_pl.core.pairs import accumulate_momentum, fit_state
 from austeer_pl.core.reading import ActivationReader
 from austeer_pl.core.selection import Selection, select_units
 from austeer_pl.core.sites import SITES, LayoutSpec, ModelLayout, locate_units
-from austeer_pl.core.hooks import EditHandle
 from austeer_pl.core.state import SteeringState
+from austeer_pl.errors import AusteerError
 
 __all__ = [
     "__version__",

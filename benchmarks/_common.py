@@ -117,7 +117,13 @@ def default_pairs(tokenizer, n: int, seed: int = 0) -> list[dict[str, str]]:
 
     Each item has ``prompt`` (formatted prompt text), ``pos`` and ``neg`` (full texts).
     """
-    from austeer_pl.tasks.sources import format_prompt, join_answer, load_task, make_pairs, split_examples
+    from austeer_pl.tasks import (
+        format_prompt,
+        join_answer,
+        load_task,
+        make_pairs,
+        split_examples,
+    )
 
     task = load_task("rotten_tomatoes")
     train = split_examples(task.examples, seed=seed, max_train=n)["train"]
@@ -314,15 +320,37 @@ def fitted_ranking(model, tokenizer, *, n_pairs: int = 200, sites: Sequence[str]
     return rank_units(acc, sites, "both"), layout
 
 
-def shared_prefix_api():
-    """``austeer_pl.core.prefix`` if this checkout has it (None on code from before the shared-prefix
-    reader, so the same scripts can measure an older checkout: ``git worktree add`` it, copy
-    ``benchmarks/`` in, run there)."""
+def pair_readers():
+    """``(full, shared)``: the pass over a batch of encoded full sequences, read as two full sequences
+    per pair or from a shared prompt, in whichever checkout runs this (the current one pair reader,
+    or an older checkout's functions: ``git worktree add`` it, copy ``benchmarks/`` in, run there).
+    ``shared`` is None on code from before the shared-prefix reader. Each is
+    ``(model, layout, sites, pos, neg, pad_id) -> (pos_units, neg_units)``."""
     try:
-        from austeer_pl.core import prefix
-    except ImportError:
-        return None
-    return prefix
+        from austeer_pl.core.pairs import read_pair_batch, rows_batch, split_batch
+    except ImportError:  # an older checkout
+        from austeer_pl.reading import ActivationReader
+
+        from austeer_pl.fit import read_pair_batch as old  # type: ignore[no-redef]
+
+        try:
+            from austeer_pl.prefix import read_pair_batch_shared_prefix as old_shared
+        except ImportError:
+            old_shared = None
+
+        def full(model, layout, sites, pos, neg, pad_id=0):
+            return old(ActivationReader(model, layout, sites), pos, neg)
+
+        shared = (lambda model, layout, sites, pos, neg, pad_id=0: old_shared(model, layout, sites, pos, neg, pad_id=pad_id)) if old_shared else None
+        return full, shared
+
+    def full(model, layout, sites, pos, neg, pad_id=0):
+        return read_pair_batch(model, layout, rows_batch(pos, neg), sites)
+
+    def shared(model, layout, sites, pos, neg, pad_id=0):
+        return read_pair_batch(model, layout, split_batch(pos, neg, pad_id), sites)
+
+    return full, shared
 
 
 def momentum_fit(shared: bool):

@@ -16,7 +16,11 @@ import _common as C
 import torch
 
 from austeer_pl import ActivationReader, locate_units
-from austeer_pl.core.reading import _StopForward, last_token_index, position_ids_from_mask
+from austeer_pl.core.reading import (
+    _StopForward,
+    last_token_index,
+    position_ids_from_mask,
+)
 from austeer_pl.core.sites import register_site_hook
 
 

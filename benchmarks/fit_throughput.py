@@ -18,10 +18,11 @@ The momentum pass skips the LM head, so it beats ``causal_lm`` for free; ``base_
 from __future__ import annotations
 
 import _common as C
+
+READ_FULL, READ_SHARED = C.pair_readers()
 import torch
 
-from austeer_pl import ActivationReader, MomentumAccumulator, locate_units
-from austeer_pl.core.pairs import read_pair_batch
+from austeer_pl import MomentumAccumulator, locate_units
 
 
 def main() -> None:
@@ -46,7 +47,6 @@ def main() -> None:
         joined.append((torch.cat([pad(pos["input_ids"]), pad(neg["input_ids"])]), torch.cat([pad(pos["attention_mask"]), pad(neg["attention_mask"])])))
     n_tokens = C.count_tokens(batches)
     n_padded = sum(int(ids.numel()) for ids, _ in joined)
-    reader = ActivationReader(model, layout, sites)
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     sizes = {s: layout.site(s).size for s in sites}
 
@@ -70,17 +70,15 @@ def main() -> None:
     @torch.inference_mode()
     def momentum(i: int):
         pos, neg = batches[i]
-        fresh("momentum", i).update(*read_pair_batch(reader, pos, neg))
+        fresh("momentum", i).update(*READ_FULL(model, layout, sites, pos, neg))
 
     @torch.inference_mode()
     def momentum_shared(i: int):
         pos, neg = batches[i]
-        fresh("momentum_shared", i).update(*read_pair_batch_shared_prefix(model, layout, sites, pos, neg, pad_id=tok.pad_token_id))
+        fresh("momentum_shared", i).update(*READ_SHARED(model, layout, sites, pos, neg, pad_id=tok.pad_token_id))
 
     variants = {"causal_lm": causal_lm, "base_model": base_model, "momentum": momentum}
-    prefix = C.shared_prefix_api()
-    read_pair_batch_shared_prefix = prefix.read_pair_batch_shared_prefix if prefix else None
-    if not args.no_shared and prefix is not None:
+    if not args.no_shared and READ_SHARED is not None:
         variants["momentum_shared"] = momentum_shared
     print(f"{n_pairs} pairs in {len(batches)} batches of {args.batch_size}, {n_tokens} real tokens ({n_padded} with padding), sites {sites}, {args.repeats} rounds")
     times = C.interleave(variants, args.repeats, device, steps=len(batches), label="fit")

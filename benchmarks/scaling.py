@@ -14,11 +14,11 @@
 from __future__ import annotations
 
 import _common as C
+
+READ_FULL, READ_SHARED = C.pair_readers()
 import torch
 
 from austeer_pl import MomentumAccumulator, SteeringState, select_units
-from austeer_pl.core.pairs import read_pair_batch
-from austeer_pl.core.reading import ActivationReader
 
 
 def spaced(n_layers: int, count: int) -> list[int]:
@@ -48,14 +48,13 @@ def main() -> None:
     # ---- fitting: the pass (independent of k), then selection + state per k
     pairs = C.default_pairs(tok, n_pairs)
     batches = C.encode_batches(tok, pairs, 16, device)
-    reader = ActivationReader(model, layout, sites)
     acc_box = {}
 
     @torch.inference_mode()
     def fit_pass():
         acc = MomentumAccumulator({s: layout.site(s).size for s in sites}, layout.n_layers, device=device)
         for pos, neg in batches:
-            acc.update(*read_pair_batch(reader, pos, neg))
+            acc.update(*READ_FULL(model, layout, sites, pos, neg))
         acc_box["acc"] = acc
 
     pass_s = C.interleave({"pass": fit_pass}, 1, device, warmup=False)["pass"][0]

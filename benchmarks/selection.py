@@ -8,12 +8,12 @@ plus each point's KL on ordinary text (:func:`~austeer_pl.fit.gridscore.harm_kl`
 are never shown to a selection rule; they give the oracle and the chosen points' test accuracy.
 
 ``report`` replays the selection rules on the saved statistics with the product's own code
-(:func:`austeer_pl.fit.engine.choose`, :func:`austeer_pl.fit.engine.pick`), so a rule's result here is
+(:func:`austeer_pl.fit.choose.choose`, :func:`austeer_pl.fit.choose.pick`), so a rule's result here is
 exactly what ``train.py`` would choose on the same statistics:
 
 * ``before``: today's rule: validation accuracy on the first 100 validation examples over today's six
   points, ties to fewer units, a state exported whatever the result;
-* ``after``: the new default (:data:`austeer_pl.lightning.module.DEFAULT_SELECTION`) and its variants
+* ``after``: the new default (:meth:`austeer_pl.fit.config.SelectionConfig.choose_kwargs`) and its variants
   (criterion, halving, harm budget, verdict) over the new grid.
 
 Stability: Jaccard overlap of the top-k units between bootstrap resamples of the training pairs, for
@@ -47,7 +47,9 @@ OLD_GRID = {"site": ["attention"], "k": [10, 50], "alpha": [4.0, 16.0, 64.0]}
 
 
 def new_grid() -> dict:
-    from austeer_pl.lightning.module import DEFAULT_GRID
+    from austeer_pl.methods import AusteerGrid
+
+    DEFAULT_GRID = AusteerGrid().as_grid()
 
     return DEFAULT_GRID
 
@@ -107,9 +109,9 @@ def stability(d: dict[str, torch.Tensor], sites, ks, ns, *, outer: int = 6, inne
 # ---------------------------------------------------------------------------- score one configuration
 def momentum_pass(model, tok, layout, task, config, train, sites):
     """The momentum accumulator over ``config``'s training pairs, and each pair's difference ``pos - neg`` per site."""
-    from austeer_pl.core.pairs import read_text_pairs
     from austeer_pl.core.momentum import MomentumAccumulator
-    from austeer_pl.tasks.sources import format_prompt, join_answer, make_pairs
+    from austeer_pl.core.pairs import read_text_pairs
+    from austeer_pl.tasks import format_prompt, join_answer, make_pairs
 
     pairs = make_pairs(train, negatives=config.negatives, seed=config.seed, max_pairs=config.max_train_pairs)
     texts = {p.prompt: format_prompt(tok, task, p.prompt, chat_template=config.chat_template) for p in pairs}
@@ -125,9 +127,9 @@ def momentum_pass(model, tok, layout, task, config, train, sites):
 
 def build_states(model, layout, acc, points):
     """AUSteer's state for each ``(site, k, alpha)`` point, built as ``train.py`` builds its grid."""
-    from austeer_pl.fit.engine import rank_site_options
-    from austeer_pl.methods.registry import FitContext, build_state
     from austeer_pl.core.models import model_name_of
+    from austeer_pl.fit.statistics import rank_site_options
+    from austeer_pl.methods.registry import FitContext, build_state
 
     options = [(s, (s,)) for s in sorted({p[0] for p in points})]
     rankings = rank_site_options(acc, options, "promote", max(p[1] for p in points))
@@ -136,12 +138,12 @@ def build_states(model, layout, acc, points):
 
 
 def score(args) -> None:
-    from austeer_pl.tasks.config import DataConfig
-    from austeer_pl.fit.engine import Candidate
-    from austeer_pl.fit.gridscore import GridScorer, generic_texts, harm_kl
     from austeer_pl.core.models import load_model
     from austeer_pl.core.sites import locate_units
-    from austeer_pl.tasks.sources import format_prompt
+    from austeer_pl.fit.choose import Candidate
+    from austeer_pl.fit.gridscore import GridScorer, generic_texts, harm_kl
+    from austeer_pl.tasks import format_prompt
+    from austeer_pl.tasks.config import DataConfig
 
     torch.manual_seed(0)
     tag = _tag(args.task, args.seed, args.pairs)
@@ -181,8 +183,8 @@ def score(args) -> None:
     result["harm_kl"] = harm_kl(model, tok, layout, [c.state for c in cands], generic).tolist()
     result["harm_seconds"] = time.perf_counter() - t
     if args.generations:
-        from austeer_pl.scoring.loglik import generate_texts
-        from austeer_pl.tasks.sources import Task
+        from austeer_pl.scoring.generation import generate_new_text as generate_texts
+        from austeer_pl.tasks import Task
 
         asks = ["Review: a gorgeous, moving film.\nIs the sentiment of this review positive or negative?", "Write one sentence about the sea."]
         asks = [format_prompt(tok, Task("generic", ()), a, chat_template=True) for a in asks]
@@ -200,7 +202,7 @@ def score(args) -> None:
 # ---------------------------------------------------------------------------- replay the rules
 def _choose(result, rule: dict):
     """Run the product's chooser on saved statistics; returns ``(chosen index, GridChoice or None)``."""
-    from austeer_pl.fit.engine import Candidate, choose, pick
+    from austeer_pl.fit.choose import Candidate, choose, pick
 
     hyper = result["candidates"]
     in_grid = [i for i, h in enumerate(hyper) if not h or (h["site"] in rule["grid"]["site"] and h["k"] in rule["grid"]["k"] and h["alpha"] in rule["grid"]["alpha"])]
@@ -235,7 +237,9 @@ class _Units:
 
 
 def rules() -> list[dict]:
-    from austeer_pl.lightning.module import DEFAULT_SELECTION
+    from austeer_pl.fit.config import SelectionConfig
+
+    DEFAULT_SELECTION = SelectionConfig().choose_kwargs()
 
     grid = new_grid()
     base = {"grid": grid, **DEFAULT_SELECTION}

@@ -4,7 +4,7 @@ For one configuration already scored by ``benchmarks/selection.py score`` (same 
 pairs and split sizes), this script takes the point the default rule chooses with
 ``--export_anyway`` (the state a learned variant starts from in ``train.py``: the best steered
 point), and trains each learned-strength variant on it with the product's own
-:class:`~austeer_pl.fit.engine.StrengthTrainer` and the data module's own strength batches, exactly as
+:class:`~austeer_pl.fit.strength.StrengthTrainer` and the data module's own strength batches, exactly as
 the strength phase of ``train.py`` does (same learning rate, batches, epochs, validation sums).
 
 Every epoch runs (no early stop) and is scored on validation, so the report can replay two
@@ -31,7 +31,9 @@ if str(ROOT) not in sys.path:
 import torch  # noqa: E402
 
 from austeer_pl.core.fileio import write_json_atomic  # noqa: E402
-from austeer_pl.lightning.module import DEFAULT_SELECTION  # noqa: E402
+from austeer_pl.fit.config import SelectionConfig  # noqa: E402
+
+DEFAULT_SELECTION = SelectionConfig().choose_kwargs()
 
 OUT = ROOT / "benchmarks" / "results" / "selection"
 # (name, kind, loss, kl_weight): scalar/gate x nll/choice x KL weight 1 (the default) / 0.1.
@@ -43,12 +45,12 @@ HARM_BUDGET = DEFAULT_SELECTION["harm_budget"]
 def score(args) -> None:
     import selection as sel
 
-    from austeer_pl.lightning.datamodule import ContrastivePairDataModule
-    from austeer_pl.tasks.config import DataConfig
-    from austeer_pl.fit.engine import StrengthTrainer
-    from austeer_pl.fit.gridscore import generic_texts, harm_kl
     from austeer_pl.core.models import load_model
     from austeer_pl.core.sites import locate_units
+    from austeer_pl.fit.gridscore import generic_texts, harm_kl
+    from austeer_pl.fit.strength import StrengthTrainer
+    from austeer_pl.lightning.datamodule import ContrastivePairDataModule
+    from austeer_pl.tasks.config import DataConfig
 
     tag = sel._tag(args.task, args.seed, args.pairs)
     grid_file = OUT / f"{tag}.json"

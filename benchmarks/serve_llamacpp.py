@@ -104,8 +104,8 @@ def main() -> None:
         from llama_cpp import Llama
     except ImportError:
         raise SystemExit("this benchmark needs llama-cpp-python: pip install llama-cpp-python") from None
-    from austeer_pl.export.formats import export_gguf
     from austeer_pl.core.models import embedded_gguf_path
+    from austeer_pl.export.formats import export_gguf
 
     device = C.setup(args)
     n = args.n or (16 if args.quick else 64)

@@ -10,12 +10,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch
-from llama_cpp import Llama
-from austeer_pl.export.formats import export_gguf
-from austeer_pl.core.models import embedded_gguf_path, load_model
 import _common as C
+from llama_cpp import Llama
+
+from austeer_pl.core.models import embedded_gguf_path, load_model
+from austeer_pl.export.formats import export_gguf
+
 model, tok = load_model("smollm2-135m-instruct")
 sel, layout = C.fitted_ranking(model, tok, n_pairs=200)
 state = C.state_from(sel, layout, 100, alpha=2.0)

@@ -1,8 +1,8 @@
 """7. Below the plain-forward limit: the shared-prefix momentum pass vs the two-full-sequence pass.
 
 Both variants get the same pre-tokenized batches (16 pairs) of the default task and feed the same
-``MomentumAccumulator``; they alternate batch by batch. ``full``: ``read_pair_batch`` (positive and
-negative full sequences, 32 rows, one forward). ``shared``: ``read_pair_batch_shared_prefix`` (the
+``MomentumAccumulator``; they alternate batch by batch. ``full``: ``pair_readers()[0]`` (positive and
+negative full sequences, 32 rows, one forward). ``shared``: ``pair_readers()[1]`` (the
 prompt once - 16 rows - with its KV cache, then the answers from it in rounds over those rows).
 Also checked: the momentum is identical (counts, the top-k units, sums within tolerance).
 Target: time(shared) / time(full) <= 0.6.
@@ -13,11 +13,12 @@ Target: time(shared) / time(full) <= 0.6.
 from __future__ import annotations
 
 import _common as C
+
+READ_FULL, READ_SHARED = C.pair_readers()
 import torch
 
-from austeer_pl import ActivationReader, MomentumAccumulator, locate_units, select_units
-from austeer_pl.core.pairs import read_pair_batch
-from austeer_pl.core.prefix import read_pair_batch_shared_prefix, split_shared_prefix
+from austeer_pl import MomentumAccumulator, locate_units, select_units
+from austeer_pl.core.prefix import split_shared_prefix
 
 
 def main() -> None:
@@ -36,7 +37,6 @@ def main() -> None:
     layout = locate_units(model)
     pairs = C.default_pairs(tok, n_pairs)
     batches = C.encode_batches(tok, pairs, args.batch_size, device)
-    reader = ActivationReader(model, layout, sites)
     sizes = {s: layout.site(s).size for s in sites}
     accs: dict[str, MomentumAccumulator] = {}
 
@@ -48,12 +48,12 @@ def main() -> None:
     @torch.inference_mode()
     def full(i: int):
         pos, neg = batches[i]
-        acc_for("full", i).update(*read_pair_batch(reader, pos, neg))
+        acc_for("full", i).update(*READ_FULL(model, layout, sites, pos, neg))
 
     @torch.inference_mode()
     def shared(i: int):
         pos, neg = batches[i]
-        acc_for("shared", i).update(*read_pair_batch_shared_prefix(model, layout, sites, pos, neg, pad_id=tok.pad_token_id))
+        acc_for("shared", i).update(*READ_SHARED(model, layout, sites, pos, neg, pad_id=tok.pad_token_id))
 
     # Work in tokens: full = every row padded to the batch width; shared = prompts (once) + answers.
     full_tokens = shared_tokens = 0

@@ -22,16 +22,16 @@ import subprocess
 import sys
 
 import _common as C
+
+READ_FULL, READ_SHARED = C.pair_readers()
 import torch
 
 from austeer_pl import MomentumAccumulator, locate_units
-from austeer_pl.core.pairs import read_pair_batch
-from austeer_pl.core.reading import ActivationReader
 from austeer_pl.core.sites import register_site_hook
 
 SITES = ("attention", "ffn")
 VARIANTS = ("paper_per_example", "paper_keep_all", "ours_batched", "ours_shared_prefix")
-if C.shared_prefix_api() is None:  # an older checkout, without the shared-prefix reader
+if READ_SHARED is None:  # an older checkout, without the shared-prefix reader
     VARIANTS = VARIANTS[:3]
 
 
@@ -80,16 +80,15 @@ def make_runner(name, model, tok, layout, pairs, device):
     if name.startswith("paper"):
         return lambda: paper_way(model, tok, layout, pairs, name == "paper_keep_all", device)
     batches = C.encode_batches(tok, pairs, 16, device)
-    reader = ActivationReader(model, layout, SITES)
 
     @torch.inference_mode()
     def ours():
         acc = MomentumAccumulator({s: layout.site(s).size for s in SITES}, layout.n_layers, device=device)
         for pos, neg in batches:
             if name == "ours_batched":
-                acc.update(*read_pair_batch(reader, pos, neg))
+                acc.update(*READ_FULL(model, layout, SITES, pos, neg))
             else:
-                acc.update(*C.shared_prefix_api().read_pair_batch_shared_prefix(model, layout, SITES, pos, neg, pad_id=tok.pad_token_id))
+                acc.update(*READ_SHARED(model, layout, SITES, pos, neg, pad_id=tok.pad_token_id))
         return acc
 
     return ours

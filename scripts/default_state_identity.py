@@ -60,11 +60,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state", help="an exported state to compare (default: fit the README default now)")
     parser.add_argument("--record", action="store_true", help="write the fingerprint as the new reference (only when the change is intended)")
+    parser.add_argument("--keep", default=None, help="keep the fitted state in this folder (default: a temporary folder, removed)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        state = Path(args.state) if args.state else Path(tmp) / "state"
+        state = Path(args.state) if args.state else Path(args.keep or tmp) / "state"
         if not args.state:
-            cmd = [sys.executable, "train.py", "--export_dir", str(state), "--run_dir", str(Path(tmp) / "run"), "--wandb_mode", "disabled"]
+            cmd = [sys.executable, "train.py", "--export_dir", str(state), "--run_dir", str(Path(args.keep or tmp) / "run"), "--wandb_mode", "disabled"]
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         now = fingerprint(state)
     if args.record:

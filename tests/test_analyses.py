@@ -7,10 +7,15 @@ import math
 from pathlib import Path
 
 import pytest
-
-from austeer_pl.analyses.units import AnalysisOptions, analyze_main, kl_divergence, prepare, strength_convergence
-
 from conftest import write_less_task
+
+from austeer_pl.analyses.units import (
+    AnalysisOptions,
+    analyze_main,
+    kl_divergence,
+    prepare,
+    strength_convergence,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -22,15 +22,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import (
+    make_model,
+    make_tokenizer,
+    write_custom_code_folder,
+    write_less_task,
+)
 
+import austeer_pl.core.state
 from austeer_pl import SteeringState
 from austeer_pl.analyses.units import analyze_main
+from austeer_pl.cli.export import export_main
+from austeer_pl.cli.generate import generate_main
 from austeer_pl.cli.main import evaluate_main, train, train_main
 from austeer_pl.errors import AusteerError
-from austeer_pl.export.formats import export_main
-from austeer_pl.cli.generate import generate_main
-
-from conftest import make_model, make_tokenizer, write_custom_code_folder, write_less_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -272,12 +277,10 @@ def _hub_unreachable(world, tmp_path, mp):
 
 
 def _full_disk_at_export(world, tmp_path, mp):
-    import safetensors.torch
-
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    mp.setattr(safetensors.torch, "save_file", full)
+    mp.setattr(austeer_pl.core.state, "save_file", full)
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "new"))
 
 
@@ -519,7 +522,7 @@ def _appears_during(mp, target: str, where: Path, text: str = "mine") -> None:
 
 
 def _file_appears_in_export_during_fit(world, tmp_path, mp):
-    _appears_during(mp, "safetensors.torch.save_file", tmp_path / "export" / "notes.txt")
+    _appears_during(mp, "austeer_pl.core.state.save_file", tmp_path / "export" / "notes.txt")
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "export"))
 
 
@@ -527,7 +530,7 @@ _OTHER_STATE = '{"package": "austeer-pl"}'
 
 
 def _state_appears_in_export_during_fit(world, tmp_path, mp):
-    _appears_during(mp, "safetensors.torch.save_file", tmp_path / "export" / "steering_config.json", _OTHER_STATE)  # another fit's
+    _appears_during(mp, "austeer_pl.core.state.save_file", tmp_path / "export" / "steering_config.json", _OTHER_STATE)  # another fit's
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "export"))
 
 
@@ -537,7 +540,7 @@ def _file_appears_in_merge_out(world, tmp_path, mp):
 
 
 def _file_appears_in_compare_export(world, tmp_path, mp):
-    _appears_during(mp, "safetensors.torch.save_file", tmp_path / "out" / "austeer" / "notes.txt")
+    _appears_during(mp, "austeer_pl.core.state.save_file", tmp_path / "out" / "austeer" / "notes.txt")
     return evaluate_main, ["--compare", "--task", str(world["task"]), "--model", str(world["tiny"]), "--methods", "austeer", "--k", "3", "--alpha", "2",
                            "--export_dir", str(tmp_path / "out"), "--run_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"]
 
@@ -572,28 +575,26 @@ def _sigterm_during_export(world, tmp_path, mp):
 def _sigterm_during_state_export(world, tmp_path, mp):
     import signal
 
-    import safetensors.torch
-
     def half_written(tensors, path, **kwargs):
         Path(path).write_bytes(b"\0" * 4096)
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
 
-    mp.setattr(safetensors.torch, "save_file", half_written)
+    mp.setattr(austeer_pl.core.state, "save_file", half_written)
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "export"))
 
 
 def _ctrl_c_during_evaluate(world, tmp_path, mp):
     import austeer_pl.scoring.evaluate
 
-    _signal_during(mp, austeer_pl.scoring.evaluate, "evaluate_examples", None)
+    _signal_during(mp, austeer_pl.scoring.evaluate, "predict", None)
     return evaluate_main, eval_args(world["state"], "--report", str(tmp_path / "r.json"))
 
 
 def _ctrl_c_during_generate(world, tmp_path, mp):
-    import austeer_pl.analyses.behaviour
+    import austeer_pl.scoring.generation
 
-    _signal_during(mp, austeer_pl.analyses.behaviour, "generate_pairs", None)
+    _signal_during(mp, austeer_pl.scoring.generation, "generate_new_text", None)
     return generate_main, ["--steering", str(world["state"]), "--prompt", "is 1 less than 2", "--out", str(tmp_path / "g.jsonl")]
 
 
@@ -1013,7 +1014,7 @@ def test_wandb_online_falls_back_to_offline_with_a_warning(monkeypatch, tmp_path
 
 
 def test_resume_with_the_same_settings_is_accepted(world, tmp_path):
-    from austeer_pl.lightning.module import check_resume, pass_settings
+    from austeer_pl.lightning.strategy import check_resume, pass_settings
 
     model = {"model_name": str(world["tiny"]), "dtype": None, "site": "attention", "layout_layers": None, "layout_attention": None, "layout_ffn": None}
     data = {"task": str(world["task"]), "seed": 0, "negatives": "sample", "val_fraction": 0.2, "test_fraction": 0.2,
@@ -1045,10 +1046,10 @@ def test_scoring_refuses_nan_log_probabilities():
 
 
 def test_cache_overwritten_in_place_is_caught(tmp_path, monkeypatch):
+    from test_models import FakeEmbedded
+
     from austeer_pl.core import models
     from austeer_pl.core.models import ensure_embedded_model, load_model
-
-    from test_models import FakeEmbedded
 
     fake = FakeEmbedded(tmp_path, monkeypatch)
     folder = ensure_embedded_model(fake.cache)
@@ -1193,7 +1194,7 @@ def test_sigterm_from_another_process_during_export_leaves_nothing(world, tmp_pa
         "    print('written', flush=True)\n"
         "    time.sleep(60)\n"
         "PreTrainedModel.save_pretrained = slow\n"
-        "from austeer_pl.export.formats import export_main\n"
+        "from austeer_pl.cli.export import export_main\n"
         "sys.exit(export_main(sys.argv[1:]))\n"
     )
     out = tmp_path / "merged"

@@ -9,7 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from austeer_pl import AusteerError, MomentumAccumulator, SteeringState, accumulate_momentum, locate_units
+from austeer_pl import (
+    AusteerError,
+    MomentumAccumulator,
+    SteeringState,
+    accumulate_momentum,
+    locate_units,
+)
+from austeer_pl.core.state import CONFIG_NAME
+from austeer_pl.methods.block import block_austeer_state, rank_blocks
+from austeer_pl.methods.caa import caa_candidate_layers, caa_state, caa_vector
 from austeer_pl.methods.iti import (
     HeadMoments,
     ProbeAccuracy,
@@ -20,18 +29,9 @@ from austeer_pl.methods.iti import (
     iti_state,
     select_heads,
 )
-from austeer_pl.methods.baselines import (
-    block_austeer_state,
-    caa_candidate_layers,
-    caa_state,
-    caa_vector,
-    rank_blocks,
-    sadi_head_scores,
-    sadi_state,
-)
 from austeer_pl.methods.registry import METHODS as REGISTRY
 from austeer_pl.methods.registry import FitContext, build_state, grid_points
-from austeer_pl.core.state import CONFIG_NAME
+from austeer_pl.methods.sadi import sadi_head_scores, sadi_state
 
 METHODS = [m for m, entry in REGISTRY.items() if entry.points is not None and m != "austeer"]
 STRENGTH_KEY = {m: REGISTRY[m].strength_key for m in METHODS}

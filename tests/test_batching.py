@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import torch
 import transformers
-
-from austeer_pl.core.tokens import encode_answers, encode_pairs, encode_texts, pad_ids, truncate_left, truncate_pair_left
-
 from conftest import make_model, make_tokenizer
+
+from austeer_pl.core.tokens import (
+    encode_answers,
+    encode_pairs,
+    encode_texts,
+    pad_ids,
+    truncate_left,
+    truncate_pair_left,
+)
 
 
 def sentencepiece_style_tokenizer():
@@ -71,7 +77,7 @@ def test_pad_ids_sides():
 
 
 def test_numeric_answers_are_the_last_number():
-    from austeer_pl.scoring.loglik import generation_prediction, parse_number
+    from austeer_pl.scoring.generation import generation_prediction, parse_number
 
     assert parse_number("First 3 apples, then 4 more: 7") == 7.0  # the answer ends the reasoning
     assert parse_number("so #### 1,250 (after 2 steps)") == 1250.0 and parse_number("no digits") is None

@@ -8,34 +8,32 @@ import math
 import random
 import re
 from collections import Counter
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import make_model, make_tokenizer
 from torch import nn
 
+import austeer_pl.tasks as T
 from austeer_pl import AusteerError, accumulate_momentum, fit_state, locate_units
-from austeer_pl.tasks import sources as T
-from austeer_pl.methods.baselines import caa_state
 from austeer_pl.analyses.behaviour import (
-    SENTIMENT_MAX_WORDS,
-    SENTIMENT_MIN_WORDS,
     add_behaviour_arguments,
     behaviour_cli,
-    behaviour_report,
-    choose_by_judge,
-    choose_under_budget,
-    detokenize_review,
-    evaluate_candidates,
     generate_new_text,
-    generate_pairs,
-    sentiment_prompts,
-    sentiment_task,
     strength_curve,
     text_metrics,
 )
 from austeer_pl.cli.generate import generate_main
+from austeer_pl.core.models import load_model
+from austeer_pl.fit.judged import (
+    choose_by_judge,
+    choose_under_budget,
+    evaluate_candidates,
+)
+from austeer_pl.methods.caa import caa_state
+from austeer_pl.scoring.behaviour import behaviour_report
+from austeer_pl.scoring.generation import generate_pairs
 from austeer_pl.scoring.judges import (
     CallableJudge,
     ClassifierJudge,
@@ -46,9 +44,13 @@ from austeer_pl.scoring.judges import (
     mean_perplexity,
     perplexity,
 )
-from austeer_pl.core.models import load_model
-
-from conftest import make_model, make_tokenizer
+from austeer_pl.tasks.embedded import (
+    SENTIMENT_MAX_WORDS,
+    SENTIMENT_MIN_WORDS,
+    detokenize_review,
+    sentiment_prompts,
+    sentiment_task,
+)
 
 FIT_PAIRS = [(f"review {i}: the film was good", f"review {i}: the film was bad") for i in range(8)]
 PROMPTS = ["the film was", "i think that the movie", "ok"]

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_model, write_less_task
 
 from austeer_pl import SteeringState
 from austeer_pl.cli.main import evaluate_main
-
-from conftest import make_model, write_less_task
 
 METHODS = ["unsteered", "iti", "sadi", "caa", "austeer_block", "austeer", "austeer_scalar", "austeer_gate"]
 LEARNED = {"austeer_scalar": "scalar", "austeer_gate": "gate"}

@@ -9,11 +9,13 @@ import sys
 
 import pytest
 import torch
+from conftest import ALL_ARCHS, CORE_ARCHS, make_model, make_tokenizer, tiny_config
 from torch import nn
 
+import austeer_pl.core.state
 from austeer_pl import (
-    AusteerError,
     ActivationReader,
+    AusteerError,
     LayoutSpec,
     MomentumAccumulator,
     SteeringState,
@@ -24,8 +26,6 @@ from austeer_pl import (
 from austeer_pl.core.reading import last_token_index, position_ids_from_mask
 from austeer_pl.core.selection import rank_units
 from austeer_pl.core.state import CONFIG_NAME, WEIGHTS_NAME
-
-from conftest import ALL_ARCHS, CORE_ARCHS, make_model, make_tokenizer, tiny_config
 
 TEXTS = ["is it good? yes", "bad film.", "a truly wonderful, moving story!", "no", "what a mess, 2 stars"]
 
@@ -489,16 +489,27 @@ def test_state_files_missing_or_altered(tmp_path):
         SteeringState.from_pretrained(folder)
 
 
+def test_saving_the_same_state_gives_the_same_bytes(tmp_path):
+    """safetensors writes its metadata map in a random order; the saved file is made canonical
+    (keys sorted), so a state's sha256 names its content."""
+    state = fitted_state(make_model("llama"), k=3)
+    files = [state.save_pretrained(tmp_path / f"s{i}") / WEIGHTS_NAME for i in range(6)]
+    assert len({f.read_bytes() for f in files}) == 1
+    raw = files[0].read_bytes()
+    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    assert list(header["__metadata__"]) == sorted(header["__metadata__"]) and len(header["__metadata__"]) >= 2
+    loaded = SteeringState.from_pretrained(files[0].parent)
+    assert torch.equal(loaded.scale, state.scale) and torch.equal(loaded.unit, state.unit)
+
+
 def test_failed_save_leaves_previous_state(tmp_path, monkeypatch):
     state = fitted_state(make_model("llama"), k=3)
     folder = state.save_pretrained(tmp_path / "s")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
-    import safetensors.torch
-
     def boom(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(austeer_pl.core.state, "save_file", boom)
     with pytest.raises(AusteerError, match="disk is full"):
         state.with_alpha(9.0).save_pretrained(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -16,16 +16,21 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from conftest import make_model, make_tokenizer
+from test_merge import make_pairs, random_state, residual_shift
 
 from austeer_pl import AusteerError, SteeringState, accumulate_momentum, locate_units
-from austeer_pl.methods.baselines import caa_state
-from austeer_pl.export.formats import _BLOCK_SCALES, GGUF_PROVENANCE_KEY, export_gguf, export_main, scale_block_rows
+from austeer_pl.cli.export import export_main
 from austeer_pl.core.fileio import sha256_file
 from austeer_pl.core.state import WEIGHTS_NAME
 from austeer_pl.core.strength import GateStrength, fold_strength
-
-from conftest import make_model, make_tokenizer
-from test_merge import make_pairs, random_state, residual_shift
+from austeer_pl.export.formats import (
+    _BLOCK_SCALES,
+    GGUF_PROVENANCE_KEY,
+    export_gguf,
+    scale_block_rows,
+)
+from austeer_pl.methods.caa import caa_state
 
 Q = gguf.GGMLQuantizationType
 IDS = [[5, 9, 3, 17, 22, 8, 40, 11], [7, 7, 30, 2, 15, 61, 4, 9]]

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from austeer_pl.errors import AusteerError
 from austeer_pl.core.fileio import (
     JSON_MARKER,
     Output,
@@ -22,6 +21,7 @@ from austeer_pl.core.fileio import (
     save_figure,
     write_json_output,
 )
+from austeer_pl.errors import AusteerError
 
 
 def test_a_report_replaces_our_own_and_refuses_others_without_overwrite(tmp_path):

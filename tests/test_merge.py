@@ -9,14 +9,21 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
+from conftest import ALL_ARCHS, make_model, make_tokenizer
 from torch import nn
 
-from austeer_pl import AusteerError, LayoutSpec, SteeringState, accumulate_momentum, locate_units, select_units
-from austeer_pl.methods.baselines import block_austeer_state, sadi_state
+from austeer_pl import (
+    AusteerError,
+    LayoutSpec,
+    SteeringState,
+    accumulate_momentum,
+    locate_units,
+    select_units,
+)
 from austeer_pl.core.merge import check_foldable, ffn_output_projection, merge_into
 from austeer_pl.core.strength import GateStrength, ScalarStrength, fold_strength
-
-from conftest import ALL_ARCHS, make_model, make_tokenizer
+from austeer_pl.methods.block import block_austeer_state
+from austeer_pl.methods.sadi import sadi_state
 
 # Architectures whose attention output and FFN down projections carry a bias (shifts fold there).
 BIASED = ("gpt2", "gpt_neox", "opt")

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_model, make_tokenizer
 
 from austeer_pl import AusteerError, SteeringState, accumulate_momentum, locate_units
-from austeer_pl.fit.engine import StrengthTrainer, rank_site_options
-from austeer_pl.methods.iti import accumulate_head_moments, accumulate_probe_accuracy, fit_probes
+from austeer_pl.fit.statistics import rank_site_options
+from austeer_pl.fit.strength import StrengthTrainer
+from austeer_pl.methods.iti import (
+    accumulate_head_moments,
+    accumulate_probe_accuracy,
+    fit_probes,
+)
 from austeer_pl.methods.registry import METHODS, FitContext, build_state, needs
-
-from conftest import make_model, make_tokenizer
 
 TEXTS = ["is 3 less than 7 yes", "is 9 less than 1 no", "is 2 less than 5 yes", "is 8 less than 4 no", "is 1 less than 6 yes"]
 PAIRS = [(t, t.rsplit(" ", 1)[0] + (" no" if t.endswith("yes") else " yes")) for t in TEXTS * 2]

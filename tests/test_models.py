@@ -10,22 +10,22 @@ import time
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
+from tokenizers import Tokenizer, pre_tokenizers
+from tokenizers import models as tk_models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from austeer_pl.core import models
-from austeer_pl.errors import AusteerError
+from austeer_pl.core.digests import default_cache_dir
 from austeer_pl.core.models import (
     DEFAULT_MODEL,
     MARKER_NAME,
-    default_cache_dir,
     embedded_gguf_path,
     ensure_embedded_model,
     load_model,
     model_name_of,
     resolve_dtype,
 )
-
+from austeer_pl.errors import AusteerError
 
 # ------------------------------------------------------------------------------------------
 # Helpers

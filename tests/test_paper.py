@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from austeer_pl.tasks import paper as P
 from austeer_pl.errors import AusteerError
-from austeer_pl.tasks.sources import TaskExample, split_examples
+from austeer_pl.tasks import TaskExample, split_examples
+from austeer_pl.tasks import paper as P
 
 REPO = Path(__file__).parents[1]
 

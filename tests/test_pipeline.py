@@ -7,19 +7,23 @@ import os
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import make_model
+from conftest import write_less_task as write_task
 
 from austeer_pl import SteeringState
 from austeer_pl.cli.main import evaluate_main, train_main
-from austeer_pl.errors import AusteerError
-from austeer_pl.lightning.module import AUSteerModule, ContrastivePairDataModule, PassCheckpoint, shard_batches
 from austeer_pl.core.prefix import SharedPrefixReader, use_shared_prefix
-
-from conftest import make_model, write_less_task as write_task
+from austeer_pl.errors import AusteerError
+from austeer_pl.fit.data import shard_batches
+from austeer_pl.lightning.datamodule import ContrastivePairDataModule
+from austeer_pl.lightning.module import AUSteerModule
+from austeer_pl.lightning.strategy import PassCheckpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,9 +74,9 @@ def test_resume_mid_pass_equals_uninterrupted(tiny_dir, task_file, tmp_path):
     saved = torch.load(tmp_path / "b" / "last.ckpt", weights_only=True)
     assert saved["austeer"]["batches_done"] == 4 and not saved["austeer"]["reduced"]
     resumed = fit(tiny_dir, task_file, tmp_path / "b", ckpt_path=str(tmp_path / "b" / "last.ckpt"))
-    assert resumed.accumulator.n == whole.accumulator.n == len(resumed.trainer.datamodule.pairs)
-    for key, value in whole.accumulator.tensors.items():
-        assert torch.equal(value, resumed.accumulator.tensors[key]), key
+    assert resumed.session.accumulator.n == whole.session.accumulator.n == len(resumed.trainer.datamodule.data.pairs)
+    for key, value in whole.session.accumulator.tensors.items():
+        assert torch.equal(value, resumed.session.accumulator.tensors[key]), key
     assert resumed.state.coordinates() == whole.state.coordinates()
     assert resumed.state.metadata["fit"]["grid"] == whole.state.metadata["fit"]["grid"]
 
@@ -87,14 +91,14 @@ def test_shared_prefix_pass_equals_full_sequence_pass(tiny_dir, tmp_path, negati
             f.write(json.dumps({"prompt": f"{a} is", "choices": ["small", "medium", "large number"], "answer": min(a // 7, 2)}) + "\n")
     shared = fit(tiny_dir, task, tmp_path / "s", negatives=negatives)
     full = fit(tiny_dir, task, tmp_path / "f", shared_prefix=False, negatives=negatives)
-    assert shared._readers and all(r.fallback_reason is None for r in shared._readers.values())  # the cache was shared
-    assert not full._readers
-    assert shared.accumulator.n == full.accumulator.n == len(full.trainer.datamodule.pairs)
-    for key, value in full.accumulator.tensors.items():
+    assert shared.session._readers and all(r.fallback_reason is None for r in shared.session._readers.values())  # the cache was shared
+    assert not full.session._readers
+    assert shared.session.accumulator.n == full.session.accumulator.n == len(full.trainer.datamodule.data.pairs)
+    for key, value in full.session.accumulator.tensors.items():
         if value.dtype == torch.int64:
-            assert torch.equal(value, shared.accumulator.tensors[key]), key
+            assert torch.equal(value, shared.session.accumulator.tensors[key]), key
         else:
-            assert torch.allclose(value, shared.accumulator.tensors[key], rtol=1e-4, atol=1e-4), key
+            assert torch.allclose(value, shared.session.accumulator.tensors[key], rtol=1e-4, atol=1e-4), key
     assert shared.state.coordinates() == full.state.coordinates()
     assert shared.summary["fit_tokens"] == full.summary["fit_tokens"]  # tokens of the pairs' sequences, however read
 
@@ -113,21 +117,21 @@ def test_auto_shared_prefix_batch_read_as_full_sequences(tiny_dir, task_file, tm
     """``auto`` collates prompt/answer ids; where it resolves to off (an accelerator) the module reads
     them as the full sequences, bit for bit what ``shared_prefix=False`` collates and reads."""
     module = fit(tiny_dir, task_file, tmp_path, shared_prefix="auto")
-    assert module._readers  # on the CPU auto shares
-    data = module.trainer.datamodule
+    assert module.session._readers  # on the CPU auto shares
+    data = module.trainer.datamodule.data
     items = data.pairs[:5]
     prompt_form = data.collate_pairs(items)
     assert prompt_form["shared_prefix"] == "auto" and "input_ids" not in prompt_form
-    data.hparams.shared_prefix = False
+    data.batching = replace(data.batching, shared_prefix=False)
     full_form = data.collate_pairs(items)
     assert full_form["n_tokens"] == prompt_form["n_tokens"]
-    want = module.read_pair_batch(full_form)
+    want = module.session.read_pairs(full_form)
 
     def no_cache(*_args, **_kwargs):
         raise AssertionError("the shared-prefix reader was used")
 
     monkeypatch.setattr(SharedPrefixReader, "read_pairs", no_cache)
-    got = module.read_pair_batch({**prompt_form, "shared_prefix": False})
+    got = module.session.read_pairs({**prompt_form, "shared_prefix": False})
     for w, g in zip(want, got):
         assert w.keys() == g.keys()
         for site in w:
@@ -194,7 +198,7 @@ def test_train_then_evaluate_in_process(tiny_dir, task_file, tmp_path, capsys):
     grid = fit["grid"]
     # Two points: halving keeps both to the end, and the chosen one has the lower validation log-loss.
     assert len(grid) == 2 and all(g["n_val_scored"] == fit["n_val_examples"] for g in grid)
-    assert fit["criterion"] == "loss" and max(g["val_loss"] for g in grid) == fit["val_loss"]
+    assert fit["criterion"] == "loss" and min(g["val_loss"] for g in grid) == fit["val_loss"] > 0  # a loss, as a loss
     assert fit["val_accuracy"] == next(g["val_accuracy"] for g in grid if g["k"] == state.k)
     # W&B ran offline into the run folder; the local CSV logger recorded the run too.
     assert list((tmp_path / "run" / "wandb").glob("offline-run-*"))
@@ -231,7 +235,7 @@ def test_train_rejects_bad_input_without_writing(tiny_dir, tmp_path, capsys):
     (["--data.batch_size", "x"], "error: --data.batch_size: invalid value 'x' (expected int); see train.py --help"),
     (["--model.alpha", "[fast]"], "error: --model.alpha: invalid value 'fast' (expected float); see train.py --help"),
     (["--data.bogus", "1"], "error: unrecognized arguments: --data.bogus 1"),
-    (["--model.strength_loss", "margin"], "error: unknown strength loss 'margin'; choose one of nll, choice"),
+    (["--model.strength_loss", "margin"], "error: --model.strength_loss 'margin' is unknown; choose one of nll, choice"),
 ])
 def test_train_option_errors_are_one_line(args, needle, tmp_path, capsys):
     assert train_main([*args, "--wandb_mode", "disabled", "--run_dir", str(tmp_path / "run")]) == 2

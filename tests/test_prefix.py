@@ -4,19 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import CORE_ARCHS, make_model, make_tokenizer
 
 from austeer_pl import ActivationReader, accumulate_momentum, locate_units
-from austeer_pl.errors import AusteerError
-from austeer_pl.core.pairs import read_pair_batch
-from austeer_pl.core.prefix import (
-    SharedPrefixReader,
-    read_pair_batch_shared_prefix,
-    read_pairs_shared_prefix,
-    split_shared_prefix,
-)
+from austeer_pl.core.pairs import pair_batch, read_pair_batch, rows_batch, split_batch
+from austeer_pl.core.prefix import SharedPrefixReader, split_shared_prefix
 from austeer_pl.core.tokens import encode_texts
-
-from conftest import CORE_ARCHS, make_model, make_tokenizer
+from austeer_pl.errors import AusteerError
 
 SITES = ["attention", "ffn", "residual"]
 
@@ -53,7 +47,7 @@ def test_equals_full_sequence_reader_mixed_lengths(arch, dtype):
     model = make_model(arch).to(dtype)
     layout = locate_units(model)
     prompts, pos, neg = random_ids(PROMPT_LENS, 1), random_ids(POS_LENS, 2), random_ids(NEG_LENS, 3)
-    got_pos, got_neg = read_pairs_shared_prefix(model, layout, SITES, prompts, pos, neg, pad_id=0)
+    got_pos, got_neg = read_pair_batch(model, layout, pair_batch(prompts, pos, neg, pad_id=0), SITES)
     want_pos = full_reads(model, layout, SITES, [p + a for p, a in zip(prompts, pos)])
     want_neg = full_reads(model, layout, SITES, [p + a for p, a in zip(prompts, neg)])
     atol = 1e-5 if dtype == torch.float32 else 2e-6  # gemma2 runs its softmax in float32 even in float64
@@ -70,11 +64,11 @@ def test_pad_id_and_batch_composition_do_not_matter():
     model = make_model("llama")
     layout = locate_units(model)
     prompts, pos, neg = random_ids(PROMPT_LENS, 4), random_ids(POS_LENS, 5), random_ids(NEG_LENS, 6)
-    a_pos, a_neg = read_pairs_shared_prefix(model, layout, ["attention"], prompts, pos, neg, pad_id=0)
-    b_pos, b_neg = read_pairs_shared_prefix(model, layout, ["attention"], prompts, pos, neg, pad_id=17)
+    a_pos, a_neg = read_pair_batch(model, layout, pair_batch(prompts, pos, neg, pad_id=0), ["attention"])
+    b_pos, b_neg = read_pair_batch(model, layout, pair_batch(prompts, pos, neg, pad_id=17), ["attention"])
     assert torch.allclose(a_pos["attention"], b_pos["attention"], atol=1e-6)
     for i in range(len(prompts)):  # each pair read alone equals its row in the batch
-        s_pos, s_neg = read_pairs_shared_prefix(model, layout, ["attention"], prompts[i : i + 1], pos[i : i + 1], neg[i : i + 1])
+        s_pos, s_neg = read_pair_batch(model, layout, pair_batch(prompts[i : i + 1], pos[i : i + 1], neg[i : i + 1]), ["attention"])
         assert torch.allclose(s_pos["attention"][0], a_pos["attention"][i], atol=1e-5)
         assert torch.allclose(s_neg["attention"][0], a_neg["attention"][i], atol=1e-5)
 
@@ -140,8 +134,8 @@ def test_read_pair_batch_drop_in(side):
     neg_texts = ["is it good? no", "bad film. yes indeed", "a truly wonderful, moving story! dull", "y"]
     pos, neg = encode_texts(tok, pos_texts), encode_texts(tok, neg_texts)
     with torch.inference_mode():
-        want = read_pair_batch(ActivationReader(model, layout, ["attention", "ffn"]), encode_texts(make_tokenizer(), pos_texts), encode_texts(make_tokenizer(), neg_texts))
-    got = read_pair_batch_shared_prefix(model, layout, ["attention", "ffn"], pos, neg, pad_id=tok.pad_token_id)
+        want = read_pair_batch(model, layout, rows_batch(encode_texts(make_tokenizer(), pos_texts), encode_texts(make_tokenizer(), neg_texts)), ["attention", "ffn"])
+    got = read_pair_batch(model, layout, split_batch(pos, neg, pad_id=tok.pad_token_id), ["attention", "ffn"])
     for w, g in zip(want, got):
         for site in w:
             assert torch.allclose(w[site], g[site], atol=1e-5), site
@@ -163,19 +157,19 @@ def test_empty_prompt_empty_answer_and_truncation():
     prompts = [[], [4, 5, 6, 7, 8, 9, 10, 11, 12, 13], [20, 21]]
     pos = [[30, 31], [], [22] * 12]  # an empty answer reads the prompt's last token
     neg = [[32], [40], [23]]
-    got_pos, got_neg = read_pairs_shared_prefix(model, layout, ["attention"], prompts, pos, neg)
+    got_pos, got_neg = read_pair_batch(model, layout, pair_batch(prompts, pos, neg), ["attention"])
     want_pos = full_reads(model, layout, ["attention"], [p + a for p, a in zip(prompts, pos)])
     want_neg = full_reads(model, layout, ["attention"], [p + a for p, a in zip(prompts, neg)])
     assert torch.allclose(got_pos["attention"], want_pos["attention"], atol=2e-6)
     assert torch.allclose(got_neg["attention"], want_neg["attention"], atol=2e-6)
     # max_length keeps the last tokens of each full sequence, as the Lightning collate does.
-    got_pos, got_neg = read_pairs_shared_prefix(model, layout, ["attention"], prompts, pos, neg, max_length=5)
+    got_pos, got_neg = read_pair_batch(model, layout, pair_batch(prompts, pos, neg, max_length=5), ["attention"])
     want_pos = full_reads(model, layout, ["attention"], [(p + a)[-5:] for p, a in zip(prompts, pos)])
     want_neg = full_reads(model, layout, ["attention"], [(p + a)[-5:] for p, a in zip(prompts, neg)])
     assert torch.allclose(got_pos["attention"], want_pos["attention"], atol=2e-6)
     assert torch.allclose(got_neg["attention"], want_neg["attention"], atol=2e-6)
     with pytest.raises(AusteerError, match="empty"):
-        read_pairs_shared_prefix(model, layout, ["attention"], [[]], [[]], [[1]])
+        read_pair_batch(model, layout, pair_batch([[]], [[]], [[1]]), ["attention"])
 
 
 def test_fallback_without_cache_gives_same_values():
@@ -186,7 +180,7 @@ def test_fallback_without_cache_gives_same_values():
     reader.fallback_reason = "forced"
     with torch.inference_mode():
         fb_pos, fb_neg = reader.read_pairs(prompts, pos, neg)
-    sh_pos, sh_neg = read_pairs_shared_prefix(model, layout, ["ffn"], prompts, pos, neg)
+    sh_pos, sh_neg = read_pair_batch(model, layout, pair_batch(prompts, pos, neg), ["ffn"])
     assert torch.allclose(fb_pos["ffn"], sh_pos["ffn"], atol=1e-5)
     assert torch.allclose(fb_neg["ffn"], sh_neg["ffn"], atol=1e-5)
 
@@ -263,19 +257,19 @@ def test_unsupported_cache_falls_back_once_per_class(monkeypatch):
             self.layer_class_to_replicate = OtherLayer
 
     monkeypatch.setattr(prefix, "_UNSUPPORTED", {})
-    monkeypatch.setattr(transformers, "DynamicCache", OtherCache)
+    monkeypatch.setattr(prefix, "DynamicCache", OtherCache)
     model = make_model("llama")
     layout = locate_units(model)
     prompts, pos, neg = random_ids(PROMPT_LENS, 12), random_ids(POS_LENS, 13), random_ids(NEG_LENS, 14)
     with pytest.warns(UserWarning, match="not available"):
-        got_pos, _ = read_pairs_shared_prefix(model, layout, ["ffn"], prompts, pos, neg)
+        got_pos, _ = read_pair_batch(model, layout, pair_batch(prompts, pos, neg), ["ffn"])
     assert type(model) in prefix._UNSUPPORTED
     want = full_reads(model, layout, ["ffn"], [p + a for p, a in zip(prompts, pos)])
     assert torch.allclose(got_pos["ffn"], want["ffn"], atol=1e-5)
     calls = []
     handle = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("cache")), with_kwargs=True)
     try:
-        read_pairs_shared_prefix(model, layout, ["ffn"], prompts, pos, neg)  # no second attempt
+        read_pair_batch(model, layout, pair_batch(prompts, pos, neg), ["ffn"])  # no second attempt
     finally:
         handle.remove()
     assert calls == [None]

@@ -6,17 +6,22 @@ import math
 
 import pytest
 import torch
+from conftest import make_model, make_tokenizer
 
-from austeer_pl.fit.engine import Candidate, choose, criterion_values, halving_schedule
-from austeer_pl.scoring.evaluate import answer_suffixes
-from austeer_pl.fit.gridscore import GridScorer, LayerReplay, decision_statistics, harm_kl
-from austeer_pl.scoring.loglik import choice_logprobs
 from austeer_pl.core.selection import Selection
 from austeer_pl.core.sites import locate_units
 from austeer_pl.core.state import SteeringState
-from austeer_pl.tasks.sources import Task, TaskExample
-
-from conftest import make_model, make_tokenizer
+from austeer_pl.fit.choose import Candidate, choose, halving_schedule
+from austeer_pl.fit.gridscore import (
+    GridScorer,
+    LayerReplay,
+    decision_statistics,
+    harm_kl,
+)
+from austeer_pl.scoring.evaluate import answer_suffixes
+from austeer_pl.scoring.loglik import choice_logprobs
+from austeer_pl.scoring.statistics import criterion_values
+from austeer_pl.tasks import Task, TaskExample
 
 
 def _state(layout, site: str, units: list[tuple[int, int]], alpha: float) -> SteeringState:
@@ -115,7 +120,7 @@ def test_decision_statistics_follow_the_definitions():
 
 
 def test_strength_validation_sums_match_the_per_example_oracle():
-    from austeer_pl.fit.engine import StrengthTrainer
+    from austeer_pl.fit.strength import StrengthTrainer
 
     model, tok = make_model("llama"), make_tokenizer()
     layout = locate_units(model)
@@ -134,7 +139,7 @@ def test_strength_validation_sums_match_the_per_example_oracle():
 
 
 def test_strength_epochs_are_chosen_by_the_grids_criterion():
-    from austeer_pl.fit.engine import StrengthTrainer
+    from austeer_pl.fit.strength import StrengthTrainer
 
     model = make_model("llama")
     layout = locate_units(model)
@@ -242,7 +247,7 @@ def test_choose_rejects_a_grid_without_no_steering():
 def test_mcnemar_exact_against_enumeration():
     from itertools import product
 
-    from austeer_pl.scoring.evaluate import mcnemar
+    from austeer_pl.scoring.statistics import mcnemar
 
     assert mcnemar([0, 0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1, 0]) == {"gained": 6, "lost": 1, "p_value": 0.125, "significant_at_0.05": False}
     assert mcnemar([1, 0], [1, 0])["p_value"] == 1.0
@@ -261,16 +266,19 @@ def test_harm_budget_keeps_generation_coherent_on_embedded_model():
     """On SmolLM2, the default grid's worst point within the default harm budget still writes fluent
     text (the README's prompt and an ordinary one), and the worst point over it does not: the budget
     is what keeps an exported default state coherent (train.py never exports a point above it)."""
-    from austeer_pl.tasks.config import DataConfig
     from austeer_pl.core.pairs import accumulate_momentum
-    from austeer_pl.fit.engine import rank_site_options
+    from austeer_pl.fit.config import SelectionConfig
     from austeer_pl.fit.gridscore import generic_texts
+    from austeer_pl.fit.statistics import rank_site_options
+    from austeer_pl.methods import AusteerGrid
     from austeer_pl.scoring.judges import distinct_n, perplexity
-    from austeer_pl.lightning.module import DEFAULT_GRID, DEFAULT_SELECTION
-    from austeer_pl.methods.registry import FitContext, build_state
+    from austeer_pl.tasks.config import DataConfig
+
+    DEFAULT_GRID, DEFAULT_SELECTION = AusteerGrid().as_grid(), SelectionConfig().choose_kwargs()
     from austeer_pl.core.models import load_model
-    from austeer_pl.scoring.loglik import generate_texts
-    from austeer_pl.tasks.sources import format_prompt, join_answer, make_pairs
+    from austeer_pl.methods.registry import FitContext, build_state
+    from austeer_pl.scoring.generation import generate_new_text as generate_texts
+    from austeer_pl.tasks import format_prompt, join_answer, make_pairs
 
     model, tok = load_model("smollm2-135m-instruct")
     layout = locate_units(model)
@@ -314,8 +322,9 @@ def test_a_fit_that_does_not_help_says_so_and_exports_an_empty_state(tiny_dir, t
     --export_anyway exports the best steered point instead, with the same verdict recorded."""
     import json
 
-    from austeer_pl.cli.main import evaluate_main, train_main
     from conftest import write_less_task
+
+    from austeer_pl.cli.main import evaluate_main, train_main
 
     task = write_less_task(tmp_path / "less.jsonl", 60, seed=4)
     common = ["--model.model_name", str(tiny_dir), "--data.task", str(task), "--model.k", "[2, 4]", "--model.alpha", "[1, 2]",
@@ -371,8 +380,9 @@ def test_a_learned_strength_is_exported_only_when_it_beats_no_steering(tiny_dir,
     task the learned strength can solve (the right answer is always "yes"), it is exported."""
     import json
 
-    from austeer_pl.cli.main import train_main
     from conftest import write_less_task
+
+    from austeer_pl.cli.main import train_main
 
     task = write_less_task(tmp_path / "less.jsonl", 60, seed=4)
     common = ["--model.model_name", str(tiny_dir), "--model.k", "[4]", "--model.alpha", "[1]", "--model.strength", "scalar",

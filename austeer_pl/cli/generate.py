@@ -21,9 +21,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from rich.text import Text
+
+from austeer_pl.cli.runtime import OneLineParser, quiet, run_main
+from austeer_pl.core.fileio import jsonl_output, parse_json, write_jsonl_output
+from austeer_pl.core.models import load_model
+from austeer_pl.core.pins import check_model
+from austeer_pl.core.sites import locate_units
+from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
-from austeer_pl.core.fileio import parse_json
-from austeer_pl.cli.runtime import OneLineParser
+from austeer_pl.scoring.generation import generate_pairs
+from austeer_pl.scoring.judges import load_judge
 
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".json")
 
@@ -116,10 +127,6 @@ GENERATION_KEYS = ("prompt", "unsteered", "steered")
 
 
 def _print_table(rows: list[dict[str, str]], scores: dict[str, list[float]] | None, title: str) -> None:
-    from rich.console import Console
-    from rich.markup import escape
-    from rich.table import Table
-    from rich.text import Text
 
     table = Table(title=escape(title), title_justify="left", show_lines=True)
     table.add_column("#", justify="right")
@@ -139,7 +146,6 @@ def _print_table(rows: list[dict[str, str]], scores: dict[str, list[float]] | No
 def generate(argv: Sequence[str] | None = None) -> list[dict[str, str]]:
     """Run ``generate.py``; returns the rows ``{"prompt", "unsteered", "steered"}``."""
     args = build_parser().parse_args(argv)
-    from austeer_pl.core.fileio import jsonl_output, write_jsonl_output
 
     for key in ("max_new_tokens", "batch_size", "max_length"):
         value = getattr(args, key)
@@ -156,26 +162,19 @@ def generate(argv: Sequence[str] | None = None) -> list[dict[str, str]]:
     else:
         prompts = read_prompts(args.prompts)
 
-    from austeer_pl.cli.runtime import quiet
-    from austeer_pl.core.state import SteeringState
 
     state = SteeringState.from_pretrained(args.steering)
     if args.alpha is not None:
         state = state.with_alpha(args.alpha)
     judge = None
     if args.judge:
-        from austeer_pl.scoring.judges import load_judge
 
         judge = load_judge(args.judge)
     model_name = args.model or state.base_model
     if not model_name:
         raise AusteerError("the state does not name its base model; pass --model")
     quiet()
-    from austeer_pl.analyses.behaviour import generate_pairs
-    from austeer_pl.core.models import load_model
-    from austeer_pl.core.sites import locate_units
 
-    from austeer_pl.fit.pins import check_model
 
     model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
     layout = locate_units(model)
@@ -203,9 +202,16 @@ def generate(argv: Sequence[str] | None = None) -> list[dict[str, str]]:
 
 def generate_main(argv: Sequence[str] | None = None) -> int:
     """``generate.py``: 0 on success, 2 with a one-line ``error: ...`` on bad input."""
-    from austeer_pl.cli.runtime import run_main
 
     return run_main(lambda: generate(argv))
 
 
-__all__ = ["build_parser", "format_user_prompt", "generate", "generate_main", "read_prompts"]
+__all__ = [
+    "GENERATION_KEYS",
+    "PROMPT_SUFFIXES",
+    "build_parser",
+    "format_user_prompt",
+    "generate",
+    "generate_main",
+    "read_prompts",
+]

@@ -10,20 +10,67 @@ import os
 import sys
 import time
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
-from austeer_pl.errors import AusteerError
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+from lightning.pytorch.trainer.states import TrainerStatus
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
 
-from austeer_pl.cli.runtime import OneLineParser, claim_run_dir, one_line_parse_error, quiet, resolve_wandb_mode, run_main
+from austeer_pl.cli.compare import compare_main_args
+from austeer_pl.cli.runtime import (
+    OneLineParser,
+    claim_run_dir,
+    one_line_parse_error,
+    quiet,
+    resolve_wandb_mode,
+    run_main,
+)
+from austeer_pl.core.fileio import (
+    check_writable_parent,
+    json_output,
+    jsonl_output,
+    paths_overlap,
+    write_json_output,
+    write_jsonl_output,
+)
+from austeer_pl.core.models import DEFAULT_MODEL, load_model, load_tokenizer
+from austeer_pl.core.pins import check_model
+from austeer_pl.core.sites import LayoutSpec, locate_units
+from austeer_pl.core.state import SteeringState
+from austeer_pl.core.tokens import encode_pairs
+from austeer_pl.errors import AusteerError
+from austeer_pl.fit.config import DATA_GROUPS, MODEL_GROUPS
+from austeer_pl.lightning.datamodule import ContrastivePairDataModule
+from austeer_pl.lightning.module import AUSteerModule
+from austeer_pl.lightning.strategy import (
+    PassCheckpoint,
+    check_resume,
+    make_strategy,
+    pass_settings,
+)
+from austeer_pl.scoring.behaviour import behaviour_report
+from austeer_pl.scoring.evaluate import (
+    answer_suffixes,
+    default_scoring,
+    evaluate_examples,
+)
+from austeer_pl.scoring.statistics import mcnemar
+from austeer_pl.tasks.config import DataConfig
+from austeer_pl.tasks.pins import check_task
+from austeer_pl.tasks.prompts import behaviour_prompts, format_prompt, join_for
+from austeer_pl.tasks.splits import make_pairs
+
 
 # ============================================================================ train
 def build_cli(args: Sequence[str] | None = None):
     """Parse ``train.py`` arguments into a LightningCLI with module, data module and trainer."""
     quiet()
-    from lightning.pytorch.cli import LightningCLI
 
-    from austeer_pl.lightning.module import AUSteerModule, ContrastivePairDataModule, PassCheckpoint, make_strategy
 
     class AusteerCLI(LightningCLI):
         def init_parser(self, **kwargs):
@@ -57,7 +104,6 @@ def build_cli(args: Sequence[str] | None = None):
             if given and Path(given).exists() and not Path(given).is_dir():
                 raise AusteerError(f"--run_dir {given} is a file; choose a folder path")
             if cfg.get("ckpt_path"):
-                from austeer_pl.lightning.module import check_resume, pass_settings
 
                 check_resume(cfg["ckpt_path"], pass_settings(cfg["model"], cfg["data"]))
             mode = resolve_wandb_mode(cfg["wandb_mode"], cfg["wandb_fallback"])
@@ -76,11 +122,9 @@ def build_cli(args: Sequence[str] | None = None):
                     (self.run_dir / ".lock").unlink(missing_ok=True)
                     self.run_dir.rmdir()
                 raise
-            from lightning.pytorch.loggers import CSVLogger
 
             loggers = [CSVLogger(str(self.run_dir), name="logs", version="")]
             if mode != "disabled":
-                from lightning.pytorch.loggers import WandbLogger
 
                 # `mode` is passed explicitly: wandb reads WANDB_MODE only once per process.
                 loggers.insert(0, WandbLogger(project=cfg["wandb_project"], save_dir=str(self.run_dir), offline=mode == "offline", name=self.run_dir.name, mode=mode))
@@ -132,8 +176,6 @@ def check_train_outputs(run_dir: Path, export_dir: Path, *, overwrite: bool, inp
     ``RUN_DIR/state`` (the default) is fine; the run folder itself, a folder that holds it, or one of
     its checkpoint/log folders is not, since exporting replaces the export folder whole.
     """
-    from austeer_pl.core.fileio import check_writable_parent, paths_overlap
-    from austeer_pl.core.state import SteeringState
 
     run, export = run_dir.absolute().resolve(), export_dir.absolute().resolve()
     if export == run or export in run.parents or any(paths_overlap(export, run / sub) for sub in _RUN_SUBFOLDERS):
@@ -163,7 +205,6 @@ def train(args: Sequence[str] | None = None) -> dict[str, Any]:
 
 
 def _fit(cli) -> dict[str, Any]:
-    from lightning.pytorch.trainer.states import TrainerStatus
 
     trainer, module = cli.trainer, cli.model
     module.export_dir = cli.export_dir
@@ -196,7 +237,7 @@ def _criterion_text(criterion: str, value: float | None) -> str:
 def _log_artifact(loggers, export_dir: Path) -> None:
     for logger in loggers:
         if type(logger).__name__ == "WandbLogger":
-            import wandb
+            import wandb  # noqa: PLC0415 - W&B only: a slow import
 
             artifact = wandb.Artifact(name=f"steering-state-{logger.experiment.id}", type="steering-state")
             artifact.add_dir(str(export_dir))
@@ -205,8 +246,6 @@ def _log_artifact(loggers, export_dir: Path) -> None:
 
 
 def _print_fit_summary(module, summary: dict[str, Any]) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     state = module.state
     table = Table(title="AUSteer fit", show_header=False, title_justify="left")
@@ -256,9 +295,18 @@ def _print_fit_summary(module, summary: dict[str, Any]) -> None:
         print(f"no steering exported to {summary['export_dir']}: an empty state (0 units); steering did not help on validation")
 
 
+def train_flag(setting: str) -> str | None:
+    """``train.py``'s flag of a setting: ``--model.k``, ``--data.max_length``."""
+
+    for prefix, groups in (("model", MODEL_GROUPS), ("data", DATA_GROUPS)):
+        if any(setting == f.name for group in groups for f in fields(group)):
+            return f"--{prefix}.{setting}"
+    return None
+
+
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``train.py``: 0 on success, 2 with one ``error: ...`` line on bad input or a disk fault."""
-    return run_main(lambda: train(argv))
+    return run_main(lambda: train(argv), flags=train_flag)
 
 
 # ============================================================================ evaluate
@@ -322,7 +370,6 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = evaluate_parser().parse_args(argv)
     if args.compare:
-        from austeer_pl.cli.compare import compare_main_args
 
         return compare_main_args(args)
     if args.dump_examples and not args.steering:
@@ -335,12 +382,6 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         raise AusteerError(f"--batch_size must be positive, got {args.batch_size}")
 
     quiet()
-    from austeer_pl.fit import pins as inputs
-    from austeer_pl.tasks.config import DataConfig
-    from austeer_pl.scoring.evaluate import default_scoring, evaluate_examples, mcnemar
-    from austeer_pl.core.fileio import json_output, write_json_output
-    from austeer_pl.core.models import load_model
-    from austeer_pl.core.state import SteeringState
 
     state = SteeringState.from_pretrained(args.steering)
     config = DataConfig.of_state(state.metadata, task=args.task, seed=args.seed, protocol=args.protocol, task_files=args.task_files)
@@ -352,7 +393,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report_out = json_output(args.report, "evaluation report", overwrite=args.overwrite).check(
             inputs=[args.steering, config.task, *(config.task_files or "").split(","), model_name, args.judge])
     pins = state.metadata.get("inputs")
-    inputs.check_task(pins, config, allow=args.allow_changed_inputs)
+    check_task(pins, config, allow=args.allow_changed_inputs)
     seed = config.seed
     task, splits = config.load(need=(args.split,))
     examples = splits[args.split]
@@ -364,19 +405,17 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data = config.to_dict()
     chat = {"on": True, "off": False, "auto": None, None: data.get("chat_template")}[args.chat_template]
     model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
-    from austeer_pl.core.sites import LayoutSpec, locate_units
 
     if args.layout_layers:
         state.layout = {"layers": args.layout_layers, "attention": args.layout_attention, "ffn": args.layout_ffn}
     elif args.layout_attention or args.layout_ffn:
         raise AusteerError("--layout_attention/--layout_ffn need --layout_layers (the path of the decoder layer list)")
     state.check_compatible(locate_units(model, LayoutSpec(**state.layout) if state.layout else None))
-    inputs.check_model(pins, model_name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
+    check_model(pins, model_name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
     if args.scoring == "judge" or (args.scoring is None and task.behaviour):
         return _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, config, report_out)
     scorings = ["loglik", "generate"] if args.scoring == "both" else [args.scoring or default_scoring(task)]
 
-    from rich.progress import Progress
 
     # A learned strength is reported beside the fixed rule it started from, on the same examples.
     learned = state.strength.get("kind", "momentum") != "momentum" and state.method == "austeer"
@@ -434,12 +473,6 @@ def dump_examples(args) -> dict[str, Any]:
     ``uid``, ``prompt`` (the text before the answer), ``choices`` (the exact answer strings as they
     follow the prompt), ``answer``, ``scoring``, the training pair's two texts' ends and the position
     and text of the token whose units are read (the last token of prompt + right answer)."""
-    from austeer_pl.core.tokens import encode_pairs
-    from austeer_pl.tasks.config import DataConfig
-    from austeer_pl.scoring.evaluate import answer_suffixes, default_scoring
-    from austeer_pl.core.fileio import jsonl_output, write_jsonl_output
-    from austeer_pl.core.models import DEFAULT_MODEL, load_tokenizer
-    from austeer_pl.tasks.sources import format_prompt, join_for, make_pairs
 
     if not args.task:
         raise AusteerError("--dump_examples needs --task (or --steering, to read the state's)")
@@ -476,8 +509,6 @@ def _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, con
     """Behaviour: the judge score and fluency of greedy generations from held-out prompts, unsteered vs.
     steered (share judged positive with its 95% Wilson interval, mean judge score, perplexity under
     the unsteered model, distinct-2)."""
-    from austeer_pl.analyses.behaviour import behaviour_prompts, behaviour_report
-    from austeer_pl.core.fileio import write_json_output
 
     if args.max_new_tokens < 1:
         raise AusteerError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
@@ -490,8 +521,6 @@ def _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, con
               "k": state.k, "alpha": state.alpha, **result, "seconds": time.perf_counter() - started}
     if report_out is not None:
         write_json_output(report_out, report)
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=f"{config.task} ({args.split}, {report['n_prompts']} prompts, judge {args.judge}, {state.k} steered units)", title_justify="left")
     for col in ("model", "share positive", "95% CI", "mean score", "perplexity", "distinct-2"):
@@ -506,8 +535,6 @@ def _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, con
 
 
 def _print_eval_table(report: dict[str, Any], scorings: list[str]) -> None:
-    from rich.console import Console
-    from rich.table import Table
 
     table = Table(title=f"{report['task']} ({report['split']}, n={report['n_examples']}, {report['n_steered_activations']} steered units)", title_justify="left")
     for col in ("scoring", "model", "accuracy", "95% CI", "per class"):

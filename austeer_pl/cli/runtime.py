@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import errno
+import logging
+import netrc
 import os
 import re
 import signal
@@ -20,8 +22,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
-from austeer_pl.errors import AusteerError
+from lightning.pytorch.loggers import WandbLogger
+from transformers.utils import logging as hf_logging
+
+from austeer_pl.core.fileio import os_error_message, paths_overlap
+from austeer_pl.core.network import unreachable
+from austeer_pl.errors import AusteerError, SettingError
 
 RUN_DIR_ENV = "AUSTEER_RUN_DIR"
 WANDB_MODES = ("offline", "online", "disabled")
@@ -44,7 +52,6 @@ _NOISE = (
 
 def quiet() -> None:
     """Silence library chatter that a user cannot act on (progress bars of weight loading, tips)."""
-    import logging
 
     for pattern in _NOISE:
         warnings.filterwarnings("ignore", message=pattern)
@@ -58,7 +65,6 @@ def quiet() -> None:
         logging.getLogger(name).addFilter(_DropTips())
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
-        from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
@@ -87,11 +93,11 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
 _SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
 
 
-def run_main(fn: Callable[[], Any]) -> int:
+def run_main(fn: Callable[[], Any], flags: Callable[[str], str | None] = lambda setting: f"--{setting}") -> int:
     """Run an entry point: 0 on success; an :class:`AusteerError`, an ``OSError`` (disk, permission)
     or a parser error becomes one ``error:`` line and exit status 2; Ctrl-C (SIGINT) and SIGTERM
-    clean up like an error, print one line and exit with 128 + the signal number."""
-    from austeer_pl.core.fileio import os_error_message
+    clean up like an error, print one line and exit with 128 + the signal number. A
+    :class:`~austeer_pl.errors.SettingError` names the command's flag (``flags(setting)``)."""
 
     previous: dict[int, Any] = {}
     if threading.current_thread() is threading.main_thread():
@@ -99,6 +105,9 @@ def run_main(fn: Callable[[], Any]) -> int:
             previous[signum] = signal.signal(signum, _raise_interrupted)
     try:
         fn()
+    except SettingError as err:
+        flag = flags(err.setting)
+        return fail(err.with_flag(flag) if flag else str(err))
     except AusteerError as err:
         return fail(str(err))
     except OSError as err:
@@ -199,7 +208,6 @@ def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None, 
         return RunFolder(Path(os.environ[RUN_DIR_ENV]))
     prefix = f"{kind}-" if kind else ""
     if given:
-        from austeer_pl.core.fileio import paths_overlap
 
         for item in inputs:
             if item and Path(item).expanduser().exists() and paths_overlap(given, Path(item).expanduser()):
@@ -230,11 +238,10 @@ def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None, 
                 raise AusteerError(f"cannot make a new run folder beside {base}: 999 exist; pass --run_dir")
         handle = open(path / ".lock", "a+")  # noqa: SIM115 - held open for the run
     except OSError as err:
-        from austeer_pl.core.fileio import os_error_message
 
         raise AusteerError(os_error_message(err, given or "the run folder")) from None
     try:
-        import fcntl
+        import fcntl  # noqa: PLC0415 - POSIX only
 
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except ImportError:  # pragma: no cover - no flock (Windows): unique default names still hold
@@ -253,8 +260,6 @@ def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None, 
 def _wandb_key(base_url: str) -> str | None:
     if os.environ.get("WANDB_API_KEY"):
         return os.environ["WANDB_API_KEY"]
-    import netrc
-    from urllib.parse import urlparse
 
     try:
         auth = netrc.netrc(os.environ.get("NETRC")).authenticators(urlparse(base_url).hostname or "")
@@ -276,7 +281,6 @@ def resolve_wandb_mode(mode: str, fallback: str = "offline") -> str:
         raise AusteerError(f"--wandb_fallback must be offline or error, not '{fallback}'")
     if mode != "online":
         return mode
-    from austeer_pl.core.network import unreachable
 
     base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     if _wandb_key(base_url) is None:
@@ -298,7 +302,6 @@ def wandb_logger(mode: str, project: str, run_dir: Path, config: dict[str, Any] 
     """
     if mode == "disabled":
         return None
-    from lightning.pytorch.loggers import WandbLogger
 
     run_dir.mkdir(parents=True, exist_ok=True)
     return WandbLogger(project=project, save_dir=str(run_dir), offline=mode == "offline", name=run_dir.name, mode=mode, config=config)
@@ -309,7 +312,7 @@ def log_result_wandb(result: dict[str, Any], png: Path, json_path: Path, *, mode
     """Log a result's plot, headline numbers and JSON (as an artifact) to a W&B run; returns its folder."""
     if mode == "disabled":
         return None
-    import wandb
+    import wandb  # noqa: PLC0415 - W&B only: a slow import
 
     run_dir.mkdir(parents=True, exist_ok=True)
     name = result.get("analysis", "result")
@@ -390,15 +393,6 @@ def add_output_options(p, *, name: str) -> None:
     p.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "austeer-pl"))
 
 
-def jsonable(value: Any) -> Any:
-    """Tuples as lists, recursively (JSON reports and W&B configs)."""
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
-
-
 def parse_list(value: Any, name: str, kind: type) -> list:
     """``"10,50"``, ``"[10, 50]"``, ``10`` or ``[10, 50]`` as a list of ``kind``."""
     if value is None:
@@ -419,8 +413,8 @@ def parse_list(value: Any, name: str, kind: type) -> list:
 
 
 __all__ = [
-    "ModelDataOptions",
     "Interrupted",
+    "ModelDataOptions",
     "OneLineParser",
     "RUN_DIR_ENV",
     "RUN_ENTRIES",
@@ -428,16 +422,15 @@ __all__ = [
     "WANDB_MODES",
     "accelerator_for",
     "add_output_options",
-    "jsonable",
+    "claim_run_dir",
     "fail",
+    "is_launched_child",
     "log_result_wandb",
     "one_line_parse_error",
     "parse_list",
     "quiet",
     "quiet_fit",
     "resolve_wandb_mode",
-    "claim_run_dir",
-    "is_launched_child",
     "run_main",
     "task_stem",
     "wandb_logger",

@@ -534,10 +534,12 @@ def save_figure(fig: Any, output: Output) -> Path:
 __all__ = [
     "JSON_MARKER",
     "Output",
+    "PNG_SOFTWARE",
     "check_writable_parent",
     "is_marked_json",
     "is_marked_png",
     "json_output",
+    "jsonable",
     "jsonl_output",
     "jsonl_with_keys",
     "os_error_message",
@@ -553,3 +555,12 @@ __all__ = [
     "write_json_output",
     "write_jsonl_output",
 ]
+
+
+def jsonable(value: Any) -> Any:
+    """Tuples as lists, recursively (JSON reports and W&B configs)."""
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value

@@ -166,4 +166,7 @@ def _edit(x: torch.Tensor, unit: torch.Tensor, factor: torch.Tensor, shift: torc
     return None
 
 
-__all__ = ["EditHandle", "TOKEN_SCOPES"]
+__all__ = [
+    "EditHandle",
+    "TOKEN_SCOPES",
+]

@@ -17,17 +17,34 @@ This module imports torch and transformers only (no Lightning).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from austeer_pl.errors import AusteerError
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
+from austeer_pl.errors import AusteerError
 
-if TYPE_CHECKING:
-    from austeer_pl.core.state import SteeringState
+
+class Edits(Protocol):
+    """What merging reads of a steering state (:class:`~austeer_pl.core.state.SteeringState`, which
+    imports this module, is one)."""
+
+    sites: tuple[str, ...]
+    site_index: torch.Tensor
+    layer: torch.Tensor
+    unit: torch.Tensor
+    scale: torch.Tensor
+    shift: torch.Tensor
+    n_layers: int
+    site_sizes: dict[str, int]
+    strength: dict[str, Any]
+    token_scope: str
+    layout: Mapping[str, str | None] | None
+
+    def check_compatible(self, layout: ModelLayout) -> None: ...
 
 #: Sites whose edits fold into a projection's weights.
 FOLDABLE_SITES: tuple[str, ...] = ("attention", "ffn")
@@ -64,7 +81,7 @@ class SiteEdit:
         return bool(self.shift.ne(0).any())
 
 
-def check_foldable(state: SteeringState, *, sites: tuple[str, ...] = FOLDABLE_SITES) -> None:
+def check_foldable(state: Edits, *, sites: tuple[str, ...] = FOLDABLE_SITES) -> None:
     """Raise an :class:`AusteerError` saying why ``state`` cannot fold into fixed weights.
 
     Checks what holds whatever the model: the strength kind, the token scope, the sites, finite and
@@ -105,7 +122,7 @@ def check_foldable(state: SteeringState, *, sites: tuple[str, ...] = FOLDABLE_SI
         raise AusteerError("this state edits some unit twice, which the hooks resolve in no fixed order; fit it again")
 
 
-def site_edits(state: SteeringState, *, sites: tuple[str, ...] = FOLDABLE_SITES) -> list[SiteEdit]:
+def site_edits(state: Edits, *, sites: tuple[str, ...] = FOLDABLE_SITES) -> list[SiteEdit]:
     """The state's edits grouped by site and layer (units that change nothing are dropped)."""
     edits = []
     for i, site in enumerate(state.sites):
@@ -123,7 +140,7 @@ def site_edits(state: SteeringState, *, sites: tuple[str, ...] = FOLDABLE_SITES)
 
 def _conv1d_type() -> type | None:
     try:
-        from transformers.pytorch_utils import Conv1D
+        from transformers.pytorch_utils import Conv1D  # noqa: PLC0415 - GPT-2's Conv1D, where this transformers has it
     except ImportError:  # pragma: no cover
         return None
     return Conv1D
@@ -201,7 +218,7 @@ class _Step:
     axis: int  # the weight axis the units index
 
 
-def _plan(state: SteeringState, model: nn.Module, layout: ModelLayout) -> list[_Step]:
+def _plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[_Step]:
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
@@ -263,7 +280,7 @@ def _fold(step: _Step) -> None:
         bias.index_copy_(0, unit, bias.index_select(0, unit) * factor + shift)
 
 
-def merge_into(state: SteeringState, model: nn.Module, layout: ModelLayout | LayoutSpec | None = None) -> nn.Module:
+def merge_into(state: Edits, model: nn.Module, layout: ModelLayout | LayoutSpec | None = None) -> nn.Module:
     """Fold ``state`` into ``model``'s weights **in place** and return the model.
 
     Like peft's ``merge_and_unload``, this mutates the model: the attention output projections

@@ -36,22 +36,32 @@ from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
+from austeer_pl.core.digests import default_cache_dir
+from austeer_pl.core.fileio import sha256_file
+from austeer_pl.core.network import hub_endpoint, hub_offline, unreachable
 from austeer_pl.errors import AusteerError
 
 __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED_GGUF_NAME",
+    "EMBEDDED_MODULE",
     "EMBEDDED_PACKAGE",
+    "EMBEDDED_PACKAGE_PIN",
     "MARKER_NAME",
     "check_finite_weights",
-    "default_cache_dir",
     "embedded_gguf_path",
     "ensure_embedded_model",
     "load_error",
     "load_model",
     "load_tokenizer",
+    "logger",
     "model_name_of",
     "resolve_dtype",
 ]
@@ -152,7 +162,7 @@ def _quiet_transformers() -> Iterator[None]:
     gguf_module: Any = None
     gguf_tqdm: Any = None
     with contextlib.suppress(Exception):
-        import transformers.modeling_gguf_pytorch_utils as gguf_module  # noqa: PLC0415
+        import transformers.modeling_gguf_pytorch_utils as gguf_module  # noqa: PLC0415 - needs the optional gguf package
 
         gguf_tqdm = gguf_module.tqdm
         gguf_module.tqdm = functools.partial(gguf_tqdm, disable=True)
@@ -183,20 +193,6 @@ def _strip_quantizer(model: PreTrainedModel) -> PreTrainedModel:
 # --------------------------------------------------------------------------------------------
 # The embedded model and its cache
 # --------------------------------------------------------------------------------------------
-
-
-def default_cache_dir() -> pathlib.Path:
-    """Returns the folder that holds converted models.
-
-    Returns:
-        ``$AUSTEER_CACHE`` if set, else ``$XDG_CACHE_HOME/austeer_pl``, else
-        ``~/.cache/austeer_pl``.
-    """
-    if os.environ.get("AUSTEER_CACHE"):
-        return pathlib.Path(os.environ["AUSTEER_CACHE"]).expanduser()
-    if os.environ.get("XDG_CACHE_HOME"):
-        return pathlib.Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "austeer_pl"
-    return pathlib.Path.home() / ".cache" / "austeer_pl"
 
 
 def embedded_gguf_path() -> pathlib.Path:
@@ -295,7 +291,6 @@ def _check_cache_files(folder: pathlib.Path, marker: dict[str, Any]) -> None:
     Raises:
         AusteerError: If a file is missing, has the wrong size or the wrong checksum.
     """
-    from austeer_pl.core.fileio import sha256_file
 
     sums = marker.get("sha256") or {}
     for name, size in marker["files"].items():
@@ -445,7 +440,6 @@ def _convert_into(gguf: pathlib.Path, root: pathlib.Path, target: pathlib.Path) 
         for path in tmp.iterdir():
             if path.is_file():
                 path.chmod(0o644)
-        from austeer_pl.core.fileio import sha256_file
 
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
         sums = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
@@ -491,11 +485,11 @@ def _load_errors() -> tuple[type[BaseException], ...]:
     """Exceptions from ``from_pretrained`` that mean "bad or unreachable checkpoint", not a bug."""
     errors: list[type[BaseException]] = [OSError, ValueError]
     with contextlib.suppress(ImportError):
-        from huggingface_hub.errors import HfHubHTTPError  # noqa: PLC0415
+        from huggingface_hub.errors import HfHubHTTPError  # noqa: PLC0415 - older huggingface_hub lacks it
 
         errors.append(HfHubHTTPError)
     with contextlib.suppress(ImportError):
-        from safetensors import SafetensorError  # noqa: PLC0415
+        from safetensors import SafetensorError  # noqa: PLC0415 - older safetensors lacks it
 
         errors.append(SafetensorError)
     return tuple(errors)
@@ -658,7 +652,6 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, *, cache_dir: str | os.Pat
 
 def _check_hub_reachable(name: str) -> None:
     """One quiet, bounded connection attempt before transformers retries an unreachable hub for half a minute."""
-    from austeer_pl.core.network import hub_endpoint, hub_offline, unreachable
 
     if hub_offline():
         return  # the user asked for the local hub cache only; transformers fails fast there

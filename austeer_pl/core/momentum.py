@@ -47,10 +47,10 @@ class SummedStatistics:
         return self
 
     def reduce_(self, all_reduce):
-        """Sum every statistic across processes with ``all_reduce(tensor)`` (in place, e.g. a SUM all-reduce);
-        the keys are visited in sorted order, the same on every process."""
+        """Sum every statistic across processes with ``all_reduce(tensor) -> summed tensor`` (a SUM
+        all-reduce); the keys are visited in sorted order, the same on every process."""
         for key in sorted(self.tensors):
-            all_reduce(self.tensors[key])
+            self.tensors[key] = all_reduce(self.tensors[key])
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -38,8 +38,8 @@ reader falls back to the full-sequence pass (same results, no speed-up) and warn
 class.
 
 Example:
-    >>> pos, neg = read_pairs_shared_prefix(model, layout, ["attention", "ffn"],
-    ...                                     prompt_ids, pos_ids, neg_ids, pad_id=tok.pad_token_id)
+    >>> with torch.inference_mode():
+    ...     pos, neg = SharedPrefixReader(model, layout, ["attention", "ffn"]).read_pairs(prompt_ids, pos_ids, neg_ids, pad_id)
     >>> pos["attention"].shape  # (B, n_layers, n_heads * head_dim)
 """
 
@@ -52,18 +52,18 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from austeer_pl.core.tokens import pad_ids, truncate_pair_left
-from austeer_pl.errors import AusteerError
 from austeer_pl.core.reading import ActivationReader, _StopForward
 from austeer_pl.core.sites import ModelLayout, register_site_hook
+from austeer_pl.core.tokens import pad_ids, truncate_pair_left
+from austeer_pl.errors import AusteerError
 
 __all__ = [
     "SharedPrefixReader",
-    "use_shared_prefix",
-    "read_pairs_shared_prefix",
-    "read_pair_batch_shared_prefix",
     "split_shared_prefix",
+    "use_shared_prefix",
 ]
 
 
@@ -139,12 +139,6 @@ def split_shared_prefix(
     return prompts, pos_rest, neg_rest
 
 
-def _rows_of(ids: torch.Tensor, mask: torch.Tensor) -> list[list[int]]:
-    """The real (unpadded) ids of each row of a padded batch, whatever the padding side."""
-    keep = mask.bool()
-    return [row[m].tolist() for row, m in zip(ids.cpu(), keep.cpu())]
-
-
 class SharedPrefixReader:
     """Reads last-answer-token units of (prompt, answer) continuations, the prompt computed once.
 
@@ -193,18 +187,6 @@ class SharedPrefixReader:
         seqs += [truncate_pair_left(list(p), list(a), max_length) for p, a in zip(prompt_ids, neg_ids)]
         acts = self.read_continuations(seqs, pad_id)
         return {s: a[:n] for s, a in acts.items()}, {s: a[n:] for s, a in acts.items()}
-
-    def read_pair_batch(
-        self, pos: dict[str, torch.Tensor], neg: dict[str, torch.Tensor], pad_id: int = 0
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """``(pos, neg)`` units of already encoded full sequences (``input_ids`` and ``attention_mask``,
-        any padding side): each pair is split at its longest common token prefix
-        (:func:`split_shared_prefix`), so token boundaries never move and the values are those of the
-        full sequences exactly as tokenized."""
-        prompts, p_rest, n_rest = split_shared_prefix(
-            _rows_of(pos["input_ids"], pos["attention_mask"]), _rows_of(neg["input_ids"], neg["attention_mask"])
-        )
-        return self.read_pairs(prompts, p_rest, n_rest, pad_id)
 
     def read_continuations(self, seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
         """Units at the last answer token of each ``(prompt, answer)``; ``{site: (N, layers, units)}``."""
@@ -274,9 +256,6 @@ class SharedPrefixReader:
     def _shared(
         self, prompts: list[tuple[int, ...]], cont_prompt: list[int], cont_answer: list[tuple[int, ...]], pad_id: int
     ) -> dict[str, torch.Tensor] | None:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
         device = self._device()
         n_cont, n_prompts = len(cont_prompt), len(prompts)
         width = max(len(p) for p in prompts)
@@ -388,57 +367,3 @@ class SharedPrefixReader:
         if cache is not None:
             kwargs[self.cache_kwarg] = cache
         self._run(hooks, **kwargs)
-
-
-def read_pairs_shared_prefix(
-    model: nn.Module,
-    layout: ModelLayout,
-    sites: Sequence[str],
-    prompt_ids: Sequence[Sequence[int]],
-    pos_ids: Sequence[Sequence[int]],
-    neg_ids: Sequence[Sequence[int]],
-    pad_id: int = 0,
-    *,
-    max_length: int | None = None,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Activations of ``prompt + pos`` and ``prompt + neg`` with the prompt computed once.
-
-    Args:
-        model: a frozen causal LM.
-        layout: its :class:`~austeer_pl.core.sites.ModelLayout`.
-        sites: the sites to read.
-        prompt_ids: token ids of each pair's prompt (any lengths; may differ between pairs).
-        pos_ids: ids of each pair's right answer, continuing its prompt (any lengths).
-        neg_ids: ids of each pair's wrong answer.
-        pad_id: id used for padding (its value never reaches a real token).
-        max_length: cut each full sequence to its last ``max_length`` tokens first.
-
-    Returns:
-        ``(pos, neg)``: ``{site: (B, layers, units)}`` float32, equal to
-        :class:`~austeer_pl.core.reading.ActivationReader` on the concatenated ids (to float tolerance).
-
-    Example:
-        >>> with torch.inference_mode():
-        ...     pos, neg = read_pairs_shared_prefix(model, layout, ["attention"], [[1, 2, 3]], [[4]], [[5]])
-        >>> acc.update(pos, neg)
-    """
-    with torch.inference_mode():
-        return SharedPrefixReader(model, layout, sites).read_pairs(prompt_ids, pos_ids, neg_ids, pad_id, max_length=max_length)
-
-
-def read_pair_batch_shared_prefix(
-    model: nn.Module,
-    layout: ModelLayout,
-    sites: Sequence[str],
-    pos: dict[str, torch.Tensor],
-    neg: dict[str, torch.Tensor],
-    pad_id: int = 0,
-) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Drop-in for :func:`austeer_pl.core.pairs.read_pair_batch` on already encoded full sequences.
-
-    ``pos`` and ``neg`` hold ``input_ids`` and ``attention_mask`` (any padding side) of the full
-    texts; each pair is split at its longest common token prefix (:func:`split_shared_prefix`), so
-    the values are those of the full sequences exactly as tokenized.
-    """
-    with torch.inference_mode():
-        return SharedPrefixReader(model, layout, sites).read_pair_batch(pos, neg, pad_id)

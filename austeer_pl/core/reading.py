@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from austeer_pl.errors import AusteerError
 from austeer_pl.core.sites import ModelLayout, register_site_hook
 
 

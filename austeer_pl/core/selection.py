@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from austeer_pl.errors import AusteerError
 from austeer_pl.core.momentum import MomentumAccumulator
+from austeer_pl.errors import AusteerError
 
 SIGN_POLICIES = ("promote", "both")
 

@@ -24,15 +24,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from austeer_pl._version import __version__
-from austeer_pl.errors import AusteerError
 from austeer_pl.core.fileio import Output, parse_json, sha256_file, write_json
 from austeer_pl.core.hooks import TOKEN_SCOPES, EditHandle
+from austeer_pl.core.merge import merge_into
 from austeer_pl.core.selection import SIGN_POLICIES, Selection
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
 from austeer_pl.core.strength import strength_from_config
+from austeer_pl.errors import AusteerError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "steering_config.json"
@@ -60,6 +63,27 @@ def is_steering_state(path: str | os.PathLike) -> bool:
     except (ValueError, RecursionError):
         return True  # our file name, and nothing a reader could use: a damaged state
     return isinstance(config, dict) and config.get("package") == "austeer-pl"
+
+
+def _sort_metadata(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
+
+    safetensors writes the metadata map in a random order (a Rust ``HashMap``), so the same state
+    gave two different files; sorted keys make the bytes, and their sha256, a function of the state.
+    The header keeps its length (the same keys and values), so nothing else moves.
+    """
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        raw = f.read(n)
+        header = json.loads(raw)
+        if "__metadata__" in header:
+            header = {"__metadata__": dict(sorted(header["__metadata__"].items())), **{k: v for k, v in header.items() if k != "__metadata__"}}
+        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+        text += b" " * (n - len(text))
+        if len(text) != n:
+            raise AusteerError(f"cannot rewrite the header of {path}: its length changed; this is a bug, please report it")
+        f.seek(8)
+        f.write(text)
 
 
 def _check_tensor(name: str, tensor: Any, *, integer: bool) -> torch.Tensor:
@@ -391,7 +415,6 @@ class SteeringState:
         Example:
             >>> merged = state.merge_into(model)  # then merged.save_pretrained("steered-model")
         """
-        from austeer_pl.core.merge import merge_into
 
         return merge_into(self, model, layout=layout)
 
@@ -427,13 +450,13 @@ class SteeringState:
         Example:
             >>> state.save_pretrained("runs/rt-austeer")
         """
-        from safetensors.torch import save_file
 
         output = self.output(directory, overwrite=overwrite).check()
         with output.writing() as tmp:
             tensors = {name: getattr(self, name).contiguous() for name in _TENSOR_KEYS}
             tensors.update({f"strength.{name}": t.detach().float().cpu().contiguous() for name, t in self.strength_tensors.items()})
             save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
+            _sort_metadata(tmp / WEIGHTS_NAME)
             config = self.to_config()
             config["files"] = {WEIGHTS_NAME: sha256_file(tmp / WEIGHTS_NAME)}
             write_json(tmp / CONFIG_NAME, config)
@@ -454,8 +477,6 @@ class SteeringState:
         Example:
             >>> state = SteeringState.from_pretrained("runs/rt-austeer")
         """
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
 
         folder = Path(directory)
         if not folder.is_dir():

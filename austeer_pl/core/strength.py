@@ -18,14 +18,16 @@ module's outputs exactly.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
 from torch import nn
 
-from austeer_pl.errors import AusteerError
 from austeer_pl.core.hooks import EditHandle
+from austeer_pl.core.reading import position_ids_from_mask
 from austeer_pl.core.sites import ModelLayout
+from austeer_pl.errors import AusteerError
 
 STRENGTH_KINDS = ("momentum", "scalar", "gate")
 #: Losses of the learned-strength phase: the right answer's negative log-likelihood, or the logistic
@@ -150,7 +152,6 @@ def strength_objective(
     Raises:
         AusteerError: an unknown ``loss``, or ``"choice"`` on a batch without wrong-answer rows.
     """
-    from austeer_pl.core.reading import position_ids_from_mask
 
     if loss not in STRENGTH_LOSSES:
         raise AusteerError(f"unknown strength loss '{loss}'; choose one of {', '.join(STRENGTH_LOSSES)}")
@@ -190,8 +191,6 @@ def fold_strength(state, strength: nn.Module, metadata: dict[str, Any] | None = 
     A scalar becomes the state's ``scale`` (a plain state that any AUSteer loader applies); a gate
     is stored as ``strength_tensors`` with its closed description.
     """
-    from dataclasses import replace
-
     metadata = dict(state.metadata if metadata is None else metadata)
     if isinstance(strength, GateStrength):
         tensors = {k: v.detach().float().cpu().clone() for k, v in strength.state_dict().items()}
@@ -228,4 +227,4 @@ def average_gradients(params, all_reduce_sum, n_local: int) -> None:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
         p.grad.mul_(weight)
-        all_reduce_sum(p.grad)
+        p.grad.copy_(all_reduce_sum(p.grad))

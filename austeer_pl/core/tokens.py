@@ -175,6 +175,8 @@ def encode_texts(
 
 
 __all__ = [
+    "check_generation_length",
+    "context_length",
     "encode_answers",
     "encode_pairs",
     "encode_segments",

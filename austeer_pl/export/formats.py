@@ -22,21 +22,20 @@ a folder of other files never) and written atomically, so a failure leaves nothi
 
 from __future__ import annotations
 
-import argparse
 import errno
 import json
 import re
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import SafetensorError
 
 from austeer_pl._version import __version__
+from austeer_pl.core.fileio import Output, parse_json, sha256_file
+from austeer_pl.core.merge import check_foldable, site_edits
+from austeer_pl.core.state import CONFIG_NAME, WEIGHTS_NAME
 from austeer_pl.errors import AusteerError
-from austeer_pl.cli.runtime import OneLineParser
-from austeer_pl.core.fileio import Output, parse_json, paths_overlap, sha256_file
-from austeer_pl.core.merge import check_foldable, merge_into, site_edits
 
 FORMATS = ("transformers", "gguf", "control-vector")
 PROVENANCE_KEY = "austeer_pl"
@@ -72,7 +71,6 @@ def provenance(state, steering_dir: str | Path | None = None, *, base: str = "")
         "token_scope": state.token_scope,
     }
     if steering_dir is not None:
-        from austeer_pl.core.state import CONFIG_NAME, WEIGHTS_NAME
 
         folder = Path(steering_dir)
         record["state_sha256"] = sha256_file(folder / WEIGHTS_NAME)
@@ -114,7 +112,7 @@ def _is_merged_folder(path: Path) -> bool:
 
 def _is_our_gguf(path: Path) -> bool:
     try:
-        import gguf
+        import gguf  # noqa: PLC0415 - GGUF exports only
 
         return GGUF_PROVENANCE_KEY in gguf.GGUFReader(path).fields
     except Exception:  # noqa: BLE001 - anything unreadable is not a file we wrote
@@ -134,7 +132,6 @@ def gguf_output(out: str | Path, what: str = "merged GGUF model", *, overwrite: 
 # ============================================================================ transformers
 def save_merged(model, tokenizer, out: str | Path, record: dict[str, Any], *, max_shard_size: str = "5GB", overwrite: bool = True) -> Path:
     """Save a merged model as a plain transformers folder with its provenance, atomically."""
-    from safetensors import SafetensorError
 
     model.config.austeer_pl = record
     output = merged_output(out, overwrite=overwrite).check()
@@ -199,7 +196,7 @@ def scale_block_rows(data: np.ndarray, qtype_name: str, rows: np.ndarray, factor
         New bytes with only the scale fields of those rows changed (``fl16(d * f)``), or None when
         the format has no such fields or a new scale would not be a finite f16.
     """
-    import gguf
+    import gguf  # noqa: PLC0415 - GGUF exports only
 
     offsets = _BLOCK_SCALES.get(qtype_name)
     if offsets is None:
@@ -221,7 +218,7 @@ def scale_block_rows(data: np.ndarray, qtype_name: str, rows: np.ndarray, factor
 
 def _encode(values: np.ndarray, qtype_name: str):
     """Values as the array GGUFWriter takes for type ``qtype_name`` (F32, F16 or BF16); None if not finite."""
-    import gguf
+    import gguf  # noqa: PLC0415 - GGUF exports only
 
     if qtype_name == "F16":
         with np.errstate(over="ignore"):
@@ -234,7 +231,7 @@ def _encode(values: np.ndarray, qtype_name: str):
 
 def _edit_gguf_tensors(state, reader, dtype: str | None) -> dict[str, tuple[np.ndarray, Any]]:
     """New ``(array, GGML type)`` for every tensor the state edits; the rest are copied as they are."""
-    import gguf
+    import gguf  # noqa: PLC0415 - GGUF exports only
 
     tensors = {t.name: t for t in reader.tensors}
     new: dict[str, tuple[np.ndarray, Any]] = {}
@@ -305,7 +302,7 @@ def export_gguf(state, source: str | Path, out: str | Path, *, dtype: str | None
     Example:
         >>> export_gguf(state, embedded_gguf_path(), "rt-steered.Q4_1.gguf")
     """
-    import gguf
+    import gguf  # noqa: PLC0415 - GGUF exports only
 
     check_foldable(state)
     source, out = Path(source), Path(out)
@@ -390,7 +387,7 @@ def export_control_vector(state, out: str | Path, *, record: dict[str, Any] | No
     Example:
         >>> export_control_vector(caa, "rt-caa.gguf")  # llama-cli -m model.gguf --control-vector rt-caa.gguf
     """
-    import gguf
+    import gguf  # noqa: PLC0415 - GGUF exports only
 
     directions = control_vector_directions(state)
     with gguf_output(out, "control vector", overwrite=overwrite).check().writing() as tmp:
@@ -411,105 +408,4 @@ def export_control_vector(state, out: str | Path, *, record: dict[str, Any] | No
 
 # ============================================================================ command line
 
-def export_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="export.py", description="Merge a steering state into its base model (or write a control vector) for serving without austeer-pl.")
-    p.add_argument("--steering", required=True, help="steering state folder (written by train.py)")
-    p.add_argument("--out", required=True, help="output folder (transformers) or .gguf file (gguf, control-vector)")
-    p.add_argument("--format", default="transformers", choices=FORMATS)
-    p.add_argument("--model", default=None, help="base model (default: the one the state names); a .gguf file for --format gguf")
-    p.add_argument("--dtype", default=None, help="transformers: float32, bfloat16 or float16 (default: the model's); gguf: float32 or float16 for re-encoded tensors")
-    p.add_argument("--alpha", type=float, default=None, help="rescale the state's edits to this strength before merging")
-    p.add_argument("--max_shard_size", default="5GB", help="transformers: largest safetensors shard")
-    p.add_argument("--cache_dir", default=None, help="cache folder of the embedded model")
-    p.add_argument("--overwrite", action="store_true", help="replace an output that export.py wrote before")
-    p.add_argument("--allow_changed_inputs", action="store_true", help="merge even if the base model's weights differ from the fit's (a warning)")
-    return p
 
-
-def _gguf_base(name: str) -> Path:
-    from austeer_pl.core.models import DEFAULT_MODEL, embedded_gguf_path
-
-    if name.strip().lower() == DEFAULT_MODEL:
-        return embedded_gguf_path()
-    path = Path(name).expanduser()
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        return path
-    raise AusteerError(f"--format gguf needs a GGUF base, and '{name}' is not a .gguf file; pass --model PATH.gguf, or use --format transformers")
-
-
-def _gguf_dtype(dtype: str | None) -> str | None:
-    if dtype is None:
-        return None
-    from austeer_pl.core.models import resolve_dtype
-    import torch
-
-    resolved = resolve_dtype(dtype)
-    if resolved not in (torch.float32, torch.float16):
-        raise AusteerError(f"--dtype {dtype} is not a GGUF float type; use float32 or float16 with --format gguf")
-    return "F32" if resolved == torch.float32 else "F16"
-
-
-def export(argv: Sequence[str] | None = None) -> Path:
-    """Run ``export.py``; returns the path written."""
-    from austeer_pl.cli.runtime import quiet
-    from austeer_pl.core.state import SteeringState
-
-    args = export_parser().parse_args(argv)
-    state = SteeringState.from_pretrained(args.steering)
-    if args.alpha is not None:
-        state = state.with_alpha(args.alpha)
-    out = Path(args.out)
-    if paths_overlap(out, args.steering):
-        raise AusteerError(f"--out {out} overlaps the steering state folder {args.steering}; choose another path")
-    name = args.model or state.base_model
-    pins = state.metadata.get("inputs")
-    if args.format == "transformers":
-        merged_output(out, overwrite=args.overwrite).check(inputs=[args.steering, name])
-    else:
-        what = "control vector" if args.format == "control-vector" else "merged GGUF model"
-        gguf_output(out, what, overwrite=args.overwrite).check(inputs=[args.steering, name])
-
-    if args.format == "control-vector":
-        if args.dtype is not None:
-            raise AusteerError("--dtype does not apply to control vectors (llama.cpp reads them as F32); drop it")
-        export_control_vector(state, out, record=provenance(state, args.steering), overwrite=args.overwrite)
-        print(f"control vector written to {out}")
-        return out
-    check_foldable(state)
-    if not name:
-        raise AusteerError("the state does not name its base model; pass --model")
-    from austeer_pl.fit.pins import check_model
-
-    if args.format == "gguf":
-        base = _gguf_base(name)
-        if paths_overlap(out, base):
-            raise AusteerError(f"--out {out} is the GGUF base itself; choose another path")
-        pin = pins.get("model") if isinstance(pins, dict) else None
-        if isinstance(pin, dict) and pin.get("kind") == "file":  # fitted on a GGUF file: merge into that same file
-            check_model(pins, str(base), allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
-        export_gguf(state, base, out, dtype=_gguf_dtype(args.dtype), record=provenance(state, args.steering, base=str(name)), overwrite=args.overwrite)
-        print(f"merged GGUF model written to {out}")
-        return out
-
-    quiet()
-    from austeer_pl.core.models import load_model, resolve_dtype
-
-    target = resolve_dtype(args.dtype)
-    model, tokenizer = load_model(name, dtype="float32" if target is not None else None, cache_dir=args.cache_dir)
-    from austeer_pl.core.sites import LayoutSpec, locate_units
-
-    state.check_compatible(locate_units(model, LayoutSpec(**state.layout) if state.layout else None))
-    check_model(pins, name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
-    merge_into(state, model)  # in float32 when a lower precision is asked for, then cast once
-    if target is not None:
-        model.to(dtype=target)
-    save_merged(model, tokenizer, out, provenance(state, args.steering, base=str(name)), max_shard_size=args.max_shard_size, overwrite=args.overwrite)
-    print(f"merged model written to {out}")
-    return out
-
-
-def export_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``export.py`` / ``austeer-export``: 0 on success, 2 with one ``error:`` line on bad input."""
-    from austeer_pl.cli.runtime import run_main
-
-    return run_main(lambda: export(argv))

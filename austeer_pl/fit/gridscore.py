@@ -20,7 +20,6 @@ state, so what the unsteered pass recorded would not be the same input.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from typing import Any
@@ -28,11 +27,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from austeer_pl.errors import AusteerError
+from austeer_pl.core.reading import position_ids_from_mask
 from austeer_pl.core.sites import ModelLayout
-
-#: The per-example statistics of a scored choice, in the order of :meth:`GridScorer.score`'s last axis.
-STATISTICS = ("correct", "margin", "loss")
+from austeer_pl.core.tokens import encode_answers, pad_id_of, pad_ids
+from austeer_pl.errors import AusteerError
+from austeer_pl.scoring.evaluate import answer_suffixes
+from austeer_pl.scoring.generation import generate_new_text
+from austeer_pl.scoring.loglik import (
+    DECISION_STATISTICS,
+    choice_logprobs,
+    decision_statistics,
+)
+from austeer_pl.tasks.prompts import format_prompt
+from austeer_pl.tasks.schema import Task
 
 
 def first_layer(state: Any) -> int:
@@ -114,25 +121,6 @@ class LayerReplay:
                 del layer.forward
 
 
-def decision_statistics(scores: Sequence[torch.Tensor], answers: Sequence[int]) -> torch.Tensor:
-    """``(n, 3)`` float64: correct (0/1), margin and choice log-loss of each example's choice log-likelihoods.
-
-    The prediction is ``argmax`` (the first of tied choices), as in :func:`~austeer_pl.scoring.evaluate.predict`.
-    """
-    if not scores:
-        return torch.empty(0, len(STATISTICS), dtype=torch.float64)
-    # One padded (n, choices) table: padding is -inf, so it never wins, never is the best wrong
-    # choice, and adds exp(-inf) = 0 to the logsumexp.
-    table = torch.nn.utils.rnn.pad_sequence([sc.double() for sc in scores], batch_first=True, padding_value=-math.inf)
-    rows, answer = torch.arange(len(scores)), torch.as_tensor(list(answers), dtype=torch.long)
-    right = table[rows, answer]
-    wrong = table.index_put((rows, answer), torch.tensor(-math.inf, dtype=torch.float64))
-    best_wrong = wrong.max(dim=1).values
-    margin = torch.where(torch.isfinite(best_wrong), right - best_wrong, torch.zeros_like(right))
-    out = torch.stack([table.argmax(dim=1).eq(answer).double(), margin, torch.logsumexp(table, dim=1) - right], dim=1)
-    return out
-
-
 class GridScorer:
     """Per-example decision statistics of many states on the same examples (see the module docs).
 
@@ -151,15 +139,13 @@ class GridScorer:
         self.replay = replay
 
     def _logprobs(self, examples, prompts) -> list[torch.Tensor]:
-        from austeer_pl.scoring.evaluate import answer_suffixes
-        from austeer_pl.scoring.loglik import choice_logprobs
 
         answers = [answer_suffixes(p, ex.choices, self.task) for p, ex in zip(prompts, examples)]
         return choice_logprobs(self.model, self.tokenizer, prompts, answers, batch_size=self.batch_size, max_length=self.max_length)
 
     def score(self, states: Sequence[Any], examples, prompts) -> torch.Tensor:
-        """``(len(states), len(examples), 3)`` float64 statistics (:data:`STATISTICS`); a None state is the unsteered model."""
-        out = torch.empty(len(states), len(examples), len(STATISTICS), dtype=torch.float64)
+        """``(len(states), len(examples), 3)`` float64 statistics (:data:`DECISION_STATISTICS`); a None state is the unsteered model."""
+        out = torch.empty(len(states), len(examples), len(DECISION_STATISTICS), dtype=torch.float64)
         if not examples or not states:
             return out
         answers = [ex.answer for ex in examples]
@@ -197,12 +183,10 @@ GENERIC_PROMPTS = (
 
 def generic_texts(tokenizer, model, *, max_new_tokens: int = 32, batch_size: int = 8, chat_template: bool | None = None) -> list[tuple[str, str]]:
     """``(prompt, continuation)``: each :data:`GENERIC_PROMPTS` formatted as a user turn, with the unsteered model's greedy answer."""
-    from austeer_pl.scoring.loglik import generate_texts
-    from austeer_pl.tasks.sources import Task, format_prompt
 
     plain = Task("generic", ())
     prompts = [format_prompt(tokenizer, plain, p, chat_template=chat_template) for p in GENERIC_PROMPTS]
-    continuations = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    continuations = generate_new_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     return [(p, c) for p, c in zip(prompts, continuations) if c.strip()]
 
 
@@ -214,8 +198,6 @@ def harm_kl(model, tokenizer, layout: ModelLayout, states: Sequence[Any], texts:
     One batch holds every text; the unsteered pass is recorded once and replayed below each state's
     first steered layer.
     """
-    from austeer_pl.core.tokens import encode_answers, pad_id_of, pad_ids
-    from austeer_pl.core.reading import position_ids_from_mask
 
     out = torch.zeros(len(states), dtype=torch.float64)
     if not texts or not states:
@@ -248,4 +230,11 @@ def harm_kl(model, tokenizer, layout: ModelLayout, states: Sequence[Any], texts:
     return out
 
 
-__all__ = ["GENERIC_PROMPTS", "GridScorer", "LayerReplay", "STATISTICS", "decision_statistics", "first_layer", "generic_texts", "harm_kl"]
+__all__ = [
+    "GENERIC_PROMPTS",
+    "GridScorer",
+    "LayerReplay",
+    "first_layer",
+    "generic_texts",
+    "harm_kl",
+]

@@ -4,9 +4,8 @@ checkpoint and the resume check, the site and grid options, and the Trainer of a
 
 from __future__ import annotations
 
-import math
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -16,10 +15,9 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 
-from austeer_pl.errors import AusteerError
 from austeer_pl.core.fileio import Output, os_error_message
-
-SITE_OPTIONS = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attention", "ffn"), "residual": ("residual",)}
+from austeer_pl.errors import AusteerError
+from austeer_pl.methods.austeer import parse_sites
 
 
 # ============================================================================ strategy, checkpoints, trainer
@@ -165,34 +163,13 @@ def check_resume(path: str | Path, settings: dict[str, Any]) -> None:
                 )
 
 
-def parse_sites(site: str | Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
-    options = [site] if isinstance(site, str) else list(site)
-    out = []
-    for opt in options:
-        key = str(opt).strip().lower()
-        if key not in SITE_OPTIONS:
-            raise AusteerError(f"unknown site '{opt}'; choose attention, ffn, both or residual (or a list of them)")
-        if key not in [o for o, _ in out]:
-            out.append((key, SITE_OPTIONS[key]))
-    if not out:
-        raise AusteerError("no site given; choose attention, ffn or both")
-    return out
-
-
-def _as_list(value, name: str, kind: type) -> list:
-    values = list(value) if isinstance(value, (list, tuple)) else [value]
-    if not values:
-        raise AusteerError(f"--model.{name} is empty; give at least one value")
-    out = []
-    for v in values:
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise AusteerError(f"--model.{name} value {v!r} is not a number")
-        if kind is int and (float(v) != int(v) or int(v) <= 0):
-            raise AusteerError(f"--model.{name} value {v!r} must be a positive whole number")
-        if kind is float and not math.isfinite(float(v)):
-            raise AusteerError(f"--model.{name} value {v!r} must be finite")
-        out.append(kind(v))
-    return sorted(set(out), key=out.index)
-
-
-__all__ = ["FrozenDDPStrategy", "PassCheckpoint", "SITE_OPTIONS", "check_resume", "frozen_trainer", "make_strategy", "parse_sites", "pass_settings"]
+__all__ = [
+    "FrozenDDPStrategy",
+    "PASS_SETTINGS_DATA",
+    "PASS_SETTINGS_MODEL",
+    "PassCheckpoint",
+    "check_resume",
+    "frozen_trainer",
+    "make_strategy",
+    "pass_settings",
+]

@@ -9,21 +9,35 @@ along their mass-mean direction, ``shift = alpha * sigma * direction``.
 
 from __future__ import annotations
 
+import itertools
 import math
-import operator
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from austeer_pl.methods.baselines import _check_alpha, _check_k, _f32, _head_units, _rank, _state, _whole
-from austeer_pl.errors import AusteerError
-from austeer_pl.core.pairs import read_text_pairs
 from austeer_pl.core.momentum import SummedStatistics
+from austeer_pl.core.pairs import read_text_pairs
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
 from austeer_pl.core.state import SteeringState
+from austeer_pl.errors import AusteerError
+from austeer_pl.methods.registry import (
+    FitContext,
+    Method,
+    register,
+    state_kwargs,
+    with_layout,
+)
+from austeer_pl.methods.shared import (
+    block_state,
+    check_count,
+    check_strength,
+    head_units,
+    rank_descending,
+    ranking_key,
+)
 
 
 # ============================================================================ ITI: statistics
@@ -278,11 +292,11 @@ def select_heads(
         accuracy = accuracy.accuracy()
     accuracy = accuracy.detach().cpu().double()
     n_layers, n_heads = accuracy.shape
-    k = _check_k(k, "k_heads", n_layers * n_heads, "attention heads")
+    k = check_count(k, "k_heads", n_layers * n_heads, "attention heads")
     keys = [accuracy]
     if separation is not None:
-        keys.append(_f32(separation).nan_to_num(0.0))
-    top = _rank(keys)[:k]
+        keys.append(ranking_key(separation).nan_to_num(0.0))
+    top = rank_descending(keys)[:k]
     return top // n_heads, top % n_heads
 
 
@@ -329,18 +343,18 @@ def iti_state(
     Example:
         >>> state = iti_state(moments, val_accuracy, layout, k_heads=8, alpha=15.0)
     """
-    alpha = _check_alpha(alpha, "alpha")
+    alpha = check_strength(alpha, "alpha")
     if (moments.n_layers, moments.n_heads, moments.head_dim) != (layout.n_layers, layout.n_heads, layout.head_dim):
         raise AusteerError("the head moments were accumulated on another model (layers, heads or head_dim differ)")
     acc_table = accuracy.accuracy() if isinstance(accuracy, ProbeAccuracy) else accuracy
     layers, heads = select_heads(accuracy, k_heads)
     direction, sigma = iti_directions(moments)
     direction, sigma = direction.cpu(), sigma.cpu()
-    layer, unit = _head_units(layers, heads, layout.head_dim)
+    layer, unit = head_units(layers, heads, layout.head_dim)
     shift = (alpha * sigma[layers, heads, None] * direction[layers, heads]).flatten()
     n = unit.numel()
     n_pos, n_neg = moments.counts
-    return _state(
+    return block_state(
         layout, "iti", ("attention",),
         site_index=torch.zeros(n, dtype=torch.long), layer=layer, unit=unit,
         momentum=torch.zeros(n), scale=torch.zeros(n), shift=shift,
@@ -405,3 +419,25 @@ def accumulate_probe_accuracy(
     counter = ProbeAccuracy(probe) if counter is None else counter
     _read_pairs(model, tokenizer, pairs, layout, batch_size, max_length, counter.update)
     return counter
+
+
+# ---------------------------------------------------------------------------- grid expanders
+def _iti_points(layout: ModelLayout, grid) -> list[dict[str, Any]]:
+    total = layout.n_layers * layout.n_heads
+    return [{"k_heads": min(int(k), total), "alpha": float(a)} for k, a in itertools.product(grid["k_heads"], grid["alpha"])]
+
+
+def _build_iti(ctx: FitContext, **hyper) -> SteeringState:
+    if ctx.moments is None or ctx.probe_accuracy is None:
+        raise AusteerError("ITI needs head moments (training) and a probe accuracy (validation)")
+    return with_layout(iti_state(ctx.moments, ctx.probe_accuracy, ctx.layout, **hyper, **state_kwargs(ctx)), ctx)
+
+
+#: ITI: ``k_heads`` heads by validation probe accuracy, strength ``alpha`` in units of the head's
+#: projected standard deviation (Li et al. 2023 use K=48 of 1024 heads and alpha=15 on LLaMA-7B).
+ITI = register(Method(
+    "iti", ("head_moments", "probe_accuracy"), ("attention",),
+    grid={"k_heads": [1, 2, 4, 8, 16, 32, 48], "alpha": [1.0, 2.5, 5.0, 10.0, 15.0, 20.0]},
+    quick_grid={"k_heads": [4, 16], "alpha": [5.0, 15.0]},
+    strength_key="alpha", points=_iti_points, build=_build_iti, order=10,
+))

@@ -9,7 +9,6 @@ generation of its ``max_new_tokens``, lowercase exact match on one token or its 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
@@ -17,10 +16,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from austeer_pl.errors import AusteerError
-from austeer_pl.scoring.loglik import choice_logprobs, generate_texts, generation_prediction, wilson_interval
 from austeer_pl.core.state import SteeringState
-from austeer_pl.tasks.sources import Task, TaskExample, format_prompt, join_for
+from austeer_pl.errors import AusteerError
+from austeer_pl.scoring.generation import generate_new_text, generation_prediction
+from austeer_pl.scoring.loglik import choice_logprobs
+from austeer_pl.scoring.statistics import wilson_interval
+from austeer_pl.tasks.paper import paper_max_new_tokens, paper_prediction
+from austeer_pl.tasks.prompts import format_prompt, join_for
+from austeer_pl.tasks.schema import Task, TaskExample
 
 SCORINGS = ("loglik", "generate", "paper")
 
@@ -38,7 +41,7 @@ def check_scoring(scoring: str) -> str:
 
 
 def answer_suffixes(prompt_text: str, choices: Sequence[str], task: Task | None = None) -> list[str]:
-    """Each choice as the text that follows ``prompt_text`` (the joining rule of the task, :func:`~austeer_pl.tasks.sources.join_for`)."""
+    """Each choice as the text that follows ``prompt_text`` (the joining rule of the task, :func:`~austeer_pl.tasks.join_for`)."""
     return [join_for(task or _DEFAULT, prompt_text, c)[len(prompt_text):] for c in choices]
 
 
@@ -66,11 +69,10 @@ def predict(
     if not examples:
         return torch.empty(0, dtype=torch.long)
     if scoring == "paper":
-        from austeer_pl.tasks.paper import paper_max_new_tokens, paper_prediction
 
         config = getattr(model, "config", None)
         tokens = max_new_tokens or paper_max_new_tokens(task.name, str(getattr(config, "name_or_path", "")), getattr(config, "model_type", None))
-        texts = generate_texts(model, tokenizer, prompts, max_new_tokens=tokens, batch_size=batch_size, max_length=max_length)
+        texts = generate_new_text(model, tokenizer, prompts, max_new_tokens=tokens, batch_size=batch_size, max_length=max_length)
         return torch.tensor([paper_prediction(ex, t) for t, ex in zip(texts, examples)], dtype=torch.long)
     if scoring == "loglik":
         answers = [answer_suffixes(p, ex.choices, task) for p, ex in zip(prompts, examples)]
@@ -80,7 +82,7 @@ def predict(
     if max_new_tokens is None:
         longest = max(len(t) for ex in examples for t in tokenizer(list(ex.choices), add_special_tokens=False)["input_ids"])
         max_new_tokens = 16 if numeric else longest + 2
-    texts = generate_texts(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
+    texts = generate_new_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
     return torch.tensor([generation_prediction(t, ex.choices, numeric=numeric) for t, ex in zip(texts, examples)], dtype=torch.long)
 
 
@@ -115,26 +117,6 @@ def accuracy_summary(examples: Sequence[TaskExample], preds: torch.Tensor) -> di
         "unanswered": int(preds.eq(-1).sum()),
         "per_class": per_class,
     }
-
-
-def mcnemar(base_correct: Sequence[int], new_correct: Sequence[int]) -> dict[str, Any]:
-    """McNemar's exact test of two models scored right/wrong on the same examples.
-
-    Only the discordant examples count: ``gained`` (wrong before, right after) and ``lost``; under
-    the null hypothesis of equal accuracy each discordant example goes either way with probability
-    1/2, so the two-sided p-value is ``min(1, 2 * P(Binomial(gained + lost, 1/2) <= min(gained, lost)))``.
-
-    Example:
-        >>> mcnemar([0, 0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1, 0])["p_value"]  # 6 gained, 1 lost
-        0.125
-    """
-    if len(base_correct) != len(new_correct):
-        raise ValueError("both models must be scored on the same examples")
-    gained = sum(1 for a, b in zip(base_correct, new_correct) if not a and b)
-    lost = sum(1 for a, b in zip(base_correct, new_correct) if a and not b)
-    m = gained + lost
-    tail = sum(math.comb(m, i) for i in range(min(gained, lost) + 1)) / 2**m if m else 1.0
-    return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail), "significant_at_0.05": m > 0 and min(1.0, 2 * tail) < 0.05}
 
 
 def evaluate_examples(

@@ -48,10 +48,12 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import nn
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from austeer_pl.errors import AusteerError
+from austeer_pl.core.models import load_error
 from austeer_pl.core.reading import position_ids_from_mask
 from austeer_pl.core.tokens import encode_answers, pad_id_of, pad_ids, truncate_left
+from austeer_pl.errors import AusteerError
 
 #: VADER's convention: compound >= 0.05 is positive, <= -0.05 negative, neutral between.
 VADER_THRESHOLD = 0.05
@@ -136,7 +138,7 @@ class VaderJudge(Judge):
         if target not in ("positive", "negative"):
             raise AusteerError(f"the VADER judge's target must be positive or negative, not '{target}'")
         try:
-            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # noqa: PLC0415 - the VADER judge only
         except ImportError:
             raise AusteerError("the vader judge needs the vadersentiment package: pip install vadersentiment") from None
         self._analyzer = SentimentIntensityAnalyzer()
@@ -221,7 +223,6 @@ class ClassifierJudge(Judge):
         device: str | torch.device | None = None,
         max_length: int = 512,
     ) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         folder = Path(path)
         if not folder.is_dir():
@@ -230,7 +231,6 @@ class ClassifierJudge(Judge):
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
             self.model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
         except (OSError, ValueError, KeyError) as err:
-            from austeer_pl.core.models import load_error
 
             raise load_error(err, f"the classifier judge {folder}", "pass a folder with its config, weights and tokenizer") from None
         self.model.eval().requires_grad_(False)
@@ -469,6 +469,7 @@ def distinct_n(texts: Sequence[str], n: int = 2) -> float:
 __all__ = [
     "CallableJudge",
     "ClassifierJudge",
+    "JUDGE_SPECS",
     "Judge",
     "JudgeLike",
     "JudgeResult",

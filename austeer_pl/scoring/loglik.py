@@ -9,16 +9,19 @@ are computed.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from austeer_pl.core.tokens import check_generation_length, encode_answers, encode_segments, pad_id_of, pad_ids, truncate_left
-from austeer_pl.errors import AusteerError
 from austeer_pl.core.reading import position_ids_from_mask
+from austeer_pl.core.tokens import (
+    encode_answers,
+    pad_id_of,
+    pad_ids,
+    truncate_left,
+)
+from austeer_pl.errors import AusteerError
 
 
 @torch.inference_mode()
@@ -38,7 +41,7 @@ def choice_logprobs(
         tokenizer: its tokenizer.
         prompts: formatted prompt texts.
         answers: for each prompt, the answer texts exactly as they follow the prompt (see
-            :func:`austeer_pl.tasks.sources.join_answer`).
+            :func:`austeer_pl.tasks.join_answer`).
         batch_size: sequences per forward pass.
         max_length: truncate sequences from the left to this many tokens.
 
@@ -109,104 +112,24 @@ def choice_logprobs(
     return result
 
 
-@torch.inference_mode()
-def generate_texts(
-    model: nn.Module,
-    tokenizer,
-    prompts: Sequence[str],
-    *,
-    max_new_tokens: int = 8,
-    batch_size: int = 16,
-    max_length: int | None = None,
-) -> list[str]:
-    """Greedy continuations of each prompt (left-padded batches, KV cache on)."""
-    device = next(model.parameters()).device
-    pad = pad_id_of(tokenizer)
-    prompt_ids = [truncate_left(p, max_length) for p in encode_segments(tokenizer, prompts, special=True)]
-    check_generation_length(model, prompt_ids, max_new_tokens)
-    texts: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompt_ids[start : start + batch_size]
-        ids, mask = pad_ids(chunk, pad, device=device)
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=pad,
-        )
-        texts.extend(tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True))
-    return texts
+#: The per-example statistics of a scored choice, in the order of :meth:`GridScorer.score`'s last axis.
+DECISION_STATISTICS = ("correct", "margin", "loss")
 
 
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
+def decision_statistics(scores: Sequence[torch.Tensor], answers: Sequence[int]) -> torch.Tensor:
+    """``(n, 3)`` float64: correct (0/1), margin and choice log-loss of each example's choice log-likelihoods.
 
-
-def _normalise(text: str) -> str:
-    return re.sub(r"[^\w\s]", "", text).strip().lower()
-
-
-def parse_number(text: str) -> float | None:
-    """The answer number of a generation: the last number (after ``####`` where present, as GSM8K
-    writes answers), commas as thousands separators. A model that reasons before answering ends with
-    the answer, so the first number would be a step of the reasoning.
-
-    Example:
-        >>> parse_number("3 apples and 4 pears make 7"), parse_number("... #### 1,200 (done in 2 steps)")
-        (7.0, 1200.0)
+    The prediction is ``argmax`` (the first of tied choices), as in :func:`~austeer_pl.scoring.evaluate.predict`.
     """
-    head, sep, tail = text.partition("####")
-    source = tail if sep else head
-    matches = _NUMBER.findall(source)
-    if not matches:
-        return None
-    try:
-        return float(matches[0 if sep else -1].replace(",", ""))
-    except ValueError:
-        return None
-
-
-def generation_prediction(text: str, choices: Sequence[str], *, numeric: bool = False) -> int:
-    """Which choice a generated text gives, or -1 when none (exact match after normalisation).
-
-    Numeric tasks compare the first number in the text with each choice's number. Other tasks take
-    the choice the text starts with (the longest one when several match).
-    """
-    if numeric:
-        value = parse_number(text)
-        if value is None:
-            return -1
-        for i, choice in enumerate(choices):
-            target = parse_number(choice)
-            if target is not None and math.isclose(value, target, rel_tol=1e-6, abs_tol=1e-6):
-                return i
-        return -1
-    said = _normalise(text)
-    best, best_len = -1, -1
-    for i, choice in enumerate(choices):
-        c = _normalise(choice)
-        if c and (said == c or said.startswith(c + " ")) and len(c) > best_len:
-            best, best_len = i, len(c)
-    return best
-
-
-@dataclass(frozen=True)
-class Interval:
-    low: float
-    high: float
-
-
-def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> Interval:
-    """Wilson score interval for a proportion (95% by default); ``(0, 1)`` when ``n == 0``.
-
-    Example:
-        >>> wilson_interval(80, 100)
-        Interval(low=0.711..., high=0.866...)
-    """
-    if n <= 0:
-        return Interval(0.0, 1.0)
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return Interval(max(0.0, centre - half), min(1.0, centre + half))
+    if not scores:
+        return torch.empty(0, len(DECISION_STATISTICS), dtype=torch.float64)
+    # One padded (n, choices) table: padding is -inf, so it never wins, never is the best wrong
+    # choice, and adds exp(-inf) = 0 to the logsumexp.
+    table = torch.nn.utils.rnn.pad_sequence([sc.double() for sc in scores], batch_first=True, padding_value=-math.inf)
+    rows, answer = torch.arange(len(scores)), torch.as_tensor(list(answers), dtype=torch.long)
+    right = table[rows, answer]
+    wrong = table.index_put((rows, answer), torch.tensor(-math.inf, dtype=torch.float64))
+    best_wrong = wrong.max(dim=1).values
+    margin = torch.where(torch.isfinite(best_wrong), right - best_wrong, torch.zeros_like(right))
+    out = torch.stack([table.argmax(dim=1).eq(answer).double(), margin, torch.logsumexp(table, dim=1) - right], dim=1)
+    return out

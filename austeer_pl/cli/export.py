@@ -1,0 +1,128 @@
+"""TODO."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from austeer_pl.cli.runtime import OneLineParser, quiet, run_main
+from austeer_pl.core.fileio import paths_overlap
+from austeer_pl.core.merge import check_foldable, merge_into
+from austeer_pl.core.models import (
+    DEFAULT_MODEL,
+    embedded_gguf_path,
+    load_model,
+    resolve_dtype,
+)
+from austeer_pl.core.pins import check_model
+from austeer_pl.core.sites import LayoutSpec, locate_units
+from austeer_pl.core.state import SteeringState
+from austeer_pl.errors import AusteerError
+from austeer_pl.export.formats import (
+    FORMATS,
+    export_control_vector,
+    export_gguf,
+    gguf_output,
+    merged_output,
+    provenance,
+    save_merged,
+)
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = OneLineParser(prog="export.py", description="Merge a steering state into its base model (or write a control vector) for serving without austeer-pl.")
+    p.add_argument("--steering", required=True, help="steering state folder (written by train.py)")
+    p.add_argument("--out", required=True, help="output folder (transformers) or .gguf file (gguf, control-vector)")
+    p.add_argument("--format", default="transformers", choices=FORMATS)
+    p.add_argument("--model", default=None, help="base model (default: the one the state names); a .gguf file for --format gguf")
+    p.add_argument("--dtype", default=None, help="transformers: float32, bfloat16 or float16 (default: the model's); gguf: float32 or float16 for re-encoded tensors")
+    p.add_argument("--alpha", type=float, default=None, help="rescale the state's edits to this strength before merging")
+    p.add_argument("--max_shard_size", default="5GB", help="transformers: largest safetensors shard")
+    p.add_argument("--cache_dir", default=None, help="cache folder of the embedded model")
+    p.add_argument("--overwrite", action="store_true", help="replace an output that export.py wrote before")
+    p.add_argument("--allow_changed_inputs", action="store_true", help="merge even if the base model's weights differ from the fit's (a warning)")
+    return p
+
+
+def _gguf_base(name: str) -> Path:
+
+    if name.strip().lower() == DEFAULT_MODEL:
+        return embedded_gguf_path()
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf" and path.is_file():
+        return path
+    raise AusteerError(f"--format gguf needs a GGUF base, and '{name}' is not a .gguf file; pass --model PATH.gguf, or use --format transformers")
+
+
+def _gguf_dtype(dtype: str | None) -> str | None:
+    if dtype is None:
+        return None
+
+
+    resolved = resolve_dtype(dtype)
+    if resolved not in (torch.float32, torch.float16):
+        raise AusteerError(f"--dtype {dtype} is not a GGUF float type; use float32 or float16 with --format gguf")
+    return "F32" if resolved == torch.float32 else "F16"
+
+
+def export(argv: Sequence[str] | None = None) -> Path:
+    """Run ``export.py``; returns the path written."""
+
+    args = export_parser().parse_args(argv)
+    state = SteeringState.from_pretrained(args.steering)
+    if args.alpha is not None:
+        state = state.with_alpha(args.alpha)
+    out = Path(args.out)
+    if paths_overlap(out, args.steering):
+        raise AusteerError(f"--out {out} overlaps the steering state folder {args.steering}; choose another path")
+    name = args.model or state.base_model
+    pins = state.metadata.get("inputs")
+    if args.format == "transformers":
+        merged_output(out, overwrite=args.overwrite).check(inputs=[args.steering, name])
+    else:
+        what = "control vector" if args.format == "control-vector" else "merged GGUF model"
+        gguf_output(out, what, overwrite=args.overwrite).check(inputs=[args.steering, name])
+
+    if args.format == "control-vector":
+        if args.dtype is not None:
+            raise AusteerError("--dtype does not apply to control vectors (llama.cpp reads them as F32); drop it")
+        export_control_vector(state, out, record=provenance(state, args.steering), overwrite=args.overwrite)
+        print(f"control vector written to {out}")
+        return out
+    check_foldable(state)
+    if not name:
+        raise AusteerError("the state does not name its base model; pass --model")
+
+    if args.format == "gguf":
+        base = _gguf_base(name)
+        if paths_overlap(out, base):
+            raise AusteerError(f"--out {out} is the GGUF base itself; choose another path")
+        pin = pins.get("model") if isinstance(pins, dict) else None
+        if isinstance(pin, dict) and pin.get("kind") == "file":  # fitted on a GGUF file: merge into that same file
+            check_model(pins, str(base), allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
+        export_gguf(state, base, out, dtype=_gguf_dtype(args.dtype), record=provenance(state, args.steering, base=str(name)), overwrite=args.overwrite)
+        print(f"merged GGUF model written to {out}")
+        return out
+
+    quiet()
+
+    target = resolve_dtype(args.dtype)
+    model, tokenizer = load_model(name, dtype="float32" if target is not None else None, cache_dir=args.cache_dir)
+
+    state.check_compatible(locate_units(model, LayoutSpec(**state.layout) if state.layout else None))
+    check_model(pins, name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
+    merge_into(state, model)  # in float32 when a lower precision is asked for, then cast once
+    if target is not None:
+        model.to(dtype=target)
+    save_merged(model, tokenizer, out, provenance(state, args.steering, base=str(name)), max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    print(f"merged model written to {out}")
+    return out
+
+
+def export_main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``export.py`` / ``austeer-export``: 0 on success, 2 with one ``error:`` line on bad input."""
+
+    return run_main(lambda: export(argv))

@@ -1,0 +1,405 @@
+"""The plain fit session: pass -> rank -> candidates -> choose -> strength epochs -> verdicts -> state.
+
+:class:`FitSession` is the whole fit without Lightning. Every step that crosses processes goes
+through a :class:`~austeer_pl.fit.collectives.Collectives` (rank, world size, sum, max), so the
+session gives the same result on one process or many, driven by a plain loop (:meth:`FitSession.run`)
+or by Lightning's hooks (:mod:`austeer_pl.lightning.module` turns each hook into one call here).
+``evaluate.py --compare`` is the same session with more methods and a test step.
+
+Example:
+    >>> data = FitData(DataConfig(), BatchConfig()).prepare(tokenizer)
+    >>> session = FitSession(model, tokenizer, layout, data, FitConfig())
+    >>> state = session.run()
+    >>> state.save_pretrained("runs/rt/state")
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch import nn
+
+from austeer_pl.core.fileio import jsonable
+from austeer_pl.core.models import model_name_of
+from austeer_pl.core.pairs import read_pair_batch
+from austeer_pl.core.sites import SITES, ModelLayout
+from austeer_pl.core.state import SteeringState
+from austeer_pl.errors import AusteerError
+from austeer_pl.fit.choose import Candidate, MethodResult
+from austeer_pl.fit.collectives import ONE_PROCESS, Collectives
+from austeer_pl.fit.config import FitConfig
+from austeer_pl.fit.data import FitData
+from austeer_pl.fit.grid import GridScoring, TestScoring
+from austeer_pl.fit.judged import judge_grid
+from austeer_pl.fit.learned import StrengthPhase
+from austeer_pl.fit.statistics import PassStatistics, rank_site_options
+from austeer_pl.methods import METHODS, FitContext, build_state, get_method, needs
+from austeer_pl.methods.iti import ProbeAccuracy, fit_probes
+from austeer_pl.scoring.evaluate import default_scoring
+from austeer_pl.scoring.statistics import paired_verdict, reported
+
+
+class FitSession:
+    """One fit of a frozen model on one task's pairs (see the module docstring).
+
+    Args:
+        model, tokenizer, layout: the frozen base model, its tokenizer and located units.
+        data: the task's pairs and examples, prepared for ``tokenizer``.
+        config: the fit's settings.
+        methods: the registered methods to fit (default: AUSteer, and its learned variant when
+            ``config.strength`` asks for one); ``unsteered`` is always a candidate.
+        grids: grids that replace methods' default grids (AUSteer's is ``config.grid``).
+        primary: the method whose chosen state is :attr:`state` (the export).
+        export_anyway: export the best steered point even when the verdict says it does not help.
+        collectives: the processes of the fit.
+    """
+
+    def __init__(self, model: nn.Module, tokenizer, layout: ModelLayout, data: FitData, config: FitConfig | None = None, *,
+                 methods: Sequence[str] | None = None, grids: Mapping[str, Any] | None = None, primary: str | None = None,
+                 export_anyway: bool = False, collectives: Collectives = ONE_PROCESS) -> None:
+        self.model, self.tokenizer, self.layout, self.data = model, tokenizer, layout, data
+        self.config = config or FitConfig()
+        learned = self.config.strength.learned
+        methods = ("unsteered", "austeer", *([learned] if learned else [])) if methods is None else tuple(methods)
+        for m in methods:
+            get_method(m)
+        wanted = set(methods) | ({"austeer"} if any(get_method(m).learned for m in methods) else set())  # learned variants start from it
+        self.methods = ("unsteered", *[m for m in METHODS if m in wanted and m != "unsteered"])
+        # Every grid method's grid: the registry's default, replaced by ``grids``; AUSteer's is the settings'.
+        self.grids = {**{k: v for k, v in dict(grids or {}).items() if k in METHODS}, "austeer": self.config.grid.as_grid(sign=True)}
+        self.primary = primary or learned or "austeer"
+        self.export_anyway = export_anyway
+        self.coll = collectives
+        sites = {s for _, group in self.config.grid.site_options for s in group}
+        sites |= {s for m in self.methods if m != "austeer" for s in get_method(m).read_sites}
+        self.read_sites = tuple(s for s in SITES if s in sites)
+        for site in self.read_sites:
+            layout.site(site)
+        self.stats = PassStatistics.create(layout, self.read_sites, head_moments="head_moments" in needs(self.methods))
+        self.batches_done, self.n_tokens = 0, 0
+        self.rankings: dict[str, Any] = {}
+        self.candidates: list[Candidate] = []
+        self.results: dict[str, MethodResult] = {}
+        self.state: SteeringState | None = None
+        self.verdict: dict[str, Any] = {}
+        self.summary: dict[str, Any] = {}
+        self.timing: dict[str, float] = {}
+        self.logs: list[tuple[str, float]] = []  # metrics to log, oldest first; a driver takes them
+        self.probe_accuracy: ProbeAccuracy | None = None
+        self.grid = GridScoring(model, tokenizer, layout, data, self.config.selection, collectives, scoring=self.scoring, criterion=self.criterion)
+        self.strength = StrengthPhase(model, tokenizer, layout, data, self.config.strength, collectives)
+        self._strength_base: SteeringState | None = None
+        self._readers: dict = {}
+        self._started = 0.0
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def accumulator(self):
+        return self.stats.accumulator
+
+    @property
+    def scoring(self) -> str:
+        """The validation scoring: the setting, else the task's default."""
+        return self.config.selection.scoring or default_scoring(self.data.task)
+
+    @property
+    def criterion(self) -> str:
+        """The grid's validation criterion: the setting, or accuracy under generation scorings."""
+        return self.config.selection.criterion if self.scoring == "loglik" else "accuracy"
+
+    def log(self, **metrics: float) -> None:
+        self.logs.extend((name.replace("__", "/"), float(value)) for name, value in metrics.items())
+
+    def take_logs(self) -> list[tuple[str, float]]:
+        """The metrics to log since the last call (the strength phase's too), oldest first."""
+        out, self.logs, self.strength.logs = self.logs + self.strength.logs, [], []
+        return out
+
+    # -- the pass
+    def start(self) -> None:
+        self._started = time.perf_counter()
+        self.model.eval()
+        self.stats.to(self.device)
+
+    def read_pairs(self, batch: dict[str, Any], sites: Sequence[str] | None = None):
+        return read_pair_batch(self.model, self.layout, batch, tuple(sites or self.read_sites), readers=self._readers)
+
+    def read(self, batch: dict[str, Any]) -> None:
+        """Count one collated batch of pairs (an empty one too: every process takes every step)."""
+        if batch["n_pairs"]:
+            self.stats.update(*self.read_pairs(batch))
+            self.n_tokens += batch["n_tokens"]
+        self.batches_done += 1
+
+    def finish_pass(self) -> None:
+        """Sum the statistics across processes and rank the units (once)."""
+        if self.rankings:
+            return
+        self.stats.reduce_(self.coll.sum)
+        grid = self.config.grid
+        self.rankings = rank_site_options(self.accumulator, grid.site_options, grid.sign, max(grid.k_values))
+        tokens = self.coll.sum(torch.tensor([self.n_tokens], dtype=torch.int64, device=self.device))
+        self.summary.update(fit_tokens=int(tokens), fit_seconds=time.perf_counter() - self._started, n_pairs=self.accumulator.n)
+        self.log(fit__n_pairs=self.accumulator.n, fit__seconds=self.summary["fit_seconds"], fit__tokens=self.summary["fit_tokens"])
+
+    # -- the candidates and the choice
+    def fit_context(self, metadata: Mapping[str, Any] | None = None) -> FitContext:
+        return FitContext(
+            layout=self.layout, acc=self.accumulator, moments=self.stats.head_moments, probe_accuracy=self.probe_accuracy,
+            rankings=self.rankings, base_model=model_name_of(self.model), token_scope=self.config.grid.token_scope,
+            sign=self.config.grid.sign, layout_spec=self.config.model.layout_spec(), metadata=dict(metadata or {}),
+        )
+
+    def build_candidates(self) -> list[Candidate]:
+        """Unsteered first, then every grid point of every grid method (states built once)."""
+        ctx = self.fit_context({"data": self.data.config.absolute().to_dict()})
+        out = [Candidate("unsteered", {}, None)]
+        for method in self.methods:
+            if get_method(method).points is not None:
+                for hyper in get_method(method).grid_points(self.layout, self.grids.get(method)):
+                    out.append(Candidate(method, dict(hyper), build_state(method, ctx, **hyper)))
+        return out
+
+    def by_judge(self) -> bool:
+        """Whether the grid is chosen by a judge of generated text (behaviour tasks)."""
+        selection = self.config.selection.selection
+        return bool(self.data.task.behaviour) if selection == "auto" else selection == "judge"
+
+    def choose(self) -> None:
+        """Score every candidate on validation and choose (ITI's probe pass first, when asked for)."""
+        self.finish_pass()
+        if self.candidates:
+            return
+        if "probe_accuracy" in needs(self.methods):
+            started = time.perf_counter()
+            self.probe_accuracy = ProbeAccuracy(fit_probes(self.stats.head_moments))
+            with torch.inference_mode():
+                for batch in self.data.val_pair_batches(self.coll.rank, self.coll.world):
+                    if batch["n_pairs"]:
+                        pos, neg = self.read_pairs(batch, ["attention"])
+                        self.probe_accuracy.update(pos["attention"], neg["attention"])
+            self.probe_accuracy.reduce_(self.coll.sum)
+            self.timing["probe_pass"] = self.grid.slowest(time.perf_counter() - started)
+        self.candidates = self.build_candidates()
+        if self.by_judge():
+            self.judged_choice()
+        else:
+            self.grid.choose_all(self.candidates, self.methods)
+            self.finish_grid()
+        self.strength.start(self.methods, self._strength_base or self.state, primary=self.primary, scoring=self.scoring, criterion=self.criterion)
+
+    def fit_metadata(self) -> dict[str, Any]:
+        sel = self.config.selection
+        return {"n_pairs": self.accumulator.n, "n_val_examples": len(self.data.splits["val"]), "fit_seconds": self.summary.get("fit_seconds"),
+                "world_size": self.coll.world, "scoring": self.scoring, "criterion": self.criterion, "halving": sel.halving,
+                "harm_budget": sel.harm_budget, "verdict_level": sel.verdict_level, "verdict_correction": sel.verdict_correction}
+
+    def finish_grid(self) -> None:
+        """Each method's chosen point becomes its result; AUSteer's becomes :attr:`state` (an empty
+        state, which steers nothing, when the verdict says steering did not help, unless
+        :attr:`export_anyway`)."""
+        fit_meta, data_meta = self.fit_metadata(), self.data.config.absolute().to_dict()
+        total_seconds = 0.0
+        for method, (idx, choice, seconds) in self.grid.choices.items():
+            cands = [self.candidates[i] for i in idx]
+            total_seconds += seconds
+            key = f"val_{choice.criterion}"
+            value = [None if v is None else reported(choice.criterion, v) for v in choice.values]  # a loss as a loss: lower is better
+            grid = [{**jsonable(c.hyper), "n_steered_activations": c.n_steered, "val_accuracy": choice.accuracy[j], key: value[j],
+                     "n_val_scored": choice.n_scored[j], **({"harm_kl": choice.harm[j]} if j in choice.harm else {})}
+                    for j, c in enumerate(cands) if j > 0]
+            verdict = {"helps": choice.helps, "reason": choice.reason, "criterion_gain": choice.gain, "criterion_gain_se": choice.gain_se,
+                       "threshold": choice.threshold, "accuracy_gain": choice.accuracy_gain, "n_verdict": choice.n_verdict,
+                       "best": None if choice.best is None else jsonable(cands[choice.best].hyper), "evaluations": choice.scored_evaluations,
+                       "rounds": choice.rounds}
+            j = choice.index if method == "austeer" and not self.export_anyway else (choice.best if choice.best is not None else 0)
+            chosen = cands[j]
+
+            def meta(i: int) -> dict[str, Any]:
+                return {**fit_meta, "val_accuracy_unsteered": choice.accuracy[0], "val_accuracy": choice.accuracy[i], key: value[i],
+                        f"{key}_unsteered": value[0], "harm_kl": choice.harm.get(i, 0.0), "grid": grid, "verdict": verdict,
+                        **({"strength": "momentum", "site": cands[i].hyper.get("site")} if method == "austeer" else {})}
+
+            if method == "austeer":
+                b = choice.best if choice.best is not None else 1
+                best = cands[b].state
+                # The learned variants start from the best steered point (the rule alpha * m is their epoch 0).
+                best.metadata = {**best.metadata, "fit": meta(b), "data": data_meta}
+                self._strength_base = best
+                if chosen.state is None:  # "no steering" is the choice: an empty state says so wherever it goes
+                    empty = replace(best, **{t: getattr(best, t)[:0] for t in ("site_index", "layer", "unit", "momentum", "scale", "shift")}, alpha=0.0)
+                    chosen = Candidate("austeer", {"site": best.sites[0] if len(best.sites) == 1 else "both", "k": 0, "alpha": 0.0,
+                                                   "sign": self.config.grid.sign}, empty)
+            if chosen.state is not None:
+                chosen.state.metadata = {**chosen.state.metadata, "fit": {**meta(j), "site": chosen.hyper.get("site")} if method == "austeer" else meta(j),
+                                         "data": data_meta}
+            self.results[method] = MethodResult(method, chosen, choice.accuracy[j], grid, seconds)
+            self.log(**{f"val__{method}_accuracy": choice.accuracy[j]})
+            if method == "austeer":
+                self.verdict = verdict
+                self.summary.update(val_accuracy_unsteered=choice.accuracy[0], n_val=len(self.data.splits["val"]), val_accuracy=choice.accuracy[j],
+                                    criterion=choice.criterion, val_criterion_unsteered=choice.values[0], val_criterion=choice.values[j],
+                                    harm_kl=choice.harm.get(j, 0.0), helps=choice.helps, verdict=verdict,
+                                    choice={**chosen.hyper, "val_accuracy": choice.accuracy[j]}, grid=grid, grid_seconds=seconds,
+                                    exported="steered" if chosen.state.k else "no steering")
+        if self.grid.choices:
+            acc0 = next(iter(self.grid.choices.values()))[1].accuracy[0]
+            self.results = {"unsteered": MethodResult("unsteered", self.candidates[0], acc0, [{"n_steered_activations": 0, "val_accuracy": acc0}]),
+                            **self.results}
+            self.log(val__unsteered_accuracy=acc0)
+        self.summary.update(val_total_seconds=total_seconds)
+        austeer = self.results.get("austeer")
+        if austeer is None:  # a comparison without AUSteer
+            return
+        self.state = austeer.chosen.state
+        self.log(val__accuracy_unsteered=self.summary["val_accuracy_unsteered"], val__accuracy=austeer.val_accuracy,
+                 val__k=austeer.chosen.hyper["k"], val__alpha=austeer.chosen.hyper["alpha"], val__helps=self.verdict["helps"],
+                 val__criterion_gain=self.verdict["criterion_gain"], val__harm_kl=self.summary["harm_kl"])
+
+    def judged_choice(self) -> None:
+        """A behaviour fit: AUSteer's grid chosen by a judge of generated text under the fluency budget."""
+        if any(m != "austeer" and not get_method(m).learned for m in self.methods if m != "unsteered"):
+            raise AusteerError("--compare chooses by accuracy; fit behaviour states with train.py (--model.selection judge)")
+        cfg = self.config.judge
+        out = judge_grid(self.model, self.tokenizer, self.layout, self.data, [c for c in self.candidates if c.method == "austeer"], cfg)
+        chosen, record, base = out.chosen, out.record, out.unsteered
+        chosen.state.metadata = {
+            **chosen.state.metadata,
+            "fit": {"strength": "momentum", "site": chosen.hyper["site"], "selection": "judge", "judge": cfg.judge, "fluency_budget": cfg.fluency_budget,
+                    "n_pairs": self.accumulator.n, "n_val_prompts": out.n_prompts, "val_share_positive_unsteered": base["share_positive"],
+                    "val_share_positive": record["share_positive"], "val_perplexity_ratio": record["perplexity_ratio"],
+                    "beats_unsteered": out.beats_unsteered, "grid": out.grid, "fit_seconds": self.summary.get("fit_seconds"), "world_size": self.coll.world},
+            "data": self.data.config.absolute().to_dict(),
+        }
+        self.results = {"austeer": MethodResult("austeer", chosen, record["share_positive"], out.grid)}
+        self.state = chosen.state
+        self.summary.update(val_accuracy_unsteered=base["share_positive"], val_accuracy=record["share_positive"], selection="judge",
+                            beats_unsteered=out.beats_unsteered, perplexity_ratio=record["perplexity_ratio"], n_val=out.n_prompts,
+                            choice={**chosen.hyper, "share_positive": record["share_positive"]}, grid=out.grid)
+        self.log(val__share_positive_unsteered=base["share_positive"], val__share_positive=record["share_positive"],
+                 val__perplexity_ratio=record["perplexity_ratio"])
+
+    # -- the learned strength's fold and verdict
+    def finish(self) -> None:
+        """Fold each learned strength's best weights into its state; the primary one becomes :attr:`state`
+        if it, too, beats no steering beyond the noise within the harm budget (or ``export_anyway``)."""
+        folded = self.strength.fold()
+        if not folded:
+            return
+        base = self.results["austeer"]
+        for method, (learned, trainer, local_seconds) in folded.items():
+            seconds = self.grid.slowest(local_seconds)
+            hyper = {**base.chosen.hyper, "strength": trainer.kind, "best_epoch": trainer.best["epoch"]}
+            self.results[method] = MethodResult(method, Candidate(method, hyper, learned), trainer.best["val_accuracy"], trainer.history,
+                                                base.tuning_seconds + seconds, training_seconds=seconds)
+            if method != self.primary:
+                continue
+            verdict = self.learned_verdict(learned, epochs=len(trainer.history) - 1)
+            if verdict is not None:
+                learned.metadata = {**learned.metadata, "fit": {**learned.metadata.get("fit", {}), "learned_verdict": verdict}}
+                self.summary["learned_verdict"] = verdict
+                self.log(val__learned_helps=verdict["helps"], val__learned_criterion_gain=verdict["gain"])
+            if verdict is None or verdict["helps"] or self.export_anyway:
+                self.state = learned
+                self.summary["val_accuracy"] = trainer.best["val_accuracy"]
+                self.summary["exported"] = "steered"
+                if verdict is not None and "harm_kl" in verdict:
+                    self.summary["harm_kl"] = verdict["harm_kl"]  # the exported state's
+            elif self.state is not None:  # the grid's choice stays the export, and says why the learned strength is not
+                self.state.metadata = {**self.state.metadata, "fit": {**self.state.metadata.get("fit", {}), "learned_verdict": verdict}}
+
+    def learned_verdict(self, learned: SteeringState, epochs: int = 1) -> dict[str, Any] | None:
+        """The grid's verdict, applied to the learned strength, with one more comparison per trained
+        epoch (the best epoch was picked on the same examples), and the harm budget. None for a
+        judged (behaviour) fit."""
+        sel = self.config.selection
+        grid = self.grid.choices.get("austeer")
+        if grid is None or self.grid.unsteered is None:
+            return None
+        _, choice, _ = grid
+        # Plain scoring (no replay): a gate reads the residual stream, possibly below the first steered layer.
+        stats = self.grid.dealt([learned], 0, len(self.data.splits["val"]), self.grid.scorer(replay=False))[0]
+        grid_tests = (sum(1 for c in self.candidates if c.method == "austeer") if sel.verdict_correction == "grid"
+                      else (choice.rounds[-1]["candidates"] if choice.rounds else 1))
+        verdict = paired_verdict(stats, self.grid.unsteered, self.criterion, level=sel.verdict_level, tests=grid_tests + max(1, epochs),
+                                 what="the learned strength")
+        if sel.harm_budget is not None:
+            local = self.grid.harm([learned], replay=False).to(torch.float64)
+            verdict["harm_kl"] = float(self.coll.max(local.to(self.device)).reshape(-1)[0])  # one value on every process
+            if verdict["helps"] and verdict["harm_kl"] > sel.harm_budget:
+                verdict.update(helps=False, reason=f"the learned strength's KL on ordinary text {verdict['harm_kl']:.3f} is above the harm budget {sel.harm_budget:g}")
+        verdict["val_accuracy"] = float(stats[:, 0].mean())
+        return verdict
+
+    # -- test (evaluate.py --compare): each method's chosen state on the same examples
+    def start_test(self) -> None:
+        if not self.results:
+            raise AusteerError("nothing to test: the validation grid did not run (is the validation split empty?)")
+        self.testing = TestScoring(self.model, self.tokenizer, self.layout, self.data, self.coll, scoring=self.scoring)
+        self.testing.start([self.results[m].chosen.state for m in self.methods])
+
+    def test_batch(self, indices: Sequence[int]) -> None:
+        self.testing.batch(indices)
+
+    def finish_test(self) -> None:
+        codes, seconds = self.testing.finish()
+        for j, method in enumerate(self.methods):
+            self.results[method].test_predictions = codes[j]
+            self.results[method].test_seconds = float(seconds[j])
+
+    # -- a pass checkpoint (resume)
+    def pass_checkpoint(self) -> dict[str, Any]:
+        """The pass's statistics for a checkpoint; mid-pass, their sum over processes (a collective)."""
+        reduced = bool(self.rankings)
+        tensors = {k: v.detach().clone() for k, v in self.accumulator.tensors.items()}
+        if not reduced:  # each process holds part of the counts; the checkpoint keeps their sum
+            tensors = {k: self.coll.sum(t) for k, t in tensors.items()}
+        return {"accumulator": {k: v.cpu() for k, v in tensors.items()}, "batches_done": self.batches_done, "reduced": reduced,
+                "world_size": self.coll.world, "n_tokens": self.n_tokens, "phase": "strength" if self.strength.trainers else "momentum"}
+
+    def restore_pass(self, saved: Mapping[str, Any]) -> None:
+        if not saved["reduced"] and saved["world_size"] != self.coll.world:
+            raise AusteerError(f"the checkpoint was written mid-pass by {saved['world_size']} processes; resume it with --trainer.devices {saved['world_size']}")
+        # The summed counts go to rank zero only, so the end-of-pass sum counts them once.
+        if self.coll.rank == 0:
+            self.accumulator.load_state_dict(saved["accumulator"])
+        self.accumulator.to(self.device)
+        # A pass that had finished is not re-read, whatever the sharding now.
+        self.batches_done = int(saved["batches_done"]) if not saved["reduced"] else 1 << 62
+        self.n_tokens = int(saved.get("n_tokens", 0)) if self.coll.rank == 0 else 0
+
+    # -- the whole fit in a plain loop
+    def run(self, *, test: bool = False) -> SteeringState | None:
+        """Pass, choice, strength epochs and verdicts (and the test, with ``test``); returns :attr:`state`."""
+        rank, world = self.coll.rank, self.coll.world
+        self.start()
+        for indices in self.data.pair_batches(rank, world):
+            self.read(self.data.collate_pairs([self.data.pairs[i] for i in indices]))
+        self.choose()
+        for epoch in itertools.count(1):
+            if not self.strength.running:
+                break
+            for items in self.data.strength_batches(epoch, rank, world):
+                self.strength.step(self.data.collate_examples_train(items))
+            self.strength.start_validation()
+            for indices in self.data.example_batches("val", rank, world):
+                self.strength.validate(indices)
+            self.strength.end_epoch(epoch)
+        self.finish()
+        if test:
+            self.start_test()
+            for indices in self.data.example_batches("test", rank, world):
+                self.test_batch(indices)
+            self.finish_test()
+        return self.state
+
+
+__all__ = ["FitSession", "MethodResult"]

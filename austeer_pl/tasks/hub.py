@@ -1,0 +1,384 @@
+"""TODO."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from austeer_pl.core.network import hub_endpoint, hub_offline, unreachable
+from austeer_pl.errors import AusteerError
+from austeer_pl.tasks.files import LOCAL_FILE_HINT
+from austeer_pl.tasks.schema import (
+    _SPLIT_ALIASES,
+    DEFAULT_ANSWER_PREFIX,
+    Task,
+    TaskExample,
+    _canonical_split,
+    _check_choices,
+    _parse_number,
+    _record_example,
+    _required,
+    _required_str,
+    _short,
+    _uid,
+    numeric_choices,
+)
+
+
+def _rows(rows: Iterable[Mapping[str, Any]], dataset: str, split: str | None):
+    for index, row in enumerate(rows):
+        where = f"{dataset} {split} row {index}" if split else f"{dataset} row {index}"
+        if not isinstance(row, Mapping):
+            raise AusteerError(f"{where}: expected a dict row, got {type(row).__name__}; pass rows as dicts")
+        yield index, row, where, _uid(split, dataset, index)
+
+
+def _capitalise(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
+def boolq_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = None, seed: int = 0) -> list[TaskExample]:
+    """Examples from ``google/boolq`` rows (``question``, ``passage``, ``answer`` bool).
+
+    Choices are ``("no", "yes")``; the prompt is the passage and the question.
+
+    Args:
+        rows: Dicts in the hub schema.
+        split: Predefined split name, used as the uid prefix.
+        seed: Unused (kept so every converter has the same signature).
+
+    Example:
+        >>> boolq_examples([{"question": "is water wet", "passage": "Water is wet.", "answer": True}])[0].answer
+        1
+    """
+    fields = "question, passage, answer"
+    out = []
+    for _, row, where, uid in _rows(rows, "boolq", split):
+        question = _required_str(row, "question", where, fields).rstrip("?").strip()
+        passage = _required_str(row, "passage", where, fields)
+        answer = _required(row, "answer", where, fields)
+        if isinstance(answer, str) and answer.strip().lower() in ("true", "false"):
+            answer = answer.strip().lower() == "true"
+        if answer not in (True, False, 0, 1):
+            raise AusteerError(f"{where}: field 'answer' is {_short(answer)}; it must be true or false")
+        if not question or not passage:
+            raise AusteerError(f"{where}: empty question or passage; give both")
+        prompt = f"Passage: {passage}\nQuestion: {_capitalise(question)}?"
+        out.append(TaskExample(prompt=prompt, choices=("no", "yes"), answer=int(bool(answer)), uid=uid))
+    return out
+
+
+def copa_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = None, seed: int = 0) -> list[TaskExample]:
+    """Examples from SuperGLUE ``copa`` rows (``premise``, ``choice1``, ``choice2``, ``question``, ``label``).
+
+    ``question`` is ``"cause"`` or ``"effect"``; ``label`` (0 or 1) picks the right choice. The prompt
+    asks for the more plausible cause or effect and lists both options; the choices are the sentences.
+
+    Example:
+        >>> row = {"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
+        ...        "choice2": "He got a hole in his sock.", "question": "cause", "label": 0}
+        >>> copa_examples([row])[0].target
+        'He dropped a hammer on his foot.'
+    """
+    fields = "premise, choice1, choice2, question, label"
+    questions = {"cause": "What was the cause?", "effect": "What happened as a result?"}
+    out = []
+    for _, row, where, uid in _rows(rows, "copa", split):
+        premise = _required_str(row, "premise", where, fields)
+        choices = _check_choices(
+            [_required_str(row, "choice1", where, fields), _required_str(row, "choice2", where, fields)], where
+        )
+        kind = _required_str(row, "question", where, fields).lower()
+        if kind not in questions:
+            raise AusteerError(f"{where}: field 'question' is {_short(kind)}; it must be 'cause' or 'effect'")
+        label = _required(row, "label", where, fields)
+        if isinstance(label, bool) or label not in (0, 1):
+            raise AusteerError(f"{where}: field 'label' is {_short(label)}; it must be 0 or 1 (unlabelled test rows cannot be used)")
+        prompt = f"Premise: {premise}\n{questions[kind]}\nOption 1: {choices[0]}\nOption 2: {choices[1]}"
+        out.append(TaskExample(prompt=prompt, choices=choices, answer=int(label), uid=uid))
+    return out
+
+
+def winogrande_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = None, seed: int = 0) -> list[TaskExample]:
+    """Examples from ``allenai/winogrande`` rows (``sentence`` with a ``_`` blank, ``option1``, ``option2``, ``answer`` "1"/"2").
+
+    Example:
+        >>> row = {"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup",
+        ...        "option2": "the table", "answer": "2"}
+        >>> winogrande_examples([row])[0].target
+        'the table'
+    """
+    fields = "sentence, option1, option2, answer"
+    out = []
+    for _, row, where, uid in _rows(rows, "winogrande", split):
+        sentence = _required_str(row, "sentence", where, fields)
+        if "_" not in sentence:
+            raise AusteerError(f"{where}: field 'sentence' has no '_' blank; mark the blank with an underscore")
+        choices = _check_choices(
+            [_required_str(row, "option1", where, fields), _required_str(row, "option2", where, fields)], where
+        )
+        answer = str(_required(row, "answer", where, fields)).strip()
+        if answer not in ("1", "2"):
+            raise AusteerError(f"{where}: field 'answer' is {_short(answer)}; it must be '1' or '2' (unlabelled test rows cannot be used)")
+        prompt = f"Sentence: {sentence}\nOption 1: {choices[0]}\nOption 2: {choices[1]}"
+        out.append(TaskExample(prompt=prompt, choices=choices, answer=int(answer) - 1, uid=uid))
+    return out
+
+
+def _numeric_example(problem: str, answer: float, uid: str, seed: int) -> TaskExample:
+    return TaskExample(prompt=problem, choices=numeric_choices(answer, uid=uid, seed=seed), answer=0, uid=uid)
+
+
+def svamp_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = None, seed: int = 0) -> list[TaskExample]:
+    """Examples from ``ChilleD/SVAMP`` rows (``Body``, ``Question``, ``Answer`` number).
+
+    The prompt is ``Body`` and ``Question`` joined by a space; choices are (right, wrong) numbers
+    from :func:`numeric_choices` and ``answer`` is always 0.
+
+    Example:
+        >>> row = {"Body": "Jack had 8 pens and gave 3 away.", "Question": "How many pens does he have now?", "Answer": 5.0}
+        >>> svamp_examples([row])[0].choices[0]
+        '5'
+    """
+    fields = "Body, Question, Answer"
+    out = []
+    for _, row, where, uid in _rows(rows, "svamp", split):
+        body = _required_str(row, "Body", where, fields)
+        question = _required_str(row, "Question", where, fields)
+        answer = _parse_number(_required(row, "Answer", where, fields), where, "Answer")
+        if not question:
+            raise AusteerError(f"{where}: field 'Question' is empty; give the question text")
+        out.append(_numeric_example(f"{body} {question}".strip(), answer, uid, seed))
+    return out
+
+
+def mawps_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = None, seed: int = 0) -> list[TaskExample]:
+    """Examples from ``MU-NLPC/Calc-mawps`` rows (``question``, ``result_float`` or ``result``).
+
+    Example:
+        >>> mawps_examples([{"question": "Tom has 2 apples and buys 3 more. How many?", "result": "5"}])[0].choices[0]
+        '5'
+    """
+    fields = "question, result_float (or result)"
+    out = []
+    for _, row, where, uid in _rows(rows, "mawps", split):
+        question = _required_str(row, "question", where, fields)
+        if not question:
+            raise AusteerError(f"{where}: field 'question' is empty; give the problem text")
+        name = "result_float" if row.get("result_float") is not None else "result"
+        answer = _parse_number(_required(row, name, where, fields), where, name)
+        out.append(_numeric_example(question, answer, uid, seed))
+    return out
+
+
+_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
+
+
+def gsm8k_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = None, seed: int = 0) -> list[TaskExample]:
+    """Examples from ``openai/gsm8k`` (config ``main``) rows (``question``, ``answer`` ending in ``#### N``).
+
+    Example:
+        >>> gsm8k_examples([{"question": "2 + 2?", "answer": "2 + 2 = 4\\n#### 4"}])[0].choices[0]
+        '4'
+    """
+    fields = "question, answer"
+    out = []
+    for _, row, where, uid in _rows(rows, "gsm8k", split):
+        question = _required_str(row, "question", where, fields)
+        if not question:
+            raise AusteerError(f"{where}: field 'question' is empty; give the problem text")
+        solution = _required_str(row, "answer", where, fields)
+        match = _GSM8K_ANSWER.search(solution)
+        if match is None:
+            raise AusteerError(f"{where}: field 'answer' has no '#### <number>' final answer; end it with '#### N'")
+        out.append(_numeric_example(question, _parse_number(match.group(1), where, "answer"), uid, seed))
+    return out
+
+
+def generic_examples(
+    rows: Iterable[Mapping[str, Any]], *, split: str | None = None, seed: int = 0, dataset: str = "dataset"
+) -> list[TaskExample]:
+    """Examples from rows in the generic schema (``prompt, choices, answer`` or ``prompt, positive, negative``).
+
+    This is the schema of ``hub:owner/name`` datasets and of local files.
+
+    Example:
+        >>> generic_examples([{"prompt": "2 + 2 =", "choices": ["4", "5"], "answer": "4"}])[0].answer
+        0
+    """
+    return [_record_example(row, where, uid) for _, row, where, uid in _rows(rows, dataset, split)]
+
+
+@dataclass(frozen=True)
+class HubTask:
+    """A hub data set of the paper and how to turn its rows into a :class:`Task`."""
+
+    path: str
+    config: str | None
+    splits: tuple[str, ...]
+    convert: Callable[..., list[TaskExample]]
+    scoring: str
+    instruction: str
+    answer_prefix: str = DEFAULT_ANSWER_PREFIX
+
+
+_MATH_INSTRUCTION = "Solve the math word problem. Answer with a single number.\n\n"
+
+
+HUB_TASKS: dict[str, HubTask] = {
+    "boolq": HubTask(
+        "google/boolq", None, ("train", "validation"), boolq_examples, "choice",
+        "Read the passage and answer the question with yes or no.\n\n",
+    ),
+    "copa": HubTask(
+        "aps/super_glue", "copa", ("train", "validation"), copa_examples, "choice",
+        "Choose the more plausible cause or effect of the premise.\n\n",
+    ),
+    "winogrande": HubTask(
+        "allenai/winogrande", "winogrande_xl", ("train", "validation"), winogrande_examples, "choice",
+        "Choose the option that correctly fills the blank (_) in the sentence.\n\n",
+    ),
+    "svamp": HubTask("ChilleD/SVAMP", None, ("train", "test"), svamp_examples, "generate", _MATH_INSTRUCTION),
+    "mawps": HubTask("MU-NLPC/Calc-mawps", None, ("train", "validation", "test"), mawps_examples, "generate", _MATH_INSTRUCTION),
+    "gsm8k": HubTask("openai/gsm8k", "main", ("train", "test"), gsm8k_examples, "generate", _MATH_INSTRUCTION),
+}
+
+
+_FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+
+
+def local_hub_rows(files: str | Sequence[str], *, dataset: str, cache_dir: Any = None) -> dict[str, list[Mapping[str, Any]]]:
+    """Rows in a hub dataset's own schema from local JSONL/JSON/CSV/Parquet files, read through
+    ``datasets`` instead of fetched, keyed by canonical split.
+
+    A file's split is its ``split`` column when it has one (per row), else the split word in its
+    name (``train``, ``validation``/``val``/``dev``, ``test``).
+
+    Raises:
+        AusteerError: a missing file, an unknown type, or a file whose split cannot be told.
+
+    Example:
+        >>> rows = local_hub_rows("boolq_train.jsonl,boolq_validation.jsonl", dataset="google/boolq")  # doctest: +SKIP
+    """
+    import datasets  # noqa: PLC0415 - hub data sets only
+
+    paths = [Path(p.strip()).expanduser() for p in (files.split(",") if isinstance(files, str) else files) if str(p).strip()]
+    if not paths:
+        raise AusteerError("--data.task_files is empty; give one or more files, comma-separated")
+    out: dict[str, list[Mapping[str, Any]]] = {}
+    for path in paths:
+        if not path.is_file():
+            raise AusteerError(f"--data.task_files {path}: no such file; check the path")
+        kind = _FILE_KINDS.get(path.suffix.lower())
+        if kind is None:
+            raise AusteerError(f"--data.task_files {path}: unsupported type {path.suffix or '(none)'!r}; use one of {', '.join(_FILE_KINDS)}")
+        try:
+            rows = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache_dir, trust_remote_code=False)
+        except Exception as exc:  # datasets raises many kinds for a malformed file
+            raise AusteerError(f"--data.task_files {path}: cannot read it as {kind} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+        if "split" in rows.column_names:
+            for row in rows:
+                out.setdefault(_canonical_split(str(row["split"])), []).append({k: v for k, v in row.items() if k != "split"})
+            continue
+        words = re.findall(r"[a-z]+", path.stem.lower())
+        named = [_SPLIT_ALIASES[w] for w in words if w in _SPLIT_ALIASES]
+        if len(set(named)) != 1:
+            raise AusteerError(
+                f"--data.task_files {path}: name its split in the file name (train, validation, test) or add a 'split' column, for {dataset}"
+            )
+        out.setdefault(named[0], []).extend(rows)
+    return out
+
+
+def _fetch_hub(
+    path: str, config: str | None, splits: Sequence[str] | None, *, hub_split: str | None, cache_dir: Any, files: Any = None
+) -> dict[str, Iterable[Mapping[str, Any]]]:
+    """Rows of each wanted split of a hub dataset (or of local ``files`` in its schema), keyed by canonical split name."""
+    try:
+        import datasets  # noqa: PLC0415 - hub data sets only
+    except ImportError:
+        raise AusteerError(f"loading {path!r} from the hub needs the datasets package: pip install datasets") from None
+    label = f"{path!r}" + (f" (config {config!r})" if config else "")
+    if files:
+        available = local_hub_rows(files, dataset=label, cache_dir=cache_dir)
+        wanted = {name: rows for name, rows in available.items() if splits is None or name in splits}
+        if not wanted:
+            raise AusteerError(f"--data.task_files give splits {', '.join(sorted(available))} but {label} needs one of {', '.join(splits or ())}")
+        return wanted
+
+    if not hub_offline() and (reason := unreachable(hub_endpoint())) is not None:
+        # One bounded attempt: datasets would retry for about half a minute, printing each try.
+        raise AusteerError(
+            f"cannot fetch dataset {label}: the Hugging Face hub is unreachable ({reason}); if it is in your datasets cache "
+            f"set HF_DATASETS_OFFLINE=1, else use a local file: {LOCAL_FILE_HINT}"
+        )
+    try:
+        if hub_split is not None:
+            loaded = datasets.load_dataset(path, config, split=hub_split, cache_dir=cache_dir, trust_remote_code=False)
+            return {_canonical_split(hub_split): loaded}
+        loaded = datasets.load_dataset(path, config, cache_dir=cache_dir, trust_remote_code=False)
+    except AusteerError:
+        raise
+    except Exception as exc:  # the hub raises many kinds (ConnectionError, HfHubHTTPError, ValueError...)
+        detail = " ".join(str(exc).split())[:200]
+        raise AusteerError(
+            f"could not fetch dataset {label} from the Hugging Face hub ({type(exc).__name__}: {detail}); "
+            f"check the name, split and network, or use a local file instead: {LOCAL_FILE_HINT}"
+        ) from None
+    available = {_canonical_split(name): loaded[name] for name in loaded}
+    wanted = {name: rows for name, rows in available.items() if splits is None or name in splits}
+    if not wanted:
+        raise AusteerError(
+            f"dataset {label} has splits {', '.join(sorted(available))} but none of {', '.join(splits or ())}; "
+            f"pick one with hub_split or use a local file: {LOCAL_FILE_HINT}"
+        )
+    return wanted
+
+
+def load_hub_task(
+    name_or_path: str, *, hub_split: str | None = None, cache_dir: Any = None, seed: int = 0, files: Any = None
+) -> Task:
+    """Load one of :data:`HUB_TASKS` by name (or hub path), or any ``owner/name[:config]`` in the generic schema.
+
+    Args:
+        name_or_path: ``"boolq"``, ``"google/boolq"`` or, for the generic schema, ``"owner/name"``
+            or ``"owner/name:config"``.
+        hub_split: Load only this split (``"train"``, ``"validation[:200]"``...); default: the
+            task's train and held-out splits (for generic datasets, every split, so name a
+            labelled one here when some split is unlabelled).
+        cache_dir: Passed to ``datasets.load_dataset``.
+        seed: Seed of the wrong numbers of numeric tasks.
+
+    Raises:
+        AusteerError: The dataset cannot be fetched, or a row does not fit the schema.
+
+    Example:
+        >>> task = load_hub_task("boolq")  # doctest: +SKIP
+        >>> task.examples[0].choices  # doctest: +SKIP
+        ('no', 'yes')
+    """
+    by_path = {hub.path: name for name, hub in HUB_TASKS.items()}
+    name = name_or_path if name_or_path in HUB_TASKS else by_path.get(name_or_path)
+    if name is not None:
+        hub = HUB_TASKS[name]
+        rows = _fetch_hub(hub.path, hub.config, hub.splits, hub_split=hub_split, cache_dir=cache_dir, files=files)
+        examples = [ex for split, split_rows in rows.items() for ex in hub.convert(split_rows, split=split, seed=seed)]
+        task_name, scoring, instruction, prefix = name, hub.scoring, hub.instruction, hub.answer_prefix
+        label = hub.path
+    else:
+        path, _, config = name_or_path.partition(":")
+        if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
+            raise AusteerError(f"bad hub dataset name {name_or_path!r}; write hub:owner/name or hub:owner/name:config")
+        rows = _fetch_hub(path, config or None, None, hub_split=hub_split, cache_dir=cache_dir, files=files)
+        examples = [
+            ex for split, split_rows in rows.items()
+            for ex in generic_examples(split_rows, split=split, seed=seed, dataset=path)
+        ]
+        task_name, scoring, instruction, prefix = path.rsplit("/", 1)[-1], "choice", "", DEFAULT_ANSWER_PREFIX
+        label = path
+    if not examples:
+        raise AusteerError(f"dataset {label!r} has no rows; pick another split or use a local file: {LOCAL_FILE_HINT}")
+    return Task(name=task_name, examples=tuple(examples), scoring=scoring, instruction=instruction, answer_prefix=prefix)

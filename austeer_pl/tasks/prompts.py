@@ -1,0 +1,110 @@
+"""TODO."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from austeer_pl.errors import AusteerError
+from austeer_pl.tasks.embedded import SENTIMENT_TASK, sentiment_task
+from austeer_pl.tasks.registry import load_task
+from austeer_pl.tasks.schema import ContrastivePair, Task, TaskExample
+
+
+def _with_instruction(instruction: str, prompt: str) -> str:
+    if not instruction:
+        return prompt
+    return instruction + prompt if instruction[-1].isspace() else f"{instruction}\n{prompt}"
+
+
+def format_prompt(tokenizer: Any, task: Task, prompt: str, *, chat_template: bool | None = None) -> str:
+    """The text a model sees before the answer.
+
+    With a chat template: ``apply_chat_template([{"role": "user", "content": instruction + prompt}],
+    add_generation_prompt=True, tokenize=False)`` (the assistant turn is the answer slot). Without:
+    ``f"{instruction}{prompt}\\n{answer_prefix}"``. Append a choice with :func:`join_answer`.
+
+    Args:
+        tokenizer: A transformers tokenizer (may be None when ``chat_template`` is False).
+        task: Supplies ``instruction`` and ``answer_prefix``.
+        prompt: The example's prompt.
+        chat_template: True/False forces the mode; None uses the template iff the tokenizer has one.
+
+    Raises:
+        AusteerError: ``chat_template=True`` but the tokenizer has no chat template.
+
+    Example:
+        >>> task = Task("demo", (), instruction="Answer briefly.\\n")
+        >>> format_prompt(None, task, "Is the sky blue?", chat_template=False)
+        'Answer briefly.\\nIs the sky blue?\\nAnswer:'
+    """
+    if task.protocol == "paper":
+        return prompt  # the paper feeds its prompts raw: no template, no instruction, no prefix
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    use_template = has_template if chat_template is None else bool(chat_template)
+    user = _with_instruction(task.instruction, prompt)
+    if not use_template:
+        return f"{user}\n{task.answer_prefix}"
+    if not has_template:
+        raise AusteerError("chat_template=True but the tokenizer has no chat template; set chat_template to false or None")
+    # enable_thinking=False: Qwen3's template then answers directly (other templates ignore the flag).
+    text = tokenizer.apply_chat_template([{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False, enable_thinking=False)
+    if not isinstance(text, str):
+        raise AusteerError(f"the tokenizer's apply_chat_template returned {type(text).__name__}, not text; set chat_template to false")
+    # The assistant turn is the answer slot: no answer prefix after the template (measured on
+    # SmolLM2 / Rotten Tomatoes validation: 0.50 with "Answer:" appended, 0.59 without).
+    return text
+
+
+def join_for(task: Task, prompt_text: str, choice: str) -> str:
+    """``prompt_text`` followed by ``choice`` as ``task`` joins them: without a separator under the
+    paper protocol (its answers are written to follow the prompt), else :func:`join_answer`."""
+    return prompt_text + choice if task.protocol == "paper" else join_answer(prompt_text, choice)
+
+
+def join_answer(prompt_text: str, choice: str) -> str:
+    """Append an answer to formatted prompt text.
+
+    Choices are stored without surrounding whitespace. They are joined with one space when the text
+    ends in a non-space character (``"...Answer:"`` + ``" yes"``) and directly when it ends in
+    whitespace or is empty (``"...<|im_start|>assistant\\n"`` + ``"yes"``), with and without a chat template.
+
+    Args:
+        prompt_text: Output of :func:`format_prompt`.
+        choice: The answer text.
+
+    Example:
+        >>> join_answer("Q: Is it?\\nAnswer:", "yes"), join_answer("<|im_start|>assistant\\n", "yes")
+        ('Q: Is it?\\nAnswer: yes', '<|im_start|>assistant\\nyes')
+    """
+    if not prompt_text or prompt_text[-1].isspace():
+        return prompt_text + choice
+    return f"{prompt_text} {choice}"
+
+
+def load_behaviour_task(spec: str, *, seed: int = 0) -> Task:
+    """``sentiment`` or any :func:`~austeer_pl.tasks.load_task` spec (a ``prompt, positive, negative`` file)."""
+
+    if str(spec).strip().lower() == SENTIMENT_TASK:
+        return sentiment_task()
+    return load_task(spec, seed=seed)
+
+
+def behaviour_prompts(tokenizer, task: Task, examples: Sequence[TaskExample], *, chat_template: bool | None = None) -> list[str]:
+    """The distinct formatted prompts of ``examples``, in first-seen order (what generation starts from).
+
+    Example:
+        >>> behaviour_prompts(tok, task, parts["val"])[0]
+        '<|im_start|>user\\nGive a short review of ...<|im_end|>\\n<|im_start|>assistant\\n'
+    """
+    seen = dict.fromkeys(format_prompt(tokenizer, task, ex.prompt, chat_template=chat_template) for ex in examples)
+    return list(seen)
+
+
+def pair_texts(tokenizer, task: Task, pairs: Sequence[ContrastivePair], *, chat_template: bool | None = None) -> list[tuple[str, str]]:
+    """``(prompt + positive, prompt + negative)`` texts of pairs, formatted as in fitting, for :func:`~austeer_pl.core.pairs.fit_state`."""
+    out = []
+    for p in pairs:
+        text = format_prompt(tokenizer, task, p.prompt, chat_template=chat_template)
+        out.append((join_answer(text, p.positive), join_answer(text, p.negative)))
+    return out
