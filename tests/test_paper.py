@@ -331,7 +331,7 @@ def test_wrong_answers_fallback_and_blanks():
 
 
 def test_auto_falls_back_to_numeric_with_a_warning(monkeypatch):
-    monkeypatch.setattr(P, "minilm_model_dir", lambda: None)
+    monkeypatch.setattr("austeer_pl.tasks.paper.wrong.minilm_model_dir", lambda: None)
     with pytest.warns(UserWarning, match="numerically nearest"):
         wrong, method = P.wrong_answers(["1.0", "2.0", "9.0"], blank=" ", method="auto")
     assert (wrong, method) == (["2.0", "1.0", "2.0"], "numeric")
@@ -458,7 +458,7 @@ def test_load_paper_task_wires_the_hub_splits(monkeypatch):
         asked.update(path=path, config=config, splits=splits)
         return {"train": [WINO_ROW] * 3, "validation": [WINO_ROW] * 2}
 
-    monkeypatch.setattr(P, "_fetch_hub", fake_fetch)
+    monkeypatch.setattr("austeer_pl.tasks.paper.examples.fetch_hub", fake_fetch)
     task = P.load_paper_task("winogrande")
     assert asked == {"path": "allenai/winogrande", "config": "winogrande_m", "splits": ("train", "validation")}
     assert (task.name, task.scoring, task.instruction, task.answer_prefix) == ("winogrande", "choice", "", "")

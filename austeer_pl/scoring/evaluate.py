@@ -21,7 +21,7 @@ from austeer_pl.errors import AusteerError
 from austeer_pl.scoring.generation import generate_new_text, generation_prediction
 from austeer_pl.scoring.loglik import choice_logprobs
 from austeer_pl.scoring.statistics import wilson_interval
-from austeer_pl.tasks.paper import paper_max_new_tokens, paper_prediction
+from austeer_pl.tasks.paper.answers import paper_max_new_tokens, paper_prediction
 from austeer_pl.tasks.prompts import format_prompt, join_for
 from austeer_pl.tasks.schema import Task, TaskExample
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from austeer_pl.errors import AusteerError, SettingError
-from austeer_pl.tasks.paper import load_paper_task
+from austeer_pl.tasks.paper.examples import load_paper_task
 from austeer_pl.tasks.pins import same_content
 from austeer_pl.tasks.registry import is_named_task, load_task
 from austeer_pl.tasks.schema import NEGATIVE_MODES, Task, TaskExample

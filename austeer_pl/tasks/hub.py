@@ -293,7 +293,7 @@ def local_hub_rows(files: str | Sequence[str], *, dataset: str, cache_dir: Any =
     return out
 
 
-def _fetch_hub(
+def fetch_hub(
     path: str, config: str | None, splits: Sequence[str] | None, *, hub_split: str | None, cache_dir: Any, files: Any = None
 ) -> dict[str, Iterable[Mapping[str, Any]]]:
     """Rows of each wanted split of a hub dataset (or of local ``files`` in its schema), keyed by canonical split name."""
@@ -364,7 +364,7 @@ def load_hub_task(
     name = name_or_path if name_or_path in HUB_TASKS else by_path.get(name_or_path)
     if name is not None:
         hub = HUB_TASKS[name]
-        rows = _fetch_hub(hub.path, hub.config, hub.splits, hub_split=hub_split, cache_dir=cache_dir, files=files)
+        rows = fetch_hub(hub.path, hub.config, hub.splits, hub_split=hub_split, cache_dir=cache_dir, files=files)
         examples = [ex for split, split_rows in rows.items() for ex in hub.convert(split_rows, split=split, seed=seed)]
         task_name, scoring, instruction, prefix = name, hub.scoring, hub.instruction, hub.answer_prefix
         label = hub.path
@@ -372,7 +372,7 @@ def load_hub_task(
         path, _, config = name_or_path.partition(":")
         if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", path):
             raise AusteerError(f"bad hub dataset name {name_or_path!r}; write hub:owner/name or hub:owner/name:config")
-        rows = _fetch_hub(path, config or None, None, hub_split=hub_split, cache_dir=cache_dir, files=files)
+        rows = fetch_hub(path, config or None, None, hub_split=hub_split, cache_dir=cache_dir, files=files)
         examples = [
             ex for split, split_rows in rows.items()
             for ex in generic_examples(split_rows, split=split, seed=seed, dataset=path)
