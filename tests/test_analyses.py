@@ -9,13 +9,9 @@ from pathlib import Path
 import pytest
 from conftest import write_less_task
 
-from austeer_pl.analyses.units import (
-    AnalysisOptions,
-    analyze_main,
-    kl_divergence,
-    prepare,
-    strength_convergence,
-)
+from austeer_pl.analyses.context import AnalysisOptions, prepare
+from austeer_pl.analyses.main import analyze_main
+from austeer_pl.analyses.units import kl_divergence, strength_convergence
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -31,7 +31,7 @@ from conftest import (
 
 import austeer_pl.core.state
 from austeer_pl import SteeringState
-from austeer_pl.analyses.units import analyze_main
+from austeer_pl.analyses.main import analyze_main
 from austeer_pl.cli.export import export_main
 from austeer_pl.cli.generate import generate_main
 from austeer_pl.cli.main import evaluate_main, train, train_main

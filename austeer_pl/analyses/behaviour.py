@@ -46,6 +46,7 @@ from typing import Any
 
 from torch import nn
 
+from austeer_pl.analyses.plots import plot_strength_curve
 from austeer_pl.cli.runtime import (
     OneLineParser,
     add_output_options,
@@ -59,7 +60,6 @@ from austeer_pl.core.fileio import (
     Output,
     json_output,
     png_output,
-    save_figure,
     write_json_output,
 )
 from austeer_pl.core.models import load_model
@@ -173,59 +173,6 @@ def strength_curve(
     if plot is not None:
         plot_strength_curve(result, plot)
     return result
-
-
-def _pyplot():
-    import matplotlib  # noqa: PLC0415 - plots only
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415 - plots only
-
-    return plt
-
-
-def plot_strength_curve(result: Mapping[str, Any], path: str | os.PathLike | Output) -> Path:
-    """Judge score (share positive with its 95% interval, mean score) and perplexity against alpha, one column per state."""
-
-    plt = _pyplot()
-    import matplotlib.ticker as mticker  # noqa: PLC0415 - plots only
-
-    methods = result["methods"]
-    base = result["unsteered"]
-    fig, axes = plt.subplots(2, len(methods), figsize=(5.2 * len(methods), 7), squeeze=False, sharey="row")
-    for col, (label, m) in enumerate(methods.items()):
-        pts = sorted(m["points"], key=lambda p: p["alpha"])
-        x = [p["alpha"] for p in pts]
-        ax = axes[0][col]
-        ax.fill_between(x, [p["ci_low"] for p in pts], [p["ci_high"] for p in pts], color="tab:green", alpha=0.2, label="95% interval")
-        ax.plot(x, [p["share_positive"] for p in pts], "o-", color="tab:green", label="share positive")
-        ax.plot(x, [p["mean_score"] for p in pts], "s--", color="tab:blue", label=f"mean {base.get('score_name', 'score')}")
-        ax.axhline(base["share_positive"], color="black", ls=":", lw=1, label="unsteered share")
-        ax.set_ylim(-1.05, 1.05)
-        ax.set_title(f"{label} (k={m['k']})" if label == m["method"] else f"{label} ({m['method']}, k={m['k']})", fontsize=10)
-        ax.grid(alpha=0.3)
-        if col == 0:
-            ax.set_ylabel(f"judge: {result['judge']['name']}")
-            ax.legend(fontsize=7, loc="lower right")
-        ax = axes[1][col]
-        ax.plot(x, [p["perplexity"] for p in pts], "o-", color="tab:red", label="perplexity (unsteered model)")
-        ax.axhline(base["perplexity"], color="black", ls=":", lw=1, label="unsteered")
-        if math.isfinite(base["perplexity"]):
-            ax.axhline(result.get("budget", DEFAULT_BUDGET) * base["perplexity"], color="tab:gray", ls="--", lw=1, label=f"budget ({result.get('budget', DEFAULT_BUDGET):g}x)")
-        ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(mticker.ScalarFormatter())
-        ax.yaxis.set_minor_formatter(mticker.FormatStrFormatter("%.3g"))
-        ax.set_xlabel("alpha")
-        ax.grid(alpha=0.3)
-        if col == 0:
-            ax.set_ylabel("perplexity of the generations")
-            ax.legend(fontsize=7, loc="upper left")
-    title = f"Behaviour strength curve - {result.get('task', '')} {result.get('base_model', '')} (n={result['n_prompts']} prompts, {result['max_new_tokens']} new tokens)"
-    fig.suptitle(title.replace("  ", " "), fontsize=10)
-    try:
-        return save_figure(fig, path if isinstance(path, Output) else png_output(path))
-    finally:
-        plt.close(fig)
 
 
 # ============================================================================ analyze.py behaviour
@@ -379,6 +326,5 @@ __all__ = [
     "behaviour_cli",
     "behaviour_main",
     "fit_caa",
-    "plot_strength_curve",
     "strength_curve",
 ]
