@@ -12,8 +12,9 @@ Example:
 """
 
 from austeer_pl._version import __version__
+from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.hooks import EditHandle
-from austeer_pl.core.models import DEFAULT_MODEL, load_model
+from austeer_pl.core.models import load_model
 from austeer_pl.core.momentum import MomentumAccumulator
 from austeer_pl.core.pairs import accumulate_momentum, fit_state
 from austeer_pl.core.reading import ActivationReader

@@ -104,7 +104,7 @@ def main() -> None:
         from llama_cpp import Llama
     except ImportError:
         raise SystemExit("this benchmark needs llama-cpp-python: pip install llama-cpp-python") from None
-    from austeer_pl.core.models import embedded_gguf_path
+    from austeer_pl.core.embedded import embedded_gguf_path
     from austeer_pl.export.formats import export_gguf
 
     device = C.setup(args)

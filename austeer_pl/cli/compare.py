@@ -53,8 +53,8 @@ from austeer_pl.cli.runtime import (
     resolve_wandb_mode,
     wandb_logger,
 )
+from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.fileio import json_output, jsonable, write_json_output
-from austeer_pl.core.models import DEFAULT_MODEL
 from austeer_pl.core.state import SteeringState
 from austeer_pl.core.strength import STRENGTH_LOSSES
 from austeer_pl.errors import AusteerError

@@ -30,6 +30,7 @@ from austeer_pl.cli.runtime import (
     resolve_wandb_mode,
     run_main,
 )
+from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.fileio import (
     check_writable_parent,
     json_output,
@@ -38,7 +39,7 @@ from austeer_pl.core.fileio import (
     write_json_output,
     write_jsonl_output,
 )
-from austeer_pl.core.models import DEFAULT_MODEL, load_model, load_tokenizer
+from austeer_pl.core.models import load_model, load_tokenizer
 from austeer_pl.core.pins import check_model
 from austeer_pl.core.sites import LayoutSpec, locate_units
 from austeer_pl.core.state import SteeringState

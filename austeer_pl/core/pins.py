@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from austeer_pl.core.digests import refuse_or_warn, sha256_cached, short
-from austeer_pl.core.models import DEFAULT_MODEL, MARKER_NAME, ensure_embedded_model
+from austeer_pl.core.embedded import DEFAULT_MODEL, MARKER_NAME, ensure_embedded_model
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, get_type_hints
 
-from austeer_pl.core.models import DEFAULT_MODEL
+from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.prefix import use_shared_prefix
 from austeer_pl.core.strength import STRENGTH_KINDS, STRENGTH_LOSSES
 from austeer_pl.errors import SettingError
