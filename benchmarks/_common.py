@@ -329,9 +329,8 @@ def pair_readers():
     try:
         from austeer_pl.core.pairs import read_pair_batch, rows_batch, split_batch
     except ImportError:  # an older checkout
-        from austeer_pl.reading import ActivationReader
-
-        from austeer_pl.fit import read_pair_batch as old  # type: ignore[no-redef]
+        from austeer_pl.core.pairs import read_pair_batch as old
+        from austeer_pl.core.reading import ActivationReader
 
         try:
             from austeer_pl.prefix import read_pair_batch_shared_prefix as old_shared

@@ -148,7 +148,7 @@ def _export_is_a_file(world, tmp_path, mp):
 
 def _readonly_output(world, tmp_path, mp):
     real = os.access
-    mp.setattr("austeer_pl.core.fileio.os.access", lambda path, mode: False if Path(path) == tmp_path else real(path, mode))
+    mp.setattr("austeer_pl.core.output.os.access", lambda path, mode: False if Path(path) == tmp_path else real(path, mode))
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "new"))
 
 
@@ -1291,7 +1291,8 @@ def test_only_the_test_rows_are_needed_to_show_the_test_split(tmp_path, tiny_dir
 def test_a_users_file_moved_aside_by_a_killed_writer_comes_back(tmp_path):
     """A writer killed (SIGKILL) while it judged what was at its target leaves that file under a
     hidden name; the next writer puts it back and never deletes it."""
-    from austeer_pl.core.fileio import _HOST, json_output, write_json_output
+    from austeer_pl.core.fileio import json_output, write_json_output
+    from austeer_pl.core.output import _HOST
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
     target = tmp_path / "r.json"

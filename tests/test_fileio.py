@@ -1,4 +1,4 @@
-"""The output rules (:class:`austeer_pl.core.fileio.Output`) and JSON reading, against hand-made files."""
+"""The output rules (:class:`austeer_pl.core.output.Output`) and JSON reading, against hand-made files."""
 
 from __future__ import annotations
 
@@ -10,17 +10,16 @@ import pytest
 
 from austeer_pl.core.fileio import (
     JSON_MARKER,
-    Output,
     is_marked_json,
     is_marked_png,
     json_output,
     jsonl_with_keys,
     parse_json,
     png_output,
-    remove_stale_temporaries,
     save_figure,
     write_json_output,
 )
+from austeer_pl.core.output import Output, remove_stale_temporaries
 from austeer_pl.errors import AusteerError
 
 
@@ -111,7 +110,7 @@ def test_stale_temporaries_of_dead_writers_only(tmp_path):
     import sys
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
-    from austeer_pl.core.fileio import _HOST
+    from austeer_pl.core.output import _HOST
 
     target = tmp_path / "r.json"
     stale = tmp_path / f".r.json.{_HOST}-{dead}-0123abcd.tmp"

@@ -56,13 +56,9 @@ from austeer_pl.cli.runtime import (
     run_main,
     task_stem,
 )
-from austeer_pl.core.fileio import (
-    Output,
-    json_output,
-    png_output,
-    write_json_output,
-)
+from austeer_pl.core.fileio import json_output, png_output, write_json_output
 from austeer_pl.core.models import load_model
+from austeer_pl.core.output import Output
 from austeer_pl.core.pairs import accumulate_momentum
 from austeer_pl.core.pins import check_model
 from austeer_pl.core.sites import ModelLayout, locate_units

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from austeer_pl.core.fileio import Output, png_output, save_figure
+from austeer_pl.core.fileio import png_output, save_figure
+from austeer_pl.core.output import Output
 from austeer_pl.fit.judged import DEFAULT_BUDGET
 
 

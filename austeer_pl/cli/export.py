@@ -10,9 +10,9 @@ import torch
 
 from austeer_pl.cli.runtime import OneLineParser, quiet, run_main
 from austeer_pl.core.embedded import DEFAULT_MODEL, embedded_gguf_path
-from austeer_pl.core.fileio import paths_overlap
 from austeer_pl.core.merge import check_foldable, merge_into
 from austeer_pl.core.models import load_model, resolve_dtype
+from austeer_pl.core.output import paths_overlap
 from austeer_pl.core.pins import check_model
 from austeer_pl.core.sites import LayoutSpec, locate_units
 from austeer_pl.core.state import SteeringState

@@ -32,14 +32,13 @@ from austeer_pl.cli.runtime import (
 )
 from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.fileio import (
-    check_writable_parent,
     json_output,
     jsonl_output,
-    paths_overlap,
     write_json_output,
     write_jsonl_output,
 )
 from austeer_pl.core.models import load_model, load_tokenizer
+from austeer_pl.core.output import check_writable_parent, paths_overlap
 from austeer_pl.core.pins import check_model
 from austeer_pl.core.sites import LayoutSpec, locate_units
 from austeer_pl.core.state import SteeringState

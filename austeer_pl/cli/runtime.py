@@ -27,8 +27,8 @@ from urllib.parse import urlparse
 from lightning.pytorch.loggers import WandbLogger
 from transformers.utils import logging as hf_logging
 
-from austeer_pl.core.fileio import os_error_message, paths_overlap
 from austeer_pl.core.network import unreachable
+from austeer_pl.core.output import os_error_message, paths_overlap
 from austeer_pl.errors import AusteerError, SettingError
 
 RUN_DIR_ENV = "AUSTEER_RUN_DIR"

@@ -29,9 +29,10 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from austeer_pl._version import __version__
-from austeer_pl.core.fileio import Output, parse_json, sha256_file, write_json
+from austeer_pl.core.fileio import parse_json, sha256_file, write_json
 from austeer_pl.core.hooks import TOKEN_SCOPES, EditHandle
 from austeer_pl.core.merge import merge_into
+from austeer_pl.core.output import Output
 from austeer_pl.core.selection import SIGN_POLICIES, Selection
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
 from austeer_pl.core.strength import strength_from_config
@@ -464,7 +465,7 @@ class SteeringState:
 
     @staticmethod
     def output(directory: str | os.PathLike, *, overwrite: bool = False, flag: str = "--overwrite") -> Output:
-        """The steering-state folder output at ``directory`` (see :class:`~austeer_pl.core.fileio.Output`)."""
+        """The steering-state folder output at ``directory`` (see :class:`~austeer_pl.core.output.Output`)."""
         return Output(Path(directory), "steering state", is_steering_state, overwrite=overwrite, folder=True, ours_need_overwrite=True, flag=flag)
 
     @classmethod
