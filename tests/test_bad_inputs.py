@@ -34,7 +34,8 @@ from austeer_pl import SteeringState
 from austeer_pl.analyses.main import analyze_main
 from austeer_pl.cli.export import export_main
 from austeer_pl.cli.generate import generate_main
-from austeer_pl.cli.main import evaluate_main, train, train_main
+from austeer_pl.cli.evaluate import evaluate_main
+from austeer_pl.cli.train import train, train_main
 from austeer_pl.errors import AusteerError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -1001,7 +1002,7 @@ def test_report_has_normal_permissions(world, tmp_path):
 
 
 def test_wandb_online_falls_back_to_offline_with_a_warning(monkeypatch, tmp_path):
-    from austeer_pl.cli.main import resolve_wandb_mode
+    from austeer_pl.cli.runtime import resolve_wandb_mode
 
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")

@@ -508,7 +508,8 @@ def test_train_chooses_by_judge_and_evaluate_reports_it(tiny_dir, tmp_path, caps
     import json
 
     from austeer_pl import SteeringState
-    from austeer_pl.cli.main import evaluate_main, train_main
+    from austeer_pl.cli.evaluate import evaluate_main
+    from austeer_pl.cli.train import train_main
 
     rows = tmp_path / "pairs.jsonl"
     with open(rows, "w") as f:

@@ -10,7 +10,7 @@ import torch
 from conftest import make_model, write_less_task
 
 from austeer_pl import SteeringState
-from austeer_pl.cli.main import evaluate_main
+from austeer_pl.cli.evaluate import evaluate_main
 
 METHODS = ["unsteered", "iti", "sadi", "caa", "austeer_block", "austeer", "austeer_scalar", "austeer_gate"]
 LEARNED = {"austeer_scalar": "scalar", "austeer_gate": "gate"}
@@ -177,7 +177,7 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
 def test_train_and_compare_export_bit_identical_gate_states(compared, tiny_dir, task_file, tmp_path):
     """One engine: train.py --model.strength gate and --compare's austeer_gate, with the same data,
     seed and settings, train the same gate on the same batches and keep the same epoch."""
-    from austeer_pl.cli.main import train_main
+    from austeer_pl.cli.train import train_main
 
     out, _ = compared
     code = train_main([

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from austeer_pl.cli.main import build_cli
+from austeer_pl.cli.train import build_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "paper").glob("*.yaml"))

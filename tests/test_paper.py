@@ -521,7 +521,8 @@ def test_train_then_evaluate_under_the_paper_protocol_on_local_hub_rows(task, ti
     import json
 
     from austeer_pl import SteeringState
-    from austeer_pl.cli.main import evaluate_main, train_main
+    from austeer_pl.cli.evaluate import evaluate_main
+    from austeer_pl.cli.train import train_main
 
     spec = importlib.util.spec_from_file_location("paper_rows", Path(__file__).resolve().parent / "fixtures" / "paper_rows.py")
     rows = importlib.util.module_from_spec(spec)

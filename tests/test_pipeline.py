@@ -17,7 +17,8 @@ from conftest import make_model
 from conftest import write_less_task as write_task
 
 from austeer_pl import SteeringState
-from austeer_pl.cli.main import evaluate_main, train_main
+from austeer_pl.cli.evaluate import evaluate_main
+from austeer_pl.cli.train import train_main
 from austeer_pl.core.prefix import SharedPrefixReader, use_shared_prefix
 from austeer_pl.errors import AusteerError
 from austeer_pl.fit.data import shard_batches

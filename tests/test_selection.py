@@ -324,7 +324,8 @@ def test_a_fit_that_does_not_help_says_so_and_exports_an_empty_state(tiny_dir, t
 
     from conftest import write_less_task
 
-    from austeer_pl.cli.main import evaluate_main, train_main
+    from austeer_pl.cli.evaluate import evaluate_main
+    from austeer_pl.cli.train import train_main
 
     task = write_less_task(tmp_path / "less.jsonl", 60, seed=4)
     common = ["--model.model_name", str(tiny_dir), "--data.task", str(task), "--model.k", "[2, 4]", "--model.alpha", "[1, 2]",
@@ -382,7 +383,7 @@ def test_a_learned_strength_is_exported_only_when_it_beats_no_steering(tiny_dir,
 
     from conftest import write_less_task
 
-    from austeer_pl.cli.main import train_main
+    from austeer_pl.cli.train import train_main
 
     task = write_less_task(tmp_path / "less.jsonl", 60, seed=4)
     common = ["--model.model_name", str(tiny_dir), "--model.k", "[4]", "--model.alpha", "[1]", "--model.strength", "scalar",

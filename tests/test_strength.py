@@ -186,7 +186,7 @@ def test_strength_phase_uses_the_capped_training_examples(task_file):
 
 
 def test_evaluate_reports_a_learned_state_beside_its_momentum_rule(tiny_dir, task_file, tmp_path):
-    from austeer_pl.cli.main import evaluate_main
+    from austeer_pl.cli.evaluate import evaluate_main
     from austeer_pl.scoring.evaluate import evaluate_examples
     from austeer_pl.tasks import load_task, split_examples
 
