@@ -29,12 +29,12 @@ from conftest import (
     write_less_task,
 )
 
-import austeer_pl.core.state
+import austeer_pl.core.stateio
 from austeer_pl import SteeringState
 from austeer_pl.analyses.main import analyze_main
+from austeer_pl.cli.evaluate import evaluate_main
 from austeer_pl.cli.export import export_main
 from austeer_pl.cli.generate import generate_main
-from austeer_pl.cli.evaluate import evaluate_main
 from austeer_pl.cli.train import train, train_main
 from austeer_pl.errors import AusteerError
 
@@ -281,7 +281,7 @@ def _full_disk_at_export(world, tmp_path, mp):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    mp.setattr(austeer_pl.core.state, "save_file", full)
+    mp.setattr(austeer_pl.core.stateio, "save_file", full)
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "new"))
 
 
@@ -523,7 +523,7 @@ def _appears_during(mp, target: str, where: Path, text: str = "mine") -> None:
 
 
 def _file_appears_in_export_during_fit(world, tmp_path, mp):
-    _appears_during(mp, "austeer_pl.core.state.save_file", tmp_path / "export" / "notes.txt")
+    _appears_during(mp, "austeer_pl.core.stateio.save_file", tmp_path / "export" / "notes.txt")
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "export"))
 
 
@@ -531,7 +531,7 @@ _OTHER_STATE = '{"package": "austeer-pl"}'
 
 
 def _state_appears_in_export_during_fit(world, tmp_path, mp):
-    _appears_during(mp, "austeer_pl.core.state.save_file", tmp_path / "export" / "steering_config.json", _OTHER_STATE)  # another fit's
+    _appears_during(mp, "austeer_pl.core.stateio.save_file", tmp_path / "export" / "steering_config.json", _OTHER_STATE)  # another fit's
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "export"))
 
 
@@ -541,7 +541,7 @@ def _file_appears_in_merge_out(world, tmp_path, mp):
 
 
 def _file_appears_in_compare_export(world, tmp_path, mp):
-    _appears_during(mp, "austeer_pl.core.state.save_file", tmp_path / "out" / "austeer" / "notes.txt")
+    _appears_during(mp, "austeer_pl.core.stateio.save_file", tmp_path / "out" / "austeer" / "notes.txt")
     return evaluate_main, ["--compare", "--task", str(world["task"]), "--model", str(world["tiny"]), "--methods", "austeer", "--k", "3", "--alpha", "2",
                            "--export_dir", str(tmp_path / "out"), "--run_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"]
 
@@ -581,7 +581,7 @@ def _sigterm_during_state_export(world, tmp_path, mp):
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(5)
 
-    mp.setattr(austeer_pl.core.state, "save_file", half_written)
+    mp.setattr(austeer_pl.core.stateio, "save_file", half_written)
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "export"))
 
 

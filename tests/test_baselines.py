@@ -16,7 +16,7 @@ from austeer_pl import (
     accumulate_momentum,
     locate_units,
 )
-from austeer_pl.core.state import CONFIG_NAME
+from austeer_pl.core.stateio import CONFIG_NAME
 from austeer_pl.methods.block import block_austeer_state, rank_blocks
 from austeer_pl.methods.caa import caa_candidate_layers, caa_state, caa_vector
 from austeer_pl.methods.iti import (

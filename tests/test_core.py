@@ -12,7 +12,7 @@ import torch
 from conftest import ALL_ARCHS, CORE_ARCHS, make_model, make_tokenizer, tiny_config
 from torch import nn
 
-import austeer_pl.core.state
+import austeer_pl.core.stateio
 from austeer_pl import (
     ActivationReader,
     AusteerError,
@@ -25,7 +25,7 @@ from austeer_pl import (
 )
 from austeer_pl.core.reading import last_token_index, position_ids_from_mask
 from austeer_pl.core.selection import rank_units
-from austeer_pl.core.state import CONFIG_NAME, WEIGHTS_NAME
+from austeer_pl.core.stateio import CONFIG_NAME, WEIGHTS_NAME
 
 TEXTS = ["is it good? yes", "bad film.", "a truly wonderful, moving story!", "no", "what a mess, 2 stars"]
 
@@ -509,7 +509,7 @@ def test_failed_save_leaves_previous_state(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(austeer_pl.core.state, "save_file", boom)
+    monkeypatch.setattr(austeer_pl.core.stateio, "save_file", boom)
     with pytest.raises(AusteerError, match="disk is full"):
         state.with_alpha(9.0).save_pretrained(folder)
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before

@@ -22,7 +22,7 @@ from test_merge import make_pairs, random_state, residual_shift
 from austeer_pl import AusteerError, SteeringState, accumulate_momentum, locate_units
 from austeer_pl.cli.export import export_main
 from austeer_pl.core.fileio import sha256_file
-from austeer_pl.core.state import WEIGHTS_NAME
+from austeer_pl.core.stateio import WEIGHTS_NAME
 from austeer_pl.core.strength import GateStrength, fold_strength
 from austeer_pl.export.formats import (
     _BLOCK_SCALES,

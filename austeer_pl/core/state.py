@@ -15,7 +15,6 @@ safetensors and transformers.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -24,102 +23,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from austeer_pl._version import __version__
-from austeer_pl.core.fileio import parse_json, sha256_file, write_json
 from austeer_pl.core.hooks import TOKEN_SCOPES, EditHandle
 from austeer_pl.core.merge import merge_into
 from austeer_pl.core.output import Output
 from austeer_pl.core.selection import SIGN_POLICIES, Selection
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
+from austeer_pl.core.stateio import (
+    _FLOAT_DTYPES,
+    FORMAT_VERSION,
+    TENSOR_KEYS,
+    check_gate,
+    check_tensor,
+    config_field,
+    is_steering_state,
+    read_state_files,
+    write_state_files,
+)
 from austeer_pl.core.strength import strength_from_config
 from austeer_pl.errors import AusteerError
 
-FORMAT_VERSION = 1
-CONFIG_NAME = "steering_config.json"
-WEIGHTS_NAME = "steering_state.safetensors"
-_TENSOR_KEYS = ("site_index", "layer", "unit", "momentum", "scale", "shift")
 _INT_KEYS = ("site_index", "layer", "unit")
 _STRENGTH_KINDS = ("momentum", "scalar", "gate")
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-
-
-def is_steering_state(path: str | os.PathLike) -> bool:
-    """True when ``path`` is a folder of a steering state's files and nothing else (what
-    :meth:`SteeringState.save_pretrained` writes, also when damaged): only then may a save replace it."""
-    folder = Path(path)
-    try:
-        names = {p.name for p in folder.iterdir()}
-        text = (folder / CONFIG_NAME).read_bytes()
-    except OSError:
-        return False
-    if not names <= {CONFIG_NAME, WEIGHTS_NAME}:
-        return False
-    try:
-        config = json.loads(text)
-    except (ValueError, RecursionError):
-        return True  # our file name, and nothing a reader could use: a damaged state
-    return isinstance(config, dict) and config.get("package") == "austeer-pl"
-
-
-def _sort_metadata(path: Path) -> None:
-    """Rewrite a safetensors header with its ``__metadata__`` keys sorted, in place.
-
-    safetensors writes the metadata map in a random order (a Rust ``HashMap``), so the same state
-    gave two different files; sorted keys make the bytes, and their sha256, a function of the state.
-    The header keeps its length (the same keys and values), so nothing else moves.
-    """
-    with open(path, "r+b") as f:
-        n = int.from_bytes(f.read(8), "little")
-        raw = f.read(n)
-        header = json.loads(raw)
-        if "__metadata__" in header:
-            header = {"__metadata__": dict(sorted(header["__metadata__"].items())), **{k: v for k, v in header.items() if k != "__metadata__"}}
-        text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-        text += b" " * (n - len(text))
-        if len(text) != n:
-            raise AusteerError(f"cannot rewrite the header of {path}: its length changed; this is a bug, please report it")
-        f.seek(8)
-        f.write(text)
-
-
-def _check_tensor(name: str, tensor: Any, *, integer: bool) -> torch.Tensor:
-    if not isinstance(tensor, torch.Tensor):
-        raise AusteerError(f"steering state field '{name}' must be a tensor, got {type(tensor).__name__}; the state is corrupt, export it again")
-    if tensor.dim() != 1:
-        raise AusteerError(f"steering state tensor '{name}' must be 1-D, got shape {tuple(tensor.shape)}; the state is corrupt, export it again")
-    if integer and tensor.dtype not in _INT_DTYPES:
-        raise AusteerError(f"steering state tensor '{name}' must hold integers, got {tensor.dtype}; the state is corrupt, export it again")
-    if not integer:
-        if tensor.dtype not in _FLOAT_DTYPES:  # float8 and the like cannot even be checked for NaN
-            raise AusteerError(f"steering state tensor '{name}' must hold float16/32/64 or bfloat16 values, got {tensor.dtype}; the state is corrupt, export it again")
-        if not bool(torch.isfinite(tensor).all()):
-            raise AusteerError(f"steering state tensor '{name}' holds NaN or infinite values; the state is corrupt, export it again")
-    return tensor
-
-
-def _config_field(config: Mapping[str, Any], name: str, kind: type | tuple[type, ...], default: Any = ...) -> Any:
-    if name not in config:
-        if default is ...:
-            raise AusteerError(f"{CONFIG_NAME} lacks field '{name}'; the state was altered, export it again")
-        return default
-    value = config[name]
-    kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        want = " or ".join(k.__name__ for k in kinds)
-        raise AusteerError(
-            f"{CONFIG_NAME} field '{name}' must be {want}, got {type(value).__name__} {_short(value)}; the state was altered, export it again"
-        )
-    return value
-
-
-def _short(value: Any) -> str:
-    text = json.dumps(value) if not isinstance(value, torch.Tensor) else str(value)
-    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @dataclass
@@ -171,10 +98,10 @@ class SteeringState:
 
     def __post_init__(self) -> None:
         self.sites = tuple(self.sites)
-        for name in _TENSOR_KEYS:
-            _check_tensor(name, getattr(self, name), integer=name in _INT_KEYS)
+        for name in TENSOR_KEYS:
+            check_tensor(name, getattr(self, name), integer=name in _INT_KEYS)
         k = self.unit.numel()
-        for name in _TENSOR_KEYS:
+        for name in TENSOR_KEYS:
             tensor = getattr(self, name)
             if tensor.numel() != k:
                 raise AusteerError(f"steering state tensor '{name}' must have shape ({k},) like 'unit', got {tuple(tensor.shape)}; the state is corrupt")
@@ -219,32 +146,7 @@ class SteeringState:
                 if int(self.unit[rows].min()) < 0 or int(self.unit[rows].max()) >= self.site_sizes[site]:
                     raise AusteerError(f"steering state has a {site} unit outside 0..{self.site_sizes[site] - 1}; the state is corrupt")
         if self.strength.get("kind") == "gate":
-            self._check_gate()
-
-    def _check_gate(self) -> None:
-        """A learned gate's description and tensors must fit each other and the steered layers."""
-        gate = self.strength
-        for key in ("layer", "width", "hidden_size"):
-            value = gate.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (0 if key == "layer" else 1):
-                raise AusteerError(
-                    f"steering state gate field '{key}' must be a {'non-negative' if key == 'layer' else 'positive'} integer, got {_short(value)}; "
-                    "the state is corrupt, export it again"
-                )
-        if self.k and gate["layer"] > int(self.layer.min()):
-            raise AusteerError(
-                f"steering state gate reads layer {gate['layer']}, above the first steered layer {int(self.layer.min())} (it would see its own edits); "
-                "the state is corrupt, export it again"
-            )
-        if gate["layer"] >= self.n_layers:
-            raise AusteerError(f"steering state gate reads layer {gate['layer']} of a {self.n_layers}-layer model; the state is corrupt, export it again")
-        shapes = {"inner.weight": (gate["width"], gate["hidden_size"]), "inner.bias": (gate["width"],),
-                  "outer.weight": (self.k, gate["width"]), "outer.bias": (self.k,)}
-        for name, shape in shapes.items():
-            tensor = self.strength_tensors.get(name)
-            if tensor is None or tuple(tensor.shape) != shape:
-                found = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
-                raise AusteerError(f"steering state gate tensor 'strength.{name}' must have shape {shape}, got {found}; the state is corrupt, export it again")
+            check_gate(self)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -454,13 +356,9 @@ class SteeringState:
 
         output = self.output(directory, overwrite=overwrite).check()
         with output.writing() as tmp:
-            tensors = {name: getattr(self, name).contiguous() for name in _TENSOR_KEYS}
+            tensors = {name: getattr(self, name).contiguous() for name in TENSOR_KEYS}
             tensors.update({f"strength.{name}": t.detach().float().cpu().contiguous() for name, t in self.strength_tensors.items()})
-            save_file(tensors, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
-            _sort_metadata(tmp / WEIGHTS_NAME)
-            config = self.to_config()
-            config["files"] = {WEIGHTS_NAME: sha256_file(tmp / WEIGHTS_NAME)}
-            write_json(tmp / CONFIG_NAME, config)
+            write_state_files(tmp, tensors, self.to_config())
         return output.path
 
     @staticmethod
@@ -479,58 +377,23 @@ class SteeringState:
             >>> state = SteeringState.from_pretrained("runs/rt-austeer")
         """
 
-        folder = Path(directory)
-        if not folder.is_dir():
-            raise AusteerError(f"no steering state at {folder}: the folder does not exist; pass the folder written by train.py (--export_dir)")
-        config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
-        for path in (config_path, weights_path):
-            if not path.is_file():
-                raise AusteerError(f"steering state at {folder} is missing {path.name}; export it again with train.py or save_pretrained")
-        try:
-            text = config_path.read_bytes()
-        except OSError as err:
-            raise AusteerError(f"cannot read {config_path} ({(err.strerror or str(err)).lower()}); check its permissions") from None
-        config = parse_json(text, str(config_path), fix="the state was altered, export it again")
-        if not isinstance(config, dict) or config.get("package") != "austeer-pl":
-            raise AusteerError(f"{config_path} is not an austeer-pl steering config; pass a folder written by austeer-pl")
-        version = config.get("format_version")
-        if isinstance(version, bool) or not isinstance(version, int):
-            raise AusteerError(
-                f"{config_path} field 'format_version' must be the integer {FORMAT_VERSION}, got {type(version).__name__} {_short(version)}; "
-                "the state was altered, export it again"
-            )
-        if version != FORMAT_VERSION:
-            raise AusteerError(
-                f"steering state at {folder} has format version {version}, this austeer-pl reads {FORMAT_VERSION}; "
-                "upgrade austeer-pl or export the state again"
-            )
-        files = _config_field(config, "files", dict, {})
-        expected = files.get(WEIGHTS_NAME)
-        if expected is not None and sha256_file(weights_path) != expected:
-            raise AusteerError(f"{weights_path} does not match the checksum in {CONFIG_NAME}: the file was altered or truncated; export the state again")
-        try:
-            tensors = load_file(str(weights_path))
-        except (SafetensorError, OSError, ValueError) as err:
-            raise AusteerError(f"cannot read {weights_path} ({str(err).splitlines()[0]}); export the state again") from None
-        missing = [name for name in _TENSOR_KEYS if name not in tensors]
-        if missing:
-            raise AusteerError(f"{weights_path} lacks tensors {', '.join(missing)}; the state was altered, export it again")
-        sites = _config_field(config, "sites", list)
-        site_sizes = _config_field(config, "site_sizes", dict)
-        strength = _config_field(config, "strength", dict, {"kind": "momentum"})
+        config, tensors = read_state_files(directory)
+        sites = config_field(config, "sites", list)
+        site_sizes = config_field(config, "site_sizes", dict)
+        strength = config_field(config, "strength", dict, {"kind": "momentum"})
         return cls(
             sites=tuple(sites),
-            **{name: tensors[name] for name in _TENSOR_KEYS},
-            alpha=_config_field(config, "alpha", (int, float)),
-            architecture=_config_field(config, "architecture", str),
-            n_layers=_config_field(config, "n_layers", int),
+            **{name: tensors[name] for name in TENSOR_KEYS},
+            alpha=config_field(config, "alpha", (int, float)),
+            architecture=config_field(config, "architecture", str),
+            n_layers=config_field(config, "n_layers", int),
             site_sizes=dict(site_sizes),
-            base_model=_config_field(config, "base_model", str, ""),
-            sign_policy=_config_field(config, "sign_policy", str, "promote"),
-            token_scope=_config_field(config, "token_scope", str, "all"),
-            method=_config_field(config, "method", str, "austeer"),
-            metadata=dict(_config_field(config, "metadata", dict, {})),
+            base_model=config_field(config, "base_model", str, ""),
+            sign_policy=config_field(config, "sign_policy", str, "promote"),
+            token_scope=config_field(config, "token_scope", str, "all"),
+            method=config_field(config, "method", str, "austeer"),
+            metadata=dict(config_field(config, "metadata", dict, {})),
             strength=dict(strength),
             strength_tensors={name[len("strength."):]: t for name, t in tensors.items() if name.startswith("strength.")},
-            layout=_config_field(config, "layout", (dict, type(None)), None),
+            layout=config_field(config, "layout", (dict, type(None)), None),
         )

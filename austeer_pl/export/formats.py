@@ -35,7 +35,7 @@ from austeer_pl._version import __version__
 from austeer_pl.core.fileio import parse_json, sha256_file
 from austeer_pl.core.merge import check_foldable, site_edits
 from austeer_pl.core.output import Output
-from austeer_pl.core.state import CONFIG_NAME, WEIGHTS_NAME
+from austeer_pl.core.stateio import CONFIG_NAME, WEIGHTS_NAME
 from austeer_pl.errors import AusteerError
 
 FORMATS = ("transformers", "gguf", "control-vector")
