@@ -20,15 +20,13 @@ from austeer_pl.core.stateio import CONFIG_NAME
 from austeer_pl.methods.block import block_austeer_state, rank_blocks
 from austeer_pl.methods.caa import caa_candidate_layers, caa_state, caa_vector
 from austeer_pl.methods.iti import (
-    HeadMoments,
-    ProbeAccuracy,
     accumulate_head_moments,
     accumulate_probe_accuracy,
-    fit_probes,
     iti_directions,
     iti_state,
     select_heads,
 )
+from austeer_pl.methods.probes import HeadMoments, ProbeAccuracy, fit_probes
 from austeer_pl.methods.registry import METHODS as REGISTRY
 from austeer_pl.methods.registry import FitContext, build_state, grid_points
 from austeer_pl.methods.sadi import sadi_head_scores, sadi_state

@@ -33,16 +33,18 @@ from austeer_pl.fit.judged import (
 )
 from austeer_pl.methods.caa import caa_state
 from austeer_pl.scoring.behaviour import behaviour_report
+from austeer_pl.scoring.fluency import (
+    distinct_n,
+    distinct_n_scores,
+    mean_perplexity,
+    perplexity,
+)
 from austeer_pl.scoring.generation import generate_pairs
 from austeer_pl.scoring.judges import (
     CallableJudge,
     ClassifierJudge,
     VaderJudge,
-    distinct_n,
-    distinct_n_scores,
     load_judge,
-    mean_perplexity,
-    perplexity,
 )
 from austeer_pl.tasks.embedded import (
     SENTIMENT_MAX_WORDS,

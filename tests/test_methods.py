@@ -10,11 +10,8 @@ from conftest import make_model, make_tokenizer
 from austeer_pl import AusteerError, SteeringState, accumulate_momentum, locate_units
 from austeer_pl.fit.statistics import rank_site_options
 from austeer_pl.fit.strength import StrengthTrainer
-from austeer_pl.methods.iti import (
-    accumulate_head_moments,
-    accumulate_probe_accuracy,
-    fit_probes,
-)
+from austeer_pl.methods.iti import accumulate_head_moments, accumulate_probe_accuracy
+from austeer_pl.methods.probes import fit_probes
 from austeer_pl.methods.registry import METHODS, FitContext, build_state, needs
 
 TEXTS = ["is 3 less than 7 yes", "is 9 less than 1 no", "is 2 less than 5 yes", "is 8 less than 4 no", "is 1 less than 6 yes"]

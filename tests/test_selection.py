@@ -271,7 +271,7 @@ def test_harm_budget_keeps_generation_coherent_on_embedded_model():
     from austeer_pl.fit.gridscore import generic_texts
     from austeer_pl.fit.statistics import rank_site_options
     from austeer_pl.methods import AusteerGrid
-    from austeer_pl.scoring.judges import distinct_n, perplexity
+    from austeer_pl.scoring.fluency import distinct_n, perplexity
     from austeer_pl.tasks.config import DataConfig
 
     DEFAULT_GRID, DEFAULT_SELECTION = AusteerGrid().as_grid(), SelectionConfig().choose_kwargs()

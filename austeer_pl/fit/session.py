@@ -39,7 +39,7 @@ from austeer_pl.fit.judged import judge_grid
 from austeer_pl.fit.learned import StrengthPhase
 from austeer_pl.fit.statistics import PassStatistics, rank_site_options
 from austeer_pl.methods import METHODS, FitContext, build_state, get_method, needs
-from austeer_pl.methods.iti import ProbeAccuracy, fit_probes
+from austeer_pl.methods.probes import ProbeAccuracy, fit_probes
 from austeer_pl.scoring.evaluate import default_scoring
 from austeer_pl.scoring.statistics import paired_verdict, reported
 

@@ -11,7 +11,7 @@ from austeer_pl.core.momentum import MomentumAccumulator
 from austeer_pl.core.selection import Selection, rank_units
 from austeer_pl.core.sites import ModelLayout
 from austeer_pl.errors import AusteerError
-from austeer_pl.methods.iti import HeadMoments
+from austeer_pl.methods.probes import HeadMoments
 
 
 @dataclass

@@ -11,14 +11,9 @@ from torch import nn
 
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
+from austeer_pl.scoring.fluency import distinct_n, mean_perplexity, perplexity
 from austeer_pl.scoring.generation import GenerationPairs, generate_pairs
-from austeer_pl.scoring.judges import (
-    JudgeLike,
-    distinct_n,
-    load_judge,
-    mean_perplexity,
-    perplexity,
-)
+from austeer_pl.scoring.judges import JudgeLike, load_judge
 from austeer_pl.scoring.statistics import wilson_interval
 
 
