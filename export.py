@@ -1,6 +1,6 @@
 """Serve a steering state without austeer-pl: ``python export.py --steering DIR --out OUT [--format transformers|gguf|control-vector]``.
 
-See ``python export.py --help`` and the README ("Serve it"). The logic lives in :mod:`austeer_pl.export.formats`.
+See ``python export.py --help`` and the README ("Serve it"). The logic lives in :mod:`austeer_pl.export.merged`.
 """
 
 import sys

@@ -2,7 +2,7 @@
 
 A real fitted state (momentum over 200 default-task pairs at the attention and ffn sites, cached,
 see ``_common.fitted_ranking``; top ``k`` units, alpha 2) is folded into the embedded Q4_1 GGUF
-with ``austeer_pl.export.formats.export_gguf``. llama.cpp (llama-cpp-python) then scores the
+with ``austeer_pl.export.merged.export_gguf``. llama.cpp (llama-cpp-python) then scores the
 log-likelihood of both answers of ``--n`` default-task pairs with the base GGUF and the merged
 one; transformers scores the same pairs unsteered and with the state's hooks. Reported: each
 engine's choice accuracy, how often llama.cpp-merged picks what transformers-hooked picks, the
@@ -50,7 +50,7 @@ def control_vector_check(llm, model, tok, layout, layer: int, path: Path) -> dic
     import llama_cpp
 
     from austeer_pl import SteeringState
-    from austeer_pl.export.formats import export_control_vector
+    from austeer_pl.export.gguf import export_control_vector
 
     size, n_layers = layout.site("residual").size, layout.n_layers
 
@@ -105,7 +105,7 @@ def main() -> None:
     except ImportError:
         raise SystemExit("this benchmark needs llama-cpp-python: pip install llama-cpp-python") from None
     from austeer_pl.core.embedded import embedded_gguf_path
-    from austeer_pl.export.formats import export_gguf
+    from austeer_pl.export.gguf import export_gguf
 
     device = C.setup(args)
     n = args.n or (16 if args.quick else 64)

@@ -17,7 +17,7 @@ from llama_cpp import Llama
 
 from austeer_pl.core.embedded import embedded_gguf_path
 from austeer_pl.core.models import load_model
-from austeer_pl.export.formats import export_gguf
+from austeer_pl.export.gguf import export_gguf
 
 model, tok = load_model("smollm2-135m-instruct")
 sel, layout = C.fitted_ranking(model, tok, n_pairs=200)

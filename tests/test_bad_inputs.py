@@ -536,7 +536,7 @@ def _state_appears_in_export_during_fit(world, tmp_path, mp):
 
 
 def _file_appears_in_merge_out(world, tmp_path, mp):
-    _appears_during(mp, "austeer_pl.export.formats._model_card", tmp_path / "merged" / "notes.txt")
+    _appears_during(mp, "austeer_pl.export.merged._model_card", tmp_path / "merged" / "notes.txt")
     return export_main, ["--steering", str(world["state"]), "--out", str(tmp_path / "merged")]
 
 
@@ -1002,7 +1002,7 @@ def test_report_has_normal_permissions(world, tmp_path):
 
 
 def test_wandb_online_falls_back_to_offline_with_a_warning(monkeypatch, tmp_path):
-    from austeer_pl.cli.runtime import resolve_wandb_mode
+    from austeer_pl.cli.tracking import resolve_wandb_mode
 
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
@@ -1211,10 +1211,10 @@ def test_sigterm_from_another_process_during_export_leaves_nothing(world, tmp_pa
 
 
 def test_run_folders_are_new_for_each_command_started_in_the_same_second(tmp_path, monkeypatch):
-    from austeer_pl.cli.runtime import claim_run_dir
+    from austeer_pl.cli.rundir import claim_run_dir
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("austeer_pl.cli.runtime.time.strftime", lambda fmt: "20261206-120000")
+    monkeypatch.setattr("austeer_pl.cli.rundir.time.strftime", lambda fmt: "20261206-120000")
     a, b = claim_run_dir("", "less.jsonl"), claim_run_dir("", "less.jsonl")
     assert a.path != b.path and a.path.is_dir() and b.path.is_dir()
     assert (a.path.name, b.path.name) == ("less-20261206-120000", "less-20261206-120000-2")

@@ -24,7 +24,7 @@ from austeer_pl.cli.export import export_main
 from austeer_pl.core.fileio import sha256_file
 from austeer_pl.core.stateio import WEIGHTS_NAME
 from austeer_pl.core.strength import GateStrength, fold_strength
-from austeer_pl.export.formats import (
+from austeer_pl.export.gguf import (
     _BLOCK_SCALES,
     GGUF_PROVENANCE_KEY,
     export_gguf,

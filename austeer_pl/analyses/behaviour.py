@@ -47,15 +47,9 @@ from typing import Any
 from torch import nn
 
 from austeer_pl.analyses.plots import plot_strength_curve
-from austeer_pl.cli.runtime import (
-    OneLineParser,
-    add_output_options,
-    claim_run_dir,
-    log_result_wandb,
-    quiet,
-    run_main,
-    task_stem,
-)
+from austeer_pl.cli.rundir import claim_run_dir, task_stem
+from austeer_pl.cli.runtime import OneLineParser, add_output_options, quiet, run_main
+from austeer_pl.cli.tracking import log_result_wandb
 from austeer_pl.core.fileio import json_output, png_output, write_json_output
 from austeer_pl.core.models import load_model
 from austeer_pl.core.output import Output

@@ -19,17 +19,15 @@ from austeer_pl.analyses.units import (
     strength_convergence,
     token_promotion,
 )
+from austeer_pl.cli.rundir import claim_run_dir, task_stem
 from austeer_pl.cli.runtime import (
     OneLineParser,
     add_output_options,
-    claim_run_dir,
-    log_result_wandb,
     parse_list,
     quiet,
-    resolve_wandb_mode,
     run_main,
-    task_stem,
 )
+from austeer_pl.cli.tracking import log_result_wandb, resolve_wandb_mode
 from austeer_pl.core.fileio import json_output, png_output, write_json_output
 from austeer_pl.errors import AusteerError
 

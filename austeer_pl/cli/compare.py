@@ -43,16 +43,15 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from austeer_pl.cli.rundir import claim_run_dir
 from austeer_pl.cli.runtime import (
     ModelDataOptions,
     accelerator_for,
-    claim_run_dir,
     parse_list,
     quiet,
     quiet_fit,
-    resolve_wandb_mode,
-    wandb_logger,
 )
+from austeer_pl.cli.tracking import resolve_wandb_mode, wandb_logger
 from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.fileio import json_output, jsonable, write_json_output
 from austeer_pl.core.state import SteeringState

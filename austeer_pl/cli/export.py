@@ -17,15 +17,8 @@ from austeer_pl.core.pins import check_model
 from austeer_pl.core.sites import LayoutSpec, locate_units
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
-from austeer_pl.export.formats import (
-    FORMATS,
-    export_control_vector,
-    export_gguf,
-    gguf_output,
-    merged_output,
-    provenance,
-    save_merged,
-)
+from austeer_pl.export.gguf import export_control_vector, export_gguf, gguf_output
+from austeer_pl.export.merged import FORMATS, merged_output, provenance, save_merged
 
 
 def export_parser() -> argparse.ArgumentParser:

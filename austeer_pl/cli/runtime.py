@@ -1,4 +1,5 @@
-"""The command lines' shared runtime: quiet logging, one-line errors, run folders, W&B and devices.
+"""The command lines' shared runtime: quiet logging, one-line errors, signals, parsers and devices
+(run folders: :mod:`~austeer_pl.cli.rundir`; W&B: :mod:`~austeer_pl.cli.tracking`).
 
 ``train.py``, ``evaluate.py`` (also ``--compare``), ``analyze.py``, ``export.py`` and
 ``generate.py`` use these, so they fail the same way (``error: ...`` on one line, exit status 2),
@@ -8,31 +9,22 @@ name their run folders the same way and talk to W&B the same way.
 from __future__ import annotations
 
 import argparse
-import errno
 import logging
-import netrc
 import os
 import re
 import signal
 import sys
 import threading
-import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
-from lightning.pytorch.loggers import WandbLogger
 from transformers.utils import logging as hf_logging
 
-from austeer_pl.core.network import unreachable
-from austeer_pl.core.output import os_error_message, paths_overlap
+from austeer_pl.cli.tracking import WANDB_MODES
+from austeer_pl.core.output import os_error_message
 from austeer_pl.errors import AusteerError, SettingError
-
-RUN_DIR_ENV = "AUSTEER_RUN_DIR"
-WANDB_MODES = ("offline", "online", "disabled")
 
 # Messages that say nothing actionable about a frozen single-pass fit.
 _NOISE = (
@@ -159,176 +151,6 @@ def one_line_parse_error(message: str, prog: str = "train.py") -> str:
     return "; ".join(lines) + f"; see {prog} --help"
 
 
-def task_stem(task: str) -> str:
-    """A short folder-safe name for a task spec."""
-    path = Path(task)
-    stem = path.parent.name if path.name == "task.json" else path.stem if path.suffix else task
-    return "".join(c if c.isalnum() or c in "-_" else "-" for c in stem)[:40] or "task"
-
-
-def is_launched_child() -> bool:
-    """Whether this process was started by a DDP launcher for another rank (it then shares the
-    launching process's run folder, named in ``AUSTEER_RUN_DIR``, and claims nothing)."""
-    for name in ("LOCAL_RANK", "RANK"):
-        value = os.environ.get(name, "")
-        if value.isdigit() and int(value) > 0:
-            return True
-    return False
-
-
-@dataclass
-class RunFolder:
-    """A run folder this process has claimed: created for it alone (default names) and locked
-    while it runs, so two commands never write one folder's logs, config and checkpoints at once."""
-
-    path: Path
-    _handle: Any = None
-
-    def release(self) -> None:
-        if self._handle is not None:
-            self._handle.close()  # closing drops the lock
-            self._handle = None
-
-
-#: What a run folder holds: logs (CSV, config), checkpoints, W&B files, the lock, the default export.
-RUN_ENTRIES = frozenset({"logs", "checkpoints", "wandb", "state", ".lock", "config.yaml", "hparams.yaml"})
-
-
-def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None, *, inputs: Sequence[str | os.PathLike | None] = ()) -> RunFolder:
-    """The run folder of a command: ``given``, else a new ``runs/KIND-TASK-TIMESTAMP[-N]``, created
-    exclusively and locked (a folder another running command holds is refused in one line); DDP
-    children take the launching process's folder from ``AUSTEER_RUN_DIR``.
-
-    Example:
-        >>> run = claim_run_dir("compare", "rotten_tomatoes")
-        >>> run.path  # doctest: +SKIP
-        PosixPath('runs/compare-rotten_tomatoes-20261206-101500')
-    """
-    if is_launched_child() and os.environ.get(RUN_DIR_ENV):
-        return RunFolder(Path(os.environ[RUN_DIR_ENV]))
-    prefix = f"{kind}-" if kind else ""
-    if given:
-
-        for item in inputs:
-            if item and Path(item).expanduser().exists() and paths_overlap(given, Path(item).expanduser()):
-                raise AusteerError(f"--run_dir {given} is (or holds, or lies in) the input {item}; choose another folder")
-        found = Path(given)
-        if found.is_dir():
-            others = sorted(p.name for p in found.iterdir() if p.name not in RUN_ENTRIES)
-            if others:
-                raise AusteerError(
-                    f"--run_dir {given} holds other files than a run's ({', '.join(others[:3])}); its logs and checkpoints would mix with them: "
-                    "choose a new or empty folder"
-                )
-    try:
-        if given:
-            path = Path(given)
-            path.mkdir(parents=True, exist_ok=True)
-        else:
-            base = Path("runs") / f"{prefix}{task_stem(task)}-{time.strftime('%Y%m%d-%H%M%S')}"
-            base.parent.mkdir(parents=True, exist_ok=True)
-            for n in range(1, 1000):
-                path = base if n == 1 else base.with_name(f"{base.name}-{n}")
-                try:
-                    path.mkdir()
-                    break
-                except FileExistsError:
-                    continue
-            else:
-                raise AusteerError(f"cannot make a new run folder beside {base}: 999 exist; pass --run_dir")
-        handle = open(path / ".lock", "a+")  # noqa: SIM115 - held open for the run
-    except OSError as err:
-
-        raise AusteerError(os_error_message(err, given or "the run folder")) from None
-    try:
-        import fcntl  # noqa: PLC0415 - POSIX only
-
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # pragma: no cover - no flock (Windows): unique default names still hold
-        pass
-    except OSError as err:
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            handle.close()
-            raise AusteerError(f"the run folder {path} is in use by another running command; wait for it, or choose another --run_dir") from None
-        # A file system without locks (some NFS or Lustre mounts): unique default names still hold.
-        warnings.warn(f"cannot lock the run folder {path} ({(err.strerror or str(err)).lower()}); run one command per --run_dir", stacklevel=2)
-    os.environ[RUN_DIR_ENV] = str(path)
-    return RunFolder(path, handle)
-
-
-# ---------------------------------------------------------------------------- W&B
-def _wandb_key(base_url: str) -> str | None:
-    if os.environ.get("WANDB_API_KEY"):
-        return os.environ["WANDB_API_KEY"]
-
-    try:
-        auth = netrc.netrc(os.environ.get("NETRC")).authenticators(urlparse(base_url).hostname or "")
-    except (OSError, netrc.NetrcParseError):
-        return None
-    return auth[2] if auth else None
-
-
-def resolve_wandb_mode(mode: str, fallback: str = "offline") -> str:
-    """The W&B mode to run with: ``online`` only when a key exists and the server answers quickly.
-
-    Without a key wandb raises, and with a key but no network it blocks about 100 s before failing;
-    one short connection attempt decides instead. ``fallback`` is ``offline`` (warn and log offline)
-    or ``error`` (one line, exit 2).
-    """
-    if mode not in WANDB_MODES:
-        raise AusteerError(f"--wandb_mode must be offline, online or disabled, not '{mode}'")
-    if fallback not in ("offline", "error"):
-        raise AusteerError(f"--wandb_fallback must be offline or error, not '{fallback}'")
-    if mode != "online":
-        return mode
-
-    base_url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-    if _wandb_key(base_url) is None:
-        problem = "--wandb_mode online needs a W&B API key (WANDB_API_KEY or `wandb login`) and none is set"
-    elif (reason := unreachable(base_url)) is not None:
-        problem = f"--wandb_mode online but W&B is unreachable ({reason})"
-    else:
-        return mode
-    if fallback == "error":
-        raise AusteerError(f"{problem}; set the key or the network, or use --wandb_mode offline")
-    warnings.warn(f"{problem}; logging offline instead (sync later with `wandb sync`; --wandb_fallback error makes this an error)", stacklevel=2)
-    return "offline"
-
-
-def wandb_logger(mode: str, project: str, run_dir: Path, config: dict[str, Any] | None = None):
-    """A Lightning ``WandbLogger`` writing into ``run_dir`` (None when ``mode`` is ``disabled``).
-
-    ``mode`` is passed explicitly: wandb reads ``WANDB_MODE`` only once per process.
-    """
-    if mode == "disabled":
-        return None
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=project, save_dir=str(run_dir), offline=mode == "offline", name=run_dir.name, mode=mode, config=config)
-
-
-def log_result_wandb(result: dict[str, Any], png: Path, json_path: Path, *, mode: str, project: str, run_dir: Path,
-                     scalars: dict[str, float] | None = None) -> str | None:
-    """Log a result's plot, headline numbers and JSON (as an artifact) to a W&B run; returns its folder."""
-    if mode == "disabled":
-        return None
-    import wandb  # noqa: PLC0415 - W&B only: a slow import
-
-    run_dir.mkdir(parents=True, exist_ok=True)
-    name = result.get("analysis", "result")
-    config = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool)) or k in ("block", "unit")}
-    run = wandb.init(project=project, dir=str(run_dir), mode=mode, name=f"{name}-{run_dir.name}", job_type="analysis", config=config, reinit="finish_previous")
-    try:
-        run.log({f"{name}/plot": wandb.Image(str(png)), **(scalars or {})})
-        artifact = wandb.Artifact(name=f"analysis-{name}-{run.id}", type="analysis")
-        artifact.add_file(str(json_path))
-        run.log_artifact(artifact)
-        folder = str(getattr(run, "dir", run_dir))
-    finally:
-        run.finish()
-    return folder
-
-
 # ---------------------------------------------------------------------------- devices
 def accelerator_for(device: str | None) -> tuple[str, Any]:
     """Map ``--device`` (``cpu``, ``cuda``, ``cuda:N``, ``mps``, None) to Lightning's ``(accelerator, devices)``."""
@@ -416,22 +238,12 @@ __all__ = [
     "Interrupted",
     "ModelDataOptions",
     "OneLineParser",
-    "RUN_DIR_ENV",
-    "RUN_ENTRIES",
-    "RunFolder",
-    "WANDB_MODES",
     "accelerator_for",
     "add_output_options",
-    "claim_run_dir",
     "fail",
-    "is_launched_child",
-    "log_result_wandb",
     "one_line_parse_error",
     "parse_list",
     "quiet",
     "quiet_fit",
-    "resolve_wandb_mode",
     "run_main",
-    "task_stem",
-    "wandb_logger",
 ]

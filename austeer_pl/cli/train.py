@@ -20,13 +20,9 @@ from lightning.pytorch.trainer.states import TrainerStatus
 from rich.console import Console
 from rich.table import Table
 
-from austeer_pl.cli.runtime import (
-    claim_run_dir,
-    one_line_parse_error,
-    quiet,
-    resolve_wandb_mode,
-    run_main,
-)
+from austeer_pl.cli.rundir import claim_run_dir
+from austeer_pl.cli.runtime import one_line_parse_error, quiet, run_main
+from austeer_pl.cli.tracking import resolve_wandb_mode
 from austeer_pl.core.output import check_writable_parent, paths_overlap
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError

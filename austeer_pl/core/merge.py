@@ -10,7 +10,7 @@ weights exactly, and so does a shift ``a -> a + t`` where the projection has a b
 
 What cannot fold is refused with one sentence (:func:`check_foldable`): an input-dependent gate,
 a token scope other than ``all``, residual-stream edits (llama.cpp serves additive ones as a
-control vector, see :mod:`austeer_pl.export.formats`) and shifts without a bias.
+control vector, see :mod:`austeer_pl.export.merged`) and shifts without a bias.
 
 This module imports torch and transformers only (no Lightning).
 """
