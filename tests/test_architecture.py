@@ -172,6 +172,19 @@ def test_tasks_read_with_the_standard_library_alone():
     assert not wrong, "\n".join(sorted(wrong))
 
 
+def test_every_module_says_what_it_is_for():
+    """A module opens with a docstring of at least a sentence (an ``__init__`` of a folder may be empty)."""
+    wrong = []
+    for name, path in modules().items():
+        text = path.read_text()
+        doc = ast.get_docstring(ast.parse(text))
+        if path.name == "__init__.py" and not text.strip():
+            continue
+        if not doc or len(doc.split()) < 6 or doc.strip().upper().startswith("TODO"):
+            wrong.append(f"{path.relative_to(ROOT)}: {doc!r}")
+    assert not wrong, "\n".join(wrong)
+
+
 def test_no_module_is_over_400_lines_but_a_declared_data_table():
     long = {str(p.relative_to(ROOT)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
     tables = {name for name in long if DATA_TABLE in (ast.get_docstring(ast.parse((ROOT / name).read_text())) or "")}
@@ -225,3 +238,19 @@ print("ok")
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]
+
+
+def test_console_scripts_and_root_scripts_point_at_functions_that_exist():
+    """Every ``[project.scripts]`` entry and every root ``*.py`` command imports what it names."""
+    import importlib.util
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    for name, target in scripts.items():
+        module, _, attr = target.partition(":")
+        assert callable(getattr(importlib.import_module(module), attr, None)), f"{name} = {target}"
+    for script in ("train.py", "evaluate.py", "analyze.py", "export.py", "generate.py"):
+        for target, _, _ in imports(ROOT / script):
+            if target.startswith("austeer_pl."):
+                module, _, attr = target.rpartition(".")
+                assert hasattr(importlib.import_module(module), attr) or importlib.util.find_spec(target), f"{script}: {target}"

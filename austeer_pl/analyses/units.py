@@ -313,9 +313,6 @@ def sign_policies(
     return {"analysis": "sign", **ctx.info, "site": site, "unsteered": unsteered, "points": rows, "best": best}
 
 
-# ============================================================================ command line
-
-
 __all__ = [
     "combinations",
     "dimension_sweep",

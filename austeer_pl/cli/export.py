@@ -1,4 +1,5 @@
-"""TODO."""
+"""``python export.py``: a steering state merged into its base model (a transformers folder or a GGUF
+file) or written as a llama.cpp control vector (:mod:`austeer_pl.export`)."""
 
 from __future__ import annotations
 

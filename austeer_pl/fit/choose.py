@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from austeer_pl.core.fileio import jsonable
 from austeer_pl.errors import AusteerError
 from austeer_pl.scoring.evaluate import predict
-from austeer_pl.scoring.statistics import criterion_values, paired_verdict
+from austeer_pl.scoring.statistics import criterion_values, paired_verdict, reported
 
 
 # ---------------------------------------------------------------------------- grid scoring and the pick
@@ -207,3 +208,18 @@ class MethodResult:
     training_seconds: float = 0.0
     test_predictions: torch.Tensor | None = None
     test_seconds: float = 0.0
+
+
+def grid_record(choice: GridChoice, cands: Sequence[Candidate]) -> tuple[str, list[float | None], list[dict[str, Any]], dict[str, Any]]:
+    """What a state's metadata records of a method's grid: the criterion's key, its reported value per
+    candidate (a loss as a loss: lower is better), one row per steered point, and the verdict."""
+    key = f"val_{choice.criterion}"
+    value = [None if v is None else reported(choice.criterion, v) for v in choice.values]
+    grid = [{**jsonable(c.hyper), "n_steered_activations": c.n_steered, "val_accuracy": choice.accuracy[j], key: value[j],
+             "n_val_scored": choice.n_scored[j], **({"harm_kl": choice.harm[j]} if j in choice.harm else {})}
+            for j, c in enumerate(cands) if j > 0]
+    verdict = {"helps": choice.helps, "reason": choice.reason, "criterion_gain": choice.gain, "criterion_gain_se": choice.gain_se,
+               "threshold": choice.threshold, "accuracy_gain": choice.accuracy_gain, "n_verdict": choice.n_verdict,
+               "best": None if choice.best is None else jsonable(cands[choice.best].hyper), "evaluations": choice.scored_evaluations,
+               "rounds": choice.rounds}
+    return key, value, grid, verdict

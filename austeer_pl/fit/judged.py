@@ -1,4 +1,6 @@
-"""TODO."""
+"""Choosing a behaviour state by a judge of generated text: every grid point generates on the
+validation prompts, the judge scores them, and the best share of positives within the fluency
+budget (perplexity at most ``budget`` times the unsteered) wins, if it beats no steering."""
 
 from __future__ import annotations
 
@@ -17,7 +19,6 @@ from austeer_pl.scoring.generation import generate_new_text
 from austeer_pl.scoring.judges import JudgeLike, load_judge
 from austeer_pl.tasks.prompts import behaviour_prompts
 
-# ============================================================================ choice under a fluency budget
 UNSTEERED = "unsteered"
 
 

@@ -24,13 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from austeer_pl.core.fileio import jsonable
 from austeer_pl.core.models import model_name_of
 from austeer_pl.core.pairs import read_pair_batch
 from austeer_pl.core.sites import SITES, ModelLayout
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
-from austeer_pl.fit.choose import Candidate, MethodResult
+from austeer_pl.fit.choose import Candidate, MethodResult, grid_record
 from austeer_pl.fit.collectives import ONE_PROCESS, Collectives
 from austeer_pl.fit.config import FitConfig
 from austeer_pl.fit.data import FitData
@@ -41,7 +40,7 @@ from austeer_pl.fit.statistics import PassStatistics, rank_site_options
 from austeer_pl.methods import METHODS, FitContext, build_state, get_method, needs
 from austeer_pl.methods.probes import ProbeAccuracy, fit_probes
 from austeer_pl.scoring.evaluate import default_scoring
-from austeer_pl.scoring.statistics import paired_verdict, reported
+from austeer_pl.scoring.statistics import paired_verdict
 
 
 class FitSession:
@@ -211,15 +210,7 @@ class FitSession:
         for method, (idx, choice, seconds) in self.grid.choices.items():
             cands = [self.candidates[i] for i in idx]
             total_seconds += seconds
-            key = f"val_{choice.criterion}"
-            value = [None if v is None else reported(choice.criterion, v) for v in choice.values]  # a loss as a loss: lower is better
-            grid = [{**jsonable(c.hyper), "n_steered_activations": c.n_steered, "val_accuracy": choice.accuracy[j], key: value[j],
-                     "n_val_scored": choice.n_scored[j], **({"harm_kl": choice.harm[j]} if j in choice.harm else {})}
-                    for j, c in enumerate(cands) if j > 0]
-            verdict = {"helps": choice.helps, "reason": choice.reason, "criterion_gain": choice.gain, "criterion_gain_se": choice.gain_se,
-                       "threshold": choice.threshold, "accuracy_gain": choice.accuracy_gain, "n_verdict": choice.n_verdict,
-                       "best": None if choice.best is None else jsonable(cands[choice.best].hyper), "evaluations": choice.scored_evaluations,
-                       "rounds": choice.rounds}
+            key, value, grid, verdict = grid_record(choice, cands)
             j = choice.index if method == "austeer" and not self.export_anyway else (choice.best if choice.best is not None else 0)
             chosen = cands[j]
 
@@ -358,20 +349,11 @@ class FitSession:
     # -- a pass checkpoint (resume)
     def pass_checkpoint(self) -> dict[str, Any]:
         """The pass's statistics for a checkpoint; mid-pass, their sum over processes (a collective)."""
-        reduced = bool(self.rankings)
-        tensors = {k: v.detach().clone() for k, v in self.accumulator.tensors.items()}
-        if not reduced:  # each process holds part of the counts; the checkpoint keeps their sum
-            tensors = {k: self.coll.sum(t) for k, t in tensors.items()}
-        return {"accumulator": {k: v.cpu() for k, v in tensors.items()}, "batches_done": self.batches_done, "reduced": reduced,
-                "world_size": self.coll.world, "n_tokens": self.n_tokens, "phase": "strength" if self.strength.trainers else "momentum"}
+        return {**self.stats.checkpoint(self.coll, reduced=bool(self.rankings)), "batches_done": self.batches_done, "n_tokens": self.n_tokens,
+                "phase": "strength" if self.strength.trainers else "momentum"}
 
     def restore_pass(self, saved: Mapping[str, Any]) -> None:
-        if not saved["reduced"] and saved["world_size"] != self.coll.world:
-            raise AusteerError(f"the checkpoint was written mid-pass by {saved['world_size']} processes; resume it with --trainer.devices {saved['world_size']}")
-        # The summed counts go to rank zero only, so the end-of-pass sum counts them once.
-        if self.coll.rank == 0:
-            self.accumulator.load_state_dict(saved["accumulator"])
-        self.accumulator.to(self.device)
+        self.stats.restore(saved, self.coll, self.device)
         # A pass that had finished is not re-read, whatever the sharding now.
         self.batches_done = int(saved["batches_done"]) if not saved["reduced"] else 1 << 62
         self.n_tokens = int(saved.get("n_tokens", 0)) if self.coll.rank == 0 else 0

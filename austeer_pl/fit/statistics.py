@@ -1,9 +1,11 @@
-"""TODO."""
+"""The shared pass's statistics: momentum counts and sums (and ITI's head moments) summed across
+processes once, checkpointed mid-pass, and AUSteer's ranking of each site option."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -11,6 +13,7 @@ from austeer_pl.core.momentum import MomentumAccumulator
 from austeer_pl.core.selection import Selection, rank_units
 from austeer_pl.core.sites import ModelLayout
 from austeer_pl.errors import AusteerError
+from austeer_pl.fit.collectives import Collectives
 from austeer_pl.methods.probes import HeadMoments
 
 
@@ -45,6 +48,21 @@ class PassStatistics:
         if self.head_moments is not None:
             self.head_moments.reduce_(all_reduce_sum)
         self.reduced = True
+
+    def checkpoint(self, coll: Collectives, *, reduced: bool) -> dict[str, Any]:
+        """The momentum counts for a pass checkpoint; mid-pass (not ``reduced``) their sum over processes (a collective)."""
+        tensors = {k: v.detach().clone() for k, v in self.accumulator.tensors.items()}
+        if not reduced:  # each process holds part of the counts; the checkpoint keeps their sum
+            tensors = {k: coll.sum(t) for k, t in tensors.items()}
+        return {"accumulator": {k: v.cpu() for k, v in tensors.items()}, "reduced": reduced, "world_size": coll.world}
+
+    def restore(self, saved: Mapping[str, Any], coll: Collectives, device: torch.device) -> None:
+        """Load a :meth:`checkpoint`: the summed counts go to rank zero only, so the end-of-pass sum counts them once."""
+        if not saved["reduced"] and saved["world_size"] != coll.world:
+            raise AusteerError(f"the checkpoint was written mid-pass by {saved['world_size']} processes; resume it with --trainer.devices {saved['world_size']}")
+        if coll.rank == 0:
+            self.accumulator.load_state_dict(saved["accumulator"])
+        self.accumulator.to(device)
 
     def to(self, device) -> PassStatistics:
         self.accumulator.to(device)

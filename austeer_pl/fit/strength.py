@@ -1,4 +1,5 @@
-"""TODO."""
+"""Training a learned strength (a scalar per unit, or a gate) on the frozen model: one
+:class:`StrengthTrainer` per learned method, its optimizer steps, validation sums and best epoch."""
 
 from __future__ import annotations
 

@@ -20,7 +20,6 @@ from austeer_pl.errors import AusteerError
 from austeer_pl.methods.austeer import parse_sites
 
 
-# ============================================================================ strategy, checkpoints, trainer
 class FrozenDDPStrategy(DDPStrategy):
     """DDP that does not wrap a module with nothing to train.
 

@@ -1,4 +1,5 @@
-"""TODO."""
+"""Block-level AUSteer: the paper's ablation that steers whole blocks (heads or FFN outputs) ranked by
+mean |momentum|, with the same rule ``a + alpha * m * a`` for every unit in them."""
 
 from __future__ import annotations
 
@@ -29,7 +30,6 @@ from austeer_pl.methods.shared import (
 )
 
 
-# ============================================================================ block-level AUSteer
 @dataclass(frozen=True)
 class BlockRanking:
     """Blocks in rank order (best first): heads at ``attention``, whole layers at other sites.

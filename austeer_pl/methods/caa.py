@@ -1,4 +1,5 @@
-"""TODO."""
+"""CAA (Rimsky et al., 2024), contrastive activation addition: the mean residual-stream difference
+between the positive and negative completions at one layer, added with a multiplier, as a steering state."""
 
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ from austeer_pl.methods.shared import (
 CAA_LAYER_FRACTIONS = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 
-# ============================================================================ CAA
 def caa_candidate_layers(n_layers: int, fractions: Sequence[float] | None = None) -> list[int]:
     """Candidate layers for CAA: each depth fraction ``f`` gives layer ``round(f * (n_layers - 1))``.
 

@@ -1,4 +1,6 @@
-"""TODO."""
+"""SADI (Wang et al., 2024), semantics-adaptive dynamic intervention: the top heads (or FFN units) by
+``|mean(pos - neg)|``, each masked unit scaled by its input, ``a -> a + delta * mask * a`` (signed per
+unit by default, or ``uniform``), as a steering state."""
 
 from __future__ import annotations
 
@@ -32,7 +34,6 @@ from austeer_pl.methods.shared import (
 SADI_SIGNS = ("signed", "uniform")
 
 
-# ============================================================================ SADI
 def sadi_head_scores(acc: MomentumAccumulator, layout: ModelLayout) -> torch.Tensor:
     """SADI's head scores ``(layers, heads)``: the mean over the head's units of ``|mean(pos - neg)|``."""
     require_site(acc, layout, "attention")

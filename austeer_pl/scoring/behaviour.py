@@ -1,4 +1,5 @@
-"""TODO."""
+"""The behaviour report: a judge's share of positives with its interval, perplexity under the
+unsteered model and distinct-n, for the unsteered and steered generations of the same prompts."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from austeer_pl.scoring.judges import JudgeLike, load_judge
 from austeer_pl.scoring.statistics import wilson_interval
 
 
-# ============================================================================ metrics
 def text_metrics(
     model: nn.Module,
     tokenizer,

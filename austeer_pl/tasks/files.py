@@ -1,4 +1,5 @@
-"""TODO."""
+"""Local task files: JSONL, JSON and CSV rows (``prompt``, ``choices``, ``answer``) and BIG-bench
+``task.json`` folders, read strictly (duplicate keys, bad rows and wrong types are one line each)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""TODO."""
+"""Hub data sets by name (BoolQ, COPA, WinoGrande, SVAMP, MAWPS, GSM8K, or ``hub:owner/name``), each
+row turned into a :class:`~austeer_pl.tasks.schema.TaskExample`; one bounded attempt when the hub
+is unreachable, and a one-line way out to a local file."""
 
 from __future__ import annotations
 

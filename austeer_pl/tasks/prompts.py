@@ -1,4 +1,5 @@
-"""TODO."""
+"""Prompt text: a task's instruction and prompt, in the model's chat template or raw, and how an answer
+is joined to it (after the task's answer prefix, or verbatim in the paper protocol)."""
 
 from __future__ import annotations
 

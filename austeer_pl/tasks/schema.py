@@ -1,4 +1,6 @@
-"""TODO."""
+"""The task records: :class:`TaskExample` (a prompt, its choices, the right one), :class:`ContrastivePair`
+(prompt + right answer vs. prompt + wrong answer) and :class:`Task`, and the row validators every
+source shares, so a bad row is one line naming the file, the row and the field."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""TODO."""
+"""Deterministic splits (a task's own, or carved by seed) and contrastive pairs: each training example
+becomes prompt + right answer vs. prompt + one wrong answer (``sample``) or every wrong one (``all``)."""
 
 from __future__ import annotations
 
