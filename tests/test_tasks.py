@@ -363,6 +363,9 @@ def test_numeric_rows():
     mawps = [{"id": "mawps_1", "question": "Tom has 2.5 kg of flour and buys 3 kg more. How much now?", "chain": "<gadget>", "result": "5.5", "result_float": 5.5}]
     assert T.mawps_examples(mawps)[0].choices[0] == "5.5"
     assert T.mawps_examples([{"question": "q?", "result": "7"}])[0].choices[0] == "7"
+    # garrethlee/MAWPS (the set both protocols read): the number after the solution's ####
+    assert T.mawps_examples([{"question": "q?", "answer": "2 + 5 = 7 #### 7"}])[0].choices[0] == "7"
+    assert "'#### <number>'" in error(T.mawps_examples, [{"question": "q?", "answer": "seven"}])
     gsm = [{"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?", "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"}]
     (ex,) = T.gsm8k_examples(gsm, split="test")
     assert ex.choices[0] == "72" and ex.uid == "test:0"
@@ -639,3 +642,24 @@ def test_rotten_tomatoes_pairs_and_format(rotten):
     text = T.format_prompt(local_tokenizer(CHATML), rotten, pairs[0].prompt)
     assert text.startswith("<|im_start|>user\nReview: ") and text.endswith("<|im_start|>assistant\n")
     assert T.join_answer(text, pairs[0].positive).endswith("assistant\n" + pairs[0].positive)
+
+
+@pytest.mark.parametrize("name", ["boolq", "copa", "winogrande", "svamp", "mawps", "gsm8k"])
+def test_a_paper_task_reads_one_hub_data_set_under_both_protocols(name, monkeypatch):
+    """One registry: the default and the paper protocol of a task fetch the same hub data set."""
+    asked = []
+
+    class Asked(Exception):
+        pass
+
+    def record(path, config, splits, **kwargs):
+        asked.append((path, config))
+        raise Asked
+
+    monkeypatch.setattr("austeer_pl.tasks.hub.fetch_hub", record)
+    monkeypatch.setattr("austeer_pl.tasks.paper.examples.fetch_hub", record)
+    for protocol in ("default", "paper"):
+        with pytest.raises(Asked):
+            T.load_task(name, protocol=protocol)
+    assert len(asked) == 2 and asked[0] == asked[1], asked
+    assert T.TASK_PROTOCOLS[name] == ("default", "paper")

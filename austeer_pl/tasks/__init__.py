@@ -55,6 +55,7 @@ from austeer_pl.tasks.prompts import (
 from austeer_pl.tasks.registry import (
     EMBEDDED_TASKS,
     TASK_NAMES,
+    TASK_PROTOCOLS,
     is_named_task,
     load_task,
 )
@@ -70,4 +71,4 @@ from austeer_pl.tasks.schema import (
 )
 from austeer_pl.tasks.splits import make_pairs, split_examples
 
-__all__ = ['ContrastivePair', 'DEFAULT_ANSWER_PREFIX', 'DataConfig', 'EMBEDDED_TASKS', 'HubTask', 'LOCAL_FILE_HINT', 'LOCAL_SUFFIXES', 'NEGATIVE_MODES', 'RT_CHOICES', 'RT_INSTRUCTION', 'RT_PROMPT', 'TASK_SCORINGS', 'SENTIMENT_ANSWER_PREFIX', 'SENTIMENT_MAX_WORDS', 'SENTIMENT_MIN_WORDS', 'SENTIMENT_TASK', 'SPLIT_NAMES', 'TASK_NAMES', 'Task', 'TaskExample', 'behaviour_prompts', 'boolq_examples', 'copa_examples', 'detokenize_review', 'format_prompt', 'generic_examples', 'gsm8k_examples', 'is_named_task', 'join_answer', 'join_for', 'load_behaviour_task', 'load_bigbench_task', 'load_hub_task', 'load_local_task', 'load_rotten_tomatoes', 'load_task', 'local_hub_rows', 'make_pairs', 'mawps_examples', 'numeric_choices', 'pair_texts', 'sentiment_prompts', 'sentiment_task', 'split_examples', 'svamp_examples', 'winogrande_examples']
+__all__ = ['ContrastivePair', 'DEFAULT_ANSWER_PREFIX', 'DataConfig', 'EMBEDDED_TASKS', 'HubTask', 'LOCAL_FILE_HINT', 'LOCAL_SUFFIXES', 'NEGATIVE_MODES', 'RT_CHOICES', 'RT_INSTRUCTION', 'RT_PROMPT', 'TASK_SCORINGS', 'SENTIMENT_ANSWER_PREFIX', 'SENTIMENT_MAX_WORDS', 'SENTIMENT_MIN_WORDS', 'SENTIMENT_TASK', 'SPLIT_NAMES', 'TASK_NAMES', 'TASK_PROTOCOLS', 'Task', 'TaskExample', 'behaviour_prompts', 'boolq_examples', 'copa_examples', 'detokenize_review', 'format_prompt', 'generic_examples', 'gsm8k_examples', 'is_named_task', 'join_answer', 'join_for', 'load_behaviour_task', 'load_bigbench_task', 'load_hub_task', 'load_local_task', 'load_rotten_tomatoes', 'load_task', 'local_hub_rows', 'make_pairs', 'mawps_examples', 'numeric_choices', 'pair_texts', 'sentiment_prompts', 'sentiment_task', 'split_examples', 'svamp_examples', 'winogrande_examples']

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from austeer_pl.errors import AusteerError, SettingError
-from austeer_pl.tasks.paper.examples import load_paper_task
+from austeer_pl.tasks.paper.protocol import PROTOCOLS
 from austeer_pl.tasks.pins import same_content
 from austeer_pl.tasks.registry import is_named_task, load_task
 from austeer_pl.tasks.schema import NEGATIVE_MODES, Task, TaskExample
@@ -94,7 +94,7 @@ class DataConfig:
             if value is not None and value < least:
                 raise SettingError(name, f"must be an integer of at least {least} (or null for no limit), got {value!r}"
                                    + ("; a prompt and its answer need at least 2 tokens" if name == "max_length" else ""))
-        if self.protocol not in ("default", "paper"):
+        if self.protocol not in PROTOCOLS:
             raise SettingError("protocol", f"must be default or paper, not {self.protocol!r}")
         if self.negatives not in NEGATIVE_MODES:
             raise SettingError("negatives", f"must be one of {', '.join(NEGATIVE_MODES)}, got {self.negatives!r}")
@@ -157,12 +157,7 @@ class DataConfig:
 
     def load_task(self) -> Task:
         """The task, under this config's protocol."""
-        if self.protocol == "paper":
-
-            return load_paper_task(self.task, files=self.task_files)
-        if self.protocol == "default":
-            return load_task(self.task, seed=self.seed, files=self.task_files)
-        raise AusteerError(f"--data.protocol must be default or paper, not {self.protocol!r}")
+        return load_task(self.task, protocol=self.protocol, seed=self.seed, files=self.task_files)
 
     def load(self, *, task: Task | None = None, need: tuple[str, ...] = _SPLITS, rows_as_labelled: bool = False
              ) -> tuple[Task, dict[str, list[TaskExample]]]:

@@ -74,7 +74,8 @@ def boolq_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = Non
 
 
 def copa_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = None, seed: int = 0) -> list[TaskExample]:
-    """Examples from SuperGLUE ``copa`` rows (``premise``, ``choice1``, ``choice2``, ``question``, ``label``).
+    """Examples from COPA rows (``premise``, ``choice1``, ``choice2``, ``question``, ``label``): Balanced COPA
+    (``pkavumba/balanced-copa``, the set the paper reads) or SuperGLUE's.
 
     ``question`` is ``"cause"`` or ``"effect"``; ``label`` (0 or 1) picks the right choice. The prompt
     asks for the more plausible cause or effect and lists both options; the choices are the sentences.
@@ -158,25 +159,29 @@ def svamp_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = Non
 
 
 def mawps_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = None, seed: int = 0) -> list[TaskExample]:
-    """Examples from ``MU-NLPC/Calc-mawps`` rows (``question``, ``result_float`` or ``result``).
+    """Examples from ``garrethlee/MAWPS`` rows (``question``, ``answer`` ending in ``#### N``), the data set
+    the paper reads; rows in ``MU-NLPC/Calc-mawps``'s schema (``result_float`` or ``result``) are read too.
 
     Example:
-        >>> mawps_examples([{"question": "Tom has 2 apples and buys 3 more. How many?", "result": "5"}])[0].choices[0]
+        >>> mawps_examples([{"question": "Tom has 2 apples and buys 3 more. How many?", "answer": "2 + 3 = 5 #### 5"}])[0].choices[0]
         '5'
     """
-    fields = "question, result_float (or result)"
+    fields = "question, answer (ending in '#### N'; or result_float, result)"
     out = []
     for _, row, where, uid in _rows(rows, "mawps", split):
         question = _required_str(row, "question", where, fields)
         if not question:
             raise AusteerError(f"{where}: field 'question' is empty; give the problem text")
-        name = "result_float" if row.get("result_float") is not None else "result"
-        answer = _parse_number(_required(row, name, where, fields), where, name)
+        if row.get("answer") is not None:
+            answer = _final_answer(_required_str(row, "answer", where, fields), where)
+        else:
+            name = "result_float" if row.get("result_float") is not None else "result"
+            answer = _parse_number(_required(row, name, where, fields), where, name)
         out.append(_numeric_example(question, answer, uid, seed))
     return out
 
 
-_GSM8K_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
+_FINAL_ANSWER = re.compile(r"####\s*(.+?)\s*$", re.DOTALL)
 
 
 def gsm8k_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = None, seed: int = 0) -> list[TaskExample]:
@@ -192,12 +197,16 @@ def gsm8k_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = Non
         question = _required_str(row, "question", where, fields)
         if not question:
             raise AusteerError(f"{where}: field 'question' is empty; give the problem text")
-        solution = _required_str(row, "answer", where, fields)
-        match = _GSM8K_ANSWER.search(solution)
-        if match is None:
-            raise AusteerError(f"{where}: field 'answer' has no '#### <number>' final answer; end it with '#### N'")
-        out.append(_numeric_example(question, _parse_number(match.group(1), where, "answer"), uid, seed))
+        out.append(_numeric_example(question, _final_answer(_required_str(row, "answer", where, fields), where), uid, seed))
     return out
+
+
+def _final_answer(solution: str, where: str) -> float:
+    """The number after a worked solution's ``####`` (GSM8K and MAWPS write ``... #### N``)."""
+    match = _FINAL_ANSWER.search(solution)
+    if match is None:
+        raise AusteerError(f"{where}: field 'answer' has no '#### <number>' final answer; end it with '#### N'")
+    return _parse_number(match.group(1), where, "answer")
 
 
 def generic_examples(
@@ -216,7 +225,8 @@ def generic_examples(
 
 @dataclass(frozen=True)
 class HubTask:
-    """A hub data set of the paper and how to turn its rows into a :class:`Task`."""
+    """A hub data set of the paper and how to turn its rows into a :class:`Task` (the default protocol;
+    the paper protocol reads the same data set: :mod:`austeer_pl.tasks.paper`)."""
 
     path: str
     config: str | None
@@ -236,15 +246,15 @@ HUB_TASKS: dict[str, HubTask] = {
         "Read the passage and answer the question with yes or no.\n\n",
     ),
     "copa": HubTask(
-        "aps/super_glue", "copa", ("train", "validation"), copa_examples, "choice",
+        "pkavumba/balanced-copa", None, ("train", "test"), copa_examples, "choice",
         "Choose the more plausible cause or effect of the premise.\n\n",
     ),
     "winogrande": HubTask(
-        "allenai/winogrande", "winogrande_xl", ("train", "validation"), winogrande_examples, "choice",
+        "allenai/winogrande", "winogrande_m", ("train", "validation"), winogrande_examples, "choice",
         "Choose the option that correctly fills the blank (_) in the sentence.\n\n",
     ),
     "svamp": HubTask("ChilleD/SVAMP", None, ("train", "test"), svamp_examples, "generate", _MATH_INSTRUCTION),
-    "mawps": HubTask("MU-NLPC/Calc-mawps", None, ("train", "validation", "test"), mawps_examples, "generate", _MATH_INSTRUCTION),
+    "mawps": HubTask("garrethlee/MAWPS", None, ("train", "test"), mawps_examples, "generate", _MATH_INSTRUCTION),
     "gsm8k": HubTask("openai/gsm8k", "main", ("train", "test"), gsm8k_examples, "generate", _MATH_INSTRUCTION),
 }
 

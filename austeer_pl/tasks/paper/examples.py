@@ -178,13 +178,13 @@ def load_paper_task(name: str, *, cache_dir: Any = None, wrong_method: str = "au
     """
     protocol = paper_protocol(name)
     splits = (protocol.train_split, protocol.test_split)
-    rows = fetch_hub(protocol.hub_path, protocol.hub_config, splits, hub_split=None, cache_dir=cache_dir, files=files)
+    rows = fetch_hub(protocol.hub.path, protocol.hub.config, splits, hub_split=None, cache_dir=cache_dir, files=files)
     examples = [
         ex for split in splits if split in rows
         for ex in paper_examples(protocol.task, rows[split], split, wrong_method=wrong_method, csv_split=csv_split, val_overlap=val_overlap)
     ]
     if not examples:
-        raise AusteerError(f"dataset {protocol.hub_path!r} gave no rows for the paper protocol; check the hub data set")
+        raise AusteerError(f"dataset {protocol.hub.path!r} gave no rows for the paper protocol; check the hub data set")
     return Task(name=protocol.task, examples=tuple(examples), scoring="generate" if protocol.numeric else "choice", instruction="", answer_prefix="",
                 protocol="paper")
 

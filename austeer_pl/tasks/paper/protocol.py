@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from austeer_pl.errors import AusteerError
+from austeer_pl.tasks.hub import HUB_TASKS, HubTask
 from austeer_pl.tasks.paper.prompts import (
     BOOLQ_FIELDS,
     BOOLQ_TEMPLATE,
@@ -94,7 +95,6 @@ class PaperProtocol:
 
     Attributes:
         task: ``boolq``, ``copa``, ``winogrande``, ``svamp``, ``mawps`` or ``gsm8k``.
-        hub_path, hub_config: the hub data set holding the paper's files.
         train_split, test_split: its splits that the paper reads as train and test.
         fields: the row fields the paper reads.
         template: the prompt template, for documentation (:attr:`build_prompt` renders it).
@@ -115,8 +115,6 @@ class PaperProtocol:
     """
 
     task: str
-    hub_path: str
-    hub_config: str | None
     train_split: str
     test_split: str
     fields: tuple[str, ...]
@@ -131,6 +129,11 @@ class PaperProtocol:
     read: str
     logged_sizes: tuple[int, int] | None
     source: str
+
+    @property
+    def hub(self) -> HubTask:
+        """The hub data set holding the paper's files: the task's one entry in :data:`~austeer_pl.tasks.hub.HUB_TASKS`."""
+        return HUB_TASKS[self.task]
 
     @property
     def numeric(self) -> bool:
@@ -195,8 +198,6 @@ _READ_WORD = (
 PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
     "boolq": PaperProtocol(
         task="boolq",
-        hub_path="google/boolq",
-        hub_config=None,
         train_split="train",
         test_split="validation",
         fields=BOOLQ_FIELDS,
@@ -216,8 +217,6 @@ PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
     ),
     "copa": PaperProtocol(
         task="copa",
-        hub_path="pkavumba/balanced-copa",
-        hub_config=None,
         train_split="train",
         test_split="test",
         fields=COPA_FIELDS,
@@ -236,8 +235,6 @@ PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
     ),
     "winogrande": PaperProtocol(
         task="winogrande",
-        hub_path="allenai/winogrande",
-        hub_config="winogrande_m",
         train_split="train",
         test_split="validation",
         fields=WINOGRANDE_FIELDS,
@@ -255,8 +252,6 @@ PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
     ),
     "svamp": PaperProtocol(
         task="svamp",
-        hub_path="ChilleD/SVAMP",
-        hub_config=None,
         train_split="train",
         test_split="test",
         fields=SVAMP_FIELDS,
@@ -275,8 +270,6 @@ PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
     ),
     "mawps": PaperProtocol(
         task="mawps",
-        hub_path="garrethlee/MAWPS",
-        hub_config=None,
         train_split="train",
         test_split="test",
         fields=MATH_FIELDS,
@@ -294,8 +287,6 @@ PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
     ),
     "gsm8k": PaperProtocol(
         task="gsm8k",
-        hub_path="openai/gsm8k",
-        hub_config="main",
         train_split="train",
         test_split="test",
         fields=MATH_FIELDS,
