@@ -17,7 +17,7 @@ import torch
 
 from austeer_pl import ActivationReader, locate_units
 from austeer_pl.core.reading import (
-    _StopForward,
+    StopForward,
     last_token_index,
     position_ids_from_mask,
 )
@@ -81,12 +81,12 @@ def main() -> None:
             handles.append(layout.site("ffn").modules[l].register_forward_hook(post(slabs["ffn"][l])))
 
         def stop(*_):
-            raise _StopForward
+            raise StopForward
 
         handles.append(layout.layers[-1].register_forward_hook(stop))
         try:
             model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             for h in handles:

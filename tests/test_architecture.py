@@ -172,6 +172,17 @@ def test_tasks_read_with_the_standard_library_alone():
     assert not wrong, "\n".join(sorted(wrong))
 
 
+def test_no_module_imports_another_modules_private_names():
+    """What two modules share is public (no leading underscore): a private name is the module's own business."""
+    wrong = []
+    for path in modules().values():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("austeer_pl"):
+                wrong += [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}" for a in node.names
+                          if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_every_module_says_what_it_is_for():
     """A module opens with a docstring of at least a sentence (an ``__init__`` of a folder may be empty)."""
     wrong = []

@@ -37,7 +37,6 @@ Why one module of this size: generation, judging, the budgeted choice and the st
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -48,7 +47,13 @@ from torch import nn
 
 from austeer_pl.analyses.plots import plot_strength_curve
 from austeer_pl.cli.rundir import claim_run_dir, task_stem
-from austeer_pl.cli.runtime import OneLineParser, add_output_options, quiet, run_main
+from austeer_pl.cli.runtime import (
+    OneLineParser,
+    add_output_options,
+    parse_list,
+    quiet,
+    run_main,
+)
 from austeer_pl.cli.tracking import log_result_wandb
 from austeer_pl.core.fileio import json_output, png_output, write_json_output
 from austeer_pl.core.models import load_model
@@ -60,7 +65,7 @@ from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
 from austeer_pl.fit.judged import DEFAULT_BUDGET
 from austeer_pl.methods.caa import caa_candidate_layers, caa_state
-from austeer_pl.scoring.behaviour import _judge_info, _ratio, text_metrics
+from austeer_pl.scoring.behaviour import judge_info, ratio, text_metrics
 from austeer_pl.scoring.generation import generate_new_text
 from austeer_pl.scoring.judges import (
     JudgeLike,
@@ -141,13 +146,13 @@ def strength_curve(
             else:
                 texts = generate_new_text(model, tokenizer, prompts, state=state.with_alpha(a), layout=layout, **gen)
                 metrics = text_metrics(model, tokenizer, prompts, texts, judge, batch_size=batch_size, max_length=max_length)
-            metrics["perplexity_ratio"] = 1.0 if a == 0.0 else _ratio(metrics["perplexity"], base["perplexity"])
+            metrics["perplexity_ratio"] = 1.0 if a == 0.0 else ratio(metrics["perplexity"], base["perplexity"])
             points.append({"alpha": a, **metrics, "texts": texts[:n_examples]})
         methods[label] = {"method": state.method, "k": state.k, "fitted_alpha": state.alpha, "points": points}
     result: dict[str, Any] = {
         "analysis": "behaviour",
         **dict(info or {}),
-        "judge": _judge_info(judge),
+        "judge": judge_info(judge),
         "n_prompts": len(prompts),
         "max_new_tokens": max_new_tokens,
         "budget": budget,
@@ -190,16 +195,8 @@ def add_behaviour_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
     return p
 
 
-def _float_list(text: str | None, what: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        values = [float(v) for v in str(text).split(",") if v.strip()]
-    except ValueError:
-        raise AusteerError(f"{what} {text!r} is not a comma-separated list of numbers; e.g. 0,1,2,4") from None
-    if not values or not all(math.isfinite(v) for v in values):
-        raise AusteerError(f"{what} {text!r} needs at least one finite number; e.g. 0,1,2,4")
-    return values
+def _optional_list(text: str | None, flag: str) -> list[float] | None:
+    return None if text is None else parse_list(text, flag, float)
 
 
 def fit_caa(
@@ -248,8 +245,8 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
     reads = [args.steering, args.caa, getattr(args, "iti", None), task_spec, model_name, args.judge]
     out_file = json_output(out, "strength curve", overwrite=args.overwrite).check(inputs=reads)
     png_file = png_output(png, "strength curve plot", overwrite=args.overwrite).check(inputs=reads)
-    alphas = _float_list(args.alphas, "--alphas")
-    multipliers = _float_list(args.caa_multipliers, "--caa_multipliers")
+    alphas = _optional_list(args.alphas, "--alphas")
+    multipliers = _optional_list(args.caa_multipliers, "--caa_multipliers")
     judge = load_judge(args.judge)
     quiet()
     check_task(state.metadata.get("inputs"), config, allow=args.allow_changed_inputs)
@@ -283,7 +280,7 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
             sweep["caa"] = multipliers
     if getattr(args, "iti", None):
         states["iti"] = SteeringState.from_pretrained(args.iti)
-        iti_alphas = _float_list(getattr(args, "iti_alphas", None), "--iti_alphas")
+        iti_alphas = _optional_list(getattr(args, "iti_alphas", None), "--iti_alphas")
         if iti_alphas is not None:
             sweep["iti"] = iti_alphas
     info = {"task": str(task_spec), "task_name": task.name, "base_model": model_name, "split": args.split, "seed": seed,

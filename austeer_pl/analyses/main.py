@@ -23,7 +23,7 @@ from austeer_pl.cli.rundir import claim_run_dir, task_stem
 from austeer_pl.cli.runtime import (
     OneLineParser,
     add_output_options,
-    parse_list,
+    list_type,
     quiet,
     run_main,
 )
@@ -75,31 +75,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     add_output_options(g, name="NAME")
 
 
-def _ints(text: str) -> list[int]:
-
-    return parse_list(text, "list", int)
-
-
-def _floats(text: str) -> list[float]:
-
-    return parse_list(text, "list", float)
-
-
-def _typed(fn, what: str):
-    def convert(text: str):
-        try:
-            return fn(text)
-        except AusteerError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of {what}") from None
-
-    convert.__name__ = what
-    return convert
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="analyze.py", description="The AUSteer paper's activation-unit analyses; each writes JSON and a PNG plot.")
     sub = p.add_subparsers(dest="name", metavar="NAME", parser_class=OneLineParser)
-    ints, floats = _typed(_ints, "whole numbers"), _typed(_floats, "numbers")
+    ints, floats = list_type(int, "list"), list_type(float, "list")
 
     s = sub.add_parser("sweep", aliases=["dimension_sweep"], help="one AU at a time within a block vs. the whole block")
     s.add_argument("--site", default="attention", choices=["attention", "ffn"])

@@ -128,7 +128,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     report_out = None
     if args.report:
         report_out = json_output(args.report, "evaluation report", overwrite=args.overwrite).check(
-            inputs=[args.steering, config.task, *(config.task_files or "").split(","), model_name, args.judge])
+            inputs=[args.steering, config.task, *config.file_list, model_name, args.judge])
     pins = state.metadata.get("inputs")
     check_task(pins, config, allow=args.allow_changed_inputs)
     seed = config.seed
@@ -215,7 +215,7 @@ def dump_examples(args) -> dict[str, Any]:
         raise AusteerError("--dump_examples needs --task (or --steering, to read the state's)")
     config = DataConfig(task=args.task, seed=args.seed or 0, protocol=args.protocol or "default", task_files=args.task_files)
     out = jsonl_output(args.dump_examples, "example dump", DUMP_KEYS, overwrite=args.overwrite).check(
-        inputs=[config.task, *(config.task_files or "").split(","), args.model])
+        inputs=[config.task, *config.file_list, args.model])
     quiet()
     task, splits = config.load(need=(args.split,), rows_as_labelled=True)
     examples = splits[args.split][: args.limit] if args.limit else splits[args.split]

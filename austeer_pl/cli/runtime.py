@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import signal
@@ -216,23 +217,45 @@ def add_output_options(p, *, name: str) -> None:
 
 
 def parse_list(value: Any, name: str, kind: type) -> list:
-    """``"10,50"``, ``"[10, 50]"``, ``10`` or ``[10, 50]`` as a list of ``kind``."""
+    """``"10,50"``, ``"[10, 50]"``, ``10`` or ``[10, 50]`` as a list of ``kind``: the one list parser of
+    every command (numbers must be finite; one line names the flag and the bad item).
+
+    Example:
+        >>> parse_list("0, 1,2.5", "--alphas", float)
+        [0.0, 1.0, 2.5]
+    """
     if value is None:
         return []
     if isinstance(value, (list, tuple)):
         items = list(value)
     else:
         items = [p for p in str(value).strip().strip("[]").replace(" ", ",").split(",") if p]
+    what = "whole number" if kind is int else "finite number" if kind is float else "name"
     out = []
     for item in items:
         try:
-            out.append(kind(item) if kind is not str else str(item).strip().strip("'\""))
+            parsed = kind(item) if kind is not str else str(item).strip().strip("'\"")
         except (TypeError, ValueError):
-            raise AusteerError(f"{name}: {item!r} is not a {'whole number' if kind is int else 'number' if kind is float else 'name'}") from None
+            parsed = None
+        if parsed is None or (kind is float and not math.isfinite(parsed)):
+            raise AusteerError(f"{name}: {item!r} is not a {what}; give a comma-separated list such as {'4,8' if kind is not str else 'a,b'}")
+        out.append(parsed)
     if not out:
         raise AusteerError(f"{name} is empty; give at least one value")
     return out
 
+
+def list_type(kind: type, name: str) -> Callable[[str], list]:
+    """An argparse ``type=`` that reads a list with :func:`parse_list` (argparse then names the flag)."""
+
+    def convert(text: str) -> list:
+        try:
+            return parse_list(text, name, kind)
+        except AusteerError as err:
+            raise argparse.ArgumentTypeError(str(err).removeprefix(f"{name}: ")) from None
+
+    convert.__name__ = "list"
+    return convert
 
 __all__ = [
     "Interrupted",
@@ -242,6 +265,7 @@ __all__ = [
     "add_output_options",
     "fail",
     "one_line_parse_error",
+    "list_type",
     "parse_list",
     "quiet",
     "quiet_fit",

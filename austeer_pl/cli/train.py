@@ -35,6 +35,7 @@ from austeer_pl.lightning.strategy import (
     make_strategy,
     pass_settings,
 )
+from austeer_pl.tasks.schema import split_files
 
 
 def build_cli(args: Sequence[str] | None = None):
@@ -134,7 +135,7 @@ _RUN_SUBFOLDERS = ("checkpoints", "logs", "wandb")
 def train_inputs(cfg) -> list[str]:
     """The paths ``train.py`` reads: no output may be, hold or lie in one of them."""
     data, model = cfg["data"], cfg["model"]
-    files = [p for p in str(data.get("task_files") or "").split(",") if p.strip()]
+    files = split_files(data.get("task_files"))
     configs = [str(c) for c in (cfg.get("config") or []) if c is not None]
     return [str(data.get("task") or ""), *files, str(model.get("model_name") or ""), str(cfg.get("ckpt_path") or ""), *configs]
 

@@ -55,7 +55,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from austeer_pl.core.reading import ActivationReader, _StopForward
+from austeer_pl.core.reading import ActivationReader, StopForward
 from austeer_pl.core.sites import ModelLayout, register_site_hook
 from austeer_pl.core.tokens import pad_ids, truncate_pair_left
 from austeer_pl.errors import AusteerError
@@ -241,13 +241,13 @@ class SharedPrefixReader:
 
     def _run(self, hooks: list, **kwargs) -> None:
         def stop(_module, _args, _output):
-            raise _StopForward
+            raise StopForward
 
         # Registered after any capture hooks, so the last layer's residual output is read first.
         hooks.append(self.layout.layers[-1].register_forward_hook(stop))
         try:
             self.model(**kwargs)
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             for handle in hooks:

@@ -35,7 +35,7 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class _StopForward(Exception):
+class StopForward(Exception):
     """Raised after the last decoder layer: nothing after it (final norm, LM head) is needed."""
 
 
@@ -101,7 +101,7 @@ class ActivationReader:
         ]
 
         def stop(_module, _args, _output):
-            raise _StopForward
+            raise StopForward
 
         # Registered after the capture hooks, so the last layer's residual output is read first.
         handles.append(self.layout.layers[-1].register_forward_hook(stop))
@@ -112,7 +112,7 @@ class ActivationReader:
                 position_ids=position_ids_from_mask(attention_mask),
                 use_cache=False,
             )
-        except _StopForward:
+        except StopForward:
             pass
         finally:
             for handle in handles:

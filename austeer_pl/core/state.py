@@ -32,7 +32,7 @@ from austeer_pl.core.output import Output
 from austeer_pl.core.selection import SIGN_POLICIES, Selection
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
 from austeer_pl.core.stateio import (
-    _FLOAT_DTYPES,
+    FLOAT_DTYPES,
     FORMAT_VERSION,
     TENSOR_KEYS,
     check_gate,
@@ -42,11 +42,10 @@ from austeer_pl.core.stateio import (
     read_state_files,
     write_state_files,
 )
-from austeer_pl.core.strength import strength_from_config
+from austeer_pl.core.strength import STRENGTH_KINDS, strength_from_config
 from austeer_pl.errors import AusteerError
 
 _INT_KEYS = ("site_index", "layer", "unit")
-_STRENGTH_KINDS = ("momentum", "scalar", "gate")
 
 
 @dataclass
@@ -117,8 +116,8 @@ class SteeringState:
             raise AusteerError(f"steering state 'sites' must be names, got {list(self.sites)!r}; the state is corrupt")
         if not isinstance(self.metadata, dict):
             raise AusteerError(f"steering state 'metadata' must be an object, got {type(self.metadata).__name__}; the state is corrupt")
-        if not isinstance(self.strength, dict) or self.strength.get("kind", "momentum") not in _STRENGTH_KINDS:
-            raise AusteerError(f"steering state 'strength' must be an object with kind {', '.join(_STRENGTH_KINDS)}, got {self.strength!r}; the state is corrupt")
+        if not isinstance(self.strength, dict) or self.strength.get("kind", "momentum") not in STRENGTH_KINDS:
+            raise AusteerError(f"steering state 'strength' must be an object with kind {', '.join(STRENGTH_KINDS)}, got {self.strength!r}; the state is corrupt")
         if self.layout is not None:
             if not isinstance(self.layout, Mapping) or not isinstance(self.layout.get("layers"), str) or not all(
                 self.layout.get(key) is None or isinstance(self.layout.get(key), str) for key in ("attention", "ffn")
@@ -126,7 +125,7 @@ class SteeringState:
                 raise AusteerError(f"steering state 'layout' must name module paths (layers, attention, ffn), got {self.layout!r}; the state is corrupt")
             self.layout = {key: self.layout.get(key) for key in ("layers", "attention", "ffn")}
         for name, tensor in self.strength_tensors.items():
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype not in _FLOAT_DTYPES or not bool(torch.isfinite(tensor).all()):
+            if not isinstance(tensor, torch.Tensor) or tensor.dtype not in FLOAT_DTYPES or not bool(torch.isfinite(tensor).all()):
                 raise AusteerError(f"steering state tensor 'strength.{name}' must hold finite floats; the state is corrupt, export it again")
         self.site_index, self.layer, self.unit = (t.long().cpu() for t in (self.site_index, self.layer, self.unit))
         self.momentum, self.scale, self.shift = (t.float().cpu() for t in (self.momentum, self.scale, self.shift))

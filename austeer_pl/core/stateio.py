@@ -26,8 +26,8 @@ FORMAT_VERSION = 1
 CONFIG_NAME = "steering_config.json"
 WEIGHTS_NAME = "steering_state.safetensors"
 TENSOR_KEYS = ("site_index", "layer", "unit", "momentum", "scale", "shift")
-_INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
-_FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
+FLOAT_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
 def is_steering_state(path: str | os.PathLike) -> bool:
@@ -74,10 +74,10 @@ def check_tensor(name: str, tensor: Any, *, integer: bool) -> torch.Tensor:
         raise AusteerError(f"steering state field '{name}' must be a tensor, got {type(tensor).__name__}; the state is corrupt, export it again")
     if tensor.dim() != 1:
         raise AusteerError(f"steering state tensor '{name}' must be 1-D, got shape {tuple(tensor.shape)}; the state is corrupt, export it again")
-    if integer and tensor.dtype not in _INT_DTYPES:
+    if integer and tensor.dtype not in INT_DTYPES:
         raise AusteerError(f"steering state tensor '{name}' must hold integers, got {tensor.dtype}; the state is corrupt, export it again")
     if not integer:
-        if tensor.dtype not in _FLOAT_DTYPES:  # float8 and the like cannot even be checked for NaN
+        if tensor.dtype not in FLOAT_DTYPES:  # float8 and the like cannot even be checked for NaN
             raise AusteerError(f"steering state tensor '{name}' must hold float16/32/64 or bfloat16 values, got {tensor.dtype}; the state is corrupt, export it again")
         if not bool(torch.isfinite(tensor).all()):
             raise AusteerError(f"steering state tensor '{name}' holds NaN or infinite values; the state is corrupt, export it again")
@@ -185,7 +185,9 @@ def read_state_files(directory: str | os.PathLike) -> tuple[dict[str, Any], dict
 
 __all__ = [
     "CONFIG_NAME",
+    "FLOAT_DTYPES",
     "FORMAT_VERSION",
+    "INT_DTYPES",
     "TENSOR_KEYS",
     "WEIGHTS_NAME",
     "check_gate",

@@ -14,7 +14,8 @@ from torch import nn
 from austeer_pl.core.fileio import jsonable
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
-from austeer_pl.scoring.behaviour import _ratio, text_metrics
+from austeer_pl.fit.config import JudgeConfig
+from austeer_pl.scoring.behaviour import ratio, text_metrics
 from austeer_pl.scoring.generation import generate_new_text
 from austeer_pl.scoring.judges import JudgeLike, load_judge
 from austeer_pl.tasks.prompts import behaviour_prompts
@@ -22,7 +23,8 @@ from austeer_pl.tasks.prompts import behaviour_prompts
 UNSTEERED = "unsteered"
 
 
-DEFAULT_BUDGET = 1.5
+#: The fluency budget (perplexity ratio to the unsteered generations): :class:`~austeer_pl.fit.config.JudgeConfig`'s.
+DEFAULT_BUDGET = JudgeConfig.fluency_budget
 
 
 CHOICE_METRICS = ("share_positive", "mean_score")
@@ -81,7 +83,7 @@ def evaluate_candidates(
         else:
             texts = generate_new_text(model, tokenizer, prompts, state=state, layout=layout, **gen)
             metrics = text_metrics(model, tokenizer, prompts, texts, judge, batch_size=batch_size, max_length=max_length)
-        metrics["perplexity_ratio"] = 1.0 if state is None else _ratio(metrics["perplexity"], base["perplexity"])
+        metrics["perplexity_ratio"] = 1.0 if state is None else ratio(metrics["perplexity"], base["perplexity"])
         extra = {} if state is None else {"method": state.method, "k": state.k, "alpha": state.alpha}
         results.append({"label": label, "steered": state is not None, **extra, **metrics,
                         "examples": [{"prompt": p, "text": t} for p, t in zip(prompts[:n_examples], texts[:n_examples])]})
@@ -164,7 +166,7 @@ def choose_under_budget(
         raise AusteerError("the grid has no unsteered entry; add one (label 'unsteered') so no steering stays a candidate")
     b = base[0]
     base_ppl = float(entries[b]["perplexity"])
-    ratios = {labels[i]: 1.0 if i == b else _ratio(float(e["perplexity"]), base_ppl) for i, e in enumerate(entries)}
+    ratios = {labels[i]: 1.0 if i == b else ratio(float(e["perplexity"]), base_ppl) for i, e in enumerate(entries)}
     eligible = [i for i in range(len(entries)) if i == b or ratios[labels[i]] <= budget]
     if steered_only:
         eligible = [i for i in eligible if i != b] or [i for i in range(len(entries)) if i != b]

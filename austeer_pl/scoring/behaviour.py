@@ -61,11 +61,12 @@ def text_metrics(
     }
 
 
-def _ratio(value: float, base: float) -> float:
+def ratio(value: float, base: float) -> float:
+    """``value / base`` when both are finite and ``base`` is positive, else NaN (a perplexity ratio)."""
     return value / base if math.isfinite(value) and math.isfinite(base) and base > 0 else math.nan
 
 
-def _judge_info(judge: JudgeLike) -> dict[str, Any]:
+def judge_info(judge: JudgeLike) -> dict[str, Any]:
     describe = getattr(judge, "describe", None)
     return describe() if callable(describe) else {"name": judge.name, "score_name": judge.score_name, "threshold": judge.threshold}
 
@@ -114,14 +115,14 @@ def behaviour_report(
     }
     return {
         "n_prompts": len(generations.prompts),
-        "judge": _judge_info(judge),
+        "judge": judge_info(judge),
         "method": state.method,
         "k": state.k,
         "alpha": state.alpha if alpha is None else float(alpha),
         "max_new_tokens": max_new_tokens,
         "unsteered": metrics["unsteered"],
         "steered": metrics["steered"],
-        "perplexity_ratio": _ratio(metrics["steered"]["perplexity"], metrics["unsteered"]["perplexity"]),
+        "perplexity_ratio": ratio(metrics["steered"]["perplexity"], metrics["unsteered"]["perplexity"]),
         "share_positive_change": metrics["steered"]["share_positive"] - metrics["unsteered"]["share_positive"],
         "examples": generations.rows()[:n_examples],
     }

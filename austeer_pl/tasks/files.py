@@ -11,12 +11,12 @@ from typing import Any
 from austeer_pl.core.fileio import parse_json
 from austeer_pl.errors import AusteerError
 from austeer_pl.tasks.schema import (
-    _RECORD_FIELDS,
+    RECORD_FIELDS,
     Task,
     TaskExample,
-    _check_choices,
-    _record_example,
-    _short,
+    check_choices,
+    record_example,
+    short_text,
 )
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".csv")
@@ -55,7 +55,7 @@ def _loads(text: str, where: str) -> Any:
         return parse_json(text, where, object_pairs_hook=_no_duplicate_keys)
     except _DuplicateKey as exc:
         raise AusteerError(
-            f"{where}: duplicate key {_short(exc.key)} in a JSON object (e.g. a choice listed twice); keep one"
+            f"{where}: duplicate key {short_text(exc.key)} in a JSON object (e.g. a choice listed twice); keep one"
         ) from None
 
 
@@ -72,12 +72,12 @@ def _jsonl_examples(path: Path) -> list[TaskExample]:
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
-        out.append(_record_example(_loads(line, where), where, f"{path.name}:{line_no}"))
+        out.append(record_example(_loads(line, where), where, f"{path.name}:{line_no}"))
     return out
 
 
 def _json_examples(path: Path, data: list[Any]) -> list[TaskExample]:
-    return [_record_example(row, f"{path}: item {i}", f"{path.name}:{i}") for i, row in enumerate(data)]
+    return [record_example(row, f"{path}: item {i}", f"{path.name}:{i}") for i, row in enumerate(data)]
 
 
 def _csv_examples(path: Path) -> list[TaskExample]:
@@ -114,7 +114,7 @@ def _csv_examples(path: Path) -> list[TaskExample]:
                     f"{where}: {len(header) + len(extra)} cells but the header has {len(header)}; "
                     "quote cells that hold commas, or remove the extra cells"
                 )
-            out.append(_record_example(row, where, f"{path.name}:{reader.line_num}"))
+            out.append(record_example(row, where, f"{path.name}:{reader.line_num}"))
             start = reader.line_num + 1
     except csv.Error as exc:
         hint = "a quote is opened and never closed" if "end of data" in str(exc) else str(exc)
@@ -164,7 +164,7 @@ def load_local_task(path: str | Path) -> Task:
     else:
         raise AusteerError(f"{path}: unsupported file type {suffix or '(none)'!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
     if not examples:
-        raise AusteerError(f"{path}: no examples (the file is empty); add rows with {_RECORD_FIELDS}")
+        raise AusteerError(f"{path}: no examples (the file is empty); add rows with {RECORD_FIELDS}")
     return Task(name=path.stem, examples=tuple(examples), scoring="choice", instruction="")
 
 
@@ -221,16 +221,16 @@ def load_bigbench_task(path: str | Path, *, data: Mapping[str, Any] | None = Non
         text = example.get("input")
         if not isinstance(text, str):
             raise AusteerError(f"{where}: missing field 'input' (or not a string); give the example's input text")
-        choices = _check_choices(list(scores), where)
+        choices = check_choices(list(scores), where)
         values = list(scores.values())
         for choice, value in zip(choices, values, strict=True):
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise AusteerError(f"{where}: score of choice {_short(choice)} is {_short(value)}; scores must be 0 or 1")
+                raise AusteerError(f"{where}: score of choice {short_text(choice)} is {short_text(value)}; scores must be 0 or 1")
         right = [i for i, value in enumerate(values) if value == 1]
         if not right:
             raise AusteerError(f"{where}: no right answer (no choice scores 1 in target_scores); give exactly one choice the score 1")
         if len(right) > 1:
-            names = ", ".join(_short(choices[i], 30) for i in right)
+            names = ", ".join(short_text(choices[i], 30) for i in right)
             raise AusteerError(f"{where}: {len(right)} right answers ({names} score 1); give exactly one choice the score 1")
         prompt = text.strip()
         if input_prefix:

@@ -14,19 +14,20 @@ from austeer_pl.core.network import hub_endpoint, hub_offline, unreachable
 from austeer_pl.errors import AusteerError
 from austeer_pl.tasks.files import LOCAL_FILE_HINT
 from austeer_pl.tasks.schema import (
-    _SPLIT_ALIASES,
     DEFAULT_ANSWER_PREFIX,
+    SPLIT_ALIASES,
     Task,
     TaskExample,
-    _canonical_split,
-    _check_choices,
-    _parse_number,
-    _record_example,
-    _required,
-    _required_str,
-    _short,
-    _uid,
+    canonical_split,
+    check_choices,
+    example_uid,
+    number_field,
     numeric_choices,
+    record_example,
+    required_field,
+    required_text,
+    short_text,
+    split_files,
 )
 
 
@@ -35,7 +36,7 @@ def _rows(rows: Iterable[Mapping[str, Any]], dataset: str, split: str | None):
         where = f"{dataset} {split} row {index}" if split else f"{dataset} row {index}"
         if not isinstance(row, Mapping):
             raise AusteerError(f"{where}: expected a dict row, got {type(row).__name__}; pass rows as dicts")
-        yield index, row, where, _uid(split, dataset, index)
+        yield index, row, where, example_uid(split, dataset, index)
 
 
 def _capitalise(text: str) -> str:
@@ -59,13 +60,13 @@ def boolq_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = Non
     fields = "question, passage, answer"
     out = []
     for _, row, where, uid in _rows(rows, "boolq", split):
-        question = _required_str(row, "question", where, fields).rstrip("?").strip()
-        passage = _required_str(row, "passage", where, fields)
-        answer = _required(row, "answer", where, fields)
+        question = required_text(row, "question", where, fields).rstrip("?").strip()
+        passage = required_text(row, "passage", where, fields)
+        answer = required_field(row, "answer", where, fields)
         if isinstance(answer, str) and answer.strip().lower() in ("true", "false"):
             answer = answer.strip().lower() == "true"
         if answer not in (True, False, 0, 1):
-            raise AusteerError(f"{where}: field 'answer' is {_short(answer)}; it must be true or false")
+            raise AusteerError(f"{where}: field 'answer' is {short_text(answer)}; it must be true or false")
         if not question or not passage:
             raise AusteerError(f"{where}: empty question or passage; give both")
         prompt = f"Passage: {passage}\nQuestion: {_capitalise(question)}?"
@@ -90,16 +91,16 @@ def copa_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = None
     questions = {"cause": "What was the cause?", "effect": "What happened as a result?"}
     out = []
     for _, row, where, uid in _rows(rows, "copa", split):
-        premise = _required_str(row, "premise", where, fields)
-        choices = _check_choices(
-            [_required_str(row, "choice1", where, fields), _required_str(row, "choice2", where, fields)], where
+        premise = required_text(row, "premise", where, fields)
+        choices = check_choices(
+            [required_text(row, "choice1", where, fields), required_text(row, "choice2", where, fields)], where
         )
-        kind = _required_str(row, "question", where, fields).lower()
+        kind = required_text(row, "question", where, fields).lower()
         if kind not in questions:
-            raise AusteerError(f"{where}: field 'question' is {_short(kind)}; it must be 'cause' or 'effect'")
-        label = _required(row, "label", where, fields)
+            raise AusteerError(f"{where}: field 'question' is {short_text(kind)}; it must be 'cause' or 'effect'")
+        label = required_field(row, "label", where, fields)
         if isinstance(label, bool) or label not in (0, 1):
-            raise AusteerError(f"{where}: field 'label' is {_short(label)}; it must be 0 or 1 (unlabelled test rows cannot be used)")
+            raise AusteerError(f"{where}: field 'label' is {short_text(label)}; it must be 0 or 1 (unlabelled test rows cannot be used)")
         prompt = f"Premise: {premise}\n{questions[kind]}\nOption 1: {choices[0]}\nOption 2: {choices[1]}"
         out.append(TaskExample(prompt=prompt, choices=choices, answer=int(label), uid=uid))
     return out
@@ -117,15 +118,15 @@ def winogrande_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None 
     fields = "sentence, option1, option2, answer"
     out = []
     for _, row, where, uid in _rows(rows, "winogrande", split):
-        sentence = _required_str(row, "sentence", where, fields)
+        sentence = required_text(row, "sentence", where, fields)
         if "_" not in sentence:
             raise AusteerError(f"{where}: field 'sentence' has no '_' blank; mark the blank with an underscore")
-        choices = _check_choices(
-            [_required_str(row, "option1", where, fields), _required_str(row, "option2", where, fields)], where
+        choices = check_choices(
+            [required_text(row, "option1", where, fields), required_text(row, "option2", where, fields)], where
         )
-        answer = str(_required(row, "answer", where, fields)).strip()
+        answer = str(required_field(row, "answer", where, fields)).strip()
         if answer not in ("1", "2"):
-            raise AusteerError(f"{where}: field 'answer' is {_short(answer)}; it must be '1' or '2' (unlabelled test rows cannot be used)")
+            raise AusteerError(f"{where}: field 'answer' is {short_text(answer)}; it must be '1' or '2' (unlabelled test rows cannot be used)")
         prompt = f"Sentence: {sentence}\nOption 1: {choices[0]}\nOption 2: {choices[1]}"
         out.append(TaskExample(prompt=prompt, choices=choices, answer=int(answer) - 1, uid=uid))
     return out
@@ -149,9 +150,9 @@ def svamp_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = Non
     fields = "Body, Question, Answer"
     out = []
     for _, row, where, uid in _rows(rows, "svamp", split):
-        body = _required_str(row, "Body", where, fields)
-        question = _required_str(row, "Question", where, fields)
-        answer = _parse_number(_required(row, "Answer", where, fields), where, "Answer")
+        body = required_text(row, "Body", where, fields)
+        question = required_text(row, "Question", where, fields)
+        answer = number_field(required_field(row, "Answer", where, fields), where, "Answer")
         if not question:
             raise AusteerError(f"{where}: field 'Question' is empty; give the question text")
         out.append(_numeric_example(f"{body} {question}".strip(), answer, uid, seed))
@@ -169,14 +170,14 @@ def mawps_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = Non
     fields = "question, answer (ending in '#### N'; or result_float, result)"
     out = []
     for _, row, where, uid in _rows(rows, "mawps", split):
-        question = _required_str(row, "question", where, fields)
+        question = required_text(row, "question", where, fields)
         if not question:
             raise AusteerError(f"{where}: field 'question' is empty; give the problem text")
         if row.get("answer") is not None:
-            answer = _final_answer(_required_str(row, "answer", where, fields), where)
+            answer = _final_answer(required_text(row, "answer", where, fields), where)
         else:
             name = "result_float" if row.get("result_float") is not None else "result"
-            answer = _parse_number(_required(row, name, where, fields), where, name)
+            answer = number_field(required_field(row, name, where, fields), where, name)
         out.append(_numeric_example(question, answer, uid, seed))
     return out
 
@@ -194,10 +195,10 @@ def gsm8k_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = Non
     fields = "question, answer"
     out = []
     for _, row, where, uid in _rows(rows, "gsm8k", split):
-        question = _required_str(row, "question", where, fields)
+        question = required_text(row, "question", where, fields)
         if not question:
             raise AusteerError(f"{where}: field 'question' is empty; give the problem text")
-        out.append(_numeric_example(question, _final_answer(_required_str(row, "answer", where, fields), where), uid, seed))
+        out.append(_numeric_example(question, _final_answer(required_text(row, "answer", where, fields), where), uid, seed))
     return out
 
 
@@ -206,7 +207,7 @@ def _final_answer(solution: str, where: str) -> float:
     match = _FINAL_ANSWER.search(solution)
     if match is None:
         raise AusteerError(f"{where}: field 'answer' has no '#### <number>' final answer; end it with '#### N'")
-    return _parse_number(match.group(1), where, "answer")
+    return number_field(match.group(1), where, "answer")
 
 
 def generic_examples(
@@ -220,7 +221,7 @@ def generic_examples(
         >>> generic_examples([{"prompt": "2 + 2 =", "choices": ["4", "5"], "answer": "4"}])[0].answer
         0
     """
-    return [_record_example(row, where, uid) for _, row, where, uid in _rows(rows, dataset, split)]
+    return [record_example(row, where, uid) for _, row, where, uid in _rows(rows, dataset, split)]
 
 
 @dataclass(frozen=True)
@@ -277,7 +278,7 @@ def local_hub_rows(files: str | Sequence[str], *, dataset: str, cache_dir: Any =
     """
     import datasets  # noqa: PLC0415 - hub data sets only
 
-    paths = [Path(p.strip()).expanduser() for p in (files.split(",") if isinstance(files, str) else files) if str(p).strip()]
+    paths = [Path(p).expanduser() for p in (split_files(files) if isinstance(files, str) else [str(f).strip() for f in files if str(f).strip()])]
     if not paths:
         raise AusteerError("--data.task_files is empty; give one or more files, comma-separated")
     out: dict[str, list[Mapping[str, Any]]] = {}
@@ -293,10 +294,10 @@ def local_hub_rows(files: str | Sequence[str], *, dataset: str, cache_dir: Any =
             raise AusteerError(f"--data.task_files {path}: cannot read it as {kind} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
         if "split" in rows.column_names:
             for row in rows:
-                out.setdefault(_canonical_split(str(row["split"])), []).append({k: v for k, v in row.items() if k != "split"})
+                out.setdefault(canonical_split(str(row["split"])), []).append({k: v for k, v in row.items() if k != "split"})
             continue
         words = re.findall(r"[a-z]+", path.stem.lower())
-        named = [_SPLIT_ALIASES[w] for w in words if w in _SPLIT_ALIASES]
+        named = [SPLIT_ALIASES[w] for w in words if w in SPLIT_ALIASES]
         if len(set(named)) != 1:
             raise AusteerError(
                 f"--data.task_files {path}: name its split in the file name (train, validation, test) or add a 'split' column, for {dataset}"
@@ -330,7 +331,7 @@ def fetch_hub(
     try:
         if hub_split is not None:
             loaded = datasets.load_dataset(path, config, split=hub_split, cache_dir=cache_dir, trust_remote_code=False)
-            return {_canonical_split(hub_split): loaded}
+            return {canonical_split(hub_split): loaded}
         loaded = datasets.load_dataset(path, config, cache_dir=cache_dir, trust_remote_code=False)
     except AusteerError:
         raise
@@ -340,7 +341,7 @@ def fetch_hub(
             f"could not fetch dataset {label} from the Hugging Face hub ({type(exc).__name__}: {detail}); "
             f"check the name, split and network, or use a local file instead: {LOCAL_FILE_HINT}"
         ) from None
-    available = {_canonical_split(name): loaded[name] for name in loaded}
+    available = {canonical_split(name): loaded[name] for name in loaded}
     wanted = {name: rows for name, rows in available.items() if splits is None or name in splits}
     if not wanted:
         raise AusteerError(

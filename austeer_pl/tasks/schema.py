@@ -26,7 +26,7 @@ NEGATIVE_MODES = ("sample", "all")
 DEFAULT_ANSWER_PREFIX = "Answer:"
 
 
-_SPLIT_ALIASES = {
+SPLIT_ALIASES = {
     "train": "train",
     "training": "train",
     "validation": "validation",
@@ -132,39 +132,39 @@ class Task:
             raise AusteerError(f"task {self.name!r}: unknown scoring {self.scoring!r}; use one of {', '.join(TASK_SCORINGS)}")
 
 
-def _short(value: Any, limit: int = 60) -> str:
+def short_text(value: Any, limit: int = 60) -> str:
     """A one-line repr of ``value``, cut to about ``limit`` characters."""
     text = repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def _canonical_split(name: str) -> str:
+def canonical_split(name: str) -> str:
     base = re.split(r"[\[+]", str(name), maxsplit=1)[0].strip()
-    return _SPLIT_ALIASES.get(base.lower(), base)
+    return SPLIT_ALIASES.get(base.lower(), base)
 
 
-def _uid(split: str | None, default_prefix: str, index: int | str) -> str:
+def example_uid(split: str | None, default_prefix: str, index: int | str) -> str:
     return f"{split}:{index}" if split else f"{default_prefix}:{index}"
 
 
-def _check_choices(choices: Sequence[str], where: str) -> tuple[str, ...]:
+def check_choices(choices: Sequence[str], where: str) -> tuple[str, ...]:
     """Strip ``choices`` and check there are at least two, none empty, none repeated."""
     if len(choices) == 0:
         raise AusteerError(f"{where}: choices is empty; give at least 2 choices (one right, one or more wrong)")
     out = []
     for i, choice in enumerate(choices):
         if isinstance(choice, bool) or not isinstance(choice, str | int | float):
-            raise AusteerError(f"{where}: choice {i} is {type(choice).__name__} {_short(choice)}; choices must be strings")
+            raise AusteerError(f"{where}: choice {i} is {type(choice).__name__} {short_text(choice)}; choices must be strings")
         text = choice.strip() if isinstance(choice, str) else _format_number(float(choice))
         if not text:
             raise AusteerError(f"{where}: choice {i} is empty; every choice needs some text")
         out.append(text)
     if len(out) < 2:
-        raise AusteerError(f"{where}: only 1 choice ({_short(out[0])}); give at least 2 choices (one right, one or more wrong)")
+        raise AusteerError(f"{where}: only 1 choice ({short_text(out[0])}); give at least 2 choices (one right, one or more wrong)")
     seen: set[str] = set()
     for text in out:
         if text in seen:
-            raise AusteerError(f"{where}: duplicate choice {_short(text)}; choices must be distinct, remove or reword the repeat")
+            raise AusteerError(f"{where}: duplicate choice {short_text(text)}; choices must be distinct, remove or reword the repeat")
         seen.add(text)
     return tuple(out)
 
@@ -174,7 +174,7 @@ def _parse_answer(value: Any, choices: tuple[str, ...], where: str) -> int:
     n = len(choices)
     fix = f"give the 0-based index (0..{n - 1}) or the exact text of the right choice"
     if isinstance(value, bool) or value is None:
-        raise AusteerError(f"{where}: answer is {_short(value)}; {fix}")
+        raise AusteerError(f"{where}: answer is {short_text(value)}; {fix}")
     if isinstance(value, float) and value.is_integer():
         value = int(value)
     if isinstance(value, int):
@@ -188,11 +188,11 @@ def _parse_answer(value: Any, choices: tuple[str, ...], where: str) -> int:
         if re.fullmatch(r"[+-]?\d{1,18}", text):
             return _parse_answer(int(text), choices, where)
         if re.fullmatch(r"[+-]?\d+", text):
-            raise AusteerError(f"{where}: answer {_short(text)} is out of range for {n} choices; {fix}")
+            raise AusteerError(f"{where}: answer {short_text(text)} is out of range for {n} choices; {fix}")
         if not text:
             raise AusteerError(f"{where}: answer is empty; {fix}")
-        raise AusteerError(f"{where}: answer {_short(text)} is not among the choices {_short(list(choices), 120)}; {fix}")
-    raise AusteerError(f"{where}: answer is {type(value).__name__} {_short(value)}; {fix}")
+        raise AusteerError(f"{where}: answer {short_text(text)} is not among the choices {short_text(list(choices), 120)}; {fix}")
+    raise AusteerError(f"{where}: answer is {type(value).__name__} {short_text(value)}; {fix}")
 
 
 def _parse_choices_cell(value: Any, where: str) -> list[Any]:
@@ -207,47 +207,47 @@ def _parse_choices_cell(value: Any, where: str) -> list[Any]:
                 raise AusteerError(f"{where}: choices must be a list; write it as a JSON list or as a|b|c")
             return parsed
         return [] if not text else [part for part in text.split("|")]
-    raise AusteerError(f"{where}: choices is {type(value).__name__} {_short(value)}; give a list of strings")
+    raise AusteerError(f"{where}: choices is {type(value).__name__} {short_text(value)}; give a list of strings")
 
 
-def _required(row: Mapping[str, Any], name: str, where: str, fields: str) -> Any:
+def required_field(row: Mapping[str, Any], name: str, where: str, fields: str) -> Any:
     if name not in row or row[name] is None:
         raise AusteerError(f"{where}: missing field '{name}'; each row needs the fields {fields}")
     return row[name]
 
 
-def _required_str(row: Mapping[str, Any], name: str, where: str, fields: str) -> str:
-    value = _required(row, name, where, fields)
+def required_text(row: Mapping[str, Any], name: str, where: str, fields: str) -> str:
+    value = required_field(row, name, where, fields)
     if not isinstance(value, str):
-        raise AusteerError(f"{where}: field '{name}' is {type(value).__name__} {_short(value)}; it must be a string")
+        raise AusteerError(f"{where}: field '{name}' is {type(value).__name__} {short_text(value)}; it must be a string")
     return value.strip()
 
 
-_RECORD_FIELDS = "prompt, choices, answer (or prompt, positive, negative)"
+RECORD_FIELDS = "prompt, choices, answer (or prompt, positive, negative)"
 
 
-def _record_example(row: Any, where: str, uid: str) -> TaskExample:
+def record_example(row: Any, where: str, uid: str) -> TaskExample:
     """One example from a row in the generic schema (local files and ``hub:`` datasets)."""
     if not isinstance(row, Mapping):
-        raise AusteerError(f"{where}: expected an object with the fields {_RECORD_FIELDS}, got {type(row).__name__}")
-    prompt = _required_str(row, "prompt", where, _RECORD_FIELDS)
+        raise AusteerError(f"{where}: expected an object with the fields {RECORD_FIELDS}, got {type(row).__name__}")
+    prompt = required_text(row, "prompt", where, RECORD_FIELDS)
     if not prompt:
         raise AusteerError(f"{where}: field 'prompt' is empty; give the question or context text")
     if row.get("choices") is not None:
-        choices = _check_choices(_parse_choices_cell(row["choices"], where), where)
-        answer = _parse_answer(_required(row, "answer", where, _RECORD_FIELDS), choices, where)
+        choices = check_choices(_parse_choices_cell(row["choices"], where), where)
+        answer = _parse_answer(required_field(row, "answer", where, RECORD_FIELDS), choices, where)
     elif row.get("positive") is not None or row.get("negative") is not None:
-        positive = _required(row, "positive", where, _RECORD_FIELDS)
-        negative = _required(row, "negative", where, _RECORD_FIELDS)
-        choices = _check_choices([positive, negative], where)
+        positive = required_field(row, "positive", where, RECORD_FIELDS)
+        negative = required_field(row, "negative", where, RECORD_FIELDS)
+        choices = check_choices([positive, negative], where)
         answer = 0
     else:
-        raise AusteerError(f"{where}: missing field 'choices'; each row needs the fields {_RECORD_FIELDS}")
+        raise AusteerError(f"{where}: missing field 'choices'; each row needs the fields {RECORD_FIELDS}")
     split = row.get("split")
     if split is not None and split != "":
-        canonical = _SPLIT_ALIASES.get(str(split).strip().lower())
+        canonical = SPLIT_ALIASES.get(str(split).strip().lower())
         if canonical is None:
-            raise AusteerError(f"{where}: split {_short(split)} is not one of {', '.join(SPLIT_NAMES)}; fix or drop the field")
+            raise AusteerError(f"{where}: split {short_text(split)} is not one of {', '.join(SPLIT_NAMES)}; fix or drop the field")
         uid = f"{canonical}:{uid}"
     return TaskExample(prompt=prompt, choices=choices, answer=answer, uid=uid)
 
@@ -259,7 +259,7 @@ def _format_number(value: float) -> str:
     return format(value, ".10g")
 
 
-def _parse_number(value: Any, where: str, field: str) -> float:
+def number_field(value: Any, where: str, field: str) -> float:
     if isinstance(value, bool):
         raise AusteerError(f"{where}: field '{field}' is a boolean; it must be a number")
     if isinstance(value, int | float):
@@ -269,9 +269,9 @@ def _parse_number(value: Any, where: str, field: str) -> float:
         try:
             number = float(text)
         except ValueError:
-            raise AusteerError(f"{where}: field '{field}' is {_short(value)}, not a number; fix the answer value") from None
+            raise AusteerError(f"{where}: field '{field}' is {short_text(value)}, not a number; fix the answer value") from None
     else:
-        raise AusteerError(f"{where}: field '{field}' is {type(value).__name__} {_short(value)}; it must be a number")
+        raise AusteerError(f"{where}: field '{field}' is {type(value).__name__} {short_text(value)}; it must be a number")
     if not math.isfinite(number):
         raise AusteerError(f"{where}: field '{field}' is {number}; it must be a finite number")
     return number
@@ -305,3 +305,9 @@ def numeric_choices(answer: float, *, uid: str, seed: int = 0) -> tuple[str, str
     if wrong_text == right_text:  # only for huge floats where the offset vanishes
         wrong_text = _format_number(answer * 2 + 1)
     return right_text, wrong_text
+
+
+
+def split_files(text: str | None) -> list[str]:
+    """A comma-separated list of paths (``--data.task_files``), blanks dropped."""
+    return [p.strip() for p in str(text or "").split(",") if p.strip()]

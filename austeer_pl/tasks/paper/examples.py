@@ -11,12 +11,12 @@ from austeer_pl.errors import AusteerError
 from austeer_pl.tasks.hub import fetch_hub
 from austeer_pl.tasks.paper.answers import extract_number_paper, number_value
 from austeer_pl.tasks.paper.prompts import (
-    _boolq_truth,
-    _math_answer,
-    _svamp_answer,
-    _winogrande_answer,
+    boolq_truth,
     copa_fields,
     copa_prompt,
+    math_answer,
+    svamp_answer,
+    winogrande_answer,
 )
 from austeer_pl.tasks.paper.protocol import PaperExample, paper_protocol
 from austeer_pl.tasks.paper.wrong import wrong_answers
@@ -122,18 +122,18 @@ def paper_examples(
             row = data[i]
             prompt = build(row)
             if protocol.task == "boolq":
-                right = int(_boolq_truth(row))  # choice 1 is ' yes'
+                right = int(boolq_truth(row))  # choice 1 is ' yes'
                 positive, negative = ("Yes", "No") if right else ("No", "Yes")
             elif protocol.task == "copa":
                 right = int(copa_fields(row, csv_split=csv_split)["label"])
                 positive, negative = protocol.train_answers[right], protocol.train_answers[1 - right]
             else:
-                right = _winogrande_answer(row)
+                right = winogrande_answer(row)
                 positive, negative = protocol.train_answers[right], protocol.train_answers[1 - right]
             out.append(PaperExample(prompt=prompt, choices=protocol.eval_answers, answer=right, uid=f"{role}:{i}", positive=positive, negative=negative, kind="generate1"))
         return out
 
-    answer_of = _svamp_answer if protocol.task == "svamp" else functools.partial(_math_answer, task=protocol.task)
+    answer_of = svamp_answer if protocol.task == "svamp" else functools.partial(math_answer, task=protocol.task)
     # The pool of wrong answers is the split as the paper reads it (its cap applied), computed
     # before any row is set aside for validation.
     pool = sizes.loaded(n_rows) if split == protocol.train_split else sizes.tested(n_rows)

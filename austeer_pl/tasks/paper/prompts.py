@@ -39,7 +39,7 @@ def boolq_prompt(row: Mapping[str, Any]) -> str:
     return BOOLQ_TEMPLATE.format(passage=passage, question=question)
 
 
-def _boolq_truth(row: Mapping[str, Any]) -> bool:
+def boolq_truth(row: Mapping[str, Any]) -> bool:
     # The paper compares str(answer).strip() with 'True'/'False' and has no other branch.
     text = str(_field(row, "answer", "boolq", BOOLQ_FIELDS)).strip()
     if text not in ("True", "False"):
@@ -97,7 +97,7 @@ def winogrande_prompt(row: Mapping[str, Any]) -> str:
     return WINOGRANDE_TEMPLATE.format(**values)
 
 
-def _winogrande_answer(row: Mapping[str, Any]) -> int:
+def winogrande_answer(row: Mapping[str, Any]) -> int:
     text = str(_field(row, "answer", "winogrande", WINOGRANDE_FIELDS)).strip()
     if text not in ("1", "2"):
         raise AusteerError(f"winogrande row: field 'answer' is {text!r}; it must be '1' or '2' (unlabelled test rows cannot be used)")
@@ -114,7 +114,7 @@ def svamp_prompt(row: Mapping[str, Any]) -> str:
     return SVAMP_TEMPLATE.format(question=body + " " + question)
 
 
-def _svamp_answer(row: Mapping[str, Any]) -> str:
+def svamp_answer(row: Mapping[str, Any]) -> str:
     # str() of what the JSON holds: SVAMP's answers are floats, so 145 is written '145.0'.
     value = _field(row, "Answer", "svamp", SVAMP_FIELDS)
     if isinstance(value, bool) or not isinstance(value, int | float | str):
@@ -133,7 +133,7 @@ def math_prompt(row: Mapping[str, Any], task: str = "mawps") -> str:
     return MATH_TEMPLATE.format(question=_text(row, "question", task, MATH_FIELDS))
 
 
-def _math_answer(row: Mapping[str, Any], task: str) -> str:
+def math_answer(row: Mapping[str, Any], task: str) -> str:
     return _text(row, "answer", task, MATH_FIELDS)
 
 
@@ -150,9 +150,13 @@ __all__ = [
     "WINOGRANDE_FIELDS",
     "WINOGRANDE_TEMPLATE",
     "boolq_prompt",
+    "boolq_truth",
     "copa_fields",
     "copa_prompt",
+    "math_answer",
     "math_prompt",
+    "svamp_answer",
     "svamp_prompt",
+    "winogrande_answer",
     "winogrande_prompt",
 ]
