@@ -61,11 +61,7 @@ from austeer_pl.fit.data import input_pins
 from austeer_pl.lightning.datamodule import ContrastivePairDataModule
 from austeer_pl.lightning.module import AUSteerModule
 from austeer_pl.lightning.strategy import frozen_trainer
-from austeer_pl.methods.registry import (
-    GRID_PRESETS,
-    METHODS,
-    get_method,
-)
+from austeer_pl.methods import FITTED, GRID_PRESETS, METHODS, UNSTEERED, get_method
 from austeer_pl.scoring.evaluate import accuracy_summary
 
 #: Methods in report order (the registry's order).
@@ -156,7 +152,7 @@ def options_from_args(args) -> CompareOptions:
         max_test = g("limit") if max_test is None else min(max_test, g("limit"))
     if g("export_dir"):
         for method in methods:
-            if method != "unsteered":
+            if method != UNSTEERED:
                 SteeringState.output(Path(g("export_dir")) / method, overwrite=bool(g("overwrite"))).check(inputs=reads)
     chat = {"on": True, "off": False, "auto": None, None: None}[g("chat_template")]
     return CompareOptions(
@@ -196,7 +192,7 @@ def options_from_args(args) -> CompareOptions:
 
 def _austeer_grid(opts: CompareOptions) -> dict[str, Any]:
     """AUSteer's grid: the options given, else the quick preset (``--grid quick``) or the module's defaults."""
-    preset = dict(get_method("austeer").quick_grid) if opts.grid == "quick" else {}
+    preset = dict(get_method(FITTED).quick_grid) if opts.grid == "quick" else {}
     out = {"site": opts.site or preset.get("site"), "k": opts.k or preset.get("k"), "alpha": opts.alpha or preset.get("alpha")}
     return {key: value for key, value in out.items() if value is not None}
 
@@ -227,7 +223,7 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
     accelerator, devices = accelerator_for(opts.device)
     if opts.devices > 1:
         devices = opts.devices if devices is None else devices
-    grids = {m: dict(get_method(m).quick_grid if opts.grid == "quick" else get_method(m).grid) for m in METHODS if get_method(m).points is not None and m != "austeer"}
+    grids = {m: dict(get_method(m).quick_grid if opts.grid == "quick" else get_method(m).grid) for m in METHODS if get_method(m).points is not None and m != FITTED}
     au = _austeer_grid(opts)
     data = ContrastivePairDataModule(**_data_kwargs(opts))
     learned = {key: getattr(opts, key) for key in ("strength_epochs", "strength_lr", "strength_loss") if getattr(opts, key) is not None}
@@ -318,7 +314,7 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
         "base_model": opts.model,
         "scoring": session.scoring,
         "grid_preset": opts.grid,
-        "grids": jsonable({**{m: grids[m] for m in grids if m in session.methods}, "austeer": module.config.grid.as_grid()}),
+        "grids": jsonable({**{m: grids[m] for m in grids if m in session.methods}, FITTED: module.config.grid.as_grid()}),
         "data": data.config().to_dict(),
         "n_train_pairs": session.accumulator.n,
         "n_val": int(session.summary.get("n_val", 0)),

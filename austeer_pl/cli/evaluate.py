@@ -34,6 +34,7 @@ from austeer_pl.core.sites import LayoutSpec, locate_units
 from austeer_pl.core.state import SteeringState
 from austeer_pl.core.tokens import encode_pairs
 from austeer_pl.errors import AusteerError
+from austeer_pl.methods.registry import FITTED
 from austeer_pl.scoring.behaviour import behaviour_report
 from austeer_pl.scoring.evaluate import (
     answer_suffixes,
@@ -155,7 +156,7 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
 
     # A learned strength is reported beside the fixed rule it started from, on the same examples.
-    learned = state.strength.get("kind", "momentum") != "momentum" and state.method == "austeer"
+    learned = state.strength.get("kind", "momentum") != "momentum" and state.method == FITTED
     variants = [("unsteered", None), *([("momentum_rule", state.momentum_rule())] if learned else []), ("steered", state)]
     results: dict[str, Any] = {}
     started = time.perf_counter()

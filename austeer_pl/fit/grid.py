@@ -23,6 +23,7 @@ from austeer_pl.fit.collectives import Collectives
 from austeer_pl.fit.config import SelectionConfig
 from austeer_pl.fit.data import FitData
 from austeer_pl.fit.gridscore import GridScorer, generic_texts, harm_kl
+from austeer_pl.methods.registry import UNSTEERED
 
 
 class GridScoring:
@@ -98,7 +99,7 @@ class GridScoring:
         cache: dict[tuple[int, int], torch.Tensor] = {}
         self.unsteered = torch.full((n, 3), float("nan"), dtype=torch.float64)
         for method in methods:
-            idx = [0] + [i for i, c in enumerate(candidates) if c.method == method and method != "unsteered"]
+            idx = [0] + [i for i, c in enumerate(candidates) if c.method == method and method != UNSTEERED]
             if len(idx) == 1:  # unsteered itself, or a learned variant (trained in the next epochs)
                 continue
             cands = [candidates[i] for i in idx]

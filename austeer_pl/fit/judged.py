@@ -15,13 +15,11 @@ from austeer_pl.core.fileio import jsonable
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
 from austeer_pl.fit.config import JudgeConfig
+from austeer_pl.methods.registry import UNSTEERED
 from austeer_pl.scoring.behaviour import ratio, text_metrics
 from austeer_pl.scoring.generation import generate_new_text
 from austeer_pl.scoring.judges import JudgeLike, load_judge
 from austeer_pl.tasks.prompts import behaviour_prompts
-
-UNSTEERED = "unsteered"
-
 
 #: The fluency budget (perplexity ratio to the unsteered generations): :class:`~austeer_pl.fit.config.JudgeConfig`'s.
 DEFAULT_BUDGET = JudgeConfig.fluency_budget

@@ -35,13 +35,14 @@ class StrengthPhase:
         self.logs: list[tuple[str, float]] = []
         self.primary = ""
         self.folded = False
+        self.epochs_done = 0
         self._sums: dict[str, torch.Tensor] = {}
         self._scoring = "loglik"
 
     @property
     def running(self) -> bool:
-        """Whether another epoch should run."""
-        return bool(self.trainers) and not all(t.stopped for t in self.trainers.values())
+        """Whether another epoch should run: a trainer is still improving and ``strength_epochs`` are not all done."""
+        return bool(self.trainers) and self.epochs_done < self.config.strength_epochs and not all(t.stopped for t in self.trainers.values())
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -101,7 +102,8 @@ class StrengthPhase:
                 self.seconds[method] += time.perf_counter() - started
 
     def end_epoch(self, epoch: int) -> bool:
-        """Judge the epoch on the reduced validation sums; True when every trainer has stopped."""
+        """Judge the epoch on the reduced validation sums; True when the phase is over."""
+        self.epochs_done = max(self.epochs_done, epoch)
         for method, trainer in self.trainers.items():
             if trainer.stopped:
                 continue

@@ -37,7 +37,15 @@ from austeer_pl.fit.grid import GridScoring, TestScoring
 from austeer_pl.fit.judged import judge_grid
 from austeer_pl.fit.learned import StrengthPhase
 from austeer_pl.fit.statistics import PassStatistics, rank_site_options
-from austeer_pl.methods import METHODS, FitContext, build_state, get_method, needs
+from austeer_pl.methods import (
+    FITTED,
+    METHODS,
+    UNSTEERED,
+    FitContext,
+    build_state,
+    get_method,
+    needs,
+)
 from austeer_pl.methods.probes import ProbeAccuracy, fit_probes
 from austeer_pl.scoring.evaluate import default_scoring
 from austeer_pl.scoring.statistics import paired_verdict
@@ -64,18 +72,16 @@ class FitSession:
         self.model, self.tokenizer, self.layout, self.data = model, tokenizer, layout, data
         self.config = config or FitConfig()
         learned = self.config.strength.learned
-        methods = ("unsteered", "austeer", *([learned] if learned else [])) if methods is None else tuple(methods)
-        for m in methods:
-            get_method(m)
-        wanted = set(methods) | ({"austeer"} if any(get_method(m).learned for m in methods) else set())  # learned variants start from it
-        self.methods = ("unsteered", *[m for m in METHODS if m in wanted and m != "unsteered"])
+        methods = (UNSTEERED, FITTED, *([learned] if learned else [])) if methods is None else tuple(methods)
+        wanted = set(methods) | {get_method(m).starts_from for m in methods if get_method(m).starts_from}  # learned variants start from it
+        self.methods = (UNSTEERED, *[m for m in METHODS if m in wanted and m != UNSTEERED])
         # Every grid method's grid: the registry's default, replaced by ``grids``; AUSteer's is the settings'.
-        self.grids = {**{k: v for k, v in dict(grids or {}).items() if k in METHODS}, "austeer": self.config.grid.as_grid(sign=True)}
-        self.primary = primary or learned or "austeer"
+        self.grids = {**{k: v for k, v in dict(grids or {}).items() if k in METHODS}, FITTED: self.config.grid.as_grid(sign=True)}
+        self.primary = primary or learned or FITTED
         self.export_anyway = export_anyway
         self.coll = collectives
         sites = {s for _, group in self.config.grid.site_options for s in group}
-        sites |= {s for m in self.methods if m != "austeer" for s in get_method(m).read_sites}
+        sites |= {s for m in self.methods if m != FITTED for s in get_method(m).read_sites}
         self.read_sites = tuple(s for s in SITES if s in sites)
         for site in self.read_sites:
             layout.site(site)
@@ -160,7 +166,7 @@ class FitSession:
     def build_candidates(self) -> list[Candidate]:
         """Unsteered first, then every grid point of every grid method (states built once)."""
         ctx = self.fit_context({"data": self.data.config.absolute().to_dict()})
-        out = [Candidate("unsteered", {}, None)]
+        out = [Candidate(UNSTEERED, {}, None)]
         for method in self.methods:
             if get_method(method).points is not None:
                 for hyper in get_method(method).grid_points(self.layout, self.grids.get(method)):
@@ -211,15 +217,15 @@ class FitSession:
             cands = [self.candidates[i] for i in idx]
             total_seconds += seconds
             key, value, grid, verdict = grid_record(choice, cands)
-            j = choice.index if method == "austeer" and not self.export_anyway else (choice.best if choice.best is not None else 0)
+            j = choice.index if method == FITTED and not self.export_anyway else (choice.best if choice.best is not None else 0)
             chosen = cands[j]
 
             def meta(i: int) -> dict[str, Any]:
                 return {**fit_meta, "val_accuracy_unsteered": choice.accuracy[0], "val_accuracy": choice.accuracy[i], key: value[i],
                         f"{key}_unsteered": value[0], "harm_kl": choice.harm.get(i, 0.0), "grid": grid, "verdict": verdict,
-                        **({"strength": "momentum", "site": cands[i].hyper.get("site")} if method == "austeer" else {})}
+                        **({"strength": "momentum", "site": cands[i].hyper.get("site")} if method == FITTED else {})}
 
-            if method == "austeer":
+            if method == FITTED:
                 b = choice.best if choice.best is not None else 1
                 best = cands[b].state
                 # The learned variants start from the best steered point (the rule alpha * m is their epoch 0).
@@ -227,14 +233,14 @@ class FitSession:
                 self._strength_base = best
                 if chosen.state is None:  # "no steering" is the choice: an empty state says so wherever it goes
                     empty = replace(best, **{t: getattr(best, t)[:0] for t in ("site_index", "layer", "unit", "momentum", "scale", "shift")}, alpha=0.0)
-                    chosen = Candidate("austeer", {"site": best.sites[0] if len(best.sites) == 1 else "both", "k": 0, "alpha": 0.0,
+                    chosen = Candidate(FITTED, {"site": best.sites[0] if len(best.sites) == 1 else "both", "k": 0, "alpha": 0.0,
                                                    "sign": self.config.grid.sign}, empty)
             if chosen.state is not None:
-                chosen.state.metadata = {**chosen.state.metadata, "fit": {**meta(j), "site": chosen.hyper.get("site")} if method == "austeer" else meta(j),
+                chosen.state.metadata = {**chosen.state.metadata, "fit": {**meta(j), "site": chosen.hyper.get("site")} if method == FITTED else meta(j),
                                          "data": data_meta}
             self.results[method] = MethodResult(method, chosen, choice.accuracy[j], grid, seconds)
             self.log(**{f"val__{method}_accuracy": choice.accuracy[j]})
-            if method == "austeer":
+            if method == FITTED:
                 self.verdict = verdict
                 self.summary.update(val_accuracy_unsteered=choice.accuracy[0], n_val=len(self.data.splits["val"]), val_accuracy=choice.accuracy[j],
                                     criterion=choice.criterion, val_criterion_unsteered=choice.values[0], val_criterion=choice.values[j],
@@ -243,11 +249,11 @@ class FitSession:
                                     exported="steered" if chosen.state.k else "no steering")
         if self.grid.choices:
             acc0 = next(iter(self.grid.choices.values()))[1].accuracy[0]
-            self.results = {"unsteered": MethodResult("unsteered", self.candidates[0], acc0, [{"n_steered_activations": 0, "val_accuracy": acc0}]),
+            self.results = {UNSTEERED: MethodResult(UNSTEERED, self.candidates[0], acc0, [{"n_steered_activations": 0, "val_accuracy": acc0}]),
                             **self.results}
             self.log(val__unsteered_accuracy=acc0)
         self.summary.update(val_total_seconds=total_seconds)
-        austeer = self.results.get("austeer")
+        austeer = self.results.get(FITTED)
         if austeer is None:  # a comparison without AUSteer
             return
         self.state = austeer.chosen.state
@@ -257,10 +263,10 @@ class FitSession:
 
     def judged_choice(self) -> None:
         """A behaviour fit: AUSteer's grid chosen by a judge of generated text under the fluency budget."""
-        if any(m != "austeer" and not get_method(m).learned for m in self.methods if m != "unsteered"):
+        if any(m != FITTED and not get_method(m).learned for m in self.methods if m != UNSTEERED):
             raise AusteerError("--compare chooses by accuracy; fit behaviour states with train.py (--model.selection judge)")
         cfg = self.config.judge
-        out = judge_grid(self.model, self.tokenizer, self.layout, self.data, [c for c in self.candidates if c.method == "austeer"], cfg)
+        out = judge_grid(self.model, self.tokenizer, self.layout, self.data, [c for c in self.candidates if c.method == FITTED], cfg)
         chosen, record, base = out.chosen, out.record, out.unsteered
         chosen.state.metadata = {
             **chosen.state.metadata,
@@ -270,7 +276,7 @@ class FitSession:
                     "beats_unsteered": out.beats_unsteered, "grid": out.grid, "fit_seconds": self.summary.get("fit_seconds"), "world_size": self.coll.world},
             "data": self.data.config.absolute().to_dict(),
         }
-        self.results = {"austeer": MethodResult("austeer", chosen, record["share_positive"], out.grid)}
+        self.results = {FITTED: MethodResult(FITTED, chosen, record["share_positive"], out.grid)}
         self.state = chosen.state
         self.summary.update(val_accuracy_unsteered=base["share_positive"], val_accuracy=record["share_positive"], selection="judge",
                             beats_unsteered=out.beats_unsteered, perplexity_ratio=record["perplexity_ratio"], n_val=out.n_prompts,
@@ -285,7 +291,7 @@ class FitSession:
         folded = self.strength.fold()
         if not folded:
             return
-        base = self.results["austeer"]
+        base = self.results[FITTED]
         for method, (learned, trainer, local_seconds) in folded.items():
             seconds = self.grid.slowest(local_seconds)
             hyper = {**base.chosen.hyper, "strength": trainer.kind, "best_epoch": trainer.best["epoch"]}
@@ -312,13 +318,13 @@ class FitSession:
         epoch (the best epoch was picked on the same examples), and the harm budget. None for a
         judged (behaviour) fit."""
         sel = self.config.selection
-        grid = self.grid.choices.get("austeer")
+        grid = self.grid.choices.get(FITTED)
         if grid is None or self.grid.unsteered is None:
             return None
         _, choice, _ = grid
         # Plain scoring (no replay): a gate reads the residual stream, possibly below the first steered layer.
         stats = self.grid.dealt([learned], 0, len(self.data.splits["val"]), self.grid.scorer(replay=False))[0]
-        grid_tests = (sum(1 for c in self.candidates if c.method == "austeer") if sel.verdict_correction == "grid"
+        grid_tests = (sum(1 for c in self.candidates if c.method == FITTED) if sel.verdict_correction == "grid"
                       else (choice.rounds[-1]["candidates"] if choice.rounds else 1))
         verdict = paired_verdict(stats, self.grid.unsteered, self.criterion, level=sel.verdict_level, tests=grid_tests + max(1, epochs),
                                  what="the learned strength")

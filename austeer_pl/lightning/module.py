@@ -31,8 +31,9 @@ from austeer_pl.fit.config import (
 )
 from austeer_pl.fit.data import input_pins
 from austeer_pl.fit.session import FitSession
-from austeer_pl.lightning.strategy import pass_settings
+from austeer_pl.lightning.strategy import CHECKPOINT_KEY, pass_settings
 from austeer_pl.methods.austeer import AusteerGrid
+from austeer_pl.methods.registry import FITTED
 
 
 class StrategyCollectives:
@@ -117,7 +118,7 @@ class AUSteerModule(pl.LightningModule):
         # The frozen LLM is deliberately not a registered submodule (see `llm`).
         self.__dict__.update(_llm=None, _tokenizer=None, _layout=None)
 
-    def use_methods(self, methods: Sequence[str], grids: Mapping[str, Any] | None = None, *, primary: str = "austeer") -> AUSteerModule:
+    def use_methods(self, methods: Sequence[str], grids: Mapping[str, Any] | None = None, *, primary: str = FITTED) -> AUSteerModule:
         """Fit, tune (and test) these registered methods in the same run (``evaluate.py --compare``)."""
         self.methods, self.grids, self.primary = tuple(methods), grids, primary
         return self
@@ -248,15 +249,15 @@ class AUSteerModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = self.session.pass_checkpoint()
         dm = self.trainer.datamodule if self._trainer is not None else None
-        checkpoint["austeer"] = {**saved, "settings": pass_settings(self.hparams, dm.hparams if dm is not None else {})}
+        checkpoint[CHECKPOINT_KEY] = {**saved, "settings": pass_settings(self.hparams, dm.hparams if dm is not None else {})}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        if "austeer" not in checkpoint:
+        if CHECKPOINT_KEY not in checkpoint:
             raise AusteerError("this checkpoint was not written by austeer-pl's AUSteerModule; pass a last.ckpt from a train.py run")
-        if checkpoint["austeer"].get("phase") == "strength":
+        if checkpoint[CHECKPOINT_KEY].get("phase") == "strength":
             raise AusteerError("this checkpoint was written during the learned-strength phase, which does not resume; start the fit again "
                                "(the momentum pass is fast to redo) or resume from an earlier checkpoint")
-        self._pending = checkpoint["austeer"]
+        self._pending = checkpoint[CHECKPOINT_KEY]
 
 
 AUSteerModule.__doc__ = settings_doc(

@@ -19,6 +19,9 @@ from austeer_pl.core.output import Output, os_error_message
 from austeer_pl.errors import AusteerError
 from austeer_pl.methods.austeer import parse_sites
 
+#: Where a Lightning checkpoint keeps the fit's pass statistics and the settings they were read with.
+CHECKPOINT_KEY = "austeer"
+
 
 class FrozenDDPStrategy(DDPStrategy):
     """DDP that does not wrap a module with nothing to train.
@@ -146,7 +149,7 @@ def check_resume(path: str | Path, settings: dict[str, Any]) -> None:
     except Exception as err:  # truncated zip, not a checkpoint, or objects weights_only refuses
         detail = " ".join(str(err).split())[:120]
         raise AusteerError(f"--ckpt_path {path} cannot be read as a checkpoint ({type(err).__name__}: {detail}); it is truncated or not from train.py: start the fit again") from None
-    saved = checkpoint.get("austeer") if isinstance(checkpoint, dict) else None
+    saved = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(saved, dict):
         raise AusteerError(f"--ckpt_path {path} was not written by austeer-pl's train.py; pass a last.ckpt from a train.py run")
     recorded = saved.get("settings")
@@ -163,6 +166,7 @@ def check_resume(path: str | Path, settings: dict[str, Any]) -> None:
 
 
 __all__ = [
+    "CHECKPOINT_KEY",
     "FrozenDDPStrategy",
     "PASS_SETTINGS_DATA",
     "PASS_SETTINGS_MODEL",

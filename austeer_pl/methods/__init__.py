@@ -11,9 +11,11 @@ over every entry.
 from austeer_pl.methods import austeer, block, caa, iti, sadi  # noqa: F401 - each module registers its method
 from austeer_pl.methods.austeer import AusteerGrid
 from austeer_pl.methods.registry import (
+           FITTED,
            GRID_PRESETS,
            METHODS,
            STATISTICS,
+           UNSTEERED,
            FitContext,
            Method,
            build_state,
@@ -24,5 +26,5 @@ from austeer_pl.methods.registry import (
            register,
 )
 
-__all__ = ["AusteerGrid", "FitContext", "GRID_PRESETS", "METHODS", "Method", "STATISTICS", "build_state", "get_method", "grid_points", "learned_methods",
+__all__ = ["AusteerGrid", "FITTED", "UNSTEERED", "FitContext", "GRID_PRESETS", "METHODS", "Method", "STATISTICS", "build_state", "get_method", "grid_points", "learned_methods",
            "needs", "register"]

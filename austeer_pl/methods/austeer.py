@@ -18,7 +18,7 @@ from austeer_pl.core.selection import SIGN_POLICIES
 from austeer_pl.core.sites import ModelLayout
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError, SettingError
-from austeer_pl.methods.registry import FitContext, Method, register
+from austeer_pl.methods.registry import FITTED, FitContext, Method, register
 
 #: The site options a grid chooses among, and the sites each reads.
 SITE_OPTIONS = {"attention": ("attention",), "ffn": ("ffn",), "both": ("attention", "ffn"), "residual": ("residual",)}
@@ -125,10 +125,10 @@ def _build_austeer(ctx: FitContext, *, site: str, k: int, alpha: float, sign: st
 
 #: AUSteer's registry entry: its default grid is :class:`AusteerGrid`'s.
 AUSTEER = register(Method(
-    "austeer", ("momentum",), ("attention",),
+    FITTED, ("momentum",), ("attention",),
     grid=AusteerGrid().as_grid(),
     quick_grid={"site": ["attention"], "k": [10, 50], "alpha": [1.0, 2.0]},
     strength_key="alpha", points=_austeer_points, build=_build_austeer, order=50,
 ))
-AUSTEER_SCALAR = register(Method("austeer_scalar", ("momentum",), learned="scalar", order=60))
-AUSTEER_GATE = register(Method("austeer_gate", ("momentum",), learned="gate", order=70))
+AUSTEER_SCALAR = register(Method("austeer_scalar", ("momentum",), learned="scalar", starts_from=FITTED, order=60))
+AUSTEER_GATE = register(Method("austeer_gate", ("momentum",), learned="gate", starts_from=FITTED, order=70))

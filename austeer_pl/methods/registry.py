@@ -8,7 +8,9 @@ adding a method is adding one entry (the conformance test in ``tests/test_method
 save, load, apply, remove, ``with_alpha`` and the compatibility refusal over it).
 
 Learned-strength variants (``austeer_scalar``, ``austeer_gate``) have no grid of their own: they
-start from AUSteer's chosen state and train its strength (:class:`~austeer_pl.fit.engine.StrengthTrainer`).
+start from the chosen state of the method they name in :attr:`Method.starts_from` (AUSteer's) and train its
+strength (:class:`~austeer_pl.fit.strength.StrengthTrainer`). :data:`FITTED` names the method ``train.py`` fits
+and :data:`UNSTEERED` the baseline every comparison keeps: nothing outside this registry names a method.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from austeer_pl.errors import AusteerError
 
 #: The statistics a method can ask of the shared pass.
 STATISTICS = ("momentum", "head_moments", "probe_accuracy")
+#: The baseline every comparison keeps: no steering.
+UNSTEERED = "unsteered"
+#: The method ``train.py`` fits: its grid is the fit's settings (:class:`~austeer_pl.methods.austeer.AusteerGrid`),
+#: its chosen state is the export, and the learned-strength variants start from it.
+FITTED = "austeer"
 
 
 @dataclass
@@ -32,8 +39,8 @@ class FitContext:
     Attributes:
         layout: the model's located units.
         acc: the reduced :class:`~austeer_pl.core.momentum.MomentumAccumulator`.
-        moments: ITI's :class:`~austeer_pl.methods.iti.HeadMoments` (None unless a method needs them).
-        probe_accuracy: ITI's validation :class:`~austeer_pl.methods.iti.ProbeAccuracy`.
+        moments: ITI's :class:`~austeer_pl.methods.probes.HeadMoments` (None unless a method needs them).
+        probe_accuracy: ITI's validation :class:`~austeer_pl.methods.probes.ProbeAccuracy`.
         rankings: AUSteer's ranked units per site option (``{"attention": Selection, ...}``).
         base_model, token_scope, sign, layout_spec: recorded in every state.
     """
@@ -64,6 +71,7 @@ class Method:
         points: expands a grid into keyword arguments of ``build`` for one model.
         build: ``(FitContext, **point) -> SteeringState``.
         learned: the strength kind a learned variant trains (None for a grid method).
+        starts_from: a learned variant's grid method, whose chosen state it starts from.
         order: the method's place in reports (the registry is kept in this order, whatever the
             order the method modules were imported in).
     """
@@ -77,6 +85,7 @@ class Method:
     points: Callable[[ModelLayout, Mapping[str, Sequence[Any]]], list[dict[str, Any]]] | None = None
     build: Callable[..., SteeringState] | None = None
     learned: str | None = None
+    starts_from: str | None = None
     order: int = 100
 
     def grid_points(self, layout: ModelLayout, grid: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
@@ -122,7 +131,7 @@ def register(method: Method) -> Method:
     return method
 
 
-register(Method("unsteered", order=0))
+register(Method(UNSTEERED, order=0))
 
 GRID_PRESETS = ("default", "quick")
 
@@ -165,14 +174,19 @@ def needs(methods: Sequence[str]) -> set[str]:
 
 
 __all__ = [
+    "FITTED",
     "FitContext",
     "GRID_PRESETS",
     "METHODS",
     "Method",
     "STATISTICS",
+    "UNSTEERED",
     "build_state",
     "get_method",
     "grid_points",
     "learned_methods",
     "needs",
+    "register",
+    "state_kwargs",
+    "with_layout",
 ]
