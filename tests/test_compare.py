@@ -121,7 +121,7 @@ def test_compare_rejects_bad_input(tmp_path, capsys):
     assert evaluate_main(["--compare", "--max_val_examples", "0"]) == 2
     assert evaluate_main(["--compare", "--report", str(tmp_path)]) == 2
     assert evaluate_main(["--compare", "--strength_loss", "margin"]) == 2
-    assert "--strength_loss must be one of nll, choice" in capsys.readouterr().err
+    assert "--strength_loss 'margin' is unknown; choose one of nll, choice" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -43,3 +43,31 @@ def test_default_config_matches_the_defaults(capsys):
     for section in ("model", "data"):
         for key, value in written[section].items():
             assert defaults[section][key] == value, (section, key)
+
+
+def test_one_source_for_every_default():
+    """The fit's setting groups hold every default; the module, the data module, the registry and
+    --compare read them, so no two places can disagree (configs/default.yaml: the test above)."""
+    import argparse
+    import inspect
+
+    from austeer_pl.cli.compare import CompareOptions, options_from_args
+    from austeer_pl.fit.config import DATA_GROUPS, MODEL_GROUPS, BatchConfig, defaults
+    from austeer_pl.lightning.datamodule import ContrastivePairDataModule
+    from austeer_pl.lightning.module import AUSteerModule
+    from austeer_pl.methods import FITTED, METHODS, AusteerGrid
+    from austeer_pl.tasks.config import DataConfig
+
+    for cls, groups in ((AUSteerModule, MODEL_GROUPS), (ContrastivePairDataModule, DATA_GROUPS)):
+        want = defaults(groups)
+        params = inspect.signature(cls.__init__).parameters
+        missing = sorted(set(want) - set(params))
+        assert not missing, f"{cls.__name__} lacks settings {missing}"
+        got = {name: list(params[name].default) if isinstance(params[name].default, tuple) else params[name].default for name in want}
+        assert got == want, {n: (got[n], want[n]) for n in want if got[n] != want[n]}
+    assert {k: list(v) for k, v in METHODS[FITTED].grid.items()} == {k: list(v) for k, v in AusteerGrid().as_grid().items()}
+    # --compare with no flags: the fit's defaults (its None fields mean "the module's default").
+    opts = options_from_args(argparse.Namespace(wandb_mode="disabled"))
+    assert (opts.task, opts.seed, opts.negatives, opts.batch_size, opts.sign) == (
+        DataConfig.task, DataConfig.seed, DataConfig.negatives, BatchConfig.batch_size, AusteerGrid.sign)
+    assert CompareOptions().sign == AusteerGrid.sign and CompareOptions().negatives == DataConfig.negatives

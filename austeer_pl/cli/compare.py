@@ -55,14 +55,16 @@ from austeer_pl.cli.tracking import resolve_wandb_mode, wandb_logger
 from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.fileio import json_output, jsonable, write_json_output
 from austeer_pl.core.state import SteeringState
-from austeer_pl.core.strength import STRENGTH_LOSSES
 from austeer_pl.errors import AusteerError
+from austeer_pl.fit.config import BatchConfig, FitConfig
 from austeer_pl.fit.data import input_pins
 from austeer_pl.lightning.datamodule import ContrastivePairDataModule
 from austeer_pl.lightning.module import AUSteerModule
 from austeer_pl.lightning.strategy import frozen_trainer
 from austeer_pl.methods import FITTED, GRID_PRESETS, METHODS, UNSTEERED, get_method
+from austeer_pl.methods.austeer import AusteerGrid
 from austeer_pl.scoring.evaluate import accuracy_summary
+from austeer_pl.tasks.config import DataConfig
 
 #: Methods in report order (the registry's order).
 COMPARE_METHODS: tuple[str, ...] = tuple(METHODS)
@@ -97,11 +99,11 @@ class CompareOptions(ModelDataOptions):
     site: list[str] | None = None
     k: list[int] | None = None
     alpha: list[float] | None = None
-    sign: str = "promote"
+    sign: str = AusteerGrid.sign
     strength_epochs: int | None = None
     strength_lr: float | None = None
     strength_loss: str | None = None
-    negatives: str = "sample"
+    negatives: str = DataConfig.negatives
     max_val_examples: int | None = None
     max_test_examples: int | None = None
     eval_batch_size: int | None = None
@@ -124,13 +126,14 @@ def options_from_args(args) -> CompareOptions:
         raise AusteerError("--compare tunes on validation and reports the test split; drop --split")
     if g("scoring") == "both":
         raise AusteerError("--compare scores with one method; choose --scoring loglik or generate")
-    if g("strength_epochs") is not None and g("strength_epochs") < 0:
-        raise AusteerError(f"--strength_epochs must be 0 or more, got {g('strength_epochs')}")
-    if g("strength_lr") is not None and not g("strength_lr") > 0:
-        raise AusteerError(f"--strength_lr must be positive, got {g('strength_lr')}")
-    if g("strength_loss") is not None and g("strength_loss") not in STRENGTH_LOSSES:
-        raise AusteerError(f"--strength_loss must be one of {', '.join(STRENGTH_LOSSES)}, not '{g('strength_loss')}'")
-    for name in ("limit", "max_train_pairs", "max_val_examples", "max_test_examples", "batch_size", "eval_batch_size", "devices", "max_length"):
+    # The fit's own settings validate themselves (one source); a bad value is one line naming its flag.
+    grid = {"k": parse_list(g("k"), "--k", int), "alpha": parse_list(g("alpha"), "--alpha", float)}
+    FitConfig.from_settings({**{k: g(k) for k in ("strength_epochs", "strength_lr", "strength_loss", "sign") if g(k) is not None},
+                             **{k: v for k, v in grid.items() if v}})
+    DataConfig(**{k: g(k) for k in ("seed", "negatives", "max_train_pairs", "max_val_examples", "max_test_examples", "max_length")
+                  if g(k) is not None})
+    BatchConfig(**{k: g(k) for k in ("batch_size", "eval_batch_size") if g(k) is not None})
+    for name in ("limit", "devices"):
         value = g(name)
         if value is not None and value <= 0:
             raise AusteerError(f"--{name} must be positive, got {value}")
@@ -140,9 +143,9 @@ def options_from_args(args) -> CompareOptions:
     if report:
         json_output(report, "comparison report", overwrite=bool(g("overwrite"))).check(inputs=reads)
     mode = resolve_wandb_mode(g("wandb_mode") or os.environ.get("WANDB_MODE", "offline"), g("wandb_fallback") or "offline")
-    grid = g("grid") or "default"
-    if grid not in GRID_PRESETS:
-        raise AusteerError(f"--grid must be one of {', '.join(GRID_PRESETS)}, not '{grid}'")
+    preset = g("grid") or "default"
+    if preset not in GRID_PRESETS:
+        raise AusteerError(f"--grid must be one of {', '.join(GRID_PRESETS)}, not '{preset}'")
     methods = tuple(parse_list(g("methods"), "--methods", str)) if g("methods") else COMPARE_METHODS
     bad = [m for m in methods if m not in COMPARE_METHODS]
     if bad:
@@ -156,23 +159,23 @@ def options_from_args(args) -> CompareOptions:
                 SteeringState.output(Path(g("export_dir")) / method, overwrite=bool(g("overwrite"))).check(inputs=reads)
     chat = {"on": True, "off": False, "auto": None, None: None}[g("chat_template")]
     return CompareOptions(
-        task=g("task") or "rotten_tomatoes",
+        task=g("task") or DataConfig.task,
         model=g("model") or DEFAULT_MODEL,
-        seed=0 if g("seed") is None else int(g("seed")),
+        seed=DataConfig.seed if g("seed") is None else int(g("seed")),
         methods=methods,
-        grid=grid,
+        grid=preset,
         site=parse_list(g("site"), "--site", str) if g("site") else None,
-        k=parse_list(g("k"), "--k", int) if g("k") else None,
-        alpha=parse_list(g("alpha"), "--alpha", float) if g("alpha") else None,
-        sign=g("sign") or "promote",
+        k=grid["k"] or None,
+        alpha=grid["alpha"] or None,
+        sign=g("sign") or AusteerGrid.sign,
         strength_epochs=g("strength_epochs"),
         strength_lr=g("strength_lr"),
         strength_loss=g("strength_loss"),
-        negatives=g("negatives") or "sample",
+        negatives=g("negatives") or DataConfig.negatives,
         max_train_pairs=g("max_train_pairs"),
         max_val_examples=g("max_val_examples"),
         max_test_examples=max_test,
-        batch_size=g("batch_size") or 16,
+        batch_size=g("batch_size") or BatchConfig.batch_size,
         eval_batch_size=g("eval_batch_size"),
         max_length=g("max_length"),
         chat_template=chat,

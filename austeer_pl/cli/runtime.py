@@ -26,6 +26,8 @@ from transformers.utils import logging as hf_logging
 from austeer_pl.cli.tracking import WANDB_MODES
 from austeer_pl.core.output import os_error_message
 from austeer_pl.errors import AusteerError, SettingError
+from austeer_pl.fit.config import BatchConfig
+from austeer_pl.tasks.config import DataConfig
 
 # Messages that say nothing actionable about a frozen single-pass fit.
 _NOISE = (
@@ -188,10 +190,10 @@ class ModelDataOptions:
     """The model and data settings every driver takes (``None``: the pipeline's default)."""
 
     model: str | None = None
-    task: str = "rotten_tomatoes"
-    seed: int = 0
+    task: str = DataConfig.task
+    seed: int = DataConfig.seed
     max_train_pairs: int | None = None
-    batch_size: int = 16
+    batch_size: int = BatchConfig.batch_size
     max_length: int | None = None
     chat_template: bool | None = None
     dtype: str | None = None
