@@ -24,17 +24,17 @@ from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
 
 __all__ = [
-    "__version__",
-    "AusteerError",
-    "ActivationReader",
     "DEFAULT_MODEL",
+    "SITES",
+    "ActivationReader",
+    "AusteerError",
+    "EditHandle",
     "LayoutSpec",
     "ModelLayout",
     "MomentumAccumulator",
-    "SITES",
     "Selection",
-    "EditHandle",
     "SteeringState",
+    "__version__",
     "accumulate_momentum",
     "fit_state",
     "load_model",

@@ -24,9 +24,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # runnable as `python benchmarks/<name>.py` from anywhere
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from austeer_pl.core.fileio import write_json_atomic  # noqa: E402
+from austeer_pl.core.fileio import write_json_atomic
 
 RESULTS = Path(__file__).resolve().parent / "results"
 STATE_CACHE = Path(os.environ.get("AUSTEER_BENCH_CACHE", Path.home() / ".cache" / "austeer_pl" / "benchmarks"))
@@ -98,7 +98,7 @@ def finish(name: str, args: argparse.Namespace, info: dict[str, Any], results: d
     info["load_average_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     payload = {
         "benchmark": name,
-        "when": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "when": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "command": "python " + " ".join([f"benchmarks/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
         "machine": info,
         "args": {k: v for k, v in vars(args).items()},
@@ -145,7 +145,10 @@ def encode_batches(tokenizer, pairs: Sequence[dict[str, str]], batch_size: int, 
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i : i + batch_size]
         batches.append(
-            (encode_texts(tokenizer, [c["pos"] for c in chunk], device=device), encode_texts(tokenizer, [c["neg"] for c in chunk], device=device))
+            (
+                encode_texts(tokenizer, [c["pos"] for c in chunk], device=device),
+                encode_texts(tokenizer, [c["neg"] for c in chunk], device=device),
+            )
         )
     return batches
 
@@ -215,7 +218,10 @@ def interleave(
         for name in names:
             times[name].append(total[name])
         if label:
-            print(f"  [{label}] round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names), flush=True)
+            print(
+                f"  [{label}] round {r + 1}/{repeats}: " + ", ".join(f"{n} {times[n][-1]:.3f}s" for n in names),
+                flush=True,
+            )
     return times
 
 
@@ -277,7 +283,7 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
     cells = [[fmt(v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
+    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"
     return "\n".join([line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *(line(r) for r in cells)])
 
 
@@ -290,7 +296,9 @@ def contention_note(info: dict[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------- a real fitted state
-def fitted_ranking(model, tokenizer, *, n_pairs: int = 200, sites: Sequence[str] = ("attention", "ffn"), refit: bool = False):
+def fitted_ranking(
+    model, tokenizer, *, n_pairs: int = 200, sites: Sequence[str] = ("attention", "ffn"), refit: bool = False
+):
     """Every unit of ``sites`` ranked by momentum over ``n_pairs`` default-task pairs (cached on disk).
 
     The fit itself is not what these scripts time; it is cached under ``STATE_CACHE`` (keyed by the
@@ -340,7 +348,11 @@ def pair_readers():
         def full(model, layout, sites, pos, neg, pad_id=0):
             return old(ActivationReader(model, layout, sites), pos, neg)
 
-        shared = (lambda model, layout, sites, pos, neg, pad_id=0: old_shared(model, layout, sites, pos, neg, pad_id=pad_id)) if old_shared else None
+        shared = (
+            (lambda model, layout, sites, pos, neg, pad_id=0: old_shared(model, layout, sites, pos, neg, pad_id=pad_id))
+            if old_shared
+            else None
+        )
         return full, shared
 
     def full(model, layout, sites, pos, neg, pad_id=0):
@@ -381,8 +393,16 @@ def state_from(selection, layout, k: int, *, layers: Sequence[int] | None = None
                 quota[l] -= 1
                 keep.append(i)
         idx = torch.tensor(keep, dtype=torch.long)
-        selection = Selection(selection.sites, selection.site_index[idx], selection.layer[idx], selection.unit[idx], selection.momentum[idx])
-    return SteeringState.from_selection(selection.head(k), layout, alpha=alpha, base_model="smollm2-135m-instruct", sign_policy="both")
+        selection = Selection(
+            selection.sites,
+            selection.site_index[idx],
+            selection.layer[idx],
+            selection.unit[idx],
+            selection.momentum[idx],
+        )
+    return SteeringState.from_selection(
+        selection.head(k), layout, alpha=alpha, base_model="smollm2-135m-instruct", sign_policy="both"
+    )
 
 
 def prompt_batch(tokenizer, pairs: Sequence[dict[str, str]], device) -> dict[str, torch.Tensor]:

@@ -12,7 +12,6 @@ site, as the reader registers), with hand-minimal capture hooks, and the real ``
 
 from __future__ import annotations
 
-import _common as C
 import torch
 
 from austeer_pl import ActivationReader, locate_units
@@ -22,6 +21,8 @@ from austeer_pl.core.reading import (
     position_ids_from_mask,
 )
 from austeer_pl.core.sites import register_site_hook
+
+import _common as C
 
 
 def main() -> None:
@@ -39,8 +40,14 @@ def main() -> None:
     info = C.machine(device)
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=args.width, intermediate_size=2 * args.width, num_hidden_layers=args.layers,
-                      num_attention_heads=4, num_key_value_heads=2, vocab_size=1000)
+    cfg = LlamaConfig(
+        hidden_size=args.width,
+        intermediate_size=2 * args.width,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=1000,
+    )
     model = LlamaForCausalLM(cfg).eval().to(device)
     layout = locate_units(model)
     sites = ("attention", "ffn")
@@ -64,6 +71,7 @@ def main() -> None:
         flat = torch.arange(rows, device=device) * tokens + last_token_index(mask)
         slabs = {s: torch.empty(layout.n_layers, rows, layout.site(s).size, device=device) for s in sites}
         handles = []
+
         def pre(slab):
             def hook(_module, args):
                 torch.index_select(args[0].view(-1, slab.shape[1]), 0, flat, out=slab)
@@ -92,7 +100,12 @@ def main() -> None:
             for h in handles:
                 h.remove()
 
-    variants = {"plain": plain, "noop_hooks": noop_hooks, "minimal_capture": minimal_capture, "reader": lambda: reader(ids, mask)}
+    variants = {
+        "plain": plain,
+        "noop_hooks": noop_hooks,
+        "minimal_capture": minimal_capture,
+        "reader": lambda: reader(ids, mask),
+    }
     with torch.inference_mode():
         times = C.interleave(variants, args.repeats, device)
     results = {"layers": args.layers, "width": args.width, "rows": rows, "tokens": tokens, "variants": {}}

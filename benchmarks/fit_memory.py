@@ -19,8 +19,9 @@ import subprocess
 import sys
 import time
 
-import _common as C
 import torch
+
+import _common as C
 
 
 def child(args) -> None:
@@ -71,8 +72,22 @@ def main() -> None:
     sizes = [int(s) for s in (args.sizes or ("20,200" if args.quick else "200,2000")).split(",")]
     runs = {}
     for n in sizes:
-        cmd = [sys.executable, __file__, "--child", str(n), "--mode", args.mode, "--sites", args.sites,
-               "--batch_size", str(args.batch_size), "--device", args.device, "--dtype", args.dtype]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            str(n),
+            "--mode",
+            args.mode,
+            "--sites",
+            args.sites,
+            "--batch_size",
+            str(args.batch_size),
+            "--device",
+            args.device,
+            "--dtype",
+            args.dtype,
+        ]
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         print(f"  [memory] {n} pairs ({args.mode}) ...", flush=True)
@@ -80,21 +95,57 @@ def main() -> None:
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if line is None:
             raise SystemExit(f"child for {n} pairs failed:\n{proc.stderr[-3000:]}")
-        r = json.loads(line[len("RESULT "):])
+        r = json.loads(line[len("RESULT ") :])
         r["peak"] = r.get("gpu_peak", r["peak_rss"])
         r["pass_bytes"] = (r["gpu_peak"] - r["gpu_before"]) if "gpu_peak" in r else (r["peak_rss"] - r["rss_before"])
         runs[str(n)] = r
-        print(f"  [memory] {n} pairs: peak {r['peak'] / 2**20:.1f} MiB, pass {r['pass_bytes'] / 2**20:.1f} MiB, {r['seconds']:.0f} s", flush=True)
+        print(
+            f"  [memory] {n} pairs: peak {r['peak'] / 2**20:.1f} MiB, pass {r['pass_bytes'] / 2**20:.1f} MiB, {r['seconds']:.0f} s",
+            flush=True,
+        )
     lo, hi = runs[str(sizes[0])], runs[str(sizes[-1])]
     growth = hi["peak"] / lo["peak"] - 1
-    results = {"mode": args.mode, "sites": args.sites, "batch_size": args.batch_size, "runs": runs,
-               "peak_growth": growth, "target": {"peak_growth_max": 0.05, "met": growth < 0.05}}
+    results = {
+        "mode": args.mode,
+        "sites": args.sites,
+        "batch_size": args.batch_size,
+        "runs": runs,
+        "peak_growth": growth,
+        "target": {"peak_growth_max": 0.05, "met": growth < 0.05},
+    }
     kind = "peak allocated (GPU)" if device.type == "cuda" else "peak RSS"
-    rows = [[n, r["pairs"], r["longest_sequence_tokens"], r["peak"] / 2**20, r["rss_before"] / 2**20 if "gpu_peak" not in r else r["gpu_before"] / 2**20,
-             r["pass_bytes"] / 2**20, r["accumulator_bytes"] / 2**20, r["seconds"]] for n, r in runs.items()]
+    rows = [
+        [
+            n,
+            r["pairs"],
+            r["longest_sequence_tokens"],
+            r["peak"] / 2**20,
+            r["rss_before"] / 2**20 if "gpu_peak" not in r else r["gpu_before"] / 2**20,
+            r["pass_bytes"] / 2**20,
+            r["accumulator_bytes"] / 2**20,
+            r["seconds"],
+        ]
+        for n, r in runs.items()
+    ]
     print()
-    print(C.table(["pairs", "read", "longest seq (tokens)", f"{kind} MiB", "before pass MiB", "pass MiB", "accumulator MiB", "s"], rows))
-    print(f"\npeak growth {sizes[0]} -> {sizes[-1]} pairs: {100 * growth:+.2f}% (target < 5%: {'met' if growth < 0.05 else 'NOT met'})")
+    print(
+        C.table(
+            [
+                "pairs",
+                "read",
+                "longest seq (tokens)",
+                f"{kind} MiB",
+                "before pass MiB",
+                "pass MiB",
+                "accumulator MiB",
+                "s",
+            ],
+            rows,
+        )
+    )
+    print(
+        f"\npeak growth {sizes[0]} -> {sizes[-1]} pairs: {100 * growth:+.2f}% (target < 5%: {'met' if growth < 0.05 else 'NOT met'})"
+    )
     C.finish("fit_memory" if args.mode == "full" else "fit_memory_shared", args, info, results)
 
 

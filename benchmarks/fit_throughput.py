@@ -43,8 +43,13 @@ def main() -> None:
     joined = []
     for pos, neg in batches:
         width = max(pos["input_ids"].shape[1], neg["input_ids"].shape[1])
-        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))  # noqa: E731
-        joined.append((torch.cat([pad(pos["input_ids"]), pad(neg["input_ids"])]), torch.cat([pad(pos["attention_mask"]), pad(neg["attention_mask"])])))
+        pad = lambda t: torch.nn.functional.pad(t, (0, width - t.shape[1]))
+        joined.append(
+            (
+                torch.cat([pad(pos["input_ids"]), pad(neg["input_ids"])]),
+                torch.cat([pad(pos["attention_mask"]), pad(neg["attention_mask"])]),
+            )
+        )
     n_tokens = C.count_tokens(batches)
     n_padded = sum(int(ids.numel()) for ids, _ in joined)
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
@@ -80,10 +85,22 @@ def main() -> None:
     variants = {"causal_lm": causal_lm, "base_model": base_model, "momentum": momentum}
     if not args.no_shared and READ_SHARED is not None:
         variants["momentum_shared"] = momentum_shared
-    print(f"{n_pairs} pairs in {len(batches)} batches of {args.batch_size}, {n_tokens} real tokens ({n_padded} with padding), sites {sites}, {args.repeats} rounds")
+    print(
+        f"{n_pairs} pairs in {len(batches)} batches of {args.batch_size}, {n_tokens} real tokens ({n_padded} with padding), sites {sites}, {args.repeats} rounds"
+    )
     times = C.interleave(variants, args.repeats, device, steps=len(batches), label="fit")
 
-    rows, results = [], {"n_pairs": n_pairs, "batch_size": args.batch_size, "sites": sites, "real_tokens": n_tokens, "padded_tokens": n_padded, "variants": {}}
+    rows, results = (
+        [],
+        {
+            "n_pairs": n_pairs,
+            "batch_size": args.batch_size,
+            "sites": sites,
+            "real_tokens": n_tokens,
+            "padded_tokens": n_padded,
+            "variants": {},
+        },
+    )
     for name, ts in times.items():
         med = C.median(ts)
         vs_base = C.paired_ratio(times, "base_model", name)  # throughput ratio = time(base) / time(variant)
@@ -99,7 +116,11 @@ def main() -> None:
     m = results["variants"]["momentum"]["throughput_vs_base_model"]["median"]
     results["target"] = {"momentum_vs_base_model_min": 0.90, "met": m >= 0.90}
     print()
-    print(C.table(["variant", "s / pass (median)", "pairs/s", "tokens/s", "throughput vs base_model", "vs causal_lm"], rows))
+    print(
+        C.table(
+            ["variant", "s / pass (median)", "pairs/s", "tokens/s", "throughput vs base_model", "vs causal_lm"], rows
+        )
+    )
     print(f"\nmomentum / base_model throughput = {m:.3f} (target >= 0.90: {'met' if m >= 0.90 else 'NOT met'})")
     note = C.contention_note(info)
     if note:

@@ -22,23 +22,62 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from austeer_pl.core.fileio import write_json_atomic  # noqa: E402
+from austeer_pl.core.fileio import write_json_atomic
 
-BEFORE = ["--model.site", "attention", "--model.k", "[10, 50]", "--model.alpha", "[4, 16, 64]", "--model.criterion", "accuracy",
-          "--model.halving", "false", "--model.harm_budget", "null", "--model.verdict_level", "1", "--model.replay", "false",
-          "--data.max_val_examples", "100", "--data.eval_batch_size", "32"]
+BEFORE = [
+    "--model.site",
+    "attention",
+    "--model.k",
+    "[10, 50]",
+    "--model.alpha",
+    "[4, 16, 64]",
+    "--model.criterion",
+    "accuracy",
+    "--model.halving",
+    "false",
+    "--model.harm_budget",
+    "null",
+    "--model.verdict_level",
+    "1",
+    "--model.replay",
+    "false",
+    "--data.max_val_examples",
+    "100",
+    "--data.eval_batch_size",
+    "32",
+]
 
 
 def fit(extra: list[str], folder: Path) -> dict:
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "--run_dir", str(folder / "run"), "--export_dir", str(folder / "state"),
-                           "--wandb_mode", "disabled", *extra], capture_output=True, text=True, cwd=ROOT)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--run_dir",
+            str(folder / "run"),
+            "--export_dir",
+            str(folder / "state"),
+            "--wandb_mode",
+            "disabled",
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     seconds = time.perf_counter() - started
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
     fit = json.loads((folder / "state" / "steering_config.json").read_text())["metadata"]["fit"]
-    return {"seconds": seconds, "pass_seconds": fit.get("fit_seconds"), "k": len(fit.get("grid", [])), "chosen_val_accuracy": fit.get("val_accuracy"),
-            "grid_points": len(fit.get("grid", [])), "evaluations": (fit.get("verdict") or {}).get("evaluations")}
+    return {
+        "seconds": seconds,
+        "pass_seconds": fit.get("fit_seconds"),
+        "k": len(fit.get("grid", [])),
+        "chosen_val_accuracy": fit.get("val_accuracy"),
+        "grid_points": len(fit.get("grid", [])),
+        "evaluations": (fit.get("verdict") or {}).get("evaluations"),
+    }
 
 
 def main() -> None:
@@ -53,7 +92,9 @@ def main() -> None:
         for name, extra in order:
             with tempfile.TemporaryDirectory() as tmp:
                 row[name] = fit(extra, Path(tmp))
-            print(f"round {r}: {name}: {row[name]['seconds']:.0f} s ({row[name]['grid_points']} grid points)", flush=True)
+            print(
+                f"round {r}: {name}: {row[name]['seconds']:.0f} s ({row[name]['grid_points']} grid points)", flush=True
+            )
         row["ratio_after_before"] = row["after"]["seconds"] / row["before"]["seconds"]
         rounds.append(row)
         print(f"round {r}: after / before = {row['ratio_after_before']:.2f}", flush=True)

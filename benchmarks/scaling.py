@@ -61,6 +61,7 @@ def main() -> None:
     acc = acc_box["acc"]
     fit_rows = []
     for k in [int(x) for x in args.ks.split(",")]:
+
         def select(k=k):
             sel = select_units(acc, k, list(sites), "both")
             SteeringState.from_selection(sel, layout, alpha=2.0)
@@ -79,29 +80,51 @@ def main() -> None:
 
     @torch.inference_mode()
     def generate():
-        model.generate(**gen_batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        model.generate(
+            **gen_batch,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
 
     def overhead(state) -> dict:
         steer = C.Steer(model, layout, state)
-        out = {"k": state.k, "hooked_modules": sum(len(v) for v in state.layers_by_site().values()),
-               "layers": sorted({l for ls in state.layers_by_site().values() for l in ls})}
+        out = {
+            "k": state.k,
+            "hooked_modules": sum(len(v) for v in state.layers_by_site().values()),
+            "layers": sorted({l for ls in state.layers_by_site().values() for l in ls}),
+        }
         for name, fn, r in (("forward_b8", forward, 2 * rounds), ("generate_b1", generate, rounds)):
             times = C.interleave({"unsteered": fn, "steered": steer.wrap(fn)}, r, device)
-            out[name] = {"unsteered": C.summary(times["unsteered"]), "steered": C.summary(times["steered"]),
-                         "ratio": C.paired_ratio(times, "steered", "unsteered")}
+            out[name] = {
+                "unsteered": C.summary(times["unsteered"]),
+                "steered": C.summary(times["steered"]),
+                "ratio": C.paired_ratio(times, "steered", "unsteered"),
+            }
         return out
 
     k_rows, l_rows = [], []
     for k in [int(x) for x in args.ks.split(",")]:
         r = overhead(C.state_from(selection, layout, k))
         results["by_k"][str(k)] = r
-        k_rows.append([k, r["hooked_modules"], len(r["layers"]), r["forward_b8"]["ratio"]["median"], r["generate_b1"]["ratio"]["median"]])
+        k_rows.append(
+            [
+                k,
+                r["hooked_modules"],
+                len(r["layers"]),
+                r["forward_b8"]["ratio"]["median"],
+                r["generate_b1"]["ratio"]["median"],
+            ]
+        )
         print(f"  k={k}: {k_rows[-1]}", flush=True)
     for count in [int(x) for x in args.layer_counts.split(",")]:
         layers = spaced(layout.n_layers, count)
         r = overhead(C.state_from(selection, layout, 100, layers=layers))
         results["by_layers"][str(count)] = r
-        l_rows.append([count, r["hooked_modules"], r["forward_b8"]["ratio"]["median"], r["generate_b1"]["ratio"]["median"]])
+        l_rows.append(
+            [count, r["hooked_modules"], r["forward_b8"]["ratio"]["median"], r["generate_b1"]["ratio"]["median"]]
+        )
         print(f"  layers={count}: {l_rows[-1]}", flush=True)
 
     print()

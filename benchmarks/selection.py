@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from austeer_pl.core.fileio import write_json_atomic  # noqa: E402
+from austeer_pl.core.fileio import write_json_atomic
 
 OUT = ROOT / "benchmarks" / "results" / "selection"
 OLD_GRID = {"site": ["attention"], "k": [10, 50], "alpha": [4.0, 16.0, 64.0]}
@@ -67,7 +67,11 @@ def _ranked(d: dict[str, torch.Tensor], sites, weights: torch.Tensor | None, k: 
 
     any_site = next(iter(d.values()))
     acc = MomentumAccumulator({s: d[s].shape[2] for s in sites}, any_site.shape[1])
-    rows = torch.arange(any_site.shape[0]) if weights is None else torch.repeat_interleave(torch.arange(any_site.shape[0]), weights)
+    rows = (
+        torch.arange(any_site.shape[0])
+        if weights is None
+        else torch.repeat_interleave(torch.arange(any_site.shape[0]), weights)
+    )
     acc.update({s: d[s][rows] for s in sites}, {s: torch.zeros_like(d[s][rows]) for s in sites})
     sel = rank_units(acc, sites, "promote").head(k)
     return set(zip(sel.site_index.tolist(), sel.layer.tolist(), sel.unit.tolist()))
@@ -76,7 +80,11 @@ def _ranked(d: dict[str, torch.Tensor], sites, weights: torch.Tensor | None, k: 
 def _stable(d, sites, weights, k: int, inner: int, generator) -> set:
     """Stability selection: the k units most often in the top-k of ``inner`` bootstrap resamples of the (resampled) pairs."""
     n = int(weights.sum()) if weights is not None else next(iter(d.values())).shape[0]
-    base = torch.arange(next(iter(d.values())).shape[0]) if weights is None else torch.repeat_interleave(torch.arange(len(weights)), weights)
+    base = (
+        torch.arange(next(iter(d.values())).shape[0])
+        if weights is None
+        else torch.repeat_interleave(torch.arange(len(weights)), weights)
+    )
     counts: dict[tuple, int] = {}
     for _ in range(inner):
         draw = base[torch.randint(0, n, (n,), generator=generator)]
@@ -86,7 +94,9 @@ def _stable(d, sites, weights, k: int, inner: int, generator) -> set:
     return set(sorted(counts, key=lambda u: (-counts[u], u))[:k])
 
 
-def stability(d: dict[str, torch.Tensor], sites, ks, ns, *, outer: int = 6, inner: int = 10, seed: int = 0) -> list[dict]:
+def stability(
+    d: dict[str, torch.Tensor], sites, ks, ns, *, outer: int = 6, inner: int = 10, seed: int = 0
+) -> list[dict]:
     """Mean pairwise Jaccard of top-k sets over ``outer`` bootstrap resamples of the first N pairs."""
     out = []
     for n in ns:
@@ -100,9 +110,14 @@ def stability(d: dict[str, torch.Tensor], sites, ks, ns, *, outer: int = 6, inne
                 w = torch.bincount(torch.randint(0, n, (n,), generator=g), minlength=n)
                 plain.append(_ranked(sub, sites, w, k))
                 stable.append(_stable(sub, sites, w, k, inner, g))
-            jac = lambda sets: sum(len(a & b) / len(a | b) for a, b in itertools.combinations(sets, 2)) / math.comb(len(sets), 2)  # noqa: E731
+            jac = lambda sets: (
+                sum(len(a & b) / len(a | b) for a, b in itertools.combinations(sets, 2)) / math.comb(len(sets), 2)
+            )
             out.append({"n_pairs": n, "k": k, "jaccard_momentum": jac(plain), "jaccard_stability": jac(stable)})
-            print(f"  stability n={n} k={k}: momentum {out[-1]['jaccard_momentum']:.3f}  stability selection {out[-1]['jaccard_stability']:.3f}", flush=True)
+            print(
+                f"  stability n={n} k={k}: momentum {out[-1]['jaccard_momentum']:.3f}  stability selection {out[-1]['jaccard_stability']:.3f}",
+                flush=True,
+            )
     return out
 
 
@@ -121,7 +136,7 @@ def momentum_pass(model, tok, layout, task, config, train, sites):
     for pos, neg in read_text_pairs(model, tok, rows, layout, sites, batch_size=16, max_length=config.max_length):
         acc.update(pos, neg)
         for s in sites:
-            diffs[s].append((pos[s].float() - neg[s].float()))
+            diffs[s].append(pos[s].float() - neg[s].float())
     return acc, {s: torch.cat(v) for s, v in diffs.items()}
 
 
@@ -148,7 +163,13 @@ def score(args) -> None:
     torch.manual_seed(0)
     tag = _tag(args.task, args.seed, args.pairs)
     out = Path(args.out) if args.out else OUT / f"{tag}.json"
-    config = DataConfig(task=args.task, seed=args.seed, max_train_pairs=args.pairs, max_val_examples=args.val, max_test_examples=args.test)
+    config = DataConfig(
+        task=args.task,
+        seed=args.seed,
+        max_train_pairs=args.pairs,
+        max_val_examples=args.val,
+        max_test_examples=args.test,
+    )
     task, splits = config.load()
     model, tok = load_model("smollm2-135m-instruct")
     layout = locate_units(model)
@@ -156,20 +177,40 @@ def score(args) -> None:
     started = time.perf_counter()
     acc, d = momentum_pass(model, tok, layout, task, config, splits["train"], sites)
     pass_seconds = time.perf_counter() - started
-    print(f"{tag}: {acc.n} pairs in {pass_seconds:.0f} s; val {len(splits['val'])}, test {len(splits['test'])}", flush=True)
+    print(
+        f"{tag}: {acc.n} pairs in {pass_seconds:.0f} s; val {len(splits['val'])}, test {len(splits['test'])}",
+        flush=True,
+    )
 
     if args.stability_only:
         ns = [n for n in (64, 128, 256, 512) if n <= acc.n]
-        result = {"task": args.task, "seed": args.seed, "pairs": acc.n, "pass_seconds": pass_seconds,
-                  "stability": stability(d, ("attention",), [10, 50], ns) + stability(d, ("ffn",), [10], ns)}
+        result = {
+            "task": args.task,
+            "seed": args.seed,
+            "pairs": acc.n,
+            "pass_seconds": pass_seconds,
+            "stability": stability(d, ("attention",), [10, 50], ns) + stability(d, ("ffn",), [10], ns),
+        }
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out, result)
         return
     grids = [OLD_GRID, new_grid()]
-    points = sorted({(s, int(k), float(a)) for g in grids for s in g["site"] for k in g["k"] for a in g["alpha"]}, key=lambda p: (p[0] != "attention", p[1], p[2]))
-    cands = [Candidate("unsteered", {}, None)] + [Candidate("austeer", {"site": s, "k": k, "alpha": a}, state) for (s, k, a), state in zip(points, build_states(model, layout, acc, points))]
+    points = sorted(
+        {(s, int(k), float(a)) for g in grids for s in g["site"] for k in g["k"] for a in g["alpha"]},
+        key=lambda p: (p[0] != "attention", p[1], p[2]),
+    )
+    cands = [Candidate("unsteered", {}, None)] + [
+        Candidate("austeer", {"site": s, "k": k, "alpha": a}, state)
+        for (s, k, a), state in zip(points, build_states(model, layout, acc, points))
+    ]
     scorer = GridScorer(model, tok, layout, task, batch_size=args.batch_size, max_length=config.max_length)
-    result = {"task": args.task, "seed": args.seed, "pairs": acc.n, "pass_seconds": pass_seconds, "candidates": [c.hyper for c in cands]}
+    result = {
+        "task": args.task,
+        "seed": args.seed,
+        "pairs": acc.n,
+        "pass_seconds": pass_seconds,
+        "candidates": [c.hyper for c in cands],
+    }
     for split in ("val", "test"):
         examples = list(splits[split])
         prompts = [format_prompt(tok, task, ex.prompt, chat_template=config.chat_template) for ex in examples]
@@ -177,7 +218,10 @@ def score(args) -> None:
         stats = scorer.score([c.state for c in cands], examples, prompts)
         result[f"{split}_seconds"] = time.perf_counter() - t
         result[split] = [[[round(float(v), 5) for v in row] for row in cand] for cand in stats.tolist()]
-        print(f"  {split}: {len(cands)} points x {len(examples)} examples in {result[f'{split}_seconds']:.0f} s", flush=True)
+        print(
+            f"  {split}: {len(cands)} points x {len(examples)} examples in {result[f'{split}_seconds']:.0f} s",
+            flush=True,
+        )
     t = time.perf_counter()
     generic = generic_texts(tok, model)
     result["harm_kl"] = harm_kl(model, tok, layout, [c.state for c in cands], generic).tolist()
@@ -186,7 +230,10 @@ def score(args) -> None:
         from austeer_pl.scoring.generation import generate_new_text as generate_texts
         from austeer_pl.tasks import Task
 
-        asks = ["Review: a gorgeous, moving film.\nIs the sentiment of this review positive or negative?", "Write one sentence about the sea."]
+        asks = [
+            "Review: a gorgeous, moving film.\nIs the sentiment of this review positive or negative?",
+            "Write one sentence about the sea.",
+        ]
         asks = [format_prompt(tok, Task("generic", ()), a, chat_template=True) for a in asks]
         result["generations"] = []
         for c in cands:
@@ -205,7 +252,12 @@ def _choose(result, rule: dict):
     from austeer_pl.fit.choose import Candidate, choose, pick
 
     hyper = result["candidates"]
-    in_grid = [i for i, h in enumerate(hyper) if not h or (h["site"] in rule["grid"]["site"] and h["k"] in rule["grid"]["k"] and h["alpha"] in rule["grid"]["alpha"])]
+    in_grid = [
+        i
+        for i, h in enumerate(hyper)
+        if not h
+        or (h["site"] in rule["grid"]["site"] and h["k"] in rule["grid"]["k"] and h["alpha"] in rule["grid"]["alpha"])
+    ]
     cands = []
     for i in in_grid:
         h = hyper[i]
@@ -216,9 +268,19 @@ def _choose(result, rule: dict):
         steered = list(range(1, len(cands)))
         return in_grid[pick(cands, acc, steered)], None
     harm = torch.tensor(result["harm_kl"], dtype=torch.float64)[in_grid]
-    g = choose(cands, val.shape[1], lambda idx, lo, hi: val[list(idx), lo:hi], criterion=rule["criterion"], halving=rule["halving"],
-               min_examples=rule.get("min_examples", 16), eta=rule.get("eta", 3), harm=lambda idx: harm[list(idx)],
-               harm_budget=rule["harm_budget"], level=rule["level"], correction=rule.get("correction", "grid"))
+    g = choose(
+        cands,
+        val.shape[1],
+        lambda idx, lo, hi: val[list(idx), lo:hi],
+        criterion=rule["criterion"],
+        halving=rule["halving"],
+        min_examples=rule.get("min_examples", 16),
+        eta=rule.get("eta", 3),
+        harm=lambda idx: harm[list(idx)],
+        harm_budget=rule["harm_budget"],
+        level=rule["level"],
+        correction=rule.get("correction", "grid"),
+    )
     index = g.best if rule.get("export_anyway") and g.best is not None else g.index
     return in_grid[index], g
 
@@ -243,18 +305,50 @@ def rules() -> list[dict]:
 
     grid = new_grid()
     base = {"grid": grid, **DEFAULT_SELECTION}
-    out = [{"name": "before (accuracy, 6 points, 100 val)", "grid": OLD_GRID, "n_val": 100},
-           {"name": "before grid, all val, accuracy", "grid": OLD_GRID, "criterion": "accuracy", "halving": False, "harm_budget": None, "level": 1.0}]
+    out = [
+        {"name": "before (accuracy, 6 points, 100 val)", "grid": OLD_GRID, "n_val": 100},
+        {
+            "name": "before grid, all val, accuracy",
+            "grid": OLD_GRID,
+            "criterion": "accuracy",
+            "halving": False,
+            "harm_budget": None,
+            "level": 1.0,
+        },
+    ]
     for crit in ("accuracy", "margin", "loss"):
-        out.append({**base, "name": f"{crit}, full grid, no verdict", "criterion": crit, "halving": False, "harm_budget": None, "level": 1.0})
+        out.append(
+            {
+                **base,
+                "name": f"{crit}, full grid, no verdict",
+                "criterion": crit,
+                "halving": False,
+                "harm_budget": None,
+                "level": 1.0,
+            }
+        )
     out.append({**base, "name": "loss, halving, no verdict", "halving": True, "harm_budget": None, "level": 1.0})
     out.append({**base, "name": "loss, halving, harm budget, no verdict", "halving": True, "level": 1.0})
     for budget in (0.25, 1.0):
         out.append({**base, "name": f"loss, halving, harm budget {budget:g}, verdict", "harm_budget": budget})
     out.append({**base, "name": "accuracy, halving, harm budget, verdict", "criterion": "accuracy"})
     out.append({**base, "name": "loss, halving, harm budget, verdict (Bonferroni over the grid)", "correction": "grid"})
-    out.append({**base, "name": "accuracy, halving, harm budget, verdict (final-round correction)", "criterion": "accuracy", "correction": "final"})
-    out.append({**base, "name": "margin, halving, harm budget, verdict (final-round correction)", "criterion": "margin", "correction": "final"})
+    out.append(
+        {
+            **base,
+            "name": "accuracy, halving, harm budget, verdict (final-round correction)",
+            "criterion": "accuracy",
+            "correction": "final",
+        }
+    )
+    out.append(
+        {
+            **base,
+            "name": "margin, halving, harm budget, verdict (final-round correction)",
+            "criterion": "margin",
+            "correction": "final",
+        }
+    )
     out.append({**base, "name": "after (default: loss, halving, harm budget, verdict)"})
     out.append({**base, "name": "after, --export_anyway", "export_anyway": True})
     return out
@@ -262,7 +356,7 @@ def rules() -> list[dict]:
 
 def report(args) -> None:
     files = sorted(Path(p) for p in (args.files or [str(f) for f in OUT.glob("*.json") if f.name != "report.json"]))
-    rows, table = [], []
+    rows = []
     for f in files:
         result = json.loads(f.read_text())
         if "val" not in result:  # a stability-only run
@@ -271,46 +365,86 @@ def report(args) -> None:
         union_oracle = float(test.max())
         hyper = result["candidates"]
         grid = new_grid()
-        new_idx = [i for i, h in enumerate(hyper) if not h or (h["site"] in grid["site"] and h["k"] in grid["k"] and h["alpha"] in grid["alpha"])]
-        entry = {"config": f.stem, "n_val": len(result["val"][0]), "n_test": len(result["test"][0]), "unsteered": float(test[0]),
-                 "oracle": union_oracle, "oracle_new_grid": float(test[new_idx].max()), "rules": {}}
+        new_idx = [
+            i
+            for i, h in enumerate(hyper)
+            if not h or (h["site"] in grid["site"] and h["k"] in grid["k"] and h["alpha"] in grid["alpha"])
+        ]
+        entry = {
+            "config": f.stem,
+            "n_val": len(result["val"][0]),
+            "n_test": len(result["test"][0]),
+            "unsteered": float(test[0]),
+            "oracle": union_oracle,
+            "oracle_new_grid": float(test[new_idx].max()),
+            "rules": {},
+        }
         for rule in rules():
             index, g = _choose(result, rule)
-            entry["rules"][rule["name"]] = {"chosen": hyper[index] or "no steering", "test_accuracy": float(test[index]),
-                                            "regret": union_oracle - float(test[index]), "harm_kl": result["harm_kl"][index],
-                                            "helps": None if g is None else g.helps, "evaluations": None if g is None else g.scored_evaluations}
+            entry["rules"][rule["name"]] = {
+                "chosen": hyper[index] or "no steering",
+                "test_accuracy": float(test[index]),
+                "regret": union_oracle - float(test[index]),
+                "harm_kl": result["harm_kl"][index],
+                "helps": None if g is None else g.helps,
+                "evaluations": None if g is None else g.scored_evaluations,
+            }
         rows.append(entry)
     names = [r["name"] for r in rules()]
     for e in rows:  # one line per rule is easier to read than one column per rule
         print(f"{e['config']}: unsteered {e['unsteered']:.3f}, oracle {e['oracle']:.3f}")
         for n in names:
             r = e["rules"][n]
-            print(f"   {n:55s} {r['test_accuracy']:.3f} regret {r['regret']:+.3f} kl {r['harm_kl']:.2f} helps {r['helps']} evals {r['evaluations']} {r['chosen']}")
+            print(
+                f"   {n:55s} {r['test_accuracy']:.3f} regret {r['regret']:+.3f} kl {r['harm_kl']:.2f} helps {r['helps']} evals {r['evaluations']} {r['chosen']}"
+            )
     main = [n for n in names if n.startswith(("before (", "after"))] + ["loss, halving, harm budget, no verdict"]
-    lines = ["| config | n val / test | unsteered | oracle | " + " | ".join(main) + " |", "| --- " * (4 + len(main)) + "|"]
+    lines = [
+        "| config | n val / test | unsteered | oracle | " + " | ".join(main) + " |",
+        "| --- " * (4 + len(main)) + "|",
+    ]
     for e in rows:
         cells = []
         for n in main:
             r = e["rules"][n]
-            label = "no steering" if r["chosen"] == "no steering" else f"{r['chosen']['site'][:3]} k={r['chosen']['k']} a={r['chosen']['alpha']:g}"
+            label = (
+                "no steering"
+                if r["chosen"] == "no steering"
+                else f"{r['chosen']['site'][:3]} k={r['chosen']['k']} a={r['chosen']['alpha']:g}"
+            )
             cells.append(f"{r['test_accuracy']:.3f} ({label})")
-        lines.append(f"| {e['config']} | {e['n_val']} / {e['n_test']} | {e['unsteered']:.3f} | {e['oracle']:.3f} | " + " | ".join(cells) + " |")
-    groups = {"all configurations": rows, "rotten_tomatoes": [e for e in rows if e["config"].startswith("rotten_tomatoes")]}
+        lines.append(
+            f"| {e['config']} | {e['n_val']} / {e['n_test']} | {e['unsteered']:.3f} | {e['oracle']:.3f} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    groups = {
+        "all configurations": rows,
+        "rotten_tomatoes": [e for e in rows if e["config"].startswith("rotten_tomatoes")],
+    }
     groups["BIG-bench"] = [e for e in rows if e not in groups["rotten_tomatoes"]]
     mean = []
     for group, members in groups.items():
-        if not members or (group == "all configurations" and len(members) in (len(groups["rotten_tomatoes"]), len(groups["BIG-bench"]))):
+        if not members or (
+            group == "all configurations" and len(members) in (len(groups["rotten_tomatoes"]), len(groups["BIG-bench"]))
+        ):
             continue
-        mean += ["", f"{group} ({len(members)}):", "",
-                 "| rule | mean regret (oracle - chosen) | mean gain over unsteered | worst gain | configs declared no help | mean KL of the chosen | mean evaluations |",
-                 "| --- | --- | --- | --- | --- | --- | --- |"]
+        mean += [
+            "",
+            f"{group} ({len(members)}):",
+            "",
+            "| rule | mean regret (oracle - chosen) | mean gain over unsteered | worst gain | configs declared no help | mean KL of the chosen | mean evaluations |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+        ]
         for n in names:
             rs = [e["rules"][n] for e in members]
             gains = [r["test_accuracy"] - e["unsteered"] for r, e in zip(rs, members)]
             evals = [r["evaluations"] for r in rs if r["evaluations"] is not None]
-            mean.append(f"| {n} | {sum(r['regret'] for r in rs) / len(rs):.3f} | {sum(gains) / len(gains):+.3f} | {min(gains):+.3f} | "
-                        f"{sum(1 for r in rs if r['chosen'] == 'no steering')} / {len(rs)} | {sum(r['harm_kl'] for r in rs) / len(rs):.2f} | "
-                        f"{sum(evals) / len(evals) if evals else float('nan'):.0f} |")
+            mean.append(
+                f"| {n} | {sum(r['regret'] for r in rs) / len(rs):.3f} | {sum(gains) / len(gains):+.3f} | {min(gains):+.3f} | "
+                f"{sum(1 for r in rs if r['chosen'] == 'no steering')} / {len(rs)} | {sum(r['harm_kl'] for r in rs) / len(rs):.2f} | "
+                f"{sum(evals) / len(evals) if evals else float('nan'):.0f} |"
+            )
     text = "\n".join(lines + mean)
     print(text)
     write_json_atomic(OUT / "report.json", {"rows": rows, "table": text})
@@ -332,8 +466,12 @@ def main(argv=None) -> None:
     s = config_arguments(sub.add_parser("score"))
     s.add_argument("--batch_size", type=int, default=8)
     s.add_argument("--stability", action="store_true")
-    s.add_argument("--stability_only", action="store_true", help="only the pass and the top-k overlap (no grid scoring)")
-    s.add_argument("--generations", action="store_true", help="also keep each point's greedy answers to two ordinary prompts")
+    s.add_argument(
+        "--stability_only", action="store_true", help="only the pass and the top-k overlap (no grid scoring)"
+    )
+    s.add_argument(
+        "--generations", action="store_true", help="also keep each point's greedy answers to two ordinary prompts"
+    )
     s.add_argument("--out", default=None)
     r = sub.add_parser("report")
     r.add_argument("files", nargs="*")

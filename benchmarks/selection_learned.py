@@ -28,17 +28,21 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch
 
-from austeer_pl.core.fileio import write_json_atomic  # noqa: E402
-from austeer_pl.fit.config import SelectionConfig  # noqa: E402
+from austeer_pl.core.fileio import write_json_atomic
+from austeer_pl.fit.config import SelectionConfig
 
 DEFAULT_SELECTION = SelectionConfig().choose_kwargs()
 
 OUT = ROOT / "benchmarks" / "results" / "selection"
 # (name, kind, loss, kl_weight): scalar/gate x nll/choice x KL weight 1 (the default) / 0.1.
 # The first round's best variant first (the runs are long on a CPU; each is written when done).
-VARIANTS = [(f"{kind}_{loss}_kl{kl:g}", kind, loss, kl) for loss, kl in (("choice", 0.1), ("nll", 1.0), ("choice", 1.0), ("nll", 0.1)) for kind in ("gate", "scalar")]
+VARIANTS = [
+    (f"{kind}_{loss}_kl{kl:g}", kind, loss, kl)
+    for loss, kl in (("choice", 0.1), ("nll", 1.0), ("choice", 1.0), ("nll", 0.1))
+    for kind in ("gate", "scalar")
+]
 HARM_BUDGET = DEFAULT_SELECTION["harm_budget"]
 
 
@@ -55,7 +59,9 @@ def score(args) -> None:
     tag = sel._tag(args.task, args.seed, args.pairs)
     grid_file = OUT / f"{tag}.json"
     if not grid_file.exists():
-        raise SystemExit(f"error: {grid_file} is missing; run benchmarks/selection.py score with the same --task/--seed/--pairs first")
+        raise SystemExit(
+            f"error: {grid_file} is missing; run benchmarks/selection.py score with the same --task/--seed/--pairs first"
+        )
     grid = json.loads(grid_file.read_text())
     rule = {"name": "after, --export_anyway", "grid": sel.new_grid(), **DEFAULT_SELECTION, "export_anyway": True}
     index, _ = sel._choose(grid, rule)
@@ -63,28 +69,57 @@ def score(args) -> None:
     test_grid = torch.tensor(grid["test"], dtype=torch.float64)[:, :, 0].mean(1)
 
     torch.manual_seed(0)
-    config = DataConfig(task=args.task, seed=args.seed, max_train_pairs=args.pairs, max_val_examples=args.val, max_test_examples=args.test)
+    config = DataConfig(
+        task=args.task,
+        seed=args.seed,
+        max_train_pairs=args.pairs,
+        max_val_examples=args.val,
+        max_test_examples=args.test,
+    )
     task, splits = config.load()
     if (len(splits["val"]), len(splits["test"])) != (len(grid["val"][0]), len(grid["test"][0])):
-        raise SystemExit(f"error: --val/--test give {len(splits['val'])}/{len(splits['test'])} examples but {grid_file.name} has "
-                         f"{len(grid['val'][0])}/{len(grid['test'][0])}; pass the sizes it was scored with")
+        raise SystemExit(
+            f"error: --val/--test give {len(splits['val'])}/{len(splits['test'])} examples but {grid_file.name} has "
+            f"{len(grid['val'][0])}/{len(grid['test'][0])}; pass the sizes it was scored with"
+        )
     model, tok = load_model("smollm2-135m-instruct")
     layout = locate_units(model)
     acc, _ = sel.momentum_pass(model, tok, layout, task, config, splits["train"], ("attention", "ffn"))
     base = sel.build_states(model, layout, acc, [(point["site"], point["k"], point["alpha"])])[0]
 
-    dm = ContrastivePairDataModule(task=args.task, seed=args.seed, max_train_pairs=args.pairs, max_val_examples=args.val, max_test_examples=args.test)
+    dm = ContrastivePairDataModule(
+        task=args.task,
+        seed=args.seed,
+        max_train_pairs=args.pairs,
+        max_val_examples=args.val,
+        max_test_examples=args.test,
+    )
     dm.tokenizer = tok
     dm.setup("fit")
     bs = dm.hparams.eval_batch_size
     held = {split: (list(splits[split]), dm.prompt_texts(splits[split])) for split in ("val", "test")}
     generic = generic_texts(tok, model)
-    print(f"{tag}: starting point {point} (test {float(test_grid[index]):.3f} in {grid_file.name}); {len(dm.train_examples)} training examples", flush=True)
+    print(
+        f"{tag}: starting point {point} (test {float(test_grid[index]):.3f} in {grid_file.name}); {len(dm.train_examples)} training examples",
+        flush=True,
+    )
 
     out = Path(args.out) if args.out else OUT / f"learned-{tag}.json"
-    result = json.loads(out.read_text()) if out.exists() else {"task": args.task, "seed": args.seed, "pairs": acc.n, "variants": {}}
-    result.update(point=point, rule_test_accuracy=float(test_grid[index]), oracle=float(test_grid.max()), unsteered=float(test_grid[0]),
-                  n_val=len(held["val"][0]), n_test=len(held["test"][0]), n_train_examples=len(dm.train_examples), epochs=args.epochs)
+    result = (
+        json.loads(out.read_text())
+        if out.exists()
+        else {"task": args.task, "seed": args.seed, "pairs": acc.n, "variants": {}}
+    )
+    result.update(
+        point=point,
+        rule_test_accuracy=float(test_grid[index]),
+        oracle=float(test_grid.max()),
+        unsteered=float(test_grid[0]),
+        n_val=len(held["val"][0]),
+        n_test=len(held["test"][0]),
+        n_train_examples=len(dm.train_examples),
+        epochs=args.epochs,
+    )
     hp = {"lr": 0.01, "patience": 2, "gate_width": 16}  # AUSteerModule's defaults
     wanted = [v for v in VARIANTS if not args.variants or v[0] in args.variants]
     start: dict[str, tuple] = {}  # epoch 0 is the rule itself: scored once per strength kind
@@ -92,8 +127,20 @@ def score(args) -> None:
         if name in result["variants"] and not args.redo:
             continue
         started = time.perf_counter()
-        trainer = StrengthTrainer(model, layout, base, kind, lr=hp["lr"], kl_weight=kl, loss=loss, patience=hp["patience"], gate_width=hp["gate_width"])
-        sums = lambda split: trainer.validation_sums(tok, task, *held[split], scoring="loglik", batch_size=bs, max_length=dm.hparams.max_length)  # noqa: E731
+        trainer = StrengthTrainer(
+            model,
+            layout,
+            base,
+            kind,
+            lr=hp["lr"],
+            kl_weight=kl,
+            loss=loss,
+            patience=hp["patience"],
+            gate_width=hp["gate_width"],
+        )
+        sums = lambda split: trainer.validation_sums(
+            tok, task, *held[split], scoring="loglik", batch_size=bs, max_length=dm.hparams.max_length
+        )
         history, weights = [], []
         train_seconds = 0.0
         for epoch in range(args.epochs + 1):
@@ -112,8 +159,11 @@ def score(args) -> None:
                     start[kind] = (val, StrengthTrainer.record(sums("test")), kl0)
             weights.append(trainer._snapshot())
             history.append({"epoch": epoch, "val": StrengthTrainer.record(val), "test": None, "harm_kl": kl0})
-            print(f"  {name} epoch {epoch}: val acc {history[-1]['val']['val_accuracy']:.3f} loss {history[-1]['val']['val_choice_loss']:.4f}  "
-                  f"kl {kl0:.3f}  ({time.perf_counter() - started:.0f} s)", flush=True)
+            print(
+                f"  {name} epoch {epoch}: val acc {history[-1]['val']['val_accuracy']:.3f} loss {history[-1]['val']['val_choice_loss']:.4f}  "
+                f"kl {kl0:.3f}  ({time.perf_counter() - started:.0f} s)",
+                flush=True,
+            )
             if epoch == 0:
                 trainer.begin(val)
             else:
@@ -124,11 +174,20 @@ def score(args) -> None:
             trainer.fn.load_state_dict(weights[epoch])
             history[epoch]["test"] = StrengthTrainer.record(sums("test"))
             print(f"  {name} epoch {epoch}: test acc {history[epoch]['test']['val_accuracy']:.3f}", flush=True)
-        result["variants"][name] = {"kind": kind, "loss": loss, "kl_weight": kl, "history": history, "train_seconds": train_seconds,
-                                    "seconds": time.perf_counter() - started}
+        result["variants"][name] = {
+            "kind": kind,
+            "loss": loss,
+            "kl_weight": kl,
+            "history": history,
+            "train_seconds": train_seconds,
+            "seconds": time.perf_counter() - started,
+        }
         OUT.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out, result)
-        print(f"  {name}: {result['variants'][name]['seconds']:.0f} s (training {train_seconds:.0f} s); written {out}", flush=True)
+        print(
+            f"  {name}: {result['variants'][name]['seconds']:.0f} s (training {train_seconds:.0f} s); written {out}",
+            flush=True,
+        )
 
 
 def _live_state(trainer):
@@ -167,9 +226,13 @@ def loss_epoch(history: list[dict], harm_budget: float | None = None) -> int:
 def report(args) -> None:
     import selection as sel
 
-    files = sorted(Path(p) for p in (args.files or [str(f) for f in OUT.glob("learned-*.json") if f.name != "learned-report.json"]))
-    lines = ["| config | variant | best epoch: accuracy rule / log-loss rule | val acc: alpha*m -> learned (accuracy rule / log-loss rule) | test acc: rule | learned (accuracy rule) | learned (log-loss rule, train.py's) | regret to the grid oracle (log-loss rule) | KL of the learned state (log-loss rule) | train s |",
-             "| --- " * 10 + "|"]
+    files = sorted(
+        Path(p) for p in (args.files or [str(f) for f in OUT.glob("learned-*.json") if f.name != "learned-report.json"])
+    )
+    lines = [
+        "| config | variant | best epoch: accuracy rule / log-loss rule | val acc: alpha*m -> learned (accuracy rule / log-loss rule) | test acc: rule | learned (accuracy rule) | learned (log-loss rule, train.py's) | regret to the grid oracle (log-loss rule) | KL of the learned state (log-loss rule) | train s |",
+        "| --- " * 10 + "|",
+    ]
     summary: dict[str, list] = {}
     for f in files:
         r = json.loads(f.read_text())
@@ -178,12 +241,26 @@ def report(args) -> None:
             h = v["history"]
             a, b = accuracy_epoch(h, loss=v["loss"]), loss_epoch(h, HARM_BUDGET)
             ta, tb = h[a]["test"]["val_accuracy"], h[b]["test"]["val_accuracy"]
-            summary.setdefault(name, []).append((ta - r["rule_test_accuracy"], tb - r["rule_test_accuracy"], r["oracle"] - ta, r["oracle"] - tb, h[b]["harm_kl"]))
-            lines.append(f"| {config} | {name} | {a} / {b} | {h[0]['val']['val_accuracy']:.3f} -> {h[a]['val']['val_accuracy']:.3f} / {h[b]['val']['val_accuracy']:.3f} | "
-                         f"{r['rule_test_accuracy']:.3f} | {ta:.3f} | {tb:.3f} | {r['oracle'] - tb:+.3f} | {h[b]['harm_kl']:.2f} | {v['train_seconds']:.0f} |")
-    mean = ["", "| variant | configs | mean test gain over alpha*m (accuracy epoch rule) | (log-loss epoch rule) | mean regret (accuracy rule) | (log-loss rule) | mean KL (log-loss rule) |", "| --- " * 7 + "|"]
+            summary.setdefault(name, []).append(
+                (
+                    ta - r["rule_test_accuracy"],
+                    tb - r["rule_test_accuracy"],
+                    r["oracle"] - ta,
+                    r["oracle"] - tb,
+                    h[b]["harm_kl"],
+                )
+            )
+            lines.append(
+                f"| {config} | {name} | {a} / {b} | {h[0]['val']['val_accuracy']:.3f} -> {h[a]['val']['val_accuracy']:.3f} / {h[b]['val']['val_accuracy']:.3f} | "
+                f"{r['rule_test_accuracy']:.3f} | {ta:.3f} | {tb:.3f} | {r['oracle'] - tb:+.3f} | {h[b]['harm_kl']:.2f} | {v['train_seconds']:.0f} |"
+            )
+    mean = [
+        "",
+        "| variant | configs | mean test gain over alpha*m (accuracy epoch rule) | (log-loss epoch rule) | mean regret (accuracy rule) | (log-loss rule) | mean KL (log-loss rule) |",
+        "| --- " * 7 + "|",
+    ]
     for name, rows in summary.items():
-        m = lambda i: sum(x[i] for x in rows) / len(rows)  # noqa: E731
+        m = lambda i: sum(x[i] for x in rows) / len(rows)
         mean.append(f"| {name} | {len(rows)} | {m(0):+.3f} | {m(1):+.3f} | {m(2):.3f} | {m(3):.3f} | {m(4):.2f} |")
     text = "\n".join(lines + mean)
     print(text)
@@ -198,7 +275,9 @@ def main(argv=None) -> None:
 
     s = sel.config_arguments(sub.add_parser("score"))
     s.add_argument("--epochs", type=int, default=3)
-    s.add_argument("--variants", nargs="*", default=None, help=f"names among {', '.join(v[0] for v in VARIANTS)} (default: all)")
+    s.add_argument(
+        "--variants", nargs="*", default=None, help=f"names among {', '.join(v[0] for v in VARIANTS)} (default: all)"
+    )
     s.add_argument("--redo", action="store_true", help="score variants already in the output again")
     s.add_argument("--out", default=None)
     r = sub.add_parser("report")

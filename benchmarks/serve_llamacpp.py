@@ -22,9 +22,10 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import _common as C
 import numpy as np
 import torch
+
+import _common as C
 
 
 def answer_logprob(logits: np.ndarray, ids: list[int], start: int) -> float:
@@ -57,9 +58,18 @@ def control_vector_check(llm, model, tok, layout, layer: int, path: Path) -> dic
     def shift_state(at: int) -> SteeringState:
         shift = torch.randn(size, generator=torch.Generator().manual_seed(0)) * 2.0
         return SteeringState(
-            sites=("residual",), site_index=torch.zeros(size, dtype=torch.long), layer=torch.full((size,), at),
-            unit=torch.arange(size), momentum=torch.zeros(size), scale=torch.zeros(size), shift=shift, alpha=1.0,
-            architecture=layout.architecture, n_layers=n_layers, site_sizes={"residual": size}, method="caa",
+            sites=("residual",),
+            site_index=torch.zeros(size, dtype=torch.long),
+            layer=torch.full((size,), at),
+            unit=torch.arange(size),
+            momentum=torch.zeros(size),
+            scale=torch.zeros(size),
+            shift=shift,
+            alpha=1.0,
+            architecture=layout.architecture,
+            n_layers=n_layers,
+            site_sizes={"residual": size},
+            method="caa",
         )
 
     export_control_vector(shift_state(layer), path)
@@ -87,7 +97,11 @@ def control_vector_check(llm, model, tok, layout, layer: int, path: Path) -> dic
             with shift_state(at).apply(model, layout=layout):
                 hf = model(x).logits[0].float().cpu().numpy() - hf_base
             corr[at] = float(np.corrcoef(delta.ravel(), hf.ravel())[0, 1])
-    return {"layer": layer, "correlation_with_hooked_shift_at_layer": corr, "max_abs_logit_change": float(np.abs(delta).max())}
+    return {
+        "layer": layer,
+        "correlation_with_hooked_shift_at_layer": corr,
+        "max_abs_logit_change": float(np.abs(delta).max()),
+    }
 
 
 def main() -> None:
@@ -122,7 +136,12 @@ def main() -> None:
             handle = state.apply(model, layout=layout) if steered else None
             try:
                 for prompt, full in encoded:
-                    lp = [answer_logprob(model(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy(), ids, len(prompt)) for ids in full]
+                    lp = [
+                        answer_logprob(
+                            model(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy(), ids, len(prompt)
+                        )
+                        for ids in full
+                    ]
                     out.append(lp[0] - lp[1])
             finally:
                 if handle is not None:
@@ -164,8 +183,13 @@ def main() -> None:
                 out = engines[name].create_completion(text, max_tokens=args.gen_tokens, temperature=0.0)
                 tokens_out[name] += int(out["usage"]["completion_tokens"])
 
-        gen_times = C.interleave({"generate base": lambda: generate("base"), "generate merged": lambda: generate("merged")},
-                                 args.repeats, device, warmup=False, label="llama.cpp generation")
+        gen_times = C.interleave(
+            {"generate base": lambda: generate("base"), "generate merged": lambda: generate("merged")},
+            args.repeats,
+            device,
+            warmup=False,
+            label="llama.cpp generation",
+        )
         margins["transformers unsteered"] = hf_margins(False)
         margins["transformers hooked"] = hf_margins(True)
         control = control_vector_check(engines["base"], model, tok, layout, args.cv_layer, Path(tmp) / "cv.gguf")
@@ -177,27 +201,44 @@ def main() -> None:
     spread = np.abs(margins["llama.cpp merged"] - margins["transformers hooked"])
     shift_hf = np.abs(margins["transformers hooked"] - margins["transformers unsteered"]).mean()
     results = {
-        "k": args.k, "alpha": args.alpha, "n_pairs": n,
+        "k": args.k,
+        "alpha": args.alpha,
+        "n_pairs": n,
         "accuracy": {name: float(np.mean(m > 0)) for name, m in margins.items()},
         "merged_agrees_with_hooked": agree,
         "margin_abs_diff_merged_vs_hooked": {"mean": float(spread.mean()), "max": float(spread.max())},
         "margin_abs_change_by_steering_transformers": float(shift_hf),
         "llama_cpp_merged_over_base_time": ratio,
         "llama_cpp_generation_merged_over_base_time": gen_ratio,
-        "generation": {"prompts": len(prompts), "max_tokens": args.gen_tokens, "tokens": tokens_out,
-                       "seconds": {name: C.summary(t) for name, t in gen_times.items()}},
+        "generation": {
+            "prompts": len(prompts),
+            "max_tokens": args.gen_tokens,
+            "tokens": tokens_out,
+            "seconds": {name: C.summary(t) for name, t in gen_times.items()},
+        },
         "llama_cpp_seconds": {name: C.summary(t) for name, t in times.items()},
         "control_vector": control,
     }
     print()
-    print(C.table(["engine", "accuracy (answer with the larger log-likelihood)"], [[k, v] for k, v in results["accuracy"].items()]))
-    print(f"llama.cpp merged picks what transformers hooked picks on {agree:.1%} of {n} pairs; "
-          f"|margin difference| mean {spread.mean():.3g} (steering moves the margin by {shift_hf:.3g} on average)")
+    print(
+        C.table(
+            ["engine", "accuracy (answer with the larger log-likelihood)"],
+            [[k, v] for k, v in results["accuracy"].items()],
+        )
+    )
+    print(
+        f"llama.cpp merged picks what transformers hooked picks on {agree:.1%} of {n} pairs; "
+        f"|margin difference| mean {spread.mean():.3g} (steering moves the margin by {shift_hf:.3g} on average)"
+    )
     print(f"llama.cpp time merged / base: {ratio['median']:.3f} ({ratio['min']:.3f}-{ratio['max']:.3f})")
-    print(f"llama.cpp generation time merged / base ({len(prompts)} prompts x {args.gen_tokens} tokens): "
-          f"{gen_ratio['median']:.3f} ({gen_ratio['min']:.3f}-{gen_ratio['max']:.3f})")
-    print("control vector: correlation of llama.cpp's logit change with the hooked shift at layer "
-          + ", ".join(f"{layer}: {c:.3f}" for layer, c in control["correlation_with_hooked_shift_at_layer"].items()))
+    print(
+        f"llama.cpp generation time merged / base ({len(prompts)} prompts x {args.gen_tokens} tokens): "
+        f"{gen_ratio['median']:.3f} ({gen_ratio['min']:.3f}-{gen_ratio['max']:.3f})"
+    )
+    print(
+        "control vector: correlation of llama.cpp's logit change with the hooked shift at layer "
+        + ", ".join(f"{layer}: {c:.3f}" for layer, c in control["correlation_with_hooked_shift_at_layer"].items())
+    )
     note = C.contention_note(info)
     if note:
         print(note)

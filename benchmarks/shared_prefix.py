@@ -59,7 +59,7 @@ def main() -> None:
     full_tokens = shared_tokens = 0
     for pos, neg in batches:
         full_tokens += 2 * pos["input_ids"].shape[0] * max(pos["input_ids"].shape[1], neg["input_ids"].shape[1])
-        rows = lambda b: [r[m.bool()].tolist() for r, m in zip(b["input_ids"].cpu(), b["attention_mask"].cpu())]  # noqa: E731
+        rows = lambda b: [r[m.bool()].tolist() for r, m in zip(b["input_ids"].cpu(), b["attention_mask"].cpu())]
         pr, a, b = split_shared_prefix(rows(pos), rows(neg))
         shared_tokens += len(pr) * max(map(len, pr)) + 2 * len(a) * max(max(map(len, a)), max(map(len, b)))
 
@@ -68,11 +68,18 @@ def main() -> None:
     ratio = C.paired_ratio(times, "shared", "full")
 
     a, b = accs["full"], accs["shared"]
-    counts_differ = sum(int((a.tensors[k] != b.tensors[k]).sum()) for k in a.tensors if a.tensors[k].dtype == torch.int64)
+    counts_differ = sum(
+        int((a.tensors[k] != b.tensors[k]).sum()) for k in a.tensors if a.tensors[k].dtype == torch.int64
+    )
     count_entries = sum(int(a.tensors[k].numel()) for k in a.tensors if a.tensors[k].dtype == torch.int64)
-    max_sum_diff = max(float((a.tensors[k] - b.tensors[k]).abs().max()) for k in a.tensors if a.tensors[k].dtype == torch.float64)
-    max_rel_diff = max(float((a.tensors[k] - b.tensors[k]).abs().max() / a.tensors[k].abs().max().clamp(min=1e-30))
-                       for k in a.tensors if a.tensors[k].dtype == torch.float64)
+    max_sum_diff = max(
+        float((a.tensors[k] - b.tensors[k]).abs().max()) for k in a.tensors if a.tensors[k].dtype == torch.float64
+    )
+    max_rel_diff = max(
+        float((a.tensors[k] - b.tensors[k]).abs().max() / a.tensors[k].abs().max().clamp(min=1e-30))
+        for k in a.tensors
+        if a.tensors[k].dtype == torch.float64
+    )
     same_top = {}
     for sign in ("promote", "both"):
         sa, sb = select_units(a, args.k, sites, sign), select_units(b, args.k, sites, sign)
@@ -95,13 +102,33 @@ def main() -> None:
         "target": {"shared_over_full_max": 0.6, "met": ratio["median"] <= 0.6},
     }
     print()
-    print(C.table(
-        ["pass", "s / pass (median)", "pairs/s", "tokens computed", "time / full (median)", "min-max"],
-        [["full (2 sequences)", C.median(times["full"]), n_pairs / C.median(times["full"]), full_tokens, 1.0, "-"],
-         ["shared prefix", C.median(times["shared"]), n_pairs / C.median(times["shared"]), shared_tokens, ratio["median"], f"{ratio['min']:.3f}-{ratio['max']:.3f}"]],
-    ))
-    print(f"\nmomentum: {counts_differ}/{count_entries} count entries differ, max |sum difference| {max_sum_diff:.2e} ({max_rel_diff:.1e} of the largest sum), "
-          f"same top-{args.k} units in order: {same_top}")
+    print(
+        C.table(
+            ["pass", "s / pass (median)", "pairs/s", "tokens computed", "time / full (median)", "min-max"],
+            [
+                [
+                    "full (2 sequences)",
+                    C.median(times["full"]),
+                    n_pairs / C.median(times["full"]),
+                    full_tokens,
+                    1.0,
+                    "-",
+                ],
+                [
+                    "shared prefix",
+                    C.median(times["shared"]),
+                    n_pairs / C.median(times["shared"]),
+                    shared_tokens,
+                    ratio["median"],
+                    f"{ratio['min']:.3f}-{ratio['max']:.3f}",
+                ],
+            ],
+        )
+    )
+    print(
+        f"\nmomentum: {counts_differ}/{count_entries} count entries differ, max |sum difference| {max_sum_diff:.2e} ({max_rel_diff:.1e} of the largest sum), "
+        f"same top-{args.k} units in order: {same_top}"
+    )
     print(f"shared / full = {ratio['median']:.3f} (target <= 0.6: {'met' if ratio['median'] <= 0.6 else 'NOT met'})")
     note = C.contention_note(info)
     if note:

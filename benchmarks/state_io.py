@@ -13,9 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-import _common as C
-
 from austeer_pl import SteeringState
+
+import _common as C
 
 
 def main() -> None:
@@ -54,7 +54,12 @@ def main() -> None:
 
             save()
             times = C.interleave(
-                {"save": save, "load": load, "apply": (None, apply, remove_all), "load+apply": (None, load_apply, remove_all)},
+                {
+                    "save": save,
+                    "load": load,
+                    "apply": (None, apply, remove_all),
+                    "load+apply": (None, load_apply, remove_all),
+                },
                 rounds,
                 device,
             )
@@ -73,7 +78,21 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print()
-    print(C.table(["k", "bytes on disk", "of which tensors", "hooked modules", "save ms", "load ms", "apply ms", "load+apply ms"], rows))
+    print(
+        C.table(
+            [
+                "k",
+                "bytes on disk",
+                "of which tensors",
+                "hooked modules",
+                "save ms",
+                "load ms",
+                "apply ms",
+                "load+apply ms",
+            ],
+            rows,
+        )
+    )
     note = C.contention_note(info)
     if note:
         print(note)

@@ -12,8 +12,9 @@ The hooks are applied before and removed after each timed steered call (not time
 
 from __future__ import annotations
 
-import _common as C
 import torch
+
+import _common as C
 
 
 def main() -> None:
@@ -34,7 +35,13 @@ def main() -> None:
     steer = C.Steer(model, layout, state)
     hooked = sum(len(v) for v in state.layers_by_site().values())
     pairs = C.default_pairs(tok, 64)
-    results = {"k": args.k, "new_tokens": new_tokens, "hooked_modules": hooked, "layers_by_site": state.layers_by_site(), "cases": {}}
+    results = {
+        "k": args.k,
+        "new_tokens": new_tokens,
+        "hooked_modules": hooked,
+        "layers_by_site": state.layers_by_site(),
+        "cases": {},
+    }
     rows = []
     for bs in [int(b) for b in args.batches.split(",")]:
         batch = C.prompt_batch(tok, pairs[:bs], device)
@@ -42,7 +49,11 @@ def main() -> None:
         @torch.inference_mode()
         def generate():
             out = model.generate(
-                **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+                **batch,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
             )
             assert out.shape[1] == batch["input_ids"].shape[1] + new_tokens
             return out
@@ -62,12 +73,25 @@ def main() -> None:
                 "steered_over_unsteered": ratio,
             }
             per = f"{1000 * C.median(times['unsteered']) / new_tokens:.1f} ms/token" if what == "generate" else ""
-            rows.append([case, C.median(times["unsteered"]), C.median(times["steered"]), ratio["median"], f"{ratio['min']:.3f}-{ratio['max']:.3f}", per])
+            rows.append(
+                [
+                    case,
+                    C.median(times["unsteered"]),
+                    C.median(times["steered"]),
+                    ratio["median"],
+                    f"{ratio['min']:.3f}-{ratio['max']:.3f}",
+                    per,
+                ]
+            )
     worst = max(c["steered_over_unsteered"]["median"] for k, c in results["cases"].items() if k.startswith("generate"))
     results["target"] = {"generate_steered_over_unsteered_max": 1.05, "met": worst <= 1.05}
     print()
     print(f"k = {args.k} units in {hooked} hooked modules; {new_tokens} new tokens")
-    print(C.table(["case", "unsteered s", "steered s", "steered / unsteered (median)", "min-max", "unsteered speed"], rows))
+    print(
+        C.table(
+            ["case", "unsteered s", "steered s", "steered / unsteered (median)", "min-max", "unsteered speed"], rows
+        )
+    )
     note = C.contention_note(info)
     if note:
         print(note)

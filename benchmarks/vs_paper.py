@@ -139,43 +139,80 @@ def main() -> None:
     ref = accs["paper_per_example"]
     agree = {}
     for name, acc in accs.items():
-        diff = sum(int((acc.tensors[k] != ref.tensors[k]).sum()) for k in ref.tensors if ref.tensors[k].dtype == torch.int64)
+        diff = sum(
+            int((acc.tensors[k] != ref.tensors[k]).sum()) for k in ref.tensors if ref.tensors[k].dtype == torch.int64
+        )
         total = sum(int(ref.tensors[k].numel()) for k in ref.tensors if ref.tensors[k].dtype == torch.int64)
         agree[name] = {"count_entries_differing": diff, "count_entries": total}
 
     memory = {}
     if not args.no_memory:
         for name in VARIANTS:
-            cmd = [sys.executable, __file__, "--child", name, "--pairs_n", str(n_pairs), "--device", args.device, "--dtype", args.dtype]
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                name,
+                "--pairs_n",
+                str(n_pairs),
+                "--device",
+                args.device,
+                "--dtype",
+                args.dtype,
+            ]
             if args.threads:
                 cmd += ["--threads", str(args.threads)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
                 raise SystemExit(f"{name} child failed:\n{proc.stderr[-3000:]}")
-            memory[name] = json.loads(line[len("RESULT "):])
+            memory[name] = json.loads(line[len("RESULT ") :])
             m = memory[name]
-            m["pass_bytes"] = (m["gpu_peak"] - m["gpu_before"]) if "gpu_peak" in m else (m["peak_rss"] - m["rss_before"])
-            print(f"  [memory] {name}: peak {m.get('gpu_peak', m['peak_rss']) / 2**20:.0f} MiB, pass {m['pass_bytes'] / 2**20:.0f} MiB", flush=True)
+            m["pass_bytes"] = (
+                (m["gpu_peak"] - m["gpu_before"]) if "gpu_peak" in m else (m["peak_rss"] - m["rss_before"])
+            )
+            print(
+                f"  [memory] {name}: peak {m.get('gpu_peak', m['peak_rss']) / 2**20:.0f} MiB, pass {m['pass_bytes'] / 2**20:.0f} MiB",
+                flush=True,
+            )
 
     rows, results = [], {"pairs": n_pairs, "sites": list(SITES), "variants": {}}
     for name in VARIANTS:
-        r = {**C.summary(times[name]), "time_vs_ours_batched": C.paired_ratio(times, name, "ours_batched"), **agree[name]}
+        r = {
+            **C.summary(times[name]),
+            "time_vs_ours_batched": C.paired_ratio(times, name, "ours_batched"),
+            **agree[name],
+        }
         if memory:
             r["memory"] = memory[name]
         results["variants"][name] = r
         mem = memory.get(name, {})
-        rows.append([
-            name,
-            C.median(times[name]),
-            r["time_vs_ours_batched"]["median"],
-            mem.get("gpu_peak", mem.get("peak_rss", 0)) / 2**20 if mem else "-",
-            mem["pass_bytes"] / 2**20 if mem else "-",
-            (mem["pass_bytes"] / max(memory["ours_batched"]["pass_bytes"], 1)) if mem else "-",
-            f"{agree[name]['count_entries_differing']}/{agree[name]['count_entries']}",
-        ])
+        rows.append(
+            [
+                name,
+                C.median(times[name]),
+                r["time_vs_ours_batched"]["median"],
+                mem.get("gpu_peak", mem.get("peak_rss", 0)) / 2**20 if mem else "-",
+                mem["pass_bytes"] / 2**20 if mem else "-",
+                (mem["pass_bytes"] / max(memory["ours_batched"]["pass_bytes"], 1)) if mem else "-",
+                f"{agree[name]['count_entries_differing']}/{agree[name]['count_entries']}",
+            ]
+        )
     print()
-    print(C.table(["variant", "s (median)", "time / ours_batched", "peak MiB", "pass MiB (above model)", "pass mem / ours_batched", "counts != paper"], rows))
+    print(
+        C.table(
+            [
+                "variant",
+                "s (median)",
+                "time / ours_batched",
+                "peak MiB",
+                "pass MiB (above model)",
+                "pass mem / ours_batched",
+                "counts != paper",
+            ],
+            rows,
+        )
+    )
     note = C.contention_note(info)
     if note:
         print(note)

@@ -59,13 +59,28 @@ def _diff(a, b, where=""):
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--state", help="an exported state to compare (default: fit the README default now)")
-    parser.add_argument("--record", action="store_true", help="write the fingerprint as the new reference (only when the change is intended)")
-    parser.add_argument("--keep", default=None, help="keep the fitted state in this folder (default: a temporary folder, removed)")
+    parser.add_argument(
+        "--record",
+        action="store_true",
+        help="write the fingerprint as the new reference (only when the change is intended)",
+    )
+    parser.add_argument(
+        "--keep", default=None, help="keep the fitted state in this folder (default: a temporary folder, removed)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         state = Path(args.state) if args.state else Path(args.keep or tmp) / "state"
         if not args.state:
-            cmd = [sys.executable, "train.py", "--export_dir", str(state), "--run_dir", str(Path(args.keep or tmp) / "run"), "--wandb_mode", "disabled"]
+            cmd = [
+                sys.executable,
+                "train.py",
+                "--export_dir",
+                str(state),
+                "--run_dir",
+                str(Path(args.keep or tmp) / "run"),
+                "--wandb_mode",
+                "disabled",
+            ]
             subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
         now = fingerprint(state)
     if args.record:
@@ -74,9 +89,14 @@ def main() -> int:
         return 0
     before = json.loads(RECORD.read_text())
     same = now["weights_sha256"] == before["weights_sha256"]
-    print(f"steering_state.safetensors sha256: {now['weights_sha256']} ({'same as' if same else 'DIFFERS from'} {before['weights_sha256']})")
+    print(
+        f"steering_state.safetensors sha256: {now['weights_sha256']} ({'same as' if same else 'DIFFERS from'} {before['weights_sha256']})"
+    )
     changes = list(_diff(before["config_stable"], now["config_stable"]))
-    print("config (timings, versions and input pins aside): " + ("same" if not changes else f"{len(changes)} difference(s)"))
+    print(
+        "config (timings, versions and input pins aside): "
+        + ("same" if not changes else f"{len(changes)} difference(s)")
+    )
     for line in changes:
         print(f"  {line}")
     return 0 if same else 1

@@ -14,25 +14,94 @@ TINY = dict(vocab_size=64)
 def tiny_config(arch: str):
     """A 2-3 layer config of each supported architecture (hidden 32)."""
     if arch == "llama":  # grouped-query attention: 4 query heads, 2 key/value heads
-        return transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, **TINY)
+        return transformers.LlamaConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **TINY,
+        )
     if arch == "gemma2":  # head_dim (16) != hidden / n_heads (8)
-        return transformers.Gemma2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8, **TINY)
+        return transformers.Gemma2Config(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            **TINY,
+        )
     if arch == "gpt2":
-        return transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=1, **TINY)
+        return transformers.GPT2Config(
+            n_embd=32, n_layer=2, n_head=4, n_positions=128, bos_token_id=1, eos_token_id=1, **TINY
+        )
     if arch == "mistral":
-        return transformers.MistralConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **TINY)
+        return transformers.MistralConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **TINY,
+        )
     if arch == "qwen2":
-        return transformers.Qwen2Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, **TINY)
+        return transformers.Qwen2Config(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **TINY,
+        )
     if arch == "qwen3":
-        return transformers.Qwen3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=12, **TINY)
+        return transformers.Qwen3Config(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=12,
+            **TINY,
+        )
     if arch == "gemma3_text":
-        return transformers.Gemma3TextConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, sliding_window=8, **TINY)
+        return transformers.Gemma3TextConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=16,
+            sliding_window=8,
+            **TINY,
+        )
     if arch == "phi3":
-        return transformers.Phi3Config(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, bos_token_id=1, eos_token_id=1, **TINY)
+        return transformers.Phi3Config(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=1,
+            **TINY,
+        )
     if arch == "gpt_neox":
-        return transformers.GPTNeoXConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, **TINY)
+        return transformers.GPTNeoXConfig(
+            hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, **TINY
+        )
     if arch == "opt":
-        return transformers.OPTConfig(hidden_size=32, ffn_dim=48, num_hidden_layers=2, num_attention_heads=4, word_embed_proj_dim=32, max_position_embeddings=128, **TINY)
+        return transformers.OPTConfig(
+            hidden_size=32,
+            ffn_dim=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=32,
+            max_position_embeddings=128,
+            **TINY,
+        )
     raise ValueError(arch)
 
 
@@ -52,11 +121,13 @@ def make_tokenizer(padding_side: str = "right"):
     """A character-level fast tokenizer over a 64-symbol vocabulary."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    symbols = ["<pad>", "<eos>", "<unk>"] + list(string.ascii_lowercase + string.digits + " .,?!:'")
+    symbols = ["<pad>", "<eos>", "<unk>", *list(string.ascii_lowercase + string.digits + " .,?!:'")]
     vocab = {s: i for i, s in enumerate(symbols[:64])}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(pattern="", behavior="isolated")
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>"
+    )
     fast.padding_side = padding_side
     return fast
 
@@ -80,7 +151,10 @@ def write_less_task(path, n: int, seed: int = 0):
     with open(path, "w") as f:
         for _ in range(n):
             a, b = rng.randint(0, 9), rng.randint(0, 9)
-            f.write(json.dumps({"prompt": f"is {a} less than {b}", "choices": ["yes", "no"], "answer": 0 if a < b else 1}) + "\n")
+            f.write(
+                json.dumps({"prompt": f"is {a} less than {b}", "choices": ["yes", "no"], "answer": 0 if a < b else 1})
+                + "\n"
+            )
     return path
 
 
@@ -103,13 +177,18 @@ def write_custom_code_folder(folder, marker, *, kind: str = "causal"):
     folder = Path(folder)
     model = make_model("llama")
     if kind == "classifier":
-        model = transformers.LlamaForSequenceClassification(transformers.LlamaConfig(**{**tiny_config("llama").to_dict(), "num_labels": 2}))
+        model = transformers.LlamaForSequenceClassification(
+            transformers.LlamaConfig(**{**tiny_config("llama").to_dict(), "num_labels": 2})
+        )
     model.save_pretrained(folder)
     make_tokenizer().save_pretrained(folder)
     config = json.loads((folder / "config.json").read_text())
     config["model_type"] = "evil"
-    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel",
-                          "AutoModelForSequenceClassification": "evil.EvilModel"}
+    config["auto_map"] = {
+        "AutoConfig": "evil.EvilConfig",
+        "AutoModelForCausalLM": "evil.EvilModel",
+        "AutoModelForSequenceClassification": "evil.EvilModel",
+    }
     (folder / "config.json").write_text(json.dumps(config))
     tokenizer_config = json.loads((folder / "tokenizer_config.json").read_text())
     tokenizer_config["auto_map"] = {"AutoTokenizer": ["evil.EvilTokenizer", None]}

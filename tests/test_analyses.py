@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from pathlib import Path
 
 import pytest
-from conftest import write_less_task
 
 from austeer_pl.analyses.context import AnalysisOptions, prepare
 from austeer_pl.analyses.main import analyze_main
 from austeer_pl.analyses.units import kl_divergence, strength_convergence
+
+from conftest import write_less_task
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -22,8 +24,24 @@ def task_file(tmp_path_factory) -> Path:
 
 
 def run(name: str, tiny_dir: Path, task_file: Path, out: Path, *extra: str, mode: str = "disabled") -> dict:
-    args = [name, "--model", str(tiny_dir), "--task", str(task_file), "--max_examples", "8", "--device", "cpu",
-            "--out", str(out / f"{name}.json"), "--wandb_mode", mode, "--run_dir", str(out / "run"), *extra]
+    args = [
+        name,
+        "--model",
+        str(tiny_dir),
+        "--task",
+        str(task_file),
+        "--max_examples",
+        "8",
+        "--device",
+        "cpu",
+        "--out",
+        str(out / f"{name}.json"),
+        "--wandb_mode",
+        mode,
+        "--run_dir",
+        str(out / "run"),
+        *extra,
+    ]
     assert analyze_main(args) == 0
     png = out / f"{name}.png"
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 5000
@@ -52,18 +70,33 @@ def test_combinations_positive_then_negative(tiny_dir, task_file, tmp_path):
     assert [p["n_positive"] for p in r["positive"]] == [1, 2, 4]
     assert [(p["n_positive"], p["n_negative"]) for p in r["with_negative"]] == [(4, 0), (4, 2), (4, 4)]
     assert r["with_negative"][0]["margin"] == r["positive"][-1]["margin"]  # j = 0 is the best positive set itself
-    assert all(u["momentum"] > 0 for u in r["units"]["positive"]) and all(u["momentum"] < 0 for u in r["units"]["negative"])
+    assert all(u["momentum"] > 0 for u in r["units"]["positive"]) and all(
+        u["momentum"] < 0 for u in r["units"]["negative"]
+    )
 
 
 def test_strength_convergence_kl_is_zero_at_tiny_alpha_and_grows(tiny_dir, task_file, tmp_path):
-    r = run("strength", tiny_dir, task_file, tmp_path, "--k", "4", "--alpha_min", "1e-4", "--alpha_max", "1e5", "--n_alpha", "10")
+    r = run(
+        "strength",
+        tiny_dir,
+        task_file,
+        tmp_path,
+        "--k",
+        "4",
+        "--alpha_min",
+        "1e-4",
+        "--alpha_max",
+        "1e5",
+        "--n_alpha",
+        "10",
+    )
     points = r["points"]
     assert len(points) == 10 and points[0]["alpha"] == pytest.approx(1e-4) and points[-1]["alpha"] == pytest.approx(1e5)
     kls = [p["kl_mean"] for p in points]
     assert all(p["finite"] and math.isfinite(k) and k >= 0 for p, k in zip(points, kls))
     assert kls[0] < 1e-6 and points[0]["top1_agreement"] == 1.0
     assert kls[-1] > 100 * max(kls[0], 1e-9)
-    assert all(b >= a - 0.02 * max(kls) for a, b in zip(kls, kls[1:]))  # non-decreasing, up to saturation noise
+    assert all(b >= a - 0.02 * max(kls) for a, b in itertools.pairwise(kls))  # non-decreasing, up to saturation noise
 
 
 def test_token_promotion_lists_decoded_tokens(tiny_dir, task_file, tmp_path):
@@ -83,7 +116,9 @@ def test_token_promotion_lists_decoded_tokens(tiny_dir, task_file, tmp_path):
 def test_sign_policies_same_k(tiny_dir, task_file, tmp_path):
     r = run("sign", tiny_dir, task_file, tmp_path, "--ks", "2,4", "--alpha", "1,3")
     points = r["points"]
-    assert {(p["sign"], p["k"], p["alpha"]) for p in points} == {(s, k, a) for s in ("promote", "both") for k in (2, 4) for a in (1.0, 3.0)}
+    assert {(p["sign"], p["k"], p["alpha"]) for p in points} == {
+        (s, k, a) for s in ("promote", "both") for k in (2, 4) for a in (1.0, 3.0)
+    }
     assert all(p["n_negative"] == 0 for p in points if p["sign"] == "promote")
     assert set(r["best"]) == {"promote", "both"}
 
@@ -92,7 +127,9 @@ def test_kl_helpers_and_api(tiny_dir, task_file):
     import torch
 
     logits = torch.randn(3, 7)
-    assert torch.allclose(kl_divergence(logits, torch.log_softmax(logits.double(), -1)), torch.zeros(3, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(
+        kl_divergence(logits, torch.log_softmax(logits.double(), -1)), torch.zeros(3, dtype=torch.float64), atol=1e-12
+    )
     ctx = prepare(AnalysisOptions(model=str(tiny_dir), task=str(task_file), max_examples=4, device="cpu"))
     r = strength_convergence(ctx, k=2, alphas=[0.0, 1.0])
     assert r["points"][0]["kl_mean"] == 0.0
@@ -105,6 +142,20 @@ def test_analyze_rejects_bad_input(tiny_dir, task_file, tmp_path, capsys):
     assert analyze_main(["combinations", "--sizes", "a,b"]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 4 and all(line.startswith("error: ") for line in lines)
-    code = analyze_main(["sweep", "--model", str(tiny_dir), "--task", str(task_file), "--layer", "9", "--wandb_mode", "disabled", "--out", str(tmp_path / "x.json")])
+    code = analyze_main(
+        [
+            "sweep",
+            "--model",
+            str(tiny_dir),
+            "--task",
+            str(task_file),
+            "--layer",
+            "9",
+            "--wandb_mode",
+            "disabled",
+            "--out",
+            str(tmp_path / "x.json"),
+        ]
+    )
     assert code == 2 and "out of range" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()

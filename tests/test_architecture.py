@@ -77,8 +77,15 @@ def test_no_layer_imports_a_layer_above_it():
         mine = 0 if name == "austeer_pl" else mine  # the public face is the core's
         for target, line, _ in imports(path):
             theirs = layer_of(target)
-            if theirs is not None and mine is not None and theirs > mine and (target in known or target.rsplit(".", 1)[0] in known):
-                wrong.append(f"{path.relative_to(ROOT)}:{line} ({LAYERS[mine] if mine >= 0 else 'root'}) imports {target}")
+            if (
+                theirs is not None
+                and mine is not None
+                and theirs > mine
+                and (target in known or target.rsplit(".", 1)[0] in known)
+            ):
+                wrong.append(
+                    f"{path.relative_to(ROOT)}:{line} ({LAYERS[mine] if mine >= 0 else 'root'}) imports {target}"
+                )
     assert not wrong, "\n".join(sorted(set(wrong)))
 
 
@@ -91,8 +98,13 @@ def test_import_graph_has_no_cycle():
             target = target.rpartition(".")[0]
         return target or None
 
-    graph = {name: sorted({r for t, _, _ in imports(path) if (r := resolve(t)) and r != name and not name.startswith(r + ".")} - {"austeer_pl"})
-             for name, path in known.items()}
+    graph = {
+        name: sorted(
+            {r for t, _, _ in imports(path) if (r := resolve(t)) and r != name and not name.startswith(r + ".")}
+            - {"austeer_pl"}
+        )
+        for name, path in known.items()
+    }
     state: dict[str, int] = {}
     stack: list[str] = []
 
@@ -101,7 +113,7 @@ def test_import_graph_has_no_cycle():
         stack.append(node)
         for nxt in graph.get(node, []):
             if state.get(nxt) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+                raise AssertionError("import cycle: " + " -> ".join([*stack[stack.index(nxt) :], nxt]))
             if nxt not in state:
                 visit(nxt)
         stack.pop()
@@ -125,7 +137,9 @@ def test_imports_inside_functions_are_optional_dependencies_that_say_so():
             if target.startswith("austeer_pl"):
                 wrong.append(f"{path.relative_to(ROOT)}:{line} imports {target} inside a function")
             elif "#" not in text:
-                wrong.append(f"{path.relative_to(ROOT)}:{line} imports {target} inside a function without a comment saying why")
+                wrong.append(
+                    f"{path.relative_to(ROOT)}:{line} imports {target} inside a function without a comment saying why"
+                )
     assert not wrong, "\n".join(sorted(set(wrong)))
 
 
@@ -178,15 +192,18 @@ def test_no_module_imports_another_modules_private_names():
     for path in modules().values():
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("austeer_pl"):
-                wrong += [f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}" for a in node.names
-                          if a.name.startswith("_") and not a.name.startswith("__")]
+                wrong += [
+                    f"{path.relative_to(ROOT)}:{node.lineno} imports {node.module}.{a.name}"
+                    for a in node.names
+                    if a.name.startswith("_") and not a.name.startswith("__")
+                ]
     assert not wrong, "\n".join(wrong)
 
 
 def test_every_module_says_what_it_is_for():
     """A module opens with a docstring of at least a sentence (an ``__init__`` of a folder may be empty)."""
     wrong = []
-    for name, path in modules().items():
+    for path in modules().values():
         text = path.read_text()
         doc = ast.get_docstring(ast.parse(text))
         if path.name == "__init__.py" and not text.strip():
@@ -197,7 +214,9 @@ def test_every_module_says_what_it_is_for():
 
 
 def test_no_module_is_over_400_lines_but_a_declared_data_table():
-    long = {str(p.relative_to(ROOT)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    long = {
+        str(p.relative_to(ROOT)): n for p in modules().values() if (n := len(p.read_text().splitlines())) > MAX_LINES
+    }
     tables = {name for name in long if DATA_TABLE in (ast.get_docstring(ast.parse((ROOT / name).read_text())) or "")}
     assert set(long) == tables, {name: n for name, n in long.items() if name not in tables}
     assert len(tables) <= 1, tables  # the paper protocol's specification
@@ -264,4 +283,6 @@ def test_console_scripts_and_root_scripts_point_at_functions_that_exist():
         for target, _, _ in imports(ROOT / script):
             if target.startswith("austeer_pl."):
                 module, _, attr = target.rpartition(".")
-                assert hasattr(importlib.import_module(module), attr) or importlib.util.find_spec(target), f"{script}: {target}"
+                assert hasattr(importlib.import_module(module), attr) or importlib.util.find_spec(target), (
+                    f"{script}: {target}"
+                )

@@ -22,12 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import (
-    make_model,
-    make_tokenizer,
-    write_custom_code_folder,
-    write_less_task,
-)
 
 import austeer_pl.core.stateio
 from austeer_pl import SteeringState
@@ -37,6 +31,13 @@ from austeer_pl.cli.export import export_main
 from austeer_pl.cli.generate import generate_main
 from austeer_pl.cli.train import train, train_main
 from austeer_pl.errors import AusteerError
+
+from conftest import (
+    make_model,
+    make_tokenizer,
+    write_custom_code_folder,
+    write_less_task,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,13 +52,40 @@ def world(tmp_path_factory):
     make_tokenizer().save_pretrained(tiny)
     task = write_less_task(root / "less.jsonl", 40)
     run = root / "run"
-    code = train_main([
-        "--model.model_name", str(tiny), "--data.task", str(task), "--model.site", "attention", "--model.k", "[3]", "--model.alpha", "[2]",
-        "--data.batch_size", "4", "--checkpoint_every", "1", "--run_dir", str(run), "--export_dir", str(root / "state"),
-        "--wandb_mode", "disabled", "--export_anyway", "true",
-    ])
+    code = train_main(
+        [
+            "--model.model_name",
+            str(tiny),
+            "--data.task",
+            str(task),
+            "--model.site",
+            "attention",
+            "--model.k",
+            "[3]",
+            "--model.alpha",
+            "[2]",
+            "--data.batch_size",
+            "4",
+            "--checkpoint_every",
+            "1",
+            "--run_dir",
+            str(run),
+            "--export_dir",
+            str(root / "state"),
+            "--wandb_mode",
+            "disabled",
+            "--export_anyway",
+            "true",
+        ]
+    )
     assert code == 0
-    return {"root": root, "tiny": tiny, "task": task, "state": root / "state", "ckpt": run / "checkpoints" / "last.ckpt"}
+    return {
+        "root": root,
+        "tiny": tiny,
+        "task": task,
+        "state": root / "state",
+        "ckpt": run / "checkpoints" / "last.ckpt",
+    }
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -75,7 +103,9 @@ def copy_state(world, tmp_path: Path, name: str = "state") -> Path:
     return target
 
 
-def rewrite_state(folder: Path, *, config: Callable[[dict], None] | None = None, tensors: Callable[[dict], None] | None = None) -> None:
+def rewrite_state(
+    folder: Path, *, config: Callable[[dict], None] | None = None, tensors: Callable[[dict], None] | None = None
+) -> None:
     """Alter a saved state the way a hand edit would (keeping the checksum consistent, so only the field is wrong)."""
     from safetensors.torch import load_file, save_file
 
@@ -113,8 +143,25 @@ class Case:
 
 def train_args(world, tmp_path, *extra: str) -> list[str]:
     return [
-        "--model.model_name", str(world["tiny"]), "--data.task", str(world["task"]), "--model.site", "attention", "--model.k", "[3]", "--model.alpha", "[2]",
-        "--data.batch_size", "4", "--run_dir", str(tmp_path / "run"), "--wandb_mode", "disabled", "--export_anyway", "true", *extra,
+        "--model.model_name",
+        str(world["tiny"]),
+        "--data.task",
+        str(world["task"]),
+        "--model.site",
+        "attention",
+        "--model.k",
+        "[3]",
+        "--model.alpha",
+        "[2]",
+        "--data.batch_size",
+        "4",
+        "--run_dir",
+        str(tmp_path / "run"),
+        "--wandb_mode",
+        "disabled",
+        "--export_anyway",
+        "true",
+        *extra,
     ]
 
 
@@ -149,7 +196,9 @@ def _export_is_a_file(world, tmp_path, mp):
 
 def _readonly_output(world, tmp_path, mp):
     real = os.access
-    mp.setattr("austeer_pl.core.output.os.access", lambda path, mode: False if Path(path) == tmp_path else real(path, mode))
+    mp.setattr(
+        "austeer_pl.core.output.os.access", lambda path, mode: False if Path(path) == tmp_path else real(path, mode)
+    )
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "new"))
 
 
@@ -403,19 +452,47 @@ def _eval_full_disk_report(world, tmp_path, mp):
 def _compare_export_user_folder(world, tmp_path, mp):
     (tmp_path / "out" / "austeer").mkdir(parents=True)
     (tmp_path / "out" / "austeer" / "notes.txt").write_text("mine")
-    return evaluate_main, ["--compare", "--task", str(world["task"]), "--model", str(world["tiny"]), "--methods", "austeer",
-                           "--export_dir", str(tmp_path / "out"), "--wandb_mode", "disabled"]
+    return evaluate_main, [
+        "--compare",
+        "--task",
+        str(world["task"]),
+        "--model",
+        str(world["tiny"]),
+        "--methods",
+        "austeer",
+        "--export_dir",
+        str(tmp_path / "out"),
+        "--wandb_mode",
+        "disabled",
+    ]
 
 
 # -- analyze.py
 def _analyze_out_is_folder(world, tmp_path, mp):
     (tmp_path / "o").mkdir()
-    return analyze_main, ["sweep", "--task", str(world["task"]), "--model", str(world["tiny"]), "--out", str(tmp_path / "o")]
+    return analyze_main, [
+        "sweep",
+        "--task",
+        str(world["task"]),
+        "--model",
+        str(world["tiny"]),
+        "--out",
+        str(tmp_path / "o"),
+    ]
 
 
 def _analyze_out_is_plot(world, tmp_path, mp):
-    return analyze_main, ["sweep", "--task", str(world["task"]), "--model", str(world["tiny"]),
-                          "--out", str(tmp_path / "a.json"), "--plot", str(tmp_path / "a.json")]
+    return analyze_main, [
+        "sweep",
+        "--task",
+        str(world["task"]),
+        "--model",
+        str(world["tiny"]),
+        "--out",
+        str(tmp_path / "a.json"),
+        "--plot",
+        str(tmp_path / "a.json"),
+    ]
 
 
 # ---------------------------------------------------------------------------- round 3: the faults the table did not reach
@@ -432,7 +509,16 @@ def _custom_code_model_evaluate(world, tmp_path, mp):
 
 def _custom_code_judge(world, tmp_path, mp):
     evil = write_custom_code_folder(tmp_path / "evil", tmp_path / "pwned", kind="classifier")
-    return generate_main, ["--steering", str(world["state"]), "--prompt", "is 1 less than 2", "--judge", str(evil), "--max_new_tokens", "2"]
+    return generate_main, [
+        "--steering",
+        str(world["state"]),
+        "--prompt",
+        "is 1 less than 2",
+        "--judge",
+        str(evil),
+        "--max_new_tokens",
+        "2",
+    ]
 
 
 def _custom_code_judge_evaluate(world, tmp_path, mp):
@@ -465,44 +551,108 @@ def _report_inside_state(world, tmp_path, mp):
 def _dump_over_task_file(world, tmp_path, mp):
     task = tmp_path / "less.jsonl"
     shutil.copy(world["task"], task)
-    return evaluate_main, ["--task", str(task), "--model", str(world["tiny"]), "--dump_examples", str(task), "--overwrite"]
+    return evaluate_main, [
+        "--task",
+        str(task),
+        "--model",
+        str(world["tiny"]),
+        "--dump_examples",
+        str(task),
+        "--overwrite",
+    ]
 
 
 def _dump_over_user_file(world, tmp_path, mp):
-    return evaluate_main, ["--task", str(world["task"]), "--model", str(world["tiny"]), "--dump_examples", str(_user_file(tmp_path, "d.jsonl"))]
+    return evaluate_main, [
+        "--task",
+        str(world["task"]),
+        "--model",
+        str(world["tiny"]),
+        "--dump_examples",
+        str(_user_file(tmp_path, "d.jsonl")),
+    ]
 
 
 def _generate_out_is_prompts(world, tmp_path, mp):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("is 1 less than 2\n")
-    return generate_main, ["--steering", str(world["state"]), "--prompts", str(prompts), "--out", str(prompts), "--overwrite"]
+    return generate_main, [
+        "--steering",
+        str(world["state"]),
+        "--prompts",
+        str(prompts),
+        "--out",
+        str(prompts),
+        "--overwrite",
+    ]
 
 
 def _generate_out_over_user_file(world, tmp_path, mp):
-    return generate_main, ["--steering", str(world["state"]), "--prompt", "is 1 less than 2", "--out", str(_user_file(tmp_path, "g.jsonl"))]
+    return generate_main, [
+        "--steering",
+        str(world["state"]),
+        "--prompt",
+        "is 1 less than 2",
+        "--out",
+        str(_user_file(tmp_path, "g.jsonl")),
+    ]
 
 
 def _analyze_out_over_user_file(world, tmp_path, mp):
-    return analyze_main, ["sweep", "--task", str(world["task"]), "--model", str(world["tiny"]), "--out", str(_user_file(tmp_path, "a.json")),
-                          "--wandb_mode", "disabled"]
+    return analyze_main, [
+        "sweep",
+        "--task",
+        str(world["task"]),
+        "--model",
+        str(world["tiny"]),
+        "--out",
+        str(_user_file(tmp_path, "a.json")),
+        "--wandb_mode",
+        "disabled",
+    ]
 
 
 def _analyze_plot_over_user_file(world, tmp_path, mp):
-    return analyze_main, ["sweep", "--task", str(world["task"]), "--model", str(world["tiny"]), "--out", str(tmp_path / "a.json"),
-                          "--plot", str(_user_file(tmp_path, "a.png")), "--wandb_mode", "disabled"]
+    return analyze_main, [
+        "sweep",
+        "--task",
+        str(world["task"]),
+        "--model",
+        str(world["tiny"]),
+        "--out",
+        str(tmp_path / "a.json"),
+        "--plot",
+        str(_user_file(tmp_path, "a.png")),
+        "--wandb_mode",
+        "disabled",
+    ]
 
 
 def _compare_report_is_task(world, tmp_path, mp):
     task = tmp_path / "less.jsonl"
     shutil.copy(world["task"], task)
-    return evaluate_main, ["--compare", "--task", str(task), "--model", str(world["tiny"]), "--methods", "austeer", "--report", str(task),
-                           "--overwrite", "--wandb_mode", "disabled"]
+    return evaluate_main, [
+        "--compare",
+        "--task",
+        str(task),
+        "--model",
+        str(world["tiny"]),
+        "--methods",
+        "austeer",
+        "--report",
+        str(task),
+        "--overwrite",
+        "--wandb_mode",
+        "disabled",
+    ]
 
 
 def _export_dir_is_model(world, tmp_path, mp):
     model = tmp_path / "model"
     shutil.copytree(world["tiny"], model)
-    return train_main, train_args(world, tmp_path, "--model.model_name", str(model), "--export_dir", str(model), "--overwrite", "true")
+    return train_main, train_args(
+        world, tmp_path, "--model.model_name", str(model), "--export_dir", str(model), "--overwrite", "true"
+    )
 
 
 # 3. The export folder is judged again when the result is swapped in: what appeared meanwhile stays.
@@ -531,7 +681,9 @@ _OTHER_STATE = '{"package": "austeer-pl"}'
 
 
 def _state_appears_in_export_during_fit(world, tmp_path, mp):
-    _appears_during(mp, "austeer_pl.core.stateio.save_file", tmp_path / "export" / "steering_config.json", _OTHER_STATE)  # another fit's
+    _appears_during(
+        mp, "austeer_pl.core.stateio.save_file", tmp_path / "export" / "steering_config.json", _OTHER_STATE
+    )  # another fit's
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "export"))
 
 
@@ -542,8 +694,25 @@ def _file_appears_in_merge_out(world, tmp_path, mp):
 
 def _file_appears_in_compare_export(world, tmp_path, mp):
     _appears_during(mp, "austeer_pl.core.stateio.save_file", tmp_path / "out" / "austeer" / "notes.txt")
-    return evaluate_main, ["--compare", "--task", str(world["task"]), "--model", str(world["tiny"]), "--methods", "austeer", "--k", "3", "--alpha", "2",
-                           "--export_dir", str(tmp_path / "out"), "--run_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"]
+    return evaluate_main, [
+        "--compare",
+        "--task",
+        str(world["task"]),
+        "--model",
+        str(world["tiny"]),
+        "--methods",
+        "austeer",
+        "--k",
+        "3",
+        "--alpha",
+        "2",
+        "--export_dir",
+        str(tmp_path / "out"),
+        "--run_dir",
+        str(tmp_path / "run"),
+        "--wandb_mode",
+        "disabled",
+    ]
 
 
 # 4. Killed writers: SIGTERM and Ctrl-C clean up like an error, in one line.
@@ -596,7 +765,14 @@ def _ctrl_c_during_generate(world, tmp_path, mp):
     import austeer_pl.scoring.generation
 
     _signal_during(mp, austeer_pl.scoring.generation, "generate_new_text", None)
-    return generate_main, ["--steering", str(world["state"]), "--prompt", "is 1 less than 2", "--out", str(tmp_path / "g.jsonl")]
+    return generate_main, [
+        "--steering",
+        str(world["state"]),
+        "--prompt",
+        "is 1 less than 2",
+        "--out",
+        str(tmp_path / "g.jsonl"),
+    ]
 
 
 def _sigterm_during_fit(world, tmp_path, mp):
@@ -613,7 +789,21 @@ def _task_changed_since_fit(world, tmp_path, mp):
     task = tmp_path / "less.jsonl"
     shutil.copy(world["task"], task)
     state = tmp_path / "state"
-    assert train_main(train_args(world, tmp_path, "--data.task", str(task), "--export_dir", str(state), "--run_dir", str(tmp_path / "run"))) == 0
+    assert (
+        train_main(
+            train_args(
+                world,
+                tmp_path,
+                "--data.task",
+                str(task),
+                "--export_dir",
+                str(state),
+                "--run_dir",
+                str(tmp_path / "run"),
+            )
+        )
+        == 0
+    )
     lines = task.read_text().splitlines()
     task.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # same rows, another order: other splits
     return evaluate_main, eval_args(state)
@@ -623,7 +813,21 @@ def _model_changed_since_fit(world, tmp_path, mp):
     model = tmp_path / "model"
     shutil.copytree(world["tiny"], model)
     state = tmp_path / "state"
-    assert train_main(train_args(world, tmp_path, "--model.model_name", str(model), "--export_dir", str(state), "--run_dir", str(tmp_path / "run"))) == 0
+    assert (
+        train_main(
+            train_args(
+                world,
+                tmp_path,
+                "--model.model_name",
+                str(model),
+                "--export_dir",
+                str(state),
+                "--run_dir",
+                str(tmp_path / "run"),
+            )
+        )
+        == 0
+    )
     make_model("llama", seed=1).save_pretrained(model)  # retrained in place: same architecture, other weights
     return evaluate_main, eval_args(state)
 
@@ -642,7 +846,21 @@ def _task_gone_since_fit(world, tmp_path, mp):
     task = tmp_path / "less.jsonl"
     shutil.copy(world["task"], task)
     state = tmp_path / "state"
-    assert train_main(train_args(world, tmp_path, "--data.task", str(task), "--export_dir", str(state), "--run_dir", str(tmp_path / "run"))) == 0
+    assert (
+        train_main(
+            train_args(
+                world,
+                tmp_path,
+                "--data.task",
+                str(task),
+                "--export_dir",
+                str(state),
+                "--run_dir",
+                str(tmp_path / "run"),
+            )
+        )
+        == 0
+    )
     task.unlink()
     return evaluate_main, eval_args(state)
 
@@ -653,7 +871,7 @@ def _run_folder_in_use(world, tmp_path, mp):
 
     run = tmp_path / "run"
     run.mkdir()
-    holder = open(run / ".lock", "a+")  # another fit holds it
+    holder = open(run / ".lock", "a+")  # noqa: SIM115 - another fit holds it until the test ends
     fcntl.flock(holder.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     _HELD.append(holder)
     return train_main, train_args(world, tmp_path, "--export_dir", str(tmp_path / "export"))
@@ -671,8 +889,19 @@ def _release_held_locks():
 
 def _compare_run_folder_in_use(world, tmp_path, mp):
     _run_folder_in_use(world, tmp_path, mp)
-    return evaluate_main, ["--compare", "--task", str(world["task"]), "--model", str(world["tiny"]), "--methods", "austeer",
-                           "--run_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"]
+    return evaluate_main, [
+        "--compare",
+        "--task",
+        str(world["task"]),
+        "--model",
+        str(world["tiny"]),
+        "--methods",
+        "austeer",
+        "--run_dir",
+        str(tmp_path / "run"),
+        "--wandb_mode",
+        "disabled",
+    ]
 
 
 def _run_dir_is_a_user_folder(world, tmp_path, mp):
@@ -738,8 +967,14 @@ def _gate(world, tmp_path, **changes) -> Path:
     gate = {"kind": "gate", "layer": 0, "width": 2, "hidden_size": 32, **changes}
 
     def tensors(t):
-        t.update({"strength.inner.weight": torch.zeros(2, 32), "strength.inner.bias": torch.zeros(2),
-                  "strength.outer.weight": torch.zeros(k, 2), "strength.outer.bias": torch.zeros(k)})
+        t.update(
+            {
+                "strength.inner.weight": torch.zeros(2, 32),
+                "strength.inner.bias": torch.zeros(2),
+                "strength.outer.weight": torch.zeros(k, 2),
+                "strength.outer.bias": torch.zeros(k),
+            }
+        )
 
     rewrite_state(folder, tensors=tensors, config=lambda c: c.__setitem__("strength", gate))
     return folder
@@ -785,11 +1020,26 @@ def _metadata_data_seed_string(world, tmp_path, mp):
 def _metadata_data_string_behaviour(world, tmp_path, mp):
     folder = copy_state(world, tmp_path)
     rewrite_state(folder, config=lambda c: c["metadata"].__setitem__("data", "oops"))
-    return analyze_main, ["behaviour", "--steering", str(folder), "--model", str(world["tiny"]), "--wandb_mode", "disabled"]
+    return analyze_main, [
+        "behaviour",
+        "--steering",
+        str(folder),
+        "--model",
+        str(world["tiny"]),
+        "--wandb_mode",
+        "disabled",
+    ]
 
 
 def _export_name_too_long(world, tmp_path, mp):
-    return export_main, ["--steering", str(world["state"]), "--out", str(tmp_path / ("a" * 300)), "--format", "control-vector"]
+    return export_main, [
+        "--steering",
+        str(world["state"]),
+        "--out",
+        str(tmp_path / ("a" * 300)),
+        "--format",
+        "control-vector",
+    ]
 
 
 def _report_name_too_long(world, tmp_path, mp):
@@ -797,7 +1047,14 @@ def _report_name_too_long(world, tmp_path, mp):
 
 
 def _generate_max_new_tokens_huge(world, tmp_path, mp):
-    return generate_main, ["--steering", str(world["state"]), "--prompt", "is 1 less than 2", "--max_new_tokens", "1000000000"]
+    return generate_main, [
+        "--steering",
+        str(world["state"]),
+        "--prompt",
+        "is 1 less than 2",
+        "--max_new_tokens",
+        "1000000000",
+    ]
 
 
 def _evaluate_judge_max_new_tokens_huge(world, tmp_path, mp):
@@ -807,7 +1064,14 @@ def _evaluate_judge_max_new_tokens_huge(world, tmp_path, mp):
 def _task_answer_5000_digits(world, tmp_path, mp):
     bad = tmp_path / "t.csv"
     bad.write_text(f"prompt,choices,answer\nx,a|b,{_huge_int()}\n")
-    return evaluate_main, ["--task", str(bad), "--model", str(world["tiny"]), "--dump_examples", str(tmp_path / "d.jsonl")]
+    return evaluate_main, [
+        "--task",
+        str(bad),
+        "--model",
+        str(world["tiny"]),
+        "--dump_examples",
+        str(tmp_path / "d.jsonl"),
+    ]
 
 
 def _config_yaml_5000_digits(world, tmp_path, mp):
@@ -825,12 +1089,33 @@ def _export_parser_error(world, tmp_path, mp):
 
 
 NEW_CASES = [
-    Case("custom-code-model-train", _custom_code_model_train, "needs its own Python code to load (custom code), which austeer-pl never runs", stdin="y\n"),
-    Case("custom-code-model-evaluate", _custom_code_model_evaluate, "needs its own Python code to load (custom code)", stdin="y\n"),
-    Case("custom-code-judge-generate", _custom_code_judge, "needs its own Python code to load (custom code)", stdin="y\n"),
-    Case("custom-code-judge-evaluate", _custom_code_judge_evaluate, "needs its own Python code to load (custom code)", stdin="y\n"),
+    Case(
+        "custom-code-model-train",
+        _custom_code_model_train,
+        "needs its own Python code to load (custom code), which austeer-pl never runs",
+        stdin="y\n",
+    ),
+    Case(
+        "custom-code-model-evaluate",
+        _custom_code_model_evaluate,
+        "needs its own Python code to load (custom code)",
+        stdin="y\n",
+    ),
+    Case(
+        "custom-code-judge-generate", _custom_code_judge, "needs its own Python code to load (custom code)", stdin="y\n"
+    ),
+    Case(
+        "custom-code-judge-evaluate",
+        _custom_code_judge_evaluate,
+        "needs its own Python code to load (custom code)",
+        stdin="y\n",
+    ),
     Case("report-is-the-task-file", _report_is_task_file, "is (or holds, or lies in) the input"),
-    Case("report-over-a-user-file", _report_over_user_file, "it is not a evaluation report that austeer-pl wrote; pass --overwrite"),
+    Case(
+        "report-over-a-user-file",
+        _report_over_user_file,
+        "it is not a evaluation report that austeer-pl wrote; pass --overwrite",
+    ),
     Case("report-inside-the-state", _report_inside_state, "is (or holds, or lies in) the input"),
     Case("dump-over-the-task-file", _dump_over_task_file, "is (or holds, or lies in) the input"),
     Case("dump-over-a-user-file", _dump_over_user_file, "not a example dump that austeer-pl wrote"),
@@ -840,14 +1125,30 @@ NEW_CASES = [
     Case("plot-over-a-user-file", _analyze_plot_over_user_file, "not a analysis plot that austeer-pl wrote"),
     Case("compare-report-is-the-task", _compare_report_is_task, "is (or holds, or lies in) the input"),
     Case("export-dir-is-the-model", _export_dir_is_model, "is (or holds, or lies in) the input"),
-    Case("file-appears-in-export-during-fit", _file_appears_in_export_during_fit, "holds other files (it appeared while this command ran)",
-         made={"export": None, "export/notes.txt": "mine"}),
-    Case("state-appears-in-export-during-fit", _state_appears_in_export_during_fit, "already holds a steering state (it appeared while this command ran)",
-         made={"export": None, "export/steering_config.json": _OTHER_STATE}),
-    Case("file-appears-in-merge-out", _file_appears_in_merge_out, "holds other files (it appeared while this command ran)",
-         made={"merged": None, "merged/notes.txt": "mine"}),
-    Case("file-appears-in-compare-export", _file_appears_in_compare_export, "holds other files (it appeared while this command ran)",
-         made={"out": None, "out/austeer": None, "out/austeer/notes.txt": "mine"}),
+    Case(
+        "file-appears-in-export-during-fit",
+        _file_appears_in_export_during_fit,
+        "holds other files (it appeared while this command ran)",
+        made={"export": None, "export/notes.txt": "mine"},
+    ),
+    Case(
+        "state-appears-in-export-during-fit",
+        _state_appears_in_export_during_fit,
+        "already holds a steering state (it appeared while this command ran)",
+        made={"export": None, "export/steering_config.json": _OTHER_STATE},
+    ),
+    Case(
+        "file-appears-in-merge-out",
+        _file_appears_in_merge_out,
+        "holds other files (it appeared while this command ran)",
+        made={"merged": None, "merged/notes.txt": "mine"},
+    ),
+    Case(
+        "file-appears-in-compare-export",
+        _file_appears_in_compare_export,
+        "holds other files (it appeared while this command ran)",
+        made={"out": None, "out/austeer": None, "out/austeer/notes.txt": "mine"},
+    ),
     Case("sigterm-during-merge-export", _sigterm_during_export, "interrupted by SIGTERM", code=143),
     Case("sigterm-during-state-export", _sigterm_during_state_export, "interrupted by SIGTERM", code=143),
     Case("sigterm-during-fit", _sigterm_during_fit, "interrupted by SIGTERM", code=143),
@@ -872,7 +1173,11 @@ NEW_CASES = [
     Case("state-gate-other-residual", _gate_hidden_size_other, "gate reads a residual stream of 48"),
     Case("state-metadata-data-list", _metadata_data_list, "metadata.data must be an object, got list"),
     Case("state-metadata-data-seed-string", _metadata_data_seed_string, "data setting 'seed' must be int, got str"),
-    Case("state-metadata-data-string-behaviour", _metadata_data_string_behaviour, "metadata.data must be an object, got str"),
+    Case(
+        "state-metadata-data-string-behaviour",
+        _metadata_data_string_behaviour,
+        "metadata.data must be an object, got str",
+    ),
     Case("export-name-300-chars", _export_name_too_long, "its name is 300 bytes"),
     Case("report-name-300-chars", _report_name_too_long, "its name is 305 bytes"),
     Case("generate-max-new-tokens-1e9", _generate_max_new_tokens_huge, "does not fit the model's context"),
@@ -911,7 +1216,9 @@ CASES = [
     Case("ckpt-crafted-pickle", _ckpt_crafted_pickle, "cannot be read as a checkpoint"),
     Case("wandb-online-no-key", _wandb_online_no_key, "needs a W&B API key"),
     Case("wandb-online-unreachable", _wandb_online_unreachable, "W&B is unreachable (127.0.0.1:9: connection refused)"),
-    Case("wandb-mode-unknown", _wandb_mode_bogus, "--wandb_mode must be offline, online or disabled", already_right=True),
+    Case(
+        "wandb-mode-unknown", _wandb_mode_bogus, "--wandb_mode must be offline, online or disabled", already_right=True
+    ),
     Case("max-epochs", _max_epochs, "drop --trainer.max_epochs", already_right=True),
     Case("k-zero", _k_zero, "positive whole number", already_right=True),
     Case("model-missing", _model_missing, "no such file or folder", already_right=True),
@@ -983,7 +1290,10 @@ def test_table_counts():
 def test_overwrite_replaces_a_state_and_keeps_normal_permissions(world, tmp_path, capsys):
     old = copy_state(world, tmp_path, "old")
     before = (old / "steering_config.json").read_bytes()
-    assert train_main(train_args(world, tmp_path, "--export_dir", str(old), "--overwrite", "true", "--model.k", "[2]")) == 0
+    assert (
+        train_main(train_args(world, tmp_path, "--export_dir", str(old), "--overwrite", "true", "--model.k", "[2]"))
+        == 0
+    )
     assert (old / "steering_config.json").read_bytes() != before and SteeringState.from_pretrained(old).k == 2
     umask = os.umask(0)
     os.umask(umask)
@@ -1017,23 +1327,56 @@ def test_wandb_online_falls_back_to_offline_with_a_warning(monkeypatch, tmp_path
 def test_resume_with_the_same_settings_is_accepted(world, tmp_path):
     from austeer_pl.lightning.strategy import check_resume, pass_settings
 
-    model = {"model_name": str(world["tiny"]), "dtype": None, "site": "attention", "layout_layers": None, "layout_attention": None, "layout_ffn": None}
-    data = {"task": str(world["task"]), "seed": 0, "negatives": "sample", "val_fraction": 0.2, "test_fraction": 0.2,
-            "max_train_pairs": 256, "chat_template": None, "max_length": 512, "batch_size": 4, "protocol": "default", "task_files": None}
+    model = {
+        "model_name": str(world["tiny"]),
+        "dtype": None,
+        "site": "attention",
+        "layout_layers": None,
+        "layout_attention": None,
+        "layout_ffn": None,
+    }
+    data = {
+        "task": str(world["task"]),
+        "seed": 0,
+        "negatives": "sample",
+        "val_fraction": 0.2,
+        "test_fraction": 0.2,
+        "max_train_pairs": 256,
+        "chat_template": None,
+        "max_length": 512,
+        "batch_size": 4,
+        "protocol": "default",
+        "task_files": None,
+    }
     check_resume(world["ckpt"], pass_settings(model, data))
-    with pytest.raises(AusteerError, match="--data.batch_size 4, this run has 8"):
+    with pytest.raises(AusteerError, match=r"--data\.batch_size 4, this run has 8"):
         check_resume(world["ckpt"], pass_settings(model, {**data, "batch_size": 8}))
 
 
 def test_custom_layout_is_recorded_and_evaluated(world, tmp_path, capsys):
     export = tmp_path / "state"
-    code = train_main(train_args(world, tmp_path, "--export_dir", str(export), "--model.layout_layers", "model.layers",
-                                 "--model.layout_attention", "self_attn.o_proj", "--model.layout_ffn", "mlp"))
+    code = train_main(
+        train_args(
+            world,
+            tmp_path,
+            "--export_dir",
+            str(export),
+            "--model.layout_layers",
+            "model.layers",
+            "--model.layout_attention",
+            "self_attn.o_proj",
+            "--model.layout_ffn",
+            "mlp",
+        )
+    )
     assert code == 0
     state = SteeringState.from_pretrained(export)
     assert state.layout == {"layers": "model.layers", "attention": "self_attn.o_proj", "ffn": "mlp"}
     assert evaluate_main(eval_args(export, "--report", str(tmp_path / "r.json"))) == 0
-    assert evaluate_main(eval_args(export, "--layout_layers", "model.layers", "--layout_attention", "self_attn.o_proj")) == 0
+    assert (
+        evaluate_main(eval_args(export, "--layout_layers", "model.layers", "--layout_attention", "self_attn.o_proj"))
+        == 0
+    )
 
 
 def test_scoring_refuses_nan_log_probabilities():
@@ -1047,11 +1390,11 @@ def test_scoring_refuses_nan_log_probabilities():
 
 
 def test_cache_overwritten_in_place_is_caught(tmp_path, monkeypatch):
-    from test_models import FakeEmbedded
-
     from austeer_pl.core import embedded
     from austeer_pl.core.embedded import ensure_embedded_model
     from austeer_pl.core.models import load_model
+
+    from test_models import FakeEmbedded
 
     fake = FakeEmbedded(tmp_path, monkeypatch)
     folder = ensure_embedded_model(fake.cache)
@@ -1083,8 +1426,12 @@ def test_concurrent_exports_to_one_folder_leave_one_whole_state(world, tmp_path)
         "    state.with_alpha(float(sys.argv[3]) + i).save_pretrained(sys.argv[2])\n"
     )
     target = tmp_path / "shared"
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(world["state"]), str(target), str(base)], stderr=subprocess.PIPE, text=True)
-             for base in (100, 200)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(world["state"]), str(target), str(base)], stderr=subprocess.PIPE, text=True
+        )
+        for base in (100, 200)
+    ]
     errs = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], errs
     state = SteeringState.from_pretrained(target)  # whole: the checksum in its config matches its weights
@@ -1105,7 +1452,9 @@ def _calls(name: str):
         for node in ast.walk(ast.parse(path.read_text(), str(path))):
             if isinstance(node, ast.Call):
                 func = node.func
-                called = func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+                called = (
+                    func.attr if isinstance(func, ast.Attribute) else func.id if isinstance(func, ast.Name) else None
+                )
                 if called == name:
                     owner = ast.unparse(func.value) if isinstance(func, ast.Attribute) else ""
                     yield path.relative_to(ROOT), node.lineno, owner, node
@@ -1139,12 +1488,52 @@ def test_custom_code_never_runs_when_a_user_types_y(tmp_path):
     make_model("llama").save_pretrained(model)
     make_tokenizer().save_pretrained(model)
     task = write_less_task(tmp_path / "less.jsonl", 30)
-    assert train_main(["--model.model_name", str(model), "--data.task", str(task), "--model.site", "attention", "--model.k", "[2]",
-                       "--model.alpha", "[2]", "--run_dir", str(tmp_path / "run"), "--export_dir", str(state), "--wandb_mode", "disabled",
-                       "--export_anyway", "true"]) == 0
-    proc = subprocess.run([sys.executable, str(ROOT / "generate.py"), "--steering", str(state), "--prompt", "is 1 less than 2",
-                           "--judge", str(judge), "--max_new_tokens", "2"], input="y\n", capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 2 and proc.stderr.count("error: ") == 1 and "never runs" in proc.stderr, proc.stderr[-2000:]
+    assert (
+        train_main(
+            [
+                "--model.model_name",
+                str(model),
+                "--data.task",
+                str(task),
+                "--model.site",
+                "attention",
+                "--model.k",
+                "[2]",
+                "--model.alpha",
+                "[2]",
+                "--run_dir",
+                str(tmp_path / "run"),
+                "--export_dir",
+                str(state),
+                "--wandb_mode",
+                "disabled",
+                "--export_anyway",
+                "true",
+            ]
+        )
+        == 0
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "generate.py"),
+            "--steering",
+            str(state),
+            "--prompt",
+            "is 1 less than 2",
+            "--judge",
+            str(judge),
+            "--max_new_tokens",
+            "2",
+        ],
+        input="y\n",
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2 and proc.stderr.count("error: ") == 1 and "never runs" in proc.stderr, proc.stderr[
+        -2000:
+    ]
     assert not marker.exists()
 
 
@@ -1154,7 +1543,10 @@ def test_a_custom_code_tokenizer_folder_is_read_without_its_code(world, tmp_path
     evil = write_custom_code_folder(tmp_path / "evil", marker)
     monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))
     out = tmp_path / "d.jsonl"
-    assert evaluate_main(["--task", str(world["task"]), "--model", str(evil), "--dump_examples", str(out), "--limit", "3"]) == 0
+    assert (
+        evaluate_main(["--task", str(world["task"]), "--model", str(evil), "--dump_examples", str(out), "--limit", "3"])
+        == 0
+    )
     assert len(out.read_text().splitlines()) == 3 and not marker.exists()
 
 
@@ -1200,13 +1592,19 @@ def test_sigterm_from_another_process_during_export_leaves_nothing(world, tmp_pa
         "sys.exit(export_main(sys.argv[1:]))\n"
     )
     out = tmp_path / "merged"
-    proc = subprocess.Popen([sys.executable, "-c", script, "--steering", str(world["state"]), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script, "--steering", str(world["state"]), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "written"
     proc.terminate()
     _, err = proc.communicate(timeout=60)
     lines = [line for line in err.splitlines() if line.strip()]
-    assert proc.returncode == 143 and lines == ["error: interrupted by SIGTERM; outputs are written whole or not at all, so none is half-written"], err
+    assert proc.returncode == 143 and lines == [
+        "error: interrupted by SIGTERM; outputs are written whole or not at all, so none is half-written"
+    ], err
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -1228,7 +1626,10 @@ def test_two_fits_in_one_process_do_not_share_a_run_folder(world, tmp_path, monk
     args = [a for a in train_args(world, tmp_path) if a not in ("--run_dir", str(tmp_path / "run"))]
     first, second = train(args), train(args)
     assert first["run_dir"] != second["run_dir"]
-    assert Path(first["export_dir"]).parent == Path(first["run_dir"]) and SteeringState.from_pretrained(second["export_dir"]).k == 3
+    assert (
+        Path(first["export_dir"]).parent == Path(first["run_dir"])
+        and SteeringState.from_pretrained(second["export_dir"]).k == 3
+    )
 
 
 def test_outputs_of_our_own_are_replaced_and_others_only_with_overwrite(world, tmp_path, capsys):
@@ -1251,7 +1652,10 @@ def test_an_evaluation_from_another_folder_reads_the_fitted_file(world, tmp_path
     shutil.copy(world["task"], fit_dir / "less.jsonl")
     write_less_task(other / "less.jsonl", 40, seed=5)  # same name, other rows
     monkeypatch.chdir(fit_dir)
-    assert train_main(train_args(world, tmp_path, "--data.task", "less.jsonl", "--export_dir", str(tmp_path / "state"))) == 0
+    assert (
+        train_main(train_args(world, tmp_path, "--data.task", "less.jsonl", "--export_dir", str(tmp_path / "state")))
+        == 0
+    )
     state = SteeringState.from_pretrained(tmp_path / "state")
     assert state.metadata["data"]["task"] == str(fit_dir / "less.jsonl")
     assert set(state.metadata["inputs"]["task"]) == {str(fit_dir / "less.jsonl")}
@@ -1279,14 +1683,30 @@ def test_only_the_test_rows_are_needed_to_show_the_test_split(tmp_path, tiny_dir
     test_only = [str(p) for p in files if "_train" not in Path(p).name]
     assert test_only and len(test_only) < len(files)
     out = tmp_path / "d.jsonl"
-    code = evaluate_main(["--task", "boolq", "--protocol", "paper", "--task_files", ",".join(test_only), "--split", "test",
-                          "--model", str(tiny_dir), "--dump_examples", str(out)])
+    code = evaluate_main(
+        [
+            "--task",
+            "boolq",
+            "--protocol",
+            "paper",
+            "--task_files",
+            ",".join(test_only),
+            "--split",
+            "test",
+            "--model",
+            str(tiny_dir),
+            "--dump_examples",
+            str(out),
+        ]
+    )
     assert code == 0
     from austeer_pl.tasks.config import DataConfig
 
     _, full = DataConfig(task="boolq", protocol="paper", task_files=",".join(str(p) for p in files)).load()
     dumped = [json.loads(line)["uid"] for line in out.read_text().splitlines()]
-    assert sorted(dumped) == sorted(ex.uid for ex in full["test"])  # the same test rows as with the training rows beside them
+    assert sorted(dumped) == sorted(
+        ex.uid for ex in full["test"]
+    )  # the same test rows as with the training rows beside them
 
 
 def test_a_users_file_moved_aside_by_a_killed_writer_comes_back(tmp_path):
@@ -1295,12 +1715,16 @@ def test_a_users_file_moved_aside_by_a_killed_writer_comes_back(tmp_path):
     from austeer_pl.core.fileio import json_output, write_json_output
     from austeer_pl.core.output import _HOST
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     target = tmp_path / "r.json"
     aside = tmp_path / f".r.json.{_HOST}-{dead}-0123abcd.old"
     aside.write_text("mine")
     with pytest.raises(AusteerError, match="not a report that austeer-pl wrote"):
-        write_json_output(json_output(target).check(), {"a": 1})  # the check passes (nothing there yet); the write finds it back
+        write_json_output(
+            json_output(target).check(), {"a": 1}
+        )  # the check passes (nothing there yet); the write finds it back
     assert target.read_text() == "mine" and not aside.exists()
 
 
@@ -1311,7 +1735,10 @@ def test_a_fitted_state_on_rows_all_labelled_test_evaluates_its_own_test_split(w
     task = tmp_path / "all_test.jsonl"
     task.write_text("".join(json.dumps({**row, "split": "test"}) + "\n" for row in rows))
     with pytest.warns(UserWarning, match="every example is labelled split 'test'"):
-        assert train_main(train_args(world, tmp_path, "--data.task", str(task), "--export_dir", str(tmp_path / "state"))) == 0
+        assert (
+            train_main(train_args(world, tmp_path, "--data.task", str(task), "--export_dir", str(tmp_path / "state")))
+            == 0
+        )
     report = tmp_path / "r.json"
     with pytest.warns(UserWarning, match="every example is labelled split 'test'"):
         assert evaluate_main(["--steering", str(tmp_path / "state"), "--report", str(report)]) == 0
@@ -1341,7 +1768,10 @@ def test_a_moved_task_file_keeps_the_fits_splits(world, tmp_path):
     shutil.copy(world["task"], moved)
     config = DataConfig.of_state(state.metadata, task=str(moved))
     recorded = DataConfig.of_state(state.metadata)
-    assert config.task == str(moved) and (config.max_val_examples, config.max_test_examples) == (recorded.max_val_examples, recorded.max_test_examples)
+    assert config.task == str(moved) and (config.max_val_examples, config.max_test_examples) == (
+        recorded.max_val_examples,
+        recorded.max_test_examples,
+    )
     write_less_task(moved, 40, seed=3)  # other content: another task, uncapped
     assert DataConfig.of_state(state.metadata, task=str(moved)).max_test_examples is None
 

@@ -31,12 +31,18 @@ from austeer_pl.methods.registry import METHODS as REGISTRY
 from austeer_pl.methods.registry import FitContext, build_state, grid_points
 from austeer_pl.methods.sadi import sadi_head_scores, sadi_state
 
+from conftest import make_model, make_tokenizer
+
 METHODS = [m for m, entry in REGISTRY.items() if entry.points is not None and m != "austeer"]
 STRENGTH_KEY = {m: REGISTRY[m].strength_key for m in METHODS}
 
 
 def baseline_state(method, layout, *, acc=None, moments=None, accuracy=None, base_model="", **hyper):
-    return build_state(method, FitContext(layout=layout, acc=acc, moments=moments, probe_accuracy=accuracy, base_model=base_model), **hyper)
+    return build_state(
+        method,
+        FitContext(layout=layout, acc=acc, moments=moments, probe_accuracy=accuracy, base_model=base_model),
+        **hyper,
+    )
 
 
 def sadi_mask(acc, layout, *, site, k):
@@ -47,7 +53,6 @@ def sadi_mask(acc, layout, *, site, k):
     mask[state.layer, state.unit] = True
     return mask
 
-from conftest import make_model, make_tokenizer
 
 TEXTS = ["is it good? yes", "bad film.", "a truly wonderful, moving story!", "what a mess, 2 stars"]
 
@@ -155,6 +160,7 @@ def test_head_moments_errors():
 # ============================================================================ probes
 def separable_data(g, dirs, separable, n):
     """Per head: on ``separable`` heads the classes lie at +-2 along ``dirs`` (noise removed there); elsewhere pure noise."""
+
     def draw(sign):
         noise = torch.randn(n, *dirs.shape, generator=g, dtype=torch.float64)
         noise = noise - (noise * dirs).sum(-1, keepdim=True) * dirs * separable[..., None]
@@ -270,7 +276,7 @@ def test_iti_direction_sigma_and_state():
     assert state.layer.tolist() == [1] * 4 + [0] * 4 + [1] * 4
     for i, (l, h) in enumerate([(1, 2), (0, 0), (1, 1)]):
         want = 2.5 * sigma[l, h] * direction[l, h]
-        assert torch.allclose(state.shift[4 * i: 4 * i + 4], want.float(), atol=1e-6)
+        assert torch.allclose(state.shift[4 * i : 4 * i + 4], want.float(), atol=1e-6)
     assert torch.equal(state.scale, torch.zeros(12)) and state.k == 12
     assert state.metadata["sigma"] == pytest.approx([float(sigma[1, 2]), float(sigma[0, 0]), float(sigma[1, 1])])
 
@@ -290,14 +296,17 @@ def test_sadi_masks_and_state():
     acc, pos, neg, layout = handmade_accumulator(L=3, H=2, D=3, hidden=5, n=4)
     L, H, D = 3, 2, 3
     # Attention: heads ranked by mean_u |mean_pairs(pos - neg)|, a plain loop.
-    diff = (pos["attention"].double() - neg["attention"].double())
+    diff = pos["attention"].double() - neg["attention"].double()
     md = [[sum(float(diff[i, l, u]) for i in range(4)) / 4 for u in range(H * D)] for l in range(L)]
     head_score = {(l, h): sum(abs(md[l][h * D + j]) for j in range(D)) / D for l in range(L) for h in range(H)}
-    assert torch.allclose(sadi_head_scores(acc, layout), torch.tensor([[head_score[l, h] for h in range(H)] for l in range(L)], dtype=torch.float64))
+    assert torch.allclose(
+        sadi_head_scores(acc, layout),
+        torch.tensor([[head_score[l, h] for h in range(H)] for l in range(L)], dtype=torch.float64),
+    )
     best = sorted(head_score, key=lambda lh: (-head_score[lh], lh))[:2]
     expected = torch.zeros(L, H * D, dtype=torch.bool)
     for l, h in best:
-        expected[l, h * D:(h + 1) * D] = True
+        expected[l, h * D : (h + 1) * D] = True
     assert torch.equal(sadi_mask(acc, layout, site="attention", k=2), expected)
 
     state = sadi_state(acc, layout, site="attention", k_heads=2, delta=3.0)
@@ -333,7 +342,9 @@ def test_sadi_masks_and_state():
 def test_sadi_tie_breaking_is_positional():
     acc = MomentumAccumulator({"attention": 4, "ffn": 2}, n_layers=2)
     d = torch.tensor([[[1.0, -1.0, 1.0, 1.0], [-1.0, 1.0, 2.0, 0.0]]])  # head scores: [[1, 1], [1, 1]]
-    acc.update({"attention": d, "ffn": torch.ones(1, 2, 2)}, {"attention": torch.zeros_like(d), "ffn": torch.zeros(1, 2, 2)})
+    acc.update(
+        {"attention": d, "ffn": torch.ones(1, 2, 2)}, {"attention": torch.zeros_like(d), "ffn": torch.zeros(1, 2, 2)}
+    )
     layout = FakeLayout(2, 2, 2, hidden=2)
     state = sadi_state(acc, layout, site="attention", k_heads=3, delta=1.0)
     assert state.metadata["heads"] == [[0, 0], [0, 1], [1, 0]]
@@ -399,9 +410,15 @@ def test_caa_candidate_layers():
 def test_block_austeer_picks_whole_blocks():
     L, H, D, hidden = 2, 3, 2, 4
     acc = MomentumAccumulator({"attention": H * D, "ffn": hidden}, n_layers=L)
+
     # 4 pairs; a unit with m = s * c / 4 has d = s on c pairs and d = 0 on the others.
     def d_for(m_table):
-        return torch.tensor([[[math.copysign(1.0, m) if i < round(abs(m) * 4) else 0.0 for m in layer] for layer in m_table] for i in range(4)])
+        return torch.tensor(
+            [
+                [[math.copysign(1.0, m) if i < round(abs(m) * 4) else 0.0 for m in layer] for layer in m_table]
+                for i in range(4)
+            ]
+        )
 
     m_attn = [[0.5, 0.75, 1.0, 1.0, 0.5, -0.5], [-1.0, -1.0, 0.75, 0.5, -0.75, 0.75]]
     m_ffn = [[0.75, 0.75, 0.75, 1.0], [0.5, 0.5, -0.5, 0.5]]
@@ -411,14 +428,30 @@ def test_block_austeer_picks_whole_blocks():
     layout = FakeLayout(L, H, D, hidden)
     # Head scores (mean |m|): L0 = [.625, 1, .5], L1 = [1, .625, .75]; ffn layers: [.8125, .5].
     ranking = rank_blocks(acc, layout, ["attention", "ffn"])
-    assert ranking.blocks() == [("attention", 0, 1), ("attention", 1, 0), ("ffn", 0, -1), ("attention", 1, 2),
-                                ("attention", 0, 0), ("attention", 1, 1), ("attention", 0, 2), ("ffn", 1, -1)]
+    assert ranking.blocks() == [
+        ("attention", 0, 1),
+        ("attention", 1, 0),
+        ("ffn", 0, -1),
+        ("attention", 1, 2),
+        ("attention", 0, 0),
+        ("attention", 1, 1),
+        ("attention", 0, 2),
+        ("ffn", 1, -1),
+    ]
     assert ranking.score.tolist() == [1.0, 1.0, 0.8125, 0.75, 0.625, 0.625, 0.5, 0.5]
 
     state = block_austeer_state(acc, layout, k_blocks=3, alpha=2.0, sites=["attention", "ffn"])
     assert state.method == "austeer_block" and state.sites == ("attention", "ffn")
-    assert state.coordinates() == [("attention", 0, 2), ("attention", 0, 3), ("attention", 1, 0), ("attention", 1, 1),
-                                   ("ffn", 0, 0), ("ffn", 0, 1), ("ffn", 0, 2), ("ffn", 0, 3)]
+    assert state.coordinates() == [
+        ("attention", 0, 2),
+        ("attention", 0, 3),
+        ("attention", 1, 0),
+        ("attention", 1, 1),
+        ("ffn", 0, 0),
+        ("ffn", 0, 1),
+        ("ffn", 0, 2),
+        ("ffn", 0, 3),
+    ]
     expected_m = [1.0, 1.0, -1.0, -1.0, 0.75, 0.75, 0.75, 1.0]
     assert state.momentum.tolist() == expected_m
     assert state.scale.tolist() == [2.0 * m for m in expected_m]
@@ -445,7 +478,7 @@ def fitted(request):
 
 
 def build(method, fitted, strength):
-    arch, model, tok, layout, acc, moments, accuracy = fitted
+    arch, _model, _tok, layout, acc, moments, accuracy = fitted
     hyper = {
         "iti": {"k_heads": 3},
         "sadi": {"site": "attention", "k_heads": 2},
@@ -453,11 +486,13 @@ def build(method, fitted, strength):
         "austeer_block": {"k_blocks": 2, "sites": ("attention",)},
     }[method]
     hyper[STRENGTH_KEY[method]] = strength
-    return baseline_state(method, layout, acc=acc, moments=moments, accuracy=accuracy, base_model=f"tiny-{arch}", **hyper)
+    return baseline_state(
+        method, layout, acc=acc, moments=moments, accuracy=accuracy, base_model=f"tiny-{arch}", **hyper
+    )
 
 
 def test_head_moments_from_model_match_reader(fitted):
-    arch, model, tok, layout, acc, moments, accuracy = fitted
+    _arch, _model, _tok, layout, acc, moments, accuracy = fitted
     # Sums of the attention site agree with the momentum accumulator's (same last-token reads).
     sums = moments.tensors["sum"].view(2, layout.n_layers, -1)
     assert torch.allclose(sums[0], acc.tensors["attention.sum_pos"], atol=1e-4)
@@ -472,8 +507,12 @@ def test_states_apply_save_load_and_rescale(method, fitted, tmp_path):
     state = build(method, fitted, big)
     assert state.method == method and state.alpha == big and state.base_model == f"tiny-{arch}"
     json.dumps(state.metadata)
-    expected_k = {"iti": 3 * layout.head_dim, "sadi": 2 * layout.head_dim, "caa": layout.site("residual").size,
-                  "austeer_block": 2 * layout.head_dim}[method]
+    expected_k = {
+        "iti": 3 * layout.head_dim,
+        "sadi": 2 * layout.head_dim,
+        "caa": layout.site("residual").size,
+        "austeer_block": 2 * layout.head_dim,
+    }[method]
     assert state.k == expected_k
 
     batch = tok(TEXTS, return_tensors="pt", padding=True)
@@ -496,7 +535,9 @@ def test_states_apply_save_load_and_rescale(method, fitted, tmp_path):
     rescaled = state.with_alpha(2 * big)
     assert rescaled.coordinates() == double.coordinates()
     assert torch.allclose(rescaled.scale, 2 * state.scale) and torch.allclose(rescaled.shift, 2 * state.shift)
-    assert torch.allclose(rescaled.scale, double.scale, atol=1e-6) and torch.allclose(rescaled.shift, double.shift, atol=1e-6)
+    assert torch.allclose(rescaled.scale, double.scale, atol=1e-6) and torch.allclose(
+        rescaled.shift, double.shift, atol=1e-6
+    )
     with rescaled.apply(model), torch.no_grad():
         a = model(**batch).logits
     with state.apply(model, alpha=2 * big), torch.no_grad():
@@ -505,7 +546,7 @@ def test_states_apply_save_load_and_rescale(method, fitted, tmp_path):
 
 
 def test_grid_points_build_states(fitted):
-    arch, model, tok, layout, acc, moments, accuracy = fitted
+    _arch, _model, _tok, layout, acc, moments, accuracy = fitted
     n_heads = layout.n_layers * layout.n_heads
     assert set(METHODS) == {"iti", "sadi", "caa", "austeer_block"} and all(STRENGTH_KEY.values())
     for method in METHODS:
@@ -520,7 +561,10 @@ def test_grid_points_build_states(fitted):
     caa_layers = sorted({p["layer"] for p in grid_points("caa", layout)})
     assert caa_layers == caa_candidate_layers(layout.n_layers)
     ffn = grid_points("sadi", layout, {"site": ["ffn"], "k_units": [3, 1000], "delta": [1.0]})
-    assert ffn == [{"site": "ffn", "k_units": 3, "delta": 1.0}, {"site": "ffn", "k_units": layout.n_layers * 32, "delta": 1.0}]
+    assert ffn == [
+        {"site": "ffn", "k_units": 3, "delta": 1.0},
+        {"site": "ffn", "k_units": layout.n_layers * 32, "delta": 1.0},
+    ]
     with pytest.raises(AusteerError, match="unknown method"):
         grid_points("repe", layout)
 

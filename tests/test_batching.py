@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import transformers
-from conftest import make_model, make_tokenizer
 
 from austeer_pl.core.tokens import (
     encode_answers,
@@ -15,6 +14,8 @@ from austeer_pl.core.tokens import (
     truncate_pair_left,
 )
 
+from conftest import make_model, make_tokenizer
+
 
 def sentencepiece_style_tokenizer():
     """A subword tokenizer with a legacy SentencePiece normaliser: spaces become '▁' and a '▁' is
@@ -22,7 +23,9 @@ def sentencepiece_style_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     words = ["<pad>", "<unk>", "▁Is", "▁it", "▁good?", "▁Answer:", "▁yes", "▁no", "##yes", "##no"]
-    tok = Tokenizer(models.WordPiece(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>", continuing_subword_prefix="##"))
+    tok = Tokenizer(
+        models.WordPiece(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>", continuing_subword_prefix="##")
+    )
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
 
@@ -44,7 +47,10 @@ def test_answer_ids_are_the_joined_texts_ids_after_the_prompt():
 
 def test_left_truncation_keeps_the_read_token():
     assert truncate_left([1, 2, 3, 4, 5], 3) == [3, 4, 5] and truncate_left([1, 2], 3) == [1, 2]
-    assert truncate_pair_left([1, 2, 3], [4, 5], 3) == ([3], [4, 5]) and truncate_pair_left([1, 2], [3, 4, 5], 2) == ([], [4, 5])
+    assert truncate_pair_left([1, 2, 3], [4, 5], 3) == ([3], [4, 5]) and truncate_pair_left([1, 2], [3, 4, 5], 2) == (
+        [],
+        [4, 5],
+    )
     tok = make_tokenizer()
     batch = encode_texts(tok, ["a long prompt then the answer x", "short y"], max_length=5)
     last = batch["attention_mask"].sum(1) - 1

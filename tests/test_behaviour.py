@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
 from torch import nn
 
 import austeer_pl.tasks as T
@@ -54,6 +53,8 @@ from austeer_pl.tasks.embedded import (
     sentiment_task,
 )
 
+from conftest import make_model, make_tokenizer
+
 FIT_PAIRS = [(f"review {i}: the film was good", f"review {i}: the film was bad") for i in range(8)]
 PROMPTS = ["the film was", "i think that the movie", "ok"]
 
@@ -88,7 +89,9 @@ def test_vader_judge_on_fixed_strings():
     result = judge.judge(texts)
     assert result.positive == [True, True, False, False, False] and result.n_positive == 2
     negative = load_judge("vader:negative")
-    assert negative.name == "vader:negative" and negative.score(texts) == pytest.approx([-e for e in expected], abs=1e-4)
+    assert negative.name == "vader:negative" and negative.score(texts) == pytest.approx(
+        [-e for e in expected], abs=1e-4
+    )
     assert negative.judge(texts).positive == [False, False, True, True, False]
     # The threshold is VADER's 0.05: a text scoring exactly 0.0 is not positive, one at 0.05 is.
     assert CallableJudge(lambda ts: [0.05, 0.0499], threshold=0.05).judge(["a", "b"]).positive == [True, False]
@@ -118,8 +121,16 @@ def test_classifier_judge_matches_unbatched_softmax(tmp_path):
 
     torch.manual_seed(0)
     config = transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-        num_labels=2, id2label={0: "NEGATIVE", 1: "POSITIVE"}, label2id={"NEGATIVE": 0, "POSITIVE": 1}, pad_token_id=0,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        num_labels=2,
+        id2label={0: "NEGATIVE", 1: "POSITIVE"},
+        label2id={"NEGATIVE": 0, "POSITIVE": 1},
+        pad_token_id=0,
     )
     clf = transformers.LlamaForSequenceClassification(config).eval()
     clf.save_pretrained(tmp_path)
@@ -128,7 +139,9 @@ def test_classifier_judge_matches_unbatched_softmax(tmp_path):
     texts = ["a good film", "bad", "the plot was dull and long"]
     judge = ClassifierJudge(tmp_path, batch_size=2)  # batches of 2: padded rows
     with torch.no_grad():
-        oracle = [torch.softmax(clf(input_ids=torch.tensor([tok(t)["input_ids"]])).logits[0], -1)[1].item() for t in texts]
+        oracle = [
+            torch.softmax(clf(input_ids=torch.tensor([tok(t)["input_ids"]])).logits[0], -1)[1].item() for t in texts
+        ]
     assert judge.score_name == "p(POSITIVE)" and judge.score(texts) == pytest.approx(oracle, abs=1e-5)
     assert judge.judge(texts).positive == [p >= 0.5 for p in oracle]
     neg = ClassifierJudge(tmp_path, positive_label="negative")
@@ -177,7 +190,7 @@ def test_perplexity_matches_plain_loop(arch):
             # The continuation's tokens: the joined text's after the prompt's (no merges across the boundary here).
             p_ids, whole = tok(p)["input_ids"], tok(p + c)["input_ids"]
             assert whole[: len(p_ids)] == p_ids
-            c_ids = whole[len(p_ids):]
+            c_ids = whole[len(p_ids) :]
             ids = torch.tensor([whole])
             logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), -1)
             nll = [-logp[len(p_ids) + j - 1, c_ids[j]].item() for j in range(len(c_ids))]
@@ -213,8 +226,14 @@ def plain_generate(model, tok, prompts, n, state=None):
     with ctx, torch.no_grad():
         for p in prompts:
             ids = torch.tensor([tok(p)["input_ids"]])
-            gen = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
-            out.append(tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True))
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=n,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+            )
+            out.append(tok.decode(gen[0, ids.shape[1] :], skip_special_tokens=True))
     return out
 
 
@@ -240,7 +259,9 @@ def test_generate_pairs_batched_equals_plain_generate(tiny, which):
 
 def test_text_metrics_and_report(tiny):
     judge = CallableJudge(lambda ts: [t.count("b") / max(len(t), 1) for t in ts], threshold=0.1, name="b-share")
-    report = behaviour_report(tiny.model, tiny.tok, tiny.state, PROMPTS, judge, max_new_tokens=6, batch_size=2, n_examples=2)
+    report = behaviour_report(
+        tiny.model, tiny.tok, tiny.state, PROMPTS, judge, max_new_tokens=6, batch_size=2, n_examples=2
+    )
     pairs = generate_pairs(tiny.model, tiny.tok, tiny.state, PROMPTS, max_new_tokens=6, batch_size=2)
     for side in ("unsteered", "steered"):
         texts = getattr(pairs, side)
@@ -249,9 +270,13 @@ def test_text_metrics_and_report(tiny):
         positive = sum(s >= 0.1 for s in scores)
         assert m["n"] == 3 and m["n_positive"] == positive and m["share_positive"] == pytest.approx(positive / 3)
         assert m["ci_low"] <= m["share_positive"] <= m["ci_high"] and m["mean_score"] == pytest.approx(sum(scores) / 3)
-        assert m["perplexity"] == pytest.approx(mean_perplexity(perplexity(tiny.model, tiny.tok, PROMPTS, texts)), rel=1e-6)
+        assert m["perplexity"] == pytest.approx(
+            mean_perplexity(perplexity(tiny.model, tiny.tok, PROMPTS, texts)), rel=1e-6
+        )
         assert m["distinct_2"] == pytest.approx(distinct_n(texts, 2), nan_ok=True)
-    assert report["perplexity_ratio"] == pytest.approx(report["steered"]["perplexity"] / report["unsteered"]["perplexity"])
+    assert report["perplexity_ratio"] == pytest.approx(
+        report["steered"]["perplexity"] / report["unsteered"]["perplexity"]
+    )
     assert report["examples"] == pairs.rows()[:2] and report["judge"]["name"] == "b-share"
 
 
@@ -297,7 +322,9 @@ def test_choose_under_budget_ties_and_errors():
     assert choose_under_budget(marked, 1.5).label == "x" and choose_under_budget(marked, 1.2).label == "base"
     rng = random.Random(0)
     for _ in range(50):  # against a brute-force oracle
-        rows = [("unsteered", rng.random(), rng.random(), 10.0)] + [(f"p{i}", rng.random(), rng.random(), rng.uniform(5, 30)) for i in range(6)]
+        rows = [("unsteered", rng.random(), rng.random(), 10.0)] + [
+            (f"p{i}", rng.random(), rng.random(), rng.uniform(5, 30)) for i in range(6)
+        ]
         ok = [r for r in rows if r[0] == "unsteered" or r[3] / 10.0 <= 1.5]
         assert choose_under_budget(grid(*rows), 1.5).label == max(ok, key=lambda r: r[1])[0]
     for kwargs, words in (
@@ -317,9 +344,13 @@ def test_evaluate_candidates_and_choose_by_judge(tiny):
     assert results[0]["steered"] is False and results[0]["perplexity_ratio"] == 1.0
     texts = generate_new_text(tiny.model, tiny.tok, PROMPTS, state=tiny.caa, max_new_tokens=6, batch_size=2)
     expected = text_metrics(tiny.model, tiny.tok, PROMPTS, texts, judge)
-    assert results[2]["share_positive"] == expected["share_positive"] and results[2]["perplexity"] == pytest.approx(expected["perplexity"])
+    assert results[2]["share_positive"] == expected["share_positive"] and results[2]["perplexity"] == pytest.approx(
+        expected["perplexity"]
+    )
     assert results[2]["perplexity_ratio"] == pytest.approx(expected["perplexity"] / results[0]["perplexity"])
-    pick = choose_by_judge(tiny.model, tiny.tok, candidates, PROMPTS, judge, budget=100.0, max_new_tokens=6, batch_size=2)
+    pick = choose_by_judge(
+        tiny.model, tiny.tok, candidates, PROMPTS, judge, budget=100.0, max_new_tokens=6, batch_size=2
+    )
     assert pick.label == choose_under_budget(results, 100.0).label
     assert pick.state is dict(candidates).get(pick.label)
     with pytest.raises(AusteerError, match="labels must be distinct"):
@@ -331,8 +362,17 @@ def test_strength_curve_writes_json_and_png(tiny, tmp_path):
     judge = CallableJudge(lambda ts: [t.count("b") / max(len(t), 1) for t in ts], threshold=0.1, name="b-share")
     out, png = tmp_path / "curve.json", tmp_path / "curve.png"
     result = strength_curve(
-        tiny.model, tiny.tok, {"austeer": tiny.state, "caa": tiny.caa}, PROMPTS, judge, multiples=(0.0, 1.0),
-        alphas={"caa": [0.0, 5.0, 10.0]}, max_new_tokens=6, batch_size=2, out=out, plot=png,
+        tiny.model,
+        tiny.tok,
+        {"austeer": tiny.state, "caa": tiny.caa},
+        PROMPTS,
+        judge,
+        multiples=(0.0, 1.0),
+        alphas={"caa": [0.0, 5.0, 10.0]},
+        max_new_tokens=6,
+        batch_size=2,
+        out=out,
+        plot=png,
     )
     saved = json.loads(out.read_text())
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -341,10 +381,16 @@ def test_strength_curve_writes_json_and_png(tiny, tmp_path):
     assert [p["alpha"] for p in saved["methods"]["caa"]["points"]] == [0.0, 5.0, 10.0]
     zero = saved["methods"]["caa"]["points"][0]
     assert zero["share_positive"] == saved["unsteered"]["share_positive"] and zero["perplexity_ratio"] == 1.0
-    steered = generate_new_text(tiny.model, tiny.tok, PROMPTS, state=tiny.caa.with_alpha(5.0), max_new_tokens=6, batch_size=2)
+    steered = generate_new_text(
+        tiny.model, tiny.tok, PROMPTS, state=tiny.caa.with_alpha(5.0), max_new_tokens=6, batch_size=2
+    )
     assert saved["methods"]["caa"]["points"][1]["texts"] == steered
-    assert saved["methods"]["caa"]["points"][1]["share_positive"] == pytest.approx(text_metrics(tiny.model, tiny.tok, PROMPTS, steered, judge)["share_positive"])
-    assert result["examples"][0]["unsteered"] == generate_new_text(tiny.model, tiny.tok, PROMPTS[:1], max_new_tokens=6)[0]
+    assert saved["methods"]["caa"]["points"][1]["share_positive"] == pytest.approx(
+        text_metrics(tiny.model, tiny.tok, PROMPTS, steered, judge)["share_positive"]
+    )
+    assert (
+        result["examples"][0]["unsteered"] == generate_new_text(tiny.model, tiny.tok, PROMPTS[:1], max_new_tokens=6)[0]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -354,10 +400,19 @@ def tiny_states(tiny_dir, tmp_path_factory):
     model, tok = load_model(str(tiny_dir))
     layout = locate_units(model)
     task_file = folder / "pairs.jsonl"
-    rows = [{"prompt": f"review {i}:", "positive": "the film was good", "negative": "the film was bad"} for i in range(20)]
+    rows = [
+        {"prompt": f"review {i}:", "positive": "the film was good", "negative": "the film was bad"} for i in range(20)
+    ]
     task_file.write_text("".join(json.dumps(r) + "\n" for r in rows))
     state = fit_state(model, tok, FIT_PAIRS, k=8, alpha=10.0, base_model=str(tiny_dir))
-    state.metadata["data"] = {"task": str(task_file), "seed": 0, "val_fraction": 0.2, "test_fraction": 0.2, "chat_template": None, "max_length": None}
+    state.metadata["data"] = {
+        "task": str(task_file),
+        "seed": 0,
+        "val_fraction": 0.2,
+        "test_fraction": 0.2,
+        "chat_template": None,
+        "max_length": None,
+    }
     acc = accumulate_momentum(model, tok, FIT_PAIRS, sites=["residual"], layout=layout)
     caa = caa_state(acc, layout, layer=1, multiplier=10.0, base_model=str(tiny_dir))
     paths = {"austeer": state.save_pretrained(folder / "austeer"), "caa": caa.save_pretrained(folder / "caa")}
@@ -366,12 +421,32 @@ def tiny_states(tiny_dir, tmp_path_factory):
 
 def test_behaviour_analysis_command(tiny_states, tmp_path, capsys):
     out = tmp_path / "b.json"
-    argv = ["--steering", str(tiny_states.paths["austeer"]), "--alphas", "0,10", "--caa_multipliers", "0,4", "--max_prompts", "3",
-            "--max_new_tokens", "4", "--batch_size", "2", "--out", str(out), "--wandb_mode", "disabled"]
+    argv = [
+        "--steering",
+        str(tiny_states.paths["austeer"]),
+        "--alphas",
+        "0,10",
+        "--caa_multipliers",
+        "0,4",
+        "--max_prompts",
+        "3",
+        "--max_new_tokens",
+        "4",
+        "--batch_size",
+        "2",
+        "--out",
+        str(out),
+        "--wandb_mode",
+        "disabled",
+    ]
     assert behaviour_cli(argv) == 0
     saved = json.loads(out.read_text())
     assert out.with_suffix(".png").is_file() and "behaviour: wrote" in capsys.readouterr().out
-    assert set(saved["methods"]) == {"austeer", "caa"} and saved["caa"]["source"] == "fitted" and saved["caa"]["n_pairs"] == 12
+    assert (
+        set(saved["methods"]) == {"austeer", "caa"}
+        and saved["caa"]["source"] == "fitted"
+        and saved["caa"]["n_pairs"] == 12
+    )
     assert [p["alpha"] for p in saved["methods"]["caa"]["points"]] == [0.0, 4.0]
     assert saved["n_prompts"] == 3 and saved["task"] == str(tiny_states.task)
     # Output paths are checked before any work; bad input is one line and status 2.
@@ -390,8 +465,22 @@ def test_generate_cli_in_process(tiny_states, tmp_path, capsys, method):
     prompts_file = tmp_path / "prompts.txt"
     prompts_file.write_text("the film was\n\ni think that the movie\nok\n")
     out = tmp_path / "gen.jsonl"
-    rc = generate_main(["--steering", str(tiny_states.paths[method]), "--prompts", str(prompts_file), "--max_new_tokens", "6",
-                        "--batch_size", "2", "--out", str(out), "--chat_template", "off"])
+    rc = generate_main(
+        [
+            "--steering",
+            str(tiny_states.paths[method]),
+            "--prompts",
+            str(prompts_file),
+            "--max_new_tokens",
+            "6",
+            "--batch_size",
+            "2",
+            "--out",
+            str(out),
+            "--chat_template",
+            "off",
+        ]
+    )
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -399,13 +488,39 @@ def test_generate_cli_in_process(tiny_states, tmp_path, capsys, method):
     assert [r["prompt"] for r in rows] == PROMPTS
     assert [r["unsteered"] for r in rows] == plain_generate(tiny_states.model, tiny_states.tok, PROMPTS, 6)
     assert [r["steered"] for r in rows] != [r["unsteered"] for r in rows]
-    assert "unsteered" in captured.out and "i think that the movie" in captured.out and f"wrote 3 generations to {out}" in captured.out
+    assert (
+        "unsteered" in captured.out
+        and "i think that the movie" in captured.out
+        and f"wrote 3 generations to {out}" in captured.out
+    )
     # --prompt, --alpha 0 (steering off: equal sides), a JSONL prompts file (the behaviour schema works as is).
-    assert generate_main(["--steering", str(tiny_states.paths[method]), "--prompt", "ok", "--prompts", str(tiny_states.task)]) == 2
+    assert (
+        generate_main(
+            ["--steering", str(tiny_states.paths[method]), "--prompt", "ok", "--prompts", str(tiny_states.task)]
+        )
+        == 2
+    )
     capsys.readouterr()
     out2 = tmp_path / "zero.jsonl"
-    assert generate_main(["--steering", str(tiny_states.paths[method]), "--prompts", str(tiny_states.task), "--alpha", "0",
-                          "--max_new_tokens", "4", "--out", str(out2), "--judge", "vader"]) == 0
+    assert (
+        generate_main(
+            [
+                "--steering",
+                str(tiny_states.paths[method]),
+                "--prompts",
+                str(tiny_states.task),
+                "--alpha",
+                "0",
+                "--max_new_tokens",
+                "4",
+                "--out",
+                str(out2),
+                "--judge",
+                "vader",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in out2.read_text().splitlines()]
     assert len(rows) == 20 and rows[0]["prompt"] == "review 0:" and all(r["steered"] == r["unsteered"] for r in rows)
 
@@ -479,7 +594,7 @@ def test_sentiment_task_rows(sentiment):
     pairs = T.make_pairs(parts["train"], seed=0)
     assert len(pairs) == 64 and all(p.negative == ex.choices[1] for p, ex in zip(pairs, parts["train"]))
     assert T.format_prompt(None, sentiment, first.prompt, chat_template=False).endswith("Answer in one line.\nReview:")
-    assert detokenize_review("i liked it , \" truly \" ( mostly ) .") == 'I liked it, "truly" (mostly).'
+    assert detokenize_review('i liked it , " truly " ( mostly ) .') == 'I liked it, "truly" (mostly).'
 
 
 def test_sentiment_registered_in_load_task(sentiment):
@@ -494,9 +609,15 @@ def test_real_model_fluency_and_steered_generation(sentiment):
     model, tok = load_model("smollm2-135m-instruct")
     fluent = "The film is a warm, funny and moving story about a family."
     scrambled = "family funny a The story, about warm and film is moving a."
-    ppl = perplexity(model, tok, ["Write a one-line review of the new film.\nReview:"] * 2, [" " + fluent, " " + scrambled])
+    ppl = perplexity(
+        model, tok, ["Write a one-line review of the new film.\nReview:"] * 2, [" " + fluent, " " + scrambled]
+    )
     assert ppl[0] < ppl[1] / 3
-    texts = [T.join_answer(T.format_prompt(tok, sentiment, ex.prompt), c) for ex in sentiment.examples[:8] for c in ex.choices]
+    texts = [
+        T.join_answer(T.format_prompt(tok, sentiment, ex.prompt), c)
+        for ex in sentiment.examples[:8]
+        for c in ex.choices
+    ]
     state = fit_state(model, tok, list(zip(texts[::2], texts[1::2])), k=20, alpha=4.0)
     prompts = [T.format_prompt(tok, sentiment, ex.prompt) for ex in sentiment.examples[-2:]]
     pairs = generate_pairs(model, tok, state, prompts, max_new_tokens=12)
@@ -518,24 +639,77 @@ def test_train_chooses_by_judge_and_evaluate_reports_it(tiny_dir, tmp_path, caps
         for i in range(40):
             f.write(json.dumps({"prompt": f"say {i % 7} ", "positive": "good good", "negative": "bad bad"}) + "\n")
     export = tmp_path / "state"
-    code = train_main([
-        "--model.model_name", str(tiny_dir), "--data.task", str(rows), "--model.site", "attention", "--model.k", "[2, 4]", "--model.alpha", "[1, 8]",
-        "--model.selection", "judge", "--model.max_new_tokens", "4", "--model.max_judge_prompts", "5", "--data.batch_size", "8",
-        "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "disabled",
-    ])
+    code = train_main(
+        [
+            "--model.model_name",
+            str(tiny_dir),
+            "--data.task",
+            str(rows),
+            "--model.site",
+            "attention",
+            "--model.k",
+            "[2, 4]",
+            "--model.alpha",
+            "[1, 8]",
+            "--model.selection",
+            "judge",
+            "--model.max_new_tokens",
+            "4",
+            "--model.max_judge_prompts",
+            "5",
+            "--data.batch_size",
+            "8",
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--export_dir",
+            str(export),
+            "--wandb_mode",
+            "disabled",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     fit = SteeringState.from_pretrained(export).metadata["fit"]
-    assert fit["selection"] == "judge" and fit["judge"] == "vader" and fit["fluency_budget"] == 1.5 and fit["n_val_prompts"] == 5
+    assert (
+        fit["selection"] == "judge"
+        and fit["judge"] == "vader"
+        and fit["fluency_budget"] == 1.5
+        and fit["n_val_prompts"] == 5
+    )
     assert len(fit["grid"]) == 4 and all({"share_positive", "perplexity_ratio"} <= set(g) for g in fit["grid"])
-    chosen = next(g for g in fit["grid"] if g["k"] == SteeringState.from_pretrained(export).k and g["alpha"] == SteeringState.from_pretrained(export).alpha)
+    chosen = next(
+        g
+        for g in fit["grid"]
+        if g["k"] == SteeringState.from_pretrained(export).k
+        and g["alpha"] == SteeringState.from_pretrained(export).alpha
+    )
     within = [g for g in fit["grid"] if g["perplexity_ratio"] <= 1.5]
     if within:  # the pick respects the budget whenever some point does
-        assert chosen["perplexity_ratio"] <= 1.5 and chosen["share_positive"] == max(g["share_positive"] for g in within)
+        assert chosen["perplexity_ratio"] <= 1.5 and chosen["share_positive"] == max(
+            g["share_positive"] for g in within
+        )
     assert "val share judged positive" in capsys.readouterr().out
     report = tmp_path / "r.json"
-    assert evaluate_main(["--steering", str(export), "--scoring", "judge", "--max_new_tokens", "4", "--limit", "6", "--report", str(report)]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--steering",
+                str(export),
+                "--scoring",
+                "judge",
+                "--max_new_tokens",
+                "4",
+                "--limit",
+                "6",
+                "--report",
+                str(report),
+            ]
+        )
+        == 0
+    )
     r = json.loads(report.read_text())
     assert r["scoring"] == "judge" and 1 <= r["n_prompts"] <= 6  # the distinct prompts of 6 test examples
     for side in ("unsteered", "steered"):
-        assert 0 <= r[side]["ci_low"] <= r[side]["share_positive"] <= r[side]["ci_high"] <= 1 and r[side]["perplexity"] > 0
+        assert (
+            0 <= r[side]["ci_low"] <= r[side]["share_positive"] <= r[side]["ci_high"] <= 1 and r[side]["perplexity"] > 0
+        )
     assert r["perplexity_ratio"] == pytest.approx(r["steered"]["perplexity"] / r["unsteered"]["perplexity"])

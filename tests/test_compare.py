@@ -7,14 +7,25 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_model, write_less_task
 
 from austeer_pl import SteeringState
 from austeer_pl.cli.evaluate import evaluate_main
 
+from conftest import make_model, write_less_task
+
 METHODS = ["unsteered", "iti", "sadi", "caa", "austeer_block", "austeer", "austeer_scalar", "austeer_gate"]
 LEARNED = {"austeer_scalar": "scalar", "austeer_gate": "gate"}
-FIELDS = ("name", "test_accuracy", "ci_low", "ci_high", "n_steered_activations", "state_bytes", "fit_seconds", "val_accuracy", "hyperparameters")
+FIELDS = (
+    "name",
+    "test_accuracy",
+    "ci_low",
+    "ci_high",
+    "n_steered_activations",
+    "state_bytes",
+    "fit_seconds",
+    "val_accuracy",
+    "hyperparameters",
+)
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +37,35 @@ def task_file(tmp_path_factory) -> Path:
 def compared(tiny_dir, task_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     args = [
-        "--compare", "--model", str(tiny_dir), "--task", str(task_file), "--k", "2,4", "--alpha", "1,4",
-        "--max_val_examples", "8", "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu",
-        "--report", str(out / "compare.json"), "--export_dir", str(out / "states"), "--wandb_mode", "disabled",
-        "--strength_epochs", "2", "--strength_lr", "0.5", "--strength_loss", "choice",
+        "--compare",
+        "--model",
+        str(tiny_dir),
+        "--task",
+        str(task_file),
+        "--k",
+        "2,4",
+        "--alpha",
+        "1,4",
+        "--max_val_examples",
+        "8",
+        "--max_test_examples",
+        "10",
+        "--batch_size",
+        "8",
+        "--device",
+        "cpu",
+        "--report",
+        str(out / "compare.json"),
+        "--export_dir",
+        str(out / "states"),
+        "--wandb_mode",
+        "disabled",
+        "--strength_epochs",
+        "2",
+        "--strength_lr",
+        "0.5",
+        "--strength_loss",
+        "choice",
     ]
     assert evaluate_main(args) == 0
     return out, json.loads((out / "compare.json").read_text())
@@ -48,7 +84,11 @@ def test_report_has_one_row_per_method_on_the_same_test_examples(compared, capsy
         assert 0 <= m["val_accuracy"] <= 1
         assert m["grid"] and max(g["val_accuracy"] for g in m["grid"]) == m["val_accuracy"]
     rows = {m["name"]: m for m in report["methods"]}
-    assert rows["unsteered"]["n_steered_activations"] == 0 and rows["unsteered"]["state_bytes"] == 0 and rows["unsteered"]["fit_seconds"] == 0
+    assert (
+        rows["unsteered"]["n_steered_activations"] == 0
+        and rows["unsteered"]["state_bytes"] == 0
+        and rows["unsteered"]["fit_seconds"] == 0
+    )
     # One shared pass, counted in full for every fitted method; ITI adds its validation probe pass.
     shared = report["shared_pass_seconds"]
     for name in METHODS[1:]:
@@ -66,10 +106,15 @@ def test_chosen_states_are_saved_and_loadable(compared, tiny_dir):
     for m in report["methods"][1:]:
         folder = out / "states" / m["name"]
         state = SteeringState.from_pretrained(folder)
-        assert state.method == ("austeer" if m["name"] in LEARNED else m["name"]) and state.k == m["n_steered_activations"]
+        assert (
+            state.method == ("austeer" if m["name"] in LEARNED else m["name"]) and state.k == m["n_steered_activations"]
+        )
         assert state.strength["kind"] == LEARNED.get(m["name"], "momentum")
         assert m["state_bytes"] == sum(p.stat().st_size for p in folder.iterdir()) > 0
-        assert state.metadata["data"]["task"] == report["task"] and state.metadata["fit"]["val_accuracy"] == m["val_accuracy"]
+        assert (
+            state.metadata["data"]["task"] == report["task"]
+            and state.metadata["fit"]["val_accuracy"] == m["val_accuracy"]
+        )
         ids = torch.tensor([[3, 4, 5, 6]])
         with state.apply(model):
             steered = model(ids).logits
@@ -85,20 +130,35 @@ def test_learned_variants_start_from_austeers_choice(compared):
         state = SteeringState.from_pretrained(out / "states" / name)
         assert state.coordinates() == base.coordinates() and torch.equal(state.momentum, base.momentum)
         history = row["grid"]
-        assert history[0]["epoch"] == 0 and history[0]["val_accuracy"] == rows["austeer"]["val_accuracy"]  # epoch 0 is the momentum rule
+        assert (
+            history[0]["epoch"] == 0 and history[0]["val_accuracy"] == rows["austeer"]["val_accuracy"]
+        )  # epoch 0 is the momentum rule
         assert 1 <= len(history) - 1 <= 2 and row["val_accuracy"] >= rows["austeer"]["val_accuracy"]
         best = row["hyperparameters"]["best_epoch"]
         assert history[best]["val_accuracy"] == row["val_accuracy"]
         # The one tie rule (train.py's): higher accuracy, or the same with a lower value of the loss trained.
         key = lambda h: (h["val_accuracy"], -h["val_choice_loss"])  # noqa: E731
-        assert all(key(h) < key(history[best]) for h in history[:best]) and all(key(h) <= key(history[best]) for h in history)
-        assert row["hyperparameters"]["strength"] == kind and row["hyperparameters"]["k"] == rows["austeer"]["hyperparameters"]["k"]
+        assert all(key(h) < key(history[best]) for h in history[:best]) and all(
+            key(h) <= key(history[best]) for h in history
+        )
+        assert (
+            row["hyperparameters"]["strength"] == kind
+            and row["hyperparameters"]["k"] == rows["austeer"]["hyperparameters"]["k"]
+        )
         assert row["fit_seconds_parts"]["strength_training"] > 0
         fit = state.metadata["fit"]
-        assert fit["strength"] == kind and fit["strength_best_epoch"] == best and fit["val_accuracy_momentum_rule"] == rows["austeer"]["val_accuracy"]
+        assert (
+            fit["strength"] == kind
+            and fit["strength_best_epoch"] == best
+            and fit["val_accuracy_momentum_rule"] == rows["austeer"]["val_accuracy"]
+        )
         assert fit["strength_loss"] == "choice"
         # The kept weights are the momentum rule exactly when epoch 0 won (the gate's output layer starts at zero).
-        unchanged = torch.equal(state.scale, base.scale) if kind == "scalar" else bool(state.strength_tensors["outer.weight"].abs().sum() == 0)
+        unchanged = (
+            torch.equal(state.scale, base.scale)
+            if kind == "scalar"
+            else bool(state.strength_tensors["outer.weight"].abs().sum() == 0)
+        )
         assert unchanged == (best == 0), (name, best)
 
 
@@ -134,15 +194,51 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
     root = Path(__file__).resolve().parents[1]
     out, one = compared
     args = [
-        "--compare", "--model", str(tiny_dir), "--task", str(task_file), "--k", "2,4", "--alpha", "1,4",
+        "--compare",
+        "--model",
+        str(tiny_dir),
+        "--task",
+        str(task_file),
+        "--k",
+        "2,4",
+        "--alpha",
+        "1,4",
         # Batches of 4 per process: the same global batch of 8 per step as the single process. The
         # grid deals whole scoring batches to the processes, so it takes the single process's size.
-        "--max_val_examples", "8", "--max_test_examples", "10", "--batch_size", "4", "--eval_batch_size", "8", "--device", "cpu", "--devices", "2",
-        "--strength_epochs", "2", "--strength_lr", "0.5", "--strength_loss", "choice",
-        "--report", str(tmp_path / "two.json"), "--export_dir", str(tmp_path / "states"), "--wandb_mode", "disabled",
+        "--max_val_examples",
+        "8",
+        "--max_test_examples",
+        "10",
+        "--batch_size",
+        "4",
+        "--eval_batch_size",
+        "8",
+        "--device",
+        "cpu",
+        "--devices",
+        "2",
+        "--strength_epochs",
+        "2",
+        "--strength_lr",
+        "0.5",
+        "--strength_loss",
+        "choice",
+        "--report",
+        str(tmp_path / "two.json"),
+        "--export_dir",
+        str(tmp_path / "states"),
+        "--wandb_mode",
+        "disabled",
     ]
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", AUSTEER_RUN_DIR=str(tmp_path / "run"))
-    proc = subprocess.run([sys.executable, str(root / "evaluate.py"), *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(root / "evaluate.py"), *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = json.loads((tmp_path / "two.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1 and two["test_uids_sha256"] == one["test_uids_sha256"]
@@ -164,13 +260,19 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
                 if a["name"] in ("austeer", "austeer_block"):  # scales from integer counts: the same bits
                     assert a["grid"] == b["grid"]
         if a["name"] != "unsteered":
-            s1, s2 = SteeringState.from_pretrained(out / "states" / a["name"]), SteeringState.from_pretrained(tmp_path / "states" / a["name"])
+            s1, s2 = (
+                SteeringState.from_pretrained(out / "states" / a["name"]),
+                SteeringState.from_pretrained(tmp_path / "states" / a["name"]),
+            )
             # Learned strengths: gradients averaged across processes equal the global mean up to rounding.
             same = (lambda a, b: torch.allclose(a, b, rtol=1e-5, atol=1e-6)) if a["name"] in LEARNED else torch.equal
             assert s1.coordinates() == s2.coordinates() and same(s1.scale, s2.scale)
             for key, value in s1.strength_tensors.items():
                 # Adam (lr 0.5 here) normalises each step, which lifts the rounding of the gradient sums a little.
-                assert torch.allclose(value, s2.strength_tensors[key], rtol=1e-4, atol=1e-4), (key, float((value - s2.strength_tensors[key]).abs().max()))
+                assert torch.allclose(value, s2.strength_tensors[key], rtol=1e-4, atol=1e-4), (
+                    key,
+                    float((value - s2.strength_tensors[key]).abs().max()),
+                )
             assert torch.allclose(s1.shift, s2.shift, rtol=1e-6, atol=1e-7)
 
 
@@ -180,19 +282,55 @@ def test_train_and_compare_export_bit_identical_gate_states(compared, tiny_dir, 
     from austeer_pl.cli.train import train_main
 
     out, _ = compared
-    code = train_main([
-        "--model.model_name", str(tiny_dir), "--data.task", str(task_file), "--model.k", "[2, 4]", "--model.alpha", "[1, 4]",
-        "--data.max_val_examples", "8", "--data.max_test_examples", "10", "--data.batch_size", "8", "--data.eval_batch_size", "8",
-        "--model.strength", "gate", "--model.strength_epochs", "2", "--model.strength_lr", "0.5", "--model.strength_loss", "choice",
-        "--trainer.accelerator", "cpu", "--run_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "gate"), "--wandb_mode", "disabled",
-        "--export_anyway", "true",  # as --compare does: the learned state whatever the verdict
-    ])
+    code = train_main(
+        [
+            "--model.model_name",
+            str(tiny_dir),
+            "--data.task",
+            str(task_file),
+            "--model.k",
+            "[2, 4]",
+            "--model.alpha",
+            "[1, 4]",
+            "--data.max_val_examples",
+            "8",
+            "--data.max_test_examples",
+            "10",
+            "--data.batch_size",
+            "8",
+            "--data.eval_batch_size",
+            "8",
+            "--model.strength",
+            "gate",
+            "--model.strength_epochs",
+            "2",
+            "--model.strength_lr",
+            "0.5",
+            "--model.strength_loss",
+            "choice",
+            "--trainer.accelerator",
+            "cpu",
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--export_dir",
+            str(tmp_path / "gate"),
+            "--wandb_mode",
+            "disabled",
+            "--export_anyway",
+            "true",  # as --compare does: the learned state whatever the verdict
+        ]
+    )
     assert code == 0
-    trained, compared_gate = SteeringState.from_pretrained(tmp_path / "gate"), SteeringState.from_pretrained(out / "states" / "austeer_gate")
+    trained, compared_gate = (
+        SteeringState.from_pretrained(tmp_path / "gate"),
+        SteeringState.from_pretrained(out / "states" / "austeer_gate"),
+    )
     assert trained.coordinates() == compared_gate.coordinates()
     for name in ("momentum", "scale", "shift"):
         assert torch.equal(getattr(trained, name), getattr(compared_gate, name)), name
-    assert trained.strength == compared_gate.strength and set(trained.strength_tensors) == set(compared_gate.strength_tensors)
+    assert trained.strength == compared_gate.strength and set(trained.strength_tensors) == set(
+        compared_gate.strength_tensors
+    )
     for key, value in trained.strength_tensors.items():
         assert torch.equal(value, compared_gate.strength_tensors[key]), key
     assert trained.metadata["fit"]["strength_history"] == compared_gate.metadata["fit"]["strength_history"]
@@ -201,8 +339,29 @@ def test_train_and_compare_export_bit_identical_gate_states(compared, tiny_dir, 
 
 def test_a_comparison_without_austeer(tiny_dir, task_file, tmp_path):
     report = tmp_path / "caa.json"
-    args = ["--compare", "--model", str(tiny_dir), "--task", str(task_file), "--methods", "caa", "--grid", "quick", "--max_val_examples", "8",
-            "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu", "--report", str(report), "--wandb_mode", "disabled"]
+    args = [
+        "--compare",
+        "--model",
+        str(tiny_dir),
+        "--task",
+        str(task_file),
+        "--methods",
+        "caa",
+        "--grid",
+        "quick",
+        "--max_val_examples",
+        "8",
+        "--max_test_examples",
+        "10",
+        "--batch_size",
+        "8",
+        "--device",
+        "cpu",
+        "--report",
+        str(report),
+        "--wandb_mode",
+        "disabled",
+    ]
     assert evaluate_main(args) == 0
     assert [m["name"] for m in json.loads(report.read_text())["methods"]] == ["unsteered", "caa"]
 
@@ -219,10 +378,33 @@ def test_no_steering_is_scored_once_for_all_methods(tiny_dir, task_file, tmp_pat
 
     monkeypatch.setattr(GridScorer, "score", counting)
     report = tmp_path / "two.json"
-    args = ["--compare", "--model", str(tiny_dir), "--task", str(task_file), "--methods", "caa,sadi", "--grid", "quick", "--max_val_examples", "8",
-            "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu", "--report", str(report), "--wandb_mode", "disabled"]
+    args = [
+        "--compare",
+        "--model",
+        str(tiny_dir),
+        "--task",
+        str(task_file),
+        "--methods",
+        "caa,sadi",
+        "--grid",
+        "quick",
+        "--max_val_examples",
+        "8",
+        "--max_test_examples",
+        "10",
+        "--batch_size",
+        "8",
+        "--device",
+        "cpu",
+        "--report",
+        str(report),
+        "--wandb_mode",
+        "disabled",
+    ]
     assert evaluate_main(args) == 0
     methods = {m["name"]: m for m in json.loads(report.read_text())["methods"]}
-    assert sum(n for kind, n in scored if kind == "unsteered") == 8  # the 8 validation examples, once, not once per method
+    assert (
+        sum(n for kind, n in scored if kind == "unsteered") == 8
+    )  # the 8 validation examples, once, not once per method
     assert sum(n for kind, n in scored if kind == "steered") > 0
     assert {"caa", "sadi", "unsteered"} <= set(methods)

@@ -63,11 +63,21 @@ def test_one_source_for_every_default():
         params = inspect.signature(cls.__init__).parameters
         missing = sorted(set(want) - set(params))
         assert not missing, f"{cls.__name__} lacks settings {missing}"
-        got = {name: list(params[name].default) if isinstance(params[name].default, tuple) else params[name].default for name in want}
+        got = {
+            name: list(params[name].default) if isinstance(params[name].default, tuple) else params[name].default
+            for name in want
+        }
         assert got == want, {n: (got[n], want[n]) for n in want if got[n] != want[n]}
-    assert {k: list(v) for k, v in METHODS[FITTED].grid.items()} == {k: list(v) for k, v in AusteerGrid().as_grid().items()}
+    assert {k: list(v) for k, v in METHODS[FITTED].grid.items()} == {
+        k: list(v) for k, v in AusteerGrid().as_grid().items()
+    }
     # --compare with no flags: the fit's defaults (its None fields mean "the module's default").
     opts = options_from_args(argparse.Namespace(wandb_mode="disabled"))
     assert (opts.task, opts.seed, opts.negatives, opts.batch_size, opts.sign) == (
-        DataConfig.task, DataConfig.seed, DataConfig.negatives, BatchConfig.batch_size, AusteerGrid.sign)
+        DataConfig.task,
+        DataConfig.seed,
+        DataConfig.negatives,
+        BatchConfig.batch_size,
+        AusteerGrid.sign,
+    )
     assert CompareOptions().sign == AusteerGrid.sign and CompareOptions().negatives == DataConfig.negatives

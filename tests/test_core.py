@@ -9,7 +9,6 @@ import sys
 
 import pytest
 import torch
-from conftest import ALL_ARCHS, CORE_ARCHS, make_model, make_tokenizer, tiny_config
 from torch import nn
 
 import austeer_pl.core.stateio
@@ -27,6 +26,8 @@ from austeer_pl.core.reading import last_token_index, position_ids_from_mask
 from austeer_pl.core.selection import rank_units
 from austeer_pl.core.stateio import CONFIG_NAME, WEIGHTS_NAME
 
+from conftest import ALL_ARCHS, CORE_ARCHS, make_model, make_tokenizer, tiny_config
+
 TEXTS = ["is it good? yes", "bad film.", "a truly wonderful, moving story!", "no", "what a mess, 2 stars"]
 
 
@@ -34,6 +35,7 @@ def capture_full(model, layout, site, layer, **inputs):
     """Independent oracle: the whole (batch, seq, units) tensor at a site, with a plain hook."""
     box = {}
     module = layout.site(site).modules[layer]
+
     def keep(x):
         box.setdefault("x", x.detach().clone())
 
@@ -179,7 +181,9 @@ def test_momentum_matches_plain_loop(arch):
                 sum_d[layer] += xp[0, -1] - xn[0, -1]
         p, q = acc.counts(site)
         assert p.tolist() == P and q.tolist() == Q
-        expected_m = [[(P[l][u] if P[l][u] >= Q[l][u] else -Q[l][u]) / 13 for u in range(size)] for l in range(layout.n_layers)]
+        expected_m = [
+            [(P[l][u] if P[l][u] >= Q[l][u] else -Q[l][u]) / 13 for u in range(size)] for l in range(layout.n_layers)
+        ]
         assert torch.allclose(acc.momentum(site).double(), torch.tensor(expected_m, dtype=torch.float64), atol=1e-7)
         # Gemma's RMSNorm computes in float32 whatever the model's dtype (transformers >= 5.2x), so its
         # shared-prefix and full-sequence paths agree to float32 rounding only.
@@ -223,19 +227,25 @@ def handmade_accumulator() -> MomentumAccumulator:
     """Two layers of 3 units over N = 4 pairs, with ties on |m| broken by effect size, then position."""
     acc = MomentumAccumulator({"attention": 3, "ffn": 3}, n_layers=2)
     # P and Q per (layer, unit); d values are chosen so that the sums are easy to reason about.
-    d_attn = torch.tensor([
-        [[1.0, -1.0, 2.0], [1.0, 1.0, -1.0]],
-        [[1.0, -1.0, 2.0], [1.0, 1.0, -1.0]],
-        [[1.0, -1.0, 2.0], [1.0, -1.0, -1.0]],
-        [[-1.0, 1.0, 2.0], [0.0, -1.0, -1.0]],
-    ])  # m: L0 = [.75, -.75, 1], L1 = [.75, .5, -1]
-    d_ffn = torch.tensor([
-        [[3.0, 0.0, 0.0], [1.0, 0.0, 0.0]],
-        [[3.0, 0.0, 0.0], [1.0, 0.0, 0.0]],
-        [[3.0, 0.0, 0.0], [1.0, 0.0, 0.0]],
-        [[3.0, 0.0, 0.0], [1.0, 0.0, 0.0]],
-    ])  # m: L0 = [1, 0, 0], L1 = [1, 0, 0]; both units have d constant (infinite effect size)
-    acc.update({"attention": d_attn, "ffn": d_ffn}, {"attention": torch.zeros_like(d_attn), "ffn": torch.zeros_like(d_ffn)})
+    d_attn = torch.tensor(
+        [
+            [[1.0, -1.0, 2.0], [1.0, 1.0, -1.0]],
+            [[1.0, -1.0, 2.0], [1.0, 1.0, -1.0]],
+            [[1.0, -1.0, 2.0], [1.0, -1.0, -1.0]],
+            [[-1.0, 1.0, 2.0], [0.0, -1.0, -1.0]],
+        ]
+    )  # m: L0 = [.75, -.75, 1], L1 = [.75, .5, -1]
+    d_ffn = torch.tensor(
+        [
+            [[3.0, 0.0, 0.0], [1.0, 0.0, 0.0]],
+            [[3.0, 0.0, 0.0], [1.0, 0.0, 0.0]],
+            [[3.0, 0.0, 0.0], [1.0, 0.0, 0.0]],
+            [[3.0, 0.0, 0.0], [1.0, 0.0, 0.0]],
+        ]
+    )  # m: L0 = [1, 0, 0], L1 = [1, 0, 0]; both units have d constant (infinite effect size)
+    acc.update(
+        {"attention": d_attn, "ffn": d_ffn}, {"attention": torch.zeros_like(d_attn), "ffn": torch.zeros_like(d_ffn)}
+    )
     return acc
 
 
@@ -274,7 +284,9 @@ def test_selection_more_than_positive_units():
 def fitted_state(model, k=6, alpha=4.0, sites=("attention", "ffn"), sign="both", **kw) -> SteeringState:
     layout = locate_units(model)
     acc = accumulate_momentum(model, make_tokenizer(), make_pairs(9), sites=sites, batch_size=4, layout=layout)
-    return SteeringState.from_selection(select_units(acc, k, sites, sign), layout, alpha=alpha, base_model="tiny", sign_policy=sign, **kw)
+    return SteeringState.from_selection(
+        select_units(acc, k, sites, sign), layout, alpha=alpha, base_model="tiny", sign_policy=sign, **kw
+    )
 
 
 def manual_hooks(model, layout, coords_with_factor):
@@ -295,7 +307,11 @@ def manual_hooks(model, layout, coords_with_factor):
         if layout.site(site).reads_input:
             handles.append(module.register_forward_pre_hook(lambda m, a, edit=edit: (edit(a[0]), *a[1:])))
         else:
-            handles.append(module.register_forward_hook(lambda m, a, o, edit=edit: edit(o) if torch.is_tensor(o) else (edit(o[0]), *o[1:])))
+            handles.append(
+                module.register_forward_hook(
+                    lambda m, a, o, edit=edit: edit(o) if torch.is_tensor(o) else (edit(o[0]), *o[1:])
+                )
+            )
     return handles
 
 
@@ -323,7 +339,9 @@ def test_steering_matches_manual_edit(arch):
     assert not torch.allclose(after, before)
 
     # 2. Whole-model logits equal those of independent hand-written hooks.
-    handles = manual_hooks(model, layout, [(s, l, u, state.alpha * m) for (s, l, u), m in zip(coords, state.momentum.tolist())])
+    handles = manual_hooks(
+        model, layout, [(s, l, u, state.alpha * m) for (s, l, u), m in zip(coords, state.momentum.tolist())]
+    )
     with torch.no_grad():
         manual = model(**batch).logits
     for h in handles:
@@ -361,8 +379,16 @@ def test_hooks_only_on_layers_with_units():
 
 def greedy(model, tok, prompts, n=6, **kw):
     batch = tok(prompts, return_tensors="pt", padding=True)
-    out = model.generate(**batch, max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True, **kw)
-    return out.sequences[:, batch["input_ids"].shape[1]:], torch.stack(out.scores, 1)
+    out = model.generate(
+        **batch,
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+        output_scores=True,
+        return_dict_in_generate=True,
+        **kw,
+    )
+    return out.sequences[:, batch["input_ids"].shape[1] :], torch.stack(out.scores, 1)
 
 
 @pytest.mark.parametrize("arch", CORE_ARCHS)
@@ -426,8 +452,21 @@ def test_save_load_identical_logits_in_fresh_model(arch, tmp_path):
     assert sorted(p.name for p in folder.iterdir()) == sorted([CONFIG_NAME, WEIGHTS_NAME])
     assert [p.name for p in tmp_path.iterdir()] == ["state"]  # no temporary leftovers
     config = json.loads((folder / CONFIG_NAME).read_text())
-    for key in ("format_version", "package_version", "base_model", "architecture", "n_layers", "site_sizes",
-                "sites", "k", "alpha", "sign_policy", "token_scope", "metadata", "method"):
+    for key in (
+        "format_version",
+        "package_version",
+        "base_model",
+        "architecture",
+        "n_layers",
+        "site_sizes",
+        "sites",
+        "k",
+        "alpha",
+        "sign_policy",
+        "token_scope",
+        "metadata",
+        "method",
+    ):
         assert key in config
     assert config["k"] == 7 and config["architecture"] == arch and config["metadata"]["task"] == "unit-test"
 
@@ -446,18 +485,18 @@ def test_save_load_identical_logits_in_fresh_model(arch, tmp_path):
 
 def test_state_for_another_model_is_rejected():
     state = fitted_state(make_model("llama"), k=3)
-    with pytest.raises(AusteerError, match="'llama' model.*'gpt2'"):
+    with pytest.raises(AusteerError, match=r"'llama' model.*'gpt2'"):
         state.apply(make_model("gpt2"))
     import transformers
 
     cfg = tiny_config("llama")
     cfg.num_hidden_layers = 2
-    with pytest.raises(AusteerError, match="3 layers.*has 2"):
+    with pytest.raises(AusteerError, match=r"3 layers.*has 2"):
         state.apply(transformers.AutoModelForCausalLM.from_config(cfg))
     cfg = tiny_config("llama")
     cfg.num_attention_heads, cfg.num_key_value_heads = 8, 4  # head_dim follows hidden/heads: 8 x 4 = 32 still
     cfg.head_dim = 8
-    with pytest.raises(AusteerError, match="expects 32 attention units.*has 64"):
+    with pytest.raises(AusteerError, match=r"expects 32 attention units.*has 64"):
         state.apply(transformers.AutoModelForCausalLM.from_config(cfg))
 
 
@@ -496,7 +535,7 @@ def test_saving_the_same_state_gives_the_same_bytes(tmp_path):
     files = [state.save_pretrained(tmp_path / f"s{i}") / WEIGHTS_NAME for i in range(6)]
     assert len({f.read_bytes() for f in files}) == 1
     raw = files[0].read_bytes()
-    header = json.loads(raw[8:8 + int.from_bytes(raw[:8], "little")])
+    header = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")])
     assert list(header["__metadata__"]) == sorted(header["__metadata__"]) and len(header["__metadata__"]) >= 2
     loaded = SteeringState.from_pretrained(files[0].parent)
     assert torch.equal(loaded.scale, state.scale) and torch.equal(loaded.unit, state.unit)
@@ -506,6 +545,7 @@ def test_failed_save_leaves_previous_state(tmp_path, monkeypatch):
     state = fitted_state(make_model("llama"), k=3)
     folder = state.save_pretrained(tmp_path / "s")
     before = {p.name: p.read_bytes() for p in folder.iterdir()}
+
     def boom(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -529,10 +569,10 @@ def test_apply_and_load_do_not_import_lightning(tmp_path):
     state.save_pretrained(tmp_path / "s")
     code = f"""
 import sys
-sys.path.insert(0, {str(__import__('pathlib').Path(__file__).parent)!r})
+sys.path.insert(0, {str(__import__("pathlib").Path(__file__).parent)!r})
 from conftest import make_model
 import austeer_pl
-state = austeer_pl.SteeringState.from_pretrained({str(tmp_path / 's')!r})
+state = austeer_pl.SteeringState.from_pretrained({str(tmp_path / "s")!r})
 with state.apply(make_model('llama')):
     pass
 bad = [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning', 'wandb', 'datasets')]

@@ -16,8 +16,6 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import make_model, make_tokenizer
-from test_merge import make_pairs, random_state, residual_shift
 
 from austeer_pl import AusteerError, SteeringState, accumulate_momentum, locate_units
 from austeer_pl.cli.export import export_main
@@ -31,6 +29,9 @@ from austeer_pl.export.gguf import (
     scale_block_rows,
 )
 from austeer_pl.methods.caa import caa_state
+
+from conftest import make_model, make_tokenizer
+from test_merge import make_pairs, random_state, residual_shift
 
 Q = gguf.GGMLQuantizationType
 IDS = [[5, 9, 3, 17, 22, 8, 40, 11], [7, 7, 30, 2, 15, 61, 4, 9]]
@@ -53,7 +54,9 @@ def logits(model, ids=IDS) -> torch.Tensor:
 
 def load_gguf(path: Path):
     transformers.utils.logging.set_verbosity_error()
-    return transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=torch.float32
+    ).eval()
 
 
 def field_bytes(reader, key: str) -> bytes:
@@ -77,8 +80,15 @@ FFN_DOWN_TYPES = (Q.Q4_1, Q.Q8_0)
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory) -> Path:
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=64, max_position_embeddings=128)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=128,
+    )
     sd = {k: v.numpy() for k, v in transformers.LlamaForCausalLM(config).state_dict().items()}
     path = tmp_path_factory.mktemp("gguf") / "tiny-llama.gguf"
     w = gguf.GGUFWriter(path, "llama")
@@ -178,8 +188,12 @@ def test_transformers_export_reloads_without_austeer_pl(tiny_dir, tmp_path, caps
     assert (out / "tokenizer.json").is_file()
 
     result = subprocess.run(
-        [sys.executable, "-c", _RELOAD, str(out), json.dumps(IDS)], capture_output=True, text=True, cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}, timeout=300,
+        [sys.executable, "-c", _RELOAD, str(out), json.dumps(IDS)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""},
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-2000:]
     reloaded = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]), dtype=torch.float32)
@@ -230,38 +244,83 @@ def _caa_layer(layer):
     def make(tiny, _gguf):
         state = residual_shift(tiny)
         return replace(state, layer=torch.full((state.k,), layer), base_model="TINY")
+
     return make
 
 
 # (case, state(tiny llama, tiny GGUF model), extra arguments, first words after "error: ")
 BAD = [
     ("gate state", _gate, [], "this state's learned gate computes its strengths from each input"),
-    ("prompt scope", lambda t, g: replace(random_state(locate_units(t), ["attention"], base_model="TINY"), token_scope="prompt"), [], "this state steers only the prompt tokens"),
+    (
+        "prompt scope",
+        lambda t, g: replace(random_state(locate_units(t), ["attention"], base_model="TINY"), token_scope="prompt"),
+        [],
+        "this state steers only the prompt tokens",
+    ),
     ("state for another model", _gpt2, [], "steering state is for a 'gpt2' model"),
     ("residual state as weights", _caa_layer(1), [], "this state edits the residual stream"),
-    ("gguf from a folder", lambda t, g: random_state(locate_units(t), ["ffn"], base_model="TINY"), ["--format", "gguf"], "--format gguf needs a GGUF base"),
-    ("gguf of another architecture", _gpt2, ["--format", "gguf", "--model", "GGUF"], "the GGUF base GGUF is a 'llama' model but the steering state is for a 'gpt2' model"),
-    ("gguf with other layers", _three_layer_llama, ["--format", "gguf"], "the GGUF base GGUF has 2 layers but the steering state is for 3"),
-    ("gguf shift without bias", _ffn_shift, ["--format", "gguf"], "this state adds a shift at the ffn site of layer 0, but the GGUF has no blk.0.ffn_down.bias"),
-    ("gguf dtype", lambda t, g: random_state(locate_units(g), ["ffn"], base_model="GGUF"), ["--format", "gguf", "--dtype", "bf16"], "--dtype bf16 is not a GGUF float type"),
-    ("control vector of scales", lambda t, g: random_state(locate_units(t), ["attention"]), ["--format", "control-vector"], "this state edits the attention site rather than shifting the residual stream"),
-    ("control vector at layer 0", _caa_layer(0), ["--format", "control-vector"], "this state shifts the output of layer 0"),
+    (
+        "gguf from a folder",
+        lambda t, g: random_state(locate_units(t), ["ffn"], base_model="TINY"),
+        ["--format", "gguf"],
+        "--format gguf needs a GGUF base",
+    ),
+    (
+        "gguf of another architecture",
+        _gpt2,
+        ["--format", "gguf", "--model", "GGUF"],
+        "the GGUF base GGUF is a 'llama' model but the steering state is for a 'gpt2' model",
+    ),
+    (
+        "gguf with other layers",
+        _three_layer_llama,
+        ["--format", "gguf"],
+        "the GGUF base GGUF has 2 layers but the steering state is for 3",
+    ),
+    (
+        "gguf shift without bias",
+        _ffn_shift,
+        ["--format", "gguf"],
+        "this state adds a shift at the ffn site of layer 0, but the GGUF has no blk.0.ffn_down.bias",
+    ),
+    (
+        "gguf dtype",
+        lambda t, g: random_state(locate_units(g), ["ffn"], base_model="GGUF"),
+        ["--format", "gguf", "--dtype", "bf16"],
+        "--dtype bf16 is not a GGUF float type",
+    ),
+    (
+        "control vector of scales",
+        lambda t, g: random_state(locate_units(t), ["attention"]),
+        ["--format", "control-vector"],
+        "this state edits the attention site rather than shifting the residual stream",
+    ),
+    (
+        "control vector at layer 0",
+        _caa_layer(0),
+        ["--format", "control-vector"],
+        "this state shifts the output of layer 0",
+    ),
     ("unknown format", _caa_layer(1), ["--format", "onnx"], "argument --format: invalid choice"),
 ]
 
 
 @pytest.mark.parametrize(("make", "extra", "words"), [row[1:] for row in BAD], ids=[row[0] for row in BAD])
-def test_bad_input_is_one_line_exit_2_and_nothing_written(make, extra, words, tiny_dir, tiny_gguf, gguf_model, tmp_path, capsys):
+def test_bad_input_is_one_line_exit_2_and_nothing_written(
+    make, extra, words, tiny_dir, tiny_gguf, gguf_model, tmp_path, capsys
+):
     tiny = transformers.AutoModelForCausalLM.from_pretrained(tiny_dir)
     state = make(tiny, gguf_model)
-    state = replace(state, base_model={"TINY": str(tiny_dir), "GGUF": str(tiny_gguf)}.get(state.base_model, state.base_model))
+    state = replace(
+        state, base_model={"TINY": str(tiny_dir), "GGUF": str(tiny_gguf)}.get(state.base_model, state.base_model)
+    )
     folder = save(state, tmp_path / "state")
     out = tmp_path / "out"
     extra = [str(tiny_gguf) if a == "GGUF" else a for a in extra]
     code, err = run(["--steering", folder, "--out", out, *extra], capsys)
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("error: "), err
-    assert err[len("error: "):].replace(str(tiny_gguf), "GGUF").startswith(words), err
+    assert err[len("error: ") :].replace(str(tiny_gguf), "GGUF").startswith(words), err
     assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["state"]
 
@@ -274,7 +333,12 @@ def test_missing_state_folder(tmp_path, capsys):
 @pytest.mark.parametrize("fmt", ["transformers", "gguf"])
 def test_full_disk_leaves_nothing(fmt, tiny_dir, tiny_gguf, gguf_model, tmp_path, capsys, monkeypatch):
     model = gguf_model if fmt == "gguf" else transformers.AutoModelForCausalLM.from_pretrained(tiny_dir)
-    folder = save(random_state(locate_units(model), ["attention", "ffn"], base_model=str(tiny_gguf if fmt == "gguf" else tiny_dir)), tmp_path / "state")
+    folder = save(
+        random_state(
+            locate_units(model), ["attention", "ffn"], base_model=str(tiny_gguf if fmt == "gguf" else tiny_dir)
+        ),
+        tmp_path / "state",
+    )
 
     def full(*args, **kwargs):
         path = kwargs.get("filename") or (args[1] if len(args) > 1 and isinstance(args[1], (str, Path)) else None)
@@ -408,9 +472,18 @@ def test_embedded_gguf_export(tmp_path):
     unit = torch.cat([torch.randperm(576, generator=g)[:20], torch.randperm(576, generator=g)[:20]])
     scale = torch.randn(40, generator=g)
     state = SteeringState(
-        sites=("attention", "ffn"), site_index=torch.arange(40) // 20, layer=torch.tensor([3] * 20 + [5] * 20), unit=unit,
-        momentum=scale.clone(), scale=scale, shift=torch.zeros(40), alpha=1.0, architecture="llama", n_layers=30,
-        site_sizes={"attention": 576, "ffn": 576}, base_model="smollm2-135m-instruct",
+        sites=("attention", "ffn"),
+        site_index=torch.arange(40) // 20,
+        layer=torch.tensor([3] * 20 + [5] * 20),
+        unit=unit,
+        momentum=scale.clone(),
+        scale=scale,
+        shift=torch.zeros(40),
+        alpha=1.0,
+        architecture="llama",
+        n_layers=30,
+        site_sizes={"attention": 576, "ffn": 576},
+        base_model="smollm2-135m-instruct",
     )
     out = export_gguf(state, source, tmp_path / "steered.Q4_1.gguf")
     src, dst = gguf.GGUFReader(source), gguf.GGUFReader(out)
@@ -432,7 +505,10 @@ def test_embedded_gguf_export(tmp_path):
     rows = unit[20:].numpy()
     got = gguf.quants.dequantize(new["blk.5.ffn_down.weight"].data, Q.Q4_1)[rows]
     exact = gguf.quants.dequantize(old_t.data, Q.Q4_1)[rows].astype(np.float64) * f[20:, None]
-    bound = 2.0**-11 * np.abs(f[20:, None, None]) * (15 * np.abs(d[rows]) + np.abs(m[rows]))[..., None].astype(np.float64) + 2.0**-20
+    bound = (
+        2.0**-11 * np.abs(f[20:, None, None]) * (15 * np.abs(d[rows]) + np.abs(m[rows]))[..., None].astype(np.float64)
+        + 2.0**-20
+    )
     assert np.all(np.abs(got - exact).reshape(len(rows), -1, 32) <= bound)
 
 
@@ -460,8 +536,12 @@ def test_control_vector_round_trip_and_llama_cpp_semantics(tmp_path, capsys):
     # llama.cpp adds direction.N to the output of decoder layer N at every token; do that by hand.
     model = model.double()
     directions = {int(t.name.split(".")[1]): torch.from_numpy(np.array(t.data)).double() for t in reader.tensors}
-    hooks = [model.model.layers[n].register_forward_hook(lambda _m, _a, out, v=v: (out[0] + v, *out[1:]) if isinstance(out, tuple) else out + v)
-             for n, v in directions.items()]
+    hooks = [
+        model.model.layers[n].register_forward_hook(
+            lambda _m, _a, out, v=v: (out[0] + v, *out[1:]) if isinstance(out, tuple) else out + v
+        )
+        for n, v in directions.items()
+    ]
     by_hand = logits(model)
     for h in hooks:
         h.remove()

@@ -56,10 +56,9 @@ def test_a_folder_output_never_replaces_a_folder_of_other_files(tmp_path):
 def test_the_swap_judges_what_is_there_then_and_puts_it_back(tmp_path):
     path = tmp_path / "r.json"
     output = json_output(path).check()
-    with pytest.raises(AusteerError, match="it appeared while this command ran"):
-        with output.writing() as tmp:
-            tmp.write_text("{}")
-            path.write_text("mine")  # a user's file lands there while we write
+    with pytest.raises(AusteerError, match="it appeared while this command ran"), output.writing() as tmp:
+        tmp.write_text("{}")
+        path.write_text("mine")  # a user's file lands there while we write
     assert path.read_text() == "mine" and sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
@@ -109,26 +108,33 @@ def test_stale_temporaries_of_dead_writers_only(tmp_path):
     import subprocess
     import sys
 
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    ).stdout.strip()
     from austeer_pl.core.output import _HOST
 
     target = tmp_path / "r.json"
     stale = tmp_path / f".r.json.{_HOST}-{dead}-0123abcd.tmp"
     mine = tmp_path / f".r.json.{_HOST}-{os.getpid()}-0123abcd.tmp"
     other = tmp_path / f".other.json.{_HOST}-{dead}-0123abcd.tmp"
-    elsewhere = tmp_path / f".r.json.{'0' * 6 if _HOST != '0' * 6 else '1' * 6}-{dead}-0123abcd.tmp"  # another host's: its pid means nothing here
+    elsewhere = (
+        tmp_path / f".r.json.{'0' * 6 if _HOST != '0' * 6 else '1' * 6}-{dead}-0123abcd.tmp"
+    )  # another host's: its pid means nothing here
     for path in (stale, mine, other, elsewhere):
         path.write_text("x")
     assert remove_stale_temporaries(target) == [stale]
     assert not stale.exists() and mine.exists() and other.exists() and elsewhere.exists()
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("{not json", "invalid JSON"),
-    ('{"a": ' + "9" * 5000 + "}", "unreadable JSON"),
-    ("[" * 100000 + "]" * 100000, "nested too deeply"),
-    (b"{\x80}", "not UTF-8"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("{not json", "invalid JSON"),
+        ('{"a": ' + "9" * 5000 + "}", "unreadable JSON"),
+        ("[" * 100000 + "]" * 100000, "nested too deeply"),
+        (b"{\x80}", "not UTF-8"),
+    ],
+)
 def test_parse_json_is_one_line_whatever_the_fault(text, needle):
     with pytest.raises(AusteerError, match=needle) as err:
         parse_json(text, "f.json")

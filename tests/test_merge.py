@@ -9,7 +9,6 @@ from types import SimpleNamespace
 import pytest
 import torch
 import transformers
-from conftest import ALL_ARCHS, make_model, make_tokenizer
 from torch import nn
 
 from austeer_pl import (
@@ -24,6 +23,8 @@ from austeer_pl.core.merge import check_foldable, ffn_output_projection, merge_i
 from austeer_pl.core.strength import GateStrength, ScalarStrength, fold_strength
 from austeer_pl.methods.block import block_austeer_state
 from austeer_pl.methods.sadi import sadi_state
+
+from conftest import ALL_ARCHS, make_model, make_tokenizer
 
 # Architectures whose attention output and FFN down projections carry a bias (shifts fold there).
 BIASED = ("gpt2", "gpt_neox", "opt")
@@ -42,9 +43,18 @@ def random_state(model_layout, sites, *, per_layer=5, shifts=False, seed=1, **kw
     scale = torch.randn(k, generator=g) * 2
     shift = torch.randn(k, generator=g) if shifts else torch.zeros(k)
     return SteeringState(
-        sites=tuple(sites), site_index=torch.cat(site_index), layer=torch.cat(layer), unit=torch.cat(unit),
-        momentum=scale.clone(), scale=scale, shift=shift, alpha=1.0, architecture=layout.architecture,
-        n_layers=layout.n_layers, site_sizes={s: layout.site(s).size for s in sites}, **kwargs,
+        sites=tuple(sites),
+        site_index=torch.cat(site_index),
+        layer=torch.cat(layer),
+        unit=torch.cat(unit),
+        momentum=scale.clone(),
+        scale=scale,
+        shift=shift,
+        alpha=1.0,
+        architecture=layout.architecture,
+        n_layers=layout.n_layers,
+        site_sizes={s: layout.site(s).size for s in sites},
+        **kwargs,
     )
 
 
@@ -66,8 +76,15 @@ def hooked_and_merged(model, state, x, layout=None):
 
 def generate(model, x, **kwargs):
     return model.generate(
-        x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False, use_cache=True,
-        output_logits=True, return_dict_in_generate=True, pad_token_id=0, **kwargs,
+        x,
+        attention_mask=torch.ones_like(x),
+        max_new_tokens=6,
+        do_sample=False,
+        use_cache=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        **kwargs,
     )
 
 
@@ -101,8 +118,16 @@ def test_merged_equals_hooked_float32_both_sites():
 
 def test_shifts_fold_into_biases_of_a_biased_llama():
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=64, attention_bias=True, mlp_bias=True)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        attention_bias=True,
+        mlp_bias=True,
+    )
     model = transformers.LlamaForCausalLM(config).eval().double()
     for p in model.parameters():  # random biases, so that scaling them matters
         if p.dim() == 1:
@@ -140,7 +165,9 @@ def test_method_states_fold():
     """AUSteer, block-level AUSteer, SADI (both sites) and a learned scalar strength, as the package builds them."""
     model = make_model("llama")
     layout = locate_units(model)
-    acc = accumulate_momentum(model, make_tokenizer(), make_pairs(), sites=["attention", "ffn", "residual"], batch_size=4)
+    acc = accumulate_momentum(
+        model, make_tokenizer(), make_pairs(), sites=["attention", "ffn", "residual"], batch_size=4
+    )
     austeer = SteeringState.from_selection(select_units(acc, 12, ["attention", "ffn"]), layout, alpha=8.0)
     scalar = fold_strength(austeer, ScalarStrength(austeer.scale * torch.linspace(-3, 3, austeer.k)))
     states = {
@@ -218,7 +245,11 @@ def test_layout_spec_model_merges_with_generic_search():
 
 def test_layout_recorded_in_the_state_is_used():
     model = Toy().double().eval()
-    state = random_state(locate_units(model, SPEC), ["attention", "ffn"], layout={"layers": "blocks", "attention": "mixer.out", "ffn": "feed"})
+    state = random_state(
+        locate_units(model, SPEC),
+        ["attention", "ffn"],
+        layout={"layers": "blocks", "attention": "mixer.out", "ffn": "feed"},
+    )
     with torch.no_grad(), state.apply(model):
         hooked = model(ids()).logits
     merged = merge_into(state, copy.deepcopy(model))  # no layout argument: the state's own
@@ -244,9 +275,18 @@ def residual_shift(model):
     layout = locate_units(model)
     size = layout.site("residual").size
     return SteeringState(
-        sites=("residual",), site_index=torch.zeros(size, dtype=torch.long), layer=torch.ones(size, dtype=torch.long),
-        unit=torch.arange(size), momentum=torch.zeros(size), scale=torch.zeros(size), shift=torch.randn(size),
-        alpha=1.0, architecture=layout.architecture, n_layers=layout.n_layers, site_sizes={"residual": size}, method="caa",
+        sites=("residual",),
+        site_index=torch.zeros(size, dtype=torch.long),
+        layer=torch.ones(size, dtype=torch.long),
+        unit=torch.arange(size),
+        momentum=torch.zeros(size),
+        scale=torch.zeros(size),
+        shift=torch.randn(size),
+        alpha=1.0,
+        architecture=layout.architecture,
+        n_layers=layout.n_layers,
+        site_sizes={"residual": size},
+        method="caa",
     )
 
 
@@ -267,22 +307,94 @@ _NO_FFN = LayoutSpec(layers="model.layers", attention="self_attn.o_proj", ffn="m
 # (case, sites of the random state, how to edit it, how to make the model, LayoutSpec, first words of the message)
 REFUSALS = [
     ("gate", ATTN_FFN, gate_state, None, None, "this state's learned gate computes its strengths from each input"),
-    ("prompt scope", ATTN_FFN, lambda m, s: replace(s, token_scope="prompt"), None, None, "this state steers only the prompt tokens"),
-    ("generated scope", ATTN_FFN, lambda m, s: replace(s, token_scope="generated"), None, None, "this state steers only the generated tokens"),
-    ("residual shift (CAA)", ATTN_FFN, lambda m, s: residual_shift(m), None, None, "this state edits the residual stream"),
-    ("residual scale", ATTN_FFN, lambda m, s: replace(residual_shift(m), scale=torch.ones(32), shift=torch.zeros(32)), None, None, "this state edits the residual stream"),
-    ("attention shift without bias", ATTN, lambda m, s: replace(s, shift=torch.ones(s.k)), None, None, "this state adds a shift at the attention site of layer 0"),
-    ("ffn shift without bias", FFN, lambda m, s: replace(s, shift=torch.ones(s.k)), None, None, "this state adds a shift at the ffn site of layer 0"),
-    ("non-finite (edited after loading)", ATTN_FFN, lambda m, s: (s.scale.__setitem__(0, float("nan")), s)[1], None, None, "this state holds non-finite edits"),
+    (
+        "prompt scope",
+        ATTN_FFN,
+        lambda m, s: replace(s, token_scope="prompt"),
+        None,
+        None,
+        "this state steers only the prompt tokens",
+    ),
+    (
+        "generated scope",
+        ATTN_FFN,
+        lambda m, s: replace(s, token_scope="generated"),
+        None,
+        None,
+        "this state steers only the generated tokens",
+    ),
+    (
+        "residual shift (CAA)",
+        ATTN_FFN,
+        lambda m, s: residual_shift(m),
+        None,
+        None,
+        "this state edits the residual stream",
+    ),
+    (
+        "residual scale",
+        ATTN_FFN,
+        lambda m, s: replace(residual_shift(m), scale=torch.ones(32), shift=torch.zeros(32)),
+        None,
+        None,
+        "this state edits the residual stream",
+    ),
+    (
+        "attention shift without bias",
+        ATTN,
+        lambda m, s: replace(s, shift=torch.ones(s.k)),
+        None,
+        None,
+        "this state adds a shift at the attention site of layer 0",
+    ),
+    (
+        "ffn shift without bias",
+        FFN,
+        lambda m, s: replace(s, shift=torch.ones(s.k)),
+        None,
+        None,
+        "this state adds a shift at the ffn site of layer 0",
+    ),
+    (
+        "non-finite (edited after loading)",
+        ATTN_FFN,
+        lambda m, s: (s.scale.__setitem__(0, float("nan")), s)[1],
+        None,
+        None,
+        "this state holds non-finite edits",
+    ),
     ("unit twice", ATTN_FFN, _unit_twice, None, None, "this state edits some unit twice"),
     ("another model", ATTN_FFN, None, lambda: make_model("gpt2"), None, "steering state is for a 'llama' model"),
-    ("shared weight", ATTN_FFN, None, lambda: shared_o_proj(make_model("llama")), None, "the weight of 'model.layers.0.self_attn.o_proj' is shared with"),
-    ("no FFN projection", FFN, None, None, _NO_FFN, "cannot find the projection that produces the output of the FFN block"),
-    ("attention not a Linear or Conv1D", ATTN, None, lambda: Toy(own_projection=True), SPEC, "the attention site module 'blocks.0.mixer.out' (OwnProjection) is not a Linear"),
+    (
+        "shared weight",
+        ATTN_FFN,
+        None,
+        lambda: shared_o_proj(make_model("llama")),
+        None,
+        "the weight of 'model.layers.0.self_attn.o_proj' is shared with",
+    ),
+    (
+        "no FFN projection",
+        FFN,
+        None,
+        None,
+        _NO_FFN,
+        "cannot find the projection that produces the output of the FFN block",
+    ),
+    (
+        "attention not a Linear or Conv1D",
+        ATTN,
+        None,
+        lambda: Toy(own_projection=True),
+        SPEC,
+        "the attention site module 'blocks.0.mixer.out' (OwnProjection) is not a Linear",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("sites", "edit", "make", "spec", "words"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS])
+@pytest.mark.parametrize(
+    ("sites", "edit", "make", "spec", "words"), [r[1:] for r in REFUSALS], ids=[r[0] for r in REFUSALS]
+)
 def test_refusals_leave_the_model_untouched(sites, edit, make, spec, words):
     llama = make_model("llama") if make is None or spec is None else make()
     state = random_state(locate_units(llama, spec), list(sites))
@@ -294,7 +406,9 @@ def test_refusals_leave_the_model_untouched(sites, edit, make, spec, words):
         merge_into(state, model, layout=spec)
     message = str(err.value)
     assert message.startswith(words), message
-    assert "\n" not in message and ("hooks" in message or "LayoutSpec" in message or "fitted on" in message or "fit it again" in message)
+    assert "\n" not in message and (
+        "hooks" in message or "LayoutSpec" in message or "fitted on" in message or "fit it again" in message
+    )
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
 
@@ -311,10 +425,16 @@ def test_check_foldable_accepts_zero_edits_elsewhere():
     state = random_state(locate_units(model), ["attention"])
     caa = residual_shift(model)
     both = SteeringState(
-        sites=("attention", "residual"), site_index=torch.cat([state.site_index, torch.ones(caa.k, dtype=torch.long)]),
-        layer=torch.cat([state.layer, caa.layer]), unit=torch.cat([state.unit, caa.unit]),
-        momentum=torch.cat([state.momentum, caa.momentum]), scale=torch.cat([state.scale, caa.scale]),
-        shift=torch.cat([state.shift, torch.zeros(caa.k)]), alpha=1.0, architecture="llama", n_layers=state.n_layers,
+        sites=("attention", "residual"),
+        site_index=torch.cat([state.site_index, torch.ones(caa.k, dtype=torch.long)]),
+        layer=torch.cat([state.layer, caa.layer]),
+        unit=torch.cat([state.unit, caa.unit]),
+        momentum=torch.cat([state.momentum, caa.momentum]),
+        scale=torch.cat([state.scale, caa.scale]),
+        shift=torch.cat([state.shift, torch.zeros(caa.k)]),
+        alpha=1.0,
+        architecture="llama",
+        n_layers=state.n_layers,
         site_sizes={"attention": 32, "residual": 32},
     )
     check_foldable(both)  # residual units that change nothing do not block the merge

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
 
 from austeer_pl import AusteerError, SteeringState, accumulate_momentum, locate_units
 from austeer_pl.fit.statistics import rank_site_options
@@ -14,7 +13,15 @@ from austeer_pl.methods.iti import accumulate_head_moments, accumulate_probe_acc
 from austeer_pl.methods.probes import fit_probes
 from austeer_pl.methods.registry import METHODS, FitContext, build_state, needs
 
-TEXTS = ["is 3 less than 7 yes", "is 9 less than 1 no", "is 2 less than 5 yes", "is 8 less than 4 no", "is 1 less than 6 yes"]
+from conftest import make_model, make_tokenizer
+
+TEXTS = [
+    "is 3 less than 7 yes",
+    "is 9 less than 1 no",
+    "is 2 less than 5 yes",
+    "is 8 less than 4 no",
+    "is 1 less than 6 yes",
+]
 PAIRS = [(t, t.rsplit(" ", 1)[0] + (" no" if t.endswith("yes") else " yes")) for t in TEXTS * 2]
 
 
@@ -26,7 +33,15 @@ def context():
     moments = accumulate_head_moments(model, tok, PAIRS, layout=layout)
     probes = accumulate_probe_accuracy(model, tok, PAIRS[:4], fit_probes(moments), layout=layout)
     rankings = rank_site_options(acc, [("attention", ("attention",)), ("ffn", ("ffn",))], "both", 50)
-    ctx = FitContext(layout=layout, acc=acc, moments=moments, probe_accuracy=probes, rankings=rankings, base_model="tiny-llama", sign="both")
+    ctx = FitContext(
+        layout=layout,
+        acc=acc,
+        moments=moments,
+        probe_accuracy=probes,
+        rankings=rankings,
+        base_model="tiny-llama",
+        sign="both",
+    )
     return model, tok, layout, ctx
 
 
@@ -36,10 +51,17 @@ def state_of(method: str, model, tok, layout, ctx) -> SteeringState:
         base = build_state("austeer", ctx, site="attention", k=4, alpha=2.0)
         trainer = StrengthTrainer(model, layout, base, entry.learned)
         ids = tok(["is 3 less than 7 yes"], return_tensors="pt")
-        batch = {"n_examples": 1, "input_ids": ids["input_ids"], "attention_mask": ids["attention_mask"], "answer_lengths": torch.tensor([3])}
+        batch = {
+            "n_examples": 1,
+            "input_ids": ids["input_ids"],
+            "attention_mask": ids["attention_mask"],
+            "answer_lengths": torch.tensor([3]),
+        }
         trainer.begin(torch.tensor([1.0, 1.0, 0.0, 0.0], dtype=torch.float64))
         trainer.step(batch)
-        trainer.end_epoch(1, torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64))  # epoch 1 wins: its weights are kept
+        trainer.end_epoch(
+            1, torch.tensor([1.0, 1.0, -1.0, -1.0], dtype=torch.float64)
+        )  # epoch 1 wins: its weights are kept
         return trainer.fold()
     point = entry.grid_points(layout)[0]
     return build_state(method, ctx, **point)

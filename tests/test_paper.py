@@ -44,9 +44,25 @@ def test_import_pulls_in_no_heavy_dependencies():
 # Prompts, string for string (templates written out by hand from utils/load_dataset.py)
 
 BOOLQ_ROW = {"question": " is the sky blue ", "passage": " The sky is blue on clear days. ", "answer": True}
-COPA_ROW = {"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.", "choice2": "He got a hole in his sock.", "question": "cause", "label": 0}
-WINO_ROW = {"sentence": "The cup fell off the table because _ was wobbly.", "option1": "the cup", "option2": "the table", "answer": "2"}
-SVAMP_ROW = {"Body": "Jack had 8 pens and gave 3 away.", "Question": "How many pens does he have now?", "Answer": 5.0, "question_concat": "ignored"}
+COPA_ROW = {
+    "premise": "The man broke his toe.",
+    "choice1": "He dropped a hammer on his foot.",
+    "choice2": "He got a hole in his sock.",
+    "question": "cause",
+    "label": 0,
+}
+WINO_ROW = {
+    "sentence": "The cup fell off the table because _ was wobbly.",
+    "option1": "the cup",
+    "option2": "the table",
+    "answer": "2",
+}
+SVAMP_ROW = {
+    "Body": "Jack had 8 pens and gave 3 away.",
+    "Question": "How many pens does he have now?",
+    "Answer": 5.0,
+    "question_concat": "ignored",
+}
 MAWPS_ROW = {"question": "Tom has 2 apples and buys 3 more . How many apples ?", "answer": "2 + 3 = 5 #### 5"}
 
 
@@ -84,7 +100,15 @@ def test_copa_comma_split_reproduces_the_papers_garbling():
     # The paper splits each CSV line on commas: a quoted field with a comma falls apart, its quote
     # characters stay, and the later columns shift right. Hand-computed from the CSV line
     #   0,7,"I was cold, so I shut the window.",effect,It rained.,It was sunny.,False
-    row = {"id": 7, "premise": "I was cold, so I shut the window.", "choice1": "It rained.", "choice2": "It was sunny.", "question": "effect", "label": 0, "mirrored": False}
+    row = {
+        "id": 7,
+        "premise": "I was cold, so I shut the window.",
+        "choice1": "It rained.",
+        "choice2": "It was sunny.",
+        "question": "effect",
+        "label": 0,
+        "mirrored": False,
+    }
     garbled = P.copa_prompt(row)
     assert garbled == (
         'Question:\n"I was cold Based on the previous passage, choose the most reasonable so I shut the window.".\n'
@@ -135,7 +159,9 @@ def test_math_prompt_and_answers(task):
     )
     # Positive: the whole reference solution; negative: the nearest other one, or five spaces for a copy.
     assert [(e.positive, e.negative) for e in exs] == [
-        ("2 + 3 = 5 #### 5", "     "), ("1 + 1 = 2 #### 2", "2 + 3 = 5 #### 5"), ("2 + 3 = 5 #### 5", "     ")
+        ("2 + 3 = 5 #### 5", "     "),
+        ("1 + 1 = 2 #### 2", "2 + 3 = 5 #### 5"),
+        ("2 + 3 = 5 #### 5", "     "),
     ]
     assert exs[0].trigger == "####"
 
@@ -143,7 +169,7 @@ def test_math_prompt_and_answers(task):
 # The rows the paper code printed in reproduce_result.log ("data examples:", "# of probing samples:"),
 # rebuilt in the hub schema: the prompts and answer strings must come out identical.
 LOG_BOOLQ_PASSAGE = (
-    "Persian (/ˈpɜːrʒən, -ʃən/), also known by its endonym Farsi (فارسی fārsi (fɒːɾˈsiː) ( listen)), is one of the Western "
+    "Persian (/ˈpɜːrʒən, -ʃən/), also known by its endonym Farsi (فارسی fārsi (fɒːɾˈsiː) ( listen)), is one of the Western "  # noqa: RUF001 - the IPA of the logged passage, verbatim
     "Iranian languages within the Indo-Iranian branch of the Indo-European language family. It is primarily spoken in Iran, "
     "Afghanistan (officially known as Dari since 1958), and Tajikistan (officially known as Tajiki since the Soviet era), and "
     "some other regions which historically were Persianate societies and considered part of Greater Iran. It is written in "
@@ -151,33 +177,61 @@ LOG_BOOLQ_PASSAGE = (
 )
 LOGGED = [
     (
-        "boolq", "train",
+        "boolq",
+        "train",
         {"question": "do iran and afghanistan speak the same language", "passage": LOG_BOOLQ_PASSAGE, "answer": True},
         "Is the answer to the question encapsulated in the passage? Please confirm with 'yes' or 'no'.\n\nPassage: "
-        + LOG_BOOLQ_PASSAGE + "\n\nQuestion: do iran and afghanistan speak the same language\n\nAnswer:",
+        + LOG_BOOLQ_PASSAGE
+        + "\n\nQuestion: do iran and afghanistan speak the same language\n\nAnswer:",
         ("Yes", "No"),
     ),
     (
-        "copa", "train",
-        {"premise": "My body cast a shadow over the grass.", "choice1": "The grass was cut.", "choice2": "The sun was rising.", "question": "cause", "label": 1},
+        "copa",
+        "train",
+        {
+            "premise": "My body cast a shadow over the grass.",
+            "choice1": "The grass was cut.",
+            "choice2": "The sun was rising.",
+            "question": "cause",
+            "label": 1,
+        },
         "Question:\nMy body cast a shadow over the grass. Based on the previous passage, choose the most reasonable cause.\nA:The grass was cut.\nB:The sun was rising.\n\nAnswer:\n",
         ("B", "A"),
     ),
     (
-        "copa", "test",
-        {"premise": "The item was packaged in bubble wrap.", "choice1": "It was fragile.", "choice2": "It was small.", "question": "cause", "label": 0},
+        "copa",
+        "test",
+        {
+            "premise": "The item was packaged in bubble wrap.",
+            "choice1": "It was fragile.",
+            "choice2": "It was small.",
+            "question": "cause",
+            "label": 0,
+        },
         "Question:\nThe item was packaged in bubble wrap. Based on the previous passage, choose the most reasonable cause.\nA:It was fragile.\nB:It was small.\n\nAnswer:\n",
         ("A", "B"),
     ),
     (
-        "winogrande", "train",
-        {"sentence": "Ian volunteered to eat Dennis's menudo after already having a bowl because _ despised eating intestine.", "option1": "Ian", "option2": "Dennis", "answer": "2"},
+        "winogrande",
+        "train",
+        {
+            "sentence": "Ian volunteered to eat Dennis's menudo after already having a bowl because _ despised eating intestine.",
+            "option1": "Ian",
+            "option2": "Dennis",
+            "answer": "2",
+        },
         "Please fill in the blanks. Write A or B as the answer.\n\nSentence: Ian volunteered to eat Dennis's menudo after already having a bowl because _ despised eating intestine.\nA. Ian\nB. Dennis\nAnswer:",
         ("B", "A"),
     ),
     (
-        "winogrande", "validation",
-        {"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.", "option1": "Sarah", "option2": "Maria", "answer": "2"},
+        "winogrande",
+        "validation",
+        {
+            "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+            "option1": "Sarah",
+            "option2": "Maria",
+            "answer": "2",
+        },
         "Please fill in the blanks. Write A or B as the answer.\n\nSentence: Sarah was a much better surgeon than Maria so _ always got the easier cases.\nA. Sarah\nB. Maria\nAnswer:",
         ("B", "A"),
     ),
@@ -198,7 +252,9 @@ def test_logged_numeric_rows_of_the_paper_code():
         "Answer": 145.0,
     }
     # The logged pair: '145.0' vs '146.0' (MiniLM's nearest in the full split; numerically nearest here too).
-    exs = P.paper_examples("svamp", [svamp, {**svamp, "Answer": 146.0}, {**svamp, "Answer": 3.0}], "train", wrong_method="numeric")
+    exs = P.paper_examples(
+        "svamp", [svamp, {**svamp, "Answer": 146.0}, {**svamp, "Answer": 3.0}], "train", wrong_method="numeric"
+    )
     assert exs[0].prompt == (
         "Answer the following grade-school math word problem. Reply with only the final answer as a number.\nQuestion: "
         "There are 87 oranges and 290 bananas in Philip's collection. If the bananas are organized into 2 groups and oranges "
@@ -206,8 +262,13 @@ def test_logged_numeric_rows_of_the_paper_code():
     )
     assert (exs[0].positive, exs[0].negative) == ("145.0", "146.0")
     # MAWPS row 0: its answer occurs again in the split, so the logged negative is five spaces.
-    mawps = {"question": "2 birds were sitting on the fence . 4 more birds came to join them . How many birds are sitting on the fence ?", "answer": "2 + 4 = 6 #### 6"}
-    exs = P.paper_examples("mawps", [mawps, {"question": "x", "answer": "1 + 2 = 3 #### 3"}, dict(mawps)], "train", wrong_method="numeric")
+    mawps = {
+        "question": "2 birds were sitting on the fence . 4 more birds came to join them . How many birds are sitting on the fence ?",
+        "answer": "2 + 4 = 6 #### 6",
+    }
+    exs = P.paper_examples(
+        "mawps", [mawps, {"question": "x", "answer": "1 + 2 = 3 #### 3"}, dict(mawps)], "train", wrong_method="numeric"
+    )
     assert exs[0].prompt == (
         'Answer the grade school math word problem below, using step-by-step problem-solving process. Print the final answer after "####".\n'
         "question: 2 birds were sitting on the fence . 4 more birds came to join them . How many birds are sitting on the fence ?\nanswer: \n"
@@ -220,14 +281,14 @@ def test_logged_numeric_rows_of_the_paper_code():
 
 EXTRACTIONS = [
     ("2 + 4 = 6 #### 6", "6"),
-    ("#### 7\nmore text 9", "7"),          # after '####' wins over the last number
+    ("#### 7\nmore text 9", "7"),  # after '####' wins over the last number
     ("####-3", "-3"),
-    ("the answer is 12 then 15.", "15"),    # else the last number
-    ("1,000", "000"),                      # commas split numbers
+    ("the answer is 12 then 15.", "15"),  # else the last number
+    ("1,000", "000"),  # commas split numbers
     ("$1,234.50", "234.50"),
-    ("3/4", "4"),                          # the fraction branch never wins
+    ("3/4", "4"),  # the fraction branch never wins
     ("#### 3 / 4", "3"),
-    ("5-3", "-3"),                         # a touching sign is taken
+    ("5-3", "-3"),  # a touching sign is taken
     ("+8", "+8"),
     ("3.", "3"),
     (".5", "5"),
@@ -258,9 +319,9 @@ def test_truncate_at_trigger(text, trigger, expected):
 NUMERIC = [
     (" 145\n", "145.0", "Answer", True),
     ("145.5", "145.0", "Answer", False),
-    ("5\nQuestion: x\nAnswer: 7 and 5", "5.0", "Answer", False),   # the truncation keeps 'Answer: 7', the last number
+    ("5\nQuestion: x\nAnswer: 7 and 5", "5.0", "Answer", False),  # the truncation keeps 'Answer: 7', the last number
     ("2 + 4 = 6 #### 6\n\nquestion: 8", "2 + 4 = 6 #### 6", "####", True),
-    ("#### $6 then 9", "x #### 6", "####", True),                   # no number right after '####': last of 'x #### $6'
+    ("#### $6 then 9", "x #### 6", "####", True),  # no number right after '####': last of 'x #### $6'
     ("6 then 9", "x #### 6", "####", False),
     ("1,000", "1000", "Answer", False),
     ("nothing", "5.0", "Answer", False),
@@ -273,7 +334,18 @@ def test_paper_numeric_correct(generated, reference, trigger, expected):
     assert P.paper_numeric_correct(generated, reference, trigger) is expected
 
 
-@pytest.mark.parametrize("generated, target, expected", [(" Yes", " yes", True), ("yes", " yes", True), ("yes.", " yes", False), ("", " no", False), ("\nB", "B", True), ("b", "B", True), ("A", "B", False)])
+@pytest.mark.parametrize(
+    "generated, target, expected",
+    [
+        (" Yes", " yes", True),
+        ("yes", " yes", True),
+        ("yes.", " yes", False),
+        ("", " no", False),
+        ("\nB", "B", True),
+        ("b", "B", True),
+        ("A", "B", False),
+    ],
+)
 def test_paper_choice_correct(generated, target, expected):
     assert P.paper_choice_correct(generated, target) is expected
 
@@ -297,7 +369,7 @@ MAX_NEW_TOKENS = [
     ("mawps", "google/gemma-2-9b-it", None, 250),
     ("mawps", "Qwen/Qwen3-8B", None, 150),
     ("gsm8k", "Qwen/Qwen3-8B", None, 400),
-    ("svamp", "/models/local-copy", "llama", 50),   # the family from model_type for a local path
+    ("svamp", "/models/local-copy", "llama", 50),  # the family from model_type for a local path
     ("mawps", "/models/local-copy", "qwen3", 150),
     ("svamp", "/models/local-copy", "gemma2", 5),
 ]
@@ -382,7 +454,7 @@ SIZES = [
     ("svamp", 700, 300, True, 700, 100, (600, 699), 300),
     ("mawps", 1417, 355, False, 1000, 417, (1000, 1416), 355),
     ("gsm8k", 7473, 1319, False, 1000, 500, (1000, 1499), 1319),
-    ("gsm8k", 1500, 2500, False, 1000, 500, (1000, 1499), 1000),   # the 2,000-row threshold, both ways
+    ("gsm8k", 1500, 2500, False, 1000, 500, (1000, 1499), 1000),  # the 2,000-row threshold, both ways
 ]
 
 
@@ -400,9 +472,25 @@ def test_split_roles(task, n_train, n_test, overlap, n_screen, n_val, val_span, 
 
 
 def test_loaded_rows_and_logged_sizes():
-    assert [P.paper_protocol(t).sizes.loaded(n) for t, n in [("boolq", 9427), ("copa", 1000), ("winogrande", 2558), ("svamp", 700), ("mawps", 1417), ("gsm8k", 7473)]] == [2000, 1000, 2000, 700, 1417, 1000]
+    assert [
+        P.paper_protocol(t).sizes.loaded(n)
+        for t, n in [
+            ("boolq", 9427),
+            ("copa", 1000),
+            ("winogrande", 2558),
+            ("svamp", 700),
+            ("mawps", 1417),
+            ("gsm8k", 7473),
+        ]
+    ] == [2000, 1000, 2000, 700, 1417, 1000]
     # What the paper printed ("train sample: ..., test sample: ...") for the hub sizes above.
-    for task, (n_train, n_test) in [("boolq", (9427, 3270)), ("copa", (1000, 500)), ("winogrande", (2558, 1267)), ("svamp", (700, 300)), ("mawps", (1417, 355))]:
+    for task, (n_train, n_test) in [
+        ("boolq", (9427, 3270)),
+        ("copa", (1000, 500)),
+        ("winogrande", (2558, 1267)),
+        ("svamp", (700, 300)),
+        ("mawps", (1417, 355)),
+    ]:
         sizes = P.paper_protocol(task).sizes
         assert (sizes.loaded(n_train), sizes.tested(n_test)) == P.paper_protocol(task).logged_sizes
 
@@ -420,7 +508,9 @@ def test_examples_keep_their_roles_through_split_examples():
 
 def test_generator_rows_are_read_like_lists():
     rows = [dict(WINO_ROW, sentence=f"Row {i} has a _ blank.") for i in range(1100)]
-    assert [e.uid for e in P.paper_examples("winogrande", iter(rows), "train")] == [e.uid for e in P.paper_examples("winogrande", rows, "train")]
+    assert [e.uid for e in P.paper_examples("winogrande", iter(rows), "train")] == [
+        e.uid for e in P.paper_examples("winogrande", rows, "train")
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -502,7 +592,12 @@ def test_paper_config(path):
     setting = P.paper_setting(model["model_name"], data["task"])
     assert setting is not None
     assert model["site"] == setting.site and setting.k in model["k"] and setting.alpha in model["alpha"]
-    assert (model["dtype"], model["sign"], model["scoring"], model["token_scope"]) == ("float16", "both", "paper", "all")
+    assert (model["dtype"], model["sign"], model["scoring"], model["token_scope"]) == (
+        "float16",
+        "both",
+        "paper",
+        "all",
+    )
     assert (data["protocol"], data["chat_template"], data["max_test_examples"]) == ("paper", False, None)
     assert data["paper_accuracy"] == LOGGED_ACCURACY[(setting.model, setting.task)]
     header = text.split("\nmodel:", 1)[0]
@@ -524,16 +619,43 @@ def test_train_then_evaluate_under_the_paper_protocol_on_local_hub_rows(task, ti
     from austeer_pl.cli.evaluate import evaluate_main
     from austeer_pl.cli.train import train_main
 
-    spec = importlib.util.spec_from_file_location("paper_rows", Path(__file__).resolve().parent / "fixtures" / "paper_rows.py")
+    spec = importlib.util.spec_from_file_location(
+        "paper_rows", Path(__file__).resolve().parent / "fixtures" / "paper_rows.py"
+    )
     rows = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rows)
     files = ",".join(str(p) for p in rows.write_rows(tmp_path / "rows", n=24)[task])
     export = tmp_path / "state"
-    code = train_main([
-        "--model.model_name", str(tiny_dir), "--data.task", task, "--data.protocol", "paper", "--data.task_files", files,
-        "--model.k", "[2]", "--model.alpha", "[1]", "--model.sign", "both", "--data.max_val_examples", "6", "--data.max_test_examples", "8",
-        "--data.batch_size", "8", "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "disabled",
-    ])
+    code = train_main(
+        [
+            "--model.model_name",
+            str(tiny_dir),
+            "--data.task",
+            task,
+            "--data.protocol",
+            "paper",
+            "--data.task_files",
+            files,
+            "--model.k",
+            "[2]",
+            "--model.alpha",
+            "[1]",
+            "--model.sign",
+            "both",
+            "--data.max_val_examples",
+            "6",
+            "--data.max_test_examples",
+            "8",
+            "--data.batch_size",
+            "8",
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--export_dir",
+            str(export),
+            "--wandb_mode",
+            "disabled",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     state = SteeringState.from_pretrained(export)
     data = state.metadata["data"]
@@ -543,15 +665,40 @@ def test_train_then_evaluate_under_the_paper_protocol_on_local_hub_rows(task, ti
     r = json.loads(report.read_text())
     assert r["protocol"] == "paper" and r["scoring"] == "paper" and r["n_examples"] == 8
     dump = tmp_path / "d.jsonl"
-    assert evaluate_main(["--task", task, "--protocol", "paper", "--task_files", files, "--split", "test", "--model", str(tiny_dir), "--dump_examples", str(dump)]) == 0
+    assert (
+        evaluate_main(
+            [
+                "--task",
+                task,
+                "--protocol",
+                "paper",
+                "--task_files",
+                files,
+                "--split",
+                "test",
+                "--model",
+                str(tiny_dir),
+                "--dump_examples",
+                str(dump),
+            ]
+        )
+        == 0
+    )
     lines = [json.loads(line) for line in dump.read_text().splitlines()]
     from austeer_pl.tasks.config import DataConfig
 
     _, splits = DataConfig(task=task, protocol="paper", task_files=files).load()
-    assert [line["uid"] for line in lines] == [ex.uid for ex in splits["test"]] and len(lines) == 24  # the paper's test set, whole
+    assert [line["uid"] for line in lines] == [ex.uid for ex in splits["test"]] and len(
+        lines
+    ) == 24  # the paper's test set, whole
     assert all(line["scoring"] == "paper" for line in lines)
     for line, ex in zip(lines, splits["test"]):
-        assert line["prompt"] == ex.prompt and line["choices"] == list(ex.choices)  # raw prompt; answers follow it with no separator
-        assert line["pair"] == {"positive": ex.positive, "negative": ex.negative} and line["read_position"] == line["n_tokens"] - 1
+        assert line["prompt"] == ex.prompt and line["choices"] == list(
+            ex.choices
+        )  # raw prompt; answers follow it with no separator
+        assert (
+            line["pair"] == {"positive": ex.positive, "negative": ex.negative}
+            and line["read_position"] == line["n_tokens"] - 1
+        )
     assert not {ex.uid for ex in splits["val"]} & {ex.uid for ex in splits["test"]}
     assert all(ex.uid.startswith("validation:") for ex in splits["val"])  # carved from training rows, never from test

@@ -13,8 +13,6 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_model
-from conftest import write_less_task as write_task
 
 from austeer_pl import SteeringState
 from austeer_pl.cli.evaluate import evaluate_main
@@ -25,6 +23,9 @@ from austeer_pl.fit.data import shard_batches
 from austeer_pl.lightning.datamodule import ContrastivePairDataModule
 from austeer_pl.lightning.module import AUSteerModule
 from austeer_pl.lightning.strategy import PassCheckpoint
+
+from conftest import make_model
+from conftest import write_less_task as write_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,13 +57,23 @@ class Crash(pl.Callback):
 
 def fit(tiny_dir, task_file, ckpt_dir, *, crash_after=None, ckpt_path=None, shared_prefix=True, negatives="sample"):
     module = AUSteerModule(model_name=str(tiny_dir), site=["attention", "ffn"], k=[3, 6], alpha=[1.0, 3.0])
-    data = ContrastivePairDataModule(task=str(task_file), batch_size=4, max_val_examples=8, shared_prefix=shared_prefix, negatives=negatives)
+    data = ContrastivePairDataModule(
+        task=str(task_file), batch_size=4, max_val_examples=8, shared_prefix=shared_prefix, negatives=negatives
+    )
     callbacks = [PassCheckpoint(ckpt_dir, every_n_batches=1)]
     if crash_after is not None:
         callbacks.append(Crash(crash_after))
     trainer = pl.Trainer(
-        max_epochs=1, logger=False, enable_checkpointing=False, use_distributed_sampler=False, num_sanity_val_steps=0,
-        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", devices=1,
+        max_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        devices=1,
     )
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return module
@@ -89,10 +100,17 @@ def test_shared_prefix_pass_equals_full_sequence_pass(tiny_dir, tmp_path, negati
     with open(task, "w") as f:
         for _ in range(40):
             a = rng.randint(0, 20)
-            f.write(json.dumps({"prompt": f"{a} is", "choices": ["small", "medium", "large number"], "answer": min(a // 7, 2)}) + "\n")
+            f.write(
+                json.dumps(
+                    {"prompt": f"{a} is", "choices": ["small", "medium", "large number"], "answer": min(a // 7, 2)}
+                )
+                + "\n"
+            )
     shared = fit(tiny_dir, task, tmp_path / "s", negatives=negatives)
     full = fit(tiny_dir, task, tmp_path / "f", shared_prefix=False, negatives=negatives)
-    assert shared.session._readers and all(r.fallback_reason is None for r in shared.session._readers.values())  # the cache was shared
+    assert shared.session._readers and all(
+        r.fallback_reason is None for r in shared.session._readers.values()
+    )  # the cache was shared
     assert not full.session._readers
     assert shared.session.accumulator.n == full.session.accumulator.n == len(full.trainer.datamodule.data.pairs)
     for key, value in full.session.accumulator.tensors.items():
@@ -151,7 +169,9 @@ def test_checkpoint_holds_no_base_weights(tiny_dir, task_file, tmp_path):
 # ---------------------------------------------------------------------------- DDP exactness
 def run_train(args: list[str], cwd: Path) -> None:
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
 
@@ -159,12 +179,33 @@ def run_train(args: list[str], cwd: Path) -> None:
 def test_two_process_ddp_equals_single_process(tiny_dir, tmp_path):
     task = write_task(tmp_path / "odd.jsonl", 61, seed=5)  # 37 training pairs: not divisible by 2 or by the batch size
     common = [
-        "--model.model_name", str(tiny_dir), "--data.task", str(task), "--data.batch_size", "4", "--data.max_val_examples", "12",
-        "--model.site", "[attention, ffn, both]", "--model.k", "[2, 7]", "--model.alpha", "[1, 5]", "--model.sign", "both",
-        "--trainer.accelerator", "cpu", "--wandb_mode", "disabled", "--ddp_timeout", "300",
+        "--model.model_name",
+        str(tiny_dir),
+        "--data.task",
+        str(task),
+        "--data.batch_size",
+        "4",
+        "--data.max_val_examples",
+        "12",
+        "--model.site",
+        "[attention, ffn, both]",
+        "--model.k",
+        "[2, 7]",
+        "--model.alpha",
+        "[1, 5]",
+        "--model.sign",
+        "both",
+        "--trainer.accelerator",
+        "cpu",
+        "--wandb_mode",
+        "disabled",
+        "--ddp_timeout",
+        "300",
     ]
     run_train([*common, "--trainer.devices", "1", "--run_dir", str(tmp_path / "one")], tmp_path)
-    run_train([*common, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--run_dir", str(tmp_path / "two")], tmp_path)
+    run_train(
+        [*common, "--trainer.devices", "2", "--trainer.strategy", "ddp", "--run_dir", str(tmp_path / "two")], tmp_path
+    )
     one = torch.load(tmp_path / "one" / "checkpoints" / "last.ckpt", weights_only=True)["austeer"]["accumulator"]
     two = torch.load(tmp_path / "two" / "checkpoints" / "last.ckpt", weights_only=True)["austeer"]["accumulator"]
     assert int(one["n"]) == int(two["n"]) == 37
@@ -186,10 +227,30 @@ def test_two_process_ddp_equals_single_process(tiny_dir, tmp_path):
 # ---------------------------------------------------------------------------- the command lines
 def test_train_then_evaluate_in_process(tiny_dir, task_file, tmp_path, capsys):
     export = tmp_path / "state"
-    code = train_main([
-        "--model.model_name", str(tiny_dir), "--data.task", str(task_file), "--model.site", "attention", "--model.k", "[2, 4]", "--model.alpha", "[2]",
-        "--data.batch_size", "8", "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "offline", "--export_anyway", "true",
-    ])
+    code = train_main(
+        [
+            "--model.model_name",
+            str(tiny_dir),
+            "--data.task",
+            str(task_file),
+            "--model.site",
+            "attention",
+            "--model.k",
+            "[2, 4]",
+            "--model.alpha",
+            "[2]",
+            "--data.batch_size",
+            "8",
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--export_dir",
+            str(export),
+            "--wandb_mode",
+            "offline",
+            "--export_anyway",
+            "true",
+        ]
+    )
     assert code == 0
     out = capsys.readouterr().out
     assert "val accuracy" in out and "verdict" in out and str(export) in out
@@ -207,7 +268,12 @@ def test_train_then_evaluate_in_process(tiny_dir, task_file, tmp_path, capsys):
     assert (tmp_path / "run" / "config.yaml").is_file()
 
     report = tmp_path / "report.json"
-    assert evaluate_main(["--steering", str(export), "--split", "test", "--limit", "9", "--report", str(report), "--scoring", "both"]) == 0
+    assert (
+        evaluate_main(
+            ["--steering", str(export), "--split", "test", "--limit", "9", "--report", str(report), "--scoring", "both"]
+        )
+        == 0
+    )
     r = json.loads(report.read_text())
     assert r["n_examples"] == 9 and r["n_steered_activations"] == state.k
     for label in ("unsteered", "steered"):
@@ -218,26 +284,79 @@ def test_train_then_evaluate_in_process(tiny_dir, task_file, tmp_path, capsys):
 
 def test_train_rejects_bad_input_without_writing(tiny_dir, tmp_path, capsys):
     export = tmp_path / "state"
-    code = train_main(["--model.model_name", str(tiny_dir), "--data.task", str(tmp_path / "missing.jsonl"), "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "disabled"])
+    code = train_main(
+        [
+            "--model.model_name",
+            str(tiny_dir),
+            "--data.task",
+            str(tmp_path / "missing.jsonl"),
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--export_dir",
+            str(export),
+            "--wandb_mode",
+            "disabled",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "missing.jsonl" in err[0]
     assert not export.exists()
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "x", "choices": ["a", "b"], "answer": 0}\n{"prompt": "y", "choices": ["a"]\n')
-    assert train_main(["--model.model_name", str(tiny_dir), "--data.task", str(bad), "--run_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"]) == 2
+    assert (
+        train_main(
+            [
+                "--model.model_name",
+                str(tiny_dir),
+                "--data.task",
+                str(bad),
+                "--run_dir",
+                str(tmp_path / "run"),
+                "--wandb_mode",
+                "disabled",
+            ]
+        )
+        == 2
+    )
     assert "bad.jsonl:2" in capsys.readouterr().err
-    assert train_main(["--model.model_name", str(tiny_dir), "--model.k", "[0]", "--wandb_mode", "disabled", "--run_dir", str(tmp_path / "run")]) == 2
+    assert (
+        train_main(
+            [
+                "--model.model_name",
+                str(tiny_dir),
+                "--model.k",
+                "[0]",
+                "--wandb_mode",
+                "disabled",
+                "--run_dir",
+                str(tmp_path / "run"),
+            ]
+        )
+        == 2
+    )
     assert "positive whole number" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(("args", "needle"), [
-    (["--data.shared_prefix", "maybe"], "error: --data.shared_prefix: invalid value 'maybe' (expected bool or Literal['auto']); see train.py --help"),
-    (["--data.batch_size", "x"], "error: --data.batch_size: invalid value 'x' (expected int); see train.py --help"),
-    (["--model.alpha", "[fast]"], "error: --model.alpha: invalid value 'fast' (expected float); see train.py --help"),
-    (["--data.bogus", "1"], "error: unrecognized arguments: --data.bogus 1"),
-    (["--model.strength_loss", "margin"], "error: --model.strength_loss 'margin' is unknown; choose one of nll, choice"),
-])
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (
+            ["--data.shared_prefix", "maybe"],
+            "error: --data.shared_prefix: invalid value 'maybe' (expected bool or Literal['auto']); see train.py --help",
+        ),
+        (["--data.batch_size", "x"], "error: --data.batch_size: invalid value 'x' (expected int); see train.py --help"),
+        (
+            ["--model.alpha", "[fast]"],
+            "error: --model.alpha: invalid value 'fast' (expected float); see train.py --help",
+        ),
+        (["--data.bogus", "1"], "error: unrecognized arguments: --data.bogus 1"),
+        (
+            ["--model.strength_loss", "margin"],
+            "error: --model.strength_loss 'margin' is unknown; choose one of nll, choice",
+        ),
+    ],
+)
 def test_train_option_errors_are_one_line(args, needle, tmp_path, capsys):
     assert train_main([*args, "--wandb_mode", "disabled", "--run_dir", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -253,10 +372,28 @@ def test_evaluate_rejects_bad_input(tmp_path, capsys):
 @pytest.mark.real_model
 def test_fit_on_embedded_model(tmp_path, capsys):
     export = tmp_path / "state"
-    code = train_main([
-        "--data.max_train_pairs", "32", "--data.max_val_examples", "16", "--model.site", "attention", "--model.k", "[20]", "--model.alpha", "[1]",
-        "--run_dir", str(tmp_path / "run"), "--export_dir", str(export), "--wandb_mode", "disabled", "--export_anyway", "true",
-    ])
+    code = train_main(
+        [
+            "--data.max_train_pairs",
+            "32",
+            "--data.max_val_examples",
+            "16",
+            "--model.site",
+            "attention",
+            "--model.k",
+            "[20]",
+            "--model.alpha",
+            "[1]",
+            "--run_dir",
+            str(tmp_path / "run"),
+            "--export_dir",
+            str(export),
+            "--wandb_mode",
+            "disabled",
+            "--export_anyway",
+            "true",
+        ]
+    )
     assert code == 0
     state = SteeringState.from_pretrained(export)
     assert state.base_model == "smollm2-135m-instruct" and state.architecture == "llama" and state.n_layers == 30
@@ -267,11 +404,24 @@ def test_fit_on_embedded_model(tmp_path, capsys):
 def test_command_line_errors_are_one_line_with_exit_code_2(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", HF_HUB_OFFLINE="1")
     cases = [
-        ([str(ROOT / "train.py"), "--model.model_name", "no-such-org/no-such-model", "--run_dir", str(tmp_path / "r"), "--export_dir", str(tmp_path / "s")], "no-such-org/no-such-model"),
+        (
+            [
+                str(ROOT / "train.py"),
+                "--model.model_name",
+                "no-such-org/no-such-model",
+                "--run_dir",
+                str(tmp_path / "r"),
+                "--export_dir",
+                str(tmp_path / "s"),
+            ],
+            "no-such-org/no-such-model",
+        ),
         ([str(ROOT / "evaluate.py"), "--steering", str(tmp_path / "missing")], "does not exist"),
     ]
     for args, needle in cases:
-        proc = subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        proc = subprocess.run(
+            [sys.executable, *args], env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path
+        )
         assert proc.returncode == 2, proc.stderr[-2000:]
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
         assert len(errors) == 1 and needle in errors[0], proc.stderr[-2000:]

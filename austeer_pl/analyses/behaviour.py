@@ -145,7 +145,9 @@ def strength_curve(
                 texts, metrics = base_texts, dict(base)
             else:
                 texts = generate_new_text(model, tokenizer, prompts, state=state.with_alpha(a), layout=layout, **gen)
-                metrics = text_metrics(model, tokenizer, prompts, texts, judge, batch_size=batch_size, max_length=max_length)
+                metrics = text_metrics(
+                    model, tokenizer, prompts, texts, judge, batch_size=batch_size, max_length=max_length
+                )
             metrics["perplexity_ratio"] = 1.0 if a == 0.0 else ratio(metrics["perplexity"], base["perplexity"])
             points.append({"alpha": a, **metrics, "texts": texts[:n_examples]})
         methods[label] = {"method": state.method, "k": state.k, "fitted_alpha": state.alpha, "points": points}
@@ -173,23 +175,65 @@ def strength_curve(
 # ============================================================================ analyze.py behaviour
 def add_behaviour_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Every option of ``analyze.py behaviour`` (a complete set: do not add the other analyses' common options)."""
-    p.add_argument("--steering", required=True, help="steering state folder (the state to sweep, e.g. written by train.py)")
-    p.add_argument("--caa", default=None, help="a CAA state folder to sweep beside it (default: fit CAA on the same training pairs)")
-    p.add_argument("--iti", default=None, help="an ITI state folder to sweep beside them (e.g. from evaluate.py --compare --methods iti --export_dir)")
-    p.add_argument("--iti_alphas", default=None, help="ITI strengths, e.g. 0,5,15 (default: 0, 0.5, 1, 2, 4 x its alpha)")
-    p.add_argument("--task", "--data.task", dest="task", default=None, help="behaviour task (default: the one the state was fitted on; sentiment or a prompt,positive,negative file)")
-    p.add_argument("--model", "--model.model_name", dest="model", default=None, help="base model (default: the one the state names)")
-    p.add_argument("--judge", default="vader", help="vader, vader:negative or a local sequence-classification model folder")
-    p.add_argument("--split", default="val", choices=["val", "test"], help="prompts to generate from (default: validation)")
+    p.add_argument(
+        "--steering", required=True, help="steering state folder (the state to sweep, e.g. written by train.py)"
+    )
+    p.add_argument(
+        "--caa",
+        default=None,
+        help="a CAA state folder to sweep beside it (default: fit CAA on the same training pairs)",
+    )
+    p.add_argument(
+        "--iti",
+        default=None,
+        help="an ITI state folder to sweep beside them (e.g. from evaluate.py --compare --methods iti --export_dir)",
+    )
+    p.add_argument(
+        "--iti_alphas", default=None, help="ITI strengths, e.g. 0,5,15 (default: 0, 0.5, 1, 2, 4 x its alpha)"
+    )
+    p.add_argument(
+        "--task",
+        "--data.task",
+        dest="task",
+        default=None,
+        help="behaviour task (default: the one the state was fitted on; sentiment or a prompt,positive,negative file)",
+    )
+    p.add_argument(
+        "--model",
+        "--model.model_name",
+        dest="model",
+        default=None,
+        help="base model (default: the one the state names)",
+    )
+    p.add_argument(
+        "--judge", default="vader", help="vader, vader:negative or a local sequence-classification model folder"
+    )
+    p.add_argument(
+        "--split", default="val", choices=["val", "test"], help="prompts to generate from (default: validation)"
+    )
     p.add_argument("--seed", type=int, default=None, help="split seed (default: the fit's)")
     p.add_argument("--max_prompts", type=int, default=32, help="distinct held-out prompts to generate from")
     p.add_argument("--max_new_tokens", type=int, default=32)
-    p.add_argument("--alphas", default=None, help="alphas of the state, e.g. 0,1,2,4 (default: 0, 0.5, 1, 2, 4 x its alpha)")
-    p.add_argument("--caa_multipliers", default=None, help="CAA multipliers, e.g. 0,1,2,4 (default: 0, 0.5, 1, 2, 4 x its multiplier)")
+    p.add_argument(
+        "--alphas", default=None, help="alphas of the state, e.g. 0,1,2,4 (default: 0, 0.5, 1, 2, 4 x its alpha)"
+    )
+    p.add_argument(
+        "--caa_multipliers",
+        default=None,
+        help="CAA multipliers, e.g. 0,1,2,4 (default: 0, 0.5, 1, 2, 4 x its multiplier)",
+    )
     p.add_argument("--caa_layer", type=int, default=None, help="layer of a fitted CAA (default: a third of the way in)")
-    p.add_argument("--max_train_pairs", type=int, default=None, help="pairs of a fitted CAA (default: the fit's, else 128)")
-    p.add_argument("--budget", type=float, default=DEFAULT_BUDGET, help="fluency budget drawn on the plot (perplexity ratio)")
-    p.add_argument("--allow_changed_inputs", action="store_true", help="go on even if the state's task file or base model changed since the fit (a warning)")
+    p.add_argument(
+        "--max_train_pairs", type=int, default=None, help="pairs of a fitted CAA (default: the fit's, else 128)"
+    )
+    p.add_argument(
+        "--budget", type=float, default=DEFAULT_BUDGET, help="fluency budget drawn on the plot (perplexity ratio)"
+    )
+    p.add_argument(
+        "--allow_changed_inputs",
+        action="store_true",
+        help="go on even if the state's task file or base model changed since the fit (a warning)",
+    )
 
     add_output_options(p, name="behaviour")
     return p
@@ -200,8 +244,15 @@ def _optional_list(text: str | None, flag: str) -> list[float] | None:
 
 
 def fit_caa(
-    model: nn.Module, tokenizer, texts: Sequence[tuple[str, str]], *, layer: int | None = None, multiplier: float = 1.0,
-    layout=None, batch_size: int = 16, base_model: str = "",
+    model: nn.Module,
+    tokenizer,
+    texts: Sequence[tuple[str, str]],
+    *,
+    layer: int | None = None,
+    multiplier: float = 1.0,
+    layout=None,
+    batch_size: int = 16,
+    base_model: str = "",
 ) -> SteeringState:
     """A CAA state from ``(positive_text, negative_text)`` pairs (residual mean difference at ``layer``, default a third in)."""
 
@@ -258,7 +309,9 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
     model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
     layout = locate_units(model)
     state.check_compatible(layout)
-    check_model(state.metadata.get("inputs"), model_name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
+    check_model(
+        state.metadata.get("inputs"), model_name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir
+    )
     chat = {"on": True, "off": False, "auto": None, None: data.get("chat_template")}[args.chat_template]
     prompts = behaviour_prompts(tokenizer, task, examples, chat_template=chat)
     max_length = args.max_length or data.get("max_length")
@@ -267,9 +320,21 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
         n_pairs = args.max_train_pairs or data.get("max_train_pairs") or 128
         pairs = make_pairs(splits["train"], seed=seed, max_pairs=n_pairs)
         started = time.perf_counter()
-        caa = fit_caa(model, tokenizer, pair_texts(tokenizer, task, pairs, chat_template=chat), layer=args.caa_layer,
-                      layout=layout, batch_size=args.batch_size, base_model=model_name)
-        caa_info = {"source": "fitted", "n_pairs": len(pairs), "layer": caa.metadata.get("layer"), "fit_seconds": time.perf_counter() - started}
+        caa = fit_caa(
+            model,
+            tokenizer,
+            pair_texts(tokenizer, task, pairs, chat_template=chat),
+            layer=args.caa_layer,
+            layout=layout,
+            batch_size=args.batch_size,
+            base_model=model_name,
+        )
+        caa_info = {
+            "source": "fitted",
+            "n_pairs": len(pairs),
+            "layer": caa.metadata.get("layer"),
+            "fit_seconds": time.perf_counter() - started,
+        }
     states = {state.method: state}
     sweep: dict[str, list[float]] = {}
     if alphas is not None:
@@ -283,17 +348,42 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
         iti_alphas = _optional_list(getattr(args, "iti_alphas", None), "--iti_alphas")
         if iti_alphas is not None:
             sweep["iti"] = iti_alphas
-    info = {"task": str(task_spec), "task_name": task.name, "base_model": model_name, "split": args.split, "seed": seed,
-            "steering": str(args.steering), "caa": caa_info}
+    info = {
+        "task": str(task_spec),
+        "task_name": task.name,
+        "base_model": model_name,
+        "split": args.split,
+        "seed": seed,
+        "steering": str(args.steering),
+        "caa": caa_info,
+    }
     result = strength_curve(
-        model, tokenizer, states, prompts, judge, alphas=sweep or None, max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size, max_length=max_length, layout=layout, budget=args.budget, out=out_file, plot=png_file, info=info,
+        model,
+        tokenizer,
+        states,
+        prompts,
+        judge,
+        alphas=sweep or None,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        max_length=max_length,
+        layout=layout,
+        budget=args.budget,
+        out=out_file,
+        plot=png_file,
+        info=info,
     )
     if getattr(args, "wandb_mode", "disabled") != "disabled":
-
         run = claim_run_dir("analyze-behaviour", str(task_spec), args.run_dir)
         try:
-            log_result_wandb({"analysis": "behaviour", **result}, png, out, mode=args.wandb_mode, project=args.wandb_project, run_dir=run.path)
+            log_result_wandb(
+                {"analysis": "behaviour", **result},
+                png,
+                out,
+                mode=args.wandb_mode,
+                project=args.wandb_project,
+                run_dir=run.path,
+            )
         finally:
             run.release()
     print(f"behaviour: wrote {out} and {png}")
@@ -303,7 +393,11 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
 def behaviour_cli(argv: Sequence[str] | None = None) -> int:
     """``analyze.py behaviour`` on its own: 0 on success, 2 with a one-line ``error: ...`` on bad input."""
 
-    parser = add_behaviour_arguments(OneLineParser(prog="analyze.py behaviour", description="Judge score and perplexity against alpha (AUSteer and CAA)."))
+    parser = add_behaviour_arguments(
+        OneLineParser(
+            prog="analyze.py behaviour", description="Judge score and perplexity against alpha (AUSteer and CAA)."
+        )
+    )
     return run_main(lambda: behaviour_main(parser.parse_args(argv)))
 
 

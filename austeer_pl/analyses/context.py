@@ -80,10 +80,16 @@ def prepare(opts: AnalysisOptions) -> AnalysisContext:
     model_name = opts.model or DEFAULT_MODEL
     defaults = DataConfig()
     config = DataConfig(
-        task=opts.task, seed=opts.seed, chat_template=opts.chat_template,
+        task=opts.task,
+        seed=opts.seed,
+        chat_template=opts.chat_template,
         max_train_pairs=opts.max_train_pairs if opts.max_train_pairs is not None else defaults.max_train_pairs,
-        max_val_examples=opts.max_examples if opts.split == "val" and opts.max_examples is not None else defaults.max_val_examples,
-        max_test_examples=opts.max_examples if opts.split == "test" and opts.max_examples is not None else defaults.max_test_examples,
+        max_val_examples=opts.max_examples
+        if opts.split == "val" and opts.max_examples is not None
+        else defaults.max_val_examples,
+        max_test_examples=opts.max_examples
+        if opts.split == "test" and opts.max_examples is not None
+        else defaults.max_test_examples,
         max_length=opts.max_length if opts.max_length is not None else defaults.max_length,
     )
     task, splits = config.load()
@@ -93,19 +99,45 @@ def prepare(opts: AnalysisOptions) -> AnalysisContext:
     pairs = make_pairs(splits["train"], negatives=config.negatives, seed=config.seed, max_pairs=config.max_train_pairs)
     texts = {p.prompt: format_prompt(tokenizer, task, p.prompt, chat_template=config.chat_template) for p in pairs}
     rows = [(join_answer(texts[p.prompt], p.positive), join_answer(texts[p.prompt], p.negative)) for p in pairs]
-    acc = accumulate_momentum(model, tokenizer, rows, sites=("attention", "ffn"), batch_size=opts.batch_size, layout=layout, max_length=config.max_length)
+    acc = accumulate_momentum(
+        model,
+        tokenizer,
+        rows,
+        sites=("attention", "ffn"),
+        batch_size=opts.batch_size,
+        layout=layout,
+        max_length=config.max_length,
+    )
     fit_seconds = time.perf_counter() - started
     examples = list(splits[opts.split])
     if not examples:
-        raise AusteerError(f"the {opts.split} split of '{opts.task}' is empty; raise --max_examples or choose another split")
+        raise AusteerError(
+            f"the {opts.split} split of '{opts.task}' is empty; raise --max_examples or choose another split"
+        )
     prompts = [format_prompt(tokenizer, task, ex.prompt, chat_template=config.chat_template) for ex in examples]
     info = {
-        "task": opts.task, "task_name": task.name, "base_model": model_name, "seed": opts.seed, "split": opts.split,
-        "n_examples": len(examples), "n_train_pairs": acc.n, "fit_seconds": fit_seconds, "data": config.to_dict(),
+        "task": opts.task,
+        "task_name": task.name,
+        "base_model": model_name,
+        "seed": opts.seed,
+        "split": opts.split,
+        "n_examples": len(examples),
+        "n_train_pairs": acc.n,
+        "fit_seconds": fit_seconds,
+        "data": config.to_dict(),
     }
     return AnalysisContext(
-        model=model, tokenizer=tokenizer, layout=layout, acc=acc, task=task, examples=examples, prompts=prompts,
-        base_model=model_name_of(model) or model_name, batch_size=opts.batch_size, max_length=config.max_length, info=info,
+        model=model,
+        tokenizer=tokenizer,
+        layout=layout,
+        acc=acc,
+        task=task,
+        examples=examples,
+        prompts=prompts,
+        base_model=model_name_of(model) or model_name,
+        batch_size=opts.batch_size,
+        max_length=config.max_length,
+        info=info,
     )
 
 
@@ -118,7 +150,9 @@ def score(ctx: AnalysisContext, state: SteeringState | None = None) -> dict[str,
     """Accuracy and mean margin (right answer's log-likelihood minus the best wrong one's), steered by ``state``."""
 
     with steering(ctx, state):
-        scores = choice_logprobs(ctx.model, ctx.tokenizer, ctx.prompts, ctx.answers, batch_size=ctx.batch_size, max_length=ctx.max_length)
+        scores = choice_logprobs(
+            ctx.model, ctx.tokenizer, ctx.prompts, ctx.answers, batch_size=ctx.batch_size, max_length=ctx.max_length
+        )
     stats = decision_statistics(scores, [ex.answer for ex in ctx.examples])
     return {"accuracy": float(stats[:, 0].mean()), "margin": float(stats[:, 1].mean())}
 
@@ -131,8 +165,16 @@ def next_token_logits(ctx: AnalysisContext, state: SteeringState | None = None) 
     out = []
     with steering(ctx, state):
         for start in range(0, len(ctx.prompt_ids), ctx.batch_size):
-            ids, mask = pad_ids(ctx.prompt_ids[start : start + ctx.batch_size], int(pad or 0), side="left", device=device)
-            logits = ctx.model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=1, use_cache=False).logits
+            ids, mask = pad_ids(
+                ctx.prompt_ids[start : start + ctx.batch_size], int(pad or 0), side="left", device=device
+            )
+            logits = ctx.model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                logits_to_keep=1,
+                use_cache=False,
+            ).logits
             out.append(logits[:, -1].float().cpu())
     return torch.cat(out)
 
@@ -157,10 +199,20 @@ def units_state(
         momentum[rows] = ctx.acc.momentum(site).cpu()[layer[rows], unit[rows]]
     strength = momentum if amplify is None else torch.where(amplify, momentum.abs(), momentum)
     return SteeringState(
-        sites=tuple(sites), site_index=site_index, layer=layer, unit=unit, momentum=momentum,
-        scale=float(alpha) * strength, shift=torch.zeros_like(momentum), alpha=float(alpha),
-        architecture=ctx.layout.architecture, n_layers=ctx.layout.n_layers, site_sizes={s: ctx.layout.site(s).size for s in sites},
-        base_model=ctx.base_model, sign_policy="both", metadata=dict(metadata or {}),
+        sites=tuple(sites),
+        site_index=site_index,
+        layer=layer,
+        unit=unit,
+        momentum=momentum,
+        scale=float(alpha) * strength,
+        shift=torch.zeros_like(momentum),
+        alpha=float(alpha),
+        architecture=ctx.layout.architecture,
+        n_layers=ctx.layout.n_layers,
+        site_sizes={s: ctx.layout.site(s).size for s in sites},
+        base_model=ctx.base_model,
+        sign_policy="both",
+        metadata=dict(metadata or {}),
     )
 
 
@@ -179,11 +231,20 @@ def subset(sel: Selection, rows: torch.Tensor) -> Selection:
 
 
 def concat(a: Selection, b: Selection) -> Selection:
-    return Selection(a.sites, torch.cat([a.site_index, b.site_index]), torch.cat([a.layer, b.layer]), torch.cat([a.unit, b.unit]), torch.cat([a.momentum, b.momentum]))
+    return Selection(
+        a.sites,
+        torch.cat([a.site_index, b.site_index]),
+        torch.cat([a.layer, b.layer]),
+        torch.cat([a.unit, b.unit]),
+        torch.cat([a.momentum, b.momentum]),
+    )
 
 
 def coordinates(sel: Selection) -> list[dict[str, Any]]:
-    return [{"site": s, "layer": l, "unit": u, "momentum": float(m)} for (s, l, u), m in zip(sel.coordinates(), sel.momentum.tolist())]
+    return [
+        {"site": s, "layer": l, "unit": u, "momentum": float(m)}
+        for (s, l, u), m in zip(sel.coordinates(), sel.momentum.tolist())
+    ]
 
 
 # ============================================================================ (a) dimension sweep
@@ -199,14 +260,20 @@ def resolve_block(ctx: AnalysisContext, site: str, layer: int | None = None, hea
         if head is not None and not 0 <= head < layout.n_heads:
             raise AusteerError(f"--head {head} is out of range: choose 0..{layout.n_heads - 1}")
         ranking = rank_blocks(ctx.acc, layout, ("attention",))
-        blocks = [(l, h, s) for (_, l, h), s in zip(ranking.blocks(), ranking.score.tolist()) if (layer is None or l == layer) and (head is None or h == head)]
+        blocks = [
+            (l, h, s)
+            for (_, l, h), s in zip(ranking.blocks(), ranking.score.tolist())
+            if (layer is None or l == layer) and (head is None or h == head)
+        ]
         layer, head, block_score = blocks[0]
         units = torch.arange(head * layout.head_dim, (head + 1) * layout.head_dim)
     else:
         if head is not None:
             raise AusteerError("--head is for --site attention; an FFN block is a whole layer")
         ranking = rank_blocks(ctx.acc, layout, ("ffn",))
-        blocks = [(l, s) for (_, l, _), s in zip(ranking.blocks(), ranking.score.tolist()) if layer is None or l == layer]
+        blocks = [
+            (l, s) for (_, l, _), s in zip(ranking.blocks(), ranking.score.tolist()) if layer is None or l == layer
+        ]
         layer, block_score = blocks[0]
         head = None
         units = torch.arange(layout.site("ffn").size)
@@ -214,9 +281,9 @@ def resolve_block(ctx: AnalysisContext, site: str, layer: int | None = None, hea
 
 
 __all__ = [
+    "SITE_CHOICES",
     "AnalysisContext",
     "AnalysisOptions",
-    "SITE_CHOICES",
     "concat",
     "coordinates",
     "next_token_logits",

@@ -33,8 +33,15 @@ from austeer_pl.errors import AusteerError
 
 ANALYSES: tuple[str, ...] = ("sweep", "combinations", "strength", "tokens", "sign")
 ALIASES = {
-    "dimension_sweep": "sweep", "dimensions": "sweep", "combination": "combinations", "strength_convergence": "strength",
-    "kl": "strength", "token_promotion": "tokens", "promotion": "tokens", "promotion_vs_suppression": "sign", "sign_policy": "sign",
+    "dimension_sweep": "sweep",
+    "dimensions": "sweep",
+    "combination": "combinations",
+    "strength_convergence": "strength",
+    "kl": "strength",
+    "token_promotion": "tokens",
+    "promotion": "tokens",
+    "promotion_vs_suppression": "sign",
+    "sign_policy": "sign",
 }
 
 
@@ -43,8 +50,12 @@ def _scalars(result: dict[str, Any]) -> dict[str, float]:
     name = result["analysis"]
     out: dict[str, float] = {}
     if name == "sweep":
-        out = {"sweep/unsteered_accuracy": result["unsteered"]["accuracy"], "sweep/block_accuracy": result["whole_block"]["accuracy"],
-               "sweep/best_unit_accuracy": result["summary"]["best_unit_accuracy"], "sweep/n_units_beating_block": result["summary"]["n_units_beating_block_accuracy"]}
+        out = {
+            "sweep/unsteered_accuracy": result["unsteered"]["accuracy"],
+            "sweep/block_accuracy": result["whole_block"]["accuracy"],
+            "sweep/best_unit_accuracy": result["summary"]["best_unit_accuracy"],
+            "sweep/n_units_beating_block": result["summary"]["n_units_beating_block_accuracy"],
+        }
     elif name == "combinations":
         out = {"combinations/best_positive_accuracy": max(p["accuracy"] for p in result["positive"])}
     elif name == "strength":
@@ -57,26 +68,41 @@ def _scalars(result: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def log_wandb(result: dict[str, Any], png: Path, json_path: Path, *, mode: str, project: str, run_dir: Path) -> str | None:
+def log_wandb(
+    result: dict[str, Any], png: Path, json_path: Path, *, mode: str, project: str, run_dir: Path
+) -> str | None:
     """Log an analysis's plot, headline numbers and JSON to a W&B run (see :func:`~austeer_pl.cli.runtime.log_result_wandb`)."""
 
-    return log_result_wandb(result, png, json_path, mode=mode, project=project, run_dir=run_dir, scalars=_scalars(result))
+    return log_result_wandb(
+        result, png, json_path, mode=mode, project=project, run_dir=run_dir, scalars=_scalars(result)
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model, data and output")
 
-    g.add_argument("--model", "--model.model_name", dest="model", default=None, help="base model (default: smollm2-135m-instruct)")
+    g.add_argument(
+        "--model", "--model.model_name", dest="model", default=None, help="base model (default: smollm2-135m-instruct)"
+    )
     g.add_argument("--task", "--data.task", dest="task", default="rotten_tomatoes", help="task spec (see README)")
     g.add_argument("--seed", "--data.seed", dest="seed", type=int, default=0, help="split seed")
     g.add_argument("--split", default="val", choices=["val", "test"], help="examples to score (default: validation)")
-    g.add_argument("--max_train_pairs", "--data.max_train_pairs", dest="max_train_pairs", type=int, default=None, help="training pairs of the momentum pass (default: the data module's)")
+    g.add_argument(
+        "--max_train_pairs",
+        "--data.max_train_pairs",
+        dest="max_train_pairs",
+        type=int,
+        default=None,
+        help="training pairs of the momentum pass (default: the data module's)",
+    )
     g.add_argument("--max_examples", type=int, default=None, help="examples to score (default: the data module's cap)")
     add_output_options(g, name="NAME")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="analyze.py", description="The AUSteer paper's activation-unit analyses; each writes JSON and a PNG plot.")
+    p = OneLineParser(
+        prog="analyze.py", description="The AUSteer paper's activation-unit analyses; each writes JSON and a PNG plot."
+    )
     sub = p.add_subparsers(dest="name", metavar="NAME", parser_class=OneLineParser)
     ints, floats = list_type(int, "list"), list_type(float, "list")
 
@@ -84,7 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--site", default="attention", choices=["attention", "ffn"])
     s.add_argument("--layer", type=int, default=None, help="block layer (default: the best block by mean |m|)")
     s.add_argument("--head", type=int, default=None, help="attention head (default: the best head of --layer)")
-    s.add_argument("--stride", type=int, default=None, help="sweep every n-th unit (default: at most --max_units units)")
+    s.add_argument(
+        "--stride", type=int, default=None, help="sweep every n-th unit (default: at most --max_units units)"
+    )
     s.add_argument("--max_units", type=int, default=64)
     s.add_argument("--alpha", type=float, default=2.0)
 
@@ -104,14 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--alpha_max", type=float, default=1e5)
     s.add_argument("--n_alpha", type=int, default=9)
 
-    s = sub.add_parser("tokens", aliases=["token_promotion"], help="tokens one AU raises and lowers at the answer position")
+    s = sub.add_parser(
+        "tokens", aliases=["token_promotion"], help="tokens one AU raises and lowers at the answer position"
+    )
     s.add_argument("--site", default="attention", choices=["attention", "ffn"])
     s.add_argument("--layer", type=int, default=None)
     s.add_argument("--unit", type=int, default=None)
     s.add_argument("--alpha", type=float, default=20.0)
     s.add_argument("--top_n", type=int, default=10)
 
-    s = sub.add_parser("sign", aliases=["promotion_vs_suppression"], help="promote vs. both sign policies at the same k")
+    s = sub.add_parser(
+        "sign", aliases=["promotion_vs_suppression"], help="promote vs. both sign policies at the same k"
+    )
     s.add_argument("--site", default="attention", choices=list(SITE_CHOICES))
     s.add_argument("--ks", type=ints, default=[5, 10, 20, 50, 100])
     s.add_argument("--alpha", type=floats, default=[1.0, 2.0])
@@ -120,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
         _common(action)
     # Behaviour in free text: judge score and perplexity against alpha (its own options; no momentum pass here).
 
-    add_behaviour_arguments(sub.add_parser("behaviour", help="judge score and perplexity vs. alpha in free text, AUSteer and CAA"))
+    add_behaviour_arguments(
+        sub.add_parser("behaviour", help="judge score and perplexity vs. alpha in free text, AUSteer and CAA")
+    )
     return p
 
 
@@ -145,25 +179,58 @@ def run_analysis(name: str, args: argparse.Namespace) -> dict[str, Any]:
     if args.wandb_mode not in ("offline", "online", "disabled"):
         raise AusteerError(f"--wandb_mode must be offline, online or disabled, not '{args.wandb_mode}'")
     if args.wandb_mode == "online":
-
         args.wandb_mode = resolve_wandb_mode("online", "offline")
     quiet()
     opts = AnalysisOptions(
-        model=args.model, task=args.task, seed=args.seed, split=args.split, max_train_pairs=args.max_train_pairs,
-        max_examples=args.max_examples, batch_size=args.batch_size, max_length=args.max_length,
-        chat_template={"on": True, "off": False, "auto": None, None: None}[args.chat_template], dtype=args.dtype,
-        device=args.device, cache_dir=args.cache_dir,
+        model=args.model,
+        task=args.task,
+        seed=args.seed,
+        split=args.split,
+        max_train_pairs=args.max_train_pairs,
+        max_examples=args.max_examples,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        chat_template={"on": True, "off": False, "auto": None, None: None}[args.chat_template],
+        dtype=args.dtype,
+        device=args.device,
+        cache_dir=args.cache_dir,
     )
     ctx = prepare(opts)
     started = time.perf_counter()
     if name == "sweep":
-        result = dimension_sweep(ctx, site=args.site, layer=args.layer, head=args.head, stride=args.stride, max_units=args.max_units, alpha=args.alpha)
+        result = dimension_sweep(
+            ctx,
+            site=args.site,
+            layer=args.layer,
+            head=args.head,
+            stride=args.stride,
+            max_units=args.max_units,
+            alpha=args.alpha,
+        )
     elif name == "combinations":
-        result = combinations(ctx, site=args.site, sizes=args.sizes, negatives=args.negatives, base=args.base, alpha=args.alpha, negative_rule=args.negative_rule)
+        result = combinations(
+            ctx,
+            site=args.site,
+            sizes=args.sizes,
+            negatives=args.negatives,
+            base=args.base,
+            alpha=args.alpha,
+            negative_rule=args.negative_rule,
+        )
     elif name == "strength":
-        result = strength_convergence(ctx, site=args.site, k=args.k, sign=args.sign, alpha_min=args.alpha_min, alpha_max=args.alpha_max, n_alpha=args.n_alpha)
+        result = strength_convergence(
+            ctx,
+            site=args.site,
+            k=args.k,
+            sign=args.sign,
+            alpha_min=args.alpha_min,
+            alpha_max=args.alpha_max,
+            n_alpha=args.n_alpha,
+        )
     elif name == "tokens":
-        result = token_promotion(ctx, site=args.site, layer=args.layer, unit=args.unit, alpha=args.alpha, top_n=args.top_n)
+        result = token_promotion(
+            ctx, site=args.site, layer=args.layer, unit=args.unit, alpha=args.alpha, top_n=args.top_n
+        )
     else:
         result = sign_policies(ctx, site=args.site, ks=args.ks, alphas=args.alpha)
     result["analysis_seconds"] = time.perf_counter() - started
@@ -186,7 +253,6 @@ def analyze(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not args.name:
         parser.error(f"name an analysis: one of {', '.join((*ANALYSES, 'behaviour'))}")
     if args.name == "behaviour":
-
         return behaviour_main(args)
     return run_analysis(args.name, args)
 

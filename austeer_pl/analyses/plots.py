@@ -50,7 +50,12 @@ def plot_sweep(result: dict[str, Any], path) -> Path:
         values = [r[key] for r in rows]
         ax.vlines(x, base, values, colors=colors, lw=2)
         ax.scatter(x, values, c=colors, s=18, zorder=3, label="one unit (green m>0, red m<0)")
-        ax.axhline(result["whole_block"][key], color="tab:blue", ls="--", label=f"whole block ({result['whole_block']['n_units']} units)")
+        ax.axhline(
+            result["whole_block"][key],
+            color="tab:blue",
+            ls="--",
+            label=f"whole block ({result['whole_block']['n_units']} units)",
+        )
         ax.axhline(base, color="black", ls=":", label="unsteered")
         ax.set_ylabel(label)
     axes[0].legend(fontsize=8, loc="best")
@@ -91,12 +96,21 @@ def plot_strength(result: dict[str, Any], path) -> Path:
     ax.set_xlabel("alpha")
     ax.set_ylabel("KL(steered || unsteered), nats")
     ax2 = ax.twinx()
-    ax2.plot([p["alpha"] for p in result["points"]], [p["top1_agreement"] for p in result["points"]], "^:", color="tab:gray", label="top-1 agreement")
+    ax2.plot(
+        [p["alpha"] for p in result["points"]],
+        [p["top1_agreement"] for p in result["points"]],
+        "^:",
+        color="tab:gray",
+        label="top-1 agreement",
+    )
     ax2.set_ylabel("top-1 agreement with unsteered")
     ax2.set_ylim(-0.02, 1.02)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
     ax.legend(lines, [l.get_label() for l in lines], fontsize=8, loc="center right")
-    fig.suptitle(f"Strength convergence (top-{result['k']} {result['site']} AUs, {result['sign']})\n{title_of(result)}", fontsize=10)
+    fig.suptitle(
+        f"Strength convergence (top-{result['k']} {result['site']} AUs, {result['sign']})\n{title_of(result)}",
+        fontsize=10,
+    )
     return save_plot(fig, path)
 
 
@@ -104,13 +118,20 @@ def plot_tokens(result: dict[str, Any], path) -> Path:
     plt = pyplot()
     rows = sorted(result["raised"] + result["lowered"], key=lambda r: r["logit_change"])
     fig, ax = plt.subplots(figsize=(8, max(3.0, 0.3 * len(rows) + 1.5)))
-    ax.barh(range(len(rows)), [r["logit_change"] for r in rows], color=["tab:green" if r["logit_change"] > 0 else "tab:red" for r in rows])
+    ax.barh(
+        range(len(rows)),
+        [r["logit_change"] for r in rows],
+        color=["tab:green" if r["logit_change"] > 0 else "tab:red" for r in rows],
+    )
     ax.set_yticks(range(len(rows)))
     ax.set_yticklabels([ascii(r["token"]) for r in rows], fontsize=8)
     ax.axvline(0, color="black", lw=0.8)
     ax.set_xlabel("mean next-token logit change at the answer position")
     u = result["unit"]
-    fig.suptitle(f"Tokens moved by {u['site']} L{u['layer']} unit {u['unit']} (m={u['momentum']:+.2f}, alpha={result['alpha']:g})\n{title_of(result)}", fontsize=10)
+    fig.suptitle(
+        f"Tokens moved by {u['site']} L{u['layer']} unit {u['unit']} (m={u['momentum']:+.2f}, alpha={result['alpha']:g})\n{title_of(result)}",
+        fontsize=10,
+    )
     return save_plot(fig, path)
 
 
@@ -122,7 +143,14 @@ def plot_sign(result: dict[str, Any], path) -> Path:
         for sign, color in (("promote", "tab:green"), ("both", "tab:purple")):
             for i, a in enumerate(alphas):
                 pts = [p for p in result["points"] if p["sign"] == sign and p["alpha"] == a]
-                ax.plot([p["k"] for p in pts], [p[key] for p in pts], "o-" if i == 0 else "s--", color=color, alpha=1.0 - 0.5 * i / max(1, len(alphas) - 1), label=f"{sign}, alpha={a:g}")
+                ax.plot(
+                    [p["k"] for p in pts],
+                    [p[key] for p in pts],
+                    "o-" if i == 0 else "s--",
+                    color=color,
+                    alpha=1.0 - 0.5 * i / max(1, len(alphas) - 1),
+                    label=f"{sign}, alpha={a:g}",
+                )
         ax.axhline(result["unsteered"][key], color="black", ls=":", label="unsteered")
         ax.set_xscale("log")
         ks = sorted({p["k"] for p in result["points"]})
@@ -134,7 +162,13 @@ def plot_sign(result: dict[str, Any], path) -> Path:
     return save_plot(fig, path)
 
 
-PLOTS = {"sweep": plot_sweep, "combinations": plot_combinations, "strength": plot_strength, "tokens": plot_tokens, "sign": plot_sign}
+PLOTS = {
+    "sweep": plot_sweep,
+    "combinations": plot_combinations,
+    "strength": plot_strength,
+    "tokens": plot_tokens,
+    "sign": plot_sign,
+}
 
 
 def plot_strength_curve(result: Mapping[str, Any], path: str | os.PathLike | Output) -> Path:
@@ -150,12 +184,23 @@ def plot_strength_curve(result: Mapping[str, Any], path: str | os.PathLike | Out
         pts = sorted(m["points"], key=lambda p: p["alpha"])
         x = [p["alpha"] for p in pts]
         ax = axes[0][col]
-        ax.fill_between(x, [p["ci_low"] for p in pts], [p["ci_high"] for p in pts], color="tab:green", alpha=0.2, label="95% interval")
+        ax.fill_between(
+            x,
+            [p["ci_low"] for p in pts],
+            [p["ci_high"] for p in pts],
+            color="tab:green",
+            alpha=0.2,
+            label="95% interval",
+        )
         ax.plot(x, [p["share_positive"] for p in pts], "o-", color="tab:green", label="share positive")
-        ax.plot(x, [p["mean_score"] for p in pts], "s--", color="tab:blue", label=f"mean {base.get('score_name', 'score')}")
+        ax.plot(
+            x, [p["mean_score"] for p in pts], "s--", color="tab:blue", label=f"mean {base.get('score_name', 'score')}"
+        )
         ax.axhline(base["share_positive"], color="black", ls=":", lw=1, label="unsteered share")
         ax.set_ylim(-1.05, 1.05)
-        ax.set_title(f"{label} (k={m['k']})" if label == m["method"] else f"{label} ({m['method']}, k={m['k']})", fontsize=10)
+        ax.set_title(
+            f"{label} (k={m['k']})" if label == m["method"] else f"{label} ({m['method']}, k={m['k']})", fontsize=10
+        )
         ax.grid(alpha=0.3)
         if col == 0:
             ax.set_ylabel(f"judge: {result['judge']['name']}")
@@ -164,7 +209,13 @@ def plot_strength_curve(result: Mapping[str, Any], path: str | os.PathLike | Out
         ax.plot(x, [p["perplexity"] for p in pts], "o-", color="tab:red", label="perplexity (unsteered model)")
         ax.axhline(base["perplexity"], color="black", ls=":", lw=1, label="unsteered")
         if math.isfinite(base["perplexity"]):
-            ax.axhline(result.get("budget", DEFAULT_BUDGET) * base["perplexity"], color="tab:gray", ls="--", lw=1, label=f"budget ({result.get('budget', DEFAULT_BUDGET):g}x)")
+            ax.axhline(
+                result.get("budget", DEFAULT_BUDGET) * base["perplexity"],
+                color="tab:gray",
+                ls="--",
+                lw=1,
+                label=f"budget ({result.get('budget', DEFAULT_BUDGET):g}x)",
+            )
         ax.set_yscale("log")
         ax.yaxis.set_major_formatter(mticker.ScalarFormatter())
         ax.yaxis.set_minor_formatter(mticker.FormatStrFormatter("%.3g"))

@@ -33,6 +33,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -136,7 +137,9 @@ def combinations(
     if sizes[-1] > pos.k:
         raise AusteerError(f"--sizes asks for {sizes[-1]} positive units but only {pos.k} {site} units have m > 0")
     if negatives and negatives[-1] > neg.k:
-        raise AusteerError(f"--negatives asks for {negatives[-1]} negative units but only {neg.k} {site} units have m < 0")
+        raise AusteerError(
+            f"--negatives asks for {negatives[-1]} negative units but only {neg.k} {site} units have m < 0"
+        )
     base = sizes[-1] if base is None else int(base)
     if not 0 < base <= pos.k:
         raise AusteerError(f"--base must be between 1 and {pos.k}")
@@ -150,7 +153,11 @@ def combinations(
             sel, amplify = pos.head(base), None
         else:
             sel = concat(pos.head(base), neg.head(j))
-            amplify = torch.cat([torch.zeros(base, dtype=torch.bool), torch.ones(j, dtype=torch.bool)]) if negative_rule == "amplify" else None
+            amplify = (
+                torch.cat([torch.zeros(base, dtype=torch.bool), torch.ones(j, dtype=torch.bool)])
+                if negative_rule == "amplify"
+                else None
+            )
         state = units_state(ctx, sel.sites, sel.site_index, sel.layer, sel.unit, alpha, amplify=amplify)
         with_negative.append({"n_positive": base, "n_negative": j, **score(ctx, state)})
     return {
@@ -162,7 +169,10 @@ def combinations(
         "unsteered": unsteered,
         "positive": positive,
         "with_negative": with_negative,
-        "units": {"positive": coordinates(pos.head(sizes[-1])), "negative": coordinates(neg.head(negatives[-1])) if negatives and negatives[-1] else []},
+        "units": {
+            "positive": coordinates(pos.head(sizes[-1])),
+            "negative": coordinates(neg.head(negatives[-1])) if negatives and negatives[-1] else [],
+        },
     }
 
 
@@ -201,16 +211,18 @@ def strength_convergence(
         finite = bool(torch.isfinite(logits).all())
         kl = kl_divergence(logits, ref) if finite else None
         logp = torch.log_softmax(logits.double(), dim=-1) if finite else None
-        rows.append({
-            "alpha": float(a),
-            "kl_mean": float(kl.mean()) if finite else None,
-            "kl_median": float(kl.median()) if finite else None,
-            "top1_agreement": float(logits.argmax(-1).eq(ref_top).double().mean()),
-            "entropy": float(-(logp.exp() * logp).sum(-1).mean()) if finite else None,
-            "finite": finite,
-        })
+        rows.append(
+            {
+                "alpha": float(a),
+                "kl_mean": float(kl.mean()) if finite else None,
+                "kl_median": float(kl.median()) if finite else None,
+                "top1_agreement": float(logits.argmax(-1).eq(ref_top).double().mean()),
+                "entropy": float(-(logp.exp() * logp).sum(-1).mean()) if finite else None,
+                "finite": finite,
+            }
+        )
     kls = [r["kl_mean"] for r in rows if r["kl_mean"] is not None]
-    rel = [abs(b - a) / max(abs(a), 1e-12) for a, b in zip(kls, kls[1:])]
+    rel = [abs(b - a) / max(abs(a), 1e-12) for a, b in itertools.pairwise(kls)]
     return {
         "analysis": "strength",
         **ctx.info,
@@ -246,7 +258,9 @@ def token_promotion(
         best = rank_units(ctx.acc, (site,), "both")
         layer, unit = int(best.layer[0]), int(best.unit[0])
     if not 0 <= layer < layout.n_layers or not 0 <= unit < layout.site(site).size:
-        raise AusteerError(f"--layer/--unit out of range: layers 0..{layout.n_layers - 1}, units 0..{layout.site(site).size - 1}")
+        raise AusteerError(
+            f"--layer/--unit out of range: layers 0..{layout.n_layers - 1}, units 0..{layout.site(site).size - 1}"
+        )
     if top_n <= 0:
         raise AusteerError(f"--top_n must be positive, got {top_n}")
     state = units_state(ctx, (site,), torch.zeros(1), torch.tensor([layer]), torch.tensor([unit]), alpha)
@@ -256,7 +270,15 @@ def token_promotion(
     n = min(top_n, change.numel())
 
     def entries(values: torch.Tensor, ids: torch.Tensor) -> list[dict[str, Any]]:
-        return [{"token": ctx.tokenizer.decode([int(i)]), "id": int(i), "logit_change": float(v), "logprob_change": float(logp_change[i])} for v, i in zip(values, ids)]
+        return [
+            {
+                "token": ctx.tokenizer.decode([int(i)]),
+                "id": int(i),
+                "logit_change": float(v),
+                "logprob_change": float(logp_change[i]),
+            }
+            for v, i in zip(values, ids)
+        ]
 
     up = torch.topk(change, n)
     down = torch.topk(-change, n)
@@ -269,13 +291,28 @@ def token_promotion(
             suffixes.setdefault(choice, suffix)
     answer_tokens = []
     texts = sorted(suffixes)[:20]
-    for text, ids in zip(texts, ctx.tokenizer([suffixes[t] for t in texts], add_special_tokens=False)["input_ids"]) if texts else ():
+    for text, ids in (
+        zip(texts, ctx.tokenizer([suffixes[t] for t in texts], add_special_tokens=False)["input_ids"]) if texts else ()
+    ):
         if ids:
-            answer_tokens.append({"choice": text, "token": ctx.tokenizer.decode([ids[0]]), "id": int(ids[0]), "logit_change": float(change[ids[0]]), "logprob_change": float(logp_change[ids[0]])})
+            answer_tokens.append(
+                {
+                    "choice": text,
+                    "token": ctx.tokenizer.decode([ids[0]]),
+                    "id": int(ids[0]),
+                    "logit_change": float(change[ids[0]]),
+                    "logprob_change": float(logp_change[ids[0]]),
+                }
+            )
     return {
         "analysis": "tokens",
         **ctx.info,
-        "unit": {"site": site, "layer": int(layer), "unit": int(unit), "momentum": float(ctx.acc.momentum(site).cpu()[layer, unit])},
+        "unit": {
+            "site": site,
+            "layer": int(layer),
+            "unit": int(unit),
+            "momentum": float(ctx.acc.momentum(site).cpu()[layer, unit]),
+        },
         "alpha": float(alpha),
         "top_n": int(top_n),
         "change": "steered minus unsteered next-token logit at the answer position, mean over examples",
@@ -308,8 +345,19 @@ def sign_policies(
         for sign in ("promote", "both"):
             sel = ranked[sign].head(k)
             for a in alphas:
-                rows.append({"sign": sign, "k": k, "alpha": float(a), "n_negative": int((sel.momentum < 0).sum()), **score(ctx, selection_state(ctx, sel, a, sign))})
-    best = {sign: max((r for r in rows if r["sign"] == sign), key=lambda r: (r["accuracy"], r["margin"])) for sign in ("promote", "both")}
+                rows.append(
+                    {
+                        "sign": sign,
+                        "k": k,
+                        "alpha": float(a),
+                        "n_negative": int((sel.momentum < 0).sum()),
+                        **score(ctx, selection_state(ctx, sel, a, sign)),
+                    }
+                )
+    best = {
+        sign: max((r for r in rows if r["sign"] == sign), key=lambda r: (r["accuracy"], r["margin"]))
+        for sign in ("promote", "both")
+    }
     return {"analysis": "sign", **ctx.info, "site": site, "unsteered": unsteered, "points": rows, "best": best}
 
 

@@ -85,7 +85,6 @@ def folder_bytes(path: str | os.PathLike) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
 
-
 @dataclass
 class CompareOptions(ModelDataOptions):
     """Everything ``evaluate.py --compare`` needs (see :func:`options_from_args`).
@@ -128,10 +127,19 @@ def options_from_args(args) -> CompareOptions:
         raise AusteerError("--compare scores with one method; choose --scoring loglik or generate")
     # The fit's own settings validate themselves (one source); a bad value is one line naming its flag.
     grid = {"k": parse_list(g("k"), "--k", int), "alpha": parse_list(g("alpha"), "--alpha", float)}
-    FitConfig.from_settings({**{k: g(k) for k in ("strength_epochs", "strength_lr", "strength_loss", "sign") if g(k) is not None},
-                             **{k: v for k, v in grid.items() if v}})
-    DataConfig(**{k: g(k) for k in ("seed", "negatives", "max_train_pairs", "max_val_examples", "max_test_examples", "max_length")
-                  if g(k) is not None})
+    FitConfig.from_settings(
+        {
+            **{k: g(k) for k in ("strength_epochs", "strength_lr", "strength_loss", "sign") if g(k) is not None},
+            **{k: v for k, v in grid.items() if v},
+        }
+    )
+    DataConfig(
+        **{
+            k: g(k)
+            for k in ("seed", "negatives", "max_train_pairs", "max_val_examples", "max_test_examples", "max_length")
+            if g(k) is not None
+        }
+    )
     BatchConfig(**{k: g(k) for k in ("batch_size", "eval_batch_size") if g(k) is not None})
     for name in ("limit", "devices"):
         value = g(name)
@@ -142,7 +150,9 @@ def options_from_args(args) -> CompareOptions:
     reads = [g("task"), g("model")]
     if report:
         json_output(report, "comparison report", overwrite=bool(g("overwrite"))).check(inputs=reads)
-    mode = resolve_wandb_mode(g("wandb_mode") or os.environ.get("WANDB_MODE", "offline"), g("wandb_fallback") or "offline")
+    mode = resolve_wandb_mode(
+        g("wandb_mode") or os.environ.get("WANDB_MODE", "offline"), g("wandb_fallback") or "offline"
+    )
     preset = g("grid") or "default"
     if preset not in GRID_PRESETS:
         raise AusteerError(f"--grid must be one of {', '.join(GRID_PRESETS)}, not '{preset}'")
@@ -196,13 +206,23 @@ def options_from_args(args) -> CompareOptions:
 def _austeer_grid(opts: CompareOptions) -> dict[str, Any]:
     """AUSteer's grid: the options given, else the quick preset (``--grid quick``) or the module's defaults."""
     preset = dict(get_method(FITTED).quick_grid) if opts.grid == "quick" else {}
-    out = {"site": opts.site or preset.get("site"), "k": opts.k or preset.get("k"), "alpha": opts.alpha or preset.get("alpha")}
+    out = {
+        "site": opts.site or preset.get("site"),
+        "k": opts.k or preset.get("k"),
+        "alpha": opts.alpha or preset.get("alpha"),
+    }
     return {key: value for key, value in out.items() if value is not None}
 
 
 def _data_kwargs(opts: CompareOptions) -> dict[str, Any]:
-    out = dict(task=opts.task, seed=opts.seed, negatives=opts.negatives, batch_size=opts.batch_size,
-               eval_batch_size=opts.eval_batch_size or opts.batch_size, chat_template=opts.chat_template)
+    out = dict(
+        task=opts.task,
+        seed=opts.seed,
+        negatives=opts.negatives,
+        batch_size=opts.batch_size,
+        eval_batch_size=opts.eval_batch_size or opts.batch_size,
+        chat_template=opts.chat_template,
+    )
     for key in ("max_train_pairs", "max_val_examples", "max_test_examples", "max_length"):
         if getattr(opts, key) is not None:
             out[key] = getattr(opts, key)
@@ -226,15 +246,32 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
     accelerator, devices = accelerator_for(opts.device)
     if opts.devices > 1:
         devices = opts.devices if devices is None else devices
-    grids = {m: dict(get_method(m).quick_grid if opts.grid == "quick" else get_method(m).grid) for m in METHODS if get_method(m).points is not None and m != FITTED}
+    grids = {
+        m: dict(get_method(m).quick_grid if opts.grid == "quick" else get_method(m).grid)
+        for m in METHODS
+        if get_method(m).points is not None and m != FITTED
+    }
     au = _austeer_grid(opts)
     data = ContrastivePairDataModule(**_data_kwargs(opts))
-    learned = {key: getattr(opts, key) for key in ("strength_epochs", "strength_lr", "strength_loss") if getattr(opts, key) is not None}
+    learned = {
+        key: getattr(opts, key)
+        for key in ("strength_epochs", "strength_lr", "strength_loss")
+        if getattr(opts, key) is not None
+    }
     # The comparison tunes every method with the engine's one pick (also on a behaviour task's pairs),
     # reports each method's best steered point with the verdict beside it, and bounds none of them by
     # the harm budget (block-level methods' grids would mostly fall outside it; their rows would be unsteered).
-    module = AUSteerModule(model_name=opts.model, dtype=opts.dtype, cache_dir=opts.cache_dir, sign=opts.sign, scoring=opts.scoring,
-                           selection="accuracy", harm_budget=None, **au, **learned)
+    module = AUSteerModule(
+        model_name=opts.model,
+        dtype=opts.dtype,
+        cache_dir=opts.cache_dir,
+        sign=opts.sign,
+        scoring=opts.scoring,
+        selection="accuracy",
+        harm_budget=None,
+        **au,
+        **learned,
+    )
     module.use_methods(opts.methods, grids)
     module.export_anyway = True
     run = claim_run_dir("compare", opts.task, opts.run_dir, inputs=[opts.task, opts.model])
@@ -274,34 +311,43 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
             parts = {"shared_pass": 0.0, "probe_pass": 0.0, "tuning": 0.0}
             state_bytes, state_dir = 0, None
             if state is not None:
-                parts = {"shared_pass": shared, "probe_pass": probe if method == "iti" else 0.0, "tuning": res.tuning_seconds - res.training_seconds}
+                parts = {
+                    "shared_pass": shared,
+                    "probe_pass": probe if method == "iti" else 0.0,
+                    "tuning": res.tuning_seconds - res.training_seconds,
+                }
                 if get_method(method).learned:
                     parts["strength_training"] = res.training_seconds
                 if trainer.is_global_zero:
                     folder = (export_root / method) if export_root else scratch / method
                     if export_root:
-                        state.metadata = {**state.metadata, "inputs": input_pins(data.config(), opts.model, session.model, cache_dir=opts.cache_dir)}
+                        state.metadata = {
+                            **state.metadata,
+                            "inputs": input_pins(data.config(), opts.model, session.model, cache_dir=opts.cache_dir),
+                        }
                     state.save_pretrained(folder, overwrite=opts.overwrite)
                     state_bytes = folder_bytes(folder)
                     state_dir = str(folder) if export_root else None
-            entries.append({
-                "name": method,
-                "hyperparameters": jsonable(res.chosen.hyper),
-                "val_accuracy": res.val_accuracy,
-                "test_accuracy": summary["accuracy"],
-                "ci_low": summary["ci_low"],
-                "ci_high": summary["ci_high"],
-                "n_test": summary["n"],
-                "test": summary,
-                "n_steered_activations": res.chosen.n_steered,
-                "state_bytes": state_bytes,
-                "state_dir": state_dir,
-                "fit_seconds": sum(parts.values()),
-                "fit_seconds_parts": parts,
-                "val_seconds": res.tuning_seconds,
-                "test_seconds": res.test_seconds,
-                "grid": res.grid,
-            })
+            entries.append(
+                {
+                    "name": method,
+                    "hyperparameters": jsonable(res.chosen.hyper),
+                    "val_accuracy": res.val_accuracy,
+                    "test_accuracy": summary["accuracy"],
+                    "ci_low": summary["ci_low"],
+                    "ci_high": summary["ci_high"],
+                    "n_test": summary["n"],
+                    "test": summary,
+                    "n_steered_activations": res.chosen.n_steered,
+                    "state_bytes": state_bytes,
+                    "state_dir": state_dir,
+                    "fit_seconds": sum(parts.values()),
+                    "fit_seconds_parts": parts,
+                    "val_seconds": res.tuning_seconds,
+                    "test_seconds": res.test_seconds,
+                    "grid": res.grid,
+                }
+            )
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -317,7 +363,9 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
         "base_model": opts.model,
         "scoring": session.scoring,
         "grid_preset": opts.grid,
-        "grids": jsonable({**{m: grids[m] for m in grids if m in session.methods}, FITTED: module.config.grid.as_grid()}),
+        "grids": jsonable(
+            {**{m: grids[m] for m in grids if m in session.methods}, FITTED: module.config.grid.as_grid()}
+        ),
         "data": data.config().to_dict(),
         "n_train_pairs": session.accumulator.n,
         "n_val": int(session.summary.get("n_val", 0)),
@@ -333,7 +381,6 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
     }
     if trainer.is_global_zero:
         if opts.report:
-
             write_json_output(json_output(opts.report, "comparison report", overwrite=opts.overwrite), report)
         _log_wandb(loggers, report)
         print_compare_table(report)
@@ -346,10 +393,23 @@ def _log_wandb(loggers, report: dict[str, Any]) -> None:
             continue
         import wandb  # noqa: PLC0415 - W&B only: a slow import
 
-        cols = ["method", "val_accuracy", "test_accuracy", "ci_low", "ci_high", "n_steered_activations", "state_bytes", "fit_seconds"]
-        table = wandb.Table(columns=cols, data=[[m["name"] if c == "method" else m[c] for c in cols] for m in report["methods"]])
+        cols = [
+            "method",
+            "val_accuracy",
+            "test_accuracy",
+            "ci_low",
+            "ci_high",
+            "n_steered_activations",
+            "state_bytes",
+            "fit_seconds",
+        ]
+        table = wandb.Table(
+            columns=cols, data=[[m["name"] if c == "method" else m[c] for c in cols] for m in report["methods"]]
+        )
         exp = logger.experiment
-        exp.log({"compare/table": table, **{f"test/{m['name']}_accuracy": m["test_accuracy"] for m in report["methods"]}})
+        exp.log(
+            {"compare/table": table, **{f"test/{m['name']}_accuracy": m["test_accuracy"] for m in report["methods"]}}
+        )
         exp.finish()
 
 
@@ -358,14 +418,30 @@ def print_compare_table(report: dict[str, Any]) -> None:
 
     title = f"{report['task_name']}: test n={report['n_test']}, val n={report['n_val']}, {report['n_train_pairs']} training pairs ({report['base_model']})"
     table = Table(title=title, title_justify="left")
-    for col, justify in (("method", "left"), ("val acc", "right"), ("test acc", "right"), ("95% CI", "right"),
-                         ("steered", "right"), ("state", "right"), ("fit s", "right"), ("chosen", "left")):
+    for col, justify in (
+        ("method", "left"),
+        ("val acc", "right"),
+        ("test acc", "right"),
+        ("95% CI", "right"),
+        ("steered", "right"),
+        ("state", "right"),
+        ("fit s", "right"),
+        ("chosen", "left"),
+    ):
         table.add_column(col, justify=justify)
     for m in report["methods"]:
-        hyper = ", ".join(f"{k}={v if not isinstance(v, list) else '+'.join(map(str, v))}" for k, v in m["hyperparameters"].items())
+        hyper = ", ".join(
+            f"{k}={v if not isinstance(v, list) else '+'.join(map(str, v))}" for k, v in m["hyperparameters"].items()
+        )
         table.add_row(
-            m["name"], f"{m['val_accuracy']:.3f}", f"{m['test_accuracy']:.3f}", f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]",
-            str(m["n_steered_activations"]), _human_bytes(m["state_bytes"]), f"{m['fit_seconds']:.1f}", hyper or "-",
+            m["name"],
+            f"{m['val_accuracy']:.3f}",
+            f"{m['test_accuracy']:.3f}",
+            f"[{m['ci_low']:.3f}, {m['ci_high']:.3f}]",
+            str(m["n_steered_activations"]),
+            _human_bytes(m["state_bytes"]),
+            f"{m['fit_seconds']:.1f}",
+            hyper or "-",
         )
     Console(width=None if sys.stdout.isatty() else 160).print(table)
 
@@ -387,9 +463,9 @@ def compare_main_args(args) -> dict[str, Any]:
 
 __all__ = [
     "COMPARE_METHODS",
-    "CompareOptions",
     "FIT_SECONDS_NOTE",
     "READ_SITES",
+    "CompareOptions",
     "compare",
     "compare_main_args",
     "folder_bytes",

@@ -51,54 +51,161 @@ from austeer_pl.tasks.splits import make_pairs
 def evaluate_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="evaluate.py", description="Accuracy of a base model with and without a steering state.")
     p.add_argument("--steering", help="steering state folder (written by train.py)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace a file at --report/--dump_examples that austeer-pl did not write (its own are replaced freely), and steering states under --compare's --export_dir")
-    p.add_argument("--allow_changed_inputs", action="store_true",
-                   help="evaluate even if the state's task file or base model weights changed since the fit (a warning instead of an error)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a file at --report/--dump_examples that austeer-pl did not write (its own are replaced freely), and steering states under --compare's --export_dir",
+    )
+    p.add_argument(
+        "--allow_changed_inputs",
+        action="store_true",
+        help="evaluate even if the state's task file or base model weights changed since the fit (a warning instead of an error)",
+    )
     p.add_argument("--task", "--data.task", help="task spec (default: the task the state was fitted on)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--limit", type=int, default=None, help="evaluate at most N examples")
     p.add_argument("--report", help="write the JSON report here")
-    p.add_argument("--scoring", "--model.scoring", default=None, choices=["loglik", "generate", "both", "paper", "judge"],
-                   help="default: the task's (loglik for choices, judge for behaviour tasks: a judge of generated text and its fluency)")
-    p.add_argument("--judge", default="vader", help="with --scoring judge: vader, vader:negative or a local classifier folder")
+    p.add_argument(
+        "--scoring",
+        "--model.scoring",
+        default=None,
+        choices=["loglik", "generate", "both", "paper", "judge"],
+        help="default: the task's (loglik for choices, judge for behaviour tasks: a judge of generated text and its fluency)",
+    )
+    p.add_argument(
+        "--judge", default="vader", help="with --scoring judge: vader, vader:negative or a local classifier folder"
+    )
     p.add_argument("--max_new_tokens", type=int, default=32, help="with --scoring judge: tokens generated per prompt")
     p.add_argument("--model", "--model.model_name", default=None, help="base model (default: the one the state names)")
     p.add_argument("--dtype", "--model.dtype", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--batch_size", "--data.batch_size", type=int, default=32)
-    p.add_argument("--eval_batch_size", "--data.eval_batch_size", type=int, default=None,
-                   help="examples per scoring batch in --compare's validation and test (default: --batch_size); the grid's choice is the same for any number of processes at the same value")
+    p.add_argument(
+        "--eval_batch_size",
+        "--data.eval_batch_size",
+        type=int,
+        default=None,
+        help="examples per scoring batch in --compare's validation and test (default: --batch_size); the grid's choice is the same for any number of processes at the same value",
+    )
     p.add_argument("--seed", "--data.seed", type=int, default=None, help="split seed (default: the fit's)")
     p.add_argument("--chat_template", "--data.chat_template", default=None, choices=["auto", "on", "off"])
     p.add_argument("--cache_dir", "--model.cache_dir", default=None)
     for part, example in (("layers", "model.layers"), ("attention", "self_attn.o_proj"), ("ffn", "mlp")):
-        p.add_argument(f"--layout_{part}", f"--model.layout_{part}", dest=f"layout_{part}", default=None,
-                       help=f"module path of the {part} for models austeer-pl does not locate, e.g. {example} (default: the state's)")
-    p.add_argument("--protocol", "--data.protocol", dest="protocol", default=None, choices=["default", "paper"],
-                   help="prompt and scoring protocol (default: the state's; paper: the AUSteer paper code's, see docs/paper_protocol.md)")
-    p.add_argument("--task_files", "--data.task_files", dest="task_files", default=None,
-                   help="local files (comma-separated) with rows in the hub task's own schema, read instead of fetching")
-    p.add_argument("--dump_examples", default=None, help="write the split's examples as JSONL (uid, prompt, choices, answer, scoring, the token read) and stop; needs no --steering")
+        p.add_argument(
+            f"--layout_{part}",
+            f"--model.layout_{part}",
+            dest=f"layout_{part}",
+            default=None,
+            help=f"module path of the {part} for models austeer-pl does not locate, e.g. {example} (default: the state's)",
+        )
+    p.add_argument(
+        "--protocol",
+        "--data.protocol",
+        dest="protocol",
+        default=None,
+        choices=["default", "paper"],
+        help="prompt and scoring protocol (default: the state's; paper: the AUSteer paper code's, see docs/paper_protocol.md)",
+    )
+    p.add_argument(
+        "--task_files",
+        "--data.task_files",
+        dest="task_files",
+        default=None,
+        help="local files (comma-separated) with rows in the hub task's own schema, read instead of fetching",
+    )
+    p.add_argument(
+        "--dump_examples",
+        default=None,
+        help="write the split's examples as JSONL (uid, prompt, choices, answer, scoring, the token read) and stop; needs no --steering",
+    )
     p.add_argument("--compare", action="store_true", help="fit and compare every method on the same split (see README)")
-    c = p.add_argument_group("comparison (--compare)", "fit unsteered, ITI, SADI, CAA, block-level AUSteer, AUSteer and its learned-strength variants on one split, tune each on validation, report test")
-    c.add_argument("--methods", default=None, help="comma-separated subset of unsteered,iti,sadi,caa,austeer_block,austeer,austeer_scalar,austeer_gate (default: all)")
-    c.add_argument("--strength_epochs", "--model.strength_epochs", type=int, default=None, help="training epochs of the learned-strength variants (default: the module's, 3)")
-    c.add_argument("--strength_lr", "--model.strength_lr", type=float, default=None, help="their Adam learning rate (default: the module's)")
-    c.add_argument("--strength_loss", "--model.strength_loss", default=None, help="their loss: nll (right answer) or choice (right vs. wrong answer); default: the module's, nll")
-    c.add_argument("--grid", default="default", choices=["default", "quick"], help="hyperparameter grids: the documented defaults, or 4 points per method")
-    c.add_argument("--site", "--model.site", default=None, help="AUSteer sites to choose from, e.g. attention or attention,ffn,both")
+    c = p.add_argument_group(
+        "comparison (--compare)",
+        "fit unsteered, ITI, SADI, CAA, block-level AUSteer, AUSteer and its learned-strength variants on one split, tune each on validation, report test",
+    )
+    c.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated subset of unsteered,iti,sadi,caa,austeer_block,austeer,austeer_scalar,austeer_gate (default: all)",
+    )
+    c.add_argument(
+        "--strength_epochs",
+        "--model.strength_epochs",
+        type=int,
+        default=None,
+        help="training epochs of the learned-strength variants (default: the module's, 3)",
+    )
+    c.add_argument(
+        "--strength_lr",
+        "--model.strength_lr",
+        type=float,
+        default=None,
+        help="their Adam learning rate (default: the module's)",
+    )
+    c.add_argument(
+        "--strength_loss",
+        "--model.strength_loss",
+        default=None,
+        help="their loss: nll (right answer) or choice (right vs. wrong answer); default: the module's, nll",
+    )
+    c.add_argument(
+        "--grid",
+        default="default",
+        choices=["default", "quick"],
+        help="hyperparameter grids: the documented defaults, or 4 points per method",
+    )
+    c.add_argument(
+        "--site",
+        "--model.site",
+        default=None,
+        help="AUSteer sites to choose from, e.g. attention or attention,ffn,both",
+    )
     c.add_argument("--k", "--model.k", default=None, help="AUSteer k values, e.g. 10,50,100")
     c.add_argument("--alpha", "--model.alpha", default=None, help="AUSteer alpha values, e.g. 0.5,1,2")
     c.add_argument("--sign", "--model.sign", default="promote", choices=["promote", "both"], help="AUSteer sign policy")
-    c.add_argument("--negatives", "--data.negatives", default="sample", choices=["sample", "all"], help="wrong answers per training example")
-    c.add_argument("--max_train_pairs", "--data.max_train_pairs", type=int, default=None, help="cap on training pairs (default: the data module's)")
-    c.add_argument("--max_val_examples", "--data.max_val_examples", type=int, default=None, help="cap on validation examples (default: the data module's)")
-    c.add_argument("--max_test_examples", "--data.max_test_examples", type=int, default=None, help="cap on test examples (default: the data module's; --limit also caps them)")
-    c.add_argument("--max_length", "--data.max_length", type=int, default=None, help="truncate longer sequences from the left (default: the data module's)")
+    c.add_argument(
+        "--negatives",
+        "--data.negatives",
+        default="sample",
+        choices=["sample", "all"],
+        help="wrong answers per training example",
+    )
+    c.add_argument(
+        "--max_train_pairs",
+        "--data.max_train_pairs",
+        type=int,
+        default=None,
+        help="cap on training pairs (default: the data module's)",
+    )
+    c.add_argument(
+        "--max_val_examples",
+        "--data.max_val_examples",
+        type=int,
+        default=None,
+        help="cap on validation examples (default: the data module's)",
+    )
+    c.add_argument(
+        "--max_test_examples",
+        "--data.max_test_examples",
+        type=int,
+        default=None,
+        help="cap on test examples (default: the data module's; --limit also caps them)",
+    )
+    c.add_argument(
+        "--max_length",
+        "--data.max_length",
+        type=int,
+        default=None,
+        help="truncate longer sequences from the left (default: the data module's)",
+    )
     c.add_argument("--devices", type=int, default=1, help="processes (DDP when more than 1)")
     c.add_argument("--export_dir", default=None, help="save each method's chosen state under DIR/METHOD")
-    c.add_argument("--wandb_fallback", default="offline", choices=["offline", "error"], help="--wandb_mode online without a key or network: log offline with a warning, or fail")
+    c.add_argument(
+        "--wandb_fallback",
+        default="offline",
+        choices=["offline", "error"],
+        help="--wandb_mode online without a key or network: log offline with a warning, or fail",
+    )
     c.add_argument("--run_dir", default=None, help="folder for W&B files (default: runs/compare-TASK-TIMESTAMP)")
     c.add_argument("--wandb_mode", default=os.environ.get("WANDB_MODE", "offline"), help="offline, online or disabled")
     c.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "austeer-pl"))
@@ -108,12 +215,13 @@ def evaluate_parser() -> argparse.ArgumentParser:
 def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = evaluate_parser().parse_args(argv)
     if args.compare:
-
         return compare_main_args(args)
     if args.dump_examples and not args.steering:
         return dump_examples(args)
     if not args.steering:
-        raise AusteerError("--steering DIR is required (a folder written by train.py); or use --compare, or --dump_examples with --task")
+        raise AusteerError(
+            "--steering DIR is required (a folder written by train.py); or use --compare, or --dump_examples with --task"
+        )
     if args.limit is not None and args.limit <= 0:
         raise AusteerError(f"--limit must be positive, got {args.limit}")
     if args.batch_size <= 0:
@@ -122,14 +230,17 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     quiet()
 
     state = SteeringState.from_pretrained(args.steering)
-    config = DataConfig.of_state(state.metadata, task=args.task, seed=args.seed, protocol=args.protocol, task_files=args.task_files)
+    config = DataConfig.of_state(
+        state.metadata, task=args.task, seed=args.seed, protocol=args.protocol, task_files=args.task_files
+    )
     model_name = args.model or state.base_model
     if not model_name:
         raise AusteerError("the state does not name its base model; pass --model")
     report_out = None
     if args.report:
         report_out = json_output(args.report, "evaluation report", overwrite=args.overwrite).check(
-            inputs=[args.steering, config.task, *config.file_list, model_name, args.judge])
+            inputs=[args.steering, config.task, *config.file_list, model_name, args.judge]
+        )
     pins = state.metadata.get("inputs")
     check_task(pins, config, allow=args.allow_changed_inputs)
     seed = config.seed
@@ -154,10 +265,13 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         return _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, config, report_out)
     scorings = ["loglik", "generate"] if args.scoring == "both" else [args.scoring or default_scoring(task)]
 
-
     # A learned strength is reported beside the fixed rule it started from, on the same examples.
     learned = state.strength.get("kind", "momentum") != "momentum" and state.method == FITTED
-    variants = [("unsteered", None), *([("momentum_rule", state.momentum_rule())] if learned else []), ("steered", state)]
+    variants = [
+        ("unsteered", None),
+        *([("momentum_rule", state.momentum_rule())] if learned else []),
+        ("steered", state),
+    ]
     results: dict[str, Any] = {}
     started = time.perf_counter()
     with Progress(transient=True, disable=not sys.stderr.isatty()) as bar:
@@ -165,8 +279,16 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
             for label, st in variants:
                 job = bar.add_task(f"{label} ({scoring})", total=len(examples))
                 results[(scoring, label)] = evaluate_examples(
-                    model, tokenizer, task, examples, state=st, scoring=scoring, chat_template=chat,
-                    batch_size=args.batch_size, max_length=data.get("max_length"), progress=lambda n, job=job: bar.advance(job, n),
+                    model,
+                    tokenizer,
+                    task,
+                    examples,
+                    state=st,
+                    scoring=scoring,
+                    chat_template=chat,
+                    batch_size=args.batch_size,
+                    max_length=data.get("max_length"),
+                    progress=lambda n, job=job: bar.advance(job, n),
                 )
     primary = scorings[0]
     report = {
@@ -189,8 +311,14 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
         **({"momentum_rule": results[(primary, "momentum_rule")]} if learned else {}),
         "by_scoring": {s: {label: results[(s, label)] for label, _ in variants} for s in scorings},
         # Is the steered model's gain on these examples more than chance? (paired: the same examples)
-        "mcnemar": mcnemar(results[(primary, "unsteered")]["per_example_correct"], results[(primary, "steered")]["per_example_correct"]),
-        **({"fit_verdict": state.metadata["fit"]["verdict"]} if isinstance(state.metadata.get("fit"), dict) and "verdict" in state.metadata["fit"] else {}),
+        "mcnemar": mcnemar(
+            results[(primary, "unsteered")]["per_example_correct"], results[(primary, "steered")]["per_example_correct"]
+        ),
+        **(
+            {"fit_verdict": state.metadata["fit"]["verdict"]}
+            if isinstance(state.metadata.get("fit"), dict) and "verdict" in state.metadata["fit"]
+            else {}
+        ),
         "protocol": config.protocol,
         # The paper code's own logged accuracy for this setting (configs/paper), printed beside this run's.
         **({"paper_accuracy": config.paper_accuracy} if config.paper_accuracy is not None else {}),
@@ -214,9 +342,12 @@ def dump_examples(args) -> dict[str, Any]:
 
     if not args.task:
         raise AusteerError("--dump_examples needs --task (or --steering, to read the state's)")
-    config = DataConfig(task=args.task, seed=args.seed or 0, protocol=args.protocol or "default", task_files=args.task_files)
+    config = DataConfig(
+        task=args.task, seed=args.seed or 0, protocol=args.protocol or "default", task_files=args.task_files
+    )
     out = jsonl_output(args.dump_examples, "example dump", DUMP_KEYS, overwrite=args.overwrite).check(
-        inputs=[config.task, *config.file_list, args.model])
+        inputs=[config.task, *config.file_list, args.model]
+    )
     quiet()
     task, splits = config.load(need=(args.split,), rows_as_labelled=True)
     examples = splits[args.split][: args.limit] if args.limit else splits[args.split]
@@ -226,20 +357,30 @@ def dump_examples(args) -> dict[str, Any]:
     chat = {"on": True, "off": False, "auto": None, None: None}[args.chat_template]
     prompts = [format_prompt(tokenizer, task, ex.prompt, chat_template=chat) for ex in examples]
     pairs = {p.example_uid: p for p in make_pairs(examples, negatives="sample", seed=config.seed)}
-    pos = [join_for(task, t, pairs[ex.uid].positive)[len(t):] for t, ex in zip(prompts, examples)]
-    neg = [join_for(task, t, pairs[ex.uid].negative)[len(t):] for t, ex in zip(prompts, examples)]
+    pos = [join_for(task, t, pairs[ex.uid].positive)[len(t) :] for t, ex in zip(prompts, examples)]
+    neg = [join_for(task, t, pairs[ex.uid].negative)[len(t) :] for t, ex in zip(prompts, examples)]
     prompt_ids, pos_ids, _ = encode_pairs(tokenizer, prompts, pos, neg)
     scoring = args.scoring or default_scoring(task)
     rows = []
     for ex, text, p_ids, a_ids, a, b in zip(examples, prompts, prompt_ids, pos_ids, pos, neg):
         ids = p_ids + a_ids
-        rows.append({
-            "uid": ex.uid, "prompt": text, "choices": answer_suffixes(text, ex.choices, task), "answer": ex.answer, "scoring": scoring,
-            "pair": {"positive": a, "negative": b}, "read_position": len(ids) - 1, "read_token": tokenizer.decode(ids[-1:]),
-            "n_tokens": len(ids),
-        })
+        rows.append(
+            {
+                "uid": ex.uid,
+                "prompt": text,
+                "choices": answer_suffixes(text, ex.choices, task),
+                "answer": ex.answer,
+                "scoring": scoring,
+                "pair": {"positive": a, "negative": b},
+                "read_position": len(ids) - 1,
+                "read_token": tokenizer.decode(ids[-1:]),
+                "n_tokens": len(ids),
+            }
+        )
     write_jsonl_output(out, rows)
-    print(f"wrote {len(examples)} {args.split} examples of {args.task} ({config.protocol} protocol) to {args.dump_examples}")
+    print(
+        f"wrote {len(examples)} {args.split} examples of {args.task} ({config.protocol} protocol) to {args.dump_examples}"
+    )
     return {"n_examples": len(examples), "path": str(args.dump_examples)}
 
 
@@ -252,21 +393,49 @@ def _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, con
         raise AusteerError(f"--max_new_tokens must be positive, got {args.max_new_tokens}")
     started = time.perf_counter()
     prompts = behaviour_prompts(tokenizer, task, examples, chat_template=chat)
-    result = behaviour_report(model, tokenizer, state, prompts, args.judge, max_new_tokens=args.max_new_tokens,
-                              batch_size=args.batch_size, max_length=config.max_length)
-    report = {"task": config.task, "split": args.split, "seed": config.seed, "base_model": args.model or state.base_model,
-              "steering": str(args.steering), "method": state.method, "scoring": "judge", "n_steered_activations": state.k,
-              "k": state.k, "alpha": state.alpha, **result, "seconds": time.perf_counter() - started}
+    result = behaviour_report(
+        model,
+        tokenizer,
+        state,
+        prompts,
+        args.judge,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        max_length=config.max_length,
+    )
+    report = {
+        "task": config.task,
+        "split": args.split,
+        "seed": config.seed,
+        "base_model": args.model or state.base_model,
+        "steering": str(args.steering),
+        "method": state.method,
+        "scoring": "judge",
+        "n_steered_activations": state.k,
+        "k": state.k,
+        "alpha": state.alpha,
+        **result,
+        "seconds": time.perf_counter() - started,
+    }
     if report_out is not None:
         write_json_output(report_out, report)
 
-    table = Table(title=f"{config.task} ({args.split}, {report['n_prompts']} prompts, judge {args.judge}, {state.k} steered units)", title_justify="left")
+    table = Table(
+        title=f"{config.task} ({args.split}, {report['n_prompts']} prompts, judge {args.judge}, {state.k} steered units)",
+        title_justify="left",
+    )
     for col in ("model", "share positive", "95% CI", "mean score", "perplexity", "distinct-2"):
         table.add_column(col)
     for label in ("unsteered", "steered"):
         r = report[label]
-        table.add_row(label, f"{r['share_positive']:.3f}", f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]", f"{r['mean_score']:+.3f}",
-                      f"{r['perplexity']:.2f}", f"{r['distinct_2']:.3f}")
+        table.add_row(
+            label,
+            f"{r['share_positive']:.3f}",
+            f"[{r['ci_low']:.3f}, {r['ci_high']:.3f}]",
+            f"{r['mean_score']:+.3f}",
+            f"{r['perplexity']:.2f}",
+            f"{r['distinct_2']:.3f}",
+        )
     Console().print(table)
     print(f"perplexity ratio steered / unsteered: {report['perplexity_ratio']:.3f}")
     return report
@@ -274,7 +443,10 @@ def _evaluate_behaviour(args, state, task, examples, model, tokenizer, chat, con
 
 def _print_eval_table(report: dict[str, Any], scorings: list[str]) -> None:
 
-    table = Table(title=f"{report['task']} ({report['split']}, n={report['n_examples']}, {report['n_steered_activations']} steered units)", title_justify="left")
+    table = Table(
+        title=f"{report['task']} ({report['split']}, n={report['n_examples']}, {report['n_steered_activations']} steered units)",
+        title_justify="left",
+    )
     for col in ("scoring", "model", "accuracy", "95% CI", "per class"):
         table.add_column(col)
     for s in scorings:
@@ -288,14 +460,19 @@ def _print_eval_table(report: dict[str, Any], scorings: list[str]) -> None:
     test = report.get("mcnemar")
     if test is not None:
         gain = report["steered"]["accuracy"] - report["unsteered"]["accuracy"]
-        print(f"steered vs. unsteered on the same {report['n_examples']} examples: {gain:+.3f} ({test['gained']} gained, {test['lost']} lost), "
-              f"McNemar exact p = {test['p_value']:.3g}: " + ("significant at 0.05" if test["significant_at_0.05"] else "not significant at 0.05"))
+        print(
+            f"steered vs. unsteered on the same {report['n_examples']} examples: {gain:+.3f} ({test['gained']} gained, {test['lost']} lost), "
+            f"McNemar exact p = {test['p_value']:.3g}: "
+            + ("significant at 0.05" if test["significant_at_0.05"] else "not significant at 0.05")
+        )
     verdict = report.get("fit_verdict")
     if verdict is not None and not report["n_steered_activations"]:
         print(f"the fit exported no steering: {verdict.get('reason')}")
     if report.get("paper_accuracy") is not None:
-        print(f"paper code's logged accuracy (reproduce_result.log): {report['paper_accuracy']:.3f}; this run, steered: {report['steered']['accuracy']:.3f}"
-              " (hyperparameters chosen on validation here, on test in the paper code)")
+        print(
+            f"paper code's logged accuracy (reproduce_result.log): {report['paper_accuracy']:.3f}; this run, steered: {report['steered']['accuracy']:.3f}"
+            " (hyperparameters chosen on validation here, on test in the paper code)"
+        )
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:

@@ -23,17 +23,32 @@ from austeer_pl.export.merged import FORMATS, merged_output, provenance, save_me
 
 
 def export_parser() -> argparse.ArgumentParser:
-    p = OneLineParser(prog="export.py", description="Merge a steering state into its base model (or write a control vector) for serving without austeer-pl.")
+    p = OneLineParser(
+        prog="export.py",
+        description="Merge a steering state into its base model (or write a control vector) for serving without austeer-pl.",
+    )
     p.add_argument("--steering", required=True, help="steering state folder (written by train.py)")
     p.add_argument("--out", required=True, help="output folder (transformers) or .gguf file (gguf, control-vector)")
     p.add_argument("--format", default="transformers", choices=FORMATS)
-    p.add_argument("--model", default=None, help="base model (default: the one the state names); a .gguf file for --format gguf")
-    p.add_argument("--dtype", default=None, help="transformers: float32, bfloat16 or float16 (default: the model's); gguf: float32 or float16 for re-encoded tensors")
-    p.add_argument("--alpha", type=float, default=None, help="rescale the state's edits to this strength before merging")
+    p.add_argument(
+        "--model", default=None, help="base model (default: the one the state names); a .gguf file for --format gguf"
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        help="transformers: float32, bfloat16 or float16 (default: the model's); gguf: float32 or float16 for re-encoded tensors",
+    )
+    p.add_argument(
+        "--alpha", type=float, default=None, help="rescale the state's edits to this strength before merging"
+    )
     p.add_argument("--max_shard_size", default="5GB", help="transformers: largest safetensors shard")
     p.add_argument("--cache_dir", default=None, help="cache folder of the embedded model")
     p.add_argument("--overwrite", action="store_true", help="replace an output that export.py wrote before")
-    p.add_argument("--allow_changed_inputs", action="store_true", help="merge even if the base model's weights differ from the fit's (a warning)")
+    p.add_argument(
+        "--allow_changed_inputs",
+        action="store_true",
+        help="merge even if the base model's weights differ from the fit's (a warning)",
+    )
     return p
 
 
@@ -44,13 +59,14 @@ def _gguf_base(name: str) -> Path:
     path = Path(name).expanduser()
     if path.suffix.lower() == ".gguf" and path.is_file():
         return path
-    raise AusteerError(f"--format gguf needs a GGUF base, and '{name}' is not a .gguf file; pass --model PATH.gguf, or use --format transformers")
+    raise AusteerError(
+        f"--format gguf needs a GGUF base, and '{name}' is not a .gguf file; pass --model PATH.gguf, or use --format transformers"
+    )
 
 
 def _gguf_dtype(dtype: str | None) -> str | None:
     if dtype is None:
         return None
-
 
     resolved = resolve_dtype(dtype)
     if resolved not in (torch.float32, torch.float16):
@@ -93,7 +109,14 @@ def export(argv: Sequence[str] | None = None) -> Path:
         pin = pins.get("model") if isinstance(pins, dict) else None
         if isinstance(pin, dict) and pin.get("kind") == "file":  # fitted on a GGUF file: merge into that same file
             check_model(pins, str(base), allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
-        export_gguf(state, base, out, dtype=_gguf_dtype(args.dtype), record=provenance(state, args.steering, base=str(name)), overwrite=args.overwrite)
+        export_gguf(
+            state,
+            base,
+            out,
+            dtype=_gguf_dtype(args.dtype),
+            record=provenance(state, args.steering, base=str(name)),
+            overwrite=args.overwrite,
+        )
         print(f"merged GGUF model written to {out}")
         return out
 
@@ -107,7 +130,14 @@ def export(argv: Sequence[str] | None = None) -> Path:
     merge_into(state, model)  # in float32 when a lower precision is asked for, then cast once
     if target is not None:
         model.to(dtype=target)
-    save_merged(model, tokenizer, out, provenance(state, args.steering, base=str(name)), max_shard_size=args.max_shard_size, overwrite=args.overwrite)
+    save_merged(
+        model,
+        tokenizer,
+        out,
+        provenance(state, args.steering, base=str(name)),
+        max_shard_size=args.max_shard_size,
+        overwrite=args.overwrite,
+    )
     print(f"merged model written to {out}")
     return out
 

@@ -39,18 +39,27 @@ from austeer_pl.scoring.judges import load_judge
 PROMPT_SUFFIXES = (".txt", ".jsonl", ".json")
 
 
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(prog="generate.py", description="Generate with and without a steering state, side by side.")
     p.add_argument("--steering", required=True, help="steering state folder (written by train.py or save_pretrained)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
-    src.add_argument("--prompts", default=None, help="a .txt file (one prompt a line), or .jsonl/.json rows with a 'prompt' field")
+    src.add_argument(
+        "--prompts", default=None, help="a .txt file (one prompt a line), or .jsonl/.json rows with a 'prompt' field"
+    )
     p.add_argument("--alpha", type=float, default=None, help="steering strength (default: the state's)")
     p.add_argument("--max_new_tokens", type=int, default=48)
     p.add_argument("--out", default=None, help="write one JSON line per prompt here: {prompt, unsteered, steered}")
-    p.add_argument("--overwrite", action="store_true", help="replace a file at --out that austeer-pl did not write (its own are replaced freely)")
-    p.add_argument("--allow_changed_inputs", action="store_true", help="generate even if the base model's weights differ from the fit's (a warning)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a file at --out that austeer-pl did not write (its own are replaced freely)",
+    )
+    p.add_argument(
+        "--allow_changed_inputs",
+        action="store_true",
+        help="generate even if the base model's weights differ from the fit's (a warning)",
+    )
     p.add_argument("--judge", default=None, help="also score each text: vader, vader:negative or a classifier folder")
     p.add_argument("--model", default=None, help="base model (default: the one the state names)")
     p.add_argument("--chat_template", default=None, choices=["auto", "on", "off"], help="default: the fit's, else auto")
@@ -80,7 +89,9 @@ def read_prompts(path: str | Path) -> list[str]:
         raise AusteerError(f"{path}: no such prompts file; pass a .txt (one prompt a line) or .jsonl file")
     suffix = path.suffix.lower()
     if suffix not in PROMPT_SUFFIXES:
-        raise AusteerError(f"{path}: unsupported prompts file type {suffix or '(none)'!r}; use one of {', '.join(PROMPT_SUFFIXES)}")
+        raise AusteerError(
+            f"{path}: unsupported prompts file type {suffix or '(none)'!r}; use one of {', '.join(PROMPT_SUFFIXES)}"
+        )
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -119,7 +130,9 @@ def format_user_prompt(tokenizer, text: str, chat_template: bool | None) -> str:
         return text
     if not has_template:
         raise AusteerError("--chat_template on but the tokenizer has no chat template; use --chat_template off")
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=False
+    )
 
 
 #: The fields of each ``--out`` line (also how an earlier one is recognised).
@@ -154,7 +167,8 @@ def generate(argv: Sequence[str] | None = None) -> list[dict[str, str]]:
     out = None
     if args.out:
         out = jsonl_output(args.out, "generations", GENERATION_KEYS, overwrite=args.overwrite).check(
-            inputs=[args.steering, args.prompts, args.model, args.judge])
+            inputs=[args.steering, args.prompts, args.model, args.judge]
+        )
     if args.prompt is not None:
         prompts = [p.strip() for p in args.prompt]
         if not all(prompts):
@@ -162,38 +176,53 @@ def generate(argv: Sequence[str] | None = None) -> list[dict[str, str]]:
     else:
         prompts = read_prompts(args.prompts)
 
-
     state = SteeringState.from_pretrained(args.steering)
     if args.alpha is not None:
         state = state.with_alpha(args.alpha)
     judge = None
     if args.judge:
-
         judge = load_judge(args.judge)
     model_name = args.model or state.base_model
     if not model_name:
         raise AusteerError("the state does not name its base model; pass --model")
     quiet()
 
-
     model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
     layout = locate_units(model)
     state.check_compatible(layout)
-    check_model(state.metadata.get("inputs"), model_name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
+    check_model(
+        state.metadata.get("inputs"), model_name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir
+    )
     data = state.metadata.get("data") if isinstance(state.metadata.get("data"), dict) else {}
     chat = {"on": True, "off": False, "auto": None, None: data.get("chat_template")}[args.chat_template]
     if chat not in (True, False, None):
-        raise AusteerError(f"the state's data setting 'chat_template' must be true, false or null, got {chat!r}; pass --chat_template")
+        raise AusteerError(
+            f"the state's data setting 'chat_template' must be true, false or null, got {chat!r}; pass --chat_template"
+        )
     texts = [format_user_prompt(tokenizer, p, chat) for p in prompts]
     pairs = generate_pairs(
-        model, tokenizer, state, texts, layout=layout, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-        max_length=args.max_length, do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        model,
+        tokenizer,
+        state,
+        texts,
+        layout=layout,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        max_length=args.max_length,
+        do_sample=args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
     )
     rows = [{"prompt": p, "unsteered": u, "steered": s} for p, u, s in zip(prompts, pairs.unsteered, pairs.steered)]
-    scores = None if judge is None else {side: judge.score([r[side] for r in rows]) for side in ("unsteered", "steered")}
+    scores = (
+        None if judge is None else {side: judge.score([r[side] for r in rows]) for side in ("unsteered", "steered")}
+    )
     if out is not None:
         write_jsonl_output(out, rows)
-    title = f"{state.method} (k={state.k}, alpha={state.alpha:g}) on {model_name}" + (f"; [{judge.name} {judge.score_name}]" if judge else "")
+    title = f"{state.method} (k={state.k}, alpha={state.alpha:g}) on {model_name}" + (
+        f"; [{judge.name} {judge.score_name}]" if judge else ""
+    )
     _print_table(rows, scores, title)
     if args.out:
         print(f"wrote {len(rows)} generations to {args.out}")

@@ -54,7 +54,9 @@ class RunFolder:
 RUN_ENTRIES = frozenset({"logs", "checkpoints", "wandb", "state", ".lock", "config.yaml", "hparams.yaml"})
 
 
-def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None, *, inputs: Sequence[str | os.PathLike | None] = ()) -> RunFolder:
+def claim_run_dir(
+    kind: str, task: str, given: str | os.PathLike | None = None, *, inputs: Sequence[str | os.PathLike | None] = ()
+) -> RunFolder:
     """The run folder of a command: ``given``, else a new ``runs/KIND-TASK-TIMESTAMP[-N]``, created
     exclusively and locked (a folder another running command holds is refused in one line); DDP
     children take the launching process's folder from ``AUSTEER_RUN_DIR``.
@@ -68,10 +70,11 @@ def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None, 
         return RunFolder(Path(os.environ[RUN_DIR_ENV]))
     prefix = f"{kind}-" if kind else ""
     if given:
-
         for item in inputs:
             if item and Path(item).expanduser().exists() and paths_overlap(given, Path(item).expanduser()):
-                raise AusteerError(f"--run_dir {given} is (or holds, or lies in) the input {item}; choose another folder")
+                raise AusteerError(
+                    f"--run_dir {given} is (or holds, or lies in) the input {item}; choose another folder"
+                )
         found = Path(given)
         if found.is_dir():
             others = sorted(p.name for p in found.iterdir() if p.name not in RUN_ENTRIES)
@@ -98,7 +101,6 @@ def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None, 
                 raise AusteerError(f"cannot make a new run folder beside {base}: 999 exist; pass --run_dir")
         handle = open(path / ".lock", "a+")  # noqa: SIM115 - held open for the run
     except OSError as err:
-
         raise AusteerError(os_error_message(err, given or "the run folder")) from None
     try:
         import fcntl  # noqa: PLC0415 - POSIX only
@@ -109,9 +111,14 @@ def claim_run_dir(kind: str, task: str, given: str | os.PathLike | None = None, 
     except OSError as err:
         if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
             handle.close()
-            raise AusteerError(f"the run folder {path} is in use by another running command; wait for it, or choose another --run_dir") from None
+            raise AusteerError(
+                f"the run folder {path} is in use by another running command; wait for it, or choose another --run_dir"
+            ) from None
         # A file system without locks (some NFS or Lustre mounts): unique default names still hold.
-        warnings.warn(f"cannot lock the run folder {path} ({(err.strerror or str(err)).lower()}); run one command per --run_dir", stacklevel=2)
+        warnings.warn(
+            f"cannot lock the run folder {path} ({(err.strerror or str(err)).lower()}); run one command per --run_dir",
+            stacklevel=2,
+        )
     os.environ[RUN_DIR_ENV] = str(path)
     return RunFolder(path, handle)
 

@@ -56,11 +56,14 @@ def quiet() -> None:
             message = record.getMessage()
             return "litlogger" not in message and "TPU available" not in message
 
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.seed"):
+    for name in (
+        "lightning.pytorch.utilities.rank_zero",
+        "lightning.pytorch.accelerators.cuda",
+        "lightning.fabric.utilities.seed",
+    ):
         logging.getLogger(name).addFilter(_DropTips())
     os.environ.setdefault("WANDB_SILENT", "true")
     try:
-
         hf_logging.disable_progress_bar()
         hf_logging.set_verbosity_error()
     except ImportError:  # pragma: no cover
@@ -109,8 +112,10 @@ def run_main(fn: Callable[[], Any], flags: Callable[[str], str | None] = lambda 
         return fail(os_error_message(err))
     except (KeyboardInterrupt, Interrupted) as stop:
         signum = stop.signum if isinstance(stop, Interrupted) else signal.SIGINT
-        print(f"error: interrupted by {signal.Signals(signum).name}; outputs are written whole or not at all, so none is half-written",
-              file=sys.stderr)
+        print(
+            f"error: interrupted by {signal.Signals(signum).name}; outputs are written whole or not at all, so none is half-written",
+            file=sys.stderr,
+        )
         return 128 + int(signum)
     except SystemExit as stop:  # a parser has printed its one-line error
         if stop.code in (None, 0):
@@ -206,14 +211,22 @@ def add_output_options(p, *, name: str) -> None:
     ``--data.*``/``--model.*`` spellings of ``train.py`` as aliases."""
     p.add_argument("--batch_size", "--data.batch_size", dest="batch_size", type=int, default=16)
     p.add_argument("--max_length", "--data.max_length", dest="max_length", type=int, default=None)
-    p.add_argument("--chat_template", "--data.chat_template", dest="chat_template", default=None, choices=["auto", "on", "off"])
+    p.add_argument(
+        "--chat_template", "--data.chat_template", dest="chat_template", default=None, choices=["auto", "on", "off"]
+    )
     p.add_argument("--dtype", "--model.dtype", dest="dtype", default=None)
     p.add_argument("--device", default=None)
     p.add_argument("--cache_dir", "--model.cache_dir", dest="cache_dir", default=None)
     p.add_argument("--out", default=None, help=f"JSON result (default: runs/analyses/{name}-TASK.json)")
     p.add_argument("--plot", default=None, help="PNG plot (default: the JSON path with .png)")
-    p.add_argument("--overwrite", action="store_true", help="replace files at --out/--plot that austeer-pl did not write (its own are replaced freely)")
-    p.add_argument("--run_dir", default=None, help=f"folder of the W&B run (default: runs/analyze-{name}-TASK-TIMESTAMP)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace files at --out/--plot that austeer-pl did not write (its own are replaced freely)",
+    )
+    p.add_argument(
+        "--run_dir", default=None, help=f"folder of the W&B run (default: runs/analyze-{name}-TASK-TIMESTAMP)"
+    )
     p.add_argument("--wandb_mode", default=os.environ.get("WANDB_MODE", "offline"), choices=list(WANDB_MODES))
     p.add_argument("--wandb_project", default=os.environ.get("WANDB_PROJECT", "austeer-pl"))
 
@@ -240,7 +253,9 @@ def parse_list(value: Any, name: str, kind: type) -> list:
         except (TypeError, ValueError):
             parsed = None
         if parsed is None or (kind is float and not math.isfinite(parsed)):
-            raise AusteerError(f"{name}: {item!r} is not a {what}; give a comma-separated list such as {'4,8' if kind is not str else 'a,b'}")
+            raise AusteerError(
+                f"{name}: {item!r} is not a {what}; give a comma-separated list such as {'4,8' if kind is not str else 'a,b'}"
+            )
         out.append(parsed)
     if not out:
         raise AusteerError(f"{name} is empty; give at least one value")
@@ -259,6 +274,7 @@ def list_type(kind: type, name: str) -> Callable[[str], list]:
     convert.__name__ = "list"
     return convert
 
+
 __all__ = [
     "Interrupted",
     "ModelDataOptions",
@@ -266,8 +282,8 @@ __all__ = [
     "accelerator_for",
     "add_output_options",
     "fail",
-    "one_line_parse_error",
     "list_type",
+    "one_line_parse_error",
     "parse_list",
     "quiet",
     "quiet_fit",

@@ -52,7 +52,10 @@ def resolve_wandb_mode(mode: str, fallback: str = "offline") -> str:
         return mode
     if fallback == "error":
         raise AusteerError(f"{problem}; set the key or the network, or use --wandb_mode offline")
-    warnings.warn(f"{problem}; logging offline instead (sync later with `wandb sync`; --wandb_fallback error makes this an error)", stacklevel=2)
+    warnings.warn(
+        f"{problem}; logging offline instead (sync later with `wandb sync`; --wandb_fallback error makes this an error)",
+        stacklevel=2,
+    )
     return "offline"
 
 
@@ -65,11 +68,21 @@ def wandb_logger(mode: str, project: str, run_dir: Path, config: dict[str, Any] 
         return None
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    return WandbLogger(project=project, save_dir=str(run_dir), offline=mode == "offline", name=run_dir.name, mode=mode, config=config)
+    return WandbLogger(
+        project=project, save_dir=str(run_dir), offline=mode == "offline", name=run_dir.name, mode=mode, config=config
+    )
 
 
-def log_result_wandb(result: dict[str, Any], png: Path, json_path: Path, *, mode: str, project: str, run_dir: Path,
-                     scalars: dict[str, float] | None = None) -> str | None:
+def log_result_wandb(
+    result: dict[str, Any],
+    png: Path,
+    json_path: Path,
+    *,
+    mode: str,
+    project: str,
+    run_dir: Path,
+    scalars: dict[str, float] | None = None,
+) -> str | None:
     """Log a result's plot, headline numbers and JSON (as an artifact) to a W&B run; returns its folder."""
     if mode == "disabled":
         return None
@@ -78,7 +91,15 @@ def log_result_wandb(result: dict[str, Any], png: Path, json_path: Path, *, mode
     run_dir.mkdir(parents=True, exist_ok=True)
     name = result.get("analysis", "result")
     config = {k: v for k, v in result.items() if isinstance(v, (str, int, float, bool)) or k in ("block", "unit")}
-    run = wandb.init(project=project, dir=str(run_dir), mode=mode, name=f"{name}-{run_dir.name}", job_type="analysis", config=config, reinit="finish_previous")
+    run = wandb.init(
+        project=project,
+        dir=str(run_dir),
+        mode=mode,
+        name=f"{name}-{run_dir.name}",
+        job_type="analysis",
+        config=config,
+        reinit="finish_previous",
+    )
     try:
         run.log({f"{name}/plot": wandb.Image(str(png)), **(scalars or {})})
         artifact = wandb.Artifact(name=f"analysis-{name}-{run.id}", type="analysis")

@@ -42,7 +42,6 @@ def build_cli(args: Sequence[str] | None = None):
     """Parse ``train.py`` arguments into a LightningCLI with module, data module and trainer."""
     quiet()
 
-
     class AusteerCLI(LightningCLI):
         def init_parser(self, **kwargs):
             parser = super().init_parser(**kwargs)
@@ -55,38 +54,87 @@ def build_cli(args: Sequence[str] | None = None):
             return parser
 
         def add_arguments_to_parser(self, parser) -> None:
-            parser.add_argument("--export_dir", type=str | None, default=None, help="where the steering state is exported (default: RUN_DIR/state)")
-            parser.add_argument("--overwrite", type=bool, default=False, help="replace a steering state already at --export_dir (a folder of other files is never replaced)")
-            parser.add_argument("--export_anyway", type=bool, default=False, help="export the best steered grid point even when the verdict says steering did not help (default: an empty state that steers nothing)")
-            parser.add_argument("--run_dir", type=str | None, default=None, help="folder for logs and checkpoints (default: runs/TASK-TIMESTAMP)")
-            parser.add_argument("--ckpt_path", type=str | None, default=None, help="resume from this checkpoint (e.g. RUN_DIR/checkpoints/last.ckpt)")
-            parser.add_argument("--checkpoint_every", type=int, default=50, help="write last.ckpt every N batches of the pass (0: only at its end)")
-            parser.add_argument("--wandb_mode", type=str, default=os.environ.get("WANDB_MODE", "offline"), help="offline, online or disabled")
+            parser.add_argument(
+                "--export_dir",
+                type=str | None,
+                default=None,
+                help="where the steering state is exported (default: RUN_DIR/state)",
+            )
+            parser.add_argument(
+                "--overwrite",
+                type=bool,
+                default=False,
+                help="replace a steering state already at --export_dir (a folder of other files is never replaced)",
+            )
+            parser.add_argument(
+                "--export_anyway",
+                type=bool,
+                default=False,
+                help="export the best steered grid point even when the verdict says steering did not help (default: an empty state that steers nothing)",
+            )
+            parser.add_argument(
+                "--run_dir",
+                type=str | None,
+                default=None,
+                help="folder for logs and checkpoints (default: runs/TASK-TIMESTAMP)",
+            )
+            parser.add_argument(
+                "--ckpt_path",
+                type=str | None,
+                default=None,
+                help="resume from this checkpoint (e.g. RUN_DIR/checkpoints/last.ckpt)",
+            )
+            parser.add_argument(
+                "--checkpoint_every",
+                type=int,
+                default=50,
+                help="write last.ckpt every N batches of the pass (0: only at its end)",
+            )
+            parser.add_argument(
+                "--wandb_mode",
+                type=str,
+                default=os.environ.get("WANDB_MODE", "offline"),
+                help="offline, online or disabled",
+            )
             parser.add_argument("--wandb_project", type=str, default=os.environ.get("WANDB_PROJECT", "austeer-pl"))
-            parser.add_argument("--wandb_fallback", type=str, default="offline", help="when --wandb_mode online has no API key or W&B is unreachable: offline (log offline, with a warning) or error")
-            parser.add_argument("--ddp_timeout", type=float, default=1800.0, help="seconds before a stuck collective fails")
+            parser.add_argument(
+                "--wandb_fallback",
+                type=str,
+                default="offline",
+                help="when --wandb_mode online has no API key or W&B is unreachable: offline (log offline, with a warning) or error",
+            )
+            parser.add_argument(
+                "--ddp_timeout", type=float, default=1800.0, help="seconds before a stuck collective fails"
+            )
 
         def instantiate_trainer(self, **kwargs):
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             trainer_cfg = cfg["trainer"]
             if trainer_cfg.get("max_epochs") not in (None, 1):
-                raise AusteerError("fitting is a single pass over the pairs (plus --model.strength_epochs for a learned strength); drop --trainer.max_epochs")
+                raise AusteerError(
+                    "fitting is a single pass over the pairs (plus --model.strength_epochs for a learned strength); drop --trainer.max_epochs"
+                )
             given = cfg.get("run_dir")
             if given and Path(given).exists() and not Path(given).is_dir():
                 raise AusteerError(f"--run_dir {given} is a file; choose a folder path")
             if cfg.get("ckpt_path"):
-
                 check_resume(cfg["ckpt_path"], pass_settings(cfg["model"], cfg["data"]))
             mode = resolve_wandb_mode(cfg["wandb_mode"], cfg["wandb_fallback"])
             if given:
-                check_train_outputs(Path(given), Path(cfg.get("export_dir") or Path(given) / "state"), overwrite=bool(cfg.get("overwrite")),
-                                    inputs=train_inputs(cfg))
+                check_train_outputs(
+                    Path(given),
+                    Path(cfg.get("export_dir") or Path(given) / "state"),
+                    overwrite=bool(cfg.get("overwrite")),
+                    inputs=train_inputs(cfg),
+                )
             # A new folder for each fit (or the one given, locked while the fit runs); DDP children share it.
             self.run = claim_run_dir("", cfg["data"]["task"], given, inputs=train_inputs(cfg))
             self.run_dir = self.run.path
             self.export_dir = Path(cfg.get("export_dir") or self.run_dir / "state")
             try:
-                check_train_outputs(self.run_dir, self.export_dir, overwrite=bool(cfg.get("overwrite")), inputs=train_inputs(cfg))
+                check_train_outputs(
+                    self.run_dir, self.export_dir, overwrite=bool(cfg.get("overwrite")), inputs=train_inputs(cfg)
+                )
             except AusteerError:
                 self.run.release()
                 if not given:
@@ -96,16 +144,27 @@ def build_cli(args: Sequence[str] | None = None):
 
             loggers = [CSVLogger(str(self.run_dir), name="logs", version="")]
             if mode != "disabled":
-
                 # `mode` is passed explicitly: wandb reads WANDB_MODE only once per process.
-                loggers.insert(0, WandbLogger(project=cfg["wandb_project"], save_dir=str(self.run_dir), offline=mode == "offline", name=self.run_dir.name, mode=mode))
+                loggers.insert(
+                    0,
+                    WandbLogger(
+                        project=cfg["wandb_project"],
+                        save_dir=str(self.run_dir),
+                        offline=mode == "offline",
+                        name=self.run_dir.name,
+                        mode=mode,
+                    ),
+                )
             self.loggers = loggers
             self.pass_checkpoint = PassCheckpoint(self.run_dir / "checkpoints", cfg["checkpoint_every"])
             init = self._get(self.config_init, "trainer", default={})
             user_callbacks = init.get("callbacks") or []
             kwargs = dict(kwargs)
             kwargs["logger"] = loggers
-            kwargs["callbacks"] = [*(user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]), self.pass_checkpoint]
+            kwargs["callbacks"] = [
+                *(user_callbacks if isinstance(user_callbacks, list) else [user_callbacks]),
+                self.pass_checkpoint,
+            ]
             kwargs["strategy"] = make_strategy(init.get("strategy", "auto"), timeout_s=cfg["ddp_timeout"])
             model_cfg = cfg["model"]
             learned = model_cfg.get("strength", "momentum") != "momentum"
@@ -125,7 +184,10 @@ def build_cli(args: Sequence[str] | None = None):
         save_config_kwargs={"overwrite": True},
         seed_everything_default=0,
         trainer_defaults={"enable_model_summary": False, "log_every_n_steps": 10},
-        parser_kwargs={"description": "Fit an AUSteer steering state on contrastive pairs and export it.", "default_config_files": []},
+        parser_kwargs={
+            "description": "Fit an AUSteer steering state on contrastive pairs and export it.",
+            "default_config_files": [],
+        },
     )
 
 
@@ -137,7 +199,13 @@ def train_inputs(cfg) -> list[str]:
     data, model = cfg["data"], cfg["model"]
     files = split_files(data.get("task_files"))
     configs = [str(c) for c in (cfg.get("config") or []) if c is not None]
-    return [str(data.get("task") or ""), *files, str(model.get("model_name") or ""), str(cfg.get("ckpt_path") or ""), *configs]
+    return [
+        str(data.get("task") or ""),
+        *files,
+        str(model.get("model_name") or ""),
+        str(cfg.get("ckpt_path") or ""),
+        *configs,
+    ]
 
 
 def check_train_outputs(run_dir: Path, export_dir: Path, *, overwrite: bool, inputs: Sequence[str] = ()) -> None:
@@ -166,7 +234,9 @@ def train(args: Sequence[str] | None = None) -> dict[str, Any]:
         cli = build_cli(args)
     except (ValueError, RecursionError) as err:  # e.g. a --config YAML with a 5,000-digit number or deep nesting
         detail = " ".join(str(err).split())[:120] or type(err).__name__
-        raise AusteerError(f"cannot read the arguments or --config file ({type(err).__name__}: {detail}); fix the value") from None
+        raise AusteerError(
+            f"cannot read the arguments or --config file ({type(err).__name__}: {detail}); fix the value"
+        ) from None
     try:
         return _fit(cli)
     finally:
@@ -190,9 +260,17 @@ def _fit(cli) -> dict[str, Any]:
             raise KeyboardInterrupt from None
         raise
     if module.state is None:
-        raise AusteerError("the fit ended before validation chose a state (interrupted, or --trainer.limit_val_batches 0); resume with --ckpt_path RUN_DIR/checkpoints/last.ckpt")
+        raise AusteerError(
+            "the fit ended before validation chose a state (interrupted, or --trainer.limit_val_batches 0); resume with --ckpt_path RUN_DIR/checkpoints/last.ckpt"
+        )
     summary = dict(module.summary)
-    summary.update(export_dir=str(cli.export_dir), run_dir=str(cli.run_dir), units=module.state.layers_by_site(), k=module.state.k, alpha=module.state.alpha)
+    summary.update(
+        export_dir=str(cli.export_dir),
+        run_dir=str(cli.run_dir),
+        units=module.state.layers_by_site(),
+        k=module.state.k,
+        alpha=module.state.alpha,
+    )
     if trainer.is_global_zero:
         _log_artifact(cli.loggers, cli.export_dir)
         _print_fit_summary(module, summary)
@@ -247,23 +325,46 @@ def _print_fit_summary(module, summary: dict[str, Any]) -> None:
             f"{summary['val_accuracy_unsteered']:.3f} unsteered -> {summary['val_accuracy']:.3f} steered (n={summary['n_val']})",
         )
         if "criterion" in summary:
-            table.add_row(f"val {summary['criterion']}", f"{_criterion_text(summary['criterion'], summary['val_criterion_unsteered'])} unsteered -> "
-                          f"{_criterion_text(summary['criterion'], summary['val_criterion'])} chosen")
-            table.add_row("harm (KL on ordinary text)", f"{summary.get('harm_kl', 0):.3f} nats/token (budget {fit.get('harm_budget')})")
-            table.add_row("verdict", ("steering helps: " if verdict.get("helps") else "steering did not help: ") + str(verdict.get("reason", "")))
+            table.add_row(
+                f"val {summary['criterion']}",
+                f"{_criterion_text(summary['criterion'], summary['val_criterion_unsteered'])} unsteered -> "
+                f"{_criterion_text(summary['criterion'], summary['val_criterion'])} chosen",
+            )
+            table.add_row(
+                "harm (KL on ordinary text)",
+                f"{summary.get('harm_kl', 0):.3f} nats/token (budget {fit.get('harm_budget')})",
+            )
+            table.add_row(
+                "verdict",
+                ("steering helps: " if verdict.get("helps") else "steering did not help: ")
+                + str(verdict.get("reason", "")),
+            )
             if not state.k and best:
-                table.add_row("best steered point", f"site={best.get('site')} k={best.get('k')} alpha={best.get('alpha'):g} (export it with --export_anyway true)")
+                table.add_row(
+                    "best steered point",
+                    f"site={best.get('site')} k={best.get('k')} alpha={best.get('alpha'):g} (export it with --export_anyway true)",
+                )
             learned = summary.get("learned_verdict")
             if learned:
                 exported = state.strength.get("kind", "momentum") != "momentum"
-                table.add_row("learned strength verdict", ("helps: " if learned.get("helps") else "did not help: ") + str(learned.get("reason", ""))
-                              + ("" if exported or learned.get("helps") else " (the grid's choice is exported; --export_anyway true exports the learned strength)"))
+                table.add_row(
+                    "learned strength verdict",
+                    ("helps: " if learned.get("helps") else "did not help: ")
+                    + str(learned.get("reason", ""))
+                    + (
+                        ""
+                        if exported or learned.get("helps")
+                        else " (the grid's choice is exported; --export_anyway true exports the learned strength)"
+                    ),
+                )
     Console(stderr=False).print(table)
     # A plain line that scripts can grep, whatever the terminal width.
     if state.k or summary.get("selection") == "judge":
         print(f"steering state exported to {summary['export_dir']}")
     else:
-        print(f"no steering exported to {summary['export_dir']}: an empty state (0 units); steering did not help on validation")
+        print(
+            f"no steering exported to {summary['export_dir']}: an empty state (0 units); steering did not help on validation"
+        )
 
 
 def train_flag(setting: str) -> str | None:
@@ -278,5 +379,3 @@ def train_flag(setting: str) -> str | None:
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``train.py``: 0 on success, 2 with one ``error: ...`` line on bad input or a disk fault."""
     return run_main(lambda: train(argv), flags=train_flag)
-
-

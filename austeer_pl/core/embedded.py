@@ -117,8 +117,7 @@ def embedded_gguf_path() -> pathlib.Path:
         spec = None
     if spec is None:
         raise AusteerError(
-            f"the embedded model needs the package {EMBEDDED_PACKAGE}, which is not installed; "
-            f"run `{_INSTALL_HINT}`"
+            f"the embedded model needs the package {EMBEDDED_PACKAGE}, which is not installed; run `{_INSTALL_HINT}`"
         )
     folders = [pathlib.Path(p) for p in (spec.submodule_search_locations or [])]
     if spec.origin and spec.origin not in ("namespace", "built-in"):
@@ -235,7 +234,9 @@ def _convert_gguf(gguf: pathlib.Path) -> tuple[PreTrainedModel, PreTrainedTokeni
     """
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name, trust_remote_code=False)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32, trust_remote_code=False
+        )
     return model, tokenizer
 
 

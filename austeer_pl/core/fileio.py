@@ -36,7 +36,9 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 # ---------------------------------------------------------------------------- reading JSON
-def parse_json(text: str | bytes, where: str, *, fix: str = "fix the JSON syntax", object_pairs_hook: Callable | None = None) -> Any:
+def parse_json(
+    text: str | bytes, where: str, *, fix: str = "fix the JSON syntax", object_pairs_hook: Callable | None = None
+) -> Any:
     """``json.loads`` whose every failure is one :class:`AusteerError` line naming ``where``.
 
     Besides bad syntax, Python refuses integers of more than 4,300 digits (``ValueError``) and

@@ -43,7 +43,14 @@ class EditHandle:
             (decoding steps with a KV cache).
     """
 
-    def __init__(self, model: nn.Module, layout: ModelLayout, state: Any, strength: nn.Module | None = None, token_scope: str = "all") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layout: ModelLayout,
+        state: Any,
+        strength: nn.Module | None = None,
+        token_scope: str = "all",
+    ) -> None:
         self.model = model
         self.layout = layout
         self.state = state
@@ -71,7 +78,9 @@ class EditHandle:
                     fn = self._learned_fn(unit, cols.to(device))
                 self._handles.append(register_site_hook(site, layer, fn))
         if strength is not None and hasattr(strength, "layer"):
-            self._handles.insert(0, layout.layers[strength.layer].register_forward_pre_hook(self._read_gate, with_kwargs=True))
+            self._handles.insert(
+                0, layout.layers[strength.layer].register_forward_pre_hook(self._read_gate, with_kwargs=True)
+            )
         if token_scope != "all":
             self._handles.insert(0, model.register_forward_pre_hook(self._track_phase, with_kwargs=True))
 
@@ -113,7 +122,12 @@ class EditHandle:
                 x.mul_(dense)  # in place, as in _edit: a fresh activation that nothing else holds
                 return None
             if unit.device != x.device:  # model moved after apply (e.g. by Lightning)
-                return _edit(x, unit.to(x.device), factor.to(x.device, x.dtype), None if shift is None else shift.to(x.device, x.dtype))
+                return _edit(
+                    x,
+                    unit.to(x.device),
+                    factor.to(x.device, x.dtype),
+                    None if shift is None else shift.to(x.device, x.dtype),
+                )
             return _edit(x, unit, factor, shift)
 
         return fn
@@ -159,7 +173,7 @@ def _edit(x: torch.Tensor, unit: torch.Tensor, factor: torch.Tensor, shift: torc
     values = x.index_select(-1, unit) * factor
     if shift is not None:
         values = values + shift
-    if x.requires_grad or torch.is_grad_enabled() and factor.requires_grad:
+    if x.requires_grad or (torch.is_grad_enabled() and factor.requires_grad):
         return x.index_copy(-1, unit, values)
     # In-place: the tensor is a fresh activation that nothing else holds; avoids a full copy.
     x.index_copy_(-1, unit, values)
@@ -167,6 +181,6 @@ def _edit(x: torch.Tensor, unit: torch.Tensor, factor: torch.Tensor, shift: torc
 
 
 __all__ = [
-    "EditHandle",
     "TOKEN_SCOPES",
+    "EditHandle",
 ]

@@ -46,6 +46,7 @@ class Edits(Protocol):
 
     def check_compatible(self, layout: ModelLayout) -> None: ...
 
+
 #: Sites whose edits fold into a projection's weights.
 FOLDABLE_SITES: tuple[str, ...] = ("attention", "ffn")
 #: Names of the FFN block's output projection in the architectures the project knows.
@@ -114,10 +115,14 @@ def check_foldable(state: Edits, *, sites: tuple[str, ...] = FOLDABLE_SITES) -> 
                 "this state edits the residual stream (the decoder layers' outputs), which no single weight of a layer produces, "
                 f"so it cannot fold into the weights; {fix}"
             )
-        raise AusteerError(f"this state edits the '{site}' site, which does not fold into a projection's weights; {_HOOKS}")
+        raise AusteerError(
+            f"this state edits the '{site}' site, which does not fold into a projection's weights; {_HOOKS}"
+        )
     if not (bool(torch.isfinite(state.scale).all()) and bool(torch.isfinite(state.shift).all())):
         raise AusteerError("this state holds non-finite edits (NaN or inf); fit it again")
-    keys = (state.site_index * state.n_layers + state.layer) * (max(state.site_sizes.values(), default=0) + 1) + state.unit
+    keys = (state.site_index * state.n_layers + state.layer) * (
+        max(state.site_sizes.values(), default=0) + 1
+    ) + state.unit
     if keys.unique().numel() != keys.numel():
         raise AusteerError("this state edits some unit twice, which the hooks resolve in no fixed order; fit it again")
 
@@ -177,14 +182,19 @@ def _output_is_module_output(block: nn.Module, proj: nn.Module, width: int) -> b
     try:
         with torch.no_grad():
             out = block(x)
-    except Exception:  # noqa: BLE001 - a block that cannot run alone on (batch, seq, hidden) has no findable projection
+    except Exception:  # a block that cannot run alone on (batch, seq, hidden) has no findable projection
         return False
     finally:
         handle.remove()
         block.train(training)
     out = out[0] if isinstance(out, (tuple, list)) else out
     last = seen[-1] if seen else None
-    return isinstance(last, torch.Tensor) and isinstance(out, torch.Tensor) and last.shape == out.shape and bool(torch.equal(last, out))
+    return (
+        isinstance(last, torch.Tensor)
+        and isinstance(out, torch.Tensor)
+        and last.shape == out.shape
+        and bool(torch.equal(last, out))
+    )
 
 
 def ffn_output_projection(block: nn.Module, width: int) -> nn.Module | None:
@@ -197,7 +207,9 @@ def ffn_output_projection(block: nn.Module, width: int) -> nn.Module | None:
     axis = input_axis(block)
     if axis is not None:
         return block if _width(block, 1 - axis) == width else None
-    named = [getattr(block, name) for name in DOWN_PROJECTION_NAMES if isinstance(getattr(block, name, None), nn.Module)]
+    named = [
+        getattr(block, name) for name in DOWN_PROJECTION_NAMES if isinstance(getattr(block, name, None), nn.Module)
+    ]
     inner = [m for m in reversed(list(block.modules())) if m is not block]
     seen: set[int] = set()
     for cand in [*named, *inner]:
@@ -247,7 +259,9 @@ def _plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[_Step]:
         name = names.get(id(module), where)
         weight = module.weight
         if not weight.dtype.is_floating_point or type(weight) not in (torch.Tensor, nn.Parameter):
-            raise AusteerError(f"'{name}' holds quantized weights ({weight.dtype}), which cannot be scaled in place; load the model in float and merge")
+            raise AusteerError(
+                f"'{name}' holds quantized weights ({weight.dtype}), which cannot be scaled in place; load the model in float and merge"
+            )
         shared = [n for n in owners.get(weight.data_ptr(), []) if n != f"{name}.weight"]
         if shared:
             raise AusteerError(

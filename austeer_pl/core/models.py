@@ -104,9 +104,7 @@ def _resolve_device(device: str | torch.device | None) -> torch.device | None:
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError, ValueError) as error:
-        raise AusteerError(
-            f"unknown device {device!r} ({first_line(error)}); use e.g. 'cpu' or 'cuda:0'"
-        ) from None
+        raise AusteerError(f"unknown device {device!r} ({first_line(error)}); use e.g. 'cpu' or 'cuda:0'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise AusteerError(f"device {device!r} asked for but CUDA is not available; use device='cpu'")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
@@ -264,7 +262,9 @@ def load_model(
     return model, tokenizer
 
 
-def load_tokenizer(name_or_path: str = DEFAULT_MODEL, *, cache_dir: str | os.PathLike[str] | None = None) -> PreTrainedTokenizerBase:
+def load_tokenizer(
+    name_or_path: str = DEFAULT_MODEL, *, cache_dir: str | os.PathLike[str] | None = None
+) -> PreTrainedTokenizerBase:
     """The tokenizer of a model :func:`load_model` accepts, without loading its weights.
 
     Example:
@@ -281,7 +281,9 @@ def load_tokenizer(name_or_path: str = DEFAULT_MODEL, *, cache_dir: str | os.Pat
             elif path.is_file() and path.suffix.lower() == ".gguf":
                 tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
             elif _looks_like_path(name):
-                raise AusteerError(f"no such file or folder: {name}; pass an existing model folder, a .gguf file, or '{DEFAULT_MODEL}'")
+                raise AusteerError(
+                    f"no such file or folder: {name}; pass an existing model folder, a .gguf file, or '{DEFAULT_MODEL}'"
+                )
             else:
                 _check_hub_reachable(name)
                 tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=False)

@@ -40,7 +40,9 @@ class SummedStatistics:
 
     def merge_(self, other):
         """Add another accumulator's counts and sums into this one (in place) and return self."""
-        if type(other) is not type(self) or {k: v.shape for k, v in other.tensors.items()} != {k: v.shape for k, v in self.tensors.items()}:
+        if type(other) is not type(self) or {k: v.shape for k, v in other.tensors.items()} != {
+            k: v.shape for k, v in self.tensors.items()
+        }:
             raise ValueError(f"cannot merge {self._plural} of different shapes")
         for key, value in self.tensors.items():
             value.add_(other.tensors[key].to(value.device))
@@ -62,7 +64,9 @@ class SummedStatistics:
             raise AusteerError(f"{self._what} state is missing {', '.join(sorted(missing))}{self._missing_hint}")
         for key, value in self.tensors.items():
             if tuple(state[key].shape) != tuple(value.shape):
-                raise AusteerError(f"{self._what} state '{key}' has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}{self._shape_hint}")
+                raise AusteerError(
+                    f"{self._what} state '{key}' has shape {tuple(state[key].shape)}, expected {tuple(value.shape)}{self._shape_hint}"
+                )
             value.copy_(state[key])
 
     def to(self, device: torch.device | str):
@@ -115,7 +119,9 @@ class MomentumAccumulator(SummedStatistics):
         try:
             return self.tensors[f"{site}.{stat}"]
         except KeyError:
-            raise AusteerError(f"site '{site}' was not accumulated; accumulated sites: {', '.join(self.sites)}") from None
+            raise AusteerError(
+                f"site '{site}' was not accumulated; accumulated sites: {', '.join(self.sites)}"
+            ) from None
 
     def update(self, pos: Mapping[str, torch.Tensor], neg: Mapping[str, torch.Tensor]) -> None:
         """Add a batch of pairs: ``pos[site]`` and ``neg[site]`` are ``(batch, layers, units)``."""
@@ -123,7 +129,9 @@ class MomentumAccumulator(SummedStatistics):
         for site in self.sites:
             p, q = pos[site], neg[site]
             if p.shape != q.shape or p.shape[1:] != (self.n_layers, self.site_sizes[site]):
-                raise ValueError(f"{site}: expected (batch, {self.n_layers}, {self.site_sizes[site]}), got {tuple(p.shape)} and {tuple(q.shape)}")
+                raise ValueError(
+                    f"{site}: expected (batch, {self.n_layers}, {self.site_sizes[site]}), got {tuple(p.shape)} and {tuple(q.shape)}"
+                )
             if batch is not None and p.shape[0] != batch:
                 raise ValueError("all sites must hold the same number of pairs")
             batch = p.shape[0]

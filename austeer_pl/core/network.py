@@ -27,7 +27,7 @@ def unreachable(url: str, timeout: float = PROBE_TIMEOUT_S) -> str | None:
     try:
         with socket.create_connection((host, port), timeout=timeout):
             return None
-    except socket.timeout:
+    except TimeoutError:
         return f"{host}:{port}: no answer within {timeout:g} s"
     except socket.gaierror:
         return f"{host}: the name does not resolve (offline?)"
@@ -44,4 +44,7 @@ def hub_endpoint() -> str:
 def hub_offline() -> bool:
     """True when the user told the hub clients to stay offline (they then read only their caches)."""
     truthy = {"1", "true", "yes", "on"}
-    return any(os.environ.get(name, "").lower() in truthy for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(
+        os.environ.get(name, "").lower() in truthy
+        for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")
+    )

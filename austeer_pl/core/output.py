@@ -29,7 +29,7 @@ import socket
 import stat
 import uuid
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,11 +92,15 @@ def check_writable_parent(path: str | os.PathLike, what: str = "output") -> Path
     if not base.is_dir():
         raise AusteerError(f"cannot write the {what} to {path}: {base} is a file, not a folder; choose another path")
     if not os.access(base, os.W_OK | os.X_OK):
-        raise AusteerError(f"cannot write the {what} to {path}: {base} is not writable; fix the permissions or choose another path")
+        raise AusteerError(
+            f"cannot write the {what} to {path}: {base} is not writable; fix the permissions or choose another path"
+        )
     try:
         st = os.statvfs(base)
         if st.f_flag & getattr(os, "ST_RDONLY", 1):
-            raise AusteerError(f"cannot write the {what} to {path}: the file system of {base} is read-only; choose another path")
+            raise AusteerError(
+                f"cannot write the {what} to {path}: the file system of {base} is read-only; choose another path"
+            )
     except (AttributeError, OSError):
         pass
     return path
@@ -160,12 +164,21 @@ class Output:
         """Refuse, in one line, an output that must not be written; returns ``self``."""
         path = self.path
         for given in inputs:
-            if given is not None and str(given) and Path(given).expanduser().exists() and paths_overlap(path, Path(given).expanduser()):
-                raise AusteerError(f"the {self.what} path {path} is (or holds, or lies in) the input {given}; write it somewhere else")
+            if (
+                given is not None
+                and str(given)
+                and Path(given).expanduser().exists()
+                and paths_overlap(path, Path(given).expanduser())
+            ):
+                raise AusteerError(
+                    f"the {self.what} path {path} is (or holds, or lies in) the input {given}; write it somewhere else"
+                )
         name = os.fsencode(path.absolute().name)
         limit = _name_max(path.parent) - _TEMP_OVERHEAD
         if len(name) > limit:
-            raise AusteerError(f"cannot write the {self.what} to {str(path)[:60]}...: its name is {len(name)} bytes, at most {limit} fit here; choose a shorter name")
+            raise AusteerError(
+                f"cannot write the {self.what} to {str(path)[:60]}...: its name is {len(name)} bytes, at most {limit} fit here; choose a shorter name"
+            )
         self._judge(path, at_swap=False)
         check_writable_parent(path, self.what)
         return self
@@ -192,15 +205,21 @@ class Output:
                     return
                 if (after.st_ino, after.st_dev) == (before.st_ino, before.st_dev):
                     raise
-        raise AusteerError(f"cannot write {shown or self.path}: other processes keep replacing it; run one writer at a time")
+        raise AusteerError(
+            f"cannot write {shown or self.path}: other processes keep replacing it; run one writer at a time"
+        )
 
     def _judge_once(self, found: Path, mode: int, *, at_swap: bool, shown: Path) -> None:
         during = " (it appeared while this command ran)" if at_swap else ""
         if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-            raise AusteerError(f"cannot write the {self.what} to {shown}: it is a device, pipe or socket{during}; pass a file path")
+            raise AusteerError(
+                f"cannot write the {self.what} to {shown}: it is a device, pipe or socket{during}; pass a file path"
+            )
         if self.folder:
             if not stat.S_ISDIR(mode):
-                raise AusteerError(f"cannot write the {self.what} to {shown}: a file is in the way{during}; choose a new folder path")
+                raise AusteerError(
+                    f"cannot write the {self.what} to {shown}: a file is in the way{during}; choose a new folder path"
+                )
             try:
                 empty = not any(found.iterdir())
             except OSError as err:
@@ -218,16 +237,26 @@ class Output:
                     "choose a new or empty folder"
                 )
             if self.ours_need_overwrite and not self.overwrite:
-                raise AusteerError(f"{shown} already holds a {self.what}{during}; pass {self.flag} to replace it, or choose another folder")
+                raise AusteerError(
+                    f"{shown} already holds a {self.what}{during}; pass {self.flag} to replace it, or choose another folder"
+                )
             return
         if stat.S_ISDIR(mode):
             raise AusteerError(f"cannot write the {self.what} to {shown}: it is a folder{during}; pass a file path")
         ours = self.is_ours(found)
         if ours and self.ours_need_overwrite and not self.overwrite:
-            raise AusteerError(f"{shown} already holds a {self.what}{during}; pass {self.flag} to replace it, or choose another path")
+            raise AusteerError(
+                f"{shown} already holds a {self.what}{during}; pass {self.flag} to replace it, or choose another path"
+            )
         if not ours and (self.ours_need_overwrite or not self.overwrite):
-            fix = "choose a new path" if self.ours_need_overwrite else f"pass {self.flag} to replace it, or choose a new path"
-            raise AusteerError(f"refusing to replace {shown}{during}: it is not a {self.what} that austeer-pl wrote; {fix}")
+            fix = (
+                "choose a new path"
+                if self.ours_need_overwrite
+                else f"pass {self.flag} to replace it, or choose a new path"
+            )
+            raise AusteerError(
+                f"refusing to replace {shown}{during}: it is not a {self.what} that austeer-pl wrote; {fix}"
+            )
 
     # -- the write
     def temporary(self) -> Path:
@@ -329,7 +358,12 @@ def _place(src: Path, target: Path, *, folder: bool) -> bool:
     except OSError as err:
         if err.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
             return False
-        if not folder and err.errno in (errno.EPERM, errno.ENOTSUP, errno.EXDEV, getattr(errno, "EOPNOTSUPP", errno.ENOTSUP)):
+        if not folder and err.errno in (
+            errno.EPERM,
+            errno.ENOTSUP,
+            errno.EXDEV,
+            getattr(errno, "EOPNOTSUPP", errno.ENOTSUP),
+        ):
             # No hard links here (some network and FAT file systems): look, then rename.
             if os.path.lexists(target):
                 return False
@@ -381,10 +415,8 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
             _remove(sibling)
             removed.append(sibling)
         else:
-            try:
+            with suppress(OSError):
                 _place(sibling, target, folder=sibling.is_dir() and not sibling.is_symlink())
-            except OSError:
-                pass
     return removed
 
 

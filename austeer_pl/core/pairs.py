@@ -39,15 +39,29 @@ from austeer_pl.errors import AusteerError
 DEFAULT_SITES = ("attention",)
 
 
-def pair_batch(prompt_ids: Sequence[Sequence[int]], pos_ids: Sequence[Sequence[int]], neg_ids: Sequence[Sequence[int]], *, pad_id: int = 0,
-               max_length: int | None = None, shared_prefix: bool | str = True) -> dict[str, Any]:
+def pair_batch(
+    prompt_ids: Sequence[Sequence[int]],
+    pos_ids: Sequence[Sequence[int]],
+    neg_ids: Sequence[Sequence[int]],
+    *,
+    pad_id: int = 0,
+    max_length: int | None = None,
+    shared_prefix: bool | str = True,
+) -> dict[str, Any]:
     """Pairs as prompt ids and answer ids (each answer continues its prompt; lengths may differ).
 
     ``shared_prefix`` (True, False or ``"auto"``) says how :func:`read_pair_batch` reads them;
     ``max_length`` cuts each full sequence to its last tokens first.
     """
-    return {"n_pairs": len(prompt_ids), "prompt_ids": [list(p) for p in prompt_ids], "pos_ids": [list(p) for p in pos_ids],
-            "neg_ids": [list(n) for n in neg_ids], "pad_id": int(pad_id), "max_length": max_length, "shared_prefix": shared_prefix}
+    return {
+        "n_pairs": len(prompt_ids),
+        "prompt_ids": [list(p) for p in prompt_ids],
+        "pos_ids": [list(p) for p in pos_ids],
+        "neg_ids": [list(n) for n in neg_ids],
+        "pad_id": int(pad_id),
+        "max_length": max_length,
+        "shared_prefix": shared_prefix,
+    }
 
 
 def rows_batch(pos: dict[str, torch.Tensor], neg: dict[str, torch.Tensor]) -> dict[str, Any]:
@@ -59,21 +73,31 @@ def rows_batch(pos: dict[str, torch.Tensor], neg: dict[str, torch.Tensor]) -> di
     def widen(t: torch.Tensor, value: int) -> torch.Tensor:
         return nn.functional.pad(t, (0, width - t.shape[1]), value=value)
 
-    return {"n_pairs": n, "input_ids": torch.cat([widen(pos["input_ids"], 0), widen(neg["input_ids"], 0)]),
-            "attention_mask": torch.cat([widen(pos["attention_mask"], 0), widen(neg["attention_mask"], 0)])}
+    return {
+        "n_pairs": n,
+        "input_ids": torch.cat([widen(pos["input_ids"], 0), widen(neg["input_ids"], 0)]),
+        "attention_mask": torch.cat([widen(pos["attention_mask"], 0), widen(neg["attention_mask"], 0)]),
+    }
 
 
 def split_batch(pos: dict[str, torch.Tensor], neg: dict[str, torch.Tensor], pad_id: int = 0) -> dict[str, Any]:
     """Encoded full sequences (any padding side) split at each pair's longest common token prefix
     (:func:`~austeer_pl.core.prefix.split_shared_prefix`): the values read are those of the full
     sequences exactly as tokenized."""
-    rows = [[row[m].tolist() for row, m in zip(t["input_ids"].cpu(), t["attention_mask"].bool().cpu())] for t in (pos, neg)]
+    rows = [
+        [row[m].tolist() for row, m in zip(t["input_ids"].cpu(), t["attention_mask"].bool().cpu())] for t in (pos, neg)
+    ]
     prompts, p_rest, n_rest = split_shared_prefix(*rows)
     return pair_batch(prompts, p_rest, n_rest, pad_id=pad_id)
 
 
 def read_pair_batch(
-    model: nn.Module, layout: ModelLayout, batch: dict[str, Any], sites: Sequence[str], *, readers: dict | None = None,
+    model: nn.Module,
+    layout: ModelLayout,
+    batch: dict[str, Any],
+    sites: Sequence[str],
+    *,
+    readers: dict | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Last-token units of a batch of pairs, ``(pos, neg)``, each ``{site: (B, layers, units)}``.
 
@@ -95,8 +119,21 @@ def read_pair_batch(
                 reader = readers.get(sites)
                 if reader is None:
                     reader = readers[sites] = SharedPrefixReader(model, layout, sites)
-                return reader.read_pairs(batch["prompt_ids"], batch["pos_ids"], batch["neg_ids"], batch["pad_id"], max_length=batch["max_length"])
-            ids, mask = pair_rows(batch["prompt_ids"], batch["pos_ids"], batch["neg_ids"], batch["pad_id"], batch["max_length"], side="right")
+                return reader.read_pairs(
+                    batch["prompt_ids"],
+                    batch["pos_ids"],
+                    batch["neg_ids"],
+                    batch["pad_id"],
+                    max_length=batch["max_length"],
+                )
+            ids, mask = pair_rows(
+                batch["prompt_ids"],
+                batch["pos_ids"],
+                batch["neg_ids"],
+                batch["pad_id"],
+                batch["max_length"],
+                side="right",
+            )
             batch = {"input_ids": ids, "attention_mask": mask}
         acts = ActivationReader(model, layout, sites)(batch["input_ids"].to(device), batch["attention_mask"].to(device))
         return {s: a[:n] for s, a in acts.items()}, {s: a[n:] for s, a in acts.items()}
@@ -184,7 +221,16 @@ def accumulate_momentum(
     if accumulator is None:
         device = next(model.parameters()).device
         accumulator = MomentumAccumulator({s: layout.site(s).size for s in sites}, layout.n_layers, device=device)
-    for pos, neg in read_text_pairs(model, tokenizer, pairs, layout, sites, batch_size=batch_size, max_length=max_length, shared_prefix=shared_prefix):
+    for pos, neg in read_text_pairs(
+        model,
+        tokenizer,
+        pairs,
+        layout,
+        sites,
+        batch_size=batch_size,
+        max_length=max_length,
+        shared_prefix=shared_prefix,
+    ):
         accumulator.update(pos, neg)
     return accumulator
 
@@ -211,9 +257,15 @@ def fit_state(
     """
     if not isinstance(layout, ModelLayout):
         layout = locate_units(model, layout)
-    acc = accumulate_momentum(model, tokenizer, pairs, sites=sites, batch_size=batch_size, layout=layout, shared_prefix=shared_prefix)
+    acc = accumulate_momentum(
+        model, tokenizer, pairs, sites=sites, batch_size=batch_size, layout=layout, shared_prefix=shared_prefix
+    )
     selection = select_units(acc, k, sites, sign)
     return SteeringState.from_selection(
-        selection, layout, alpha=alpha, base_model=base_model or str(getattr(model, "name_or_path", "")),
-        sign_policy=sign, metadata={"n_pairs": acc.n},
+        selection,
+        layout,
+        alpha=alpha,
+        base_model=base_model or str(getattr(model, "name_or_path", "")),
+        sign_policy=sign,
+        metadata={"n_pairs": acc.n},
     )

@@ -32,8 +32,11 @@ def model_pin(name: str, model: Any = None, *, cache_dir: Any = None) -> dict[st
     if text.lower() == DEFAULT_MODEL:
         folder = ensure_embedded_model(cache_dir)
         marker = json.loads((folder / MARKER_NAME).read_text())
-        return {"kind": "embedded", "name": DEFAULT_MODEL,
-                "sha256": {f: s for f, s in sorted(marker.get("sha256", {}).items()) if f.endswith(WEIGHT_SUFFIXES)}}
+        return {
+            "kind": "embedded",
+            "name": DEFAULT_MODEL,
+            "sha256": {f: s for f, s in sorted(marker.get("sha256", {}).items()) if f.endswith(WEIGHT_SUFFIXES)},
+        }
     path = Path(text).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
@@ -44,7 +47,9 @@ def model_pin(name: str, model: Any = None, *, cache_dir: Any = None) -> dict[st
     return {"kind": "hub", "name": text, "revision": revision}
 
 
-def check_model(recorded: Mapping[str, Any] | None, name: str, model: Any = None, *, allow: bool = False, cache_dir: Any = None) -> None:
+def check_model(
+    recorded: Mapping[str, Any] | None, name: str, model: Any = None, *, allow: bool = False, cache_dir: Any = None
+) -> None:
     """Refuse base-model weights other than the fit's (a warning with ``allow``)."""
     pin = (recorded or {}).get("model") if isinstance(recorded, Mapping) else None
     if not isinstance(pin, Mapping):
@@ -55,9 +60,19 @@ def check_model(recorded: Mapping[str, Any] | None, name: str, model: Any = None
         # The weights' content, whatever the files are called (a renamed GGUF is the same model).
         if sorted(then_sums.values()) != sorted(now_sums.values()):
             changed = sorted(f for f in set(then_sums) | set(now_sums) if then_sums.get(f) != now_sums.get(f))
-            refuse_or_warn(f"the base model {name} has other weights than the fit's ({', '.join(changed[:3])} differ)", allow)
-    elif pin.get("kind") == now.get("kind") == "hub" and pin.get("revision") and now.get("revision") and pin["revision"] != now["revision"]:
-        refuse_or_warn(f"the base model {name} is at revision {short(now['revision'])}..., the fit used {short(pin['revision'])}...", allow)
+            refuse_or_warn(
+                f"the base model {name} has other weights than the fit's ({', '.join(changed[:3])} differ)", allow
+            )
+    elif (
+        pin.get("kind") == now.get("kind") == "hub"
+        and pin.get("revision")
+        and now.get("revision")
+        and pin["revision"] != now["revision"]
+    ):
+        refuse_or_warn(
+            f"the base model {name} is at revision {short(now['revision'])}..., the fit used {short(pin['revision'])}...",
+            allow,
+        )
     # A hub id on one side and local files on the other cannot be compared here: nothing is said.
 
 

@@ -77,7 +77,7 @@ def _cache_kwarg(model: nn.Module) -> str | None:
     return _cache_kwarg_of(type(model))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cache_kwarg_of(cls: type) -> str | None:
     try:
         params = inspect.signature(cls.forward).parameters
@@ -106,7 +106,9 @@ def use_shared_prefix(setting: bool | str, device: torch.device | str) -> bool:
         return setting
     if setting == "auto":
         return torch.device(device).type == "cpu"
-    raise AusteerError(f"shared_prefix must be true, false or auto, not {setting!r}; set --data.shared_prefix to one of them")
+    raise AusteerError(
+        f"shared_prefix must be true, false or auto, not {setting!r}; set --data.shared_prefix to one of them"
+    )
 
 
 def split_shared_prefix(
@@ -128,7 +130,9 @@ def split_shared_prefix(
     for p, n in zip(pos_ids, neg_ids):
         p, n = list(p), list(n)
         if not p or not n:
-            raise AusteerError("an empty sequence cannot be read; every pair needs a non-empty positive and negative text")
+            raise AusteerError(
+                "an empty sequence cannot be read; every pair needs a non-empty positive and negative text"
+            )
         limit = min(len(p), len(n)) - 1
         c = 0
         while c < limit and p[c] == n[c]:
@@ -180,7 +184,9 @@ class SharedPrefixReader:
         """
         n = len(prompt_ids)
         if len(pos_ids) != n or len(neg_ids) != n:
-            raise ValueError(f"expected as many positives and negatives as prompts ({n}), got {len(pos_ids)} and {len(neg_ids)}")
+            raise ValueError(
+                f"expected as many positives and negatives as prompts ({n}), got {len(pos_ids)} and {len(neg_ids)}"
+            )
         if n == 0:
             raise AusteerError("no pairs to read")
         seqs = [truncate_pair_left(list(p), list(a), max_length) for p, a in zip(prompt_ids, pos_ids)]
@@ -188,7 +194,9 @@ class SharedPrefixReader:
         acts = self.read_continuations(seqs, pad_id)
         return {s: a[:n] for s, a in acts.items()}, {s: a[n:] for s, a in acts.items()}
 
-    def read_continuations(self, seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0) -> dict[str, torch.Tensor]:
+    def read_continuations(
+        self, seqs: Sequence[tuple[Sequence[int], Sequence[int]]], pad_id: int = 0
+    ) -> dict[str, torch.Tensor]:
         """Units at the last answer token of each ``(prompt, answer)``; ``{site: (N, layers, units)}``."""
         prompts: dict[tuple[int, ...], int] = {}
         conts: dict[tuple[int, tuple[int, ...]], int] = {}
@@ -266,8 +274,15 @@ class SharedPrefixReader:
             for name in self.sites
         }
         if width == 0:  # no shared tokens at all: every continuation is a whole sequence
-            self._continue(None, torch.zeros(n_cont, 0, dtype=torch.long, device=device), [0] * n_cont,
-                           list(cont_answer), list(range(n_cont)), pad_id, slabs)
+            self._continue(
+                None,
+                torch.zeros(n_cont, 0, dtype=torch.long, device=device),
+                [0] * n_cont,
+                list(cont_answer),
+                list(range(n_cont)),
+                pad_id,
+                slabs,
+            )
             return {name: slab.transpose(0, 1).contiguous() for name, slab in slabs.items()}
 
         # 1. Prefill: the distinct prompts, right-padded, all layers, no LM head; keep the cache.
@@ -305,7 +320,11 @@ class SharedPrefixReader:
                 for name in ("keys", "values"):
                     t = getattr(layer, name)  # (U, heads, width, head_dim)
                     u, h, w, d = t.shape
-                    setattr(layer, name, t.transpose(1, 2).reshape(u * w, h, d).index_select(0, flat).view(u, w, h, d).transpose(1, 2))
+                    setattr(
+                        layer,
+                        name,
+                        t.transpose(1, 2).reshape(u * w, h, d).index_select(0, flat).view(u, w, h, d).transpose(1, 2),
+                    )
 
         # 3. Continuations in rounds over the same U cache rows, never copied per continuation: round r
         # continues each prompt with its r-th distinct answer (prompts with fewer answers run a dummy
@@ -325,8 +344,16 @@ class SharedPrefixReader:
                 layer.keys, layer.values = layer.keys[..., :width, :], layer.values[..., :width, :]
         return {name: slab.transpose(0, 1).contiguous() for name, slab in slabs.items()}
 
-    def _continue(self, cache, prompt_mask: torch.Tensor, starts: list[int], answers: list[list[int]],
-                  targets: list[int], pad_id: int, slabs: dict[str, torch.Tensor]) -> None:
+    def _continue(
+        self,
+        cache,
+        prompt_mask: torch.Tensor,
+        starts: list[int],
+        answers: list[list[int]],
+        targets: list[int],
+        pad_id: int,
+        slabs: dict[str, torch.Tensor],
+    ) -> None:
         """One batched continuation (row i: ``answers[i]`` after a cached prompt of ``starts[i]`` tokens);
         the last answer token's units of row i go to continuation ``targets[i]`` (rows with -1 are dropped)."""
         device = prompt_mask.device

@@ -46,7 +46,10 @@ class Selection:
         return int(self.unit.numel())
 
     def coordinates(self) -> list[tuple[str, int, int]]:
-        return [(self.sites[s], int(l), int(u)) for s, l, u in zip(self.site_index.tolist(), self.layer.tolist(), self.unit.tolist())]
+        return [
+            (self.sites[s], int(l), int(u))
+            for s, l, u in zip(self.site_index.tolist(), self.layer.tolist(), self.unit.tolist())
+        ]
 
     def head(self, k: int) -> Selection:
         """The best ``k`` of these units (selection is nested: top-k of top-K)."""
@@ -104,10 +107,10 @@ def select_units(acc: MomentumAccumulator, k: int, sites: Sequence[str], sign: s
         raise AusteerError(f"k must be a whole number, got {k!r}")
     total = sum(acc.site_sizes[s] * acc.n_layers for s in dict.fromkeys(sites) if s in acc.site_sizes)
     if k <= 0 or k > total:
-        raise AusteerError(f"k={k} is out of range: choose 1 <= k <= {total} (the number of units at {', '.join(sites)})")
+        raise AusteerError(
+            f"k={k} is out of range: choose 1 <= k <= {total} (the number of units at {', '.join(sites)})"
+        )
     ranked = rank_units(acc, sites, sign)
     if k > ranked.k:
-        raise AusteerError(
-            f"k={k} but only {ranked.k} units have positive momentum; lower k or use sign policy 'both'"
-        )
+        raise AusteerError(f"k={k} but only {ranked.k} units have positive momentum; lower k or use sign policy 'both'")
     return ranked.head(k)

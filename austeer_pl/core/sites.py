@@ -128,8 +128,7 @@ class ModelLayout:
     def site(self, name: str) -> Site:
         if name not in self.sites:
             raise AusteerError(
-                f"site '{name}' is not available on this {self.architecture} model; "
-                f"choose from {', '.join(self.sites)}"
+                f"site '{name}' is not available on this {self.architecture} model; choose from {', '.join(self.sites)}"
             )
         return self.sites[name]
 

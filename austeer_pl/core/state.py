@@ -103,30 +103,57 @@ class SteeringState:
         for name in TENSOR_KEYS:
             tensor = getattr(self, name)
             if tensor.numel() != k:
-                raise AusteerError(f"steering state tensor '{name}' must have shape ({k},) like 'unit', got {tuple(tensor.shape)}; the state is corrupt")
+                raise AusteerError(
+                    f"steering state tensor '{name}' must have shape ({k},) like 'unit', got {tuple(tensor.shape)}; the state is corrupt"
+                )
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
-            raise AusteerError(f"steering state 'alpha' must be a finite number, got {self.alpha!r}; the state is corrupt, export it again")
+            raise AusteerError(
+                f"steering state 'alpha' must be a finite number, got {self.alpha!r}; the state is corrupt, export it again"
+            )
         if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
-            raise AusteerError(f"steering state 'n_layers' must be a positive integer, got {self.n_layers!r}; the state is corrupt")
+            raise AusteerError(
+                f"steering state 'n_layers' must be a positive integer, got {self.n_layers!r}; the state is corrupt"
+            )
         if not isinstance(self.site_sizes, Mapping) or not all(
-            isinstance(s, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for s, v in self.site_sizes.items()
+            isinstance(s, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+            for s, v in self.site_sizes.items()
         ):
-            raise AusteerError(f"steering state 'site_sizes' must map site names to positive integers, got {self.site_sizes!r}; the state is corrupt")
+            raise AusteerError(
+                f"steering state 'site_sizes' must map site names to positive integers, got {self.site_sizes!r}; the state is corrupt"
+            )
         if not all(isinstance(s, str) for s in self.sites):
             raise AusteerError(f"steering state 'sites' must be names, got {list(self.sites)!r}; the state is corrupt")
         if not isinstance(self.metadata, dict):
-            raise AusteerError(f"steering state 'metadata' must be an object, got {type(self.metadata).__name__}; the state is corrupt")
+            raise AusteerError(
+                f"steering state 'metadata' must be an object, got {type(self.metadata).__name__}; the state is corrupt"
+            )
         if not isinstance(self.strength, dict) or self.strength.get("kind", "momentum") not in STRENGTH_KINDS:
-            raise AusteerError(f"steering state 'strength' must be an object with kind {', '.join(STRENGTH_KINDS)}, got {self.strength!r}; the state is corrupt")
+            raise AusteerError(
+                f"steering state 'strength' must be an object with kind {', '.join(STRENGTH_KINDS)}, got {self.strength!r}; the state is corrupt"
+            )
         if self.layout is not None:
-            if not isinstance(self.layout, Mapping) or not isinstance(self.layout.get("layers"), str) or not all(
-                self.layout.get(key) is None or isinstance(self.layout.get(key), str) for key in ("attention", "ffn")
-            ) or set(self.layout) - {"layers", "attention", "ffn"}:
-                raise AusteerError(f"steering state 'layout' must name module paths (layers, attention, ffn), got {self.layout!r}; the state is corrupt")
+            if (
+                not isinstance(self.layout, Mapping)
+                or not isinstance(self.layout.get("layers"), str)
+                or not all(
+                    self.layout.get(key) is None or isinstance(self.layout.get(key), str)
+                    for key in ("attention", "ffn")
+                )
+                or set(self.layout) - {"layers", "attention", "ffn"}
+            ):
+                raise AusteerError(
+                    f"steering state 'layout' must name module paths (layers, attention, ffn), got {self.layout!r}; the state is corrupt"
+                )
             self.layout = {key: self.layout.get(key) for key in ("layers", "attention", "ffn")}
         for name, tensor in self.strength_tensors.items():
-            if not isinstance(tensor, torch.Tensor) or tensor.dtype not in FLOAT_DTYPES or not bool(torch.isfinite(tensor).all()):
-                raise AusteerError(f"steering state tensor 'strength.{name}' must hold finite floats; the state is corrupt, export it again")
+            if (
+                not isinstance(tensor, torch.Tensor)
+                or tensor.dtype not in FLOAT_DTYPES
+                or not bool(torch.isfinite(tensor).all())
+            ):
+                raise AusteerError(
+                    f"steering state tensor 'strength.{name}' must hold finite floats; the state is corrupt, export it again"
+                )
         self.site_index, self.layer, self.unit = (t.long().cpu() for t in (self.site_index, self.layer, self.unit))
         self.momentum, self.scale, self.shift = (t.float().cpu() for t in (self.momentum, self.scale, self.shift))
         if self.token_scope not in TOKEN_SCOPES:
@@ -134,16 +161,24 @@ class SteeringState:
         if self.sign_policy not in SIGN_POLICIES:
             raise AusteerError(f"unknown sign policy '{self.sign_policy}'; choose one of {', '.join(SIGN_POLICIES)}")
         if k and (int(self.site_index.min()) < 0 or int(self.site_index.max()) >= len(self.sites)):
-            raise AusteerError("steering state has a site index outside its list of sites; the state is corrupt, fit it again")
+            raise AusteerError(
+                "steering state has a site index outside its list of sites; the state is corrupt, fit it again"
+            )
         for i, site in enumerate(self.sites):
             rows = self.site_index == i
             if site not in self.site_sizes:
-                raise AusteerError(f"steering state uses site '{site}' but records no size for it; the state is corrupt")
+                raise AusteerError(
+                    f"steering state uses site '{site}' but records no size for it; the state is corrupt"
+                )
             if rows.any():
                 if int(self.layer[rows].min()) < 0 or int(self.layer[rows].max()) >= self.n_layers:
-                    raise AusteerError(f"steering state has a layer outside 0..{self.n_layers - 1}; the state is corrupt")
+                    raise AusteerError(
+                        f"steering state has a layer outside 0..{self.n_layers - 1}; the state is corrupt"
+                    )
                 if int(self.unit[rows].min()) < 0 or int(self.unit[rows].max()) >= self.site_sizes[site]:
-                    raise AusteerError(f"steering state has a {site} unit outside 0..{self.site_sizes[site] - 1}; the state is corrupt")
+                    raise AusteerError(
+                        f"steering state has a {site} unit outside 0..{self.site_sizes[site] - 1}; the state is corrupt"
+                    )
         if self.strength.get("kind") == "gate":
             check_gate(self)
 
@@ -203,7 +238,9 @@ class SteeringState:
         if self.k == 0:  # an empty state ("no steering" was chosen) steers nothing at any strength
             return replace(self, alpha=alpha)
         if self.strength.get("kind") == "gate":
-            raise AusteerError("a learned gate has no single strength to rescale; apply it without alpha, or fit it again")
+            raise AusteerError(
+                "a learned gate has no single strength to rescale; apply it without alpha, or fit it again"
+            )
         if self.alpha == 0:
             raise AusteerError("cannot rescale a state fitted with alpha=0; fit it again with a non-zero alpha")
         ratio = alpha / self.alpha
@@ -219,12 +256,18 @@ class SteeringState:
         if self.method != "austeer":
             raise AusteerError(f"a {self.method} state has no momentum rule; only AUSteer states do")
         return replace(
-            self, scale=self.alpha * self.momentum.clone(), shift=torch.zeros_like(self.momentum),
-            strength={"kind": "momentum"}, strength_tensors={},
+            self,
+            scale=self.alpha * self.momentum.clone(),
+            shift=torch.zeros_like(self.momentum),
+            strength={"kind": "momentum"},
+            strength_tensors={},
         )
 
     def coordinates(self) -> list[tuple[str, int, int]]:
-        return [(self.sites[s], int(l), int(u)) for s, l, u in zip(self.site_index.tolist(), self.layer.tolist(), self.unit.tolist())]
+        return [
+            (self.sites[s], int(l), int(u))
+            for s, l, u in zip(self.site_index.tolist(), self.layer.tolist(), self.unit.tolist())
+        ]
 
     def layers_by_site(self) -> dict[str, list[int]]:
         """The layers that hold steered units, per site."""
@@ -251,7 +294,9 @@ class SteeringState:
             )
         for site, size in self.site_sizes.items():
             if site not in layout.sites:
-                raise AusteerError(f"steering state steers the {site} site, which this model does not have; apply it to the model it was fitted on")
+                raise AusteerError(
+                    f"steering state steers the {site} site, which this model does not have; apply it to the model it was fitted on"
+                )
             if layout.site(site).size != size:
                 raise AusteerError(
                     f"steering state expects {size} {site} units per layer{fitted} but this model has "
@@ -356,14 +401,24 @@ class SteeringState:
         output = self.output(directory, overwrite=overwrite).check()
         with output.writing() as tmp:
             tensors = {name: getattr(self, name).contiguous() for name in TENSOR_KEYS}
-            tensors.update({f"strength.{name}": t.detach().float().cpu().contiguous() for name, t in self.strength_tensors.items()})
+            tensors.update(
+                {f"strength.{name}": t.detach().float().cpu().contiguous() for name, t in self.strength_tensors.items()}
+            )
             write_state_files(tmp, tensors, self.to_config())
         return output.path
 
     @staticmethod
     def output(directory: str | os.PathLike, *, overwrite: bool = False, flag: str = "--overwrite") -> Output:
         """The steering-state folder output at ``directory`` (see :class:`~austeer_pl.core.output.Output`)."""
-        return Output(Path(directory), "steering state", is_steering_state, overwrite=overwrite, folder=True, ours_need_overwrite=True, flag=flag)
+        return Output(
+            Path(directory),
+            "steering state",
+            is_steering_state,
+            overwrite=overwrite,
+            folder=True,
+            ours_need_overwrite=True,
+            flag=flag,
+        )
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> SteeringState:
@@ -393,6 +448,8 @@ class SteeringState:
             method=config_field(config, "method", str, "austeer"),
             metadata=dict(config_field(config, "metadata", dict, {})),
             strength=dict(strength),
-            strength_tensors={name[len("strength."):]: t for name, t in tensors.items() if name.startswith("strength.")},
+            strength_tensors={
+                name[len("strength.") :]: t for name, t in tensors.items() if name.startswith("strength.")
+            },
             layout=config_field(config, "layout", (dict, type(None)), None),
         )

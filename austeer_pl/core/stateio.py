@@ -60,27 +60,42 @@ def _sort_metadata(path: Path) -> None:
         raw = f.read(n)
         header = json.loads(raw)
         if "__metadata__" in header:
-            header = {"__metadata__": dict(sorted(header["__metadata__"].items())), **{k: v for k, v in header.items() if k != "__metadata__"}}
+            header = {
+                "__metadata__": dict(sorted(header["__metadata__"].items())),
+                **{k: v for k, v in header.items() if k != "__metadata__"},
+            }
         text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
         text += b" " * (n - len(text))
         if len(text) != n:
-            raise AusteerError(f"cannot rewrite the header of {path}: its length changed; this is a bug, please report it")
+            raise AusteerError(
+                f"cannot rewrite the header of {path}: its length changed; this is a bug, please report it"
+            )
         f.seek(8)
         f.write(text)
 
 
 def check_tensor(name: str, tensor: Any, *, integer: bool) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor):
-        raise AusteerError(f"steering state field '{name}' must be a tensor, got {type(tensor).__name__}; the state is corrupt, export it again")
+        raise AusteerError(
+            f"steering state field '{name}' must be a tensor, got {type(tensor).__name__}; the state is corrupt, export it again"
+        )
     if tensor.dim() != 1:
-        raise AusteerError(f"steering state tensor '{name}' must be 1-D, got shape {tuple(tensor.shape)}; the state is corrupt, export it again")
+        raise AusteerError(
+            f"steering state tensor '{name}' must be 1-D, got shape {tuple(tensor.shape)}; the state is corrupt, export it again"
+        )
     if integer and tensor.dtype not in INT_DTYPES:
-        raise AusteerError(f"steering state tensor '{name}' must hold integers, got {tensor.dtype}; the state is corrupt, export it again")
+        raise AusteerError(
+            f"steering state tensor '{name}' must hold integers, got {tensor.dtype}; the state is corrupt, export it again"
+        )
     if not integer:
         if tensor.dtype not in FLOAT_DTYPES:  # float8 and the like cannot even be checked for NaN
-            raise AusteerError(f"steering state tensor '{name}' must hold float16/32/64 or bfloat16 values, got {tensor.dtype}; the state is corrupt, export it again")
+            raise AusteerError(
+                f"steering state tensor '{name}' must hold float16/32/64 or bfloat16 values, got {tensor.dtype}; the state is corrupt, export it again"
+            )
         if not bool(torch.isfinite(tensor).all()):
-            raise AusteerError(f"steering state tensor '{name}' holds NaN or infinite values; the state is corrupt, export it again")
+            raise AusteerError(
+                f"steering state tensor '{name}' holds NaN or infinite values; the state is corrupt, export it again"
+            )
     return tensor
 
 
@@ -91,7 +106,7 @@ def config_field(config: Mapping[str, Any], name: str, kind: type | tuple[type, 
         return default
     value = config[name]
     kinds = kind if isinstance(kind, tuple) else (kind,)
-    if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
+    if (isinstance(value, bool) and bool not in kinds) or not isinstance(value, kinds):
         want = " or ".join(k.__name__ for k in kinds)
         raise AusteerError(
             f"{CONFIG_NAME} field '{name}' must be {want}, got {type(value).__name__} {short_value(value)}; the state was altered, export it again"
@@ -121,19 +136,29 @@ def check_gate(state: Any) -> None:
             "the state is corrupt, export it again"
         )
     if gate["layer"] >= state.n_layers:
-        raise AusteerError(f"steering state gate reads layer {gate['layer']} of a {state.n_layers}-layer model; the state is corrupt, export it again")
-    shapes = {"inner.weight": (gate["width"], gate["hidden_size"]), "inner.bias": (gate["width"],),
-              "outer.weight": (state.k, gate["width"]), "outer.bias": (state.k,)}
+        raise AusteerError(
+            f"steering state gate reads layer {gate['layer']} of a {state.n_layers}-layer model; the state is corrupt, export it again"
+        )
+    shapes = {
+        "inner.weight": (gate["width"], gate["hidden_size"]),
+        "inner.bias": (gate["width"],),
+        "outer.weight": (state.k, gate["width"]),
+        "outer.bias": (state.k,),
+    }
     for name, shape in shapes.items():
         tensor = state.strength_tensors.get(name)
         if tensor is None or tuple(tensor.shape) != shape:
             found = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
-            raise AusteerError(f"steering state gate tensor 'strength.{name}' must have shape {shape}, got {found}; the state is corrupt, export it again")
+            raise AusteerError(
+                f"steering state gate tensor 'strength.{name}' must have shape {shape}, got {found}; the state is corrupt, export it again"
+            )
 
 
 def write_state_files(folder: Path, tensors: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
     """Write ``tensors`` and ``config`` (with the weights' sha256 added) into ``folder``."""
-    save_file(dict(tensors), str(folder / WEIGHTS_NAME), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)})
+    save_file(
+        dict(tensors), str(folder / WEIGHTS_NAME), metadata={"format": "pt", "format_version": str(FORMAT_VERSION)}
+    )
     _sort_metadata(folder / WEIGHTS_NAME)
     write_json(folder / CONFIG_NAME, {**config, "files": {WEIGHTS_NAME: sha256_file(folder / WEIGHTS_NAME)}})
 
@@ -146,15 +171,21 @@ def read_state_files(directory: str | os.PathLike) -> tuple[dict[str, Any], dict
     """
     folder = Path(directory)
     if not folder.is_dir():
-        raise AusteerError(f"no steering state at {folder}: the folder does not exist; pass the folder written by train.py (--export_dir)")
+        raise AusteerError(
+            f"no steering state at {folder}: the folder does not exist; pass the folder written by train.py (--export_dir)"
+        )
     config_path, weights_path = folder / CONFIG_NAME, folder / WEIGHTS_NAME
     for path in (config_path, weights_path):
         if not path.is_file():
-            raise AusteerError(f"steering state at {folder} is missing {path.name}; export it again with train.py or save_pretrained")
+            raise AusteerError(
+                f"steering state at {folder} is missing {path.name}; export it again with train.py or save_pretrained"
+            )
     try:
         text = config_path.read_bytes()
     except OSError as err:
-        raise AusteerError(f"cannot read {config_path} ({(err.strerror or str(err)).lower()}); check its permissions") from None
+        raise AusteerError(
+            f"cannot read {config_path} ({(err.strerror or str(err)).lower()}); check its permissions"
+        ) from None
     config = parse_json(text, str(config_path), fix="the state was altered, export it again")
     if not isinstance(config, dict) or config.get("package") != "austeer-pl":
         raise AusteerError(f"{config_path} is not an austeer-pl steering config; pass a folder written by austeer-pl")
@@ -172,7 +203,9 @@ def read_state_files(directory: str | os.PathLike) -> tuple[dict[str, Any], dict
     files = config_field(config, "files", dict, {})
     expected = files.get(WEIGHTS_NAME)
     if expected is not None and sha256_file(weights_path) != expected:
-        raise AusteerError(f"{weights_path} does not match the checksum in {CONFIG_NAME}: the file was altered or truncated; export the state again")
+        raise AusteerError(
+            f"{weights_path} does not match the checksum in {CONFIG_NAME}: the file was altered or truncated; export the state again"
+        )
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError, ValueError) as err:

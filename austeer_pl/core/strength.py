@@ -88,7 +88,15 @@ class GateStrength(nn.Module):
         return {"kind": "gate", "layer": self.layer, "width": self.width, "hidden_size": self.inner.in_features}
 
 
-def build_strength(kind: str, init: torch.Tensor, layout: ModelLayout, steered_layers: list[int], *, gate_layer: int | None = None, gate_width: int = 16) -> nn.Module | None:
+def build_strength(
+    kind: str,
+    init: torch.Tensor,
+    layout: ModelLayout,
+    steered_layers: list[int],
+    *,
+    gate_layer: int | None = None,
+    gate_width: int = 16,
+) -> nn.Module | None:
     """The strength module for ``kind`` (None for ``momentum``)."""
     if kind not in STRENGTH_KINDS:
         raise AusteerError(f"unknown strength function '{kind}'; choose one of {', '.join(STRENGTH_KINDS)}")
@@ -109,12 +117,16 @@ def build_strength(kind: str, init: torch.Tensor, layout: ModelLayout, steered_l
 def strength_from_config(config: dict[str, Any], tensors: dict[str, torch.Tensor], k: int) -> GateStrength:
     """Rebuild a saved gate from its closed description and tensors (no pickle, no class paths)."""
     if config.get("kind") != "gate":
-        raise AusteerError(f"unknown strength function '{config.get('kind')}' in the state; upgrade austeer-pl or export it again")
+        raise AusteerError(
+            f"unknown strength function '{config.get('kind')}' in the state; upgrade austeer-pl or export it again"
+        )
     try:
         gate = GateStrength(int(config["hidden_size"]), torch.zeros(k), int(config["layer"]), int(config["width"]))
         gate.load_state_dict({name: tensors[name] for name in gate.state_dict()})
     except (KeyError, RuntimeError, ValueError) as err:
-        raise AusteerError(f"the state's gate parameters do not match its description ({str(err).splitlines()[0]}); export it again") from None
+        raise AusteerError(
+            f"the state's gate parameters do not match its description ({str(err).splitlines()[0]}); export it again"
+        ) from None
     return gate.requires_grad_(False)
 
 
@@ -159,14 +171,22 @@ def strength_objective(
     n = int(batch["n_examples"])
     ids, mask, lengths = batch["input_ids"], batch["attention_mask"], batch["answer_lengths"]
     if loss == "choice" and ids.shape[0] != 2 * n:
-        raise AusteerError("the choice loss needs a wrong answer per example; collate the batch with collate_examples_train")
+        raise AusteerError(
+            "the choice loss needs a wrong answer per example; collate the batch with collate_examples_train"
+        )
     if loss == "nll" and ids.shape[0] != n:
         # The right answers only, without the pad columns that only the wrong answers needed.
         first = int(mask[:n].ne(0).any(0).long().argmax())
         ids, mask, lengths = ids[:n, first:], mask[:n, first:], lengths[:n]
     ids, mask, lengths = ids.to(device), mask.to(device), lengths.to(device)
     span = int(lengths.max())
-    kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=span + 1, use_cache=False)
+    kwargs = dict(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        logits_to_keep=span + 1,
+        use_cache=False,
+    )
     with EditHandle(model, layout, state, strength, token_scope):
         logits = model(**kwargs).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
@@ -177,7 +197,12 @@ def strength_objective(
     rows = torch.arange(n, device=device)
     answer_pos = (span - lengths)[:n]  # position (in the kept window) that predicts the first answer token
     with torch.no_grad():
-        ref_kwargs = {**kwargs, "input_ids": ids[:n], "attention_mask": mask[:n], "position_ids": kwargs["position_ids"][:n]}
+        ref_kwargs = {
+            **kwargs,
+            "input_ids": ids[:n],
+            "attention_mask": mask[:n],
+            "position_ids": kwargs["position_ids"][:n],
+        }
         ref = torch.log_softmax(model(**ref_kwargs).logits.float()[rows, answer_pos], dim=-1)
     steered = torch.log_softmax(logits[rows, answer_pos], dim=-1)
     kl = torch.sum(ref.exp() * (ref - steered), dim=-1).mean()
@@ -196,18 +221,35 @@ def fold_strength(state, strength: nn.Module, metadata: dict[str, Any] | None = 
         tensors = {k: v.detach().float().cpu().clone() for k, v in strength.state_dict().items()}
         return replace(state, strength=strength.config(), strength_tensors=tensors, metadata=metadata)
     if isinstance(strength, ScalarStrength):
-        return replace(state, scale=strength.scale.detach().float().cpu().clone(), strength={"kind": "scalar"}, metadata=metadata)
+        return replace(
+            state, scale=strength.scale.detach().float().cpu().clone(), strength={"kind": "scalar"}, metadata=metadata
+        )
     raise AusteerError(f"cannot fold a {type(strength).__name__} into a state")
 
 
-def learned_fit_metadata(state, kind: str, *, val_accuracy: float, best_epoch: int, history: list[dict[str, float]],
-                         lr: float, kl_weight: float, loss: str = "nll") -> dict[str, Any]:
+def learned_fit_metadata(
+    state,
+    kind: str,
+    *,
+    val_accuracy: float,
+    best_epoch: int,
+    history: list[dict[str, float]],
+    lr: float,
+    kl_weight: float,
+    loss: str = "nll",
+) -> dict[str, Any]:
     """``state.metadata`` with its ``fit`` record extended by a learned-strength phase (the fixed
     rule's validation accuracy is kept as ``val_accuracy_momentum_rule``)."""
     fit = dict(state.metadata.get("fit", {}))
     fit.update(
-        strength=kind, val_accuracy_momentum_rule=fit.get("val_accuracy"), val_accuracy=val_accuracy,
-        strength_best_epoch=best_epoch, strength_history=history, strength_lr=lr, kl_weight=kl_weight, strength_loss=loss,
+        strength=kind,
+        val_accuracy_momentum_rule=fit.get("val_accuracy"),
+        val_accuracy=val_accuracy,
+        strength_best_epoch=best_epoch,
+        strength_history=history,
+        strength_lr=lr,
+        kl_weight=kl_weight,
+        strength_loss=loss,
     )
     return {**state.metadata, "fit": fit}
 

@@ -44,7 +44,9 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
-def encode_answers(tokenizer, prompt_texts: Sequence[str], answers: Sequence[str], *, joined: Sequence[str] | None = None) -> tuple[list[list[int]], list[list[int]]]:
+def encode_answers(
+    tokenizer, prompt_texts: Sequence[str], answers: Sequence[str], *, joined: Sequence[str] | None = None
+) -> tuple[list[list[int]], list[list[int]]]:
     """``(prompt_ids, answer_ids)`` of each prompt and the answer that follows it.
 
     ``joined[i]`` (default ``prompt_texts[i] + answers[i]``) is tokenized whole (with special
@@ -75,7 +77,9 @@ def encode_answers(tokenizer, prompt_texts: Sequence[str], answers: Sequence[str
     return prompts, rests
 
 
-def encode_pairs(tokenizer, prompt_texts: Sequence[str], positives: Sequence[str], negatives: Sequence[str]) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+def encode_pairs(
+    tokenizer, prompt_texts: Sequence[str], positives: Sequence[str], negatives: Sequence[str]
+) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
     """``(prompt_ids, positive_ids, negative_ids)`` of contrastive pairs, each answer text the exact
     suffix that follows its prompt. ``prompt + positive`` and ``prompt + negative`` are exactly the
     tokenizations of the two joined texts; the prompt part is what both share (so a shared-prefix
@@ -153,8 +157,15 @@ def pad_ids(
     return ids, mask
 
 
-def pair_rows(prompts: Sequence[list[int]], positives: Sequence[list[int]], negatives: Sequence[list[int]], pad_id: int,
-              max_length: int | None, *, side: str) -> tuple[torch.Tensor, torch.Tensor]:
+def pair_rows(
+    prompts: Sequence[list[int]],
+    positives: Sequence[list[int]],
+    negatives: Sequence[list[int]],
+    pad_id: int,
+    max_length: int | None,
+    *,
+    side: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(input_ids, attention_mask)``: every prompt + right answer, then every prompt + wrong answer,
     each cut to its last ``max_length`` ids and padded on ``side``."""
     seqs = [truncate_left(list(p) + list(a), max_length) for p, a in zip(prompts, positives)]

@@ -38,9 +38,20 @@ _GGUF_ARCH = {"mistral": "llama", "gemma3_text": "gemma3", "gpt_neox": "gptneox"
 # Byte offsets, inside one block, of the f16 fields that scale the whole block linearly
 # (d, and the minimum m or dmin where the format has one); see ggml-common.h.
 _BLOCK_SCALES = {
-    "Q4_0": (0,), "Q4_1": (0, 2), "Q5_0": (0,), "Q5_1": (0, 2), "Q8_0": (0,),
-    "Q2_K": (80, 82), "Q3_K": (108,), "Q4_K": (0, 2), "Q5_K": (0, 2), "Q6_K": (208,),
-    "IQ4_NL": (0,), "IQ4_XS": (0,), "TQ1_0": (52,), "TQ2_0": (64,),
+    "Q4_0": (0,),
+    "Q4_1": (0, 2),
+    "Q5_0": (0,),
+    "Q5_1": (0, 2),
+    "Q8_0": (0,),
+    "Q2_K": (80, 82),
+    "Q3_K": (108,),
+    "Q4_K": (0, 2),
+    "Q5_K": (0, 2),
+    "Q6_K": (208,),
+    "IQ4_NL": (0,),
+    "IQ4_XS": (0,),
+    "TQ1_0": (52,),
+    "TQ2_0": (64,),
 }
 
 
@@ -52,7 +63,7 @@ def _is_our_gguf(path: Path) -> bool:
         import gguf  # noqa: PLC0415 - GGUF exports only
 
         return GGUF_PROVENANCE_KEY in gguf.GGUFReader(path).fields
-    except Exception:  # noqa: BLE001 - anything unreadable is not a file we wrote
+    except Exception:  # anything unreadable is not a file we wrote
         return False
 
 
@@ -73,9 +84,13 @@ def check_gguf_base(state, reader, source: Path) -> str:
     fitted = f" (fitted on {state.base_model})" if state.base_model else ""
     fix = "pass the GGUF of the model the state was fitted on (--model PATH.gguf)"
     if arch not in (state.architecture, _GGUF_ARCH.get(state.architecture)):
-        raise AusteerError(f"the GGUF base {source} is a '{arch}' model but the steering state is for a '{state.architecture}' model{fitted}; {fix}")
+        raise AusteerError(
+            f"the GGUF base {source} is a '{arch}' model but the steering state is for a '{state.architecture}' model{fitted}; {fix}"
+        )
     if blocks != state.n_layers:
-        raise AusteerError(f"the GGUF base {source} has {blocks} layers but the steering state is for {state.n_layers}{fitted}; {fix}")
+        raise AusteerError(
+            f"the GGUF base {source} has {blocks} layers but the steering state is for {state.n_layers}{fitted}; {fix}"
+        )
     tensors = {t.name: t for t in reader.tensors}
     for edit in site_edits(state):
         name, axis = _gguf_weight(edit)
@@ -152,7 +167,11 @@ def _edit_gguf_tensors(state, reader, dtype: str | None) -> dict[str, tuple[np.n
     def values(name: str) -> np.ndarray:  # the current (possibly already edited) values, float64
         if name in new and new[name][1] in _FLOAT_TYPES:
             arr, qtype = new[name]
-            return gguf.quants.dequantize(arr, gguf.GGMLQuantizationType[qtype]).astype(np.float64) if qtype == "BF16" else arr.astype(np.float64)
+            return (
+                gguf.quants.dequantize(arr, gguf.GGMLQuantizationType[qtype]).astype(np.float64)
+                if qtype == "BF16"
+                else arr.astype(np.float64)
+            )
         t = tensors[name]
         return gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float64).reshape(t.data.shape[0], -1)
 
@@ -167,7 +186,11 @@ def _edit_gguf_tensors(state, reader, dtype: str | None) -> dict[str, tuple[np.n
     for edit in site_edits(state):
         weight_name, _ = _gguf_weight(edit)
         bias_name = weight_name.replace(".weight", ".bias")
-        unit, factor, shift = edit.unit.numpy(), edit.factor.numpy().astype(np.float64), edit.shift.numpy().astype(np.float64)
+        unit, factor, shift = (
+            edit.unit.numpy(),
+            edit.factor.numpy().astype(np.float64),
+            edit.shift.numpy().astype(np.float64),
+        )
         if edit.shifts and bias_name not in tensors:
             raise AusteerError(
                 f"this state adds a shift at the {edit.site} site of layer {edit.layer}, but the GGUF has no {bias_name} to absorb it, "
@@ -197,8 +220,15 @@ def _edit_gguf_tensors(state, reader, dtype: str | None) -> dict[str, tuple[np.n
     return new
 
 
-def export_gguf(state, source: str | Path, out: str | Path, *, dtype: str | None = None, record: dict[str, Any] | None = None,
-                overwrite: bool = True) -> Path:
+def export_gguf(
+    state,
+    source: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    record: dict[str, Any] | None = None,
+    overwrite: bool = True,
+) -> Path:
     """Write ``source`` GGUF with ``state`` folded in to ``out``, atomically.
 
     Every metadata key and every tensor the state does not touch is copied byte for byte; the
@@ -222,7 +252,9 @@ def export_gguf(state, source: str | Path, out: str | Path, *, dtype: str | None
     try:
         reader = gguf.GGUFReader(source)
     except (OSError, ValueError) as err:
-        raise AusteerError(f"cannot read the GGUF base {source} ({str(err).splitlines()[0]}); pass a valid .gguf file") from None
+        raise AusteerError(
+            f"cannot read the GGUF base {source} ({str(err).splitlines()[0]}); pass a valid .gguf file"
+        ) from None
     if reader.endianess != gguf.GGUFEndian.LITTLE:
         raise AusteerError(f"the GGUF base {source} is big-endian; convert it with gguf_convert_endian.py first")
     arch = check_gguf_base(state, reader, source)
@@ -268,7 +300,9 @@ def control_vector_directions(state) -> dict[int, np.ndarray]:
     kind = state.strength.get("kind", "momentum")
     if kind == "gate" or state.token_scope != "all":
         what = "a learned gate" if kind == "gate" else f"token scope '{state.token_scope}'"
-        raise AusteerError(f"this state uses {what}, but {why}, so it cannot be exported as one; apply it with hooks (state.apply(model)) instead")
+        raise AusteerError(
+            f"this state uses {what}, but {why}, so it cannot be exported as one; apply it with hooks (state.apply(model)) instead"
+        )
     directions: dict[int, np.ndarray] = {}
     for i, site in enumerate(state.sites):
         rows = state.site_index == i
@@ -294,7 +328,9 @@ def control_vector_directions(state) -> dict[int, np.ndarray]:
     return directions
 
 
-def export_control_vector(state, out: str | Path, *, record: dict[str, Any] | None = None, overwrite: bool = True) -> Path:
+def export_control_vector(
+    state, out: str | Path, *, record: dict[str, Any] | None = None, overwrite: bool = True
+) -> Path:
     """Write an additive residual state as a llama.cpp control-vector GGUF (``--control-vector FILE``), atomically.
 
     Example:

@@ -50,7 +50,6 @@ def provenance(state, steering_dir: str | Path | None = None, *, base: str = "")
         "token_scope": state.token_scope,
     }
     if steering_dir is not None:
-
         folder = Path(steering_dir)
         record["state_sha256"] = sha256_file(folder / WEIGHTS_NAME)
         record["state_config_sha256"] = sha256_file(folder / CONFIG_NAME)
@@ -91,11 +90,15 @@ def _is_merged_folder(path: Path) -> bool:
 
 def merged_output(out: str | Path, *, overwrite: bool = False) -> Output:
     """A merged transformers folder: replaces one export.py wrote (with ``overwrite``), never anything else."""
-    return Output(Path(out), "merged model", _is_merged_folder, overwrite=overwrite, folder=True, ours_need_overwrite=True)
+    return Output(
+        Path(out), "merged model", _is_merged_folder, overwrite=overwrite, folder=True, ours_need_overwrite=True
+    )
 
 
 # ============================================================================ transformers
-def save_merged(model, tokenizer, out: str | Path, record: dict[str, Any], *, max_shard_size: str = "5GB", overwrite: bool = True) -> Path:
+def save_merged(
+    model, tokenizer, out: str | Path, record: dict[str, Any], *, max_shard_size: str = "5GB", overwrite: bool = True
+) -> Path:
     """Save a merged model as a plain transformers folder with its provenance, atomically."""
 
     model.config.austeer_pl = record
@@ -110,6 +113,3 @@ def save_merged(model, tokenizer, out: str | Path, record: dict[str, Any], *, ma
             tokenizer.save_pretrained(tmp)
         (tmp / CARD_NAME).write_text(_model_card(record))
     return Path(out)
-
-
-

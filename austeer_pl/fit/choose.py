@@ -40,11 +40,25 @@ class Candidate:
         return 0.0 if self.state is None else abs(float(self.state.alpha))
 
 
-def predictions(model, tokenizer, task, state, examples, prompts, *, scoring: str, batch_size: int, max_length: int | None, layout=None) -> torch.Tensor:
+def predictions(
+    model,
+    tokenizer,
+    task,
+    state,
+    examples,
+    prompts,
+    *,
+    scoring: str,
+    batch_size: int,
+    max_length: int | None,
+    layout=None,
+) -> torch.Tensor:
     """Predicted choice per example with ``state`` applied (None: unsteered)."""
     ctx = state.apply(model, layout=layout) if state is not None else nullcontext()
     with ctx:
-        return predict(model, tokenizer, task, examples, prompts, scoring=scoring, batch_size=batch_size, max_length=max_length)
+        return predict(
+            model, tokenizer, task, examples, prompts, scoring=scoring, batch_size=batch_size, max_length=max_length
+        )
 
 
 def pick(candidates: Sequence[Candidate], values: Sequence[float], indices: Sequence[int] | None = None) -> int:
@@ -151,7 +165,11 @@ def choose(
         # The harm budget bounds the choice before anything is scored: a state that wrecks ordinary text is not a candidate.
         harms = dict(zip(steered, (float(v) for v in harm(steered))))
         eligible = [i for i in steered if harms[i] <= harm_budget]
-    schedule = halving_schedule(n_examples, len(eligible), min_examples=min_examples, eta=eta, final=final) if halving and eligible else [n_examples]
+    schedule = (
+        halving_schedule(n_examples, len(eligible), min_examples=min_examples, eta=eta, final=final)
+        if halving and eligible
+        else [n_examples]
+    )
     alive, lo, rounds, evaluations = eligible, 0, [], 0
 
     def mean_value(i: int) -> float:
@@ -173,23 +191,44 @@ def choose(
 
     values = [mean_value(i) if reached[i] else None for i in range(G)]
     accuracy = [float(stats[i, : reached[i], 0].mean()) if reached[i] else None for i in range(G)]
-    order = sorted(eligible, key=lambda i: (-reached[i], -values[i], candidates[i].n_steered, candidates[i].strength, i))
+    order = sorted(
+        eligible, key=lambda i: (-reached[i], -values[i], candidates[i].n_steered, candidates[i].strength, i)
+    )
     best = order[0] if order else None
-    choice = GridChoice(0, best, False, criterion, values, accuracy, reached, harms, rounds=rounds, scored_evaluations=evaluations)
+    choice = GridChoice(
+        0, best, False, criterion, values, accuracy, reached, harms, rounds=rounds, scored_evaluations=evaluations
+    )
     if best is None:
-        choice.reason = f"no steered grid point is within the harm budget (KL <= {harm_budget:g} nats per token on ordinary text)"
+        choice.reason = (
+            f"no steered grid point is within the harm budget (KL <= {harm_budget:g} nats per token on ordinary text)"
+        )
         return choice
     n = reached[best]
     if level >= 1:
         v = paired_verdict(stats[best, :n], stats[0, :n], criterion, level=level)
-        choice.gain, choice.gain_se, choice.accuracy_gain, choice.n_verdict = v["gain"], v["gain_se"], v["accuracy_gain"], n
-        choice.helps, choice.index, choice.reason = True, best, "verdict off (--model.verdict_level 1): the best steered grid point is chosen"
+        choice.gain, choice.gain_se, choice.accuracy_gain, choice.n_verdict = (
+            v["gain"],
+            v["gain_se"],
+            v["accuracy_gain"],
+            n,
+        )
+        choice.helps, choice.index, choice.reason = (
+            True,
+            best,
+            "verdict off (--model.verdict_level 1): the best steered grid point is chosen",
+        )
         return choice
     if correction not in ("grid", "final"):
         raise AusteerError(f"--model.verdict_correction must be grid or final, not '{correction}'")
     tests = len(steered) if correction == "grid" else rounds[-1]["candidates"]
     v = paired_verdict(stats[best, :n], stats[0, :n], criterion, level=level, tests=tests, what="the best grid point")
-    choice.gain, choice.gain_se, choice.threshold, choice.accuracy_gain, choice.n_verdict = v["gain"], v["gain_se"], v["threshold"], v["accuracy_gain"], n
+    choice.gain, choice.gain_se, choice.threshold, choice.accuracy_gain, choice.n_verdict = (
+        v["gain"],
+        v["gain_se"],
+        v["threshold"],
+        v["accuracy_gain"],
+        n,
+    )
     choice.helps, choice.reason = v["helps"], v["reason"]
     if choice.helps:
         choice.index = best
@@ -210,16 +249,35 @@ class MethodResult:
     test_seconds: float = 0.0
 
 
-def grid_record(choice: GridChoice, cands: Sequence[Candidate]) -> tuple[str, list[float | None], list[dict[str, Any]], dict[str, Any]]:
+def grid_record(
+    choice: GridChoice, cands: Sequence[Candidate]
+) -> tuple[str, list[float | None], list[dict[str, Any]], dict[str, Any]]:
     """What a state's metadata records of a method's grid: the criterion's key, its reported value per
     candidate (a loss as a loss: lower is better), one row per steered point, and the verdict."""
     key = f"val_{choice.criterion}"
     value = [None if v is None else reported(choice.criterion, v) for v in choice.values]
-    grid = [{**jsonable(c.hyper), "n_steered_activations": c.n_steered, "val_accuracy": choice.accuracy[j], key: value[j],
-             "n_val_scored": choice.n_scored[j], **({"harm_kl": choice.harm[j]} if j in choice.harm else {})}
-            for j, c in enumerate(cands) if j > 0]
-    verdict = {"helps": choice.helps, "reason": choice.reason, "criterion_gain": choice.gain, "criterion_gain_se": choice.gain_se,
-               "threshold": choice.threshold, "accuracy_gain": choice.accuracy_gain, "n_verdict": choice.n_verdict,
-               "best": None if choice.best is None else jsonable(cands[choice.best].hyper), "evaluations": choice.scored_evaluations,
-               "rounds": choice.rounds}
+    grid = [
+        {
+            **jsonable(c.hyper),
+            "n_steered_activations": c.n_steered,
+            "val_accuracy": choice.accuracy[j],
+            key: value[j],
+            "n_val_scored": choice.n_scored[j],
+            **({"harm_kl": choice.harm[j]} if j in choice.harm else {}),
+        }
+        for j, c in enumerate(cands)
+        if j > 0
+    ]
+    verdict = {
+        "helps": choice.helps,
+        "reason": choice.reason,
+        "criterion_gain": choice.gain,
+        "criterion_gain_se": choice.gain_se,
+        "threshold": choice.threshold,
+        "accuracy_gain": choice.accuracy_gain,
+        "n_verdict": choice.n_verdict,
+        "best": None if choice.best is None else jsonable(cands[choice.best].hyper),
+        "evaluations": choice.scored_evaluations,
+        "rounds": choice.rounds,
+    }
     return key, value, grid, verdict

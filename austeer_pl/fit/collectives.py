@@ -47,4 +47,4 @@ class OneProcess:
 
 ONE_PROCESS = OneProcess()
 
-__all__ = ["Collectives", "ONE_PROCESS", "OneProcess"]
+__all__ = ["ONE_PROCESS", "Collectives", "OneProcess"]

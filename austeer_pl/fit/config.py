@@ -97,22 +97,49 @@ class SelectionConfig:
     replay: bool = True
 
     def __post_init__(self) -> None:
-        _check(self.scoring is None or self.scoring in SCORINGS, "scoring", f"must be one of {', '.join(SCORINGS)}, not {self.scoring!r}")
-        _check(self.selection in SELECTIONS, "selection", f"must be one of {', '.join(SELECTIONS)}, not '{self.selection}'")
+        _check(
+            self.scoring is None or self.scoring in SCORINGS,
+            "scoring",
+            f"must be one of {', '.join(SCORINGS)}, not {self.scoring!r}",
+        )
+        _check(
+            self.selection in SELECTIONS, "selection", f"must be one of {', '.join(SELECTIONS)}, not '{self.selection}'"
+        )
         _check(self.criterion in CRITERIA, "criterion", f"must be one of {', '.join(CRITERIA)}, not '{self.criterion}'")
-        _check(self.halving_min_examples >= 1, "halving_min_examples", f"must be 1 or more, not {self.halving_min_examples}")
+        _check(
+            self.halving_min_examples >= 1,
+            "halving_min_examples",
+            f"must be 1 or more, not {self.halving_min_examples}",
+        )
         _check(self.halving_eta >= 2, "halving_eta", f"must be 2 or more, not {self.halving_eta}")
-        _check(self.harm_budget is None or (math.isfinite(self.harm_budget) and self.harm_budget > 0), "harm_budget",
-               f"must be a positive KL in nats per token (or null for no bound), not {self.harm_budget}")
-        _check(self.verdict_correction in CORRECTIONS, "verdict_correction", f"must be final or grid, not '{self.verdict_correction}'")
-        _check(math.isfinite(self.verdict_level) and 0 < self.verdict_level <= 1, "verdict_level",
-               f"must be in (0, 1] (1 turns the verdict off), not {self.verdict_level}")
+        _check(
+            self.harm_budget is None or (math.isfinite(self.harm_budget) and self.harm_budget > 0),
+            "harm_budget",
+            f"must be a positive KL in nats per token (or null for no bound), not {self.harm_budget}",
+        )
+        _check(
+            self.verdict_correction in CORRECTIONS,
+            "verdict_correction",
+            f"must be final or grid, not '{self.verdict_correction}'",
+        )
+        _check(
+            math.isfinite(self.verdict_level) and 0 < self.verdict_level <= 1,
+            "verdict_level",
+            f"must be in (0, 1] (1 turns the verdict off), not {self.verdict_level}",
+        )
 
     def choose_kwargs(self) -> dict[str, Any]:
         """The keyword arguments of :func:`~austeer_pl.fit.choose.choose` these settings mean (the
         criterion as set; a fit under generation scoring uses accuracy)."""
-        return {"criterion": self.criterion, "halving": self.halving, "min_examples": self.halving_min_examples, "eta": self.halving_eta,
-                "harm_budget": self.harm_budget, "level": self.verdict_level, "correction": self.verdict_correction}
+        return {
+            "criterion": self.criterion,
+            "halving": self.halving,
+            "min_examples": self.halving_min_examples,
+            "eta": self.halving_eta,
+            "harm_budget": self.harm_budget,
+            "level": self.verdict_level,
+            "correction": self.verdict_correction,
+        }
 
 
 @dataclass(frozen=True)
@@ -140,8 +167,16 @@ class StrengthConfig:
     gate_width: int = 16
 
     def __post_init__(self) -> None:
-        _check(self.strength in STRENGTH_KINDS, "strength", f"'{self.strength}' is unknown; choose one of {', '.join(STRENGTH_KINDS)}")
-        _check(self.strength_loss in STRENGTH_LOSSES, "strength_loss", f"'{self.strength_loss}' is unknown; choose one of {', '.join(STRENGTH_LOSSES)}")
+        _check(
+            self.strength in STRENGTH_KINDS,
+            "strength",
+            f"'{self.strength}' is unknown; choose one of {', '.join(STRENGTH_KINDS)}",
+        )
+        _check(
+            self.strength_loss in STRENGTH_LOSSES,
+            "strength_loss",
+            f"'{self.strength_loss}' is unknown; choose one of {', '.join(STRENGTH_LOSSES)}",
+        )
         _check(self.strength_epochs >= 0, "strength_epochs", f"must be 0 or more, not {self.strength_epochs}")
         _check(self.strength_lr > 0, "strength_lr", f"must be positive, not {self.strength_lr}")
         _check(self.kl_weight >= 0, "kl_weight", f"must be 0 or more, not {self.kl_weight}")
@@ -171,7 +206,11 @@ class JudgeConfig:
     max_judge_prompts: int = 32
 
     def __post_init__(self) -> None:
-        _check(math.isfinite(self.fluency_budget) and self.fluency_budget > 0, "fluency_budget", f"must be a positive perplexity ratio, not {self.fluency_budget}")
+        _check(
+            math.isfinite(self.fluency_budget) and self.fluency_budget > 0,
+            "fluency_budget",
+            f"must be a positive perplexity ratio, not {self.fluency_budget}",
+        )
         _check(self.max_new_tokens >= 1, "max_new_tokens", f"must be 1 or more, not {self.max_new_tokens}")
         _check(self.max_judge_prompts >= 1, "max_judge_prompts", f"must be 1 or more, not {self.max_judge_prompts}")
 
@@ -195,7 +234,11 @@ class BatchConfig:
     def __post_init__(self) -> None:
         for name in ("batch_size", "eval_batch_size"):
             value = getattr(self, name)
-            _check(not isinstance(value, bool) and isinstance(value, int) and value >= 1, name, f"must be 1 or more, got {value!r}")
+            _check(
+                not isinstance(value, bool) and isinstance(value, int) and value >= 1,
+                name,
+                f"must be 1 or more, got {value!r}",
+            )
         _check(self.num_workers >= 0, "num_workers", f"must be 0 or more, not {self.num_workers}")
         use_shared_prefix(self.shared_prefix, "cpu")  # a bad value fails here, before any work
 
@@ -223,7 +266,11 @@ class FitConfig:
 
     def settings(self) -> dict[str, Any]:
         """The flat settings (``train.py``'s ``--model.*`` names)."""
-        return {f.name: getattr(group, f.name) for group in (self.model, self.grid, self.strength, self.selection, self.judge) for f in fields(group)}
+        return {
+            f.name: getattr(group, f.name)
+            for group in (self.model, self.grid, self.strength, self.selection, self.judge)
+            for f in fields(group)
+        }
 
 
 def group_settings(groups: Sequence[type], settings: Mapping[str, Any]) -> list[Any]:
@@ -253,7 +300,11 @@ def signature(groups: Sequence[type], *, self_param: bool = True) -> inspect.Sig
     for group in groups:
         hints = get_type_hints(group)
         for f in fields(group):
-            params.append(inspect.Parameter(f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=values[f.name], annotation=hints[f.name]))
+            params.append(
+                inspect.Parameter(
+                    f.name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=values[f.name], annotation=hints[f.name]
+                )
+            )
     return inspect.Signature(params)
 
 
@@ -271,13 +322,13 @@ def settings_doc(intro: str, groups: Sequence[type]) -> str:
 
 
 __all__ = [
-    "BatchConfig",
     "DATA_GROUPS",
+    "MODEL_GROUPS",
+    "SELECTIONS",
+    "BatchConfig",
     "FitConfig",
     "JudgeConfig",
-    "MODEL_GROUPS",
     "ModelConfig",
-    "SELECTIONS",
     "SelectionConfig",
     "StrengthConfig",
     "defaults",

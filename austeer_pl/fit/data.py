@@ -86,7 +86,9 @@ class FitData:
         if self.task is None:
             self.task, self.splits = self.config.load()
             if not self.splits["train"]:
-                raise AusteerError(f"task '{self.config.task}' left no training examples; lower val_fraction/test_fraction or add examples")
+                raise AusteerError(
+                    f"task '{self.config.task}' left no training examples; lower val_fraction/test_fraction or add examples"
+                )
         return self
 
     def prepare(self, tokenizer) -> FitData:
@@ -106,7 +108,9 @@ class FitData:
             wrong.setdefault(p.example_uid, p.negative)
         examples = [ex for ex in self.splits["train"] if ex.uid in wrong]
         texts = self.prompt_texts(examples)
-        prompts, answers, negatives = self._encode(texts, [ex.target for ex in examples], [wrong[ex.uid] for ex in examples])
+        prompts, answers, negatives = self._encode(
+            texts, [ex.target for ex in examples], [wrong[ex.uid] for ex in examples]
+        )
         self.train_examples = [EncodedPair(p, a, n) for p, a, n in zip(prompts, answers, negatives)]
         return self
 
@@ -117,7 +121,9 @@ class FitData:
 
     def format_prompts(self, prompts: Sequence[str]) -> list[str]:
         assert self.task is not None
-        unique = {p: format_prompt(self.tokenizer, self.task, p, chat_template=self.config.chat_template) for p in prompts}
+        unique = {
+            p: format_prompt(self.tokenizer, self.task, p, chat_template=self.config.chat_template) for p in prompts
+        }
         return [unique[p] for p in prompts]
 
     def _encode(self, texts: Sequence[str], positives: Sequence[str], negatives: Sequence[str]):
@@ -126,7 +132,9 @@ class FitData:
         for choice in (*positives, *negatives):
             if not choice:
                 raise AusteerError(f"answer {choice!r} tokenizes to nothing; give non-empty choices")
-        suffixes = [[join_for(task, t, c)[len(t):] for t, c in zip(texts, answers)] for answers in (positives, negatives)]
+        suffixes = [
+            [join_for(task, t, c)[len(t) :] for t, c in zip(texts, answers)] for answers in (positives, negatives)
+        ]
         return encode_pairs(self.tokenizer, texts, suffixes[0], suffixes[1])
 
     def encode_pairs(self, pairs: Sequence[ContrastivePair]) -> list[EncodedPair]:
@@ -157,8 +165,15 @@ class FitData:
         its sampled wrong answers), collated like the training pairs (ITI's probe pass)."""
         if self._val_pairs is None:
             cfg = self.config
-            self._val_pairs = self.encode_pairs(make_pairs(self.splits["val"], negatives=cfg.negatives, seed=cfg.seed)) if self.splits["val"] else []
-        return [self.collate_pairs([self._val_pairs[i] for i in b]) for b in shard_batches(len(self._val_pairs), rank, world, self.batching.batch_size)]
+            self._val_pairs = (
+                self.encode_pairs(make_pairs(self.splits["val"], negatives=cfg.negatives, seed=cfg.seed))
+                if self.splits["val"]
+                else []
+            )
+        return [
+            self.collate_pairs([self._val_pairs[i] for i in b])
+            for b in shard_batches(len(self._val_pairs), rank, world, self.batching.batch_size)
+        ]
 
     def strength_batches(self, epoch: int, rank: int = 0, world: int = 1) -> list[list[EncodedPair]]:
         """This process's training examples for learned-strength epoch ``epoch`` (1, 2, ...), in batches.
@@ -167,8 +182,13 @@ class FitData:
         :func:`shard_batches`, so the union of one step's batches is the same global batch whatever
         the number of processes.
         """
-        order = torch.randperm(len(self.train_examples), generator=torch.Generator().manual_seed(self.config.seed + epoch)).tolist()
-        return [[self.train_examples[order[i]] for i in rows] for rows in shard_batches(len(order), rank, world, self.batching.batch_size)]
+        order = torch.randperm(
+            len(self.train_examples), generator=torch.Generator().manual_seed(self.config.seed + epoch)
+        ).tolist()
+        return [
+            [self.train_examples[order[i]] for i in rows]
+            for rows in shard_batches(len(order), rank, world, self.batching.batch_size)
+        ]
 
     # -- collation
     def collate_pairs(self, items: list[EncodedPair]) -> dict[str, Any]:
@@ -191,7 +211,14 @@ class FitData:
                 "max_length": limit,
                 "n_tokens": sum(n if limit is None else min(n, limit) for n in lengths),
             }
-        ids, mask = pair_rows([p.prompt for p in items], [p.positive for p in items], [p.negative for p in items], pad, limit, side="right")
+        ids, mask = pair_rows(
+            [p.prompt for p in items],
+            [p.positive for p in items],
+            [p.negative for p in items],
+            pad,
+            limit,
+            side="right",
+        )
         return {"n_pairs": len(items), "input_ids": ids, "attention_mask": mask, "n_tokens": int(mask.sum())}
 
     def collate_examples_train(self, items: list[EncodedPair]) -> dict[str, Any]:
@@ -201,9 +228,21 @@ class FitData:
         if not items:
             return {"n_examples": 0}
         pad = pad_id_of(self.tokenizer)
-        ids, mask = pair_rows([p.prompt for p in items], [p.positive for p in items], [p.negative for p in items], pad, self.config.max_length, side="left")
+        ids, mask = pair_rows(
+            [p.prompt for p in items],
+            [p.positive for p in items],
+            [p.negative for p in items],
+            pad,
+            self.config.max_length,
+            side="left",
+        )
         lengths = [len(p.positive) for p in items] + [len(p.negative) for p in items]
-        return {"n_examples": len(items), "input_ids": ids, "attention_mask": mask, "answer_lengths": torch.tensor(lengths)}
+        return {
+            "n_examples": len(items),
+            "input_ids": ids,
+            "attention_mask": mask,
+            "answer_lengths": torch.tensor(lengths),
+        }
 
 
 __all__ = ["EncodedPair", "FitData", "input_pins", "shard_batches"]

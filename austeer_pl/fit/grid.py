@@ -29,8 +29,18 @@ from austeer_pl.methods.registry import UNSTEERED
 class GridScoring:
     """Validation scores of steering states, dealt to the processes (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, tokenizer, layout: ModelLayout, data: FitData, selection: SelectionConfig,
-                 collectives: Collectives, *, scoring: str, criterion: str) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        layout: ModelLayout,
+        data: FitData,
+        selection: SelectionConfig,
+        collectives: Collectives,
+        *,
+        scoring: str,
+        criterion: str,
+    ) -> None:
         self.model, self.tokenizer, self.layout, self.data = model, tokenizer, layout, data
         self.selection, self.coll, self.scoring, self.criterion = selection, collectives, scoring, criterion
         self.choices: dict[str, tuple[list[int], GridChoice, float]] = {}
@@ -50,13 +60,22 @@ class GridScoring:
         """The log-likelihood scorer (None under generation scorings, which give right or wrong only)."""
         if self.scoring != "loglik":
             return None
-        return GridScorer(self.model, self.tokenizer, self.layout, self.data.task, batch_size=self.data.batching.eval_batch_size,
-                          max_length=self.data.config.max_length, replay=replay)
+        return GridScorer(
+            self.model,
+            self.tokenizer,
+            self.layout,
+            self.data.task,
+            batch_size=self.data.batching.eval_batch_size,
+            max_length=self.data.config.max_length,
+            replay=replay,
+        )
 
     def generic(self) -> list:
         """Ordinary text (the unsteered model's answers to generic requests) that harm is measured on."""
         if not self._generic:
-            self._generic.extend(generic_texts(self.tokenizer, self.model, chat_template=self.data.config.chat_template))
+            self._generic.extend(
+                generic_texts(self.tokenizer, self.model, chat_template=self.data.config.chat_template)
+            )
         return self._generic
 
     def harm(self, states: Sequence[Any], *, replay: bool) -> torch.Tensor:
@@ -70,8 +89,18 @@ class GridScoring:
         out = torch.zeros(len(states), len(examples), 3, dtype=torch.float64)
         answers = torch.tensor([ex.answer for ex in examples])
         for j, state in enumerate(states):
-            preds = predictions(self.model, self.tokenizer, self.data.task, state, examples, prompts, scoring=self.scoring,
-                                batch_size=self.data.batching.eval_batch_size, max_length=self.data.config.max_length, layout=self.layout)
+            preds = predictions(
+                self.model,
+                self.tokenizer,
+                self.data.task,
+                state,
+                examples,
+                prompts,
+                scoring=self.scoring,
+                batch_size=self.data.batching.eval_batch_size,
+                max_length=self.data.config.max_length,
+                layout=self.layout,
+            )
             out[j, :, 0] = preds.eq(answers).double()
         return out
 
@@ -84,7 +113,9 @@ class GridScoring:
             local[:, b - lo : e - lo] = self.score_batch(states, b, e, scorer)
         return self.coll.sum(local.to(self.device)).cpu()
 
-    def choose_all(self, candidates: Sequence[Candidate], methods: Sequence[str]) -> dict[str, tuple[list[int], GridChoice, float]]:
+    def choose_all(
+        self, candidates: Sequence[Candidate], methods: Sequence[str]
+    ) -> dict[str, tuple[list[int], GridChoice, float]]:
         """Score and choose every grid method (``candidates[0]`` is no steering, every method's candidate 0).
 
         No steering's reduced statistics are kept per batch span and reused when the methods' halving
@@ -135,8 +166,17 @@ class TestScoring:
     """Each method's chosen state on the test examples (``evaluate.py --compare``): every process
     scores its batches; predictions are written as positive codes into zeros, so a sum gathers them exactly."""
 
-    def __init__(self, model: nn.Module, tokenizer, layout: ModelLayout, data: FitData, collectives: Collectives, *, scoring: str) -> None:
-        self.model, self.tokenizer, self.layout, self.data, self.coll, self.scoring = model, tokenizer, layout, data, collectives, scoring
+    def __init__(
+        self, model: nn.Module, tokenizer, layout: ModelLayout, data: FitData, collectives: Collectives, *, scoring: str
+    ) -> None:
+        self.model, self.tokenizer, self.layout, self.data, self.coll, self.scoring = (
+            model,
+            tokenizer,
+            layout,
+            data,
+            collectives,
+            scoring,
+        )
         self.states: list[Any] = []
 
     def start(self, states: Sequence[Any]) -> None:
@@ -155,8 +195,18 @@ class TestScoring:
         prompts = [self.data.test_prompts[i] for i in indices]
         for j, state in enumerate(self.states):
             started = time.perf_counter()
-            preds = predictions(self.model, self.tokenizer, self.data.task, state, examples, prompts, scoring=self.scoring,
-                                batch_size=self.data.batching.eval_batch_size, max_length=self.data.config.max_length, layout=self.layout)
+            preds = predictions(
+                self.model,
+                self.tokenizer,
+                self.data.task,
+                state,
+                examples,
+                prompts,
+                scoring=self.scoring,
+                batch_size=self.data.batching.eval_batch_size,
+                max_length=self.data.config.max_length,
+                layout=self.layout,
+            )
             self.codes[j, index] = preds.long().cpu() + 2  # >= 1: a SUM over processes gathers them exactly
             self.seconds[j] += time.perf_counter() - started
 

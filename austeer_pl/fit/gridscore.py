@@ -107,7 +107,9 @@ class LayerReplay:
         def skipped(*_args, **_kwargs):
             forward = self._calls - 1
             if forward >= len(self.records):
-                raise AusteerError("a replayed pass ran more forwards than its recording; replay only the passes that were recorded")
+                raise AusteerError(
+                    "a replayed pass ran more forwards than its recording; replay only the passes that were recorded"
+                )
             return self.records[forward][start - 1]
 
         patched = self.layers[:start]
@@ -132,7 +134,17 @@ class GridScorer:
         replay: skip the layers below each state's first steered layer (exact; on by default).
     """
 
-    def __init__(self, model, tokenizer, layout: ModelLayout, task, *, batch_size: int = 32, max_length: int | None = None, replay: bool = True) -> None:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        layout: ModelLayout,
+        task,
+        *,
+        batch_size: int = 32,
+        max_length: int | None = None,
+        replay: bool = True,
+    ) -> None:
         self.model, self.tokenizer, self.layout, self.task = model, tokenizer, layout, task
         self.batch_size = batch_size
         self.max_length = max_length
@@ -141,7 +153,9 @@ class GridScorer:
     def _logprobs(self, examples, prompts) -> list[torch.Tensor]:
 
         answers = [answer_suffixes(p, ex.choices, self.task) for p, ex in zip(prompts, examples)]
-        return choice_logprobs(self.model, self.tokenizer, prompts, answers, batch_size=self.batch_size, max_length=self.max_length)
+        return choice_logprobs(
+            self.model, self.tokenizer, prompts, answers, batch_size=self.batch_size, max_length=self.max_length
+        )
 
     def score(self, states: Sequence[Any], examples, prompts) -> torch.Tensor:
         """``(len(states), len(examples), 3)`` float64 statistics (:data:`DECISION_STATISTICS`); a None state is the unsteered model."""
@@ -181,7 +195,9 @@ GENERIC_PROMPTS = (
 )
 
 
-def generic_texts(tokenizer, model, *, max_new_tokens: int = 32, batch_size: int = 8, chat_template: bool | None = None) -> list[tuple[str, str]]:
+def generic_texts(
+    tokenizer, model, *, max_new_tokens: int = 32, batch_size: int = 8, chat_template: bool | None = None
+) -> list[tuple[str, str]]:
     """``(prompt, continuation)``: each :data:`GENERIC_PROMPTS` formatted as a user turn, with the unsteered model's greedy answer."""
 
     plain = Task("generic", ())
@@ -191,7 +207,15 @@ def generic_texts(tokenizer, model, *, max_new_tokens: int = 32, batch_size: int
 
 
 @torch.inference_mode()
-def harm_kl(model, tokenizer, layout: ModelLayout, states: Sequence[Any], texts: Sequence[tuple[str, str]], *, replay: bool = True) -> torch.Tensor:
+def harm_kl(
+    model,
+    tokenizer,
+    layout: ModelLayout,
+    states: Sequence[Any],
+    texts: Sequence[tuple[str, str]],
+    *,
+    replay: bool = True,
+) -> torch.Tensor:
     """``(len(states),)`` float64: mean per-token KL(unsteered || steered) of the next-token distribution
     over the continuations of ``texts`` (teacher-forced; see :func:`generic_texts`). 0 for None.
 
@@ -208,10 +232,18 @@ def harm_kl(model, tokenizer, layout: ModelLayout, states: Sequence[Any], texts:
     ids, mask = pad_ids(seqs, pad_id_of(tokenizer), device=device)
     span = max(len(c) for c in cont_ids)
     lens = torch.tensor([len(c) for c in cont_ids], device=device)
-    keep = torch.arange(span, device=device).unsqueeze(0) >= (span - lens).unsqueeze(1)  # (B, span): continuation positions
+    keep = torch.arange(span, device=device).unsqueeze(0) >= (span - lens).unsqueeze(
+        1
+    )  # (B, span): continuation positions
 
     def logp() -> torch.Tensor:
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=span + 1, use_cache=False).logits
+        logits = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            logits_to_keep=span + 1,
+            use_cache=False,
+        ).logits
         return torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
 
     starts = [first_layer(s) for s in states]

@@ -80,11 +80,20 @@ def evaluate_candidates(
             texts, metrics = base_texts, dict(base)
         else:
             texts = generate_new_text(model, tokenizer, prompts, state=state, layout=layout, **gen)
-            metrics = text_metrics(model, tokenizer, prompts, texts, judge, batch_size=batch_size, max_length=max_length)
+            metrics = text_metrics(
+                model, tokenizer, prompts, texts, judge, batch_size=batch_size, max_length=max_length
+            )
         metrics["perplexity_ratio"] = 1.0 if state is None else ratio(metrics["perplexity"], base["perplexity"])
         extra = {} if state is None else {"method": state.method, "k": state.k, "alpha": state.alpha}
-        results.append({"label": label, "steered": state is not None, **extra, **metrics,
-                        "examples": [{"prompt": p, "text": t} for p, t in zip(prompts[:n_examples], texts[:n_examples])]})
+        results.append(
+            {
+                "label": label,
+                "steered": state is not None,
+                **extra,
+                **metrics,
+                "examples": [{"prompt": p, "text": t} for p, t in zip(prompts[:n_examples], texts[:n_examples])],
+            }
+        )
     return results
 
 
@@ -109,7 +118,14 @@ class BudgetChoice:
     eligible: list[str]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"label": self.label, "index": self.index, "budget": self.budget, "metric": self.metric, "ratios": dict(self.ratios), "eligible": list(self.eligible)}
+        return {
+            "label": self.label,
+            "index": self.index,
+            "budget": self.budget,
+            "metric": self.metric,
+            "ratios": dict(self.ratios),
+            "eligible": list(self.eligible),
+        }
 
 
 def choose_under_budget(
@@ -151,7 +167,9 @@ def choose_under_budget(
     """
     budget = float(budget)
     if not math.isfinite(budget) or budget <= 0:
-        raise AusteerError(f"the fluency budget must be a positive number (a perplexity ratio such as 1.5), got {budget}")
+        raise AusteerError(
+            f"the fluency budget must be a positive number (a perplexity ratio such as 1.5), got {budget}"
+        )
     if metric not in CHOICE_METRICS:
         raise AusteerError(f"unknown choice metric '{metric}'; choose one of {', '.join(CHOICE_METRICS)}")
     entries = list(grid_results)
@@ -159,9 +177,13 @@ def choose_under_budget(
     if unsteered_label is not None:
         base = [i for i, label in enumerate(labels) if label == unsteered_label]
     else:
-        base = [i for i, e in enumerate(entries) if e.get("steered") is False] or [i for i, label in enumerate(labels) if label == UNSTEERED]
+        base = [i for i, e in enumerate(entries) if e.get("steered") is False] or [
+            i for i, label in enumerate(labels) if label == UNSTEERED
+        ]
     if not base:
-        raise AusteerError("the grid has no unsteered entry; add one (label 'unsteered') so no steering stays a candidate")
+        raise AusteerError(
+            "the grid has no unsteered entry; add one (label 'unsteered') so no steering stays a candidate"
+        )
     b = base[0]
     base_ppl = float(entries[b]["perplexity"])
     ratios = {labels[i]: 1.0 if i == b else ratio(float(e["perplexity"]), base_ppl) for i, e in enumerate(entries)}
@@ -220,7 +242,9 @@ def choose_by_judge(
     """
     # Validate before the (slow) generation, with the same messages as choose_under_budget.
     if not math.isfinite(float(budget)) or float(budget) <= 0:
-        raise AusteerError(f"the fluency budget must be a positive number (a perplexity ratio such as 1.5), got {budget}")
+        raise AusteerError(
+            f"the fluency budget must be a positive number (a perplexity ratio such as 1.5), got {budget}"
+        )
     if metric not in CHOICE_METRICS:
         raise AusteerError(f"unknown choice metric '{metric}'; choose one of {', '.join(CHOICE_METRICS)}")
     results = evaluate_candidates(model, tokenizer, candidates, prompts, judge, **kwargs)
@@ -247,17 +271,39 @@ def judge_grid(model: nn.Module, tokenizer, layout, data, candidates: Sequence[A
     :class:`~austeer_pl.fit.config.JudgeConfig`). Every process computes the same choice: generation
     is deterministic and the prompts are few. When no steered point beats no steering within the
     budget, the best steered point is kept (the same rule, steered only) and ``beats_unsteered`` is False."""
-    prompts = behaviour_prompts(tokenizer, data.task, data.splits["val"], chat_template=data.config.chat_template)[: config.max_judge_prompts]
+    prompts = behaviour_prompts(tokenizer, data.task, data.splits["val"], chat_template=data.config.chat_template)[
+        : config.max_judge_prompts
+    ]
     if not prompts:
         raise AusteerError("the validation split is empty; raise --data.val_fraction or --data.max_val_examples")
     grid_states = [(f"{c.hyper['site']},k={c.hyper['k']},alpha={c.hyper['alpha']:g}", c.state) for c in candidates]
-    choice = choose_by_judge(model, tokenizer, grid_states, prompts, config.judge, budget=config.fluency_budget, max_new_tokens=config.max_new_tokens,
-                             batch_size=data.batching.eval_batch_size, max_length=data.config.max_length, layout=layout)
+    choice = choose_by_judge(
+        model,
+        tokenizer,
+        grid_states,
+        prompts,
+        config.judge,
+        budget=config.fluency_budget,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=data.batching.eval_batch_size,
+        max_length=data.config.max_length,
+        layout=layout,
+    )
     steered = [r for r in choice.results if r["label"] != UNSTEERED]
     base = next(r for r in choice.results if r["label"] == UNSTEERED)
     beats = choice.choice.label != UNSTEERED
-    label = choice.choice.label if beats else choose_under_budget(choice.results, config.fluency_budget, steered_only=True).label
+    label = (
+        choice.choice.label
+        if beats
+        else choose_under_budget(choice.results, config.fluency_budget, steered_only=True).label
+    )
     index = [r["label"] for r in steered].index(label)
-    grid = [{**jsonable(c.hyper), "n_steered_activations": c.n_steered, **{k: r[k] for k in ("share_positive", "mean_score", "perplexity_ratio", "distinct_2")}}
-            for c, r in zip(candidates, steered)]
+    grid = [
+        {
+            **jsonable(c.hyper),
+            "n_steered_activations": c.n_steered,
+            **{k: r[k] for k in ("share_positive", "mean_score", "perplexity_ratio", "distinct_2")},
+        }
+        for c, r in zip(candidates, steered)
+    ]
     return JudgedGrid(candidates[index], steered[index], base, grid, beats, len(prompts))

@@ -28,8 +28,23 @@ from austeer_pl.methods import get_method
 class StrengthPhase:
     """The learned strengths of one fit (no trainer when no learned variant is fitted)."""
 
-    def __init__(self, model: nn.Module, tokenizer, layout: ModelLayout, data: FitData, config: StrengthConfig, collectives: Collectives) -> None:
-        self.model, self.tokenizer, self.layout, self.data, self.config, self.coll = model, tokenizer, layout, data, config, collectives
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        layout: ModelLayout,
+        data: FitData,
+        config: StrengthConfig,
+        collectives: Collectives,
+    ) -> None:
+        self.model, self.tokenizer, self.layout, self.data, self.config, self.coll = (
+            model,
+            tokenizer,
+            layout,
+            data,
+            config,
+            collectives,
+        )
         self.trainers: dict[str, StrengthTrainer] = {}
         self.seconds: dict[str, float] = {}
         self.logs: list[tuple[str, float]] = []
@@ -42,7 +57,11 @@ class StrengthPhase:
     @property
     def running(self) -> bool:
         """Whether another epoch should run: a trainer is still improving and ``strength_epochs`` are not all done."""
-        return bool(self.trainers) and self.epochs_done < self.config.strength_epochs and not all(t.stopped for t in self.trainers.values())
+        return (
+            bool(self.trainers)
+            and self.epochs_done < self.config.strength_epochs
+            and not all(t.stopped for t in self.trainers.values())
+        )
 
     def _device(self) -> torch.device:
         return next(self.model.parameters()).device
@@ -54,8 +73,15 @@ class StrengthPhase:
         data = self.data
         examples = [data.splits["val"][i] for i in indices]
         prompts = [data.val_prompts[i] for i in indices]
-        return trainer.validation_sums(self.tokenizer, data.task, examples, prompts, scoring=self._scoring,
-                                       batch_size=data.batching.eval_batch_size, max_length=data.config.max_length)
+        return trainer.validation_sums(
+            self.tokenizer,
+            data.task,
+            examples,
+            prompts,
+            scoring=self._scoring,
+            batch_size=data.batching.eval_batch_size,
+            max_length=data.config.max_length,
+        )
 
     def start(self, methods: Sequence[str], base: SteeringState, *, primary: str, scoring: str, criterion: str) -> None:
         """A trainer per learned method, each from ``base`` (the rule ``alpha * m`` is its epoch 0)."""
@@ -66,9 +92,19 @@ class StrengthPhase:
         cfg = self.config
         for method in learned:
             started = time.perf_counter()
-            trainer = StrengthTrainer(self.model, self.layout, base, get_method(method).learned, lr=cfg.strength_lr, kl_weight=cfg.kl_weight,
-                                      loss=cfg.strength_loss, patience=cfg.patience, gate_layer=cfg.gate_layer, gate_width=cfg.gate_width,
-                                      criterion="loss" if criterion == "loss" else "accuracy")
+            trainer = StrengthTrainer(
+                self.model,
+                self.layout,
+                base,
+                get_method(method).learned,
+                lr=cfg.strength_lr,
+                kl_weight=cfg.kl_weight,
+                loss=cfg.strength_loss,
+                patience=cfg.patience,
+                gate_layer=cfg.gate_layer,
+                gate_width=cfg.gate_width,
+                criterion="loss" if criterion == "loss" else "accuracy",
+            )
             sums = torch.zeros(VALIDATION_SUMS, dtype=torch.float64)
             for indices in self.data.example_batches("val", self.coll.rank, self.coll.world):
                 if indices:
@@ -109,7 +145,11 @@ class StrengthPhase:
                 continue
             trainer.end_epoch(epoch, self._reduce(self._sums[method]))
             record = trainer.history[-1]
-            self.logs.extend((f"val/{method}_{key.removeprefix('val_')}", float(value)) for key, value in record.items() if key != "epoch")
+            self.logs.extend(
+                (f"val/{method}_{key.removeprefix('val_')}", float(value))
+                for key, value in record.items()
+                if key != "epoch"
+            )
         return not self.running
 
     def fold(self) -> dict[str, tuple[SteeringState, StrengthTrainer, float]]:

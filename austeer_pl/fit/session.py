@@ -66,17 +66,33 @@ class FitSession:
         collectives: the processes of the fit.
     """
 
-    def __init__(self, model: nn.Module, tokenizer, layout: ModelLayout, data: FitData, config: FitConfig | None = None, *,
-                 methods: Sequence[str] | None = None, grids: Mapping[str, Any] | None = None, primary: str | None = None,
-                 export_anyway: bool = False, collectives: Collectives = ONE_PROCESS) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer,
+        layout: ModelLayout,
+        data: FitData,
+        config: FitConfig | None = None,
+        *,
+        methods: Sequence[str] | None = None,
+        grids: Mapping[str, Any] | None = None,
+        primary: str | None = None,
+        export_anyway: bool = False,
+        collectives: Collectives = ONE_PROCESS,
+    ) -> None:
         self.model, self.tokenizer, self.layout, self.data = model, tokenizer, layout, data
         self.config = config or FitConfig()
         learned = self.config.strength.learned
         methods = (UNSTEERED, FITTED, *([learned] if learned else [])) if methods is None else tuple(methods)
-        wanted = set(methods) | {get_method(m).starts_from for m in methods if get_method(m).starts_from}  # learned variants start from it
+        wanted = set(methods) | {
+            get_method(m).starts_from for m in methods if get_method(m).starts_from
+        }  # learned variants start from it
         self.methods = (UNSTEERED, *[m for m in METHODS if m in wanted and m != UNSTEERED])
         # Every grid method's grid: the registry's default, replaced by ``grids``; AUSteer's is the settings'.
-        self.grids = {**{k: v for k, v in dict(grids or {}).items() if k in METHODS}, FITTED: self.config.grid.as_grid(sign=True)}
+        self.grids = {
+            **{k: v for k, v in dict(grids or {}).items() if k in METHODS},
+            FITTED: self.config.grid.as_grid(sign=True),
+        }
         self.primary = primary or learned or FITTED
         self.export_anyway = export_anyway
         self.coll = collectives
@@ -96,7 +112,16 @@ class FitSession:
         self.timing: dict[str, float] = {}
         self.logs: list[tuple[str, float]] = []  # metrics to log, oldest first; a driver takes them
         self.probe_accuracy: ProbeAccuracy | None = None
-        self.grid = GridScoring(model, tokenizer, layout, data, self.config.selection, collectives, scoring=self.scoring, criterion=self.criterion)
+        self.grid = GridScoring(
+            model,
+            tokenizer,
+            layout,
+            data,
+            self.config.selection,
+            collectives,
+            scoring=self.scoring,
+            criterion=self.criterion,
+        )
         self.strength = StrengthPhase(model, tokenizer, layout, data, self.config.strength, collectives)
         self._strength_base: SteeringState | None = None
         self._readers: dict = {}
@@ -152,15 +177,28 @@ class FitSession:
         grid = self.config.grid
         self.rankings = rank_site_options(self.accumulator, grid.site_options, grid.sign, max(grid.k_values))
         tokens = self.coll.sum(torch.tensor([self.n_tokens], dtype=torch.int64, device=self.device))
-        self.summary.update(fit_tokens=int(tokens), fit_seconds=time.perf_counter() - self._started, n_pairs=self.accumulator.n)
-        self.log(fit__n_pairs=self.accumulator.n, fit__seconds=self.summary["fit_seconds"], fit__tokens=self.summary["fit_tokens"])
+        self.summary.update(
+            fit_tokens=int(tokens), fit_seconds=time.perf_counter() - self._started, n_pairs=self.accumulator.n
+        )
+        self.log(
+            fit__n_pairs=self.accumulator.n,
+            fit__seconds=self.summary["fit_seconds"],
+            fit__tokens=self.summary["fit_tokens"],
+        )
 
     # -- the candidates and the choice
     def fit_context(self, metadata: Mapping[str, Any] | None = None) -> FitContext:
         return FitContext(
-            layout=self.layout, acc=self.accumulator, moments=self.stats.head_moments, probe_accuracy=self.probe_accuracy,
-            rankings=self.rankings, base_model=model_name_of(self.model), token_scope=self.config.grid.token_scope,
-            sign=self.config.grid.sign, layout_spec=self.config.model.layout_spec(), metadata=dict(metadata or {}),
+            layout=self.layout,
+            acc=self.accumulator,
+            moments=self.stats.head_moments,
+            probe_accuracy=self.probe_accuracy,
+            rankings=self.rankings,
+            base_model=model_name_of(self.model),
+            token_scope=self.config.grid.token_scope,
+            sign=self.config.grid.sign,
+            layout_spec=self.config.model.layout_spec(),
+            metadata=dict(metadata or {}),
         )
 
     def build_candidates(self) -> list[Candidate]:
@@ -199,13 +237,28 @@ class FitSession:
         else:
             self.grid.choose_all(self.candidates, self.methods)
             self.finish_grid()
-        self.strength.start(self.methods, self._strength_base or self.state, primary=self.primary, scoring=self.scoring, criterion=self.criterion)
+        self.strength.start(
+            self.methods,
+            self._strength_base or self.state,
+            primary=self.primary,
+            scoring=self.scoring,
+            criterion=self.criterion,
+        )
 
     def fit_metadata(self) -> dict[str, Any]:
         sel = self.config.selection
-        return {"n_pairs": self.accumulator.n, "n_val_examples": len(self.data.splits["val"]), "fit_seconds": self.summary.get("fit_seconds"),
-                "world_size": self.coll.world, "scoring": self.scoring, "criterion": self.criterion, "halving": sel.halving,
-                "harm_budget": sel.harm_budget, "verdict_level": sel.verdict_level, "verdict_correction": sel.verdict_correction}
+        return {
+            "n_pairs": self.accumulator.n,
+            "n_val_examples": len(self.data.splits["val"]),
+            "fit_seconds": self.summary.get("fit_seconds"),
+            "world_size": self.coll.world,
+            "scoring": self.scoring,
+            "criterion": self.criterion,
+            "halving": sel.halving,
+            "harm_budget": sel.harm_budget,
+            "verdict_level": sel.verdict_level,
+            "verdict_correction": sel.verdict_correction,
+        }
 
     def finish_grid(self) -> None:
         """Each method's chosen point becomes its result; AUSteer's becomes :attr:`state` (an empty
@@ -217,13 +270,27 @@ class FitSession:
             cands = [self.candidates[i] for i in idx]
             total_seconds += seconds
             key, value, grid, verdict = grid_record(choice, cands)
-            j = choice.index if method == FITTED and not self.export_anyway else (choice.best if choice.best is not None else 0)
+            j = (
+                choice.index
+                if method == FITTED and not self.export_anyway
+                else (choice.best if choice.best is not None else 0)
+            )
             chosen = cands[j]
 
-            def meta(i: int) -> dict[str, Any]:
-                return {**fit_meta, "val_accuracy_unsteered": choice.accuracy[0], "val_accuracy": choice.accuracy[i], key: value[i],
-                        f"{key}_unsteered": value[0], "harm_kl": choice.harm.get(i, 0.0), "grid": grid, "verdict": verdict,
-                        **({"strength": "momentum", "site": cands[i].hyper.get("site")} if method == FITTED else {})}
+            def meta(
+                i: int, choice=choice, key=key, value=value, grid=grid, verdict=verdict, cands=cands, method=method
+            ) -> dict[str, Any]:
+                return {
+                    **fit_meta,
+                    "val_accuracy_unsteered": choice.accuracy[0],
+                    "val_accuracy": choice.accuracy[i],
+                    key: value[i],
+                    f"{key}_unsteered": value[0],
+                    "harm_kl": choice.harm.get(i, 0.0),
+                    "grid": grid,
+                    "verdict": verdict,
+                    **({"strength": "momentum", "site": cands[i].hyper.get("site")} if method == FITTED else {}),
+                }
 
             if method == FITTED:
                 b = choice.best if choice.best is not None else 1
@@ -232,57 +299,121 @@ class FitSession:
                 best.metadata = {**best.metadata, "fit": meta(b), "data": data_meta}
                 self._strength_base = best
                 if chosen.state is None:  # "no steering" is the choice: an empty state says so wherever it goes
-                    empty = replace(best, **{t: getattr(best, t)[:0] for t in ("site_index", "layer", "unit", "momentum", "scale", "shift")}, alpha=0.0)
-                    chosen = Candidate(FITTED, {"site": best.sites[0] if len(best.sites) == 1 else "both", "k": 0, "alpha": 0.0,
-                                                   "sign": self.config.grid.sign}, empty)
+                    empty = replace(
+                        best,
+                        **{
+                            t: getattr(best, t)[:0]
+                            for t in ("site_index", "layer", "unit", "momentum", "scale", "shift")
+                        },
+                        alpha=0.0,
+                    )
+                    chosen = Candidate(
+                        FITTED,
+                        {
+                            "site": best.sites[0] if len(best.sites) == 1 else "both",
+                            "k": 0,
+                            "alpha": 0.0,
+                            "sign": self.config.grid.sign,
+                        },
+                        empty,
+                    )
             if chosen.state is not None:
-                chosen.state.metadata = {**chosen.state.metadata, "fit": {**meta(j), "site": chosen.hyper.get("site")} if method == FITTED else meta(j),
-                                         "data": data_meta}
+                chosen.state.metadata = {
+                    **chosen.state.metadata,
+                    "fit": {**meta(j), "site": chosen.hyper.get("site")} if method == FITTED else meta(j),
+                    "data": data_meta,
+                }
             self.results[method] = MethodResult(method, chosen, choice.accuracy[j], grid, seconds)
             self.log(**{f"val__{method}_accuracy": choice.accuracy[j]})
             if method == FITTED:
                 self.verdict = verdict
-                self.summary.update(val_accuracy_unsteered=choice.accuracy[0], n_val=len(self.data.splits["val"]), val_accuracy=choice.accuracy[j],
-                                    criterion=choice.criterion, val_criterion_unsteered=choice.values[0], val_criterion=choice.values[j],
-                                    harm_kl=choice.harm.get(j, 0.0), helps=choice.helps, verdict=verdict,
-                                    choice={**chosen.hyper, "val_accuracy": choice.accuracy[j]}, grid=grid, grid_seconds=seconds,
-                                    exported="steered" if chosen.state.k else "no steering")
+                self.summary.update(
+                    val_accuracy_unsteered=choice.accuracy[0],
+                    n_val=len(self.data.splits["val"]),
+                    val_accuracy=choice.accuracy[j],
+                    criterion=choice.criterion,
+                    val_criterion_unsteered=choice.values[0],
+                    val_criterion=choice.values[j],
+                    harm_kl=choice.harm.get(j, 0.0),
+                    helps=choice.helps,
+                    verdict=verdict,
+                    choice={**chosen.hyper, "val_accuracy": choice.accuracy[j]},
+                    grid=grid,
+                    grid_seconds=seconds,
+                    exported="steered" if chosen.state.k else "no steering",
+                )
         if self.grid.choices:
             acc0 = next(iter(self.grid.choices.values()))[1].accuracy[0]
-            self.results = {UNSTEERED: MethodResult(UNSTEERED, self.candidates[0], acc0, [{"n_steered_activations": 0, "val_accuracy": acc0}]),
-                            **self.results}
+            self.results = {
+                UNSTEERED: MethodResult(
+                    UNSTEERED, self.candidates[0], acc0, [{"n_steered_activations": 0, "val_accuracy": acc0}]
+                ),
+                **self.results,
+            }
             self.log(val__unsteered_accuracy=acc0)
         self.summary.update(val_total_seconds=total_seconds)
         austeer = self.results.get(FITTED)
         if austeer is None:  # a comparison without AUSteer
             return
         self.state = austeer.chosen.state
-        self.log(val__accuracy_unsteered=self.summary["val_accuracy_unsteered"], val__accuracy=austeer.val_accuracy,
-                 val__k=austeer.chosen.hyper["k"], val__alpha=austeer.chosen.hyper["alpha"], val__helps=self.verdict["helps"],
-                 val__criterion_gain=self.verdict["criterion_gain"], val__harm_kl=self.summary["harm_kl"])
+        self.log(
+            val__accuracy_unsteered=self.summary["val_accuracy_unsteered"],
+            val__accuracy=austeer.val_accuracy,
+            val__k=austeer.chosen.hyper["k"],
+            val__alpha=austeer.chosen.hyper["alpha"],
+            val__helps=self.verdict["helps"],
+            val__criterion_gain=self.verdict["criterion_gain"],
+            val__harm_kl=self.summary["harm_kl"],
+        )
 
     def judged_choice(self) -> None:
         """A behaviour fit: AUSteer's grid chosen by a judge of generated text under the fluency budget."""
         if any(m != FITTED and not get_method(m).learned for m in self.methods if m != UNSTEERED):
-            raise AusteerError("--compare chooses by accuracy; fit behaviour states with train.py (--model.selection judge)")
+            raise AusteerError(
+                "--compare chooses by accuracy; fit behaviour states with train.py (--model.selection judge)"
+            )
         cfg = self.config.judge
-        out = judge_grid(self.model, self.tokenizer, self.layout, self.data, [c for c in self.candidates if c.method == FITTED], cfg)
+        out = judge_grid(
+            self.model, self.tokenizer, self.layout, self.data, [c for c in self.candidates if c.method == FITTED], cfg
+        )
         chosen, record, base = out.chosen, out.record, out.unsteered
         chosen.state.metadata = {
             **chosen.state.metadata,
-            "fit": {"strength": "momentum", "site": chosen.hyper["site"], "selection": "judge", "judge": cfg.judge, "fluency_budget": cfg.fluency_budget,
-                    "n_pairs": self.accumulator.n, "n_val_prompts": out.n_prompts, "val_share_positive_unsteered": base["share_positive"],
-                    "val_share_positive": record["share_positive"], "val_perplexity_ratio": record["perplexity_ratio"],
-                    "beats_unsteered": out.beats_unsteered, "grid": out.grid, "fit_seconds": self.summary.get("fit_seconds"), "world_size": self.coll.world},
+            "fit": {
+                "strength": "momentum",
+                "site": chosen.hyper["site"],
+                "selection": "judge",
+                "judge": cfg.judge,
+                "fluency_budget": cfg.fluency_budget,
+                "n_pairs": self.accumulator.n,
+                "n_val_prompts": out.n_prompts,
+                "val_share_positive_unsteered": base["share_positive"],
+                "val_share_positive": record["share_positive"],
+                "val_perplexity_ratio": record["perplexity_ratio"],
+                "beats_unsteered": out.beats_unsteered,
+                "grid": out.grid,
+                "fit_seconds": self.summary.get("fit_seconds"),
+                "world_size": self.coll.world,
+            },
             "data": self.data.config.absolute().to_dict(),
         }
         self.results = {FITTED: MethodResult(FITTED, chosen, record["share_positive"], out.grid)}
         self.state = chosen.state
-        self.summary.update(val_accuracy_unsteered=base["share_positive"], val_accuracy=record["share_positive"], selection="judge",
-                            beats_unsteered=out.beats_unsteered, perplexity_ratio=record["perplexity_ratio"], n_val=out.n_prompts,
-                            choice={**chosen.hyper, "share_positive": record["share_positive"]}, grid=out.grid)
-        self.log(val__share_positive_unsteered=base["share_positive"], val__share_positive=record["share_positive"],
-                 val__perplexity_ratio=record["perplexity_ratio"])
+        self.summary.update(
+            val_accuracy_unsteered=base["share_positive"],
+            val_accuracy=record["share_positive"],
+            selection="judge",
+            beats_unsteered=out.beats_unsteered,
+            perplexity_ratio=record["perplexity_ratio"],
+            n_val=out.n_prompts,
+            choice={**chosen.hyper, "share_positive": record["share_positive"]},
+            grid=out.grid,
+        )
+        self.log(
+            val__share_positive_unsteered=base["share_positive"],
+            val__share_positive=record["share_positive"],
+            val__perplexity_ratio=record["perplexity_ratio"],
+        )
 
     # -- the learned strength's fold and verdict
     def finish(self) -> None:
@@ -295,13 +426,22 @@ class FitSession:
         for method, (learned, trainer, local_seconds) in folded.items():
             seconds = self.grid.slowest(local_seconds)
             hyper = {**base.chosen.hyper, "strength": trainer.kind, "best_epoch": trainer.best["epoch"]}
-            self.results[method] = MethodResult(method, Candidate(method, hyper, learned), trainer.best["val_accuracy"], trainer.history,
-                                                base.tuning_seconds + seconds, training_seconds=seconds)
+            self.results[method] = MethodResult(
+                method,
+                Candidate(method, hyper, learned),
+                trainer.best["val_accuracy"],
+                trainer.history,
+                base.tuning_seconds + seconds,
+                training_seconds=seconds,
+            )
             if method != self.primary:
                 continue
             verdict = self.learned_verdict(learned, epochs=len(trainer.history) - 1)
             if verdict is not None:
-                learned.metadata = {**learned.metadata, "fit": {**learned.metadata.get("fit", {}), "learned_verdict": verdict}}
+                learned.metadata = {
+                    **learned.metadata,
+                    "fit": {**learned.metadata.get("fit", {}), "learned_verdict": verdict},
+                }
                 self.summary["learned_verdict"] = verdict
                 self.log(val__learned_helps=verdict["helps"], val__learned_criterion_gain=verdict["gain"])
             if verdict is None or verdict["helps"] or self.export_anyway:
@@ -311,7 +451,10 @@ class FitSession:
                 if verdict is not None and "harm_kl" in verdict:
                     self.summary["harm_kl"] = verdict["harm_kl"]  # the exported state's
             elif self.state is not None:  # the grid's choice stays the export, and says why the learned strength is not
-                self.state.metadata = {**self.state.metadata, "fit": {**self.state.metadata.get("fit", {}), "learned_verdict": verdict}}
+                self.state.metadata = {
+                    **self.state.metadata,
+                    "fit": {**self.state.metadata.get("fit", {}), "learned_verdict": verdict},
+                }
 
     def learned_verdict(self, learned: SteeringState, epochs: int = 1) -> dict[str, Any] | None:
         """The grid's verdict, applied to the learned strength, with one more comparison per trained
@@ -324,15 +467,29 @@ class FitSession:
         _, choice, _ = grid
         # Plain scoring (no replay): a gate reads the residual stream, possibly below the first steered layer.
         stats = self.grid.dealt([learned], 0, len(self.data.splits["val"]), self.grid.scorer(replay=False))[0]
-        grid_tests = (sum(1 for c in self.candidates if c.method == FITTED) if sel.verdict_correction == "grid"
-                      else (choice.rounds[-1]["candidates"] if choice.rounds else 1))
-        verdict = paired_verdict(stats, self.grid.unsteered, self.criterion, level=sel.verdict_level, tests=grid_tests + max(1, epochs),
-                                 what="the learned strength")
+        grid_tests = (
+            sum(1 for c in self.candidates if c.method == FITTED)
+            if sel.verdict_correction == "grid"
+            else (choice.rounds[-1]["candidates"] if choice.rounds else 1)
+        )
+        verdict = paired_verdict(
+            stats,
+            self.grid.unsteered,
+            self.criterion,
+            level=sel.verdict_level,
+            tests=grid_tests + max(1, epochs),
+            what="the learned strength",
+        )
         if sel.harm_budget is not None:
             local = self.grid.harm([learned], replay=False).to(torch.float64)
-            verdict["harm_kl"] = float(self.coll.max(local.to(self.device)).reshape(-1)[0])  # one value on every process
+            verdict["harm_kl"] = float(
+                self.coll.max(local.to(self.device)).reshape(-1)[0]
+            )  # one value on every process
             if verdict["helps"] and verdict["harm_kl"] > sel.harm_budget:
-                verdict.update(helps=False, reason=f"the learned strength's KL on ordinary text {verdict['harm_kl']:.3f} is above the harm budget {sel.harm_budget:g}")
+                verdict.update(
+                    helps=False,
+                    reason=f"the learned strength's KL on ordinary text {verdict['harm_kl']:.3f} is above the harm budget {sel.harm_budget:g}",
+                )
         verdict["val_accuracy"] = float(stats[:, 0].mean())
         return verdict
 
@@ -355,8 +512,12 @@ class FitSession:
     # -- a pass checkpoint (resume)
     def pass_checkpoint(self) -> dict[str, Any]:
         """The pass's statistics for a checkpoint; mid-pass, their sum over processes (a collective)."""
-        return {**self.stats.checkpoint(self.coll, reduced=bool(self.rankings)), "batches_done": self.batches_done, "n_tokens": self.n_tokens,
-                "phase": "strength" if self.strength.trainers else "momentum"}
+        return {
+            **self.stats.checkpoint(self.coll, reduced=bool(self.rankings)),
+            "batches_done": self.batches_done,
+            "n_tokens": self.n_tokens,
+            "phase": "strength" if self.strength.trainers else "momentum",
+        }
 
     def restore_pass(self, saved: Mapping[str, Any]) -> None:
         self.stats.restore(saved, self.coll, self.device)

@@ -59,7 +59,9 @@ class PassStatistics:
     def restore(self, saved: Mapping[str, Any], coll: Collectives, device: torch.device) -> None:
         """Load a :meth:`checkpoint`: the summed counts go to rank zero only, so the end-of-pass sum counts them once."""
         if not saved["reduced"] and saved["world_size"] != coll.world:
-            raise AusteerError(f"the checkpoint was written mid-pass by {saved['world_size']} processes; resume it with --trainer.devices {saved['world_size']}")
+            raise AusteerError(
+                f"the checkpoint was written mid-pass by {saved['world_size']} processes; resume it with --trainer.devices {saved['world_size']}"
+            )
         if coll.rank == 0:
             self.accumulator.load_state_dict(saved["accumulator"])
         self.accumulator.to(device)
@@ -71,7 +73,9 @@ class PassStatistics:
         return self
 
 
-def rank_site_options(acc: MomentumAccumulator, site_options: Sequence[tuple[str, tuple[str, ...]]], sign: str, k_max: int) -> dict[str, Selection]:
+def rank_site_options(
+    acc: MomentumAccumulator, site_options: Sequence[tuple[str, tuple[str, ...]]], sign: str, k_max: int
+) -> dict[str, Selection]:
     """AUSteer's ranking of each site option (``("both", ("attention", "ffn"))``...), cut to ``k_max`` units."""
     rankings = {}
     for name, sites in site_options:

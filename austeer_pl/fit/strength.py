@@ -83,8 +83,14 @@ class StrengthTrainer:
         if self.criterion not in ("accuracy", "loss"):
             raise AusteerError(f"the strength's epoch criterion must be accuracy or loss, not '{self.criterion}'")
         device = next(self.model.parameters()).device
-        self.fn = build_strength(self.kind, self.state.scale.to(device), self.layout, self.state.layer.tolist(),
-                                 gate_layer=self.gate_layer, gate_width=self.gate_width).to(device)
+        self.fn = build_strength(
+            self.kind,
+            self.state.scale.to(device),
+            self.layout,
+            self.state.layer.tolist(),
+            gate_layer=self.gate_layer,
+            gate_width=self.gate_width,
+        ).to(device)
         self.optimizer = torch.optim.Adam(self.fn.parameters(), lr=self.lr)
         self._bad = 0
 
@@ -98,9 +104,13 @@ class StrengthTrainer:
 
     def batch_loss(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(loss, nll, kl)`` of one collated batch (see :func:`~austeer_pl.core.strength.strength_objective`)."""
-        return strength_objective(self.model, self.layout, self.state, self.fn, batch, kl_weight=self.kl_weight, loss=self.loss)
+        return strength_objective(
+            self.model, self.layout, self.state, self.fn, batch, kl_weight=self.kl_weight, loss=self.loss
+        )
 
-    def step(self, batch: dict[str, Any], all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity) -> dict[str, torch.Tensor] | None:
+    def step(
+        self, batch: dict[str, Any], all_reduce_sum: Callable[[torch.Tensor], torch.Tensor] = _identity
+    ) -> dict[str, torch.Tensor] | None:
         """One optimiser step; every process calls it once per global step (with an empty batch if it has none)."""
         if self.stopped:
             return None
@@ -115,7 +125,9 @@ class StrengthTrainer:
         self.optimizer.step()
         return out
 
-    def validation_sums(self, tokenizer, task, examples, prompts, *, scoring: str, batch_size: int, max_length: int | None) -> torch.Tensor:
+    def validation_sums(
+        self, tokenizer, task, examples, prompts, *, scoring: str, batch_size: int, max_length: int | None
+    ) -> torch.Tensor:
         """This process's ``(VALIDATION_SUMS,)`` float64 sums on ``examples`` with the current strength."""
         out = torch.zeros(VALIDATION_SUMS, dtype=torch.float64)
         if not examples:
@@ -123,15 +135,30 @@ class StrengthTrainer:
         answers = torch.tensor([ex.answer for ex in examples])
         with torch.no_grad(), self.handle():
             if scoring == "loglik":
-                scores = choice_logprobs(self.model, tokenizer, prompts, [answer_suffixes(p, ex.choices, task) for p, ex in zip(prompts, examples)],
-                                         batch_size=batch_size, max_length=max_length)
+                scores = choice_logprobs(
+                    self.model,
+                    tokenizer,
+                    prompts,
+                    [answer_suffixes(p, ex.choices, task) for p, ex in zip(prompts, examples)],
+                    batch_size=batch_size,
+                    max_length=max_length,
+                )
                 stats = decision_statistics(scores, answers.tolist())  # correct, margin, choice log-loss
                 starts = torch.tensor([0] + [len(sc) for sc in scores[:-1]]).cumsum(0)
                 out[0] = stats[:, 0].sum()
                 out[2] = -torch.cat([sc.double() for sc in scores])[starts + answers].sum()  # the right answers' NLL
                 out[3] = stats[:, 2].sum()
             else:
-                preds = predict(self.model, tokenizer, task, examples, prompts, scoring=scoring, batch_size=batch_size, max_length=max_length)
+                preds = predict(
+                    self.model,
+                    tokenizer,
+                    task,
+                    examples,
+                    prompts,
+                    scoring=scoring,
+                    batch_size=batch_size,
+                    max_length=max_length,
+                )
                 out[0] = float(preds.eq(answers).sum())
         out[1] = float(len(examples))
         return out
@@ -140,7 +167,11 @@ class StrengthTrainer:
     def record(sums: torch.Tensor) -> dict[str, float]:
         """Reduced validation sums as ``val_accuracy``, ``val_nll``, ``val_choice_loss`` (the latter two 0 under generation)."""
         total = max(float(sums[1]), 1.0)
-        return {"val_accuracy": float(sums[0]) / total, "val_nll": float(sums[2]) / total, "val_choice_loss": float(sums[3]) / total}
+        return {
+            "val_accuracy": float(sums[0]) / total,
+            "val_nll": float(sums[2]) / total,
+            "val_choice_loss": float(sums[3]) / total,
+        }
 
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().clone() for k, v in self.fn.state_dict().items()}
@@ -177,7 +208,13 @@ class StrengthTrainer:
         """The state with the best weights folded in (a scalar into ``scale``, a gate into ``strength_tensors``)."""
         self.fn.load_state_dict(self.best["weights"])
         metadata = learned_fit_metadata(
-            self.state, self.kind, val_accuracy=self.best["val_accuracy"], best_epoch=self.best["epoch"],
-            history=self.history, lr=self.lr, kl_weight=self.kl_weight, loss=self.loss,
+            self.state,
+            self.kind,
+            val_accuracy=self.best["val_accuracy"],
+            best_epoch=self.best["epoch"],
+            history=self.history,
+            lr=self.lr,
+            kl_weight=self.kl_weight,
+            loss=self.loss,
         )
         return fold_strength(self.state, self.fn, metadata)

@@ -85,7 +85,9 @@ class ContrastivePairDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        config, batching = group_settings(DATA_GROUPS, {k: v for k, v in self.hparams.items() if not k.startswith("_")})  # LightningCLI adds _instantiator
+        config, batching = group_settings(
+            DATA_GROUPS, {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+        )  # LightningCLI adds _instantiator
         self.data = FitData(config, batching)
 
     def config(self) -> DataConfig:
@@ -107,16 +109,31 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
         if epoch > 0:  # learned-strength epochs
             batches = self.data.strength_batches(epoch, rank, world)
-            return DataLoader(batches, batch_size=None, collate_fn=self.data.collate_examples_train, num_workers=self.data.batching.num_workers)
+            return DataLoader(
+                batches,
+                batch_size=None,
+                collate_fn=self.data.collate_examples_train,
+                num_workers=self.data.batching.num_workers,
+            )
         module = self.trainer.lightning_module if self.trainer is not None else None
-        progress = (lambda: module.session.batches_done) if module is not None and module.session is not None else (lambda: 0)
-        return ResumableLoader(self.data.pairs, self.data.pair_batches(rank, world), progress, collate_fn=self.data.collate_pairs,
-                               num_workers=self.data.batching.num_workers)
+        progress = (
+            (lambda: module.session.batches_done) if module is not None and module.session is not None else (lambda: 0)
+        )
+        return ResumableLoader(
+            self.data.pairs,
+            self.data.pair_batches(rank, world),
+            progress,
+            collate_fn=self.data.collate_pairs,
+            num_workers=self.data.batching.num_workers,
+        )
 
     def _examples(self, split: str) -> DataLoader:
         rank, world = self._world()
-        return DataLoader(list(range(len(self.data.splits[split]))), batch_sampler=_BatchList(self.data.example_batches(split, rank, world)),
-                          collate_fn=_indices)
+        return DataLoader(
+            list(range(len(self.data.splits[split]))),
+            batch_sampler=_BatchList(self.data.example_batches(split, rank, world)),
+            collate_fn=_indices,
+        )
 
     def val_dataloader(self) -> DataLoader:
         return self._examples("val")
@@ -126,6 +143,8 @@ class ContrastivePairDataModule(pl.LightningDataModule):
 
 
 ContrastivePairDataModule.__doc__ = settings_doc(
-    "Serves contrastive pairs (prompt + right answer vs. prompt + wrong answer) and validation and test examples.", DATA_GROUPS)
+    "Serves contrastive pairs (prompt + right answer vs. prompt + wrong answer) and validation and test examples.",
+    DATA_GROUPS,
+)
 
 __all__ = ["ContrastivePairDataModule", "EncodedPair", "ResumableLoader"]

@@ -73,9 +73,10 @@ class AUSteerModule(pl.LightningModule):
         layout_layers: str | None = ModelConfig.layout_layers,
         layout_attention: str | None = ModelConfig.layout_attention,
         layout_ffn: str | None = ModelConfig.layout_ffn,
-        site: str | list[str] = list(AusteerGrid.site),  # noqa: B008 - a literal list: jsonargparse shows it as the default
-        k: int | list[int] = list(AusteerGrid.k),  # noqa: B008
-        alpha: float | list[float] = list(AusteerGrid.alpha),  # noqa: B008
+        # LightningCLI shows and parses list defaults; they are never mutated.
+        site: str | list[str] = list(AusteerGrid.site),  # noqa: B006
+        k: int | list[int] = list(AusteerGrid.k),  # noqa: B006
+        alpha: float | list[float] = list(AusteerGrid.alpha),  # noqa: B006
         sign: str = AusteerGrid.sign,
         token_scope: str = AusteerGrid.token_scope,
         strength: str = StrengthConfig.strength,
@@ -103,7 +104,9 @@ class AUSteerModule(pl.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        self.config = FitConfig.from_settings({k: v for k, v in self.hparams.items() if not k.startswith("_")})  # LightningCLI adds _instantiator
+        self.config = FitConfig.from_settings(
+            {k: v for k, v in self.hparams.items() if not k.startswith("_")}
+        )  # LightningCLI adds _instantiator
         self.automatic_optimization = False
         self.export_dir = None
         #: Export the best steered grid point even when the verdict says steering did not help (``--export_anyway``).
@@ -118,7 +121,9 @@ class AUSteerModule(pl.LightningModule):
         # The frozen LLM is deliberately not a registered submodule (see `llm`).
         self.__dict__.update(_llm=None, _tokenizer=None, _layout=None)
 
-    def use_methods(self, methods: Sequence[str], grids: Mapping[str, Any] | None = None, *, primary: str = FITTED) -> AUSteerModule:
+    def use_methods(
+        self, methods: Sequence[str], grids: Mapping[str, Any] | None = None, *, primary: str = FITTED
+    ) -> AUSteerModule:
         """Fit, tune (and test) these registered methods in the same run (``evaluate.py --compare``)."""
         self.methods, self.grids, self.primary = tuple(methods), grids, primary
         return self
@@ -129,7 +134,11 @@ class AUSteerModule(pl.LightningModule):
             cfg = self.config.model
             model, tokenizer = load_model(cfg.model_name, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
             spec = cfg.layout_spec()
-            self.__dict__.update(_llm=model.to(self.device), _tokenizer=tokenizer, _layout=locate_units(model, LayoutSpec(**spec) if spec else None))
+            self.__dict__.update(
+                _llm=model.to(self.device),
+                _tokenizer=tokenizer,
+                _layout=locate_units(model, LayoutSpec(**spec) if spec else None),
+            )
 
     @property
     def llm(self) -> nn.Module:
@@ -156,7 +165,9 @@ class AUSteerModule(pl.LightningModule):
 
     def attach(self, model: nn.Module, tokenizer, layout: ModelLayout | None = None) -> AUSteerModule:
         """Use an already loaded model (tests, notebooks) instead of loading ``model_name``."""
-        self.__dict__.update(_llm=model.requires_grad_(False).eval(), _tokenizer=tokenizer, _layout=layout or locate_units(model))
+        self.__dict__.update(
+            _llm=model.requires_grad_(False).eval(), _tokenizer=tokenizer, _layout=layout or locate_units(model)
+        )
         return self
 
     @property
@@ -181,8 +192,18 @@ class AUSteerModule(pl.LightningModule):
     # -- the hooks: each one call of the session
     def setup(self, stage: str) -> None:
         if self.session is None:
-            self.session = FitSession(self.llm, self.tokenizer, self.layout, self.trainer.datamodule.data, self.config, methods=self.methods,
-                                      grids=self.grids, primary=self.primary, export_anyway=self.export_anyway, collectives=StrategyCollectives(self))
+            self.session = FitSession(
+                self.llm,
+                self.tokenizer,
+                self.layout,
+                self.trainer.datamodule.data,
+                self.config,
+                methods=self.methods,
+                grids=self.grids,
+                primary=self.primary,
+                export_anyway=self.export_anyway,
+                collectives=StrategyCollectives(self),
+            )
 
     def configure_optimizers(self):
         return None
@@ -220,7 +241,11 @@ class AUSteerModule(pl.LightningModule):
             self.session.strength.validate(batch["index"])
 
     def on_validation_epoch_end(self) -> None:
-        if self.current_epoch > 0 and self.session.strength.trainers and self.session.strength.end_epoch(self.current_epoch):
+        if (
+            self.current_epoch > 0
+            and self.session.strength.trainers
+            and self.session.strength.end_epoch(self.current_epoch)
+        ):
             self.trainer.should_stop = True
         self._flush()
 
@@ -232,7 +257,12 @@ class AUSteerModule(pl.LightningModule):
         self.session.finish()
         self._flush(direct=True)
         if self.state is not None and self.export_dir is not None and self.trainer.is_global_zero:
-            pins = input_pins(self.trainer.datamodule.config(), self.config.model.model_name, self.llm, cache_dir=self.config.model.cache_dir)
+            pins = input_pins(
+                self.trainer.datamodule.config(),
+                self.config.model.model_name,
+                self.llm,
+                cache_dir=self.config.model.cache_dir,
+            )
             self.state.metadata = {**self.state.metadata, "inputs": pins}
             self.state.save_pretrained(self.export_dir, overwrite=self.overwrite)
 
@@ -249,20 +279,29 @@ class AUSteerModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         saved = self.session.pass_checkpoint()
         dm = self.trainer.datamodule if self._trainer is not None else None
-        checkpoint[CHECKPOINT_KEY] = {**saved, "settings": pass_settings(self.hparams, dm.hparams if dm is not None else {})}
+        checkpoint[CHECKPOINT_KEY] = {
+            **saved,
+            "settings": pass_settings(self.hparams, dm.hparams if dm is not None else {}),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         if CHECKPOINT_KEY not in checkpoint:
-            raise AusteerError("this checkpoint was not written by austeer-pl's AUSteerModule; pass a last.ckpt from a train.py run")
+            raise AusteerError(
+                "this checkpoint was not written by austeer-pl's AUSteerModule; pass a last.ckpt from a train.py run"
+            )
         if checkpoint[CHECKPOINT_KEY].get("phase") == "strength":
-            raise AusteerError("this checkpoint was written during the learned-strength phase, which does not resume; start the fit again "
-                               "(the momentum pass is fast to redo) or resume from an earlier checkpoint")
+            raise AusteerError(
+                "this checkpoint was written during the learned-strength phase, which does not resume; start the fit again "
+                "(the momentum pass is fast to redo) or resume from an earlier checkpoint"
+            )
         self._pending = checkpoint[CHECKPOINT_KEY]
 
 
 AUSteerModule.__doc__ = settings_doc(
     "A frozen causal LM and its fit session: the momentum pass over contrastive pairs, the validation grid and the learned-strength phase, "
     "as Lightning hooks around :class:`~austeer_pl.fit.session.FitSession`. ``train.py`` fits AUSteer (and ``--model.strength``'s learned "
-    "variant); ``evaluate.py --compare`` calls :meth:`use_methods` to fit every registered method in the same run.", MODEL_GROUPS)
+    "variant); ``evaluate.py --compare`` calls :meth:`use_methods` to fit every registered method in the same run.",
+    MODEL_GROUPS,
+)
 
 __all__ = ["AUSteerModule", "StrategyCollectives"]

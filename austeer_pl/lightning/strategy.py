@@ -49,8 +49,14 @@ def make_strategy(name: str, *, timeout_s: float = 1800.0):
 
 
 def frozen_trainer(
-    *, accelerator: str = "auto", devices: Any = None, loggers: Any = False, strategy: str = "auto", ddp_timeout: float = 1800.0,
-    limit_val_batches: float | int | None = None, max_epochs: int = 1,
+    *,
+    accelerator: str = "auto",
+    devices: Any = None,
+    loggers: Any = False,
+    strategy: str = "auto",
+    ddp_timeout: float = 1800.0,
+    limit_val_batches: float | int | None = None,
+    max_epochs: int = 1,
 ) -> pl.Trainer:
     """A Trainer for a frozen fit: one pass epoch (plus learned-strength epochs), no checkpoints, no
     sanity check, no distributed sampler (the data module shards without repeats itself)."""
@@ -60,10 +66,19 @@ def frozen_trainer(
     if strategy == "auto" and n_devices > 1:
         strategy = "ddp"
     return pl.Trainer(
-        max_epochs=max_epochs, reload_dataloaders_every_n_epochs=1 if max_epochs > 1 else 0,
-        accelerator=accelerator, devices=devices, strategy=make_strategy(strategy, timeout_s=ddp_timeout), logger=loggers,
-        enable_checkpointing=False, use_distributed_sampler=False, num_sanity_val_steps=0, enable_progress_bar=sys.stderr.isatty(),
-        enable_model_summary=False, log_every_n_steps=10, limit_val_batches=limit_val_batches,
+        max_epochs=max_epochs,
+        reload_dataloaders_every_n_epochs=1 if max_epochs > 1 else 0,
+        accelerator=accelerator,
+        devices=devices,
+        strategy=make_strategy(strategy, timeout_s=ddp_timeout),
+        logger=loggers,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        num_sanity_val_steps=0,
+        enable_progress_bar=sys.stderr.isatty(),
+        enable_model_summary=False,
+        log_every_n_steps=10,
+        limit_val_batches=limit_val_batches,
     )
 
 
@@ -106,7 +121,9 @@ class PassCheckpoint(Callback):
         finally:
             if trainer.is_global_zero:
                 tmp.unlink(missing_ok=True)
-        failed = trainer.strategy.reduce(torch.tensor([1.0 if failure is not None else 0.0], device=trainer.strategy.root_device), reduce_op="max")
+        failed = trainer.strategy.reduce(
+            torch.tensor([1.0 if failure is not None else 0.0], device=trainer.strategy.root_device), reduce_op="max"
+        )
         if float(failed.reshape(-1)[0]) > 0:
             if isinstance(failure, AusteerError):
                 raise failure
@@ -115,11 +132,24 @@ class PassCheckpoint(Callback):
             if failure is not None and "writ" not in str(failure).lower():
                 raise failure
             detail = str(failure).splitlines()[0][:120] if failure is not None else "it failed on another process"
-            raise AusteerError(f"cannot write the checkpoint {self.last_path} ({detail}); free disk space or choose another --run_dir") from None
+            raise AusteerError(
+                f"cannot write the checkpoint {self.last_path} ({detail}); free disk space or choose another --run_dir"
+            ) from None
 
 
-PASS_SETTINGS_DATA = ("task", "seed", "negatives", "val_fraction", "test_fraction", "max_train_pairs", "chat_template", "max_length", "batch_size",
-                      "protocol", "task_files")
+PASS_SETTINGS_DATA = (
+    "task",
+    "seed",
+    "negatives",
+    "val_fraction",
+    "test_fraction",
+    "max_train_pairs",
+    "chat_template",
+    "max_length",
+    "batch_size",
+    "protocol",
+    "task_files",
+)
 PASS_SETTINGS_MODEL = ("model_name", "dtype", "site", "layout_layers", "layout_attention", "layout_ffn")
 
 
@@ -148,13 +178,19 @@ def check_resume(path: str | Path, settings: dict[str, Any]) -> None:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # truncated zip, not a checkpoint, or objects weights_only refuses
         detail = " ".join(str(err).split())[:120]
-        raise AusteerError(f"--ckpt_path {path} cannot be read as a checkpoint ({type(err).__name__}: {detail}); it is truncated or not from train.py: start the fit again") from None
+        raise AusteerError(
+            f"--ckpt_path {path} cannot be read as a checkpoint ({type(err).__name__}: {detail}); it is truncated or not from train.py: start the fit again"
+        ) from None
     saved = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
     if not isinstance(saved, dict):
-        raise AusteerError(f"--ckpt_path {path} was not written by austeer-pl's train.py; pass a last.ckpt from a train.py run")
+        raise AusteerError(
+            f"--ckpt_path {path} was not written by austeer-pl's train.py; pass a last.ckpt from a train.py run"
+        )
     recorded = saved.get("settings")
     if not isinstance(recorded, dict):
-        raise AusteerError(f"--ckpt_path {path} records no data and model settings (written by an older austeer-pl); start the fit again")
+        raise AusteerError(
+            f"--ckpt_path {path} records no data and model settings (written by an older austeer-pl); start the fit again"
+        )
     for group in ("data", "model"):
         for key, value in settings[group].items():
             before = (recorded.get(group) or {}).get(key)
@@ -167,9 +203,9 @@ def check_resume(path: str | Path, settings: dict[str, Any]) -> None:
 
 __all__ = [
     "CHECKPOINT_KEY",
-    "FrozenDDPStrategy",
     "PASS_SETTINGS_DATA",
     "PASS_SETTINGS_MODEL",
+    "FrozenDDPStrategy",
     "PassCheckpoint",
     "check_resume",
     "frozen_trainer",

@@ -47,7 +47,9 @@ def parse_sites(site: str | Sequence[str]) -> list[tuple[str, tuple[str, ...]]]:
     for opt in options:
         key = str(opt).strip().lower()
         if key not in SITE_OPTIONS:
-            raise SettingError("site", f"'{opt}' is unknown; choose attention, ffn, both or residual (or a list of them)")
+            raise SettingError(
+                "site", f"'{opt}' is unknown; choose attention, ffn, both or residual (or a list of them)"
+            )
         if key not in [o for o, _ in out]:
             out.append((key, SITE_OPTIONS[key]))
     if not out:
@@ -80,7 +82,9 @@ class AusteerGrid:
         if self.sign not in SIGN_POLICIES:
             raise SettingError("sign", f"'{self.sign}' is unknown; choose promote or both")
         if self.token_scope not in TOKEN_SCOPES:
-            raise SettingError("token_scope", f"'{self.token_scope}' is unknown; choose one of {', '.join(TOKEN_SCOPES)}")
+            raise SettingError(
+                "token_scope", f"'{self.token_scope}' is unknown; choose one of {', '.join(TOKEN_SCOPES)}"
+            )
 
     @property
     def site_options(self) -> list[tuple[str, tuple[str, ...]]]:
@@ -97,7 +101,11 @@ class AusteerGrid:
     def as_grid(self, *, sign: bool = False) -> dict[str, list[Any]]:
         """The registry's form: ``{"site": [...], "k": [...], "alpha": [...]}`` (with ``sign``, the sign
         policy the units are ranked with, recorded in every point)."""
-        grid: dict[str, list[Any]] = {"site": [name for name, _ in self.site_options], "k": list(self.k_values), "alpha": list(self.alpha_values)}
+        grid: dict[str, list[Any]] = {
+            "site": [name for name, _ in self.site_options],
+            "k": list(self.k_values),
+            "alpha": list(self.alpha_values),
+        }
         return {**grid, "sign": [self.sign]} if sign else grid
 
     def points(self) -> list[tuple[str, int, float]]:
@@ -114,21 +122,36 @@ def _austeer_points(layout: ModelLayout, grid) -> list[dict[str, Any]]:
 
 def _build_austeer(ctx: FitContext, *, site: str, k: int, alpha: float, sign: str | None = None) -> SteeringState:
     if sign is not None and sign != ctx.sign:
-        raise AusteerError(f"AUSteer's units were ranked with sign policy '{ctx.sign}', not '{sign}'; fit again with that sign")
+        raise AusteerError(
+            f"AUSteer's units were ranked with sign policy '{ctx.sign}', not '{sign}'; fit again with that sign"
+        )
     if site not in ctx.rankings:
         raise AusteerError(f"AUSteer has no ranking for site option '{site}'; the pass did not read it")
     return SteeringState.from_selection(
-        ctx.rankings[site].head(k), ctx.layout, alpha=alpha, base_model=ctx.base_model, sign_policy=ctx.sign,
-        token_scope=ctx.token_scope, metadata=dict(ctx.metadata), layout_spec=ctx.layout_spec,
+        ctx.rankings[site].head(k),
+        ctx.layout,
+        alpha=alpha,
+        base_model=ctx.base_model,
+        sign_policy=ctx.sign,
+        token_scope=ctx.token_scope,
+        metadata=dict(ctx.metadata),
+        layout_spec=ctx.layout_spec,
     )
 
 
 #: AUSteer's registry entry: its default grid is :class:`AusteerGrid`'s.
-AUSTEER = register(Method(
-    FITTED, ("momentum",), ("attention",),
-    grid=AusteerGrid().as_grid(),
-    quick_grid={"site": ["attention"], "k": [10, 50], "alpha": [1.0, 2.0]},
-    strength_key="alpha", points=_austeer_points, build=_build_austeer, order=50,
-))
+AUSTEER = register(
+    Method(
+        FITTED,
+        ("momentum",),
+        ("attention",),
+        grid=AusteerGrid().as_grid(),
+        quick_grid={"site": ["attention"], "k": [10, 50], "alpha": [1.0, 2.0]},
+        strength_key="alpha",
+        points=_austeer_points,
+        build=_build_austeer,
+        order=50,
+    )
+)
 AUSTEER_SCALAR = register(Method("austeer_scalar", ("momentum",), learned="scalar", starts_from=FITTED, order=60))
 AUSTEER_GATE = register(Method("austeer_gate", ("momentum",), learned="gate", starts_from=FITTED, order=70))

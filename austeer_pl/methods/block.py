@@ -51,7 +51,10 @@ class BlockRanking:
         return int(self.layer.numel())
 
     def blocks(self) -> list[tuple[str, int, int]]:
-        return [(self.sites[s], int(l), int(h)) for s, l, h in zip(self.site_index.tolist(), self.layer.tolist(), self.head.tolist())]
+        return [
+            (self.sites[s], int(l), int(h))
+            for s, l, h in zip(self.site_index.tolist(), self.layer.tolist(), self.head.tolist())
+        ]
 
 
 def rank_blocks(acc: MomentumAccumulator, layout: ModelLayout, sites: Sequence[str] = ("attention",)) -> BlockRanking:
@@ -84,7 +87,9 @@ def rank_blocks(acc: MomentumAccumulator, layout: ModelLayout, sites: Sequence[s
         heads.append(head)
     score = torch.cat(scores)
     order = rank_descending([score])
-    return BlockRanking(sites, torch.cat(site_idx)[order], torch.cat(layers)[order], torch.cat(heads)[order], score[order])
+    return BlockRanking(
+        sites, torch.cat(site_idx)[order], torch.cat(layers)[order], torch.cat(heads)[order], score[order]
+    )
 
 
 def block_austeer_state(
@@ -111,7 +116,9 @@ def block_austeer_state(
     ranking = rank_blocks(acc, layout, sites)
     k_blocks = check_count(k_blocks, "k_blocks", ranking.n_blocks, f"blocks at {', '.join(ranking.sites)}")
     site_index, layers, units = [], [], []
-    for s, l, h in zip(ranking.site_index[:k_blocks].tolist(), ranking.layer[:k_blocks].tolist(), ranking.head[:k_blocks].tolist()):
+    for s, l, h in zip(
+        ranking.site_index[:k_blocks].tolist(), ranking.layer[:k_blocks].tolist(), ranking.head[:k_blocks].tolist()
+    ):
         if h >= 0:
             unit = torch.arange(h * layout.head_dim, (h + 1) * layout.head_dim)
         else:
@@ -127,11 +134,26 @@ def block_austeer_state(
         m[rows] = table[layer[rows], unit[rows]]
     blocks = [[site, l, h] for site, l, h in ranking.blocks()[:k_blocks]]
     return block_state(
-        layout, "austeer_block", ranking.sites, site_index, layer, unit,
-        momentum=m, scale=alpha * m, shift=torch.zeros_like(m),
-        alpha=alpha, base_model=base_model, token_scope=token_scope,
-        metadata={"strength": "alpha", "k_blocks": k_blocks, "sites": list(ranking.sites),
-                  "blocks": blocks, "scores": [float(x) for x in ranking.score[:k_blocks]], "n_pairs": acc.n},
+        layout,
+        "austeer_block",
+        ranking.sites,
+        site_index,
+        layer,
+        unit,
+        momentum=m,
+        scale=alpha * m,
+        shift=torch.zeros_like(m),
+        alpha=alpha,
+        base_model=base_model,
+        token_scope=token_scope,
+        metadata={
+            "strength": "alpha",
+            "k_blocks": k_blocks,
+            "sites": list(ranking.sites),
+            "blocks": blocks,
+            "scores": [float(x) for x in ranking.score[:k_blocks]],
+            "n_pairs": acc.n,
+        },
         extra=metadata,
     )
 
@@ -150,9 +172,16 @@ def _build_block(ctx: FitContext, **hyper) -> SteeringState:
 
 
 #: Block-level AUSteer: the ``k_blocks`` best heads by mean |m|, AUSteer's rule on all their units.
-AUSTEER_BLOCK = register(Method(
-    "austeer_block", ("momentum",), ("attention",),
-    grid={"sites": [("attention",)], "k_blocks": [1, 2, 4, 8], "alpha": [0.5, 1.0, 2.0, 4.0, 8.0]},
-    quick_grid={"sites": [("attention",)], "k_blocks": [1, 4], "alpha": [1.0, 4.0]},
-    strength_key="alpha", points=_block_points, build=_build_block, order=40,
-))
+AUSTEER_BLOCK = register(
+    Method(
+        "austeer_block",
+        ("momentum",),
+        ("attention",),
+        grid={"sites": [("attention",)], "k_blocks": [1, 2, 4, 8], "alpha": [0.5, 1.0, 2.0, 4.0, 8.0]},
+        quick_grid={"sites": [("attention",)], "k_blocks": [1, 4], "alpha": [1.0, 4.0]},
+        strength_key="alpha",
+        points=_block_points,
+        build=_build_block,
+        order=40,
+    )
+)

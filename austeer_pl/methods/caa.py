@@ -50,7 +50,7 @@ def caa_candidate_layers(n_layers: int, fractions: Sequence[float] | None = None
         f = float(f)
         if not 0.0 <= f <= 1.0:
             raise AusteerError(f"CAA layer fractions must lie in [0, 1], got {f}")
-        layers.add(int(math.floor(f * (n_layers - 1) + 0.5)))
+        layers.add(math.floor(f * (n_layers - 1) + 0.5))
     return sorted(layers)
 
 
@@ -89,14 +89,18 @@ def caa_state(
     vector = caa_vector(acc, layer)
     size = vector.numel()
     return block_state(
-        layout, "caa", ("residual",),
+        layout,
+        "caa",
+        ("residual",),
         site_index=torch.zeros(size, dtype=torch.long),
         layer=torch.full((size,), layer, dtype=torch.long),
         unit=torch.arange(size),
         momentum=acc.momentum("residual")[layer].cpu(),
         scale=torch.zeros(size),
         shift=(multiplier * vector).cpu(),
-        alpha=multiplier, base_model=base_model, token_scope=token_scope,
+        alpha=multiplier,
+        base_model=base_model,
+        token_scope=token_scope,
         metadata={"strength": "multiplier", "layer": layer, "n_pairs": acc.n, "vector_norm": float(vector.norm())},
         extra=metadata,
     )
@@ -113,9 +117,16 @@ def _build_caa(ctx: FitContext, **hyper) -> SteeringState:
 
 #: CAA: the mean difference at one residual layer; ``layer_fraction`` is the depth (Rimsky et al. find
 #: the best layers about a third of the way in), ``multiplier`` scales the vector.
-CAA = register(Method(
-    "caa", ("momentum",), ("residual",),
-    grid={"layer_fraction": list(CAA_LAYER_FRACTIONS), "multiplier": [0.5, 1.0, 2.0, 4.0, 8.0]},
-    quick_grid={"layer_fraction": [0.3, 0.5], "multiplier": [1.0, 4.0]},
-    strength_key="multiplier", points=_caa_points, build=_build_caa, order=30,
-))
+CAA = register(
+    Method(
+        "caa",
+        ("momentum",),
+        ("residual",),
+        grid={"layer_fraction": list(CAA_LAYER_FRACTIONS), "multiplier": [0.5, 1.0, 2.0, 4.0, 8.0]},
+        quick_grid={"layer_fraction": [0.3, 0.5], "multiplier": [1.0, 4.0]},
+        strength_key="multiplier",
+        points=_caa_points,
+        build=_build_caa,
+        order=30,
+    )
+)

@@ -113,12 +113,21 @@ def iti_state(
     n = unit.numel()
     n_pos, n_neg = moments.counts
     return block_state(
-        layout, "iti", ("attention",),
-        site_index=torch.zeros(n, dtype=torch.long), layer=layer, unit=unit,
-        momentum=torch.zeros(n), scale=torch.zeros(n), shift=shift,
-        alpha=alpha, base_model=base_model, token_scope=token_scope,
+        layout,
+        "iti",
+        ("attention",),
+        site_index=torch.zeros(n, dtype=torch.long),
+        layer=layer,
+        unit=unit,
+        momentum=torch.zeros(n),
+        scale=torch.zeros(n),
+        shift=shift,
+        alpha=alpha,
+        base_model=base_model,
+        token_scope=token_scope,
         metadata={
-            "strength": "alpha", "k_heads": int(layers.numel()),
+            "strength": "alpha",
+            "k_heads": int(layers.numel()),
             "heads": [[int(l), int(h)] for l, h in zip(layers, heads)],
             "val_accuracy": [float(acc_table[l, h]) for l, h in zip(layers, heads)],
             "sigma": [float(sigma[l, h]) for l, h in zip(layers, heads)],
@@ -133,7 +142,9 @@ def iti_state(
 
 # ============================================================================ ITI: reading text
 def _read_pairs(model, tokenizer, pairs, layout, batch_size, max_length, consume) -> None:
-    for pos, neg in read_text_pairs(model, tokenizer, pairs, layout, ["attention"], batch_size=batch_size, max_length=max_length):
+    for pos, neg in read_text_pairs(
+        model, tokenizer, pairs, layout, ["attention"], batch_size=batch_size, max_length=max_length
+    ):
         consume(pos, neg)
 
 
@@ -182,7 +193,9 @@ def accumulate_probe_accuracy(
 # ---------------------------------------------------------------------------- grid expanders
 def _iti_points(layout: ModelLayout, grid) -> list[dict[str, Any]]:
     total = layout.n_layers * layout.n_heads
-    return [{"k_heads": min(int(k), total), "alpha": float(a)} for k, a in itertools.product(grid["k_heads"], grid["alpha"])]
+    return [
+        {"k_heads": min(int(k), total), "alpha": float(a)} for k, a in itertools.product(grid["k_heads"], grid["alpha"])
+    ]
 
 
 def _build_iti(ctx: FitContext, **hyper) -> SteeringState:
@@ -193,9 +206,16 @@ def _build_iti(ctx: FitContext, **hyper) -> SteeringState:
 
 #: ITI: ``k_heads`` heads by validation probe accuracy, strength ``alpha`` in units of the head's
 #: projected standard deviation (Li et al. 2023 use K=48 of 1024 heads and alpha=15 on LLaMA-7B).
-ITI = register(Method(
-    "iti", ("head_moments", "probe_accuracy"), ("attention",),
-    grid={"k_heads": [1, 2, 4, 8, 16, 32, 48], "alpha": [1.0, 2.5, 5.0, 10.0, 15.0, 20.0]},
-    quick_grid={"k_heads": [4, 16], "alpha": [5.0, 15.0]},
-    strength_key="alpha", points=_iti_points, build=_build_iti, order=10,
-))
+ITI = register(
+    Method(
+        "iti",
+        ("head_moments", "probe_accuracy"),
+        ("attention",),
+        grid={"k_heads": [1, 2, 4, 8, 16, 32, 48], "alpha": [1.0, 2.5, 5.0, 10.0, 15.0, 20.0]},
+        quick_grid={"k_heads": [4, 16], "alpha": [5.0, 15.0]},
+        strength_key="alpha",
+        points=_iti_points,
+        build=_build_iti,
+        order=10,
+    )
+)

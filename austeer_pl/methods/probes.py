@@ -82,7 +82,9 @@ class HeadMoments(SummedStatistics):
                 "non-finite activations at the attention site (NaN or inf); load the model in float32 "
                 "or bfloat16 instead of float16, and check the inputs"
             )
-        return x.to(self.tensors["sum"].device, torch.float64).view(x.shape[0], self.n_layers, self.n_heads, self.head_dim)
+        return x.to(self.tensors["sum"].device, torch.float64).view(
+            x.shape[0], self.n_layers, self.n_heads, self.head_dim
+        )
 
     def update_class(self, acts: torch.Tensor | Mapping[str, torch.Tensor], label: int) -> None:
         """Add a batch ``(batch, layers, n_heads * head_dim)`` of one class (0 positive, 1 negative)."""
@@ -95,7 +97,9 @@ class HeadMoments(SummedStatistics):
         self.tensors["outer"][label].add_(torch.einsum("blhi,blhj->lhij", x, x))
         self.tensors["count"][label].add_(x.shape[0])
 
-    def update(self, pos: torch.Tensor | Mapping[str, torch.Tensor], neg: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+    def update(
+        self, pos: torch.Tensor | Mapping[str, torch.Tensor], neg: torch.Tensor | Mapping[str, torch.Tensor]
+    ) -> None:
         """Add a batch of positive and one of negative activations (sizes may differ; mappings use ``"attention"``)."""
         xp, xn = self._heads(pos), self._heads(neg)  # validate both before changing anything
         for label, x in ((0, xp), (1, xn)):
@@ -236,12 +240,16 @@ class ProbeAccuracy(SummedStatistics):
                 "total": torch.zeros(shape, dtype=torch.int64, device=probe.weight.device),
             }
 
-    def update(self, pos: torch.Tensor | Mapping[str, torch.Tensor], neg: torch.Tensor | Mapping[str, torch.Tensor]) -> None:
+    def update(
+        self, pos: torch.Tensor | Mapping[str, torch.Tensor], neg: torch.Tensor | Mapping[str, torch.Tensor]
+    ) -> None:
         """Count a batch of positive and one of negative validation activations."""
         sp, sn = self.probe.scores(pos), self.probe.scores(neg)
         for s in (sp, sn):
             if not torch.isfinite(s).all():
-                raise AusteerError("non-finite activations at the attention site (NaN or inf); check the model dtype and inputs")
+                raise AusteerError(
+                    "non-finite activations at the attention site (NaN or inf); check the model dtype and inputs"
+                )
         self.tensors["correct"].add_((sp > 0).sum(0) + (sn <= 0).sum(0))
         self.tensors["total"].add_(sp.shape[0] + sn.shape[0])
 

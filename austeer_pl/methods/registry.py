@@ -147,7 +147,9 @@ def learned_methods() -> dict[str, str]:
     return {name: m.learned for name, m in METHODS.items() if m.learned}
 
 
-def grid_points(method: str, layout: ModelLayout, grid: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
+def grid_points(
+    method: str, layout: ModelLayout, grid: Mapping[str, Sequence[Any]] | None = None
+) -> list[dict[str, Any]]:
     """``method``'s grid for one model (see :meth:`Method.grid_points`).
 
     Example:
@@ -175,12 +177,12 @@ def needs(methods: Sequence[str]) -> set[str]:
 
 __all__ = [
     "FITTED",
-    "FitContext",
     "GRID_PRESETS",
     "METHODS",
-    "Method",
     "STATISTICS",
     "UNSTEERED",
+    "FitContext",
+    "Method",
     "build_state",
     "get_method",
     "grid_points",

@@ -124,11 +124,20 @@ def sadi_state(
     hyper["heads" if site == "attention" else "units"] = blocks
     hyper["scores"] = [float(s) for s in block_scores]
     return block_state(
-        layout, "sadi", (site,),
-        site_index=torch.zeros(n, dtype=torch.long), layer=layer, unit=unit,
+        layout,
+        "sadi",
+        (site,),
+        site_index=torch.zeros(n, dtype=torch.long),
+        layer=layer,
+        unit=unit,
         momentum=acc.momentum(site).cpu()[layer, unit],
-        scale=delta * direction, shift=torch.zeros(n),
-        alpha=delta, base_model=base_model, token_scope=token_scope, metadata=hyper, extra=metadata,
+        scale=delta * direction,
+        shift=torch.zeros(n),
+        alpha=delta,
+        base_model=base_model,
+        token_scope=token_scope,
+        metadata=hyper,
+        extra=metadata,
     )
 
 
@@ -137,10 +146,16 @@ def _sadi_points(layout: ModelLayout, grid) -> list[dict[str, Any]]:
     for site in grid.get("site", ["attention"]):
         if site == "attention":
             total = layout.n_layers * layout.n_heads
-            out += [{"site": site, "k_heads": min(int(k), total), "delta": float(d)} for k, d in itertools.product(grid["k_heads"], grid["delta"])]
+            out += [
+                {"site": site, "k_heads": min(int(k), total), "delta": float(d)}
+                for k, d in itertools.product(grid["k_heads"], grid["delta"])
+            ]
         else:
             total = layout.n_layers * layout.site(site).size
-            out += [{"site": site, "k_units": min(int(k), total), "delta": float(d)} for k, d in itertools.product(grid["k_units"], grid["delta"])]
+            out += [
+                {"site": site, "k_units": min(int(k), total), "delta": float(d)}
+                for k, d in itertools.product(grid["k_units"], grid["delta"])
+            ]
     return out
 
 
@@ -152,9 +167,21 @@ def _build_sadi(ctx: FitContext, **hyper) -> SteeringState:
 #: units; ``delta`` is the added fraction (``a -> (1 + delta) a``). The official code sweeps 1..10 heads
 #: and 1..20 units with strengths 5..80 at the last prompt token only (delta = s - 1); we steer every
 #: position, so the grid is lower.
-SADI = register(Method(
-    "sadi", ("momentum",), ("attention", "ffn"),
-    grid={"site": ["attention"], "k_heads": [1, 2, 4, 6, 8, 10], "k_units": [1, 2, 4, 8, 16, 20], "delta": [0.5, 1.0, 2.0, 4.0, 9.0, 19.0]},
-    quick_grid={"site": ["attention"], "k_heads": [2, 8], "k_units": [4, 16], "delta": [1.0, 4.0]},
-    strength_key="delta", points=_sadi_points, build=_build_sadi, order=20,
-))
+SADI = register(
+    Method(
+        "sadi",
+        ("momentum",),
+        ("attention", "ffn"),
+        grid={
+            "site": ["attention"],
+            "k_heads": [1, 2, 4, 6, 8, 10],
+            "k_units": [1, 2, 4, 8, 16, 20],
+            "delta": [0.5, 1.0, 2.0, 4.0, 9.0, 19.0],
+        },
+        quick_grid={"site": ["attention"], "k_heads": [2, 8], "k_units": [4, 16], "delta": [1.0, 4.0]},
+        strength_key="delta",
+        points=_sadi_points,
+        build=_build_sadi,
+        order=20,
+    )
+)

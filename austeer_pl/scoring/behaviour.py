@@ -68,7 +68,11 @@ def ratio(value: float, base: float) -> float:
 
 def judge_info(judge: JudgeLike) -> dict[str, Any]:
     describe = getattr(judge, "describe", None)
-    return describe() if callable(describe) else {"name": judge.name, "score_name": judge.score_name, "threshold": judge.threshold}
+    return (
+        describe()
+        if callable(describe)
+        else {"name": judge.name, "score_name": judge.score_name, "threshold": judge.threshold}
+    )
 
 
 def behaviour_report(
@@ -107,10 +111,26 @@ def behaviour_report(
         raise AusteerError("no prompts to generate from; give at least one held-out prompt")
     if generations is None:
         generations = generate_pairs(
-            model, tokenizer, state, prompts, alpha=alpha, max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length, layout=layout
+            model,
+            tokenizer,
+            state,
+            prompts,
+            alpha=alpha,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            max_length=max_length,
+            layout=layout,
         )
     metrics = {
-        side: text_metrics(model, tokenizer, generations.prompts, getattr(generations, side), judge, batch_size=batch_size, max_length=max_length)
+        side: text_metrics(
+            model,
+            tokenizer,
+            generations.prompts,
+            getattr(generations, side),
+            judge,
+            batch_size=batch_size,
+            max_length=max_length,
+        )
         for side in ("unsteered", "steered")
     }
     return {

@@ -42,7 +42,7 @@ def check_scoring(scoring: str) -> str:
 
 def answer_suffixes(prompt_text: str, choices: Sequence[str], task: Task | None = None) -> list[str]:
     """Each choice as the text that follows ``prompt_text`` (the joining rule of the task, :func:`~austeer_pl.tasks.join_for`)."""
-    return [join_for(task or _DEFAULT, prompt_text, c)[len(prompt_text):] for c in choices]
+    return [join_for(task or _DEFAULT, prompt_text, c)[len(prompt_text) :] for c in choices]
 
 
 _DEFAULT = Task("default", ())
@@ -69,10 +69,13 @@ def predict(
     if not examples:
         return torch.empty(0, dtype=torch.long)
     if scoring == "paper":
-
         config = getattr(model, "config", None)
-        tokens = max_new_tokens or paper_max_new_tokens(task.name, str(getattr(config, "name_or_path", "")), getattr(config, "model_type", None))
-        texts = generate_new_text(model, tokenizer, prompts, max_new_tokens=tokens, batch_size=batch_size, max_length=max_length)
+        tokens = max_new_tokens or paper_max_new_tokens(
+            task.name, str(getattr(config, "name_or_path", "")), getattr(config, "model_type", None)
+        )
+        texts = generate_new_text(
+            model, tokenizer, prompts, max_new_tokens=tokens, batch_size=batch_size, max_length=max_length
+        )
         return torch.tensor([paper_prediction(ex, t) for t, ex in zip(texts, examples)], dtype=torch.long)
     if scoring == "loglik":
         answers = [answer_suffixes(p, ex.choices, task) for p, ex in zip(prompts, examples)]
@@ -80,10 +83,16 @@ def predict(
         return torch.stack([s.argmax() for s in scores])
     numeric = task.scoring == "generate"
     if max_new_tokens is None:
-        longest = max(len(t) for ex in examples for t in tokenizer(list(ex.choices), add_special_tokens=False)["input_ids"])
+        longest = max(
+            len(t) for ex in examples for t in tokenizer(list(ex.choices), add_special_tokens=False)["input_ids"]
+        )
         max_new_tokens = 16 if numeric else longest + 2
-    texts = generate_new_text(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
-    return torch.tensor([generation_prediction(t, ex.choices, numeric=numeric) for t, ex in zip(texts, examples)], dtype=torch.long)
+    texts = generate_new_text(
+        model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length
+    )
+    return torch.tensor(
+        [generation_prediction(t, ex.choices, numeric=numeric) for t, ex in zip(texts, examples)], dtype=torch.long
+    )
 
 
 def class_label(ex: TaskExample, by_text: bool) -> str:
@@ -147,7 +156,18 @@ def evaluate_examples(
     with ctx:
         for start in range(0, len(examples), batch_size):
             chunk = slice(start, start + batch_size)
-            preds.append(predict(model, tokenizer, task, examples[chunk], prompts[chunk], scoring=scoring, batch_size=batch_size, max_length=max_length))
+            preds.append(
+                predict(
+                    model,
+                    tokenizer,
+                    task,
+                    examples[chunk],
+                    prompts[chunk],
+                    scoring=scoring,
+                    batch_size=batch_size,
+                    max_length=max_length,
+                )
+            )
             if progress is not None:
                 progress(len(preds[-1]))
     return accuracy_summary(examples, torch.cat(preds))

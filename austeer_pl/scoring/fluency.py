@@ -51,16 +51,24 @@ def continuation_nll(
         >>> nll, n = continuation_nll(model, tok, ["Q:"], [" yes"])
     """
     if len(prompts) != len(continuations):
-        raise AusteerError(f"{len(prompts)} prompts but {len(continuations)} continuations; give one continuation per prompt")
+        raise AusteerError(
+            f"{len(prompts)} prompts but {len(continuations)} continuations; give one continuation per prompt"
+        )
     if batch_size <= 0:
         raise AusteerError(f"batch_size must be positive, got {batch_size}")
     n = len(prompts)
     total = torch.zeros(n, dtype=torch.float64)
     count = torch.zeros(n, dtype=torch.long)
     # An empty continuation (or one that adds no token to its prompt) has no tokens to score.
-    whole = tokenizer([p + c for p, c in zip(prompts, continuations)], add_special_tokens=True)["input_ids"] if n else []
+    whole = (
+        tokenizer([p + c for p, c in zip(prompts, continuations)], add_special_tokens=True)["input_ids"] if n else []
+    )
     alone = tokenizer(list(prompts), add_special_tokens=True)["input_ids"] if n else []
-    scored = [i for i in range(n) if continuations[i] and not (len(whole[i]) <= len(alone[i]) and whole[i] == alone[i][: len(whole[i])])]
+    scored = [
+        i
+        for i in range(n)
+        if continuations[i] and not (len(whole[i]) <= len(alone[i]) and whole[i] == alone[i][: len(whole[i])])
+    ]
     if not scored:
         return total, count
     device = next(model.parameters()).device
@@ -76,12 +84,18 @@ def continuation_nll(
         ids, mask = pad_ids([seqs[i] for i in rows], pad, side="left", device=device)
         span = max(lengths[i] for i in rows)
         logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=span + 1, use_cache=False
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            logits_to_keep=span + 1,
+            use_cache=False,
         ).logits
         # Position t predicts token t + 1: the last `span` tokens are predicted by the `span` positions before the end.
         logits = logits[:, -(span + 1) : -1].float()
         target = ids[:, -span:]
-        nll = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none").view(len(rows), span)
+        nll = nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none"
+        ).view(len(rows), span)
         lens = torch.tensor([lengths[i] for i in rows], device=nll.device)
         keep = torch.arange(span, device=nll.device).unsqueeze(0) >= (span - lens).unsqueeze(1)
         index = torch.tensor(rows)
@@ -121,7 +135,9 @@ def perplexity(
         >>> perplexity(model, tok, ["Review:"], [" A fine film."])
         tensor([23.4], dtype=torch.float64)
     """
-    total, count = continuation_nll(model, tokenizer, prompts, continuations, batch_size=batch_size, max_length=max_length)
+    total, count = continuation_nll(
+        model, tokenizer, prompts, continuations, batch_size=batch_size, max_length=max_length
+    )
     out = torch.full_like(total, math.nan)
     has = count > 0
     out[has] = torch.exp(total[has] / count[has].double())

@@ -34,15 +34,21 @@ class GenerationPairs:
     steered: list[str]
 
     def rows(self) -> list[dict[str, str]]:
-        return [{"prompt": p, "unsteered": u, "steered": s} for p, u, s in zip(self.prompts, self.unsteered, self.steered)]
+        return [
+            {"prompt": p, "unsteered": u, "steered": s} for p, u, s in zip(self.prompts, self.unsteered, self.steered)
+        ]
 
 
-def _generation_config(model: nn.Module, tokenizer, *, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float):
+def _generation_config(
+    model: nn.Module, tokenizer, *, max_new_tokens: int, do_sample: bool, temperature: float, top_p: float
+):
 
     eos = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if eos is None:
         eos = tokenizer.eos_token_id
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id_of(tokenizer), eos_token_id=eos)
+    kwargs: dict[str, Any] = dict(
+        max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad_id_of(tokenizer), eos_token_id=eos
+    )
     if do_sample:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
     return GenerationConfig(**kwargs)
@@ -54,7 +60,9 @@ def _check_generation_args(max_new_tokens: int, batch_size: int, temperature: fl
     if batch_size < 1:
         raise AusteerError(f"batch_size must be positive, got {batch_size}")
     if not temperature > 0 or not 0 < top_p <= 1:
-        raise AusteerError(f"sampling needs temperature > 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}")
+        raise AusteerError(
+            f"sampling needs temperature > 0 and 0 < top_p <= 1, got temperature={temperature}, top_p={top_p}"
+        )
 
 
 @torch.inference_mode()
@@ -88,7 +96,9 @@ def generate_new_text(
     """
     _check_generation_args(max_new_tokens, batch_size, temperature, top_p)
     device = next(model.parameters()).device
-    config = _generation_config(model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p)
+    config = _generation_config(
+        model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
+    )
     ids_all = encode_segments(tokenizer, list(prompts), special=True)
     if any(len(ids) == 0 for ids in ids_all):
         raise AusteerError("a prompt tokenizes to nothing; give every prompt some text")
@@ -100,7 +110,9 @@ def generate_new_text(
         for b, start in enumerate(range(0, len(ids_all), batch_size)):
             chunk = ids_all[start : start + batch_size]
             ids, mask = pad_ids(chunk, config.pad_token_id, side="left", device=device)
-            rng = torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if do_sample else nullcontext()
+            rng = (
+                torch.random.fork_rng(devices=[device] if device.type == "cuda" else []) if do_sample else nullcontext()
+            )
             with rng:
                 if do_sample:
                     torch.manual_seed(seed + b)

@@ -89,10 +89,14 @@ class Judge:
         texts = list(texts)
         scores = [float(s) for s in self.score(texts)]
         if len(scores) != len(texts):
-            raise AusteerError(f"judge '{self.name}' returned {len(scores)} scores for {len(texts)} texts; return one score per text")
+            raise AusteerError(
+                f"judge '{self.name}' returned {len(scores)} scores for {len(texts)} texts; return one score per text"
+            )
         for value in scores:
             if not math.isfinite(value):
-                raise AusteerError(f"judge '{self.name}' returned a non-finite score ({value}); return a finite number per text")
+                raise AusteerError(
+                    f"judge '{self.name}' returned a non-finite score ({value}); return a finite number per text"
+                )
         return JudgeResult(scores, [s >= self.threshold for s in scores])
 
     def __call__(self, texts: Sequence[str]) -> list[float]:
@@ -154,7 +158,13 @@ class CallableJudge(Judge):
     """
 
     def __init__(
-        self, fn: Callable[..., Any], *, threshold: float = 0.5, name: str = "callable", score_name: str = "score", batched: bool = True
+        self,
+        fn: Callable[..., Any],
+        *,
+        threshold: float = 0.5,
+        name: str = "callable",
+        score_name: str = "score",
+        batched: bool = True,
     ) -> None:
         if not callable(fn):
             raise AusteerError(f"a callable judge needs a function, got {type(fn).__name__}")
@@ -172,7 +182,9 @@ class CallableJudge(Judge):
         try:
             return [float(v) for v in raw]
         except (TypeError, ValueError):
-            raise AusteerError(f"judge '{self.name}' must return numbers (or booleans), got {type(raw).__name__}") from None
+            raise AusteerError(
+                f"judge '{self.name}' must return numbers (or booleans), got {type(raw).__name__}"
+            ) from None
 
 
 class ClassifierJudge(Judge):
@@ -209,25 +221,34 @@ class ClassifierJudge(Judge):
 
         folder = Path(path)
         if not folder.is_dir():
-            raise AusteerError(f"no classifier at {folder}: the folder does not exist; pass a folder written by save_pretrained")
+            raise AusteerError(
+                f"no classifier at {folder}: the folder does not exist; pass a folder written by save_pretrained"
+            )
         try:  # custom code is never run: transformers would ask on stdin, and a "y" would run the folder's Python
             self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-            self.model = AutoModelForSequenceClassification.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                str(folder), local_files_only=True, trust_remote_code=False
+            )
         except (OSError, ValueError, KeyError) as err:
-
-            raise load_error(err, f"the classifier judge {folder}", "pass a folder with its config, weights and tokenizer") from None
+            raise load_error(
+                err, f"the classifier judge {folder}", "pass a folder with its config, weights and tokenizer"
+            ) from None
         self.model.eval().requires_grad_(False)
         if device is not None:
             self.model.to(device)
         if self.tokenizer.pad_token_id is None:
             if self.tokenizer.eos_token_id is None:
-                raise AusteerError(f"the tokenizer in {folder} has neither a pad nor an eos token; set one and save it again")
+                raise AusteerError(
+                    f"the tokenizer in {folder} has neither a pad nor an eos token; set one and save it again"
+                )
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:
             self.model.config.pad_token_id = self.tokenizer.pad_token_id
         self.label_index = self._resolve_label(positive_label)
         n_labels = int(self.model.config.num_labels)
-        label_name = (self.model.config.id2label or {}).get(self.label_index, str(self.label_index)) if n_labels > 1 else "1"
+        label_name = (
+            (self.model.config.id2label or {}).get(self.label_index, str(self.label_index)) if n_labels > 1 else "1"
+        )
         self.name = f"classifier:{folder}"
         self.score_name = f"p({label_name})"
         self.threshold = float(threshold)
@@ -243,19 +264,25 @@ class ClassifierJudge(Judge):
             return 0
         if isinstance(positive_label, int) and not isinstance(positive_label, bool):
             if not 0 <= positive_label < n:
-                raise AusteerError(f"positive_label={positive_label} is out of range for a {n}-label classifier; use 0..{n - 1}")
+                raise AusteerError(
+                    f"positive_label={positive_label} is out of range for a {n}-label classifier; use 0..{n - 1}"
+                )
             return positive_label
         if isinstance(positive_label, str):
             hits = [i for i, name in id2label.items() if name.lower() == positive_label.lower()]
             if not hits:
-                raise AusteerError(f"the classifier has no label '{positive_label}' (its labels: {', '.join(id2label.values())}); pass one of them")
+                raise AusteerError(
+                    f"the classifier has no label '{positive_label}' (its labels: {', '.join(id2label.values())}); pass one of them"
+                )
             return hits[0]
         hits = [i for i, name in id2label.items() if name.lower() in ("positive", "pos")]
         if len(hits) == 1:
             return hits[0]
         if n == 2:
             return 1
-        raise AusteerError(f"cannot tell which of the classifier's {n} labels ({', '.join(id2label.values())}) is the behaviour; pass positive_label")
+        raise AusteerError(
+            f"cannot tell which of the classifier's {n} labels ({', '.join(id2label.values())}) is the behaviour; pass positive_label"
+        )
 
     @torch.inference_mode()
     def score(self, texts: Sequence[str]) -> list[float]:
@@ -264,7 +291,11 @@ class ClassifierJudge(Judge):
         out: list[float] = []
         for start in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(
-                texts[start : start + self.batch_size], return_tensors="pt", padding=True, truncation=True, max_length=self.max_length
+                texts[start : start + self.batch_size],
+                return_tensors="pt",
+                padding=True,
+                truncation=True,
+                max_length=self.max_length,
             ).to(device)
             logits = self.model(**batch).logits.float()
             if logits.shape[-1] == 1:
@@ -305,17 +336,19 @@ def load_judge(spec: str | os.PathLike | JudgeLike | Callable[..., Any] | None =
     path = Path(text).expanduser()
     if path.is_dir():
         return ClassifierJudge(path, **kwargs)
-    raise AusteerError(f"unknown judge '{text}': not vader, vader:negative or an existing classifier folder; pass one of {', '.join(JUDGE_SPECS)}")
+    raise AusteerError(
+        f"unknown judge '{text}': not vader, vader:negative or an existing classifier folder; pass one of {', '.join(JUDGE_SPECS)}"
+    )
 
 
 __all__ = [
+    "JUDGE_SPECS",
+    "VADER_THRESHOLD",
     "CallableJudge",
     "ClassifierJudge",
-    "JUDGE_SPECS",
     "Judge",
     "JudgeLike",
     "JudgeResult",
-    "VADER_THRESHOLD",
     "VaderJudge",
     "load_judge",
 ]

@@ -66,7 +66,9 @@ def choice_logprobs(
     for j, i in enumerate(owner):
         prompt_ids.setdefault(i, pair_prompt_ids[j])
     # One forward per prompt when every choice is one token after the same prompt ids.
-    single = all(len(a) == 1 for a in answer_ids) and all(pair_prompt_ids[j] == prompt_ids[owner[j]] for j in range(len(owner)))
+    single = all(len(a) == 1 for a in answer_ids) and all(
+        pair_prompt_ids[j] == prompt_ids[owner[j]] for j in range(len(owner))
+    )
 
     if single:
         # One forward pass per prompt: every choice is a single token predicted at its last position.
@@ -77,7 +79,13 @@ def choice_logprobs(
         for start in range(0, len(prompts), batch_size):
             chunk = range(start, min(start + batch_size, len(prompts)))
             ids, mask = pad_ids([truncate_left(prompt_ids.get(i, []), max_length) for i in chunk], pad, device=device)
-            logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=1, use_cache=False).logits
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                logits_to_keep=1,
+                use_cache=False,
+            ).logits
             logp = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
             cols = [j for i in chunk for j in rows_of[i]]
             rows = torch.tensor([i - start for i in chunk for _ in rows_of[i]])
@@ -90,7 +98,11 @@ def choice_logprobs(
             ids, mask = pad_ids([seqs[j] for j in chunk], pad, device=device)
             span = max(lengths[j] for j in chunk)
             logits = model(
-                input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), logits_to_keep=span + 1, use_cache=False
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids_from_mask(mask),
+                logits_to_keep=span + 1,
+                use_cache=False,
             ).logits
             # Position t predicts token t + 1: the last `span` tokens are predicted by the `span` positions before the end.
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
@@ -98,7 +110,9 @@ def choice_logprobs(
             picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, span)
             lens = torch.tensor([lengths[j] for j in chunk], device=picked.device)
             keep = torch.arange(span, device=picked.device).unsqueeze(0) >= (span - lens).unsqueeze(1)
-            out[list(chunk)] = torch.where(keep, picked, 0.0).sum(-1).float().cpu()  # where, not *: a pad position may hold NaN
+            out[list(chunk)] = (
+                torch.where(keep, picked, 0.0).sum(-1).float().cpu()
+            )  # where, not *: a pad position may hold NaN
     if bool(torch.isnan(out).any()):
         bad = int(torch.isnan(out).nonzero()[0, 0])
         raise AusteerError(

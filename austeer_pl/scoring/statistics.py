@@ -61,8 +61,15 @@ def _normal_quantile(p: float) -> float:
     return float(torch.distributions.Normal(0.0, 1.0).icdf(torch.tensor(p, dtype=torch.float64)))
 
 
-def paired_verdict(steered: torch.Tensor, unsteered: torch.Tensor, criterion: str, *, level: float = 0.05, tests: int = 1,
-                   what: str = "the steered state") -> dict[str, Any]:
+def paired_verdict(
+    steered: torch.Tensor,
+    unsteered: torch.Tensor,
+    criterion: str,
+    *,
+    level: float = 0.05,
+    tests: int = 1,
+    what: str = "the steered state",
+) -> dict[str, Any]:
     """Whether ``steered`` beats ``unsteered`` on the same examples beyond the noise.
 
     Both are ``(n, 3)`` per-example statistics (:data:`~austeer_pl.scoring.loglik.DECISION_STATISTICS`). The
@@ -77,12 +84,22 @@ def paired_verdict(steered: torch.Tensor, unsteered: torch.Tensor, criterion: st
     se = float(d.std(unbiased=True) / math.sqrt(n)) if n > 1 else float("inf")
     acc_gain = float(steered[:, 0].mean() - unsteered[:, 0].mean()) if n else 0.0
     z = _normal_quantile(1.0 - min(level, 1.0) / max(1, tests)) if level < 1 else 0.0
-    out = {"helps": False, "gain": gain, "gain_se": se, "threshold": z * se, "accuracy_gain": acc_gain, "n": n, "tests": tests}
+    out = {
+        "helps": False,
+        "gain": gain,
+        "gain_se": se,
+        "threshold": z * se,
+        "accuracy_gain": acc_gain,
+        "n": n,
+        "tests": tests,
+    }
     if level >= 1:
         out.update(helps=True, reason="verdict off (--model.verdict_level 1)")
     elif gain <= z * se:
-        out["reason"] = (f"{what}'s validation {criterion} gain {gain:+.4f} is within the noise "
-                         f"({z:.2f} x se {se:.4f} over {n} examples, {tests} comparisons)")
+        out["reason"] = (
+            f"{what}'s validation {criterion} gain {gain:+.4f} is within the noise "
+            f"({z:.2f} x se {se:.4f} over {n} examples, {tests} comparisons)"
+        )
     elif acc_gain < 0:
         out["reason"] = f"{what} by {criterion} lowers validation accuracy ({acc_gain:+.3f})"
     else:
@@ -107,4 +124,9 @@ def mcnemar(base_correct: Sequence[int], new_correct: Sequence[int]) -> dict[str
     lost = sum(1 for a, b in zip(base_correct, new_correct) if a and not b)
     m = gained + lost
     tail = sum(math.comb(m, i) for i in range(min(gained, lost) + 1)) / 2**m if m else 1.0
-    return {"gained": gained, "lost": lost, "p_value": min(1.0, 2 * tail), "significant_at_0.05": m > 0 and min(1.0, 2 * tail) < 0.05}
+    return {
+        "gained": gained,
+        "lost": lost,
+        "p_value": min(1.0, 2 * tail),
+        "significant_at_0.05": m > 0 and min(1.0, 2 * tail) < 0.05,
+    }

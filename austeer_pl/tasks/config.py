@@ -78,10 +78,21 @@ class DataConfig:
     paper_accuracy: float | None = None
 
     def __post_init__(self) -> None:
-        kinds = {"task": (str,), "seed": (int,), "negatives": (str,), "val_fraction": (int, float), "test_fraction": (int, float),
-                 "max_train_pairs": (int, type(None)), "max_val_examples": (int, type(None)), "max_test_examples": (int, type(None)),
-                 "chat_template": (bool, type(None)), "max_length": (int, type(None)), "protocol": (str,), "task_files": (str, type(None)),
-                 "paper_accuracy": (int, float, type(None))}
+        kinds = {
+            "task": (str,),
+            "seed": (int,),
+            "negatives": (str,),
+            "val_fraction": (int, float),
+            "test_fraction": (int, float),
+            "max_train_pairs": (int, type(None)),
+            "max_val_examples": (int, type(None)),
+            "max_test_examples": (int, type(None)),
+            "chat_template": (bool, type(None)),
+            "max_length": (int, type(None)),
+            "protocol": (str,),
+            "task_files": (str, type(None)),
+            "paper_accuracy": (int, float, type(None)),
+        }
         for name, allowed in kinds.items():
             value = getattr(self, name)
             if (isinstance(value, bool) and bool not in allowed) or not isinstance(value, allowed):
@@ -89,11 +100,19 @@ class DataConfig:
                 raise SettingError(name, f"must be {want}, got {type(value).__name__} {str(value)[:40]!r}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise SettingError(name, f"must be a finite number, got {value}")
-        for name, least in (("max_length", 2), ("max_train_pairs", 1), ("max_val_examples", 1), ("max_test_examples", 1)):
+        for name, least in (
+            ("max_length", 2),
+            ("max_train_pairs", 1),
+            ("max_val_examples", 1),
+            ("max_test_examples", 1),
+        ):
             value = getattr(self, name)
             if value is not None and value < least:
-                raise SettingError(name, f"must be an integer of at least {least} (or null for no limit), got {value!r}"
-                                   + ("; a prompt and its answer need at least 2 tokens" if name == "max_length" else ""))
+                raise SettingError(
+                    name,
+                    f"must be an integer of at least {least} (or null for no limit), got {value!r}"
+                    + ("; a prompt and its answer need at least 2 tokens" if name == "max_length" else ""),
+                )
         if self.protocol not in PROTOCOLS:
             raise SettingError("protocol", f"must be default or paper, not {self.protocol!r}")
         if self.negatives not in NEGATIVE_MODES:
@@ -117,7 +136,9 @@ class DataConfig:
         """
         data = metadata.get("data") if isinstance(metadata, Mapping) else None
         if data is not None and not isinstance(data, Mapping):
-            raise AusteerError(f"the state's metadata.data must be an object, got {type(data).__name__}; the state was altered, export it again")
+            raise AusteerError(
+                f"the state's metadata.data must be an object, got {type(data).__name__}; the state was altered, export it again"
+            )
         if not data or not data.get("task"):
             if task is None:
                 raise AusteerError("the state does not record its task; pass --task")
@@ -126,9 +147,10 @@ class DataConfig:
             try:
                 config = cls.from_mapping(data)
             except SettingError as err:
-                raise AusteerError(f"the state's metadata.data is damaged (data {err}); export it again, or pass --task") from None
+                raise AusteerError(
+                    f"the state's metadata.data is damaged (data {err}); export it again, or pass --task"
+                ) from None
             if task is not None and not config.same_task(task):
-
                 if _is_local(task) and same_content(metadata.get("inputs"), task):
                     config = config.replace(task=_absolute(task))  # the fit's file, moved: the fit's splits
                 else:
@@ -164,8 +186,9 @@ class DataConfig:
         """The task, under this config's protocol."""
         return load_task(self.task, protocol=self.protocol, seed=self.seed, files=self.task_files)
 
-    def load(self, *, task: Task | None = None, need: tuple[str, ...] = _SPLITS, rows_as_labelled: bool = False
-             ) -> tuple[Task, dict[str, list[TaskExample]]]:
+    def load(
+        self, *, task: Task | None = None, need: tuple[str, ...] = _SPLITS, rows_as_labelled: bool = False
+    ) -> tuple[Task, dict[str, list[TaskExample]]]:
         """The task and its ``train``/``val``/``test`` splits, exactly as the fit saw them.
 
         ``need`` names the splits the caller uses: one that only reads the test split needs no
@@ -175,12 +198,23 @@ class DataConfig:
         """
         if task is None:
             task = self.load_task()
-        if self.protocol == "paper" and ("train" in need or "val" in need) and not any(ex.split == "validation" for ex in task.examples):
-            raise AusteerError(f"the paper protocol found no validation rows in the training split of {self.task!r}; give at least 2 training rows")
+        if (
+            self.protocol == "paper"
+            and ("train" in need or "val" in need)
+            and not any(ex.split == "validation" for ex in task.examples)
+        ):
+            raise AusteerError(
+                f"the paper protocol found no validation rows in the training split of {self.task!r}; give at least 2 training rows"
+            )
         only_test = rows_as_labelled and set(need) <= {"test"} and all(ex.split == "test" for ex in task.examples)
         splits = split_examples(
-            task.examples, seed=self.seed, val_fraction=self.val_fraction, test_fraction=self.test_fraction,
-            max_val=self.max_val_examples, max_test=self.max_test_examples, keep_lone_split=only_test,
+            task.examples,
+            seed=self.seed,
+            val_fraction=self.val_fraction,
+            test_fraction=self.test_fraction,
+            max_val=self.max_val_examples,
+            max_test=self.max_test_examples,
+            keep_lone_split=only_test,
         )
         return task, splits
 

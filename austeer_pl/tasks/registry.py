@@ -48,7 +48,9 @@ from austeer_pl.tasks.schema import Task
 EMBEDDED_TASKS = ("rotten_tomatoes", "sentiment")
 TASK_NAMES = EMBEDDED_TASKS + tuple(HUB_TASKS)
 #: Each named task and the protocols it can be read under.
-TASK_PROTOCOLS: dict[str, tuple[str, ...]] = {name: ("default", "paper") if name in PAPER_PROTOCOLS else ("default",) for name in TASK_NAMES}
+TASK_PROTOCOLS: dict[str, tuple[str, ...]] = {
+    name: ("default", "paper") if name in PAPER_PROTOCOLS else ("default",) for name in TASK_NAMES
+}
 
 
 def is_named_task(spec: str) -> bool:
@@ -58,8 +60,15 @@ def is_named_task(spec: str) -> bool:
     return name in TASK_NAMES or name.startswith("hub:") or text in {hub.path for hub in HUB_TASKS.values()}
 
 
-def load_task(spec: str, *, protocol: str = "default", hub_split: str | None = None, cache_dir: Any = None, seed: int = 0,
-              files: Any = None) -> Task:
+def load_task(
+    spec: str,
+    *,
+    protocol: str = "default",
+    hub_split: str | None = None,
+    cache_dir: Any = None,
+    seed: int = 0,
+    files: Any = None,
+) -> Task:
     """Load a task from a name, a hub dataset or a local file.
 
     Args:
@@ -92,11 +101,15 @@ def load_task(spec: str, *, protocol: str = "default", hub_split: str | None = N
         raise SettingError("protocol", f"must be one of {', '.join(PROTOCOLS)}, not {protocol!r}")
     if protocol == "paper":
         if name not in PAPER_PROTOCOLS:
-            raise AusteerError(f"task {text!r} has no paper protocol; use one of {', '.join(PAPER_PROTOCOLS)} or --data.protocol default")
+            raise AusteerError(
+                f"task {text!r} has no paper protocol; use one of {', '.join(PAPER_PROTOCOLS)} or --data.protocol default"
+            )
         return load_paper_task(name, cache_dir=cache_dir, files=files)
     is_hub = name in HUB_TASKS or name.startswith("hub:") or text in {hub.path for hub in HUB_TASKS.values()}
     if hub_split is not None and not is_hub:
-        raise AusteerError(f"hub_split={hub_split!r} only applies to hub tasks, not {text!r}; drop it or add a split field to the file")
+        raise AusteerError(
+            f"hub_split={hub_split!r} only applies to hub tasks, not {text!r}; drop it or add a split field to the file"
+        )
     if name == "rotten_tomatoes":
         return load_rotten_tomatoes()
     if name == "sentiment":  # behaviour pairs for free generation (austeer_pl.analyses.behaviour)
@@ -108,7 +121,9 @@ def load_task(spec: str, *, protocol: str = "default", hub_split: str | None = N
     if is_hub:
         return load_hub_task(text, hub_split=hub_split, cache_dir=cache_dir, seed=seed, files=files)
     if files:
-        raise AusteerError(f"--data.task_files apply to hub tasks ({', '.join(HUB_TASKS)}, hub:owner/name), not {text!r}; drop them")
+        raise AusteerError(
+            f"--data.task_files apply to hub tasks ({', '.join(HUB_TASKS)}, hub:owner/name), not {text!r}; drop them"
+        )
     path = Path(text).expanduser()
     if path.exists():
         return load_local_task(path)

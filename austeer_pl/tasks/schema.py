@@ -61,7 +61,11 @@ class TaskExample:
             raise AusteerError(
                 f"example {self.uid!r}: {len(self.choices)} choice(s); give at least 2 choices (one right, one or more wrong)"
             )
-        if isinstance(self.answer, bool) or not isinstance(self.answer, int) or not 0 <= self.answer < len(self.choices):
+        if (
+            isinstance(self.answer, bool)
+            or not isinstance(self.answer, int)
+            or not 0 <= self.answer < len(self.choices)
+        ):
             raise AusteerError(
                 f"example {self.uid!r}: answer {self.answer!r} is not a valid index for {len(self.choices)} choices; use 0..{len(self.choices) - 1}"
             )
@@ -129,7 +133,9 @@ class Task:
         if not isinstance(self.examples, tuple):
             object.__setattr__(self, "examples", tuple(self.examples))
         if self.scoring not in TASK_SCORINGS:
-            raise AusteerError(f"task {self.name!r}: unknown scoring {self.scoring!r}; use one of {', '.join(TASK_SCORINGS)}")
+            raise AusteerError(
+                f"task {self.name!r}: unknown scoring {self.scoring!r}; use one of {', '.join(TASK_SCORINGS)}"
+            )
 
 
 def short_text(value: Any, limit: int = 60) -> str:
@@ -154,17 +160,23 @@ def check_choices(choices: Sequence[str], where: str) -> tuple[str, ...]:
     out = []
     for i, choice in enumerate(choices):
         if isinstance(choice, bool) or not isinstance(choice, str | int | float):
-            raise AusteerError(f"{where}: choice {i} is {type(choice).__name__} {short_text(choice)}; choices must be strings")
+            raise AusteerError(
+                f"{where}: choice {i} is {type(choice).__name__} {short_text(choice)}; choices must be strings"
+            )
         text = choice.strip() if isinstance(choice, str) else _format_number(float(choice))
         if not text:
             raise AusteerError(f"{where}: choice {i} is empty; every choice needs some text")
         out.append(text)
     if len(out) < 2:
-        raise AusteerError(f"{where}: only 1 choice ({short_text(out[0])}); give at least 2 choices (one right, one or more wrong)")
+        raise AusteerError(
+            f"{where}: only 1 choice ({short_text(out[0])}); give at least 2 choices (one right, one or more wrong)"
+        )
     seen: set[str] = set()
     for text in out:
         if text in seen:
-            raise AusteerError(f"{where}: duplicate choice {short_text(text)}; choices must be distinct, remove or reword the repeat")
+            raise AusteerError(
+                f"{where}: duplicate choice {short_text(text)}; choices must be distinct, remove or reword the repeat"
+            )
         seen.add(text)
     return tuple(out)
 
@@ -191,7 +203,9 @@ def _parse_answer(value: Any, choices: tuple[str, ...], where: str) -> int:
             raise AusteerError(f"{where}: answer {short_text(text)} is out of range for {n} choices; {fix}")
         if not text:
             raise AusteerError(f"{where}: answer is empty; {fix}")
-        raise AusteerError(f"{where}: answer {short_text(text)} is not among the choices {short_text(list(choices), 120)}; {fix}")
+        raise AusteerError(
+            f"{where}: answer {short_text(text)} is not among the choices {short_text(list(choices), 120)}; {fix}"
+        )
     raise AusteerError(f"{where}: answer is {type(value).__name__} {short_text(value)}; {fix}")
 
 
@@ -219,7 +233,9 @@ def required_field(row: Mapping[str, Any], name: str, where: str, fields: str) -
 def required_text(row: Mapping[str, Any], name: str, where: str, fields: str) -> str:
     value = required_field(row, name, where, fields)
     if not isinstance(value, str):
-        raise AusteerError(f"{where}: field '{name}' is {type(value).__name__} {short_text(value)}; it must be a string")
+        raise AusteerError(
+            f"{where}: field '{name}' is {type(value).__name__} {short_text(value)}; it must be a string"
+        )
     return value.strip()
 
 
@@ -247,7 +263,9 @@ def record_example(row: Any, where: str, uid: str) -> TaskExample:
     if split is not None and split != "":
         canonical = SPLIT_ALIASES.get(str(split).strip().lower())
         if canonical is None:
-            raise AusteerError(f"{where}: split {short_text(split)} is not one of {', '.join(SPLIT_NAMES)}; fix or drop the field")
+            raise AusteerError(
+                f"{where}: split {short_text(split)} is not one of {', '.join(SPLIT_NAMES)}; fix or drop the field"
+            )
         uid = f"{canonical}:{uid}"
     return TaskExample(prompt=prompt, choices=choices, answer=answer, uid=uid)
 
@@ -255,7 +273,7 @@ def record_example(row: Any, where: str, uid: str) -> TaskExample:
 def _format_number(value: float) -> str:
     """``72.0`` -> ``"72"``, ``2.5`` -> ``"2.5"``, ``1/3`` -> ``"0.3333333333"``."""
     if math.isfinite(value) and abs(value - round(value)) < 1e-9:
-        return str(int(round(value)))
+        return str(round(value))
     return format(value, ".10g")
 
 
@@ -269,9 +287,13 @@ def number_field(value: Any, where: str, field: str) -> float:
         try:
             number = float(text)
         except ValueError:
-            raise AusteerError(f"{where}: field '{field}' is {short_text(value)}, not a number; fix the answer value") from None
+            raise AusteerError(
+                f"{where}: field '{field}' is {short_text(value)}, not a number; fix the answer value"
+            ) from None
     else:
-        raise AusteerError(f"{where}: field '{field}' is {type(value).__name__} {short_text(value)}; it must be a number")
+        raise AusteerError(
+            f"{where}: field '{field}' is {type(value).__name__} {short_text(value)}; it must be a number"
+        )
     if not math.isfinite(number):
         raise AusteerError(f"{where}: field '{field}' is {number}; it must be a finite number")
     return number
@@ -305,7 +327,6 @@ def numeric_choices(answer: float, *, uid: str, seed: int = 0) -> tuple[str, str
     if wrong_text == right_text:  # only for huge floats where the offset vanishes
         wrong_text = _format_number(answer * 2 + 1)
     return right_text, wrong_text
-
 
 
 def split_files(text: str | None) -> list[str]:

@@ -117,7 +117,17 @@ def split_examples(
             else:
                 held = [name for name in missing]
                 total = sum(fractions[name] for name in held)
-                n_test = 0 if "test" not in held else (len(unlabelled) if len(held) == 1 else round(len(unlabelled) * test_fraction / total) if total else 0)
+                n_test = (
+                    0
+                    if "test" not in held
+                    else (
+                        len(unlabelled)
+                        if len(held) == 1
+                        else round(len(unlabelled) * test_fraction / total)
+                        if total
+                        else 0
+                    )
+                )
                 sizes = {"test": n_test, "val": len(unlabelled) - n_test if "val" in held else 0}
             start = 0
             for name in ("test", "val"):
@@ -176,13 +186,17 @@ def make_pairs(
         if getattr(ex, "negative", None) is not None and getattr(ex, "positive", None) is not None:
             # The paper protocol's examples carry the training pair's own strings (BoolQ trains on
             # "Yes"/"No" and scores " yes"/" no"; numeric tasks have one chosen wrong answer).
-            pairs.append(ContrastivePair(prompt=ex.prompt, positive=ex.positive, negative=ex.negative, example_uid=ex.uid))
+            pairs.append(
+                ContrastivePair(prompt=ex.prompt, positive=ex.positive, negative=ex.negative, example_uid=ex.uid)
+            )
             if max_pairs is not None and len(pairs) >= max_pairs:
                 return pairs[:max_pairs]
             continue
         wrong = ex.wrong_choices
         chosen = wrong if negatives == "all" else (random.Random(f"{seed}:{ex.uid}").choice(wrong),)
-        pairs.extend(ContrastivePair(prompt=ex.prompt, positive=ex.target, negative=neg, example_uid=ex.uid) for neg in chosen)
+        pairs.extend(
+            ContrastivePair(prompt=ex.prompt, positive=ex.target, negative=neg, example_uid=ex.uid) for neg in chosen
+        )
         if max_pairs is not None and len(pairs) >= max_pairs:
             return pairs[:max_pairs]
     return pairs

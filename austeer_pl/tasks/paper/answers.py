@@ -110,6 +110,8 @@ def paper_prediction(example: PaperExample, generated: str) -> int:
         if paper_choice_correct(generated, choice):
             return i
     return -1
+
+
 _BASE_NEW_TOKENS = {"boolq": 1, "copa": 1, "winogrande": 1, "svamp": 5, "mawps": 250, "gsm8k": 400}
 
 

@@ -111,10 +111,7 @@ def paper_examples(
         data = list(rows)
         n_rows = len(data)
     roles = split_roles(protocol.task, n_rows, split, val_overlap=val_overlap)
-    if protocol.task == "copa":
-        build = functools.partial(copa_prompt, csv_split=csv_split)
-    else:
-        build = protocol.build_prompt
+    build = functools.partial(copa_prompt, csv_split=csv_split) if protocol.task == "copa" else protocol.build_prompt
 
     if not protocol.numeric:
         out = []
@@ -130,7 +127,17 @@ def paper_examples(
             else:
                 right = winogrande_answer(row)
                 positive, negative = protocol.train_answers[right], protocol.train_answers[1 - right]
-            out.append(PaperExample(prompt=prompt, choices=protocol.eval_answers, answer=right, uid=f"{role}:{i}", positive=positive, negative=negative, kind="generate1"))
+            out.append(
+                PaperExample(
+                    prompt=prompt,
+                    choices=protocol.eval_answers,
+                    answer=right,
+                    uid=f"{role}:{i}",
+                    positive=positive,
+                    negative=negative,
+                    kind="generate1",
+                )
+            )
         return out
 
     answer_of = svamp_answer if protocol.task == "svamp" else functools.partial(math_answer, task=protocol.task)
@@ -138,28 +145,47 @@ def paper_examples(
     # before any row is set aside for validation.
     pool = sizes.loaded(n_rows) if split == protocol.train_split else sizes.tested(n_rows)
     answers = [answer_of(data[i]) for i in range(pool)]
-    wrong, method = wrong_answers(answers, blank=protocol.blank, method=wrong_method) if pool >= 2 else ([protocol.blank] * pool, None)
+    wrong, method = (
+        wrong_answers(answers, blank=protocol.blank, method=wrong_method)
+        if pool >= 2
+        else ([protocol.blank] * pool, None)
+    )
     out = []
     for i, role in roles:
         row = data[i]
         right_text = answers[i] if i < pool else answer_of(row)
         if role != "train" and number_value(extract_number_paper(right_text)) is None:
             # The paper extracts the reference number of test rows only (main_test.py:149, 167).
-            raise AusteerError(f"{protocol.task} {split} row {i}: answer {right_text[:60]!r} holds no number; the paper's scoring needs one")
+            raise AusteerError(
+                f"{protocol.task} {split} row {i}: answer {right_text[:60]!r} holds no number; the paper's scoring needs one"
+            )
         # A validation row past the paper's cap (GSM8K) needs only its right answer.
         wrong_text = wrong[i] if i < pool else protocol.blank
         out.append(
             PaperExample(
-                prompt=build(row), choices=(right_text, wrong_text), answer=0, uid=f"{role}:{i}",
-                positive=right_text, negative=wrong_text, kind="numeric", trigger=protocol.trigger,
+                prompt=build(row),
+                choices=(right_text, wrong_text),
+                answer=0,
+                uid=f"{role}:{i}",
+                positive=right_text,
+                negative=wrong_text,
+                kind="numeric",
+                trigger=protocol.trigger,
                 wrong_method=method if i < pool else None,
             )
         )
     return out
 
 
-def load_paper_task(name: str, *, cache_dir: Any = None, wrong_method: str = "auto", csv_split: bool = True, val_overlap: bool = False,
-                    files: Any = None) -> Task:
+def load_paper_task(
+    name: str,
+    *,
+    cache_dir: Any = None,
+    wrong_method: str = "auto",
+    csv_split: bool = True,
+    val_overlap: bool = False,
+    files: Any = None,
+) -> Task:
     """A paper task from the hub in the paper protocol: its train and test splits as
     :class:`PaperExample` records (see :func:`paper_examples`).
 
@@ -180,13 +206,23 @@ def load_paper_task(name: str, *, cache_dir: Any = None, wrong_method: str = "au
     splits = (protocol.train_split, protocol.test_split)
     rows = fetch_hub(protocol.hub.path, protocol.hub.config, splits, hub_split=None, cache_dir=cache_dir, files=files)
     examples = [
-        ex for split in splits if split in rows
-        for ex in paper_examples(protocol.task, rows[split], split, wrong_method=wrong_method, csv_split=csv_split, val_overlap=val_overlap)
+        ex
+        for split in splits
+        if split in rows
+        for ex in paper_examples(
+            protocol.task, rows[split], split, wrong_method=wrong_method, csv_split=csv_split, val_overlap=val_overlap
+        )
     ]
     if not examples:
         raise AusteerError(f"dataset {protocol.hub.path!r} gave no rows for the paper protocol; check the hub data set")
-    return Task(name=protocol.task, examples=tuple(examples), scoring="generate" if protocol.numeric else "choice", instruction="", answer_prefix="",
-                protocol="paper")
+    return Task(
+        name=protocol.task,
+        examples=tuple(examples),
+        scoring="generate" if protocol.numeric else "choice",
+        instruction="",
+        answer_prefix="",
+        protocol="paper",
+    )
 
 
 __all__ = [

@@ -15,7 +15,9 @@ def _field(row: Mapping[str, Any], name: str, task: str, fields: Sequence[str]) 
     if not isinstance(row, Mapping):
         raise AusteerError(f"{task} row: expected a dict row, got {type(row).__name__}; pass rows as dicts")
     if name not in row or row[name] is None:
-        raise AusteerError(f"{task} row: missing field '{name}'; the paper protocol reads the fields {', '.join(fields)}")
+        raise AusteerError(
+            f"{task} row: missing field '{name}'; the paper protocol reads the fields {', '.join(fields)}"
+        )
     return row[name]
 
 
@@ -24,6 +26,8 @@ def _text(row: Mapping[str, Any], name: str, task: str, fields: Sequence[str]) -
     if not isinstance(value, str):
         raise AusteerError(f"{task} row: field '{name}' is {type(value).__name__}, not text; it must be a string")
     return value
+
+
 BOOLQ_FIELDS = ("question", "passage", "answer")
 BOOLQ_TEMPLATE = (
     "Is the answer to the question encapsulated in the passage? Please confirm with 'yes' or 'no'."
@@ -43,8 +47,12 @@ def boolq_truth(row: Mapping[str, Any]) -> bool:
     # The paper compares str(answer).strip() with 'True'/'False' and has no other branch.
     text = str(_field(row, "answer", "boolq", BOOLQ_FIELDS)).strip()
     if text not in ("True", "False"):
-        raise AusteerError(f"boolq row: field 'answer' is {text!r}; it must be true or false (a bool, or 'True'/'False')")
+        raise AusteerError(
+            f"boolq row: field 'answer' is {text!r}; it must be true or false (a bool, or 'True'/'False')"
+        )
     return text == "True"
+
+
 COPA_FIELDS = ("premise", "choice1", "choice2", "question", "label")
 COPA_TEMPLATE = "Question:\n{premise} Based on the previous passage, choose the most reasonable {question}.\nA:{choice1}\nB:{choice2}\n\nAnswer:\n"
 
@@ -72,7 +80,9 @@ def copa_fields(row: Mapping[str, Any], *, csv_split: bool = True) -> dict[str, 
         _field(row, name, "copa", COPA_FIELDS)
     label = row["label"]
     if isinstance(label, bool) or str(label).strip() not in ("0", "1"):
-        raise AusteerError(f"copa row: field 'label' is {label!r}; it must be 0 or 1 (unlabelled test rows cannot be used)")
+        raise AusteerError(
+            f"copa row: field 'label' is {label!r}; it must be 0 or 1 (unlabelled test rows cannot be used)"
+        )
     texts = {name: _text(row, name, "copa", COPA_FIELDS) for name in ("premise", "question", "choice1", "choice2")}
     if not csv_split:
         return {"label": str(label).strip(), **{k: v.strip() for k, v in texts.items()}}
@@ -80,28 +90,44 @@ def copa_fields(row: Mapping[str, Any], *, csv_split: bool = True) -> dict[str, 
     values = {"label": label, "id": row.get("id", ""), "mirrored": row.get("mirrored", ""), **texts}
     csv.writer(buffer, lineterminator="\n").writerow([values[name] for name in COPA_CSV_COLUMNS])
     parts = buffer.getvalue().strip().split(",")
-    return {"label": parts[0].strip(), "premise": parts[2].strip(), "question": parts[3].strip(), "choice1": parts[4].strip(), "choice2": parts[5].strip()}
+    return {
+        "label": parts[0].strip(),
+        "premise": parts[2].strip(),
+        "question": parts[3].strip(),
+        "choice1": parts[4].strip(),
+        "choice2": parts[5].strip(),
+    }
 
 
 def copa_prompt(row: Mapping[str, Any], *, csv_split: bool = True) -> str:
     """The paper's COPA prompt (load_dataset.py:51 and 64); ``question`` is ``cause`` or ``effect``."""
     f = copa_fields(row, csv_split=csv_split)
-    return COPA_TEMPLATE.format(premise=f["premise"], question=f["question"], choice1=f["choice1"], choice2=f["choice2"])
+    return COPA_TEMPLATE.format(
+        premise=f["premise"], question=f["question"], choice1=f["choice1"], choice2=f["choice2"]
+    )
+
+
 WINOGRANDE_FIELDS = ("sentence", "option1", "option2", "answer")
 WINOGRANDE_TEMPLATE = "Please fill in the blanks. Write A or B as the answer.\n\nSentence: {sentence}\nA. {option1}\nB. {option2}\nAnswer:"
 
 
 def winogrande_prompt(row: Mapping[str, Any]) -> str:
     """The paper's Winogrande prompt (load_dataset.py:181-183), every field stripped."""
-    values = {name: _text(row, name, "winogrande", WINOGRANDE_FIELDS).strip() for name in ("sentence", "option1", "option2")}
+    values = {
+        name: _text(row, name, "winogrande", WINOGRANDE_FIELDS).strip() for name in ("sentence", "option1", "option2")
+    }
     return WINOGRANDE_TEMPLATE.format(**values)
 
 
 def winogrande_answer(row: Mapping[str, Any]) -> int:
     text = str(_field(row, "answer", "winogrande", WINOGRANDE_FIELDS)).strip()
     if text not in ("1", "2"):
-        raise AusteerError(f"winogrande row: field 'answer' is {text!r}; it must be '1' or '2' (unlabelled test rows cannot be used)")
+        raise AusteerError(
+            f"winogrande row: field 'answer' is {text!r}; it must be '1' or '2' (unlabelled test rows cannot be used)"
+        )
     return int(text) - 1
+
+
 SVAMP_FIELDS = ("Body", "Question", "Answer")
 SVAMP_TEMPLATE = "Answer the following grade-school math word problem. Reply with only the final answer as a number.\nQuestion: {question}\nAnswer:"
 
@@ -120,6 +146,8 @@ def svamp_answer(row: Mapping[str, Any]) -> str:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise AusteerError(f"svamp row: field 'Answer' is {type(value).__name__}; it must be a number")
     return str(value)
+
+
 MATH_FIELDS = ("question", "answer")
 MATH_TEMPLATE = (
     'Answer the grade school math word problem below, using step-by-step problem-solving process. Print the final answer after "####".'

@@ -189,6 +189,8 @@ class PaperSetting:
     alpha: float
     accuracy: float
     line: int
+
+
 _READ_WORD = (
     "the last token of prompt + {what}, the whole text tokenized with the tokenizer's special tokens and cut to its first "
     f"{READ_MAX_TOKENS} tokens (steer.py:212-218, 232)"
@@ -211,7 +213,9 @@ PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
         trigger=None,
         blank=None,
         sizes=PaperSizes(load=2000, screen=SCREEN_PAIRS, test=None, val_start=1000, val_stop=2000),
-        read=_READ_WORD.format(what="'Yes'/'No' glued to 'Answer:' (no space); a passage longer than the cut loses the answer"),
+        read=_READ_WORD.format(
+            what="'Yes'/'No' glued to 'Answer:' (no space); a passage longer than the cut loses the answer"
+        ),
         logged_sizes=(2000, 3270),
         source="utils/load_dataset.py:103-132",
     ),
@@ -264,7 +268,9 @@ PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
         blank=" ",
         # All 700 training rows are screened; our validation takes the last 100 out of screening.
         sizes=PaperSizes(load=1000, screen=SCREEN_PAIRS, test=1000, val_start=600, val_stop=700),
-        read=_READ_WORD.format(what="str(Answer) glued to 'Answer:' (e.g. '145.0', read at its last digit), or a lone space"),
+        read=_READ_WORD.format(
+            what="str(Answer) glued to 'Answer:' (e.g. '145.0', read at its last digit), or a lone space"
+        ),
         logged_sizes=(700, 300),
         source="utils/load_dataset.py:276-318",
     ),
@@ -281,7 +287,9 @@ PAPER_PROTOCOLS: dict[str, PaperProtocol] = {
         trigger="####",
         blank="     ",
         sizes=PaperSizes(load=None, screen=SCREEN_PAIRS, test=None, val_start=1000, val_stop=None),
-        read=_READ_WORD.format(what="the whole reference solution ('2 + 4 = 6 #### 6', read at its final number), or five spaces"),
+        read=_READ_WORD.format(
+            what="the whole reference solution ('2 + 4 = 6 #### 6', read at its final number), or five spaces"
+        ),
         logged_sizes=(1417, 355),
         source="utils/load_dataset.py:320-358",
     ),
@@ -320,7 +328,9 @@ def paper_protocol(task: str) -> PaperProtocol:
     """
     key = str(task).strip().lower()
     if key not in PAPER_PROTOCOLS:
-        raise AusteerError(f"task {task!r} has no paper protocol; use one of {', '.join(PAPER_TASKS)} or --data.protocol default")
+        raise AusteerError(
+            f"task {task!r} has no paper protocol; use one of {', '.join(PAPER_TASKS)} or --data.protocol default"
+        )
     return PAPER_PROTOCOLS[key]
 
 
@@ -375,13 +385,13 @@ __all__ = [
     "PAPER_SETTINGS",
     "PAPER_TASKS",
     "PROTOCOLS",
+    "READ_MAX_TOKENS",
+    "SCREEN_PAIRS",
+    "WRONG_METHODS",
     "PaperExample",
     "PaperProtocol",
     "PaperSetting",
     "PaperSizes",
-    "READ_MAX_TOKENS",
-    "SCREEN_PAIRS",
-    "WRONG_METHODS",
     "check_protocol",
     "paper_protocol",
     "paper_setting",

