@@ -109,7 +109,7 @@ def test_exported_state_reproduces_trained_module(tiny_dir, task_file, tmp_path,
         from safetensors import safe_open
 
         with safe_open(tmp_path / "state" / "steering_state.safetensors", "pt") as f:
-            assert {k for k in f if k.startswith("strength.")} == {
+            assert {k for k in f.keys() if k.startswith("strength.")} == {  # noqa: SIM118 - safe_open is not iterable
                 "strength.inner.weight",
                 "strength.inner.bias",
                 "strength.outer.weight",
