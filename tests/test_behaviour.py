@@ -16,13 +16,8 @@ from torch import nn
 
 import austeer_pl.tasks as T
 from austeer_pl import AusteerError, accumulate_momentum, fit_state, locate_units
-from austeer_pl.analyses.behaviour import (
-    add_behaviour_arguments,
-    behaviour_cli,
-    generate_new_text,
-    strength_curve,
-    text_metrics,
-)
+from austeer_pl.analyses.behaviour import add_behaviour_arguments, behaviour_cli
+from austeer_pl.analyses.curve import strength_curve
 from austeer_pl.cli.generate import generate_main
 from austeer_pl.core.models import load_model
 from austeer_pl.fit.judged import (
@@ -31,14 +26,14 @@ from austeer_pl.fit.judged import (
     evaluate_candidates,
 )
 from austeer_pl.methods.caa import caa_state
-from austeer_pl.scoring.behaviour import behaviour_report
+from austeer_pl.scoring.behaviour import behaviour_report, text_metrics
 from austeer_pl.scoring.fluency import (
     distinct_n,
     distinct_n_scores,
     mean_perplexity,
     perplexity,
 )
-from austeer_pl.scoring.generation import generate_pairs
+from austeer_pl.scoring.generation import generate_new_text, generate_pairs
 from austeer_pl.scoring.judges import (
     CallableJudge,
     ClassifierJudge,

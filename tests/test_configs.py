@@ -51,7 +51,7 @@ def test_one_source_for_every_default():
     import argparse
     import inspect
 
-    from austeer_pl.cli.compare import CompareOptions, options_from_args
+    from austeer_pl.cli.compare_options import CompareOptions, options_from_args
     from austeer_pl.fit.config import DATA_GROUPS, MODEL_GROUPS, BatchConfig, defaults
     from austeer_pl.lightning.datamodule import ContrastivePairDataModule
     from austeer_pl.lightning.module import AUSteerModule

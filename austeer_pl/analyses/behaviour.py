@@ -1,51 +1,23 @@
-"""Behaviour steering: states that change what a model *writes*, judged on free generation.
+"""``python analyze.py behaviour``: fit AUSteer (and CAA, optionally ITI) on a behaviour task, then draw
+the judge score and perplexity against the strength on the same held-out prompts
+(:func:`~austeer_pl.analyses.curve.strength_curve`), written as JSON and PNG and logged to W&B.
 
-A behaviour data set is the ``prompt, positive, negative`` schema of :mod:`austeer_pl.tasks`: a
-prompt and two continuations, one with the behaviour (a positive review, a refusal, a formal
-reply, a persona's voice) and one without. Steering states are fitted on it as on any task; what
-changes is how they are judged: generate from held-out prompts with and without the state, score
-the new text with a :class:`~austeer_pl.scoring.judges.Judge`, and keep the fluency in view (perplexity
-under the unsteered model, distinct-2).
-
-Pieces:
-
-* :func:`sentiment_task`: the embedded behaviour task ``sentiment`` (no hub needed), built from
-  the Rotten Tomatoes sentences; see its docstring for the construction.
-* :func:`generate_pairs`: batched unsteered and steered generation of the same prompts.
-* :func:`text_metrics` / :func:`behaviour_report`: judge score (share positive with a Wilson 95%
-  interval, mean score: VADER's compound by default) and fluency, unsteered vs. steered.
-* :func:`evaluate_candidates`, :func:`choose_under_budget`, :func:`choose_by_judge`: choose among
-  candidate states (and no steering) by the judge score under a fluency budget (default:
-  perplexity at most 1.5x the unsteered model's).
-* :func:`strength_curve`: judge score and perplexity against alpha for several states (AUSteer
-  and CAA) on the same prompts, written as JSON and PNG; :func:`behaviour_main` is the
-  ``analyze.py behaviour`` command.
-
-Example:
-    >>> model, tok = load_model("smollm2-135m-instruct")
-    >>> task = sentiment_task()
-    >>> parts = split_examples(task.examples, seed=0, max_train=128, max_val=32)
-    >>> state = fit_state(model, tok, pair_texts(tok, task, make_pairs(parts["train"])), k=20, alpha=2.0)
-    >>> prompts = behaviour_prompts(tok, task, parts["val"])
-    >>> report = behaviour_report(model, tok, state, prompts, load_judge("vader"))
-    >>> report["unsteered"]["share_positive"], report["steered"]["share_positive"]
-    (0.41, 0.78)
-
-Why one module of this size: generation, judging, the budgeted choice and the strength curve share the same candidate records and are read together; the judges themselves are in :mod:`austeer_pl.scoring.judges`.
+A behaviour task is the ``prompt, positive, negative`` schema of :mod:`austeer_pl.tasks` (a prompt and
+two continuations, one with the behaviour); generation and judging are :mod:`austeer_pl.scoring`'s,
+the budgeted choice :mod:`austeer_pl.fit.judged`'s; ``docs/behaviour.md`` walks through them.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
-from austeer_pl.analyses.plots import plot_strength_curve
+from austeer_pl.analyses.curve import strength_curve
 from austeer_pl.cli.rundir import claim_run_dir, task_stem
 from austeer_pl.cli.runtime import (
     OneLineParser,
@@ -55,9 +27,8 @@ from austeer_pl.cli.runtime import (
     run_main,
 )
 from austeer_pl.cli.tracking import log_result_wandb
-from austeer_pl.core.fileio import json_output, png_output, write_json_output
+from austeer_pl.core.fileio import json_output, png_output
 from austeer_pl.core.models import load_model
-from austeer_pl.core.output import Output
 from austeer_pl.core.pairs import accumulate_momentum
 from austeer_pl.core.pins import check_model
 from austeer_pl.core.sites import ModelLayout, locate_units
@@ -65,10 +36,7 @@ from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
 from austeer_pl.fit.judged import DEFAULT_BUDGET
 from austeer_pl.methods.caa import caa_candidate_layers, caa_state
-from austeer_pl.scoring.behaviour import judge_info, ratio, text_metrics
-from austeer_pl.scoring.generation import generate_new_text
 from austeer_pl.scoring.judges import (
-    JudgeLike,
     load_judge,
 )
 from austeer_pl.tasks.config import DataConfig
@@ -76,103 +44,7 @@ from austeer_pl.tasks.pins import check_task
 from austeer_pl.tasks.prompts import behaviour_prompts, pair_texts
 from austeer_pl.tasks.splits import make_pairs
 
-# The embedded task lives in austeer_pl.tasks (standard library only); re-exported here.
 
-
-# ============================================================================ strength curve
-#: Default sweep: these multiples of each state's fitted alpha (0 is no steering).
-DEFAULT_MULTIPLES: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0, 4.0)
-
-
-def strength_curve(
-    model: nn.Module,
-    tokenizer,
-    states: Mapping[str, SteeringState],
-    prompts: Sequence[str],
-    judge: JudgeLike | str = "vader",
-    *,
-    alphas: Mapping[str, Sequence[float]] | None = None,
-    multiples: Sequence[float] = DEFAULT_MULTIPLES,
-    max_new_tokens: int = 32,
-    batch_size: int = 16,
-    max_length: int | None = None,
-    layout=None,
-    budget: float = DEFAULT_BUDGET,
-    out: str | os.PathLike | Output | None = None,
-    plot: str | os.PathLike | Output | None = None,
-    info: Mapping[str, Any] | None = None,
-    n_examples: int = 3,
-) -> dict[str, Any]:
-    """Judge score and perplexity against alpha for each state, on the same prompts.
-
-    Each state (e.g. ``{"austeer": s1, "caa": s2}``) is swept with ``state.with_alpha(a)`` over
-    ``alphas[label]`` (default: ``multiples`` x its fitted alpha); alpha 0 is the unsteered
-    generation, made once and shared. Every point has the :func:`text_metrics` keys and
-    ``perplexity_ratio``; the first ``n_examples`` prompts' texts are kept beside the points.
-    With ``out`` / ``plot`` the result is written as JSON / PNG (each atomically).
-
-    Returns:
-        ``{"analysis": "behaviour", "judge", "n_prompts", "max_new_tokens", "budget",
-        "unsteered": metrics, "methods": {label: {"method", "k", "fitted_alpha", "points": [...]}},
-        "examples": [{"prompt", "unsteered"}], "seconds", **info}``.
-
-    Example:
-        >>> result = strength_curve(model, tok, {"austeer": state, "caa": caa}, prompts, "vader",
-        ...                         out="docs/behaviour_curve.json", plot="docs/behaviour_curve.png")
-    """
-
-    if out is not None and not isinstance(out, Output):
-        out = json_output(out, "strength curve").check()
-    if plot is not None and not isinstance(plot, Output):
-        plot = png_output(plot, "strength curve plot").check()
-    judge = load_judge(judge)
-    prompts = list(prompts)
-    if not prompts:
-        raise AusteerError("no prompts to generate from; give at least one held-out prompt")
-    if not states:
-        raise AusteerError("no states to sweep; give at least one (label, state)")
-    started = time.perf_counter()
-    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
-    base_texts = generate_new_text(model, tokenizer, prompts, **gen)
-    base = text_metrics(model, tokenizer, prompts, base_texts, judge, batch_size=batch_size, max_length=max_length)
-    methods: dict[str, Any] = {}
-    for label, state in states.items():
-        grid = list(alphas[label]) if alphas is not None and label in alphas else [m * state.alpha for m in multiples]
-        points = []
-        for a in grid:
-            a = float(a)
-            if a == 0.0:
-                texts, metrics = base_texts, dict(base)
-            else:
-                texts = generate_new_text(model, tokenizer, prompts, state=state.with_alpha(a), layout=layout, **gen)
-                metrics = text_metrics(
-                    model, tokenizer, prompts, texts, judge, batch_size=batch_size, max_length=max_length
-                )
-            metrics["perplexity_ratio"] = 1.0 if a == 0.0 else ratio(metrics["perplexity"], base["perplexity"])
-            points.append({"alpha": a, **metrics, "texts": texts[:n_examples]})
-        methods[label] = {"method": state.method, "k": state.k, "fitted_alpha": state.alpha, "points": points}
-    result: dict[str, Any] = {
-        "analysis": "behaviour",
-        **dict(info or {}),
-        "judge": judge_info(judge),
-        "n_prompts": len(prompts),
-        "max_new_tokens": max_new_tokens,
-        "budget": budget,
-        "unsteered": base,
-        "methods": methods,
-        "examples": [{"prompt": p, "unsteered": t} for p, t in zip(prompts[:n_examples], base_texts[:n_examples])],
-        "seconds": time.perf_counter() - started,
-    }
-    if plot is not None:
-        result["plot"] = str(plot.path)
-    if out is not None:
-        write_json_output(out, result)
-    if plot is not None:
-        plot_strength_curve(result, plot)
-    return result
-
-
-# ============================================================================ analyze.py behaviour
 def add_behaviour_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Every option of ``analyze.py behaviour`` (a complete set: do not add the other analyses' common options)."""
     p.add_argument(
@@ -402,10 +274,8 @@ def behaviour_cli(argv: Sequence[str] | None = None) -> int:
 
 
 __all__ = [
-    "DEFAULT_MULTIPLES",
     "add_behaviour_arguments",
     "behaviour_cli",
     "behaviour_main",
     "fit_caa",
-    "strength_curve",
 ]

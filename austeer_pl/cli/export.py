@@ -13,7 +13,7 @@ from austeer_pl.cli.runtime import OneLineParser, quiet, run_main
 from austeer_pl.core.embedded import DEFAULT_MODEL, embedded_gguf_path
 from austeer_pl.core.merge import check_foldable, merge_into
 from austeer_pl.core.models import load_model, resolve_dtype
-from austeer_pl.core.output import paths_overlap
+from austeer_pl.core.paths import paths_overlap
 from austeer_pl.core.pins import check_model
 from austeer_pl.core.sites import LayoutSpec, locate_units
 from austeer_pl.core.state import SteeringState
@@ -125,7 +125,7 @@ def export(argv: Sequence[str] | None = None) -> Path:
     target = resolve_dtype(args.dtype)
     model, tokenizer = load_model(name, dtype="float32" if target is not None else None, cache_dir=args.cache_dir)
 
-    state.check_compatible(locate_units(model, LayoutSpec(**state.layout) if state.layout else None))
+    state.check_compatible(locate_units(model, LayoutSpec.from_dict(state.layout) if state.layout else None))
     check_model(pins, name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
     merge_into(state, model)  # in float32 when a lower precision is asked for, then cast once
     if target is not None:

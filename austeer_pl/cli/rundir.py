@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from austeer_pl.core.output import os_error_message, paths_overlap
+from austeer_pl.core.paths import os_error_message, paths_overlap
 from austeer_pl.errors import AusteerError
 
 RUN_DIR_ENV = "AUSTEER_RUN_DIR"

@@ -24,7 +24,7 @@ from typing import Any
 from transformers.utils import logging as hf_logging
 
 from austeer_pl.cli.tracking import WANDB_MODES
-from austeer_pl.core.output import os_error_message
+from austeer_pl.core.paths import os_error_message
 from austeer_pl.errors import AusteerError, SettingError
 from austeer_pl.fit.config import BatchConfig
 from austeer_pl.tasks.config import DataConfig

@@ -23,7 +23,7 @@ from rich.table import Table
 from austeer_pl.cli.rundir import claim_run_dir
 from austeer_pl.cli.runtime import one_line_parse_error, quiet, run_main
 from austeer_pl.cli.tracking import resolve_wandb_mode
-from austeer_pl.core.output import check_writable_parent, paths_overlap
+from austeer_pl.core.paths import check_writable_parent, paths_overlap
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
 from austeer_pl.fit.config import DATA_GROUPS, MODEL_GROUPS

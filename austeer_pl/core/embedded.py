@@ -94,8 +94,8 @@ def quiet_transformers() -> Iterator[None]:
 
 def strip_quantizer(model: PreTrainedModel) -> PreTrainedModel:
     """Forgets that a model came from a (dequantised) GGUF file so it saves and casts as plain weights."""
-    model.hf_quantizer = None
-    model.is_quantized = False
+    model.hf_quantizer = None  # type: ignore[assignment]
+    model.is_quantized = False  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         with contextlib.suppress(AttributeError):
             delattr(model.config, "quantization_config")

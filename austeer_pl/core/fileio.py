@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from austeer_pl._version import __version__
-from austeer_pl.core.output import Output, os_error_message
+from austeer_pl.core.output import Output
+from austeer_pl.core.paths import os_error_message
 from austeer_pl.errors import AusteerError
 
 #: The key that marks a JSON output as austeer-pl's (its value names the output and the version;

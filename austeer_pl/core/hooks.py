@@ -78,8 +78,9 @@ class EditHandle:
                     fn = self._learned_fn(unit, cols.to(device))
                 self._handles.append(register_site_hook(site, layer, fn))
         if strength is not None and hasattr(strength, "layer"):
+            gate_layer = int(strength.layer)  # type: ignore[arg-type]
             self._handles.insert(
-                0, layout.layers[strength.layer].register_forward_pre_hook(self._read_gate, with_kwargs=True)
+                0, layout.layers[gate_layer].register_forward_pre_hook(self._read_gate, with_kwargs=True)
             )
         if token_scope != "all":
             self._handles.insert(0, model.register_forward_pre_hook(self._track_phase, with_kwargs=True))
@@ -101,12 +102,12 @@ class EditHandle:
     # -- fixed factors: the fast path of every saved state
     def _fixed_fn(self, width: int, unit: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, device, dtype):
         factor = (1.0 + scale).to(device=device, dtype=dtype)
-        shift = shift.to(device=device, dtype=dtype) if bool(shift.ne(0).any()) else None
+        added: torch.Tensor | None = shift.to(device=device, dtype=dtype) if bool(shift.ne(0).any()) else None
         # Multiplicative-only edits of distinct units also get a full-width factor vector (1 outside
         # the selected units; x * 1 == x exactly), so that small activations (decoding steps) are
         # edited by one multiply instead of select/multiply/copy. Both paths give the same bits.
         dense = None
-        if shift is None and unit.unique().numel() == unit.numel():
+        if added is None and unit.unique().numel() == unit.numel():
             dense = torch.ones(width, device=device, dtype=dtype)
             dense.index_copy_(0, unit, factor)
         limit = _DENSE_MAX_NUMEL.get(device.type, _DENSE_MAX_NUMEL_ACCELERATOR) if dense is not None else 0
@@ -126,25 +127,32 @@ class EditHandle:
                     x,
                     unit.to(x.device),
                     factor.to(x.device, x.dtype),
-                    None if shift is None else shift.to(x.device, x.dtype),
+                    None if added is None else added.to(x.device, x.dtype),
                 )
-            return _edit(x, unit, factor, shift)
+            return _edit(x, unit, factor, added)
 
         return fn
 
     # -- a strength module (training, and learned gates after loading)
     def _read_gate(self, _module, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
+        assert self.strength is not None
         self._current = self.strength(hidden)
         return None
 
     def _learned_fn(self, unit: torch.Tensor, cols: torch.Tensor):
-        conditioned = hasattr(self.strength, "layer")
+        strength = self.strength
+        assert strength is not None
+        conditioned = hasattr(strength, "layer")
 
         def fn(x: torch.Tensor) -> torch.Tensor | None:
             if not self._active():
                 return None
-            s = self._current.index_select(-1, cols) if conditioned else self.strength().index_select(0, cols)
+            if conditioned:
+                assert self._current is not None, "the gate reads its layer before the steered ones"
+                s = self._current.index_select(-1, cols)
+            else:
+                s = strength().index_select(0, cols)
             values = x.index_select(-1, unit)
             # The same arithmetic as the fixed path (a * (1 + s)), so a folded scalar matches exactly.
             return x.index_copy(-1, unit, values * (1.0 + s).to(values.dtype))

@@ -17,9 +17,8 @@ This module imports torch and transformers only (no Lightning).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -42,7 +41,7 @@ class Edits(Protocol):
     site_sizes: dict[str, int]
     strength: dict[str, Any]
     token_scope: str
-    layout: Mapping[str, str | None] | None
+    layout: dict[str, str | None] | None
 
     def check_compatible(self, layout: ModelLayout) -> None: ...
 
@@ -164,8 +163,12 @@ def input_axis(module: nn.Module) -> int | None:
     return None
 
 
+def _weight(module: nn.Module) -> torch.Tensor:
+    return cast(torch.Tensor, module.weight)
+
+
 def _width(module: nn.Module, axis: int) -> int:
-    return int(module.weight.shape[axis])
+    return int(_weight(module).shape[axis])
 
 
 def _output_is_module_output(block: nn.Module, proj: nn.Module, width: int) -> bool:
@@ -249,15 +252,16 @@ def _plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[_Step]:
                     "so the edit cannot fold into it; point LayoutSpec(attention=...) at the attention output projection"
                 )
         else:
-            module = ffn_output_projection(block, site.size)
-            if module is None:
+            projection = ffn_output_projection(block, site.size)
+            if projection is None:
                 raise AusteerError(
                     f"cannot find the projection that produces the output of the FFN block '{where}'; set LayoutSpec(ffn=...) to that "
                     "down projection itself (a Linear or Conv1D whose output is the FFN output)"
                 )
-            axis = 1 - input_axis(module)
+            module = projection
+            axis = 1 - cast(int, input_axis(module))  # a projection found by its width has an input axis
         name = names.get(id(module), where)
-        weight = module.weight
+        weight = _weight(module)
         if not weight.dtype.is_floating_point or type(weight) not in (torch.Tensor, nn.Parameter):
             raise AusteerError(
                 f"'{name}' holds quantized weights ({weight.dtype}), which cannot be scaled in place; load the model in float and merge"
@@ -278,7 +282,7 @@ def _plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[_Step]:
 
 def _fold(step: _Step) -> None:
     module, edit, axis = step.module, step.edit, step.axis
-    weight, bias = module.weight, getattr(module, "bias", None)
+    weight, bias = _weight(module), cast(torch.Tensor | None, getattr(module, "bias", None))
     unit = edit.unit.to(weight.device)
     factor = edit.factor.to(device=weight.device, dtype=weight.dtype)
     shift = edit.shift.to(device=weight.device, dtype=weight.dtype)
@@ -287,6 +291,7 @@ def _fold(step: _Step) -> None:
     columns = weight.index_select(axis, unit)  # the original weights of the edited units
     if edit.site == "attention" and edit.shifts:
         # W (f a + t) + b = (W diag(f)) a + (b + W t): the shift meets the *unscaled* columns.
+        assert bias is not None  # checked when the steps were planned
         bias.add_(columns.movedim(axis, -1) @ shift)
     if edit.scales:
         weight.index_copy_(axis, unit, columns * factor.view(shape))
@@ -320,8 +325,9 @@ def merge_into(state: Edits, model: nn.Module, layout: ModelLayout | LayoutSpec 
         >>> model.save_pretrained("rt-merged")  # plain transformers from here on
     """
     check_foldable(state)
-    if layout is None and getattr(state, "layout", None) is not None:
-        layout = LayoutSpec(**state.layout)
+    recorded = getattr(state, "layout", None)
+    if layout is None and recorded is not None:
+        layout = LayoutSpec.from_dict(recorded)
     if not isinstance(layout, ModelLayout):
         layout = locate_units(model, layout)
     state.check_compatible(layout)

@@ -249,9 +249,9 @@ def load_model(
 
     check_finite_weights(model, name)
     if torch_dtype is not None and model.dtype != torch_dtype:
-        model.to(dtype=torch_dtype)
+        model.to(dtype=torch_dtype)  # type: ignore[call-arg]  # transformers wraps to()
     if torch_device is not None:
-        model.to(device=torch_device)
+        model.to(device=torch_device)  # type: ignore[call-arg]
     model.requires_grad_(False)
     model.eval()
     recorded = str(path.absolute()) if name.lower() != DEFAULT_MODEL and path.exists() else name_or_path
@@ -319,7 +319,7 @@ def check_finite_weights(model: torch.nn.Module, name: str = "the model") -> Non
             )
 
 
-def model_name_of(model: PreTrainedModel) -> str:
+def model_name_of(model: torch.nn.Module) -> str:
     """Returns the name a model was loaded under, for recording in saved steering states.
 
     :func:`load_model` sets ``model.name_or_path`` to the string the user passed, so the

@@ -14,7 +14,7 @@ what it writes as an :class:`Output` and goes through two steps:
   next writer to the same place, and only when their process is gone.
 
 ``OSError`` becomes one :class:`~austeer_pl.errors.AusteerError` line naming the path
-(:func:`os_error_message`). The common outputs (JSON reports, JSON lines, plots) are described in
+(:func:`~austeer_pl.core.paths.os_error_message`). The common outputs (JSON reports, JSON lines, plots) are described in
 :mod:`austeer_pl.core.fileio`.
 """
 
@@ -33,18 +33,15 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from austeer_pl.core.paths import (
+    check_writable_parent,
+    default_mode,
+    name_max,
+    normal_permissions,
+    os_error_message,
+    paths_overlap,
+)
 from austeer_pl.errors import AusteerError
-
-_REASONS = {
-    errno.ENOSPC: "the disk is full",
-    errno.EDQUOT: "the disk quota is exceeded",
-    errno.EROFS: "the file system is read-only",
-    errno.EACCES: "permission denied",
-    errno.EPERM: "permission denied",
-    errno.ENOTDIR: "a file is in the way of a folder",
-    errno.EISDIR: "a folder is in the way of a file",
-    errno.ENAMETOOLONG: "the name is too long",
-}
 
 #: This machine, in temporary names: a process id means something only on the host that made it.
 _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
@@ -53,75 +50,6 @@ _HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]
 _TEMP_OVERHEAD = 1 + 1 + 6 + 1 + 10 + 1 + 8 + 4
 
 _OURS = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{6})-(?P<pid>\d+)-[0-9a-f]{8}\.(?P<kind>tmp|old)$")
-
-
-def os_error_message(err: OSError, path: str | os.PathLike | None = None, doing: str = "write") -> str:
-    """One line for an ``OSError``: what failed, where, why, and what to do."""
-    where = path if path is not None else (err.filename or "the output")
-    reason = _REASONS.get(err.errno or -1) or (err.strerror or str(err)).lower()
-    return f"cannot {doing} {where}: {reason}; free space, fix the permissions or choose another path"
-
-
-def _default_mode(is_dir: bool) -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return (0o777 if is_dir else 0o666) & ~umask
-
-
-def _normal_permissions(root: Path) -> None:
-    """Give a folder assembled in a private temporary place the permissions of an ordinary one."""
-    os.chmod(root, _default_mode(True))
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames:
-            os.chmod(Path(dirpath) / name, _default_mode(True))
-        for name in filenames:
-            os.chmod(Path(dirpath) / name, _default_mode(False))
-
-
-def _nearest_existing(path: Path) -> Path:
-    path = path.absolute()
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
-def check_writable_parent(path: str | os.PathLike, what: str = "output") -> Path:
-    """Fail early, in one line, when ``path`` could not be created (read-only, no permission, a file in the way)."""
-    path = Path(path)
-    base = _nearest_existing(path.parent)
-    if not base.is_dir():
-        raise AusteerError(f"cannot write the {what} to {path}: {base} is a file, not a folder; choose another path")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise AusteerError(
-            f"cannot write the {what} to {path}: {base} is not writable; fix the permissions or choose another path"
-        )
-    try:
-        st = os.statvfs(base)
-        if st.f_flag & getattr(os, "ST_RDONLY", 1):
-            raise AusteerError(
-                f"cannot write the {what} to {path}: the file system of {base} is read-only; choose another path"
-            )
-    except (AttributeError, OSError):
-        pass
-    return path
-
-
-def _name_max(folder: Path) -> int:
-    try:
-        return int(os.pathconf(_nearest_existing(folder), "PC_NAME_MAX"))
-    except (OSError, ValueError, AttributeError):
-        return 255
-
-
-def paths_overlap(a: str | os.PathLike, b: str | os.PathLike) -> bool:
-    """True when one path is the other (also through links) or lies inside it."""
-    a, b = Path(a).absolute().resolve(), Path(b).absolute().resolve()
-    if a == b or a in b.parents or b in a.parents:
-        return True
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True)
@@ -174,7 +102,7 @@ class Output:
                     f"the {self.what} path {path} is (or holds, or lies in) the input {given}; write it somewhere else"
                 )
         name = os.fsencode(path.absolute().name)
-        limit = _name_max(path.parent) - _TEMP_OVERHEAD
+        limit = name_max(path.parent) - _TEMP_OVERHEAD
         if len(name) > limit:
             raise AusteerError(
                 f"cannot write the {self.what} to {str(path)[:60]}...: its name is {len(name)} bytes, at most {limit} fit here; choose a shorter name"
@@ -294,9 +222,9 @@ class Output:
         target = self.path
         try:
             if self.folder:
-                _normal_permissions(tmp)
+                normal_permissions(tmp)
             else:
-                os.chmod(tmp, _default_mode(False))
+                os.chmod(tmp, default_mode(False))
             self._swap(tmp, target)
         except OSError as err:
             raise AusteerError(os_error_message(err, target)) from None
@@ -402,7 +330,7 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     Only temporaries of this host whose process is gone are touched. Returns what was removed.
     """
     target = Path(target)
-    removed = []
+    removed: list[Path] = []
     try:
         siblings = list(target.parent.iterdir())
     except OSError:
@@ -422,8 +350,5 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
 
 __all__ = [
     "Output",
-    "check_writable_parent",
-    "os_error_message",
-    "paths_overlap",
     "remove_stale_temporaries",
 ]

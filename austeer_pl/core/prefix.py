@@ -1,41 +1,36 @@
 """Reading contrastive pairs that share their prompt: the prompt once, the answers from its KV cache.
 
-A pair's two sequences are ``prompt + right answer`` and ``prompt + wrong answer``. Read as two full
-sequences (:class:`~austeer_pl.core.reading.ActivationReader` on ``2B`` rows) the prompt is computed
-twice. Here it is computed once per distinct prompt (a prefill over ``U <= B`` rows that keeps the
-key/value cache of every layer and stops after the last decoder layer, so no LM head), and the
-answers are continued from that cache, reading the last answer token's units at the requested
-sites. The answers run in rounds over the same ``U`` cache rows (round ``r`` continues every prompt
-with its ``r``-th distinct answer; a pair gives two rounds), and the cache is cut back to the prompt
-after each round: it is never copied per answer, so the pass holds about one prompt cache at a
-time. On the default task (~70 prompt tokens, one answer token) this is about half the work of the
-two-full-sequence pass.
+A pair's two sequences are ``prompt + right answer`` and ``prompt + wrong answer``. Read as two full sequences
+(:class:`~austeer_pl.core.reading.ActivationReader` on ``2B`` rows) the prompt is computed twice. Here it is
+computed once per distinct prompt (a prefill over ``U <= B`` rows that keeps the key/value cache of every
+layer and stops after the last decoder layer, so no LM head), and the answers are continued from that cache,
+reading the last answer token's units at the requested sites. The answers run in rounds over the same ``U``
+cache rows (round ``r`` continues every prompt with its ``r``-th distinct answer; a pair gives two rounds),
+and the cache is cut back to the prompt after each round: it is never copied per answer, so the pass holds
+about one prompt cache at a time. On the default task (~70 prompt tokens, one answer token) this is about half
+the work of the two-full-sequence pass.
 
-The result has the same contract as :class:`~austeer_pl.core.reading.ActivationReader` on the
-concatenated ids ``prompt + answer``: the same ``(B, layers, units)`` float32 values, to float
-tolerance (the prompt's keys and values are the same numbers, only the reduction order of a few
-matmuls differs).
+The result has the same contract as :class:`~austeer_pl.core.reading.ActivationReader` on the concatenated ids
+``prompt + answer``: the same ``(B, layers, units)`` float32 values, to float tolerance (the prompt's keys and
+values are the same numbers, only the reduction order of a few matmuls differs).
 
-Padding. Prompts of different lengths are prefilled right-padded (so no query row is fully
-masked, which keeps float64 eager attention free of NaNs), then each cache row is rotated so that
-its real tokens end at the same index: the cache becomes left-padded, and the answers continue
-right after it, right-padded among themselves (a prompt with no answer in a round runs one
-dropped pad token). Keys are cached after their rotary embedding, at
-their real positions, so rotating the cache rows changes nothing; the continuation gets position
-ids ``len(prompt) + t`` and a mask ``[left-padded prompt | right-padded answer]``. Because the cache
-is left-aligned, the index distance between any two real tokens equals their real distance, so
-sliding-window attention (Gemma 2/3, Mistral) masks exactly as on the full sequence; the prefill
-cache is a plain :class:`transformers.DynamicCache` without a config, i.e. every layer keeps all
-its keys and the sliding window is applied by the mask alone.
+Padding. Prompts of different lengths are prefilled right-padded (so no query row is fully masked, which keeps
+float64 eager attention free of NaNs), then each cache row is rotated so that its real tokens end at the same
+index: the cache becomes left-padded, and the answers continue right after it, right-padded among themselves
+(a prompt with no answer in a round runs one dropped pad token). Keys are cached after their rotary embedding,
+at their real positions, so rotating the cache rows changes nothing; the continuation gets position ids
+``len(prompt) + t`` and a mask ``[left-padded prompt | right-padded answer]``. Because the cache is
+left-aligned, the index distance between any two real tokens equals their real distance, so sliding-window
+attention (Gemma 2/3, Mistral) masks exactly as on the full sequence; the prefill cache is a plain
+:class:`transformers.DynamicCache` without a config, i.e. every layer keeps all its keys and the sliding
+window is applied by the mask alone.
 
-Duplicates are free: identical prompts in a batch (e.g. pairs from ``negatives="all"``) are
-prefilled once, and an identical ``(prompt, answer)`` continuation (the shared right answer of
-those pairs) is computed once.
+Duplicates are free: identical prompts in a batch (e.g. pairs from ``negatives="all"``) are prefilled once,
+and an identical ``(prompt, answer)`` continuation (the shared right answer of those pairs) is computed once.
 
-When the model's forward takes no cache argument, or its prefill with a plain ``DynamicCache``
-fails or yields layers other than ``DynamicLayer`` (linear-attention or other exotic caches), the
-reader falls back to the full-sequence pass (same results, no speed-up) and warns once per model
-class.
+When the model's forward takes no cache argument, or its prefill with a plain ``DynamicCache`` fails or yields
+layers other than ``DynamicLayer`` (linear-attention or other exotic caches), the reader falls back to the
+full-sequence pass (same results, no speed-up) and warns once per model class.
 
 Example:
     >>> with torch.inference_mode():
@@ -49,6 +44,7 @@ import functools
 import inspect
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,11 +70,11 @@ _UNSUPPORTED: dict[type, str] = {}
 def _cache_kwarg(model: nn.Module) -> str | None:
     """Name of the forward argument that takes a KV cache: ``cache`` in transformers 5.x
     (``past_key_values`` is its deprecated alias there), ``past_key_values`` before."""
-    return _cache_kwarg_of(type(model))
+    return _cache_kwarg_of(type(model))  # type: ignore[arg-type]  # classes hash by identity
 
 
 @functools.cache
-def _cache_kwarg_of(cls: type) -> str | None:
+def _cache_kwarg_of(cls: Any) -> str | None:
     try:
         params = inspect.signature(cls.forward).parameters
     except (TypeError, ValueError, AttributeError):
@@ -224,6 +220,10 @@ class SharedPrefixReader:
         index = torch.tensor(row_of).to(next(iter(acts.values())).device)
         return {s: a.index_select(0, index) for s, a in acts.items()}
 
+    def _cache_name(self) -> str:
+        assert self.cache_kwarg is not None, "the shared pass runs only for a model whose forward takes a cache"
+        return self.cache_kwarg
+
     def _unsupported(self, reason: str) -> None:
         """Remember (per model class) that the cache cannot be shared; the full-sequence pass is used."""
         self.fallback_reason = _UNSUPPORTED[type(self.model)] = reason
@@ -299,13 +299,15 @@ class SharedPrefixReader:
                 attention_mask=torch.ones_like(ids),
                 position_ids=torch.arange(width, device=device).unsqueeze(0).expand(n_prompts, -1),
                 use_cache=True,
-                **{self.cache_kwarg: cache},
+                **{self._cache_name(): cache},
             )
         except (AttributeError, NotImplementedError, TypeError) as err:  # e.g. linear-attention layers
-            return self._unsupported(f"its forward fails with a plain DynamicCache ({type(err).__name__}: {err})")
+            self._unsupported(f"its forward fails with a plain DynamicCache ({type(err).__name__}: {err})")
+            return None
         layers = list(getattr(cache, "layers", []))
         if len(layers) != n_layers or not all(type(layer) is DynamicLayer for layer in layers):
-            return self._unsupported("its KV cache is not made of plain DynamicLayers")
+            self._unsupported("its KV cache is not made of plain DynamicLayers")
+            return None
 
         # 2. Rotate each prompt row so that every prompt ends at index width - 1 (a left-padded cache).
         # Index arithmetic on the host from Python lengths, then one copy each: no device syncs.
@@ -349,7 +351,7 @@ class SharedPrefixReader:
         cache,
         prompt_mask: torch.Tensor,
         starts: list[int],
-        answers: list[list[int]],
+        answers: Sequence[Sequence[int]],
         targets: list[int],
         pad_id: int,
         slabs: dict[str, torch.Tensor],
@@ -392,5 +394,5 @@ class SharedPrefixReader:
             use_cache=cache is not None,
         )
         if cache is not None:
-            kwargs[self.cache_kwarg] = cache
+            kwargs[self._cache_name()] = cache
         self._run(hooks, **kwargs)

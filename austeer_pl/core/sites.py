@@ -17,7 +17,7 @@ described with a :class:`LayoutSpec`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +85,11 @@ class LayoutSpec:
     layers: str
     attention: str | None = None
     ffn: str | None = None
+
+    @classmethod
+    def from_dict(cls, paths: Mapping[str, str | None]) -> LayoutSpec:
+        """The spec a state records (``{"layers", "attention", "ffn"}``)."""
+        return cls(layers=str(paths["layers"]), attention=paths.get("attention"), ffn=paths.get("ffn"))
 
 
 @dataclass(frozen=True)
@@ -199,6 +204,9 @@ def locate_units(model: nn.Module, spec: LayoutSpec | None = None) -> ModelLayou
     model_type = str(getattr(getattr(model, "config", None), "model_type", "") or type(model).__name__)
     known = KNOWN_LAYOUTS.get(model_type)
 
+    layer_paths: tuple[str, ...]
+    attn_paths: tuple[str | None, ...]
+    ffn_paths: tuple[str | None, ...]
     if spec is not None:
         layer_paths, attn_paths, ffn_paths = (spec.layers,), (spec.attention,), (spec.ffn,)
     elif known is not None:
@@ -225,16 +233,18 @@ def locate_units(model: nn.Module, spec: LayoutSpec | None = None) -> ModelLayou
     hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", None)
     sites: dict[str, Site] = {}
     if attn_path is not None:
-        modules = tuple(_get(layer, attn_path) for layer in layers)
-        if any(m is None for m in modules):
+        found = [_get(layer, attn_path) for layer in layers]
+        modules = tuple(m for m in found if m is not None)
+        if len(modules) < n_layers:
             raise _unsupported(model, f"'{attn_path}' in every layer")
         size = _in_features(modules[0])
         if size is None:
             raise _unsupported(model, f"the input width of '{attn_path}'")
         sites["attention"] = Site("attention", size, modules, reads_input=True)
     if ffn_path is not None:
-        modules = tuple(_get(layer, ffn_path) for layer in layers)
-        if any(m is None for m in modules):
+        found = [_get(layer, ffn_path) for layer in layers]
+        modules = tuple(m for m in found if m is not None)
+        if len(modules) < n_layers:
             raise _unsupported(model, f"'{ffn_path}' in every layer")
         ffn_size = hidden
         if ffn_size is None:

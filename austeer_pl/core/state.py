@@ -29,20 +29,21 @@ from austeer_pl._version import __version__
 from austeer_pl.core.hooks import TOKEN_SCOPES, EditHandle
 from austeer_pl.core.merge import merge_into
 from austeer_pl.core.output import Output
-from austeer_pl.core.selection import SIGN_POLICIES, Selection
+from austeer_pl.core.selection import Selection
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
 from austeer_pl.core.stateio import (
-    FLOAT_DTYPES,
     FORMAT_VERSION,
     TENSOR_KEYS,
+    check_fields,
     check_gate,
     check_tensor,
+    check_units,
     config_field,
     is_steering_state,
     read_state_files,
     write_state_files,
 )
-from austeer_pl.core.strength import STRENGTH_KINDS, strength_from_config
+from austeer_pl.core.strength import strength_from_config
 from austeer_pl.errors import AusteerError
 
 _INT_KEYS = ("site_index", "layer", "unit")
@@ -106,79 +107,10 @@ class SteeringState:
                 raise AusteerError(
                     f"steering state tensor '{name}' must have shape ({k},) like 'unit', got {tuple(tensor.shape)}; the state is corrupt"
                 )
-        if isinstance(self.alpha, bool) or not isinstance(self.alpha, int | float) or not math.isfinite(self.alpha):
-            raise AusteerError(
-                f"steering state 'alpha' must be a finite number, got {self.alpha!r}; the state is corrupt, export it again"
-            )
-        if isinstance(self.n_layers, bool) or not isinstance(self.n_layers, int) or self.n_layers < 1:
-            raise AusteerError(
-                f"steering state 'n_layers' must be a positive integer, got {self.n_layers!r}; the state is corrupt"
-            )
-        if not isinstance(self.site_sizes, Mapping) or not all(
-            isinstance(s, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
-            for s, v in self.site_sizes.items()
-        ):
-            raise AusteerError(
-                f"steering state 'site_sizes' must map site names to positive integers, got {self.site_sizes!r}; the state is corrupt"
-            )
-        if not all(isinstance(s, str) for s in self.sites):
-            raise AusteerError(f"steering state 'sites' must be names, got {list(self.sites)!r}; the state is corrupt")
-        if not isinstance(self.metadata, dict):
-            raise AusteerError(
-                f"steering state 'metadata' must be an object, got {type(self.metadata).__name__}; the state is corrupt"
-            )
-        if not isinstance(self.strength, dict) or self.strength.get("kind", "momentum") not in STRENGTH_KINDS:
-            raise AusteerError(
-                f"steering state 'strength' must be an object with kind {', '.join(STRENGTH_KINDS)}, got {self.strength!r}; the state is corrupt"
-            )
-        if self.layout is not None:
-            if (
-                not isinstance(self.layout, Mapping)
-                or not isinstance(self.layout.get("layers"), str)
-                or not all(
-                    self.layout.get(key) is None or isinstance(self.layout.get(key), str)
-                    for key in ("attention", "ffn")
-                )
-                or set(self.layout) - {"layers", "attention", "ffn"}
-            ):
-                raise AusteerError(
-                    f"steering state 'layout' must name module paths (layers, attention, ffn), got {self.layout!r}; the state is corrupt"
-                )
-            self.layout = {key: self.layout.get(key) for key in ("layers", "attention", "ffn")}
-        for name, tensor in self.strength_tensors.items():
-            if (
-                not isinstance(tensor, torch.Tensor)
-                or tensor.dtype not in FLOAT_DTYPES
-                or not bool(torch.isfinite(tensor).all())
-            ):
-                raise AusteerError(
-                    f"steering state tensor 'strength.{name}' must hold finite floats; the state is corrupt, export it again"
-                )
+        self.layout = check_fields(self)
         self.site_index, self.layer, self.unit = (t.long().cpu() for t in (self.site_index, self.layer, self.unit))
         self.momentum, self.scale, self.shift = (t.float().cpu() for t in (self.momentum, self.scale, self.shift))
-        if self.token_scope not in TOKEN_SCOPES:
-            raise AusteerError(f"unknown token scope '{self.token_scope}'; choose one of {', '.join(TOKEN_SCOPES)}")
-        if self.sign_policy not in SIGN_POLICIES:
-            raise AusteerError(f"unknown sign policy '{self.sign_policy}'; choose one of {', '.join(SIGN_POLICIES)}")
-        if k and (int(self.site_index.min()) < 0 or int(self.site_index.max()) >= len(self.sites)):
-            raise AusteerError(
-                "steering state has a site index outside its list of sites; the state is corrupt, fit it again"
-            )
-        for i, site in enumerate(self.sites):
-            rows = self.site_index == i
-            if site not in self.site_sizes:
-                raise AusteerError(
-                    f"steering state uses site '{site}' but records no size for it; the state is corrupt"
-                )
-            if rows.any():
-                if int(self.layer[rows].min()) < 0 or int(self.layer[rows].max()) >= self.n_layers:
-                    raise AusteerError(
-                        f"steering state has a layer outside 0..{self.n_layers - 1}; the state is corrupt"
-                    )
-                if int(self.unit[rows].min()) < 0 or int(self.unit[rows].max()) >= self.site_sizes[site]:
-                    raise AusteerError(
-                        f"steering state has a {site} unit outside 0..{self.site_sizes[site] - 1}; the state is corrupt"
-                    )
+        check_units(self)
         if self.strength.get("kind") == "gate":
             check_gate(self)
 
@@ -337,7 +269,7 @@ class SteeringState:
         if scope not in TOKEN_SCOPES:
             raise AusteerError(f"unknown token scope '{scope}'; choose one of {', '.join(TOKEN_SCOPES)}")
         if layout is None and state.layout is not None:
-            layout = LayoutSpec(**state.layout)
+            layout = LayoutSpec.from_dict(state.layout)
         if not isinstance(layout, ModelLayout):
             layout = locate_units(model, layout)
         state.check_compatible(layout)

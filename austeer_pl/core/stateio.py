@@ -10,6 +10,7 @@ damage in one line that says to export the state again.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from austeer_pl.core.fileio import parse_json, sha256_file, write_json
+from austeer_pl.core.hooks import TOKEN_SCOPES
+from austeer_pl.core.selection import SIGN_POLICIES
+from austeer_pl.core.strength import STRENGTH_KINDS
 from austeer_pl.errors import AusteerError
 
 FORMAT_VERSION = 1
@@ -117,6 +121,85 @@ def config_field(config: Mapping[str, Any], name: str, kind: type | tuple[type, 
 def short_value(value: Any) -> str:
     text = json.dumps(value) if not isinstance(value, torch.Tensor) else str(value)
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def check_fields(state: Any) -> dict[str, str | None] | None:
+    """The scalar fields of a :class:`~austeer_pl.core.state.SteeringState` (alpha, sizes, sites, metadata,
+    strength, layout, the gate's tensors), each refused in one line when it cannot be right; returns the
+    layout with its three keys."""
+    layout = None
+    if isinstance(state.alpha, bool) or not isinstance(state.alpha, int | float) or not math.isfinite(state.alpha):
+        raise AusteerError(
+            f"steering state 'alpha' must be a finite number, got {state.alpha!r}; the state is corrupt, export it again"
+        )
+    if isinstance(state.n_layers, bool) or not isinstance(state.n_layers, int) or state.n_layers < 1:
+        raise AusteerError(
+            f"steering state 'n_layers' must be a positive integer, got {state.n_layers!r}; the state is corrupt"
+        )
+    if not isinstance(state.site_sizes, Mapping) or not all(
+        isinstance(s, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+        for s, v in state.site_sizes.items()
+    ):
+        raise AusteerError(
+            f"steering state 'site_sizes' must map site names to positive integers, got {state.site_sizes!r}; the state is corrupt"
+        )
+    if not all(isinstance(s, str) for s in state.sites):
+        raise AusteerError(f"steering state 'sites' must be names, got {list(state.sites)!r}; the state is corrupt")
+    if not isinstance(state.metadata, dict):
+        raise AusteerError(
+            f"steering state 'metadata' must be an object, got {type(state.metadata).__name__}; the state is corrupt"
+        )
+    if not isinstance(state.strength, dict) or state.strength.get("kind", "momentum") not in STRENGTH_KINDS:
+        raise AusteerError(
+            f"steering state 'strength' must be an object with kind {', '.join(STRENGTH_KINDS)}, got {state.strength!r}; the state is corrupt"
+        )
+    if state.layout is not None:
+        if (
+            not isinstance(state.layout, Mapping)
+            or not isinstance(state.layout.get("layers"), str)
+            or not all(
+                state.layout.get(key) is None or isinstance(state.layout.get(key), str) for key in ("attention", "ffn")
+            )
+            or set(state.layout) - {"layers", "attention", "ffn"}
+        ):
+            raise AusteerError(
+                f"steering state 'layout' must name module paths (layers, attention, ffn), got {state.layout!r}; the state is corrupt"
+            )
+        layout = {key: state.layout.get(key) for key in ("layers", "attention", "ffn")}
+    for name, tensor in state.strength_tensors.items():
+        if (
+            not isinstance(tensor, torch.Tensor)
+            or tensor.dtype not in FLOAT_DTYPES
+            or not bool(torch.isfinite(tensor).all())
+        ):
+            raise AusteerError(
+                f"steering state tensor 'strength.{name}' must hold finite floats; the state is corrupt, export it again"
+            )
+    return layout
+
+
+def check_units(state: Any) -> None:
+    """The token scope, the sign policy, and every unit's site, layer and index within the model the
+    state records (a :class:`~austeer_pl.core.state.SteeringState` whose tensors are already int64)."""
+    if state.token_scope not in TOKEN_SCOPES:
+        raise AusteerError(f"unknown token scope '{state.token_scope}'; choose one of {', '.join(TOKEN_SCOPES)}")
+    if state.sign_policy not in SIGN_POLICIES:
+        raise AusteerError(f"unknown sign policy '{state.sign_policy}'; choose one of {', '.join(SIGN_POLICIES)}")
+    if state.k and (int(state.site_index.min()) < 0 or int(state.site_index.max()) >= len(state.sites)):
+        raise AusteerError(
+            "steering state has a site index outside its list of sites; the state is corrupt, fit it again"
+        )
+    for i, site in enumerate(state.sites):
+        rows = state.site_index == i
+        if site not in state.site_sizes:
+            raise AusteerError(f"steering state uses site '{site}' but records no size for it; the state is corrupt")
+        if rows.any():
+            if int(state.layer[rows].min()) < 0 or int(state.layer[rows].max()) >= state.n_layers:
+                raise AusteerError(f"steering state has a layer outside 0..{state.n_layers - 1}; the state is corrupt")
+            if int(state.unit[rows].min()) < 0 or int(state.unit[rows].max()) >= state.site_sizes[site]:
+                raise AusteerError(
+                    f"steering state has a {site} unit outside 0..{state.site_sizes[site] - 1}; the state is corrupt"
+                )
 
 
 def check_gate(state: Any) -> None:
@@ -223,8 +306,10 @@ __all__ = [
     "INT_DTYPES",
     "TENSOR_KEYS",
     "WEIGHTS_NAME",
+    "check_fields",
     "check_gate",
     "check_tensor",
+    "check_units",
     "config_field",
     "is_steering_state",
     "read_state_files",

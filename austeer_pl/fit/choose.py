@@ -192,7 +192,8 @@ def choose(
     values = [mean_value(i) if reached[i] else None for i in range(G)]
     accuracy = [float(stats[i, : reached[i], 0].mean()) if reached[i] else None for i in range(G)]
     order = sorted(
-        eligible, key=lambda i: (-reached[i], -values[i], candidates[i].n_steered, candidates[i].strength, i)
+        eligible,
+        key=lambda i: (-reached[i], -(values[i] or 0.0), candidates[i].n_steered, candidates[i].strength, i),
     )
     best = order[0] if order else None
     choice = GridChoice(

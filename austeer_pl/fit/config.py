@@ -287,7 +287,7 @@ def defaults(groups: Sequence[type]) -> dict[str, Any]:
     out = {}
     for group in groups:
         for f in fields(group):
-            value = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            value = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[operator]
             out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
 

@@ -81,6 +81,13 @@ class FitData:
     _val_pairs: list[EncodedPair] | None = None
     _test_prompts: list[str] | None = None
 
+    @property
+    def loaded_task(self) -> Task:
+        """The task (after :meth:`load`)."""
+        if self.task is None:
+            raise AusteerError("the task is not loaded yet; call FitData.load() or prepare() first")
+        return self.task
+
     def load(self) -> FitData:
         """Read the task and its splits (no tokenizer needed)."""
         if self.task is None:

@@ -150,6 +150,7 @@ class GridScoring:
                             out[sub.index(0), b - lo : e - lo] = cache[(b, e)]
                         else:
                             cache[(b, e)] = out[sub.index(0), b - lo : e - lo].clone()
+                        assert self.unsteered is not None  # allocated when the grid starts
                         self.unsteered[b:e] = cache[(b, e)]
                 return out
 

@@ -71,7 +71,7 @@ def evaluate_candidates(
         if UNSTEERED in labels:
             raise AusteerError(f"the label '{UNSTEERED}' is kept for no steering; rename that candidate")
         candidates.insert(0, (UNSTEERED, None))
-    gen = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
+    gen: dict[str, Any] = dict(max_new_tokens=max_new_tokens, batch_size=batch_size, max_length=max_length)
     base_texts = generate_new_text(model, tokenizer, prompts, **gen)
     base = text_metrics(model, tokenizer, prompts, base_texts, judge, batch_size=batch_size, max_length=max_length)
     results = []

@@ -18,6 +18,7 @@ from torch import nn
 
 from austeer_pl.core.sites import ModelLayout
 from austeer_pl.core.state import SteeringState
+from austeer_pl.errors import AusteerError
 from austeer_pl.fit.collectives import Collectives
 from austeer_pl.fit.config import StrengthConfig
 from austeer_pl.fit.data import FitData
@@ -83,12 +84,16 @@ class StrengthPhase:
             max_length=data.config.max_length,
         )
 
-    def start(self, methods: Sequence[str], base: SteeringState, *, primary: str, scoring: str, criterion: str) -> None:
+    def start(
+        self, methods: Sequence[str], base: SteeringState | None, *, primary: str, scoring: str, criterion: str
+    ) -> None:
         """A trainer per learned method, each from ``base`` (the rule ``alpha * m`` is its epoch 0)."""
         learned = [m for m in methods if get_method(m).learned]
         self.primary, self._scoring = primary, scoring
         if not learned or self.config.strength_epochs == 0:
             return
+        if base is None:
+            raise AusteerError("a learned strength starts from a chosen AUSteer state, and the grid chose none")
         cfg = self.config
         for method in learned:
             started = time.perf_counter()
@@ -96,7 +101,7 @@ class StrengthPhase:
                 self.model,
                 self.layout,
                 base,
-                get_method(method).learned,
+                str(get_method(method).learned),
                 lr=cfg.strength_lr,
                 kl_weight=cfg.kl_weight,
                 loss=cfg.strength_loss,

@@ -74,7 +74,7 @@ class StrengthTrainer:
     criterion: str = "accuracy"
     fn: nn.Module = field(init=False)
     history: list[dict[str, float]] = field(default_factory=list, init=False)
-    best: dict[str, Any] | None = field(default=None, init=False)
+    best: dict[str, Any] = field(default_factory=dict, init=False)  # filled by begin()
     stopped: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
@@ -83,14 +83,17 @@ class StrengthTrainer:
         if self.criterion not in ("accuracy", "loss"):
             raise AusteerError(f"the strength's epoch criterion must be accuracy or loss, not '{self.criterion}'")
         device = next(self.model.parameters()).device
-        self.fn = build_strength(
+        fn = build_strength(
             self.kind,
             self.state.scale.to(device),
             self.layout,
             self.state.layer.tolist(),
             gate_layer=self.gate_layer,
             gate_width=self.gate_width,
-        ).to(device)
+        )
+        if fn is None:
+            raise AusteerError(f"the '{self.kind}' strength has nothing to learn; choose scalar or gate")
+        self.fn = fn.to(device)
         self.optimizer = torch.optim.Adam(self.fn.parameters(), lr=self.lr)
         self._bad = 0
 

@@ -15,7 +15,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy
 
-from austeer_pl.core.output import Output, os_error_message
+from austeer_pl.core.output import Output
+from austeer_pl.core.paths import os_error_message
 from austeer_pl.errors import AusteerError
 from austeer_pl.methods.austeer import parse_sites
 

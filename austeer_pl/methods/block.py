@@ -115,18 +115,20 @@ def block_austeer_state(
     alpha = check_strength(alpha, "alpha")
     ranking = rank_blocks(acc, layout, sites)
     k_blocks = check_count(k_blocks, "k_blocks", ranking.n_blocks, f"blocks at {', '.join(ranking.sites)}")
-    site_index, layers, units = [], [], []
+    indices: list[torch.Tensor] = []
+    layers: list[torch.Tensor] = []
+    units: list[torch.Tensor] = []
     for s, l, h in zip(
         ranking.site_index[:k_blocks].tolist(), ranking.layer[:k_blocks].tolist(), ranking.head[:k_blocks].tolist()
     ):
         if h >= 0:
-            unit = torch.arange(h * layout.head_dim, (h + 1) * layout.head_dim)
+            block = torch.arange(h * layout.head_dim, (h + 1) * layout.head_dim)
         else:
-            unit = torch.arange(layout.site(ranking.sites[s]).size)
-        units.append(unit)
-        layers.append(torch.full((unit.numel(),), l, dtype=torch.long))
-        site_index.append(torch.full((unit.numel(),), s, dtype=torch.long))
-    site_index, layer, unit = torch.cat(site_index), torch.cat(layers), torch.cat(units)
+            block = torch.arange(layout.site(ranking.sites[s]).size)
+        units.append(block)
+        layers.append(torch.full((block.numel(),), l, dtype=torch.long))
+        indices.append(torch.full((block.numel(),), s, dtype=torch.long))
+    site_index, layer, unit = torch.cat(indices), torch.cat(layers), torch.cat(units)
     momenta = {i: acc.momentum(site).cpu() for i, site in enumerate(ranking.sites)}
     m = torch.empty(unit.numel())
     for i, table in momenta.items():

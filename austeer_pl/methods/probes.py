@@ -72,7 +72,7 @@ class HeadMoments(SummedStatistics):
         c = self.tensors["count"].tolist()
         return int(c[0]), int(c[1])
 
-    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+    def _heads(self, x: torch.Tensor | Mapping[str, torch.Tensor]) -> torch.Tensor:
         x = _acts(x)
         width = self.n_heads * self.head_dim
         if x.dim() != 3 or x.shape[1:] != (self.n_layers, width):

@@ -32,14 +32,12 @@ from austeer_pl.tasks.files import (
     load_bigbench_task,
     load_local_task,
 )
-from austeer_pl.tasks.hub import (
-    HubTask,
+from austeer_pl.tasks.hub import HubTask, load_hub_task, local_hub_rows
+from austeer_pl.tasks.hub_rows import (
     boolq_examples,
     copa_examples,
     generic_examples,
     gsm8k_examples,
-    load_hub_task,
-    local_hub_rows,
     mawps_examples,
     svamp_examples,
     winogrande_examples,
