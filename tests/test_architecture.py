@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import ROOT
+
 PACKAGE = ROOT / "austeer_pl"
 #: The layers, lowest first: a module may import its own layer and the ones before it (and the
 #: package's root modules, ``errors`` and ``_version``). Every folder of the package is a layer.
@@ -67,6 +68,17 @@ def test_every_folder_of_the_package_is_a_layer():
     assert folders == set(LAYERS), folders ^ set(LAYERS)
     loose = {p.stem for p in PACKAGE.glob("*.py")} - {"__init__", *ROOT_MODULES}
     assert not loose, f"modules outside the layers: {sorted(loose)}"
+
+
+def test_tests_mirror_the_layers():
+    """A test module lives in the folder of the layer it tests (``tests/core/test_merge.py``); only
+    the tests of the whole package's shape stay at the top."""
+    folders = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name not in ("fixtures", "__pycache__")}
+    assert folders <= set(LAYERS), folders - set(LAYERS)
+    at_top = sorted(p.name for p in (ROOT / "tests").glob("test_*.py"))
+    assert at_top == ["test_architecture.py"], at_top
+    names = [p.name for p in (ROOT / "tests").rglob("test_*.py")]
+    assert len(names) == len(set(names)), "test module names must be unique (pytest imports them by basename)"
 
 
 def test_no_layer_imports_a_layer_above_it():

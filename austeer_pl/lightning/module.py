@@ -5,7 +5,7 @@ Fitting is one pass over the training pairs (no optimiser) in epoch 0, the valid
 end, and the learned-strength epochs after it. The frozen LLM is held outside the module's
 parameters and ``state_dict``, so it is never checkpointed, wrapped by DDP or trained; checkpoints
 carry the statistics of the pass only. Reductions go through the strategy
-(:class:`StrategyCollectives`), so N processes compute the state of one.
+(:class:`~austeer_pl.lightning.frozen.StrategyCollectives`), so N processes compute the state of one.
 """
 
 from __future__ import annotations
@@ -13,12 +13,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-import lightning.pytorch as pl
-import torch
-from torch import nn
-
-from austeer_pl.core.models import load_model
-from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
 from austeer_pl.errors import AusteerError
 from austeer_pl.fit.config import (
     MODEL_GROUPS,
@@ -31,40 +25,13 @@ from austeer_pl.fit.config import (
 )
 from austeer_pl.fit.data import input_pins
 from austeer_pl.fit.session import FitSession
+from austeer_pl.lightning.frozen import FrozenLLM, StrategyCollectives
 from austeer_pl.lightning.strategy import CHECKPOINT_KEY, pass_settings
 from austeer_pl.methods.austeer import AusteerGrid
 from austeer_pl.methods.registry import FITTED
 
 
-class StrategyCollectives:
-    """A session's :class:`~austeer_pl.fit.collectives.Collectives` over a module's Lightning strategy."""
-
-    def __init__(self, module: pl.LightningModule) -> None:
-        self.module = module
-
-    @property
-    def _trainer(self):
-        return self.module._trainer
-
-    @property
-    def rank(self) -> int:
-        return 0 if self._trainer is None else self._trainer.global_rank
-
-    @property
-    def world(self) -> int:
-        return 1 if self._trainer is None else self._trainer.world_size
-
-    def _reduce(self, tensor: torch.Tensor, op: str) -> torch.Tensor:
-        return tensor if self._trainer is None else self._trainer.strategy.reduce(tensor, reduce_op=op)
-
-    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor, "sum")
-
-    def max(self, tensor: torch.Tensor) -> torch.Tensor:
-        return self._reduce(tensor, "max")
-
-
-class AUSteerModule(pl.LightningModule):
+class AUSteerModule(FrozenLLM):
     def __init__(  # one keyword per setting of MODEL_GROUPS, defaults read from them (tests/lightning checks both)
         self,
         model_name: str = ModelConfig.model_name,
@@ -118,8 +85,6 @@ class AUSteerModule(pl.LightningModule):
         self.primary: str | None = None
         self.session: FitSession | None = None
         self._pending: dict[str, Any] | None = None
-        # The frozen LLM is deliberately not a registered submodule (see `llm`).
-        self.__dict__.update(_llm=None, _tokenizer=None, _layout=None)
 
     def use_methods(
         self, methods: Sequence[str], grids: Mapping[str, Any] | None = None, *, primary: str = FITTED
@@ -128,47 +93,8 @@ class AUSteerModule(pl.LightningModule):
         self.methods, self.grids, self.primary = tuple(methods), grids, primary
         return self
 
-    # -- the frozen model, outside parameters and state_dict
-    def _load(self) -> None:
-        if self._llm is None:
-            cfg = self.config.model
-            model, tokenizer = load_model(cfg.model_name, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
-            spec = cfg.layout_spec()
-            self.__dict__.update(
-                _llm=model.to(self.device),
-                _tokenizer=tokenizer,
-                _layout=locate_units(model, LayoutSpec(**spec) if spec else None),
-            )
-
-    @property
-    def llm(self) -> nn.Module:
-        """The frozen base model. Not a submodule, so it is never checkpointed, wrapped or trained."""
-        self._load()
-        return self._llm
-
-    @property
-    def tokenizer(self):
-        self._load()
-        return self._tokenizer
-
-    @property
-    def layout(self) -> ModelLayout:
-        self._load()
-        return self._layout
-
-    def _apply(self, fn, *args, **kwargs):
-        # Device and dtype moves of the module apply to the frozen model too.
-        super()._apply(fn, *args, **kwargs)
-        if self.__dict__.get("_llm") is not None:
-            self._llm._apply(fn, *args, **kwargs)
-        return self
-
-    def attach(self, model: nn.Module, tokenizer, layout: ModelLayout | None = None) -> AUSteerModule:
-        """Use an already loaded model (tests, notebooks) instead of loading ``model_name``."""
-        self.__dict__.update(
-            _llm=model.requires_grad_(False).eval(), _tokenizer=tokenizer, _layout=layout or locate_units(model)
-        )
-        return self
+    def model_config(self) -> ModelConfig:
+        return self.config.model
 
     @property
     def state(self):
@@ -304,4 +230,4 @@ AUSteerModule.__doc__ = settings_doc(
     MODEL_GROUPS,
 )
 
-__all__ = ["AUSteerModule", "StrategyCollectives"]
+__all__ = ["AUSteerModule"]

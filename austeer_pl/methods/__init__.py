@@ -4,7 +4,7 @@ Each method module declares a :class:`~austeer_pl.methods.registry.Method` (the 
 from the shared pass, its default and quick grids, how one grid point becomes a
 :class:`~austeer_pl.core.state.SteeringState`, its strength knob) and registers it with one call of
 :func:`~austeer_pl.methods.registry.register`. Importing this package registers them all (kept in each
-method's report ``order``); the conformance suite (``tests/test_methods.py``) runs save, load, apply, remove and ``with_alpha``
+method's report ``order``); the conformance suite (``tests/methods/test_registry.py``) runs save, load, apply, remove and ``with_alpha``
 over every entry.
 """
 

@@ -4,7 +4,7 @@ Each :class:`Method` declares the statistics it needs from the shared pass, its 
 validation grids, how one grid point becomes a :class:`~austeer_pl.core.state.SteeringState`, and
 which hyperparameter is its strength knob (the state's ``alpha``, swept with ``with_alpha``).
 The fitting engine, ``train.py``, ``evaluate.py --compare`` and the analyses read only this table;
-adding a method is adding one entry (the conformance test in ``tests/test_methods.py`` then runs
+adding a method is adding one entry (the conformance test in ``tests/methods/test_registry.py`` then runs
 save, load, apply, remove, ``with_alpha`` and the compatibility refusal over it).
 
 Learned-strength variants (``austeer_scalar``, ``austeer_gate``) have no grid of their own: they

@@ -13,7 +13,10 @@ from austeer_pl.methods.iti import accumulate_head_moments, accumulate_probe_acc
 from austeer_pl.methods.probes import fit_probes
 from austeer_pl.methods.registry import METHODS, FitContext, build_state, needs
 
-from conftest import make_model, make_tokenizer
+from helpers import (
+    make_model,
+    make_tokenizer,
+)
 
 TEXTS = [
     "is 3 less than 7 yes",

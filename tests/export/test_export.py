@@ -30,8 +30,13 @@ from austeer_pl.export.gguf import (
 )
 from austeer_pl.methods.caa import caa_state
 
-from conftest import make_model, make_tokenizer
-from test_merge import make_pairs, random_state, residual_shift
+from helpers import (
+    make_model,
+    make_tokenizer,
+    random_state,
+    residual_shift,
+    review_pairs,
+)
 
 Q = gguf.GGMLQuantizationType
 IDS = [[5, 9, 3, 17, 22, 8, 40, 11], [7, 7, 30, 2, 15, 61, 4, 9]]
@@ -516,7 +521,7 @@ def test_embedded_gguf_export(tmp_path):
 def test_control_vector_round_trip_and_llama_cpp_semantics(tmp_path, capsys):
     model = make_model("llama")
     layout = locate_units(model)
-    acc = accumulate_momentum(model, make_tokenizer(), make_pairs(), sites=["residual"], batch_size=4)
+    acc = accumulate_momentum(model, make_tokenizer(), review_pairs(), sites=["residual"], batch_size=4)
     caa = caa_state(acc, layout, layer=1, multiplier=3.0)
     folder = save(caa, tmp_path / "caa")
     out = tmp_path / "caa.gguf"

@@ -31,7 +31,10 @@ from austeer_pl.methods.registry import METHODS as REGISTRY
 from austeer_pl.methods.registry import FitContext, build_state, grid_points
 from austeer_pl.methods.sadi import sadi_head_scores, sadi_state
 
-from conftest import make_model, make_tokenizer
+from helpers import (
+    make_model,
+    make_tokenizer,
+)
 
 METHODS = [m for m, entry in REGISTRY.items() if entry.points is not None and m != "austeer"]
 STRENGTH_KEY = {m: REGISTRY[m].strength_key for m in METHODS}

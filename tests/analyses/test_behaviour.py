@@ -48,7 +48,10 @@ from austeer_pl.tasks.embedded import (
     sentiment_task,
 )
 
-from conftest import make_model, make_tokenizer
+from helpers import (
+    make_model,
+    make_tokenizer,
+)
 
 FIT_PAIRS = [(f"review {i}: the film was good", f"review {i}: the film was bad") for i in range(8)]
 PROMPTS = ["the film was", "i think that the movie", "ok"]

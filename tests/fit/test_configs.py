@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import yaml
 
 from austeer_pl.cli.train import build_cli
 
-ROOT = Path(__file__).resolve().parents[1]
+from helpers import (
+    ROOT,
+)
+
+ROOT = ROOT
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml")) + sorted((ROOT / "configs" / "paper").glob("*.yaml"))
 
 
@@ -39,7 +41,7 @@ def test_default_config_matches_the_defaults(capsys):
     with pytest.raises(SystemExit):
         build_cli(["--print_config"])
     defaults = yaml.safe_load(capsys.readouterr().out)
-    written = yaml.safe_load((Path(__file__).resolve().parents[1] / "configs" / "default.yaml").read_text())
+    written = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     for section in ("model", "data"):
         for key, value in written[section].items():
             assert defaults[section][key] == value, (section, key)

@@ -18,9 +18,13 @@ from austeer_pl.errors import AusteerError
 from austeer_pl.lightning.datamodule import ContrastivePairDataModule
 from austeer_pl.lightning.module import AUSteerModule
 
-from conftest import make_tokenizer, write_less_task
+from helpers import (
+    ROOT,
+    make_tokenizer,
+    write_less_task,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = ROOT
 
 
 @pytest.fixture(scope="module")

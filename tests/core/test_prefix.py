@@ -11,7 +11,11 @@ from austeer_pl.core.prefix import SharedPrefixReader, split_shared_prefix
 from austeer_pl.core.tokens import encode_texts
 from austeer_pl.errors import AusteerError
 
-from conftest import CORE_ARCHS, make_model, make_tokenizer
+from helpers import (
+    CORE_ARCHS,
+    make_model,
+    make_tokenizer,
+)
 
 SITES = ["attention", "ffn", "residual"]
 

@@ -32,14 +32,16 @@ from austeer_pl.cli.generate import generate_main
 from austeer_pl.cli.train import train, train_main
 from austeer_pl.errors import AusteerError
 
-from conftest import (
+from helpers import (
+    ROOT,
+    FakeEmbedded,
     make_model,
     make_tokenizer,
     write_custom_code_folder,
     write_less_task,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = ROOT
 
 
 # ---------------------------------------------------------------------------- shared fixtures
@@ -1387,8 +1389,6 @@ def test_cache_overwritten_in_place_is_caught(tmp_path, monkeypatch):
     from austeer_pl.core import embedded
     from austeer_pl.core.embedded import ensure_embedded_model
     from austeer_pl.core.models import load_model
-
-    from test_models import FakeEmbedded
 
     fake = FakeEmbedded(tmp_path, monkeypatch)
     folder = ensure_embedded_model(fake.cache)

@@ -18,7 +18,9 @@ from austeer_pl.fit.config import DATA_GROUPS, FitConfig, group_settings
 from austeer_pl.fit.data import FitData, input_pins
 from austeer_pl.fit.session import FitSession
 
-from conftest import write_less_task
+from helpers import (
+    write_less_task,
+)
 
 TIMINGS = ("seconds", "package_version")
 

@@ -11,7 +11,11 @@ import torch
 from austeer_pl import SteeringState
 from austeer_pl.cli.evaluate import evaluate_main
 
-from conftest import make_model, write_less_task
+from helpers import (
+    ROOT,
+    make_model,
+    write_less_task,
+)
 
 METHODS = ["unsteered", "iti", "sadi", "caa", "austeer_block", "austeer", "austeer_scalar", "austeer_gate"]
 LEARNED = {"austeer_scalar": "scalar", "austeer_gate": "gate"}
@@ -191,7 +195,7 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
     import subprocess
     import sys
 
-    root = Path(__file__).resolve().parents[1]
+    root = ROOT
     out, one = compared
     args = [
         "--compare",

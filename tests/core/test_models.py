@@ -6,13 +6,10 @@ import json
 import os
 import pathlib
 import threading
-import time
 
 import pytest
 import torch
-from tokenizers import Tokenizer, pre_tokenizers
-from tokenizers import models as tk_models
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import LlamaForCausalLM
 
 from austeer_pl.core import embedded
 from austeer_pl.core.digests import default_cache_dir
@@ -25,33 +22,15 @@ from austeer_pl.core.embedded import (
 from austeer_pl.core.models import load_model, model_name_of, resolve_dtype
 from austeer_pl.errors import AusteerError
 
+from helpers import (
+    FakeEmbedded,
+    tiny_model,
+    tiny_tokenizer,
+)
+
 # ------------------------------------------------------------------------------------------
 # Helpers
 # ------------------------------------------------------------------------------------------
-
-
-def tiny_model(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=100,
-        bos_token_id=None,
-        eos_token_id=1,
-        pad_token_id=None,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over "<unk>", "<eos>", "w2" ... "w99", without a pad token."""
-    vocab = {"<unk>": 0, "<eos>": 1} | {f"w{i}": i for i in range(2, 100)}
-    backend = Tokenizer(tk_models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
 
 
 def assert_one_line(error: pytest.ExceptionInfo[AusteerError]) -> str:
@@ -72,32 +51,6 @@ def tiny_checkpoint(tmp_path: pathlib.Path) -> tuple[pathlib.Path, LlamaForCausa
     model.save_pretrained(folder)
     tiny_tokenizer().save_pretrained(folder)
     return folder, model
-
-
-class FakeEmbedded:
-    """Replaces the GGUF file and the slow GGUF conversion with a tiny random model."""
-
-    def __init__(self, tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.gguf = tmp_path / "pkg" / embedded.EMBEDDED_GGUF_NAME
-        self.gguf.parent.mkdir()
-        self.gguf.write_bytes(b"GGUF" + bytes(1000))
-        self.cache = tmp_path / "cache"
-        self.calls = 0
-        self.delay = 0.0
-        self._lock = threading.Lock()
-        monkeypatch.setattr(embedded, "embedded_gguf_path", lambda: self.gguf)
-        monkeypatch.setattr(embedded, "_convert_gguf", self.convert)
-
-    def convert(self, gguf: pathlib.Path):
-        assert gguf == self.gguf
-        with self._lock:
-            self.calls += 1
-        time.sleep(self.delay)
-        return tiny_model(seed=1), tiny_tokenizer()
-
-    @property
-    def target(self) -> pathlib.Path:
-        return self.cache / embedded._cache_folder_name(self.gguf)
 
 
 @pytest.fixture

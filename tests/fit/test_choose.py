@@ -22,7 +22,11 @@ from austeer_pl.scoring.loglik import choice_logprobs
 from austeer_pl.scoring.statistics import criterion_values
 from austeer_pl.tasks import Task, TaskExample
 
-from conftest import make_model, make_tokenizer
+from helpers import (
+    make_model,
+    make_tokenizer,
+    write_less_task,
+)
 
 
 def _state(layout, site: str, units: list[tuple[int, int]], alpha: float) -> SteeringState:
@@ -387,8 +391,6 @@ def test_a_fit_that_does_not_help_says_so_and_exports_an_empty_state(tiny_dir, t
     from austeer_pl.cli.evaluate import evaluate_main
     from austeer_pl.cli.train import train_main
 
-    from conftest import write_less_task
-
     task = write_less_task(tmp_path / "less.jsonl", 60, seed=4)
     common = [
         "--model.model_name",
@@ -478,8 +480,6 @@ def test_a_learned_strength_is_exported_only_when_it_beats_no_steering(tiny_dir,
     import json
 
     from austeer_pl.cli.train import train_main
-
-    from conftest import write_less_task
 
     task = write_less_task(tmp_path / "less.jsonl", 60, seed=4)
     common = [

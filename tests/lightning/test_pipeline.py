@@ -24,10 +24,13 @@ from austeer_pl.lightning.datamodule import ContrastivePairDataModule
 from austeer_pl.lightning.module import AUSteerModule
 from austeer_pl.lightning.strategy import PassCheckpoint
 
-from conftest import make_model
-from conftest import write_less_task as write_task
+from helpers import (
+    ROOT,
+    make_model,
+)
+from helpers import write_less_task as write_task
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = ROOT
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,10 @@ from austeer_pl.core.tokens import (
     truncate_pair_left,
 )
 
-from conftest import make_model, make_tokenizer
+from helpers import (
+    make_model,
+    make_tokenizer,
+)
 
 
 def sentencepiece_style_tokenizer():

@@ -17,7 +17,11 @@ import austeer_pl.tasks as T
 from austeer_pl.errors import AusteerError
 from austeer_pl.tasks import ContrastivePair, Task, TaskExample
 
-REPO = Path(__file__).parents[1]
+from helpers import (
+    ROOT,
+)
+
+REPO = ROOT
 BIGBENCH = REPO.parent / "shared/data/bigbench"
 BIGBENCH_COUNTS = {
     "strategyqa": 2290,

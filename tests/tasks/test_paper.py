@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
@@ -20,7 +19,11 @@ from austeer_pl.errors import AusteerError
 from austeer_pl.tasks import TaskExample, split_examples
 from austeer_pl.tasks import paper as P
 
-REPO = Path(__file__).parents[1]
+from helpers import (
+    ROOT,
+)
+
+REPO = ROOT
 
 
 def error(fn, *args, **kwargs) -> str:
@@ -614,9 +617,7 @@ def test_train_then_evaluate_under_the_paper_protocol_on_local_hub_rows(task, ti
     from austeer_pl.cli.evaluate import evaluate_main
     from austeer_pl.cli.train import train_main
 
-    spec = importlib.util.spec_from_file_location(
-        "paper_rows", Path(__file__).resolve().parent / "fixtures" / "paper_rows.py"
-    )
+    spec = importlib.util.spec_from_file_location("paper_rows", ROOT / "tests" / "fixtures" / "paper_rows.py")
     rows = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(rows)
     files = ",".join(str(p) for p in rows.write_rows(tmp_path / "rows", n=24)[task])

@@ -24,38 +24,17 @@ from austeer_pl.core.strength import GateStrength, ScalarStrength, fold_strength
 from austeer_pl.methods.block import block_austeer_state
 from austeer_pl.methods.sadi import sadi_state
 
-from conftest import ALL_ARCHS, make_model, make_tokenizer
+from helpers import (
+    ALL_ARCHS,
+    make_model,
+    make_tokenizer,
+    random_state,
+    residual_shift,
+    review_pairs,
+)
 
 # Architectures whose attention output and FFN down projections carry a bias (shifts fold there).
 BIASED = ("gpt2", "gpt_neox", "opt")
-
-
-def random_state(model_layout, sites, *, per_layer=5, shifts=False, seed=1, **kwargs) -> SteeringState:
-    """``per_layer`` random distinct units in every layer of each site, with strong random edits."""
-    layout, g = model_layout, torch.Generator().manual_seed(seed)
-    site_index, layer, unit = [], [], []
-    for s, site in enumerate(sites):
-        for l in range(layout.n_layers):
-            site_index.append(torch.full((per_layer,), s))
-            layer.append(torch.full((per_layer,), l))
-            unit.append(torch.randperm(layout.site(site).size, generator=g)[:per_layer])
-    k = per_layer * layout.n_layers * len(sites)
-    scale = torch.randn(k, generator=g) * 2
-    shift = torch.randn(k, generator=g) if shifts else torch.zeros(k)
-    return SteeringState(
-        sites=tuple(sites),
-        site_index=torch.cat(site_index),
-        layer=torch.cat(layer),
-        unit=torch.cat(unit),
-        momentum=scale.clone(),
-        scale=scale,
-        shift=shift,
-        alpha=1.0,
-        architecture=layout.architecture,
-        n_layers=layout.n_layers,
-        site_sizes={s: layout.site(s).size for s in sites},
-        **kwargs,
-    )
 
 
 def ids(n=2, length=7, seed=0):
@@ -156,17 +135,12 @@ def test_merge_touches_only_the_projections_of_steered_layers():
     assert torch.equal(w1[untouched], w0[untouched])
 
 
-def make_pairs(n=12):
-    words = ["good", "bad", "fine", "awful", "great", "dull"]
-    return [(f"review {i}: {words[i % 6]}? yes", f"review {i}: {words[i % 6]}? no") for i in range(n)]
-
-
 def test_method_states_fold():
     """AUSteer, block-level AUSteer, SADI (both sites) and a learned scalar strength, as the package builds them."""
     model = make_model("llama")
     layout = locate_units(model)
     acc = accumulate_momentum(
-        model, make_tokenizer(), make_pairs(), sites=["attention", "ffn", "residual"], batch_size=4
+        model, make_tokenizer(), review_pairs(), sites=["attention", "ffn", "residual"], batch_size=4
     )
     austeer = SteeringState.from_selection(select_units(acc, 12, ["attention", "ffn"]), layout, alpha=8.0)
     scalar = fold_strength(austeer, ScalarStrength(austeer.scale * torch.linspace(-3, 3, austeer.k)))
@@ -269,25 +243,6 @@ def test_layout_spec_pointing_at_the_down_projection_itself():
 def gate_state(model, state):
     gate = GateStrength(locate_units(model).site("residual").size, state.scale, layer=0, width=4)
     return fold_strength(state, gate)
-
-
-def residual_shift(model):
-    layout = locate_units(model)
-    size = layout.site("residual").size
-    return SteeringState(
-        sites=("residual",),
-        site_index=torch.zeros(size, dtype=torch.long),
-        layer=torch.ones(size, dtype=torch.long),
-        unit=torch.arange(size),
-        momentum=torch.zeros(size),
-        scale=torch.zeros(size),
-        shift=torch.randn(size),
-        alpha=1.0,
-        architecture=layout.architecture,
-        n_layers=layout.n_layers,
-        site_sizes={"residual": size},
-        method="caa",
-    )
 
 
 def shared_o_proj(model):

@@ -13,7 +13,9 @@ from austeer_pl.analyses.context import AnalysisOptions, prepare
 from austeer_pl.analyses.main import analyze_main
 from austeer_pl.analyses.units import kl_divergence, strength_convergence
 
-from conftest import write_less_task
+from helpers import (
+    write_less_task,
+)
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
