@@ -15,7 +15,7 @@ from austeer_pl.cli.runtime import ModelDataOptions
 from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.models import load_model, model_name_of
 from austeer_pl.core.pairs import accumulate_momentum
-from austeer_pl.core.reading import position_ids_from_mask
+from austeer_pl.core.reading import padded_logits
 from austeer_pl.core.selection import Selection
 from austeer_pl.core.sites import locate_units
 from austeer_pl.core.state import SteeringState
@@ -168,13 +168,7 @@ def next_token_logits(ctx: AnalysisContext, state: SteeringState | None = None) 
             ids, mask = pad_ids(
                 ctx.prompt_ids[start : start + ctx.batch_size], int(pad or 0), side="left", device=device
             )
-            logits = ctx.model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
-                logits_to_keep=1,
-                use_cache=False,
-            ).logits
+            logits = padded_logits(ctx.model, ids, mask, 1)
             out.append(logits[:, -1].float().cpu())
     return torch.cat(out)
 

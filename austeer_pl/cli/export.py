@@ -11,6 +11,7 @@ import torch
 
 from austeer_pl.cli.runtime import OneLineParser, quiet, run_main
 from austeer_pl.core.embedded import DEFAULT_MODEL, embedded_gguf_path
+from austeer_pl.core.lora import adapter_output
 from austeer_pl.core.merge import check_foldable, merge_into
 from austeer_pl.core.models import load_model, resolve_dtype
 from austeer_pl.core.paths import paths_overlap
@@ -19,16 +20,27 @@ from austeer_pl.core.sites import LayoutSpec, locate_units
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
 from austeer_pl.export.gguf import export_control_vector, export_gguf, gguf_output
+from austeer_pl.export.gguf_lora import export_gguf_lora
 from austeer_pl.export.merged import FORMATS, merged_output, provenance, save_merged
 
 
 def export_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="export.py",
-        description="Merge a steering state into its base model (or write a control vector) for serving without austeer-pl.",
+        description="Merge a steering state into its base model, or write it as a LoRA adapter or control vector, for serving without austeer-pl.",
     )
-    p.add_argument("--steering", required=True, help="steering state folder (written by train.py)")
-    p.add_argument("--out", required=True, help="output folder (transformers) or .gguf file (gguf, control-vector)")
+    p.add_argument(
+        "--steering",
+        required=True,
+        nargs="+",
+        help="steering state folder (written by train.py); several are combined into one: their weighted edits add",
+    )
+    p.add_argument(
+        "--weights", type=float, nargs="+", default=None, help="one weight per --steering state (default: 1 each)"
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder (transformers, peft) or .gguf file (gguf, control-vector)"
+    )
     p.add_argument("--format", default="transformers", choices=FORMATS)
     p.add_argument(
         "--model", default=None, help="base model (default: the one the state names); a .gguf file for --format gguf"
@@ -60,7 +72,7 @@ def _gguf_base(name: str) -> Path:
     if path.suffix.lower() == ".gguf" and path.is_file():
         return path
     raise AusteerError(
-        f"--format gguf needs a GGUF base, and '{name}' is not a .gguf file; pass --model PATH.gguf, or use --format transformers"
+        f"--format gguf and gguf-lora need a GGUF base, and '{name}' is not a .gguf file; pass --model PATH.gguf, or use --format transformers"
     )
 
 
@@ -78,46 +90,58 @@ def export(argv: Sequence[str] | None = None) -> Path:
     """Run ``export.py``; returns the path written."""
 
     args = export_parser().parse_args(argv)
-    state = SteeringState.from_pretrained(args.steering)
+    if args.weights is not None and len(args.weights) != len(args.steering):
+        raise AusteerError(
+            f"{len(args.steering)} --steering folders but {len(args.weights)} --weights; pass one weight per state"
+        )
+    out = Path(args.out)
+    for folder in args.steering:
+        if paths_overlap(out, folder):
+            raise AusteerError(f"--out {out} overlaps the steering state folder {folder}; choose another path")
+    states = [SteeringState.from_pretrained(folder) for folder in args.steering]
+    state = states[0] if len(states) == 1 and args.weights is None else SteeringState.combine(states, args.weights)
+    source = args.steering[0] if len(states) == 1 else None
     if args.alpha is not None:
         state = state.with_alpha(args.alpha)
-    out = Path(args.out)
-    if paths_overlap(out, args.steering):
-        raise AusteerError(f"--out {out} overlaps the steering state folder {args.steering}; choose another path")
     name = args.model or state.base_model
-    pins = state.metadata.get("inputs")
+    pins = states[0].metadata.get("inputs")
     if args.format == "transformers":
-        merged_output(out, overwrite=args.overwrite).check(inputs=[args.steering, name])
+        merged_output(out, overwrite=args.overwrite).check(inputs=[*args.steering, name])
+    elif args.format == "peft":
+        adapter_output(out, overwrite=args.overwrite).check(inputs=[*args.steering, name])
     else:
-        what = "control vector" if args.format == "control-vector" else "merged GGUF model"
-        gguf_output(out, what, overwrite=args.overwrite).check(inputs=[args.steering, name])
+        what = {"control-vector": "control vector", "gguf-lora": "LoRA adapter GGUF"}.get(
+            args.format, "merged GGUF model"
+        )
+        gguf_output(out, what, overwrite=args.overwrite).check(inputs=[*args.steering, name])
 
     if args.format == "control-vector":
         if args.dtype is not None:
             raise AusteerError("--dtype does not apply to control vectors (llama.cpp reads them as F32); drop it")
-        export_control_vector(state, out, record=provenance(state, args.steering), overwrite=args.overwrite)
+        export_control_vector(state, out, record=provenance(state, source), overwrite=args.overwrite)
         print(f"control vector written to {out}")
         return out
     check_foldable(state)
     if not name:
         raise AusteerError("the state does not name its base model; pass --model")
 
-    if args.format == "gguf":
+    if args.format in ("gguf", "gguf-lora"):
         base = _gguf_base(name)
         if paths_overlap(out, base):
             raise AusteerError(f"--out {out} is the GGUF base itself; choose another path")
         pin = pins.get("model") if isinstance(pins, dict) else None
         if isinstance(pin, dict) and pin.get("kind") == "file":  # fitted on a GGUF file: merge into that same file
             check_model(pins, str(base), allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
-        export_gguf(
+        write = export_gguf if args.format == "gguf" else export_gguf_lora
+        write(
             state,
             base,
             out,
             dtype=_gguf_dtype(args.dtype),
-            record=provenance(state, args.steering, base=str(name)),
+            record=provenance(state, source, base=str(name)),
             overwrite=args.overwrite,
         )
-        print(f"merged GGUF model written to {out}")
+        print(f"{what} written to {out}")
         return out
 
     quiet()
@@ -127,6 +151,14 @@ def export(argv: Sequence[str] | None = None) -> Path:
 
     state.check_compatible(locate_units(model, LayoutSpec.from_dict(state.layout) if state.layout else None))
     check_model(pins, name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
+    if args.format == "peft":
+        kept = ("state_sha256", "state_config_sha256", "combination")
+        record = {key: value for key, value in provenance(state, source).items() if key in kept}
+        state.to_peft(model, out, dtype=target, overwrite=args.overwrite, record=record)
+        print(
+            f"LoRA adapter written to {out} (peft.PeftModel.from_pretrained(base, '{out}'); scale s steers at alpha x s)"
+        )
+        return out
     merge_into(state, model)  # in float32 when a lower precision is asked for, then cast once
     if target is not None:
         model.to(dtype=target)
@@ -134,7 +166,7 @@ def export(argv: Sequence[str] | None = None) -> Path:
         model,
         tokenizer,
         out,
-        provenance(state, args.steering, base=str(name)),
+        provenance(state, source, base=str(name)),
         max_shard_size=args.max_shard_size,
         overwrite=args.overwrite,
     )

@@ -226,14 +226,17 @@ def ffn_output_projection(block: nn.Module, width: int) -> nn.Module | None:
 
 
 @dataclass
-class _Step:
+class FoldStep:
+    """One site's edits in one layer and the projection they fold into (``axis``: the weight axis the units index)."""
+
     edit: SiteEdit
     module: nn.Module
     name: str
     axis: int  # the weight axis the units index
 
 
-def _plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[_Step]:
+def fold_plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[FoldStep]:
+    """Each edit's projection, checked (weights in float, not shared, a bias for a shift); nothing is changed."""
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     owners: dict[int, list[str]] = {}
     for pname, p in model.named_parameters(remove_duplicate=False):
@@ -276,11 +279,11 @@ def _plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[_Step]:
                 f"this state adds a shift at the {edit.site} site of layer {edit.layer}, but '{name}' has no bias to absorb it, so it "
                 f"cannot fold into the weights; {_HOOKS} (additive residual states export as a control vector: --format control-vector)"
             )
-        steps.append(_Step(edit, module, name, axis))
+        steps.append(FoldStep(edit, module, name, axis))
     return steps
 
 
-def _fold(step: _Step) -> None:
+def _fold(step: FoldStep) -> None:
     module, edit, axis = step.module, step.edit, step.axis
     weight, bias = _weight(module), cast(torch.Tensor | None, getattr(module, "bias", None))
     unit = edit.unit.to(weight.device)
@@ -331,7 +334,7 @@ def merge_into(state: Edits, model: nn.Module, layout: ModelLayout | LayoutSpec 
     if not isinstance(layout, ModelLayout):
         layout = locate_units(model, layout)
     state.check_compatible(layout)
-    steps = _plan(state, model, layout)
+    steps = fold_plan(state, model, layout)
     with torch.no_grad():
         for step in steps:
             _fold(step)

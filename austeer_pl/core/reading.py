@@ -35,6 +35,18 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def padded_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, keep: int) -> torch.Tensor:
+    """The logits at the last ``keep`` positions of a padded batch (as the model computes them):
+    position ids from the mask, so left padding shifts nothing, and no KV cache."""
+    return model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=position_ids_from_mask(mask),
+        logits_to_keep=keep,
+        use_cache=False,
+    ).logits
+
+
 class StopForward(Exception):
     """Raised after the last decoder layer: nothing after it (final norm, LM head) is needed."""
 

@@ -26,11 +26,13 @@ import torch
 from torch import nn
 
 from austeer_pl._version import __version__
+from austeer_pl.core.compose import StateArithmetic, combine
 from austeer_pl.core.hooks import TOKEN_SCOPES, EditHandle
+from austeer_pl.core.lora import save_adapter
 from austeer_pl.core.merge import merge_into
-from austeer_pl.core.output import Output
 from austeer_pl.core.selection import Selection
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
+from austeer_pl.core.statehub import push_state_to_hub, resolve_state_dir
 from austeer_pl.core.stateio import (
     FORMAT_VERSION,
     TENSOR_KEYS,
@@ -39,8 +41,8 @@ from austeer_pl.core.stateio import (
     check_tensor,
     check_units,
     config_field,
-    is_steering_state,
     read_state_files,
+    state_output,
     write_state_files,
 )
 from austeer_pl.core.strength import strength_from_config
@@ -50,7 +52,7 @@ _INT_KEYS = ("site_index", "layer", "unit")
 
 
 @dataclass
-class SteeringState:
+class SteeringState(StateArithmetic):
     """Selected activation units and their edits, tied to one base model's architecture.
 
     Attributes:
@@ -297,6 +299,20 @@ class SteeringState:
 
         return merge_into(self, model, layout=layout)
 
+    def to_peft(self, model: nn.Module, directory: str | os.PathLike, **options: Any) -> Path:
+        """Write the state as a peft LoRA adapter folder that reproduces it on ``model``, atomically
+        (:func:`~austeer_pl.core.lora.save_adapter` takes the ``options``: layout, dtype, overwrite, record).
+
+        Example:
+            >>> state.to_peft(model, "rt-lora")  # peft.PeftModel.from_pretrained(model, "rt-lora"), vLLM, TGI
+        """
+        return save_adapter(self, model, directory, **options)
+
+    @staticmethod
+    def combine(states: Any, weights: Any = None) -> SteeringState:
+        """One state whose edits are the weighted sum of ``states``' (:func:`~austeer_pl.core.compose.combine`)."""
+        return combine(states, weights)
+
     # ------------------------------------------------------------------ save and load
     def to_config(self) -> dict[str, Any]:
         return {
@@ -339,31 +355,22 @@ class SteeringState:
             write_state_files(tmp, tensors, self.to_config())
         return output.path
 
-    @staticmethod
-    def output(directory: str | os.PathLike, *, overwrite: bool = False, flag: str = "--overwrite") -> Output:
-        """The steering-state folder output at ``directory`` (see :class:`~austeer_pl.core.output.Output`)."""
-        return Output(
-            Path(directory),
-            "steering state",
-            is_steering_state,
-            overwrite=overwrite,
-            folder=True,
-            ours_need_overwrite=True,
-            flag=flag,
-        )
+    push_to_hub = push_state_to_hub  # state.push_to_hub("owner/name"): core.statehub
+    output = staticmethod(state_output)  # the steering-state folder output (core.stateio.state_output)
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> SteeringState:
-        """Load a state saved by :meth:`save_pretrained`; no pickle is involved.
+    def from_pretrained(cls, directory: str | os.PathLike, **hub: Any) -> SteeringState:
+        """Load a state saved by :meth:`save_pretrained` from a folder or a hub repository ``owner/name``
+        (:mod:`~austeer_pl.core.statehub`; ``hub``: revision, cache_dir); no pickle is involved.
 
         Raises:
             AusteerError: when the folder or a file is missing, altered, or of an unknown format.
 
         Example:
-            >>> state = SteeringState.from_pretrained("runs/rt-austeer")
+            >>> state = SteeringState.from_pretrained("runs/rt-austeer")  # or "owner/name" on the hub
         """
 
-        config, tensors = read_state_files(directory)
+        config, tensors = read_state_files(resolve_state_dir(directory, **hub))
         sites = config_field(config, "sites", list)
         site_sizes = config_field(config, "site_sizes", dict)
         strength = config_field(config, "strength", dict, {"kind": "momentum"})

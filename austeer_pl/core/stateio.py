@@ -22,6 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from austeer_pl.core.fileio import parse_json, sha256_file, write_json
 from austeer_pl.core.hooks import TOKEN_SCOPES
+from austeer_pl.core.output import Output
 from austeer_pl.core.selection import SIGN_POLICIES
 from austeer_pl.core.strength import STRENGTH_KINDS
 from austeer_pl.errors import AusteerError
@@ -314,5 +315,19 @@ __all__ = [
     "is_steering_state",
     "read_state_files",
     "short_value",
+    "state_output",
     "write_state_files",
 ]
+
+
+def state_output(directory: str | os.PathLike, *, overwrite: bool = False, flag: str = "--overwrite") -> Output:
+    """The steering-state folder output at ``directory`` (see :class:`~austeer_pl.core.output.Output`)."""
+    return Output(
+        Path(directory),
+        "steering state",
+        is_steering_state,
+        overwrite=overwrite,
+        folder=True,
+        ours_need_overwrite=True,
+        flag=flag,
+    )

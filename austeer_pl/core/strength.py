@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from austeer_pl.core.hooks import EditHandle
-from austeer_pl.core.reading import position_ids_from_mask
+from austeer_pl.core.reading import padded_logits
 from austeer_pl.core.sites import ModelLayout
 from austeer_pl.errors import AusteerError
 
@@ -180,15 +180,8 @@ def strength_objective(
         ids, mask, lengths = ids[:n, first:], mask[:n, first:], lengths[:n]
     ids, mask, lengths = ids.to(device), mask.to(device), lengths.to(device)
     span = int(lengths.max())
-    kwargs = dict(
-        input_ids=ids,
-        attention_mask=mask,
-        position_ids=position_ids_from_mask(mask),
-        logits_to_keep=span + 1,
-        use_cache=False,
-    )
     with EditHandle(model, layout, state, strength, token_scope):
-        logits = model(**kwargs).logits.float()
+        logits = padded_logits(model, ids, mask, span + 1).float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1)
     picked = logp.gather(-1, ids[:, -span:].unsqueeze(-1)).squeeze(-1)
     keep = torch.arange(span, device=device).unsqueeze(0) >= (span - lengths).unsqueeze(1)
@@ -197,13 +190,7 @@ def strength_objective(
     rows = torch.arange(n, device=device)
     answer_pos = (span - lengths)[:n]  # position (in the kept window) that predicts the first answer token
     with torch.no_grad():
-        ref_kwargs = {
-            **kwargs,
-            "input_ids": ids[:n],
-            "attention_mask": mask[:n],
-            "position_ids": kwargs["position_ids"][:n],
-        }
-        ref = torch.log_softmax(model(**ref_kwargs).logits.float()[rows, answer_pos], dim=-1)
+        ref = torch.log_softmax(padded_logits(model, ids[:n], mask[:n], span + 1).float()[rows, answer_pos], dim=-1)
     steered = torch.log_softmax(logits[rows, answer_pos], dim=-1)
     kl = torch.sum(ref.exp() * (ref - steered), dim=-1).mean()
     task = nll if loss == "nll" else nn.functional.softplus(answer_logp[n:] - answer_logp[:n]).mean()

@@ -93,7 +93,7 @@ def check_gguf_base(state, reader, source: Path) -> str:
         )
     tensors = {t.name: t for t in reader.tensors}
     for edit in site_edits(state):
-        name, axis = _gguf_weight(edit)
+        name, axis = gguf_weight(edit)
         tensor = tensors.get(name)
         size = state.site_sizes[edit.site]
         if tensor is None or len(tensor.shape) != 2 or int(tensor.shape[axis]) != size:
@@ -104,7 +104,7 @@ def check_gguf_base(state, reader, source: Path) -> str:
     return arch
 
 
-def _gguf_weight(edit) -> tuple[str, int]:
+def gguf_weight(edit) -> tuple[str, int]:
     """The GGUF tensor an edit lands on and the ``ne`` axis its units index (ne[0] is the input)."""
     if edit.site == "attention":
         return f"blk.{edit.layer}.attn_output.weight", 0
@@ -184,7 +184,7 @@ def _edit_gguf_tensors(state, reader, dtype: str | None) -> dict[str, tuple[np.n
         new[name] = (arr, target)
 
     for edit in site_edits(state):
-        weight_name, _ = _gguf_weight(edit)
+        weight_name, _ = gguf_weight(edit)
         bias_name = weight_name.replace(".weight", ".bias")
         unit, factor, shift = (
             edit.unit.numpy(),

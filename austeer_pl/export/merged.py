@@ -3,12 +3,14 @@
 This module holds the provenance record every export carries, the merged outputs' rules, and the
 transformers folder.
 
-``python export.py --steering DIR --out OUT [--format transformers|gguf|control-vector]``:
+``python export.py --steering DIR --out OUT [--format transformers|gguf|control-vector|peft|gguf-lora]``:
 
 * ``transformers``: the base model with the state folded into its weights
   (:func:`~austeer_pl.core.merge.merge_into`), saved as a plain folder (config, tokenizer, safetensors
   shards, a model card) that ``AutoModelForCausalLM.from_pretrained(OUT)`` loads without austeer-pl.
 * ``gguf`` and ``control-vector``: :mod:`austeer_pl.export.gguf`.
+* ``peft``: a LoRA adapter folder (:mod:`austeer_pl.core.lora`) for peft, vLLM, TGI and lm-evaluation-harness.
+* ``gguf-lora``: a llama.cpp LoRA adapter GGUF (:mod:`austeer_pl.export.gguf_lora`).
 
 Every output is checked before any work (an existing output is replaced only with ``--overwrite``;
 a folder of other files never) and written atomically, so a failure leaves nothing at ``--out``.
@@ -29,7 +31,7 @@ from austeer_pl.core.output import Output
 from austeer_pl.core.stateio import CONFIG_NAME, WEIGHTS_NAME
 from austeer_pl.errors import AusteerError
 
-FORMATS = ("transformers", "gguf", "control-vector")
+FORMATS = ("transformers", "gguf", "control-vector", "peft", "gguf-lora")
 PROVENANCE_KEY = "austeer_pl"
 CARD_NAME = "README.md"
 
@@ -49,6 +51,8 @@ def provenance(state, steering_dir: str | Path | None = None, *, base: str = "")
         "strength": state.strength.get("kind", "momentum"),
         "token_scope": state.token_scope,
     }
+    if "combination" in state.metadata:  # several states combined at export: what each was, and its weight
+        record["combination"] = state.metadata["combination"]
     if steering_dir is not None:
         folder = Path(steering_dir)
         record["state_sha256"] = sha256_file(folder / WEIGHTS_NAME)

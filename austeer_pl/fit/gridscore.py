@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from austeer_pl.core.reading import position_ids_from_mask
+from austeer_pl.core.reading import padded_logits
 from austeer_pl.core.sites import ModelLayout
 from austeer_pl.core.tokens import encode_answers, pad_id_of, pad_ids
 from austeer_pl.errors import AusteerError
@@ -237,13 +237,7 @@ def harm_kl(
     )  # (B, span): continuation positions
 
     def logp() -> torch.Tensor:
-        logits = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            logits_to_keep=span + 1,
-            use_cache=False,
-        ).logits
+        logits = padded_logits(model, ids, mask, span + 1)
         return torch.log_softmax(logits[:, :-1].float(), dim=-1)  # position t predicts token t + 1
 
     starts = [first_layer(s) for s in states]

@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from austeer_pl.core.reading import position_ids_from_mask
+from austeer_pl.core.reading import padded_logits
 from austeer_pl.core.tokens import encode_answers, pad_id_of, pad_ids, truncate_left
 from austeer_pl.errors import AusteerError
 
@@ -83,13 +83,7 @@ def continuation_nll(
         rows = order[start : start + batch_size]
         ids, mask = pad_ids([seqs[i] for i in rows], pad, side="left", device=device)
         span = max(lengths[i] for i in rows)
-        logits = model(
-            input_ids=ids,
-            attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
-            logits_to_keep=span + 1,
-            use_cache=False,
-        ).logits
+        logits = padded_logits(model, ids, mask, span + 1)
         # Position t predicts token t + 1: the last `span` tokens are predicted by the `span` positions before the end.
         logits = logits[:, -(span + 1) : -1].float()
         target = ids[:, -span:]

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from austeer_pl.core.reading import position_ids_from_mask
+from austeer_pl.core.reading import padded_logits
 from austeer_pl.core.tokens import (
     encode_answers,
     pad_id_of,
@@ -79,13 +79,7 @@ def choice_logprobs(
         for start in range(0, len(prompts), batch_size):
             chunk = range(start, min(start + batch_size, len(prompts)))
             ids, mask = pad_ids([truncate_left(prompt_ids.get(i, []), max_length) for i in chunk], pad, device=device)
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
-                logits_to_keep=1,
-                use_cache=False,
-            ).logits
+            logits = padded_logits(model, ids, mask, 1)
             logp = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
             cols = [j for i in chunk for j in rows_of[i]]
             rows = torch.tensor([i - start for i in chunk for _ in rows_of[i]])
@@ -97,13 +91,7 @@ def choice_logprobs(
             chunk = range(start, min(start + batch_size, len(seqs)))
             ids, mask = pad_ids([seqs[j] for j in chunk], pad, device=device)
             span = max(lengths[j] for j in chunk)
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids_from_mask(mask),
-                logits_to_keep=span + 1,
-                use_cache=False,
-            ).logits
+            logits = padded_logits(model, ids, mask, span + 1)
             # Position t predicts token t + 1: the last `span` tokens are predicted by the `span` positions before the end.
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
             target = ids[:, -span:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import os
@@ -268,7 +269,7 @@ BAD = [
         "gguf from a folder",
         lambda t, g: random_state(locate_units(t), ["ffn"], base_model="TINY"),
         ["--format", "gguf"],
-        "--format gguf needs a GGUF base",
+        "--format gguf and gguf-lora need a GGUF base",
     ),
     (
         "gguf of another architecture",
@@ -557,3 +558,50 @@ def test_control_vector_round_trip_and_llama_cpp_semantics(tmp_path, capsys):
 
     code, err = run(["--steering", folder, "--out", out, "--format", "control-vector"], capsys)
     assert code == 2 and err.startswith(f"error: {out} already holds a control vector; pass --overwrite")
+
+
+# ============================================================================ llama.cpp LoRA adapter
+def test_gguf_lora_adapter_reads_back_and_reproduces_the_hooked_edit(tiny_gguf, gguf_model, tmp_path, capsys):
+    state = gguf_state(gguf_model, power_of_two=False, base_model=str(tiny_gguf))
+    folder = save(state, tmp_path / "state")
+    out = tmp_path / "steer.lora.gguf"
+    code, err = run(["--steering", folder, "--out", out, "--format", "gguf-lora", "--model", tiny_gguf], capsys)
+    assert code == 0, err
+    reader = gguf.GGUFReader(out)
+    fields = {name: field.contents() for name, field in reader.fields.items() if not name.startswith("GGUF.")}
+    assert fields["general.type"] == "adapter" and fields["adapter.type"] == "lora"
+    assert fields["general.architecture"] == "llama"
+    rank = 6  # per_layer units in each site and layer
+    assert fields["adapter.lora.alpha"] == rank
+    assert json.loads(fields["austeer_pl.provenance"])["state_sha256"] == sha256_file(folder / WEIGHTS_NAME)
+    tensors = {t.name: t for t in reader.tensors}
+    base = {t.name: t for t in gguf.GGUFReader(tiny_gguf).tensors}
+    expected = {f"blk.{i}.{n}.weight" for i in range(2) for n in ("attn_output", "ffn_down")}
+    assert set(tensors) == {f"{name}.lora_{ab}" for name in expected for ab in "ab"}
+    merged = copy.deepcopy(gguf_model)
+    for name in expected:
+        a, b = tensors[f"{name}.lora_a"], tensors[f"{name}.lora_b"]
+        n_in, n_out = (int(x) for x in base[name].shape)  # ggml ne: [in, out]
+        # What llama.cpp checks: a's ne[0] is the base's ne[0], b's ne[1] its ne[1], a's ne[1] is b's ne[0].
+        assert [int(x) for x in a.shape] == [n_in, rank] and [int(x) for x in b.shape] == [rank, n_out]
+        delta = torch.from_numpy(np.asarray(b.data, dtype=np.float64) @ np.asarray(a.data, dtype=np.float64))
+        layer, kind = int(name.split(".")[1]), name.split(".")[2]
+        block = merged.model.layers[layer]
+        module = block.self_attn.o_proj if kind == "attn_output" else block.mlp.down_proj
+        with torch.no_grad():
+            module.weight += delta.float()
+    with state.apply(gguf_model):
+        hooked = logits(gguf_model)
+    assert (hooked - logits(gguf_model)).abs().max() > 1e-3
+    torch.testing.assert_close(logits(merged), hooked, rtol=0, atol=1e-5)
+
+
+def test_gguf_lora_refuses_what_llama_cpp_cannot_add(tiny_gguf, gguf_model, tmp_path, capsys):
+    state = gguf_state(gguf_model, power_of_two=False, base_model=str(tiny_gguf))
+    shifted = replace(state, shift=torch.ones(state.k))
+    out = tmp_path / "x.lora.gguf"
+    code, err = run(
+        ["--steering", save(shifted, tmp_path / "s"), "--out", out, "--format", "gguf-lora", "--model", tiny_gguf],
+        capsys,
+    )
+    assert code == 2 and "cannot add" in err and len(err.strip().splitlines()) == 1 and not out.exists()
