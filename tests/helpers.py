@@ -127,8 +127,52 @@ def tiny_config(arch: str):
             max_position_embeddings=128,
             **TINY,
         )
+    if arch == "qwen3_moe":  # every layer sparse: 4 experts, 2 routed per token
+        return transformers.Qwen3MoeConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=8,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            **TINY,
+        )
+    if arch == "mixtral":
+        return transformers.MixtralConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+            **TINY,
+        )
+    if arch == "qwen2_moe":  # routed experts plus a gated shared expert
+        return transformers.Qwen2MoeConfig(
+            hidden_size=32,
+            intermediate_size=48,
+            moe_intermediate_size=16,
+            shared_expert_intermediate_size=24,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            num_experts=4,
+            num_experts_per_tok=2,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            **TINY,
+        )
     raise ValueError(arch)
 
+
+#: Mixture-of-experts models: the FFN site is the sparse block's output, the sum over routed experts.
+MOE_ARCHS = ("qwen3_moe", "mixtral", "qwen2_moe")
 
 ALL_ARCHS = ("llama", "gemma2", "gpt2", "mistral", "qwen2", "qwen3", "gemma3_text", "phi3", "gpt_neox", "opt")
 
@@ -140,6 +184,8 @@ def make_model(arch: str, seed: int = 0):
     torch.manual_seed(seed)
     config = tiny_config(arch)
     config._attn_implementation = "eager"
+    if arch in MOE_ARCHS:  # a plain loop over experts: the grouped matmul kernels take no float64
+        config._experts_implementation = "eager"
     model = transformers.AutoModelForCausalLM.from_config(config)
     return model.eval().requires_grad_(False)
 

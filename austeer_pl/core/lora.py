@@ -179,6 +179,11 @@ def lora_adapter(
         raise AusteerError(
             "this state steers no unit (the fit found no help), so there is no adapter to write; use the base model as it is"
         )
+    if any(step.param != "weight" for step in steps):
+        raise AusteerError(
+            "this state scales the FFN output of a mixture of experts, the sum over routed experts, which no single projection's "
+            "LoRA update reproduces; export it merged (--format transformers) or apply it with hooks"
+        )
     rank = max(int(step.edit.unit.numel()) for step in steps)
     target = dtype or cast(torch.Tensor, steps[0].module.weight).dtype
     factors = {step.name: _factors(step, rank, target) for step in steps}

@@ -7,6 +7,9 @@ the output of the FFN block, whose last projection (``down_proj``, ``c_proj``, `
 ``fc2``) produces it. So a state whose edits are all-token scales at those sites folds into the
 weights exactly, and so does a shift ``a -> a + t`` where the projection has a bias
 (``b += W[:, u] t`` at the attention site, ``b[u] += t`` at the FFN site).
+In a mixture of experts the FFN output is the router-weighted sum over experts, so its scale is a
+row scale of every expert's down projection, the shared expert's included
+(:func:`~austeer_pl.core.projections.moe_output_weights`).
 
 What cannot fold is refused with one sentence (:func:`check_foldable`): an input-dependent gate,
 a token scope other than ``all``, residual-stream edits (llama.cpp serves additive ones as a
@@ -23,6 +26,7 @@ from typing import Any, Protocol, cast
 import torch
 from torch import nn
 
+from austeer_pl.core.projections import ffn_output_projection, input_axis, moe_output_weights, weight_of, width_of
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
 from austeer_pl.errors import AusteerError
 
@@ -48,8 +52,6 @@ class Edits(Protocol):
 
 #: Sites whose edits fold into a projection's weights.
 FOLDABLE_SITES: tuple[str, ...] = ("attention", "ffn")
-#: Names of the FFN block's output projection in the architectures the project knows.
-DOWN_PROJECTION_NAMES: tuple[str, ...] = ("down_proj", "c_proj", "dense_4h_to_h", "fc2", "w2", "fc_out", "out_proj")
 
 _HOOKS = "apply it with hooks (state.apply(model)) instead"
 
@@ -142,89 +144,6 @@ def site_edits(state: Edits, *, sites: tuple[str, ...] = FOLDABLE_SITES) -> list
     return edits
 
 
-def _conv1d_type() -> type | None:
-    try:
-        from transformers.pytorch_utils import Conv1D  # noqa: PLC0415 - GPT-2's Conv1D, where this transformers has it
-    except ImportError:  # pragma: no cover
-        return None
-    return Conv1D
-
-
-def input_axis(module: nn.Module) -> int | None:
-    """The weight axis that holds a projection's inputs: 1 for ``nn.Linear``, 0 for GPT-2's ``Conv1D``; None otherwise."""
-    weight = getattr(module, "weight", None)
-    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return None
-    if isinstance(module, nn.Linear):
-        return 1
-    conv1d = _conv1d_type()
-    if conv1d is not None and isinstance(module, conv1d):
-        return 0
-    return None
-
-
-def _weight(module: nn.Module) -> torch.Tensor:
-    return cast(torch.Tensor, module.weight)
-
-
-def _width(module: nn.Module, axis: int) -> int:
-    return int(_weight(module).shape[axis])
-
-
-def _output_is_module_output(block: nn.Module, proj: nn.Module, width: int) -> bool:
-    """Run ``block`` once on a random input and tell whether ``proj``'s output is the block's output."""
-    param = next(block.parameters(), None)
-    if param is None:
-        return False
-    generator = torch.Generator().manual_seed(0)
-    x = torch.randn(1, 3, width, generator=generator, dtype=torch.float64).to(device=param.device, dtype=param.dtype)
-    seen: list[torch.Tensor] = []
-    handle = proj.register_forward_hook(lambda _m, _a, out: seen.append(out))
-    training = block.training
-    block.eval()
-    try:
-        with torch.no_grad():
-            out = block(x)
-    except Exception:  # a block that cannot run alone on (batch, seq, hidden) has no findable projection
-        return False
-    finally:
-        handle.remove()
-        block.train(training)
-    out = out[0] if isinstance(out, (tuple, list)) else out
-    last = seen[-1] if seen else None
-    return (
-        isinstance(last, torch.Tensor)
-        and isinstance(out, torch.Tensor)
-        and last.shape == out.shape
-        and bool(torch.equal(last, out))
-    )
-
-
-def ffn_output_projection(block: nn.Module, width: int) -> nn.Module | None:
-    """The projection whose output is the FFN block's output, or None.
-
-    ``block`` itself when it is a projection (OPT's ``fc2``); else a child with a known name
-    (:data:`DOWN_PROJECTION_NAMES`), then any projection inside, last first; each candidate must
-    map to ``width`` outputs and be checked to produce the block's output on a random input.
-    """
-    axis = input_axis(block)
-    if axis is not None:
-        return block if _width(block, 1 - axis) == width else None
-    named = [
-        getattr(block, name) for name in DOWN_PROJECTION_NAMES if isinstance(getattr(block, name, None), nn.Module)
-    ]
-    inner = [m for m in reversed(list(block.modules())) if m is not block]
-    seen: set[int] = set()
-    for cand in [*named, *inner]:
-        axis = input_axis(cand)
-        if id(cand) in seen or axis is None or _width(cand, 1 - axis) != width:
-            continue
-        seen.add(id(cand))
-        if _output_is_module_output(block, cand, width):
-            return cand
-    return None
-
-
 @dataclass
 class FoldStep:
     """One site's edits in one layer and the projection they fold into (``axis``: the weight axis the units index)."""
@@ -233,6 +152,7 @@ class FoldStep:
     module: nn.Module
     name: str
     axis: int  # the weight axis the units index
+    param: str = "weight"  # the parameter scaled: ``down_proj`` of fused mixture-of-experts weights
 
 
 def fold_plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[FoldStep]:
@@ -249,13 +169,23 @@ def fold_plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[FoldS
         if edit.site == "attention":
             module = block
             axis = input_axis(module)
-            if axis is None or _width(module, axis) != site.size:
+            if axis is None or width_of(module, axis) != site.size:
                 raise AusteerError(
                     f"the attention site module '{where}' ({type(module).__name__}) is not a Linear or Conv1D with {site.size} inputs, "
                     "so the edit cannot fold into it; point LayoutSpec(attention=...) at the attention output projection"
                 )
         else:
             projection = ffn_output_projection(block, site.size)
+            moe = None if projection is not None else moe_output_weights(block, site.size)
+            if moe is not None:
+                if edit.shifts:
+                    raise AusteerError(
+                        f"this state adds a shift at the ffn site of layer {edit.layer}, the sum over a mixture of experts, which no "
+                        f"bias absorbs, so it cannot fold into the weights; {_HOOKS}"
+                    )
+                for module, param, axis in moe:
+                    steps.append(FoldStep(edit, module, names.get(id(module), where), axis, param))
+                continue
             if projection is None:
                 raise AusteerError(
                     f"cannot find the projection that produces the output of the FFN block '{where}'; set LayoutSpec(ffn=...) to that "
@@ -264,7 +194,7 @@ def fold_plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[FoldS
             module = projection
             axis = 1 - cast(int, input_axis(module))  # a projection found by its width has an input axis
         name = names.get(id(module), where)
-        weight = _weight(module)
+        weight = weight_of(module)
         if not weight.dtype.is_floating_point or type(weight) not in (torch.Tensor, nn.Parameter):
             raise AusteerError(
                 f"'{name}' holds quantized weights ({weight.dtype}), which cannot be scaled in place; load the model in float and merge"
@@ -285,11 +215,12 @@ def fold_plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[FoldS
 
 def _fold(step: FoldStep) -> None:
     module, edit, axis = step.module, step.edit, step.axis
-    weight, bias = _weight(module), cast(torch.Tensor | None, getattr(module, "bias", None))
+    weight = cast(torch.Tensor, getattr(module, step.param))
+    bias = cast(torch.Tensor | None, getattr(module, "bias", None)) if step.param == "weight" else None
     unit = edit.unit.to(weight.device)
     factor = edit.factor.to(device=weight.device, dtype=weight.dtype)
     shift = edit.shift.to(device=weight.device, dtype=weight.dtype)
-    shape = [1, 1]
+    shape = [1] * weight.dim()
     shape[axis] = -1
     columns = weight.index_select(axis, unit)  # the original weights of the edited units
     if edit.site == "attention" and edit.shifts:

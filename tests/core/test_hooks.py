@@ -12,6 +12,7 @@ from austeer_pl import (
 
 from helpers import (
     CORE_ARCHS,
+    MOE_ARCHS,
     TEXTS,
     capture_full,
     fitted_state,
@@ -80,7 +81,7 @@ def test_steering_matches_manual_edit(arch):
     assert torch.allclose(steered_out.logits, manual, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", CORE_ARCHS)
+@pytest.mark.parametrize("arch", CORE_ARCHS + MOE_ARCHS)
 def test_hook_removal_is_bit_identical(arch):
     model = make_model(arch)
     batch = make_tokenizer()(TEXTS, return_tensors="pt", padding=True)

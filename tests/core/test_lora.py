@@ -206,3 +206,16 @@ def test_embedded_model_adapter_equals_hooks_in_float32(tmp_path):
     with torch.no_grad():
         got = steered(**batch).logits
     torch.testing.assert_close(got, want, rtol=0, atol=2e-4)
+
+
+def test_a_mixture_of_experts_ffn_edit_is_refused_but_its_attention_edit_is_an_adapter(tmp_path):
+    model = make_model("qwen3_moe").double()
+    layout = locate_units(model)
+    with pytest.raises(AusteerError, match="mixture of experts") as err:
+        random_state(layout, ["ffn"]).to_peft(model, tmp_path / "ffn")
+    assert "\n" not in str(err.value) and not (tmp_path / "ffn").exists()
+    state = random_state(layout, ["attention"], base_model="TINY")
+    x = ids()
+    with torch.no_grad():
+        got = with_adapter(model, state.to_peft(model, tmp_path / "attention"))(x).logits
+    torch.testing.assert_close(got, hooked(model, state, x), rtol=0, atol=1e-10)

@@ -19,18 +19,21 @@ from austeer_pl import (
     locate_units,
     select_units,
 )
-from austeer_pl.core.merge import check_foldable, ffn_output_projection, merge_into
+from austeer_pl.core.merge import check_foldable, merge_into
+from austeer_pl.core.projections import ffn_output_projection
 from austeer_pl.core.strength import GateStrength, ScalarStrength, fold_strength
 from austeer_pl.methods.block import block_austeer_state
 from austeer_pl.methods.sadi import sadi_state
 
 from helpers import (
     ALL_ARCHS,
+    MOE_ARCHS,
     make_model,
     make_tokenizer,
     random_state,
     residual_shift,
     review_pairs,
+    tiny_config,
 )
 
 # Architectures whose attention output and FFN down projections carry a bias (shifts fold there).
@@ -69,7 +72,7 @@ def generate(model, x, **kwargs):
 
 # ============================================================================ exactness
 @pytest.mark.parametrize("site", ["attention", "ffn"])
-@pytest.mark.parametrize("arch", ALL_ARCHS)
+@pytest.mark.parametrize("arch", ALL_ARCHS + MOE_ARCHS)
 def test_merged_equals_hooked_float64_forward_and_generate(arch, site):
     model = make_model(arch).double()
     layout = locate_units(model)
@@ -395,3 +398,33 @@ def test_check_foldable_accepts_zero_edits_elsewhere():
     check_foldable(both)  # residual units that change nothing do not block the merge
     with pytest.raises(AusteerError, match="residual stream"):
         check_foldable(replace(both, shift=torch.cat([state.shift, caa.shift])))
+
+
+def test_moe_merge_scales_every_experts_rows_with_the_default_experts_kernel():
+    # transformers' own (grouped matmul) experts kernel, float32: the merged model is the hooked one.
+    torch.manual_seed(0)
+    config = tiny_config("qwen2_moe")
+    config._attn_implementation = "eager"
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
+    state = random_state(locate_units(model), ["ffn"], per_layer=4)
+    base, hooked, merged, merged_model = hooked_and_merged(model, state, ids(3, 9))
+    assert (hooked - base).abs().max() > 1e-3
+    torch.testing.assert_close(merged, hooked, rtol=0, atol=1e-5)
+    block = merged_model.model.layers[0].mlp
+    unit = int(state.unit[0])
+    factor = 1 + float(state.scale[0])
+    original = model.model.layers[0].mlp
+    torch.testing.assert_close(block.experts.down_proj[:, unit], original.experts.down_proj[:, unit] * factor)
+    torch.testing.assert_close(
+        block.shared_expert.down_proj.weight[unit], original.shared_expert.down_proj.weight[unit] * factor
+    )
+
+
+def test_moe_shift_is_refused_and_the_model_untouched():
+    model = make_model("mixtral")
+    state = random_state(locate_units(model), ["ffn"])
+    state = replace(state, shift=torch.ones(state.k))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(AusteerError, match="the sum over a mixture of experts, which no bias absorbs"):
+        merge_into(state, model)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

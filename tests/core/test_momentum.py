@@ -14,6 +14,7 @@ from austeer_pl import (
 
 from helpers import (
     CORE_ARCHS,
+    MOE_ARCHS,
     capture_full,
     make_model,
     make_tokenizer,
@@ -21,7 +22,7 @@ from helpers import (
 )
 
 
-@pytest.mark.parametrize("arch", CORE_ARCHS)
+@pytest.mark.parametrize("arch", CORE_ARCHS + MOE_ARCHS)
 def test_momentum_matches_plain_loop(arch):
     model = make_model(arch).double()  # float64 so that batched and single-row values agree to ~1e-15
     tok = make_tokenizer()
