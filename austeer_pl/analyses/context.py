@@ -15,6 +15,7 @@ from austeer_pl.cli.runtime import ModelDataOptions
 from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.models import load_model, model_name_of
 from austeer_pl.core.pairs import accumulate_momentum
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.reading import padded_logits
 from austeer_pl.core.selection import Selection
 from austeer_pl.core.sites import locate_units
@@ -160,7 +161,7 @@ def score(ctx: AnalysisContext, state: SteeringState | None = None) -> dict[str,
 @torch.inference_mode()
 def next_token_logits(ctx: AnalysisContext, state: SteeringState | None = None) -> torch.Tensor:
     """Logits of the next token after each prompt (the answer position), ``(examples, vocab)`` float32 on the CPU."""
-    device = next(ctx.model.parameters()).device
+    device = input_device(ctx.model)
     pad = ctx.tokenizer.pad_token_id if ctx.tokenizer.pad_token_id is not None else ctx.tokenizer.eos_token_id
     out = []
     with steering(ctx, state):

@@ -63,6 +63,8 @@ class EditHandle:
         try:
             param = next(model.parameters())
             device, dtype = param.device, param.dtype
+            if device.type == "meta":  # offloaded to disk (a device map): its layers compute on the CPU
+                device = torch.device("cpu")
         except StopIteration:
             device, dtype = torch.device("cpu"), torch.float32
         for i, site_name in enumerate(state.sites):

@@ -166,6 +166,11 @@ def fold_plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[FoldS
         site = layout.site(edit.site)
         block = site.modules[edit.layer]
         where = names.get(id(block), f"layer {edit.layer}")
+        if any(p.device.type == "meta" for p in block.parameters()):
+            raise AusteerError(
+                f"'{where}' is offloaded to disk (a device map), so its weights are not in memory to scale; load the model "
+                "without disk offload to merge, or apply the state with hooks"
+            )
         if edit.site == "attention":
             module = block
             axis = input_axis(module)

@@ -38,6 +38,7 @@ from austeer_pl.core.embedded import (
     strip_quantizer,
 )
 from austeer_pl.core.network import hub_endpoint, hub_offline, unreachable
+from austeer_pl.core.placement import placement_kwargs
 from austeer_pl.errors import AusteerError
 
 __all__ = [
@@ -154,7 +155,9 @@ def _from_pretrained(
     on stdin, and a "y" there runs a Python file from the folder or the hub.
     """
     context = quiet_transformers if quiet else contextlib.nullcontext
-    tokenizer_kwargs = {k: v for k, v in kwargs.items() if k != "dtype"}
+    tokenizer_kwargs = {
+        k: v for k, v in kwargs.items() if k not in ("dtype", "device_map", "max_memory", "offload_folder")
+    }
     try:
         with context():
             model = AutoModelForCausalLM.from_pretrained(source, **kwargs, trust_remote_code=False)
@@ -174,6 +177,9 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str | torch.device | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
+    device_map: Any = None,
+    max_memory: Any = None,
+    offload_folder: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Loads a frozen causal language model and its tokenizer.
 
@@ -185,6 +191,8 @@ def load_model(
             (float32 for the embedded model).
         device: Where to put the model; ``None`` leaves it on the CPU.
         cache_dir: Cache folder for the embedded model (see :func:`ensure_embedded_model`).
+        device_map, max_memory, offload_folder: a model split across devices, CPU and disk
+            (:mod:`~austeer_pl.core.placement`); not with ``device``.
 
     Custom code in a folder or hub repository is never run (``trust_remote_code=False``).
 
@@ -203,6 +211,9 @@ def load_model(
         )
     torch_dtype = resolve_dtype(dtype)
     torch_device = _resolve_device(device)
+    placed = placement_kwargs(device_map, max_memory, offload_folder)
+    if placed and torch_device is not None:
+        raise AusteerError("pass either a device or a device_map, not both; a device_map places every layer itself")
     load_dtype: torch.dtype | str = torch_dtype if torch_dtype is not None else "auto"
     name = name_or_path.strip()
     path = pathlib.Path(name).expanduser()
@@ -211,7 +222,7 @@ def load_model(
         folder = ensure_embedded_model(cache_dir)
         fix = f"delete the folder {folder} (or call ensure_embedded_model(rebuild=True)) to convert it again"
         model, tokenizer = _from_pretrained(
-            str(folder), what=f"the cached model folder {folder}", fix=fix, quiet=True, dtype=load_dtype
+            str(folder), what=f"the cached model folder {folder}", fix=fix, quiet=True, dtype=load_dtype, **placed
         )
     elif path.is_dir():
         model, tokenizer = _from_pretrained(
@@ -219,6 +230,7 @@ def load_model(
             what=f"model folder {path}",
             fix="pass a folder written by save_pretrained (config.json, weights and tokenizer files)",
             dtype=load_dtype,
+            **placed,
         )
     elif path.is_file() and path.suffix.lower() == ".gguf":
         model, tokenizer = _from_pretrained(
@@ -228,6 +240,7 @@ def load_model(
             quiet=True,
             gguf_file=path.name,
             dtype=load_dtype,
+            **placed,
         )
         strip_quantizer(model)
     elif path.is_file():
@@ -245,10 +258,13 @@ def load_model(
             what=f"model '{name}' from the Hugging Face hub",
             fix=f"pass a local folder, a .gguf file, or '{DEFAULT_MODEL}'",
             dtype=load_dtype,
+            **placed,
         )
 
     check_finite_weights(model, name)
-    if torch_dtype is not None and model.dtype != torch_dtype:
+    if placed:
+        pass  # every layer is where the device map put it, in the dtype it was loaded with
+    elif torch_dtype is not None and model.dtype != torch_dtype:
         model.to(dtype=torch_dtype)  # type: ignore[call-arg]  # transformers wraps to()
     if torch_device is not None:
         model.to(device=torch_device)  # type: ignore[call-arg]
@@ -313,6 +329,8 @@ def check_finite_weights(model: torch.nn.Module, name: str = "the model") -> Non
     A corrupt checkpoint otherwise loads silently and turns every score into NaN (or a fake accuracy).
     """
     for param_name, param in model.named_parameters():
+        if param.device.type == "meta":  # offloaded to disk: checked where it is loaded, layer by layer
+            continue
         if param.is_floating_point() and not bool(torch.isfinite(param).all()):
             raise AusteerError(
                 f"model '{name}' has NaN or infinite weights in {param_name}; the checkpoint is corrupt: fetch or convert it again"

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from austeer_pl.core.momentum import MomentumAccumulator
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.prefix import (
     SharedPrefixReader,
     split_shared_prefix,
@@ -110,7 +111,7 @@ def read_pair_batch(
         >>> pos, neg = read_pair_batch(model, layout, pair_batch([[1, 2]], [[3]], [[4]]), ["attention"])
     """
     sites = tuple(sites)
-    device = next(model.parameters()).device
+    device = input_device(model)
     n = batch["n_pairs"]
     with torch.inference_mode():
         if "prompt_ids" in batch:
@@ -162,7 +163,7 @@ def read_text_pairs(
         raise AusteerError(f"batch_size must be positive, got {batch_size}")
     if tokenizer.pad_token_id is None:
         raise AusteerError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
-    shared = use_shared_prefix(shared_prefix, next(model.parameters()).device)
+    shared = use_shared_prefix(shared_prefix, input_device(model))
     readers: dict = {}
 
     def read(chunk: list[tuple[str, str]]):
@@ -219,7 +220,7 @@ def accumulate_momentum(
     if not isinstance(layout, ModelLayout):
         layout = locate_units(model, layout)
     if accumulator is None:
-        device = next(model.parameters()).device
+        device = input_device(model)
         accumulator = MomentumAccumulator({s: layout.site(s).size for s in sites}, layout.n_layers, device=device)
     for pos, neg in read_text_pairs(
         model,

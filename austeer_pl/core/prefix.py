@@ -51,6 +51,7 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.reading import ActivationReader, StopForward
 from austeer_pl.core.sites import ModelLayout, register_site_hook
 from austeer_pl.core.tokens import pad_ids, truncate_pair_left
@@ -236,10 +237,7 @@ class SharedPrefixReader:
 
     # ------------------------------------------------------------------ the two passes
     def _device(self) -> torch.device:
-        try:
-            return next(self.model.parameters()).device
-        except StopIteration:
-            return torch.device("cpu")
+        return input_device(self.model)
 
     def _full(self, seqs: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
         if self._full_reader is None:

@@ -99,8 +99,11 @@ class ActivationReader:
                     and x.dtype == slab.dtype
                     and x.is_contiguous()
                     and not x.requires_grad
+                    and x.device == slab.device
                 ):
                     torch.index_select(x.view(batch * seq, x.shape[2]), 0, flat, out=slab)
+                elif x.device != slab.device:  # a layer placed on another device: gather on the input's
+                    slab.copy_(x[rows.to(x.device), last.to(x.device)])
                 else:
                     slab.copy_(x[rows, last])
 

@@ -30,6 +30,7 @@ from austeer_pl.core.compose import StateArithmetic, combine
 from austeer_pl.core.hooks import TOKEN_SCOPES, EditHandle
 from austeer_pl.core.lora import save_adapter
 from austeer_pl.core.merge import merge_into
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.selection import Selection
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
 from austeer_pl.core.statehub import push_state_to_hub, resolve_state_dir
@@ -283,7 +284,7 @@ class SteeringState(StateArithmetic):
                     f"{layout.site('residual').size}; apply it to the model it was fitted on"
                 )
             gate = strength_from_config(state.strength, state.strength_tensors, state.k)
-            gate.to(next(model.parameters()).device)
+            gate.to(input_device(model))
         return EditHandle(model, layout, state, gate, scope)
 
     def merge_into(self, model: nn.Module, *, layout: ModelLayout | LayoutSpec | None = None) -> nn.Module:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from austeer_pl.core.hooks import EditHandle
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.reading import padded_logits
 from austeer_pl.core.sites import ModelLayout
 from austeer_pl.errors import AusteerError
@@ -167,7 +168,7 @@ def strength_objective(
 
     if loss not in STRENGTH_LOSSES:
         raise AusteerError(f"unknown strength loss '{loss}'; choose one of {', '.join(STRENGTH_LOSSES)}")
-    device = next(model.parameters()).device
+    device = input_device(model)
     n = int(batch["n_examples"])
     ids, mask, lengths = batch["input_ids"], batch["attention_mask"], batch["answer_lengths"]
     if loss == "choice" and ids.shape[0] != 2 * n:

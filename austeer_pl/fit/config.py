@@ -22,6 +22,7 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, get_type_hints
 
 from austeer_pl.core.embedded import DEFAULT_MODEL
+from austeer_pl.core.placement import placement_kwargs
 from austeer_pl.core.prefix import use_shared_prefix
 from austeer_pl.core.strength import STRENGTH_KINDS, STRENGTH_LOSSES
 from austeer_pl.errors import SettingError
@@ -52,6 +53,9 @@ class ModelConfig:
         layout_layers: module path of the decoder layer list, for models austeer-pl does not locate (e.g. ``model.layers``).
         layout_attention: module path, inside a layer, of the attention output projection (e.g. ``self_attn.o_proj``).
         layout_ffn: module path, inside a layer, of the FFN block (e.g. ``mlp``).
+        device_map: a model larger than one device: ``auto``, ``balanced``, ``sequential`` or a JSON map of module names to devices (a GPU index, ``cpu``, ``disk``); each process holds one such replica.
+        max_memory: with a device_map, a JSON map of devices to the most each may hold (e.g. ``{"0": "20GiB", "cpu": "60GiB"}``).
+        offload_folder: with a device_map, where weights offloaded to ``disk`` go.
     """
 
     model_name: str = DEFAULT_MODEL
@@ -60,6 +64,16 @@ class ModelConfig:
     layout_layers: str | None = None
     layout_attention: str | None = None
     layout_ffn: str | None = None
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
+
+    def __post_init__(self) -> None:
+        placement_kwargs(self.device_map, self.max_memory, self.offload_folder)  # a bad placement is one line now
+
+    def placement(self) -> dict[str, Any]:
+        """The ``load_model`` keywords of the placement (empty: the whole model on the module's device)."""
+        return placement_kwargs(self.device_map, self.max_memory, self.offload_folder)
 
     def layout_spec(self) -> dict[str, str | None] | None:
         """The module paths recorded in exported states (None: located automatically)."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.sites import ModelLayout
 from austeer_pl.errors import AusteerError
 from austeer_pl.fit.choose import Candidate, GridChoice, choose, predictions
@@ -50,7 +51,7 @@ class GridScoring:
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return input_device(self.model)
 
     def slowest(self, seconds: float) -> float:
         """The largest of every process's ``seconds`` (a part's wall time under DDP)."""
@@ -213,7 +214,7 @@ class TestScoring:
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(predictions per state and example, the slowest process's seconds per state)``."""
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         codes = self.coll.sum(self.codes.to(device)).cpu()
         seconds = self.coll.max(self.seconds.to(device)).cpu()
         if bool(codes.eq(0).any()):

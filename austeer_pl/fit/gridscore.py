@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.reading import padded_logits
 from austeer_pl.core.sites import ModelLayout
 from austeer_pl.core.tokens import encode_answers, pad_id_of, pad_ids
@@ -226,7 +227,7 @@ def harm_kl(
     out = torch.zeros(len(states), dtype=torch.float64)
     if not texts or not states:
         return out
-    device = next(model.parameters()).device
+    device = input_device(model)
     prompt_ids, cont_ids = encode_answers(tokenizer, [p for p, _ in texts], [c for _, c in texts])
     seqs = [p + c for p, c in zip(prompt_ids, cont_ids)]
     ids, mask = pad_ids(seqs, pad_id_of(tokenizer), device=device)

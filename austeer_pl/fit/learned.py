@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.sites import ModelLayout
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
@@ -65,7 +66,7 @@ class StrengthPhase:
         )
 
     def _device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return input_device(self.model)
 
     def _reduce(self, sums: torch.Tensor) -> torch.Tensor:
         return self.coll.sum(sums.to(self._device())).cpu()

@@ -25,6 +25,7 @@ from torch import nn
 
 from austeer_pl.core.models import model_name_of
 from austeer_pl.core.pairs import read_pair_batch
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.sites import SITES, ModelLayout
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
@@ -127,7 +128,7 @@ class FitSession(Outcomes):
 
     @property
     def device(self) -> torch.device:
-        return next(self.model.parameters()).device
+        return input_device(self.model)
 
     @property
     def accumulator(self):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from austeer_pl.core.hooks import EditHandle
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.sites import ModelLayout
 from austeer_pl.core.strength import (
     STRENGTH_LOSSES,
@@ -82,7 +83,7 @@ class StrengthTrainer:
             raise AusteerError(f"unknown strength loss '{self.loss}'; choose one of {', '.join(STRENGTH_LOSSES)}")
         if self.criterion not in ("accuracy", "loss"):
             raise AusteerError(f"the strength's epoch criterion must be accuracy or loss, not '{self.criterion}'")
-        device = next(self.model.parameters()).device
+        device = input_device(self.model)
         fn = build_strength(
             self.kind,
             self.state.scale.to(device),

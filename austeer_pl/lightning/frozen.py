@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from austeer_pl.core.models import load_model
+from austeer_pl.core.placement import is_dispatched
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
 from austeer_pl.fit.config import ModelConfig
 
@@ -53,10 +54,11 @@ class FrozenLLM(pl.LightningModule):
     def _load(self) -> None:
         if self.__dict__.get("_llm") is None:
             cfg = self.model_config()
-            model, tokenizer = load_model(cfg.model_name, dtype=cfg.dtype, cache_dir=cfg.cache_dir)
+            placement = cfg.placement()
+            model, tokenizer = load_model(cfg.model_name, dtype=cfg.dtype, cache_dir=cfg.cache_dir, **placement)
             spec = cfg.layout_spec()
             self.__dict__.update(
-                _llm=model.to(self.device),
+                _llm=model if placement else model.to(self.device),  # a device map placed every layer itself
                 _tokenizer=tokenizer,
                 _layout=locate_units(model, LayoutSpec(**spec) if spec else None),
             )
@@ -80,7 +82,7 @@ class FrozenLLM(pl.LightningModule):
     def _apply(self, fn, *args, **kwargs):
         # Device and dtype moves of the module apply to the frozen model too.
         super()._apply(fn, *args, **kwargs)
-        if self.__dict__.get("_llm") is not None:
+        if self.__dict__.get("_llm") is not None and not is_dispatched(self.__dict__["_llm"]):
             self.__dict__["_llm"]._apply(fn, *args, **kwargs)
         return self
 

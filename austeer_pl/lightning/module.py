@@ -40,6 +40,9 @@ class AUSteerModule(FrozenLLM):
         layout_layers: str | None = ModelConfig.layout_layers,
         layout_attention: str | None = ModelConfig.layout_attention,
         layout_ffn: str | None = ModelConfig.layout_ffn,
+        device_map: str | None = ModelConfig.device_map,
+        max_memory: str | None = ModelConfig.max_memory,
+        offload_folder: str | None = ModelConfig.offload_folder,
         # LightningCLI shows and parses list defaults; they are never mutated.
         site: str | list[str] = list(AusteerGrid.site),  # noqa: B006
         k: int | list[int] = list(AusteerGrid.k),  # noqa: B006

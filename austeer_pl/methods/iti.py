@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from austeer_pl.core.pairs import read_text_pairs
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
@@ -166,7 +167,7 @@ def accumulate_head_moments(
     """ITI's training statistics over ``(positive_text, negative_text)`` pairs (last-token attention heads)."""
     layout = _layout(model, layout)
     if moments is None:
-        moments = HeadMoments.from_layout(layout, device=next(model.parameters()).device)
+        moments = HeadMoments.from_layout(layout, device=input_device(model))
     _read_pairs(model, tokenizer, pairs, layout, batch_size, max_length, moments.update)
     return moments
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.reading import padded_logits
 from austeer_pl.core.tokens import encode_answers, pad_id_of, pad_ids, truncate_left
 from austeer_pl.errors import AusteerError
@@ -71,7 +72,7 @@ def continuation_nll(
     ]
     if not scored:
         return total, count
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id_of(tokenizer)
     prompt_ids, cont_ids = encode_answers(tokenizer, [prompts[i] for i in scored], [continuations[i] for i in scored])
     seqs, lengths = [[] for _ in range(n)], [0] * n

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.state import SteeringState
 from austeer_pl.core.tokens import (
     check_generation_length,
@@ -95,7 +96,7 @@ def generate_new_text(
         [' A delightful film.']
     """
     _check_generation_args(max_new_tokens, batch_size, temperature, top_p)
-    device = next(model.parameters()).device
+    device = input_device(model)
     config = _generation_config(
         model, tokenizer, max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature, top_p=top_p
     )

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from austeer_pl.core.placement import input_device
 from austeer_pl.core.reading import padded_logits
 from austeer_pl.core.tokens import (
     encode_answers,
@@ -54,7 +55,7 @@ def choice_logprobs(
     """
     if len(prompts) != len(answers):
         raise ValueError("one list of answers per prompt")
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = pad_id_of(tokenizer)
     flat_answers = [a for group in answers for a in group]
     owner = [i for i, group in enumerate(answers) for _ in group]

@@ -1,0 +1,115 @@
+"""Models split across devices and disk (a device map): the same momentum, units, steered logits and
+fitted state as the model on one device; placements checked in one line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from austeer_pl import AusteerError, accumulate_momentum, select_units
+from austeer_pl.core.models import load_model
+from austeer_pl.core.placement import is_dispatched, placement_kwargs
+from austeer_pl.core.stateio import WEIGHTS_NAME
+from austeer_pl.errors import SettingError
+
+from helpers import TEXTS, fitted_state, make_tokenizer, random_pairs, write_less_task
+
+pytest.importorskip("accelerate")
+
+#: The tiny llama of ``tiny_dir`` (3 layers): embeddings and layer 0 in memory, layers 1-2 on disk.
+OFFLOAD = {
+    "model.embed_tokens": "cpu",
+    "model.rotary_emb": "cpu",
+    "model.layers.0": "cpu",
+    "model.layers.1": "disk",
+    "model.layers.2": "disk",
+    "model.norm": "cpu",
+    "lm_head": "cpu",
+}
+
+
+@pytest.fixture
+def both(tiny_dir, tmp_path):
+    whole, tokenizer = load_model(str(tiny_dir))
+    split, _ = load_model(str(tiny_dir), device_map=json.dumps(OFFLOAD), offload_folder=str(tmp_path / "offload"))
+    assert is_dispatched(split) and not is_dispatched(whole)
+    assert split.model.layers[2].self_attn.o_proj.weight.device.type == "meta"  # really on disk
+    return whole, split, tokenizer
+
+
+def test_offloaded_model_gives_the_same_momentum_units_and_steered_logits(both):
+    whole, split, _ = both
+    tok = make_tokenizer()
+    pairs = random_pairs(11)
+    sites = ["attention", "ffn"]
+    a = accumulate_momentum(whole, tok, pairs, sites=sites, batch_size=4)
+    b = accumulate_momentum(split, tok, pairs, sites=sites, batch_size=4)
+    for site in sites:
+        assert all(torch.equal(x, y) for x, y in zip(a.counts(site), b.counts(site)))
+        torch.testing.assert_close(a.mean_difference(site), b.mean_difference(site), rtol=0, atol=1e-6)
+    units_a, units_b = select_units(a, 8, sites), select_units(b, 8, sites)
+    assert units_a.coordinates() == units_b.coordinates()
+    state = fitted_state(whole, k=6)
+    batch = tok(TEXTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = split(**batch).logits
+        with state.apply(whole):
+            want = whole(**batch).logits
+        with state.apply(split):
+            got = split(**batch).logits
+        after = split(**batch).logits
+    assert (want - plain).abs().max() > 1e-3
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+    assert torch.equal(after, plain)  # removal leaves the dispatched model as it was
+
+
+def test_merging_into_weights_on_disk_is_refused(both):
+    whole, split, _ = both
+    state = fitted_state(whole, k=40, sites=("attention", "ffn"))
+    assert {layer for _site, layer, _unit in state.coordinates()} & {1, 2}
+    with pytest.raises(AusteerError, match="is offloaded to disk") as err:
+        state.merge_into(split)
+    assert "\n" not in str(err.value)
+
+
+def test_train_py_with_a_device_map_exports_the_same_state(tiny_dir, tmp_path):
+    from austeer_pl.cli.train import train_main
+
+    task = write_less_task(tmp_path / "less.jsonl", 48)
+    common = [
+        "--model.model_name", str(tiny_dir), "--data.task", str(task), "--data.batch_size", "8",
+        "--data.max_val_examples", "16", "--data.max_test_examples", "8", "--model.k", "[2, 4]",
+        "--model.alpha", "[2.0, 4.0]", "--wandb_mode", "disabled", "--export_anyway", "true",
+    ]  # fmt: skip
+    runs = {}
+    for name, extra in (
+        ("whole", []),
+        ("split", ["--model.device_map", json.dumps(OFFLOAD), "--model.offload_folder", str(tmp_path / "off")]),
+    ):
+        out = tmp_path / name
+        assert train_main([*common, *extra, "--export_dir", str(out / "state"), "--run_dir", str(out / "run")]) == 0
+        runs[name] = (out / "state" / WEIGHTS_NAME).read_bytes()
+    assert runs["whole"] == runs["split"]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"device_map": "everywhere"}, "setting 'device_map' is 'everywhere'; use auto, balanced"),
+        ({"device_map": "{not json"}, "device_map: invalid JSON"),
+        ({"device_map": '{"model.layers.0": [1]}'}, "setting 'device_map' has a device [1]"),
+        ({"max_memory": '{"cpu": "1GiB"}'}, "setting 'max_memory' only applies with a device_map"),
+        ({"device_map": "auto", "max_memory": '{"cpu": true}'}, "setting 'max_memory' has a size True"),
+    ],
+)
+def test_bad_placements_are_one_line(kwargs, words):
+    with pytest.raises((AusteerError, SettingError)) as err:
+        placement_kwargs(**kwargs)
+    assert str(err.value).startswith(words) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_device_and_a_device_map_together_are_refused(tiny_dir):
+    with pytest.raises(AusteerError, match="either a device or a device_map"):
+        load_model(str(tiny_dir), device="cpu", device_map="auto")
