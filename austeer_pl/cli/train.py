@@ -23,10 +23,12 @@ from rich.table import Table
 from austeer_pl.cli.rundir import claim_run_dir
 from austeer_pl.cli.runtime import one_line_parse_error, quiet, run_main
 from austeer_pl.cli.tracking import resolve_wandb_mode
+from austeer_pl.core.memory import check_max_memory, estimate_fit_memory
+from austeer_pl.core.models import resolve_dtype
 from austeer_pl.core.paths import check_writable_parent, paths_overlap
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
-from austeer_pl.fit.config import DATA_GROUPS, MODEL_GROUPS
+from austeer_pl.fit.config import DATA_GROUPS, MODEL_GROUPS, ModelConfig
 from austeer_pl.lightning.datamodule import ContrastivePairDataModule
 from austeer_pl.lightning.module import AUSteerModule
 from austeer_pl.lightning.strategy import (
@@ -245,6 +247,20 @@ def train(args: Sequence[str] | None = None) -> dict[str, Any]:
             run.release()
 
 
+def _memory_check(model: ModelConfig, data: Any, announce: bool) -> None:
+    """The one-line memory estimate, and an early refusal of a max_memory that cannot hold the fit."""
+    estimate = estimate_fit_memory(
+        model.model_name,
+        dtype=resolve_dtype(model.dtype),
+        batch_size=int(data.get("batch_size") or 16),
+        max_length=data.get("max_length"),
+        cache_dir=model.cache_dir,
+    )
+    check_max_memory(estimate, model.max_memory, offload_folder=model.offload_folder)
+    if estimate is not None and announce:
+        print(estimate.line())
+
+
 def _fit(cli) -> dict[str, Any]:
 
     trainer, module = cli.trainer, cli.model
@@ -252,6 +268,7 @@ def _fit(cli) -> dict[str, Any]:
     cfg = cli.config
     module.export_anyway = bool(cfg.get("export_anyway"))
     module.overwrite = bool(cfg.get("overwrite"))
+    _memory_check(module.config.model, cli.datamodule.hparams, trainer.is_global_zero)
     try:
         # weights_only explicitly: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD overrides only an unset argument.
         trainer.fit(module, datamodule=cli.datamodule, ckpt_path=cfg.get("ckpt_path"), weights_only=True)

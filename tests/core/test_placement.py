@@ -113,3 +113,36 @@ def test_bad_placements_are_one_line(kwargs, words):
 def test_a_device_and_a_device_map_together_are_refused(tiny_dir):
     with pytest.raises(AusteerError, match="either a device or a device_map"):
         load_model(str(tiny_dir), device="cpu", device_map="auto")
+
+
+def test_the_memory_estimate_counts_the_weights_exactly(tiny_dir):
+    from austeer_pl.core.memory import estimate_fit_memory
+
+    model, _ = load_model(str(tiny_dir))
+    estimate = estimate_fit_memory(str(tiny_dir), batch_size=4, max_length=64)
+    assert estimate is not None
+    assert estimate.weights == sum(p.numel() * p.element_size() for p in model.parameters())
+    assert estimate.activations > 0 and estimate.statistics > 0
+    assert estimate.line().startswith("memory estimate per replica: weights ") and "\n" not in estimate.line()
+    half = estimate_fit_memory(str(tiny_dir), dtype=torch.bfloat16, batch_size=4, max_length=64)
+    assert half is not None and half.weights * 2 == estimate.weights
+    assert estimate_fit_memory("nobody/not-in-any-cache") is None  # advice only: unknown models load as usual
+
+
+def test_a_max_memory_too_small_is_refused_before_loading(tiny_dir, tmp_path, capsys, monkeypatch):
+    from austeer_pl.cli.train import train_main
+    from austeer_pl.lightning import frozen
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model must not be loaded")
+
+    monkeypatch.setattr(frozen, "load_model", no_load)
+    task = write_less_task(tmp_path / "less.jsonl", 24)
+    code = train_main(
+        ["--model.model_name", str(tiny_dir), "--data.task", str(task), "--model.device_map", "auto",
+         "--model.max_memory", '{"cpu": "2KB"}', "--wandb_mode", "disabled", "--run_dir", str(tmp_path / "run")]
+    )  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    last = err.splitlines()[-1]
+    assert code == 2 and last.startswith("error: max_memory allows 0.00 GiB but the fit needs about"), err
+    assert "Traceback" not in err and not (tmp_path / "run" / "state").exists()
