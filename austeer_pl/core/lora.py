@@ -36,6 +36,7 @@ from austeer_pl._version import __version__
 from austeer_pl.core.fileio import JSON_MARKER, parse_json, write_json
 from austeer_pl.core.merge import Edits, FoldStep, check_foldable, fold_plan
 from austeer_pl.core.output import Output
+from austeer_pl.core.quant import dequantized
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
 from austeer_pl.errors import AusteerError
 
@@ -112,7 +113,7 @@ class LoraAdapter:
 
 def _factors(step: FoldStep, rank: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     module, edit, axis = step.module, step.edit, step.axis
-    weight = cast(torch.Tensor, module.weight).detach().to(device="cpu", dtype=torch.float64)
+    weight = dequantized(cast(torch.Tensor, module.weight)).detach().to(device="cpu", dtype=torch.float64)
     if (axis == 0 and edit.site == "attention") or (axis == 1 and edit.site == "ffn"):  # Conv1D stores (in, out)
         weight = weight.t()
     out_features, in_features = weight.shape  # as an nn.Linear's weight: (out, in)
@@ -174,7 +175,7 @@ def lora_adapter(
     if not isinstance(layout, ModelLayout):
         layout = locate_units(model, layout)
     state.check_compatible(layout)
-    steps = fold_plan(state, model, layout)
+    steps = fold_plan(state, model, layout, in_place=False)  # the weights are read, not scaled
     if not steps:
         raise AusteerError(
             "this state steers no unit (the fit found no help), so there is no adapter to write; use the base model as it is"
@@ -185,7 +186,7 @@ def lora_adapter(
             "LoRA update reproduces; export it merged (--format transformers) or apply it with hooks"
         )
     rank = max(int(step.edit.unit.numel()) for step in steps)
-    target = dtype or cast(torch.Tensor, steps[0].module.weight).dtype
+    target = dtype or dequantized(cast(torch.Tensor, steps[0].module.weight)).dtype
     factors = {step.name: _factors(step, rank, target) for step in steps}
     if len(factors) != len(steps):
         raise AusteerError("two of this state's edits fold into one module; apply it with hooks (state.apply(model))")

@@ -155,11 +155,11 @@ class FoldStep:
     param: str = "weight"  # the parameter scaled: ``down_proj`` of fused mixture-of-experts weights
 
 
-def fold_plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[FoldStep]:
+def fold_plan(state: Edits, model: nn.Module, layout: ModelLayout, *, in_place: bool = True) -> list[FoldStep]:
     """Each edit's projection, checked (weights in float, not shared, a bias for a shift); nothing is changed."""
     names = {id(m): n for n, m in model.named_modules(remove_duplicate=False)}
     owners: dict[int, list[str]] = {}
-    for pname, p in model.named_parameters(remove_duplicate=False):
+    for pname, p in model.named_parameters(remove_duplicate=False) if in_place else ():
         owners.setdefault(p.data_ptr(), []).append(pname)
     steps = []
     for edit in site_edits(state):
@@ -200,11 +200,13 @@ def fold_plan(state: Edits, model: nn.Module, layout: ModelLayout) -> list[FoldS
             axis = 1 - cast(int, input_axis(module))  # a projection found by its width has an input axis
         name = names.get(id(module), where)
         weight = weight_of(module)
-        if not weight.dtype.is_floating_point or type(weight) not in (torch.Tensor, nn.Parameter):
+        quantized = not weight.dtype.is_floating_point or type(weight) not in (torch.Tensor, nn.Parameter)
+        if in_place and quantized:
             raise AusteerError(
-                f"'{name}' holds quantized weights ({weight.dtype}), which cannot be scaled in place; load the model in float and merge"
+                f"'{name}' holds quantized weights ({type(weight).__name__}, {weight.dtype}), which cannot be scaled in place; "
+                "load the model in float to merge, or export the state as a LoRA adapter (--format peft)"
             )
-        shared = [n for n in owners.get(weight.data_ptr(), []) if n != f"{name}.weight"]
+        shared = [n for n in owners.get(weight.data_ptr(), []) if n != f"{name}.weight"] if in_place else []
         if shared:
             raise AusteerError(
                 f"the weight of '{name}' is shared with '{shared[0]}', so folding the edit would change that module too; {_HOOKS}"

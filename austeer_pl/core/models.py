@@ -39,6 +39,7 @@ from austeer_pl.core.embedded import (
 )
 from austeer_pl.core.network import hub_endpoint, hub_offline, unreachable
 from austeer_pl.core.placement import placement_kwargs
+from austeer_pl.core.quant import quantization_kwargs, quantize_model
 from austeer_pl.errors import AusteerError
 
 __all__ = [
@@ -180,6 +181,7 @@ def load_model(
     device_map: Any = None,
     max_memory: Any = None,
     offload_folder: str | None = None,
+    quantize: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Loads a frozen causal language model and its tokenizer.
 
@@ -193,6 +195,8 @@ def load_model(
         cache_dir: Cache folder for the embedded model (see :func:`ensure_embedded_model`).
         device_map, max_memory, offload_folder: a model split across devices, CPU and disk
             (:mod:`~austeer_pl.core.placement`); not with ``device``.
+        quantize: ``int8`` (torchao, any device), ``bnb-int8`` or ``bnb-nf4`` (bitsandbytes, CUDA):
+            a quantised base (:mod:`~austeer_pl.core.quant`).
 
     Custom code in a folder or hub repository is never run (``trust_remote_code=False``).
 
@@ -211,7 +215,7 @@ def load_model(
         )
     torch_dtype = resolve_dtype(dtype)
     torch_device = _resolve_device(device)
-    placed = placement_kwargs(device_map, max_memory, offload_folder)
+    placed = {**placement_kwargs(device_map, max_memory, offload_folder), **quantization_kwargs(quantize)}
     if placed and torch_device is not None:
         raise AusteerError("pass either a device or a device_map, not both; a device_map places every layer itself")
     load_dtype: torch.dtype | str = torch_dtype if torch_dtype is not None else "auto"
@@ -268,6 +272,7 @@ def load_model(
         model.to(dtype=torch_dtype)  # type: ignore[call-arg]  # transformers wraps to()
     if torch_device is not None:
         model.to(device=torch_device)  # type: ignore[call-arg]
+    quantize_model(model, quantize)
     model.requires_grad_(False)
     model.eval()
     recorded = str(path.absolute()) if name.lower() != DEFAULT_MODEL and path.exists() else name_or_path

@@ -24,6 +24,7 @@ from typing import Any, Literal, get_type_hints
 from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.placement import placement_kwargs
 from austeer_pl.core.prefix import use_shared_prefix
+from austeer_pl.core.quant import check_quantize
 from austeer_pl.core.strength import STRENGTH_KINDS, STRENGTH_LOSSES
 from austeer_pl.errors import SettingError
 from austeer_pl.methods.austeer import AusteerGrid
@@ -56,6 +57,7 @@ class ModelConfig:
         device_map: a model larger than one device: ``auto``, ``balanced``, ``sequential`` or a JSON map of module names to devices (a GPU index, ``cpu``, ``disk``); each process holds one such replica.
         max_memory: with a device_map, a JSON map of devices to the most each may hold (e.g. ``{"0": "20GiB", "cpu": "60GiB"}``).
         offload_folder: with a device_map, where weights offloaded to ``disk`` go.
+        quantize: a quantised base: ``int8`` (torchao weight-only, any device), ``bnb-int8`` or ``bnb-nf4`` (bitsandbytes, CUDA); edits stay in the activations' dtype.
     """
 
     model_name: str = DEFAULT_MODEL
@@ -67,13 +69,20 @@ class ModelConfig:
     device_map: str | None = None
     max_memory: str | None = None
     offload_folder: str | None = None
+    quantize: str | None = None
 
     def __post_init__(self) -> None:
         placement_kwargs(self.device_map, self.max_memory, self.offload_folder)  # a bad placement is one line now
+        check_quantize(self.quantize)
 
     def placement(self) -> dict[str, Any]:
         """The ``load_model`` keywords of the placement (empty: the whole model on the module's device)."""
-        return placement_kwargs(self.device_map, self.max_memory, self.offload_folder)
+        return {
+            **({"quantize": self.quantize} if self.quantize else {}),
+            "device_map": self.device_map,
+            "max_memory": self.max_memory,
+            "offload_folder": self.offload_folder,
+        }
 
     def layout_spec(self) -> dict[str, str | None] | None:
         """The module paths recorded in exported states (None: located automatically)."""

@@ -54,11 +54,10 @@ class FrozenLLM(pl.LightningModule):
     def _load(self) -> None:
         if self.__dict__.get("_llm") is None:
             cfg = self.model_config()
-            placement = cfg.placement()
-            model, tokenizer = load_model(cfg.model_name, dtype=cfg.dtype, cache_dir=cfg.cache_dir, **placement)
+            model, tokenizer = load_model(cfg.model_name, dtype=cfg.dtype, cache_dir=cfg.cache_dir, **cfg.placement())
             spec = cfg.layout_spec()
             self.__dict__.update(
-                _llm=model if placement else model.to(self.device),  # a device map placed every layer itself
+                _llm=model if is_dispatched(model) else model.to(self.device),  # a device map placed every layer itself
                 _tokenizer=tokenizer,
                 _layout=locate_units(model, LayoutSpec(**spec) if spec else None),
             )

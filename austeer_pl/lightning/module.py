@@ -43,6 +43,7 @@ class AUSteerModule(FrozenLLM):
         device_map: str | None = ModelConfig.device_map,
         max_memory: str | None = ModelConfig.max_memory,
         offload_folder: str | None = ModelConfig.offload_folder,
+        quantize: str | None = ModelConfig.quantize,
         # LightningCLI shows and parses list defaults; they are never mutated.
         site: str | list[str] = list(AusteerGrid.site),  # noqa: B006
         k: int | list[int] = list(AusteerGrid.k),  # noqa: B006
