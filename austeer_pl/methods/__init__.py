@@ -8,7 +8,7 @@ method's report ``order``); the conformance suite (``tests/methods/test_registry
 over every entry.
 """
 
-from austeer_pl.methods import austeer, block, caa, iti, sadi  # noqa: F401 - each module registers its method
+from austeer_pl.methods import austeer, block, caa, iti, random_units, sadi  # noqa: F401 - each module registers its method
 from austeer_pl.methods.austeer import AusteerGrid
 from austeer_pl.methods.registry import (
     FITTED,

@@ -17,7 +17,7 @@ from helpers import (
     write_less_task,
 )
 
-METHODS = ["unsteered", "iti", "sadi", "caa", "austeer_block", "austeer", "austeer_scalar", "austeer_gate"]
+METHODS = ["unsteered", "iti", "sadi", "caa", "austeer_block", "austeer", "random_units", "austeer_scalar", "austeer_gate"]
 LEARNED = {"austeer_scalar": "scalar", "austeer_gate": "gate"}
 FIELDS = (
     "name",

@@ -36,7 +36,9 @@ from helpers import (
     make_tokenizer,
 )
 
-METHODS = [m for m, entry in REGISTRY.items() if entry.points is not None and m != "austeer"]
+METHODS = [
+    m for m, entry in REGISTRY.items() if entry.points is not None and m not in ("austeer", "random_units")
+]  # block-level
 STRENGTH_KEY = {m: REGISTRY[m].strength_key for m in METHODS}
 
 
