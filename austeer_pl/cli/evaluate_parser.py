@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from austeer_pl.cli.runtime import OneLineParser
+from austeer_pl.cli.runtime import OneLineParser, add_placement_options
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
@@ -40,6 +40,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", "--model.model_name", default=None, help="base model (default: the one the state names)")
     p.add_argument("--dtype", "--model.dtype", default=None)
     p.add_argument("--device", default=None)
+    add_placement_options(p)
     p.add_argument("--batch_size", "--data.batch_size", type=int, default=32)
     p.add_argument(
         "--eval_batch_size",

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from austeer_pl.cli.runtime import OneLineParser, quiet, run_main
+from austeer_pl.cli.runtime import OneLineParser, add_placement_options, placement_of, quiet, run_main
 from austeer_pl.core.embedded import DEFAULT_MODEL, embedded_gguf_path
 from austeer_pl.core.lora import adapter_output
 from austeer_pl.core.merge import check_foldable, merge_into
@@ -55,6 +55,7 @@ def export_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max_shard_size", default="5GB", help="transformers: largest safetensors shard")
     p.add_argument("--cache_dir", default=None, help="cache folder of the embedded model")
+    add_placement_options(p)
     p.add_argument("--overwrite", action="store_true", help="replace an output that export.py wrote before")
     p.add_argument(
         "--allow_changed_inputs",
@@ -147,7 +148,9 @@ def export(argv: Sequence[str] | None = None) -> Path:
     quiet()
 
     target = resolve_dtype(args.dtype)
-    model, tokenizer = load_model(name, dtype="float32" if target is not None else None, cache_dir=args.cache_dir)
+    model, tokenizer = load_model(
+        name, dtype="float32" if target is not None else None, cache_dir=args.cache_dir, **placement_of(args)
+    )
 
     state.check_compatible(locate_units(model, LayoutSpec.from_dict(state.layout) if state.layout else None))
     check_model(pins, name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)

@@ -26,7 +26,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
-from austeer_pl.cli.runtime import OneLineParser, quiet, run_main
+from austeer_pl.cli.runtime import OneLineParser, add_placement_options, placement_of, quiet, run_main
 from austeer_pl.core.fileio import jsonl_output, parse_json, write_jsonl_output
 from austeer_pl.core.models import load_model
 from austeer_pl.core.pins import check_model
@@ -71,6 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default=None)
     p.add_argument("--device", default=None)
+    add_placement_options(p)
     p.add_argument("--cache_dir", default=None)
     return p
 
@@ -187,7 +188,9 @@ def generate(argv: Sequence[str] | None = None) -> list[dict[str, str]]:
         raise AusteerError("the state does not name its base model; pass --model")
     quiet()
 
-    model, tokenizer = load_model(model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir)
+    model, tokenizer = load_model(
+        model_name, dtype=args.dtype, device=args.device, cache_dir=args.cache_dir, **placement_of(args)
+    )
     layout = locate_units(model)
     state.check_compatible(layout)
     check_model(

@@ -206,6 +206,43 @@ class ModelDataOptions:
     cache_dir: str | None = None
 
 
+def add_placement_options(p) -> None:
+    """A base larger than one device or quantised, as ``train.py``'s ``--model.*`` settings of the same names."""
+    p.add_argument(
+        "--device_map",
+        "--model.device_map",
+        dest="device_map",
+        default=None,
+        help="auto, balanced, sequential or a JSON map of module names to devices (GPU index, cpu, disk)",
+    )
+    p.add_argument(
+        "--max_memory",
+        "--model.max_memory",
+        dest="max_memory",
+        default=None,
+        help='with --device_map: a JSON map of devices to sizes, e.g. {"0": "20GiB", "cpu": "60GiB"}',
+    )
+    p.add_argument(
+        "--offload_folder",
+        "--model.offload_folder",
+        dest="offload_folder",
+        default=None,
+        help="with --device_map: where weights offloaded to disk go",
+    )
+    p.add_argument(
+        "--quantize",
+        "--model.quantize",
+        dest="quantize",
+        default=None,
+        help="a quantised base: int8 (torchao, any device), bnb-int8 or bnb-nf4 (bitsandbytes, CUDA)",
+    )
+
+
+def placement_of(args) -> dict[str, Any]:
+    """``load_model``'s placement and quantisation keywords from options added by :func:`add_placement_options`."""
+    return {key: getattr(args, key, None) for key in ("device_map", "max_memory", "offload_folder", "quantize")}
+
+
 def add_output_options(p, *, name: str) -> None:
     """The options every analysis shares (batching, model loading, outputs, W&B), with the
     ``--data.*``/``--model.*`` spellings of ``train.py`` as aliases."""

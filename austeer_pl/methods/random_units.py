@@ -53,6 +53,7 @@ def random_selection(layout: ModelLayout, sites: tuple[str, ...], k: int, draw: 
 def _points(layout: ModelLayout, grid) -> list[dict[str, Any]]:
     sites = grid.get("site", ["attention"])
     sites = [sites] if isinstance(sites, str) else list(sites)
+
     def units(option: str) -> int:  # a k above the sites' units steers them all (as AUSteer's ranking caps it)
         return layout.n_layers * sum(layout.site(site).size for site in SITE_OPTIONS[option])
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from austeer_pl import SteeringState
+from austeer_pl import SteeringState, locate_units
 from austeer_pl.cli.evaluate import evaluate_main
 
 from helpers import (
@@ -17,7 +17,17 @@ from helpers import (
     write_less_task,
 )
 
-METHODS = ["unsteered", "iti", "sadi", "caa", "austeer_block", "austeer", "random_units", "austeer_scalar", "austeer_gate"]
+METHODS = [
+    "unsteered",
+    "iti",
+    "sadi",
+    "caa",
+    "austeer_block",
+    "austeer",
+    "random_units",
+    "austeer_scalar",
+    "austeer_gate",
+]
 LEARNED = {"austeer_scalar": "scalar", "austeer_gate": "gate"}
 FIELDS = (
     "name",
@@ -412,3 +422,30 @@ def test_no_steering_is_scored_once_for_all_methods(tiny_dir, task_file, tmp_pat
     )  # the 8 validation examples, once, not once per method
     assert sum(n for kind, n in scored if kind == "steered") > 0
     assert {"caa", "sadi", "unsteered"} <= set(methods)
+
+
+def test_every_row_reports_its_side_effects_on_ordinary_requests(compared, tiny_dir):
+    from austeer_pl.core.models import load_model
+    from austeer_pl.fit.gridscore import GENERIC_PROMPTS, generic_texts, harm_kl
+    from austeer_pl.scoring.fluency import distinct_n, mean_perplexity, perplexity
+    from austeer_pl.scoring.generation import generate_new_text
+    from austeer_pl.tasks.prompts import format_prompt
+    from austeer_pl.tasks.schema import Task
+
+    out, report = compared
+    rows = {m["name"]: m for m in report["methods"]}
+    for row in rows.values():
+        assert set(row["side_effects"]) == {"kl_ordinary_text", "perplexity", "distinct_2"}
+    assert rows["unsteered"]["side_effects"]["kl_ordinary_text"] == 0.0
+    # An independent recomputation from the saved AUSteer state, by the scoring functions themselves.
+    model, tokenizer = load_model(str(tiny_dir))
+    layout = locate_units(model)
+    state = SteeringState.from_pretrained(out / "states" / "austeer")
+    texts = generic_texts(tokenizer, model)
+    kl = float(harm_kl(model, tokenizer, layout, [state], texts, replay=False)[0])
+    assert rows["austeer"]["side_effects"]["kl_ordinary_text"] == pytest.approx(kl, rel=1e-6, abs=1e-9)
+    prompts = [format_prompt(tokenizer, Task("generic", ()), p) for p in GENERIC_PROMPTS]
+    generated = generate_new_text(model, tokenizer, prompts, state=state if state.k else None, layout=layout)
+    assert rows["austeer"]["side_effects"]["distinct_2"] == pytest.approx(distinct_n(generated, 2))
+    ppl = mean_perplexity(perplexity(model, tokenizer, prompts, generated))
+    assert rows["austeer"]["side_effects"]["perplexity"] == pytest.approx(ppl, rel=1e-6)

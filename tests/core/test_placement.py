@@ -92,6 +92,24 @@ def test_train_py_with_a_device_map_exports_the_same_state(tiny_dir, tmp_path):
         assert train_main([*common, *extra, "--export_dir", str(out / "state"), "--run_dir", str(out / "run")]) == 0
         runs[name] = (out / "state" / WEIGHTS_NAME).read_bytes()
     assert runs["whole"] == runs["split"]
+    # evaluate.py and generate.py on the split model: the same predictions and text as on one device.
+    from austeer_pl.cli.evaluate import evaluate_main
+    from austeer_pl.cli.generate import generate_main
+
+    reports = {}
+    for name, extra in (
+        ("whole", []),
+        ("split", ["--device_map", json.dumps(OFFLOAD), "--offload_folder", str(tmp_path / "off")]),
+    ):
+        report = tmp_path / f"{name}.json"
+        assert evaluate_main(["--steering", str(tmp_path / "whole" / "state"), "--report", str(report), *extra]) == 0
+        reports[name] = json.loads(report.read_text())
+        texts = tmp_path / f"{name}.jsonl"
+        assert generate_main(["--steering", str(tmp_path / "whole" / "state"), "--prompt", "is 3 less than 5",
+                              "--max_new_tokens", "6", "--out", str(texts), *extra]) == 0  # fmt: skip
+        reports[name]["texts"] = texts.read_text()
+    assert reports["whole"]["texts"] == reports["split"]["texts"]
+    assert reports["whole"]["steered"]["per_example_correct"] == reports["split"]["steered"]["per_example_correct"]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,57 @@
+"""What a method costs outside its task: its chosen state's side effects on ordinary requests.
+
+For each state: the mean per-token KL of the next-token distribution to the unsteered model on the
+unsteered model's own answers to eight generic requests (:data:`~austeer_pl.fit.gridscore.GENERIC_PROMPTS`,
+teacher-forced: :func:`~austeer_pl.fit.gridscore.harm_kl`, the harm budget's measure), and the free
+greedy generations of the same requests, steered: their perplexity under the unsteered model (the
+geometric mean over requests) and their distinct-2. ``evaluate.py --compare`` puts them in each
+method's row beside its test accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from austeer_pl.core.sites import ModelLayout
+from austeer_pl.fit.gridscore import GENERIC_PROMPTS, generic_texts, harm_kl
+from austeer_pl.scoring.fluency import distinct_n, mean_perplexity, perplexity
+from austeer_pl.scoring.generation import generate_new_text
+from austeer_pl.tasks.prompts import format_prompt
+from austeer_pl.tasks.schema import Task
+
+__all__ = ["side_effects"]
+
+
+def side_effects(
+    model: nn.Module,
+    tokenizer,
+    layout: ModelLayout,
+    states: Mapping[str, Any],
+    *,
+    max_new_tokens: int = 32,
+    chat_template: bool | None = None,
+) -> dict[str, dict[str, float | None]]:
+    """``{name: {"kl_ordinary_text", "perplexity", "distinct_2"}}`` for each state (None: unsteered)."""
+    names = list(states)
+    texts = generic_texts(tokenizer, model, max_new_tokens=max_new_tokens, chat_template=chat_template)
+    kl = harm_kl(model, tokenizer, layout, [states[n] for n in names], texts, replay=False)
+    plain = Task("generic", ())
+    prompts = [format_prompt(tokenizer, plain, p, chat_template=chat_template) for p in GENERIC_PROMPTS]
+    out: dict[str, dict[str, float | None]] = {}
+    for j, name in enumerate(names):
+        state = states[name]
+        steered = state if state is not None and state.k else None
+        texts_out = generate_new_text(
+            model, tokenizer, prompts, state=steered, layout=layout, max_new_tokens=max_new_tokens
+        )
+        ppl = mean_perplexity(perplexity(model, tokenizer, prompts, texts_out))
+        out[name] = {
+            "kl_ordinary_text": float(kl[j]),
+            "perplexity": ppl if math.isfinite(ppl) else None,
+            "distinct_2": float(distinct_n(texts_out, 2)),
+        }
+    return out
