@@ -96,3 +96,36 @@ def test_a_hub_repo_without_a_state_is_refused(tmp_path, monkeypatch):
         SteeringState.from_pretrained("me/model", cache_dir=tmp_path / "hub")
     assert "\n" not in str(err.value)
     shutil.rmtree(tmp_path / "hub")
+
+
+def test_push_uploads_the_two_files_and_a_card_that_loads_back(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from austeer_pl.core import statehub
+
+    uploaded: dict[str, object] = {}
+
+    class FakeApi:  # records what huggingface_hub would send; the hub itself is not reachable here
+        def __init__(self, token=None):
+            uploaded["token"] = token
+
+        def create_repo(self, repo_id, private=None, exist_ok=False):
+            uploaded["repo"] = (repo_id, private, exist_ok)
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            uploaded["files"] = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+            return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+    monkeypatch.setattr(statehub, "unreachable", lambda url: None)
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    state = fitted_state(make_model("llama"), k=4)
+    assert state.push_to_hub("me/rt", token="t", private=True) == "https://hub/me/rt/commit/1"
+    assert uploaded["repo"] == ("me/rt", True, True) and uploaded["token"] == "t"
+    files = uploaded["files"]
+    assert isinstance(files, dict) and set(files) == {"steering_config.json", "steering_state.safetensors", "README.md"}
+    assert b'SteeringState.from_pretrained("me/rt")' in files["README.md"]
+    hub_cache(tmp_path / "hub", "me/rt", state)  # what a download of that upload holds
+    folder = next((tmp_path / "hub").glob("models--me--rt/snapshots/*"))
+    for name in ("steering_config.json", "steering_state.safetensors"):
+        assert (folder / name).read_bytes() == files[name]
