@@ -307,8 +307,8 @@ def _effects(effects: dict[str, Any] | None) -> tuple[str, str]:
     """The side-effect cells: KL on ordinary text, perplexity of free generation ("-" where not measured)."""
     if not effects:
         return "-", "-"
-    ppl = effects.get("perplexity")
-    return f"{effects['kl_ordinary_text']:.3f}", "-" if ppl is None else f"{ppl:.1f}"
+    kl, ppl = effects.get("kl_ordinary_text"), effects.get("perplexity")
+    return "-" if kl is None else f"{kl:.3f}", "-" if ppl is None else f"{ppl:.1f}"
 
 
 def _human_bytes(n: int) -> str:

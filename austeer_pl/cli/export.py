@@ -18,6 +18,7 @@ from austeer_pl.core.paths import paths_overlap
 from austeer_pl.core.pins import check_model
 from austeer_pl.core.sites import LayoutSpec, locate_units
 from austeer_pl.core.state import SteeringState
+from austeer_pl.core.statehub import resolve_state_dir
 from austeer_pl.errors import AusteerError
 from austeer_pl.export.gguf import export_control_vector, export_gguf, gguf_output
 from austeer_pl.export.gguf_lora import export_gguf_lora
@@ -99,9 +100,11 @@ def export(argv: Sequence[str] | None = None) -> Path:
     for folder in args.steering:
         if paths_overlap(out, folder):
             raise AusteerError(f"--out {out} overlaps the steering state folder {folder}; choose another path")
+    if args.alpha is not None and (len(args.steering) > 1 or args.weights is not None):
+        raise AusteerError("--alpha rescales one state; to scale several, give each a --weights value instead")
     states = [SteeringState.from_pretrained(folder) for folder in args.steering]
     state = states[0] if len(states) == 1 and args.weights is None else SteeringState.combine(states, args.weights)
-    source = args.steering[0] if len(states) == 1 else None
+    source = resolve_state_dir(args.steering[0]) if len(states) == 1 else None  # a hub id: its downloaded folder
     if args.alpha is not None:
         state = state.with_alpha(args.alpha)
     name = args.model or state.base_model
@@ -153,7 +156,8 @@ def export(argv: Sequence[str] | None = None) -> Path:
     )
 
     state.check_compatible(locate_units(model, LayoutSpec.from_dict(state.layout) if state.layout else None))
-    check_model(pins, name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
+    for each in states:  # every combined state was fitted on this base
+        check_model(each.metadata.get("inputs"), name, model, allow=args.allow_changed_inputs, cache_dir=args.cache_dir)
     if args.format == "peft":
         kept = ("state_sha256", "state_config_sha256", "combination")
         record = {key: value for key, value in provenance(state, source).items() if key in kept}

@@ -255,6 +255,7 @@ def _memory_check(model: ModelConfig, data: Any, announce: bool) -> None:
         batch_size=int(data.get("batch_size") or 16),
         max_length=data.get("max_length"),
         cache_dir=model.cache_dir,
+        quantize=model.quantize,
     )
     check_max_memory(estimate, model.max_memory, offload_folder=model.offload_folder)
     if estimate is not None and announce:

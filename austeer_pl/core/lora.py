@@ -38,6 +38,7 @@ from austeer_pl.core.merge import Edits, FoldStep, check_foldable, fold_plan
 from austeer_pl.core.output import Output
 from austeer_pl.core.quant import dequantized
 from austeer_pl.core.sites import LayoutSpec, ModelLayout, locate_units
+from austeer_pl.core.statehub import base_model_yaml
 from austeer_pl.errors import AusteerError
 
 __all__ = [
@@ -245,7 +246,7 @@ def adapter_record(state: Any, adapter: LoraAdapter, extra: dict[str, Any] | Non
 def _card(record: dict[str, Any]) -> str:
     rows = "\n".join(f"| {key} | `{value}` |" for key, value in sorted(record.items()))
     return (
-        f"---\nlibrary_name: peft\nbase_model: {record['base_model']}\ntags:\n- austeer-pl\n- activation-steering\n- lora\n---\n\n"
+        f"---\nlibrary_name: peft\n{base_model_yaml(record['base_model'])}tags:\n- austeer-pl\n- activation-steering\n- lora\n---\n\n"
         f"# A {record['method']} steering state of {record['base_model']} as a LoRA adapter\n\n"
         f"{record['k']} steered activation units (alpha {record['alpha']:g}) written as an exact low-rank update of the attention "
         f"output and FFN down projections (rank {record['rank']}, scale 1: a scale s steers at alpha x s).\n\n"

@@ -11,7 +11,6 @@ out-of-memory crash minutes in.
 from __future__ import annotations
 
 import pathlib
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,7 +20,7 @@ from austeer_pl.core.embedded import DEFAULT_MODEL, ensure_embedded_model
 from austeer_pl.core.placement import parse_max_memory
 from austeer_pl.errors import AusteerError
 
-__all__ = ["MemoryEstimate", "check_max_memory", "estimate_fit_memory", "parse_size"]
+__all__ = ["MemoryEstimate", "check_max_memory", "estimate_fit_memory"]
 
 GIB = 1024**3
 #: Bytes of momentum statistics per unit: two int64 counts and three float64 sums.
@@ -50,28 +49,6 @@ class MemoryEstimate:
         )
 
 
-def parse_size(size: str | int) -> int:
-    """Bytes of ``20GiB``, ``500MB``, ``1.5GB`` or a whole number of bytes (accelerate's spellings)."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?I?B)?\s*", str(size).upper())
-    if not match:
-        raise AusteerError(f"max_memory size {size!r} is not a size; write e.g. '20GiB', '500MB' or a number of bytes")
-    number, unit = float(match.group(1)), match.group(2) or "B"
-    powers = {
-        "B": 1,
-        "KB": 10**3,
-        "MB": 10**6,
-        "GB": 10**9,
-        "TB": 10**12,
-        "KIB": 2**10,
-        "MIB": 2**20,
-        "GIB": 2**30,
-        "TIB": 2**40,
-    }
-    return int(number * powers[unit])
-
-
 def _config(name: str, cache_dir: Any = None):
     from transformers import AutoConfig  # noqa: PLC0415 - only when estimating
 
@@ -94,6 +71,7 @@ def estimate_fit_memory(
     max_length: int | None = 512,
     n_sites: int = 2,
     cache_dir: Any = None,
+    quantize: str | None = None,
 ) -> MemoryEstimate | None:
     """About how much memory fitting ``name`` needs per replica; None when its config cannot be read
     without loading it (a hub model not in the cache)."""
@@ -106,14 +84,20 @@ def estimate_fit_memory(
     except Exception:  # the estimate is advice: a model it cannot read is loaded (and checked) as usual
         return None
     loaded = dtype or getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.float32
+    if isinstance(loaded, str):  # a config records its dtype by name
+        loaded = getattr(torch, loaded.replace("torch.", ""), torch.float32)
     itemsize = torch.empty(0, dtype=loaded if isinstance(loaded, torch.dtype) else torch.float32).element_size()
-    weights = sum(p.numel() for p in model.parameters()) * itemsize
+    total = sum(p.numel() for p in model.parameters())
+    # A quantised base stores its linear layers' weights in 1 byte (int8) or half a byte (NF4) each.
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear)) if quantize else 0
+    per_linear = {"int8": 1.0, "bnb-int8": 1.0, "bnb-nf4": 0.5}.get(quantize or "", itemsize)
+    weights = (total - linear) * itemsize + linear * per_linear
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     hidden = int(getattr(text, "hidden_size", 0) or 0)
     inner = int(getattr(text, "intermediate_size", 0) or 4 * hidden)
     heads = int(getattr(text, "num_attention_heads", 0) or 1)
     layers = int(getattr(text, "num_hidden_layers", 0) or 0)
-    seq = int(max_length or getattr(text, "max_position_embeddings", 512) or 512)
+    seq = int(max_length or 512)  # no max_length: rows as long as the data's; 512 tokens assumed
     rows = 2 * batch_size  # a pair is two sequences
     widest = max(4 * hidden, inner, heads * seq)
     activations = LIVE_TENSORS * rows * seq * widest * 4
@@ -126,7 +110,7 @@ def check_max_memory(estimate: MemoryEstimate | None, max_memory: Any, *, offloa
     limits = parse_max_memory(max_memory)
     if estimate is None or limits is None:
         return
-    allowed = sum(parse_size(size) for device, size in limits.items() if device != "disk")
+    allowed = sum(size for device, size in limits.items() if device != "disk")
     if allowed < estimate.total and not offload_folder:
         raise AusteerError(
             f"max_memory allows {allowed / GIB:.2f} GiB but the fit needs about {estimate.total / GIB:.2f} GiB "

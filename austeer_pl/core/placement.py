@@ -11,6 +11,7 @@ holds one replica; data parallelism runs one process per replica, each possibly 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import torch
@@ -19,7 +20,15 @@ from torch import nn
 from austeer_pl.core.fileio import parse_json
 from austeer_pl.errors import SettingError
 
-__all__ = ["PLACEMENTS", "input_device", "is_dispatched", "parse_device_map", "parse_max_memory", "placement_kwargs"]
+__all__ = [
+    "PLACEMENTS",
+    "input_device",
+    "is_dispatched",
+    "parse_device_map",
+    "parse_max_memory",
+    "parse_size",
+    "placement_kwargs",
+]
 
 #: accelerate's placement strategies.
 PLACEMENTS = ("auto", "balanced", "balanced_low_0", "sequential")
@@ -48,7 +57,30 @@ def parse_device_map(value: Any) -> str | dict[str, Any] | None:
     return {str(name): _device(device, "device_map") for name, device in value.items()}
 
 
-def parse_max_memory(value: Any) -> dict[Any, str] | None:
+def parse_size(size: str | int) -> int:
+    """Bytes of ``20GiB``, ``500MB``, ``1.5GB`` or a whole number of bytes (accelerate's spellings; no bit
+    units: ``5Gb`` is 5 GB)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        return size
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([KMGT]?I?B)?\s*", str(size).upper())
+    if not match:
+        raise SettingError("max_memory", f"has a size {size!r}; write e.g. '20GiB', '500MB' or a number of bytes")
+    number, unit = float(match.group(1)), match.group(2) or "B"
+    powers = {
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "TB": 10**12,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+        "TIB": 2**40,
+    }
+    return int(number * powers[unit])
+
+
+def parse_max_memory(value: Any) -> dict[Any, int] | None:
     """``None`` or ``{device: size}`` (a dict or its JSON text), e.g. ``{"0": "20GiB", "cpu": "60GiB"}``."""
     if value is None or value == "":
         return None
@@ -58,14 +90,14 @@ def parse_max_memory(value: Any) -> dict[Any, str] | None:
         )
     if not isinstance(value, dict) or not value:
         raise SettingError("max_memory", 'must be a map of devices to sizes, e.g. {"0": "20GiB", "cpu": "60GiB"}')
-    out: dict[Any, str] = {}
+    out: dict[Any, int] = {}
     for device, size in value.items():
         key = int(device) if isinstance(device, str) and device.isdigit() else device
         if not isinstance(size, (str, int)) or isinstance(size, bool):
             raise SettingError(
                 "max_memory", f"has a size {size!r} for {device!r}; use e.g. '20GiB' or a number of bytes"
             )
-        out[key] = str(size)
+        out[key] = parse_size(size)  # bytes: accelerate reads ints as bytes
     return out
 
 

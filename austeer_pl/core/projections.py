@@ -14,6 +14,8 @@ from typing import cast
 import torch
 from torch import nn
 
+from austeer_pl.errors import AusteerError
+
 __all__ = [
     "DOWN_PROJECTION_NAMES",
     "ffn_output_projection",
@@ -59,7 +61,7 @@ def width_of(module: nn.Module, axis: int) -> int:
 
 def _output_is_module_output(block: nn.Module, proj: nn.Module, width: int) -> bool:
     """Run ``block`` once on a random input and tell whether ``proj``'s output is the block's output."""
-    param = next(block.parameters(), None)
+    param = next((p for p in block.parameters() if p.dtype.is_floating_point), None)
     if param is None:
         return False
     generator = torch.Generator().manual_seed(0)
@@ -134,11 +136,18 @@ def moe_output_weights(block: nn.Module, width: int) -> list[tuple[nn.Module, st
             return None
         if projection is not None:
             targets.append((projection, "weight", 1 - cast(int, input_axis(projection))))
+    for module, name, _axis in targets:
+        weight = getattr(module, name)
+        if type(weight) not in (torch.Tensor, nn.Parameter) or not weight.dtype.is_floating_point:
+            raise AusteerError(
+                f"the experts' weights are quantized ({type(weight).__name__}, {weight.dtype}); load the model in float to "
+                "merge, or apply the state with hooks"
+            )
     return targets if _rows_scale_output(block, targets, width) else None
 
 
 def _rows_scale_output(block: nn.Module, targets: list[tuple[nn.Module, str, int]], width: int) -> bool:
-    param = next(block.parameters(), None)
+    param = next((p for p in block.parameters() if p.dtype.is_floating_point), None)
     if param is None or not param.dtype.is_floating_point:
         return False
     generator = torch.Generator().manual_seed(0)

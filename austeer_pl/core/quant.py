@@ -61,7 +61,14 @@ def quantize_model(model: nn.Module, value: str | None) -> nn.Module:
 
 
 def dequantized(weight: torch.Tensor) -> torch.Tensor:
-    """A weight's float values: itself, or the dequantised values of a quantised tensor subclass."""
-    if type(weight) in (torch.Tensor, nn.Parameter) or not hasattr(weight, "dequantize"):
+    """A weight's float values: itself, or the dequantised values of a quantised tensor subclass that
+    implements ``dequantize`` (torchao). Other quantised weights (bitsandbytes) are refused in one line:
+    ``torch.Tensor.dequantize`` of their int8 storage would drop their scales."""
+    if type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype.is_floating_point:
         return weight
-    return weight.dequantize()
+    if getattr(type(weight), "dequantize", None) is not torch.Tensor.dequantize:
+        return weight.dequantize()
+    raise AusteerError(
+        f"cannot read the float values of {type(weight).__name__} weights ({weight.dtype}); load the base in float "
+        "(or with --model.quantize int8) to write an adapter"
+    )

@@ -8,6 +8,7 @@ always wins over the hub. An unreachable hub with nothing cached is one line, as
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import tempfile
@@ -18,7 +19,7 @@ from austeer_pl.core.network import hub_endpoint, hub_offline, unreachable
 from austeer_pl.core.stateio import CONFIG_NAME, WEIGHTS_NAME
 from austeer_pl.errors import AusteerError
 
-__all__ = ["is_hub_id", "push_state_to_hub", "resolve_state_dir"]
+__all__ = ["base_model_yaml", "is_hub_id", "push_state_to_hub", "resolve_state_dir"]
 
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}")
 
@@ -50,14 +51,24 @@ def resolve_state_dir(
             local_files_only=hub_offline() or reason is not None,
         )
     except LocalEntryNotFoundError:
-        why = f"the hub is unreachable ({reason})" if reason else "the hub is off (HF_HUB_OFFLINE)"
+        if reason:
+            why = f"the hub is unreachable ({reason})"
+        elif hub_offline():
+            why = "the hub is off (HF_HUB_OFFLINE)"
+        else:
+            why = "the hub did not answer"
         raise AusteerError(
-            f"no steering state '{spec}' here: no such folder, {why} and it is not in the hub cache; "
-            "download it once online, or pass a local folder"
+            f"no steering state '{spec}': no such local folder, {why} and it is not in the hub cache; "
+            "check the path, or download it once online"
         ) from None
     except (HfHubHTTPError, OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise AusteerError(f"cannot load the steering state '{spec}' from the hub: {first}; check the name") from None
+        status = getattr(getattr(err, "response", None), "status_code", None)
+        fixes = {401: "log in (hf auth login) or pass a token", 403: "ask for access to the repository"}
+        fix = fixes.get(status if isinstance(status, int) else 0, "check the path or the repository name")
+        raise AusteerError(
+            f"no steering state '{spec}': no such local folder, and the hub refused it ({type(err).__name__}"
+            f"{f' {status}' if status else ''}); {fix}"
+        ) from None
     found = Path(folder)
     if not (found / CONFIG_NAME).is_file():
         raise AusteerError(
@@ -98,6 +109,11 @@ def push_state_to_hub(
     return str(getattr(info, "commit_url", info))
 
 
+def base_model_yaml(name: str) -> str:
+    """The model card's ``base_model`` line: only for a hub id (a local path would leak and the hub rejects it)."""
+    return f"base_model: {json.dumps(name)}\n" if is_hub_id(name) else ""
+
+
 def _card(state: Any, repo_id: str) -> str:
     fit = state.metadata.get("fit", {}) if isinstance(state.metadata.get("fit"), dict) else {}
     verdict = fit.get("verdict", {}) if isinstance(fit.get("verdict"), dict) else {}
@@ -112,7 +128,7 @@ def _card(state: Any, repo_id: str) -> str:
     }
     table = "\n".join(f"| {key} | {value} |" for key, value in rows.items() if value not in (None, "", "None / None"))
     return (
-        f"---\nlibrary_name: austeer-pl\nbase_model: {state.base_model}\ntags:\n- austeer-pl\n- activation-steering\n---\n\n"
+        f"---\nlibrary_name: austeer-pl\n{base_model_yaml(state.base_model)}tags:\n- austeer-pl\n- activation-steering\n---\n\n"
         f"# {repo_id}\n\nA steering state of {state.base_model}: {state.k} activation units edited at inference "
         "(AUSteer, arXiv 2602.04428).\n\n"
         f"| | |\n|---|---|\n{table}\n\n"

@@ -35,7 +35,8 @@ def side_effects(
     max_new_tokens: int = 32,
     chat_template: bool | None = None,
 ) -> dict[str, dict[str, float | None]]:
-    """``{name: {"kl_ordinary_text", "perplexity", "distinct_2"}}`` for each state (None: unsteered)."""
+    """``{name: {"kl_ordinary_text", "perplexity", "distinct_2"}}`` for each state (None: unsteered); a value
+    that could not be measured is None (never NaN in a JSON report)."""
     names = list(states)
     texts = generic_texts(tokenizer, model, max_new_tokens=max_new_tokens, chat_template=chat_template)
     kl = harm_kl(model, tokenizer, layout, [states[n] for n in names], texts, replay=False)
@@ -49,9 +50,13 @@ def side_effects(
             model, tokenizer, prompts, state=steered, layout=layout, max_new_tokens=max_new_tokens
         )
         ppl = mean_perplexity(perplexity(model, tokenizer, prompts, texts_out))
+        d2 = float(distinct_n(texts_out, 2))
+        # The teacher-forced KL steers every token as a prompt token: a state that steers only generated
+        # tokens is not measured there (None), nor is any state when no ordinary text was generated.
+        measured = bool(texts) and (steered is None or steered.token_scope != "generated")
         out[name] = {
-            "kl_ordinary_text": float(kl[j]),
+            "kl_ordinary_text": float(kl[j]) if measured else None,
             "perplexity": ppl if math.isfinite(ppl) else None,
-            "distinct_2": float(distinct_n(texts_out, 2)),
+            "distinct_2": d2 if math.isfinite(d2) else None,
         }
     return out

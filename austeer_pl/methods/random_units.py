@@ -43,10 +43,11 @@ def random_selection(layout: ModelLayout, sites: tuple[str, ...], k: int, draw: 
     within = flat - starts[site_index]
     width = torch.tensor(sizes)[site_index]
     layer, unit = within // width, within % width
-    if momentum is None:
-        m = torch.zeros(k)
-    else:
-        m = torch.stack([momentum(sites[int(s)])[int(l), int(u)] for s, l, u in zip(site_index, layer, unit)])
+    m = torch.zeros(k)
+    if momentum is not None:
+        for i, site in enumerate(sites):  # each site's momentum matrix once, read at its drawn units
+            rows = site_index == i
+            m[rows] = momentum(site).float().cpu()[layer[rows], unit[rows]]
     return Selection(tuple(sites), site_index.long(), layer.long(), unit.long(), m.float())
 
 

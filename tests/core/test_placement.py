@@ -164,3 +164,13 @@ def test_a_max_memory_too_small_is_refused_before_loading(tiny_dir, tmp_path, ca
     last = err.splitlines()[-1]
     assert code == 2 and last.startswith("error: max_memory allows 0.00 GiB but the fit needs about"), err
     assert "Traceback" not in err and not (tmp_path / "run" / "state").exists()
+
+
+def test_sizes_are_bytes_for_accelerate():
+    from austeer_pl.core.placement import parse_max_memory, parse_size
+
+    assert parse_size("20GiB") == 20 * 2**30 and parse_size("500MB") == 500 * 10**6 and parse_size(1000) == 1000
+    assert parse_size("5Gb") == 5 * 10**9  # accelerate has no bit units
+    assert parse_max_memory('{"0": "1GiB", "cpu": 2048}') == {0: 2**30, "cpu": 2048}
+    with pytest.raises(SettingError, match=r"has a size '1\.2\.3GB'"):
+        parse_size("1.2.3GB")

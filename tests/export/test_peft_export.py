@@ -83,6 +83,7 @@ def test_several_states_export_as_one_weighted_adapter_and_one_merged_model(tiny
     [
         (["--weights", "1", "2"], "1 --steering folders but 2 --weights"),
         (["--format", "peft", "--alpha", "nan"], "alpha must be a finite number"),
+        (["--weights", "0.5", "--alpha", "2"], "--alpha rescales one state"),
     ],
 )
 def test_bad_peft_exports_are_one_line(extra, words, tiny_dir, tmp_path, capsys):
