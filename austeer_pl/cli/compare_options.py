@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from austeer_pl.cli.runtime import ModelDataOptions, parse_list
+from austeer_pl.cli.runtime import ModelDataOptions, parse_list, placement_of
 from austeer_pl.cli.tracking import resolve_wandb_mode
 from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.fileio import json_output
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
-from austeer_pl.fit.config import BatchConfig, FitConfig
+from austeer_pl.fit.config import BatchConfig, FitConfig, ModelConfig
 from austeer_pl.methods.austeer import AusteerGrid
 from austeer_pl.methods.registry import FITTED, GRID_PRESETS, METHODS, UNSTEERED, get_method
 from austeer_pl.tasks.config import DataConfig
@@ -61,6 +61,10 @@ class CompareOptions(ModelDataOptions):
     run_dir: str | None = None
     wandb_mode: str = "offline"
     wandb_project: str = "austeer-pl"
+    device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
+    quantize: str | None = None
 
 
 def options_from_args(args) -> CompareOptions:
@@ -88,6 +92,8 @@ def options_from_args(args) -> CompareOptions:
         }
     )
     BatchConfig(**{k: g(k) for k in ("batch_size", "eval_batch_size") if g(k) is not None})
+    placement = placement_of(args)
+    ModelConfig(**placement)  # a bad placement or quantisation is one line before any work
     for name in ("limit", "devices"):
         value = g(name)
         if value is not None and value <= 0:
@@ -147,6 +153,7 @@ def options_from_args(args) -> CompareOptions:
         run_dir=g("run_dir"),
         wandb_mode=mode,
         wandb_project=g("wandb_project") or os.environ.get("WANDB_PROJECT", "austeer-pl"),
+        **placement,
     )
 
 

@@ -74,8 +74,26 @@ def test_merging_into_weights_on_disk_is_refused(both):
     assert "\n" not in str(err.value)
 
 
-def test_train_py_with_a_device_map_exports_the_same_state(tiny_dir, tmp_path):
+def recording(monkeypatch, *modules) -> list[bool]:
+    """Wrap each command module's ``load_model``: the list says, per load, whether the model came back dispatched."""
+    loaded: list[bool] = []
+
+    def load(*args, **kwargs):
+        model, tokenizer = load_model(*args, **kwargs)
+        loaded.append(is_dispatched(model))
+        return model, tokenizer
+
+    for module in modules:
+        monkeypatch.setattr(module, "load_model", load)
+    return loaded
+
+
+def test_train_py_with_a_device_map_exports_the_same_state(tiny_dir, tmp_path, monkeypatch):
+    from austeer_pl.cli import evaluate, generate
     from austeer_pl.cli.train import train_main
+    from austeer_pl.lightning import frozen
+
+    loaded = recording(monkeypatch, frozen, evaluate, generate)
 
     task = write_less_task(tmp_path / "less.jsonl", 48)
     common = [
@@ -108,6 +126,7 @@ def test_train_py_with_a_device_map_exports_the_same_state(tiny_dir, tmp_path):
         assert generate_main(["--steering", str(tmp_path / "whole" / "state"), "--prompt", "is 3 less than 5",
                               "--max_new_tokens", "6", "--out", str(texts), *extra]) == 0  # fmt: skip
         reports[name]["texts"] = texts.read_text()
+    assert loaded == [False, True, False, False, True, True]  # train x2, then evaluate + generate per placement
     assert reports["whole"]["texts"] == reports["split"]["texts"]
     assert reports["whole"]["steered"]["per_example_correct"] == reports["split"]["steered"]["per_example_correct"]
 
@@ -174,3 +193,27 @@ def test_sizes_are_bytes_for_accelerate():
     assert parse_max_memory('{"0": "1GiB", "cpu": 2048}') == {0: 2**30, "cpu": 2048}
     with pytest.raises(SettingError, match=r"has a size '1\.2\.3GB'"):
         parse_size("1.2.3GB")
+
+
+def test_compare_on_a_model_offloaded_to_disk_reports_what_the_whole_model_does(tiny_dir, tmp_path, monkeypatch):
+    from austeer_pl.cli.evaluate import evaluate_main
+    from austeer_pl.lightning import frozen
+
+    loaded = recording(monkeypatch, frozen)
+
+    task = write_less_task(tmp_path / "less.jsonl", 48)
+    rows = {}
+    for name, extra in (
+        ("whole", []),
+        ("split", ["--device_map", json.dumps(OFFLOAD), "--offload_folder", str(tmp_path / "off")]),
+    ):
+        report = tmp_path / f"{name}.json"
+        args = ["--compare", "--model", str(tiny_dir), "--task", str(task), "--methods", "austeer", "--grid", "quick",
+                "--max_val_examples", "8", "--max_test_examples", "8", "--batch_size", "8", "--wandb_mode", "disabled",
+                "--report", str(report), "--run_dir", str(tmp_path / f"run-{name}"), *extra]  # fmt: skip
+        assert evaluate_main(args) == 0
+        rows[name] = {m["name"]: m for m in json.loads(report.read_text())["methods"]}
+    assert loaded == [False, True]  # the second comparison really ran on the model split across CPU and disk
+    for method in ("unsteered", "austeer"):
+        for key in ("hyperparameters", "val_accuracy", "test_accuracy", "n_steered_activations"):
+            assert rows["whole"][method][key] == rows["split"][method][key], (method, key)
