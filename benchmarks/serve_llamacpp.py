@@ -43,6 +43,39 @@ def encode(tok, pair) -> tuple[list[int], list[list[int]]]:
     return prompt, full
 
 
+def hf_margins(model, encoded, device, state=None, layout=None) -> np.ndarray:
+    """log p(right) - log p(wrong) of each encoded pair in transformers, hooked by ``state`` when given."""
+    out = []
+    with torch.inference_mode():
+        handle = state.apply(model, layout=layout) if state is not None else None
+        try:
+            for prompt, full in encoded:
+                lp = [
+                    answer_logprob(
+                        model(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy(), ids, len(prompt)
+                    )
+                    for ids in full
+                ]
+                out.append(lp[0] - lp[1])
+        finally:
+            if handle is not None:
+                handle.remove()
+    return np.array(out)
+
+
+def llama_margins(llm, encoded) -> np.ndarray:
+    """The same margins from a llama.cpp context (llama-cpp-python ``Llama`` with ``logits_all``)."""
+    out = []
+    for prompt, full in encoded:
+        lp = []
+        for ids in full:
+            llm.reset()
+            llm.eval(ids)
+            lp.append(answer_logprob(np.asarray(llm.scores[: len(ids)]), ids, len(prompt)))
+        out.append(lp[0] - lp[1])
+    return np.array(out)
+
+
 def control_vector_check(llm, model, tok, layout, layer: int, path: Path) -> dict:
     """Logit change of a control vector in llama.cpp vs. the hooked residual shift at ``layer`` and its neighbours."""
     import ctypes
@@ -130,24 +163,6 @@ def main() -> None:
     pairs = C.default_pairs(tok, args.fit_pairs + n)[-n:]  # past the fit's pairs (the same seeded order)
     encoded = [encode(tok, pair) for pair in pairs]
 
-    def hf_margins(steered: bool) -> np.ndarray:
-        out = []
-        with torch.inference_mode():
-            handle = state.apply(model, layout=layout) if steered else None
-            try:
-                for prompt, full in encoded:
-                    lp = [
-                        answer_logprob(
-                            model(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy(), ids, len(prompt)
-                        )
-                        for ids in full
-                    ]
-                    out.append(lp[0] - lp[1])
-            finally:
-                if handle is not None:
-                    handle.remove()
-        return np.array(out)
-
     with tempfile.TemporaryDirectory() as tmp:
         merged_path = Path(tmp) / "merged.gguf"
         export_gguf(state, embedded_gguf_path(), merged_path)
@@ -157,21 +172,12 @@ def main() -> None:
             for name, path in (("base", embedded_gguf_path()), ("merged", merged_path))
         }
 
-        def llama_margins(name: str) -> np.ndarray:
-            llm, out = engines[name], []
-            for prompt, full in encoded:
-                lp = []
-                for ids in full:
-                    llm.reset()
-                    llm.eval(ids)
-                    lp.append(answer_logprob(np.asarray(llm.scores[: len(ids)]), ids, len(prompt)))
-                out.append(lp[0] - lp[1])
-            return np.array(out)
-
         margins: dict[str, np.ndarray] = {}
         variants = {
-            "llama.cpp base": lambda: margins.__setitem__("llama.cpp base", llama_margins("base")),
-            "llama.cpp merged": lambda: margins.__setitem__("llama.cpp merged", llama_margins("merged")),
+            "llama.cpp base": lambda: margins.__setitem__("llama.cpp base", llama_margins(engines["base"], encoded)),
+            "llama.cpp merged": lambda: margins.__setitem__(
+                "llama.cpp merged", llama_margins(engines["merged"], encoded)
+            ),
         }
         times = C.interleave(variants, args.repeats, device, warmup=False, label="llama.cpp")
         # Generation speed: greedy completions of the same prompts, base and merged interleaved.
@@ -190,8 +196,8 @@ def main() -> None:
             warmup=False,
             label="llama.cpp generation",
         )
-        margins["transformers unsteered"] = hf_margins(False)
-        margins["transformers hooked"] = hf_margins(True)
+        margins["transformers unsteered"] = hf_margins(model, encoded, device)
+        margins["transformers hooked"] = hf_margins(model, encoded, device, state, layout)
         control = control_vector_check(engines["base"], model, tok, layout, args.cv_layer, Path(tmp) / "cv.gguf")
         for llm in engines.values():
             llm.close()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from serve_llamacpp import answer_logprob, encode
+from serve_llamacpp import encode, hf_margins, llama_margins
 
 import _common as C
 
@@ -53,24 +53,6 @@ def main() -> None:
     pairs = C.default_pairs(tok, args.fit_pairs + n)[-n:]  # past the fit's pairs (the same seeded order)
     encoded = [encode(tok, pair) for pair in pairs]
 
-    def hf_margins(which) -> np.ndarray:
-        out = []
-        with torch.inference_mode():
-            handle = which.apply(model, layout=layout) if which is not None else None
-            try:
-                for prompt, full in encoded:
-                    lp = [
-                        answer_logprob(
-                            model(torch.tensor([ids], device=device)).logits[0].float().cpu().numpy(), ids, len(prompt)
-                        )
-                        for ids in full
-                    ]
-                    out.append(lp[0] - lp[1])
-            finally:
-                if handle is not None:
-                    handle.remove()
-        return np.array(out)
-
     with tempfile.TemporaryDirectory() as tmp:
         lora_path = Path(tmp) / "steer.lora.gguf"
         export_gguf_lora(state, embedded_gguf_path(), lora_path)
@@ -87,22 +69,14 @@ def main() -> None:
         def set_scale(scale: float) -> None:  # per request: the loaded base and adapter stay as they are
             assert llama_cpp.llama_set_adapters_lora(steered._ctx.ctx, adapters, 1, (ctypes.c_float * 1)(scale)) == 0
 
-        def llama_margins(llm) -> np.ndarray:
-            out = []
-            for prompt, full in encoded:
-                lp = []
-                for ids in full:
-                    llm.reset()
-                    llm.eval(ids)
-                    lp.append(answer_logprob(np.asarray(llm.scores[: len(ids)]), ids, len(prompt)))
-                out.append(lp[0] - lp[1])
-            return np.array(out)
-
-        margins = {"llama.cpp base": llama_margins(plain), "llama.cpp base + adapter": llama_margins(steered)}
+        margins = {
+            "llama.cpp base": llama_margins(plain, encoded),
+            "llama.cpp base + adapter": llama_margins(steered, encoded),
+        }
         set_scale(0.5)
-        margins["llama.cpp base + adapter at scale 0.5"] = llama_margins(steered)
+        margins["llama.cpp base + adapter at scale 0.5"] = llama_margins(steered, encoded)
         set_scale(1.0)
-        margins["llama.cpp base + adapter, back at scale 1"] = llama_margins(steered)
+        margins["llama.cpp base + adapter, back at scale 1"] = llama_margins(steered, encoded)
         prompts = [pair["prompt"] for pair in pairs[: args.gen_prompts]]
         tokens_out = {"base": 0, "adapter": 0}
 
@@ -125,9 +99,11 @@ def main() -> None:
         )
         steered.close()
         plain.close()
-    margins["transformers unsteered"] = hf_margins(None)
-    margins["transformers hooked"] = hf_margins(state)
-    margins["transformers hooked at alpha / 2"] = hf_margins(state.with_alpha(args.alpha / 2))
+    margins["transformers unsteered"] = hf_margins(model, encoded, device)
+    margins["transformers hooked"] = hf_margins(model, encoded, device, state, layout)
+    margins["transformers hooked at alpha / 2"] = hf_margins(
+        model, encoded, device, state.with_alpha(args.alpha / 2), layout
+    )
 
     def agree(a: str, b: str) -> float:
         return float(np.mean((margins[a] > 0) == (margins[b] > 0)))
