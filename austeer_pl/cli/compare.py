@@ -41,6 +41,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from austeer_pl.cli.compare_baselines import baseline_rows
 from austeer_pl.cli.compare_options import (
     READ_SITES,
     CompareOptions,
@@ -48,6 +49,7 @@ from austeer_pl.cli.compare_options import (
     data_kwargs,
     folder_bytes,
     options_from_args,
+    side_task_examples,
 )
 from austeer_pl.cli.rundir import claim_run_dir
 from austeer_pl.cli.runtime import (
@@ -60,7 +62,7 @@ from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.fileio import json_output, jsonable, write_json_output
 from austeer_pl.errors import AusteerError
 from austeer_pl.fit.data import input_pins
-from austeer_pl.fit.side_effects import side_effects
+from austeer_pl.fit.side_effects import off_task, side_effects
 from austeer_pl.lightning.datamodule import ContrastivePairDataModule
 from austeer_pl.lightning.module import AUSteerModule
 from austeer_pl.lightning.strategy import frozen_trainer
@@ -123,7 +125,7 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
         **au,
         **learned,
     )
-    module.use_methods(opts.methods, grids)
+    module.use_methods(tuple(m for m in opts.methods if m in METHODS), grids)
     module.export_anyway = True
     run = claim_run_dir("compare", opts.task, opts.run_dir, inputs=[opts.task, opts.model])
     try:
@@ -199,16 +201,39 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
                     "grid": res.grid,
                 }
             )
+        # Prompting, calibration and prompting + AUSteer on the same model, processes and examples.
+        rows, extra_states = baseline_rows(session, opts.methods, quick=opts.grid == "quick", shots=opts.shots)
+        for row in rows:
+            state = extra_states.get(row["name"])
+            if state is not None and trainer.is_global_zero and state.k:
+                folder = (export_root / row["name"]) if export_root else scratch / row["name"]
+                state.save_pretrained(folder, overwrite=opts.overwrite)
+                row["state_bytes"], row["state_dir"] = folder_bytes(folder), str(folder) if export_root else None
+        entries.extend(rows)
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
+    side = side_task_examples(opts)
     if trainer.is_global_zero:  # each method's cost outside its task, beside its gain
-        states = {m: session.results[m].chosen.state for m in session.methods}
+        states = {**{m: session.results[m].chosen.state for m in session.methods}, **extra_states}
         effects = side_effects(
             session.model, session.tokenizer, session.layout, states, chat_template=opts.chat_template
         )
+        if side is not None:
+            moved = off_task(
+                session.model,
+                session.tokenizer,
+                session.layout,
+                states,
+                *side,
+                chat_template=opts.chat_template,
+                batch_size=data.data.batching.eval_batch_size,
+                max_length=data.data.config.max_length,
+            )
+            for name in effects:
+                effects[name] = {**effects[name], "off_task": side[0].name, **moved[name]}
         for entry in entries:
-            entry["side_effects"] = effects[entry["name"]]
+            entry["side_effects"] = effects.get(entry["name"])
     task = data.data.task
     layout = session.layout
     uids = "\n".join(ex.uid for ex in test_examples)

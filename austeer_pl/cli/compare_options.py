@@ -14,13 +14,16 @@ from austeer_pl.core.embedded import DEFAULT_MODEL
 from austeer_pl.core.fileio import json_output
 from austeer_pl.core.state import SteeringState
 from austeer_pl.errors import AusteerError
+from austeer_pl.fit.baselines import PROMPT_BASELINES
 from austeer_pl.fit.config import BatchConfig, FitConfig, ModelConfig
 from austeer_pl.methods.austeer import AusteerGrid
 from austeer_pl.methods.registry import FITTED, GRID_PRESETS, METHODS, UNSTEERED, get_method
 from austeer_pl.tasks.config import DataConfig
 
-#: Methods in report order (the registry's order).
-COMPARE_METHODS: tuple[str, ...] = tuple(METHODS)
+#: Methods in report order (the registry's order), then the prompting and calibration baselines.
+COMPARE_METHODS: tuple[str, ...] = (*METHODS, *PROMPT_BASELINES)
+#: Tasks that are the embedded reviews themselves: their side task is none by default.
+REVIEW_TASKS = ("rotten_tomatoes", "sentiment")
 
 
 #: Sites the shared pass reads (ITI's head moments come from ``attention``).
@@ -65,6 +68,21 @@ class CompareOptions(ModelDataOptions):
     max_memory: str | None = None
     offload_folder: str | None = None
     quantize: str | None = None
+    shots: tuple[int, ...] | None = None
+    side_task: str | None = "auto"
+    side_examples: int = 200
+
+
+def side_task_examples(opts: CompareOptions):
+    """``(task, examples)`` of the comparison's side task (None: none): ``--side_task``, else rotten_tomatoes
+    unless the compared task is made of the same reviews; its test split under its own seed, capped."""
+    spec = opts.side_task
+    if spec == "auto":
+        spec = None if str(opts.task).strip().lower() in REVIEW_TASKS else "rotten_tomatoes"
+    if spec is None or str(spec).strip().lower() == "none":
+        return None
+    task, splits = DataConfig(task=spec, seed=opts.seed, max_test_examples=opts.side_examples).load(need=("test",))
+    return task, splits["test"]
 
 
 def options_from_args(args) -> CompareOptions:
@@ -94,7 +112,10 @@ def options_from_args(args) -> CompareOptions:
     BatchConfig(**{k: g(k) for k in ("batch_size", "eval_batch_size") if g(k) is not None})
     placement = placement_of(args)
     ModelConfig(**placement)  # a bad placement or quantisation is one line before any work
-    for name in ("limit", "devices"):
+    shots = tuple(parse_list(g("shots"), "--shots", int)) if g("shots") else None
+    if shots is not None and any(n < 1 for n in shots):
+        raise AusteerError(f"--shots must list positive numbers of demonstrations, got {g('shots')}")
+    for name in ("limit", "devices", "side_examples"):
         value = g(name)
         if value is not None and value <= 0:
             raise AusteerError(f"--{name} must be positive, got {value}")
@@ -153,6 +174,9 @@ def options_from_args(args) -> CompareOptions:
         run_dir=g("run_dir"),
         wandb_mode=mode,
         wandb_project=g("wandb_project") or os.environ.get("WANDB_PROJECT", "austeer-pl"),
+        shots=shots,
+        side_task=g("side_task") or "auto",
+        side_examples=g("side_examples") or 200,
         **placement,
     )
 
@@ -191,4 +215,5 @@ __all__ = [
     "data_kwargs",
     "folder_bytes",
     "options_from_args",
+    "side_task_examples",
 ]

@@ -83,12 +83,31 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", action="store_true", help="fit and compare every method on the same split (see README)")
     c = p.add_argument_group(
         "comparison (--compare)",
-        "fit unsteered, ITI, SADI, CAA, block-level AUSteer, AUSteer and its learned-strength variants on one split, tune each on validation, report test",
+        "fit unsteered, ITI, SADI, CAA, block-level AUSteer, AUSteer, its learned-strength variants and random units, "
+        "and measure zero-shot and few-shot prompting, calibration and prompting + AUSteer, on one split; tune each on validation, report test",
     )
     c.add_argument(
         "--methods",
         default=None,
-        help="comma-separated subset of unsteered,iti,sadi,caa,austeer_block,austeer,austeer_scalar,austeer_gate (default: all)",
+        help="comma-separated subset of unsteered,iti,sadi,caa,austeer_block,austeer,austeer_scalar,austeer_gate,"
+        "random_units,zero_shot,few_shot,calibrated,prompted_austeer (default: all)",
+    )
+    c.add_argument(
+        "--shots",
+        default=None,
+        help="few-shot demonstrations to choose from on validation, e.g. 2,4,8 (default: 2,4,8; --grid quick: 2,4)",
+    )
+    c.add_argument(
+        "--side_task",
+        default=None,
+        help="a task no method is fitted for, whose accuracy change each row reports (default: rotten_tomatoes, "
+        "or none when the compared task is rotten_tomatoes or sentiment); 'none' skips it",
+    )
+    c.add_argument(
+        "--side_examples",
+        type=int,
+        default=200,
+        help="examples of --side_task (drawn by --seed; default 200)",
     )
     c.add_argument(
         "--strength_epochs",

@@ -4,26 +4,72 @@ For each state: the mean per-token KL of the next-token distribution to the unst
 unsteered model's own answers to eight generic requests (:data:`~austeer_pl.fit.gridscore.GENERIC_PROMPTS`,
 teacher-forced: :func:`~austeer_pl.fit.gridscore.harm_kl`, the harm budget's measure), and the free
 greedy generations of the same requests, steered: their perplexity under the unsteered model (the
-geometric mean over requests) and their distinct-2. ``evaluate.py --compare`` puts them in each
-method's row beside its test accuracy.
+geometric mean over requests) and their distinct-2; and, given a task the method was not fitted for,
+the accuracy on its examples and the change from the unsteered model's (:func:`off_task`).
+``evaluate.py --compare`` puts them in each method's row beside its test accuracy.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from austeer_pl.core.sites import ModelLayout
+from austeer_pl.fit.choose import predictions
 from austeer_pl.fit.gridscore import GENERIC_PROMPTS, generic_texts, harm_kl
+from austeer_pl.scoring.evaluate import default_scoring
 from austeer_pl.scoring.fluency import distinct_n, mean_perplexity, perplexity
 from austeer_pl.scoring.generation import generate_new_text
 from austeer_pl.tasks.prompts import format_prompt
-from austeer_pl.tasks.schema import Task
+from austeer_pl.tasks.schema import Task, TaskExample
 
-__all__ = ["side_effects"]
+__all__ = ["off_task", "side_effects"]
+
+
+def off_task(
+    model: nn.Module,
+    tokenizer,
+    layout: ModelLayout,
+    states: Mapping[str, Any],
+    task: Task,
+    examples: Sequence[TaskExample],
+    *,
+    chat_template: bool | None = None,
+    batch_size: int = 16,
+    max_length: int | None = None,
+) -> dict[str, dict[str, float]]:
+    """``{name: {"off_task_accuracy", "off_task_change"}}``: each state's accuracy on ``examples`` of a task it
+    was not fitted for, scored as that task is scored, and its change from the unsteered model's."""
+    prompts = [format_prompt(tokenizer, task, ex.prompt, chat_template=chat_template) for ex in examples]
+    answers = torch.tensor([ex.answer for ex in examples])
+    scoring = default_scoring(task)
+
+    def accuracy(state) -> float:
+        steered = state if state is not None and state.k else None
+        preds = predictions(
+            model,
+            tokenizer,
+            task,
+            steered,
+            examples,
+            prompts,
+            scoring=scoring,
+            batch_size=batch_size,
+            max_length=max_length,
+            layout=layout,
+        )
+        return float(preds.eq(answers).double().mean())
+
+    base = accuracy(None)
+    out = {}
+    for name, state in states.items():
+        value = base if state is None or not state.k else accuracy(state)
+        out[name] = {"off_task_accuracy": value, "off_task_change": value - base}
+    return out
 
 
 def side_effects(

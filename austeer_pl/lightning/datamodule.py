@@ -78,6 +78,8 @@ class ContrastivePairDataModule(pl.LightningDataModule):
         protocol: Literal["default", "paper"] = DataConfig.protocol,
         task_files: str | None = DataConfig.task_files,
         paper_accuracy: float | None = DataConfig.paper_accuracy,
+        instruction: str | None = DataConfig.instruction,
+        shots: int = DataConfig.shots,
         batch_size: int = BatchConfig.batch_size,
         eval_batch_size: int = BatchConfig.eval_batch_size,
         num_workers: int = BatchConfig.num_workers,

@@ -16,11 +16,14 @@ from typing import Any, Literal
 from austeer_pl.errors import AusteerError, SettingError
 from austeer_pl.tasks.paper.protocol import PROTOCOLS
 from austeer_pl.tasks.pins import same_content
+from austeer_pl.tasks.prompting import prompted_task
 from austeer_pl.tasks.registry import is_named_task, load_task
 from austeer_pl.tasks.schema import NEGATIVE_MODES, Task, TaskExample, split_files
 from austeer_pl.tasks.splits import split_examples
 
 _SPLITS = ("train", "val", "test")
+#: The prompt settings and their defaults (left out of :meth:`DataConfig.to_dict` at the default).
+_PROMPT_SETTINGS: dict[str, Any] = {"instruction": None, "shots": 0}
 
 
 def _is_local(spec: str) -> bool:
@@ -55,6 +58,8 @@ class DataConfig:
         protocol: ``default`` (this project's prompts and scoring) or ``paper`` (the AUSteer paper code's prompts, training strings, read token, scoring and sizes: :mod:`austeer_pl.tasks.paper`).
         task_files: local files (comma-separated) with rows in a hub task's own schema, read through ``datasets`` instead of fetching; a split is named in the file name or a ``split`` column.
         paper_accuracy: the paper code's logged accuracy for this setting (configs in ``configs/paper``), recorded so that ``evaluate.py`` prints it beside this run's.
+        instruction: text put before the task's own instruction in every prompt; ``auto``: the task's zero-shot instruction (its description and the answers to choose from; :mod:`austeer_pl.tasks.prompting`).
+        shots: few-shot demonstrations shown before every prompt: training examples with their right answer, drawn by ``seed`` and balanced over the answers.
 
     Example:
         >>> config = DataConfig.of_state(state.metadata)
@@ -76,6 +81,8 @@ class DataConfig:
     protocol: Literal["default", "paper"] = "default"
     task_files: str | None = None
     paper_accuracy: float | None = None
+    instruction: str | None = None
+    shots: int = 0
 
     def __post_init__(self) -> None:
         kinds = {
@@ -92,6 +99,8 @@ class DataConfig:
             "protocol": (str,),
             "task_files": (str, type(None)),
             "paper_accuracy": (int, float, type(None)),
+            "instruction": (str, type(None)),
+            "shots": (int,),
         }
         for name, allowed in kinds.items():
             value = getattr(self, name)
@@ -113,6 +122,13 @@ class DataConfig:
                     f"must be an integer of at least {least} (or null for no limit), got {value!r}"
                     + ("; a prompt and its answer need at least 2 tokens" if name == "max_length" else ""),
                 )
+        if self.shots < 0:
+            raise SettingError("shots", f"must be 0 or more demonstrations, got {self.shots}")
+        if self.protocol == "paper" and (self.shots or self.instruction is not None):
+            raise SettingError(
+                "instruction" if self.instruction is not None else "shots",
+                "the paper protocol feeds the paper code's prompts raw; drop --data.instruction and --data.shots",
+            )
         if self.protocol not in PROTOCOLS:
             raise SettingError("protocol", f"must be default or paper, not {self.protocol!r}")
         if self.negatives not in NEGATIVE_MODES:
@@ -177,10 +193,21 @@ class DataConfig:
         return split_files(self.task_files)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as a dict; the prompt settings only when set (a state fitted without a prompt
+        records what it recorded before they existed)."""
+        out = asdict(self)
+        for name in _PROMPT_SETTINGS:
+            if out[name] == _PROMPT_SETTINGS[name]:
+                del out[name]
+        return out
+
+    @property
+    def prompted(self) -> bool:
+        """Whether prompts carry an added instruction or demonstrations."""
+        return any(getattr(self, name) != default for name, default in _PROMPT_SETTINGS.items())
 
     def replace(self, **changes: Any) -> DataConfig:
-        return DataConfig(**{**self.to_dict(), **changes})
+        return DataConfig(**{**asdict(self), **changes})
 
     def load_task(self) -> Task:
         """The task, under this config's protocol."""
@@ -216,6 +243,7 @@ class DataConfig:
             max_test=self.max_test_examples,
             keep_lone_split=only_test,
         )
+        task = prompted_task(task, splits["train"], instruction=self.instruction, shots=self.shots, seed=self.seed)
         return task, splits
 
 

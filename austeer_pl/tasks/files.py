@@ -256,6 +256,12 @@ def load_bigbench_task(path: str | Path, *, data: Mapping[str, Any] | None = Non
         if append:
             prompt = prompt + choice_prefix + choice_prefix.join(choices)
         examples.append(TaskExample(prompt=prompt.strip(), choices=choices, answer=right[0], uid=f"{name}:{index}"))
+    description = data.get("description")
     return Task(
-        name=name, examples=tuple(examples), scoring="choice", instruction=instruction, answer_prefix=output_prefix
+        name=name,
+        examples=tuple(examples),
+        scoring="choice",
+        instruction=instruction,
+        answer_prefix=output_prefix,
+        description=description.strip() if isinstance(description, str) else "",
     )

@@ -23,7 +23,10 @@ def format_prompt(tokenizer: Any, task: Task, prompt: str, *, chat_template: boo
 
     With a chat template: ``apply_chat_template([{"role": "user", "content": instruction + prompt}],
     add_generation_prompt=True, tokenize=False)`` (the assistant turn is the answer slot). Without:
-    ``f"{instruction}{prompt}\\n{answer_prefix}"``. Append a choice with :func:`join_answer`.
+    ``f"{instruction}{prompt}\\n{answer_prefix}"``. Append a choice with :func:`join_answer`. A task's
+    few-shot demonstrations come before the prompt: a user turn and an assistant turn each with a chat
+    template (the instruction opens the first), ``prompt\\nanswer_prefix answer`` blocks separated by a
+    blank line without.
 
     Args:
         tokenizer: A transformers tokenizer (may be None when ``chat_template`` is False).
@@ -43,17 +46,23 @@ def format_prompt(tokenizer: Any, task: Task, prompt: str, *, chat_template: boo
         return prompt  # the paper feeds its prompts raw: no template, no instruction, no prefix
     has_template = bool(getattr(tokenizer, "chat_template", None))
     use_template = has_template if chat_template is None else bool(chat_template)
-    user = _with_instruction(task.instruction, prompt)
+    # Few-shot demonstrations come first, each a prompt and its answer; the instruction opens the first turn.
+    turns = [*task.demonstrations, (prompt, None)]
     if not use_template:
-        return f"{user}\n{task.answer_prefix}"
+        blocks = [f"{p}\n{task.answer_prefix}" for p, _ in turns]
+        shown = [join_answer(b, a) for b, (_, a) in zip(blocks[:-1], turns[:-1])]
+        return _with_instruction(task.instruction, "\n\n".join([*shown, blocks[-1]]))
     if not has_template:
         raise AusteerError(
             "chat_template=True but the tokenizer has no chat template; set chat_template to false or None"
         )
+    messages = []
+    for i, (p, answer) in enumerate(turns):
+        messages.append({"role": "user", "content": _with_instruction(task.instruction, p) if i == 0 else p})
+        if answer is not None:
+            messages.append({"role": "assistant", "content": answer})
     # enable_thinking=False: Qwen3's template then answers directly (other templates ignore the flag).
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": user}], add_generation_prompt=True, tokenize=False, enable_thinking=False
-    )
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, enable_thinking=False)
     if not isinstance(text, str):
         raise AusteerError(
             f"the tokenizer's apply_chat_template returned {type(text).__name__}, not text; set chat_template to false"

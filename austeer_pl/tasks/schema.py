@@ -119,6 +119,10 @@ class Task:
             ``train.py`` chooses by a judge of generated text and ``evaluate.py`` reports it.
         protocol: ``default`` (this project's prompts) or ``paper`` (the AUSteer paper code's, see
             :mod:`austeer_pl.tasks.paper`): prompts are fed raw and answers follow them without a separator.
+        description: One sentence saying what the task asks (a BIG-bench file's ``description``); the
+            zero-shot prompting baseline's instruction is made from it (:mod:`austeer_pl.tasks.prompting`).
+        demonstrations: ``(prompt, answer)`` examples shown before every prompt (few-shot prompting:
+            chat turns with a chat template, ``prompt / answer prefix answer`` blocks without).
     """
 
     name: str
@@ -128,6 +132,8 @@ class Task:
     answer_prefix: str = DEFAULT_ANSWER_PREFIX
     behaviour: bool = False
     protocol: str = "default"
+    description: str = ""
+    demonstrations: tuple[tuple[str, str], ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.examples, tuple):

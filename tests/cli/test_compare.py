@@ -28,6 +28,7 @@ METHODS = [
     "austeer_scalar",
     "austeer_gate",
 ]
+BASELINES = ["zero_shot", "few_shot", "calibrated", "prompted_austeer"]
 LEARNED = {"austeer_scalar": "scalar", "austeer_gate": "gate"}
 FIELDS = (
     "name",
@@ -48,9 +49,18 @@ def task_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def compared(tiny_dir, task_file, tmp_path_factory):
+def side_file(tmp_path_factory) -> Path:
+    return write_less_task(tmp_path_factory.mktemp("side") / "side.jsonl", 40, seed=1)
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_dir, task_file, side_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
     args = [
+        "--side_task",
+        str(side_file),
+        "--side_examples",
+        "12",
         "--compare",
         "--model",
         str(tiny_dir),
@@ -87,7 +97,7 @@ def compared(tiny_dir, task_file, tmp_path_factory):
 
 def test_report_has_one_row_per_method_on_the_same_test_examples(compared, capsys):
     _, report = compared
-    assert [m["name"] for m in report["methods"]] == METHODS
+    assert [m["name"] for m in report["methods"]] == METHODS + BASELINES
     assert report["task"].endswith("less.jsonl") and report["split"] == "test" and report["seed"] == 0
     assert report["n_test"] == 10 and report["n_val"] == 8 and report["n_train_pairs"] == 60 - 12 - 12
     for m in report["methods"]:
@@ -96,7 +106,8 @@ def test_report_has_one_row_per_method_on_the_same_test_examples(compared, capsy
         assert m["n_test"] == report["n_test"] == m["test"]["n"]  # every method on the same examples
         assert 0 <= m["ci_low"] <= m["test_accuracy"] <= m["ci_high"] <= 1
         assert 0 <= m["val_accuracy"] <= 1
-        assert m["grid"] and max(g["val_accuracy"] for g in m["grid"]) == m["val_accuracy"]
+        if m["name"] not in ("zero_shot", "calibrated"):  # one setting each: no grid
+            assert m["grid"] and max(g["val_accuracy"] for g in m["grid"]) >= m["val_accuracy"]
     rows = {m["name"]: m for m in report["methods"]}
     assert (
         rows["unsteered"]["n_steered_activations"] == 0
@@ -118,11 +129,18 @@ def test_chosen_states_are_saved_and_loadable(compared, tiny_dir):
     out, report = compared
     model = make_model("llama")
     for m in report["methods"][1:]:
+        if m["name"] in BASELINES[:3]:  # prompts and offsets: no state
+            assert m["state_bytes"] == 0 and not (out / "states" / m["name"]).exists()
+            continue
         folder = out / "states" / m["name"]
         state = SteeringState.from_pretrained(folder)
         assert (
-            state.method == ("austeer" if m["name"] in LEARNED else m["name"]) and state.k == m["n_steered_activations"]
+            state.method == ("austeer" if m["name"] in (*LEARNED, "prompted_austeer") else m["name"])
+            and state.k == m["n_steered_activations"]
         )
+        prompted = {k: state.metadata["data"].get(k) for k in ("instruction", "shots") if k in state.metadata["data"]}
+        assert prompted == ({k: m["hyperparameters"][k] for k in prompted} if m["name"] == "prompted_austeer" else {})
+        assert bool(prompted) == (m["name"] == "prompted_austeer")
         assert state.strength["kind"] == LEARNED.get(m["name"], "momentum")
         assert m["state_bytes"] == sum(p.stat().st_size for p in folder.iterdir()) > 0
         assert (
@@ -176,7 +194,7 @@ def test_learned_variants_start_from_austeers_choice(compared):
         assert unchanged == (best == 0), (name, best)
 
 
-@pytest.mark.parametrize("method", ["austeer", "austeer_scalar", "austeer_gate"])
+@pytest.mark.parametrize("method", ["austeer", "austeer_scalar", "austeer_gate", "prompted_austeer"])
 def test_saved_austeer_state_evaluates_to_the_reported_accuracy(compared, method):
     out, report = compared
     row = next(m for m in report["methods"] if m["name"] == method)
@@ -199,7 +217,7 @@ def test_compare_rejects_bad_input(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, task_file, tmp_path):
+def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, task_file, side_file, tmp_path):
     """The shared pass, ITI's probe pass, validation and test are sharded and summed exactly under DDP."""
     import os
     import subprocess
@@ -223,6 +241,10 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
         "8",
         "--max_test_examples",
         "10",
+        "--side_task",
+        str(side_file),
+        "--side_examples",
+        "12",
         "--batch_size",
         "4",
         "--eval_batch_size",
@@ -263,7 +285,7 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
             assert [h["val_accuracy"] for h in a["grid"]] == [h["val_accuracy"] for h in b["grid"]]
             for key in ("val_nll", "val_choice_loss"):
                 assert [h[key] for h in a["grid"]] == pytest.approx([h[key] for h in b["grid"]], rel=1e-4), key
-        else:
+        elif a["grid"]:  # (zero-shot and calibration have one setting: their hyperparameters and test are compared)
             # The same points, the same scored examples and accuracies; the continuous criterion of
             # shift states (ITI, CAA: shifts from float sums of another order) agrees to rounding.
             key = next((k for k in a["grid"][0] if k.startswith("val_") and k != "val_accuracy"), None)
@@ -271,9 +293,9 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
             assert strip(a["grid"]) == strip(b["grid"])
             if key is not None:
                 assert [g[key] for g in a["grid"]] == pytest.approx([g[key] for g in b["grid"]], rel=1e-5)
-                if a["name"] in ("austeer", "austeer_block"):  # scales from integer counts: the same bits
+                if a["name"] in ("austeer", "austeer_block", "prompted_austeer", "few_shot"):  # counts, exact sums
                     assert a["grid"] == b["grid"]
-        if a["name"] != "unsteered":
+        if a["name"] not in ("unsteered", *BASELINES[:3]):
             s1, s2 = (
                 SteeringState.from_pretrained(out / "states" / a["name"]),
                 SteeringState.from_pretrained(tmp_path / "states" / a["name"]),
@@ -434,9 +456,15 @@ def test_every_row_reports_its_side_effects_on_ordinary_requests(compared, tiny_
 
     out, report = compared
     rows = {m["name"]: m for m in report["methods"]}
+    effects = {"kl_ordinary_text", "perplexity", "distinct_2", "off_task", "off_task_accuracy", "off_task_change"}
     for row in rows.values():
-        assert set(row["side_effects"]) == {"kl_ordinary_text", "perplexity", "distinct_2"}
+        if row["name"] in BASELINES[:3]:  # a prompt or an offset reaches only the task's own requests
+            assert row["side_effects"] is None
+        else:
+            assert set(row["side_effects"]) == effects
+            assert row["side_effects"]["off_task"] == "side"
     assert rows["unsteered"]["side_effects"]["kl_ordinary_text"] == 0.0
+    assert rows["unsteered"]["side_effects"]["off_task_change"] == 0.0
     # An independent recomputation from the saved AUSteer state, by the scoring functions themselves.
     model, tokenizer = load_model(str(tiny_dir))
     layout = locate_units(model)
@@ -449,3 +477,87 @@ def test_every_row_reports_its_side_effects_on_ordinary_requests(compared, tiny_
     assert rows["austeer"]["side_effects"]["distinct_2"] == pytest.approx(distinct_n(generated, 2))
     ppl = mean_perplexity(perplexity(model, tokenizer, prompts, generated))
     assert rows["austeer"]["side_effects"]["perplexity"] == pytest.approx(ppl, rel=1e-6)
+
+
+def test_prompt_baselines_score_the_prompted_examples_directly(compared, tiny_dir, task_file):
+    """A prompt's row is the unsteered model scored on the prompted examples by evaluate.py's own path;
+    prompting + AUSteer's session scores the same prompt to the same predictions."""
+    from austeer_pl.core.models import load_model
+    from austeer_pl.scoring.evaluate import evaluate_examples, prompt_texts
+    from austeer_pl.tasks.config import DataConfig
+
+    _, report = compared
+    rows = {m["name"]: m for m in report["methods"]}
+    model, tokenizer = load_model(str(tiny_dir))
+    base = DataConfig(task=str(task_file), seed=0, max_val_examples=8, max_test_examples=10)
+    plain_task, plain = base.load()
+    for name in ("zero_shot", "few_shot"):
+        row = rows[name]
+        task, splits = base.replace(**row["hyperparameters"]).load()
+        assert [ex.uid for ex in splits["test"]] == [ex.uid for ex in plain["test"]]
+        direct = evaluate_examples(model, tokenizer, task, splits["test"], batch_size=8)
+        assert direct["per_example_correct"] == row["test"]["per_example_correct"], name
+        lengths = [
+            [len(ids) for ids in tokenizer(prompt_texts(tokenizer, t, splits["test"], None))["input_ids"]]
+            for t in (task, plain_task)
+        ]
+        added = sum(a - b for a, b in zip(*lengths)) / len(lengths[0])
+        assert row["added_prompt_tokens"] == pytest.approx(added) and added > 0
+    assert rows["zero_shot"]["hyperparameters"] == {"instruction": "auto"}
+    few = rows["few_shot"]
+    assert [g["shots"] for g in few["grid"]] == [2, 4, 8] and few["hyperparameters"]["shots"] in (2, 4, 8)
+    best = max(few["grid"], key=lambda g: (-g["val_loss"], -g["shots"]))
+    assert best["shots"] == few["hyperparameters"]["shots"] or best["val_loss"] == min(
+        g["val_loss"] for g in few["grid"]
+    )
+    both = rows["prompted_austeer"]
+    prompt = "zero_shot" if both["hyperparameters"].get("instruction") == "auto" else "few_shot"
+    assert both["prompt_test_accuracy"] == rows[prompt]["test_accuracy"]
+
+
+def test_calibration_offsets_minimise_the_validation_log_loss(compared, tiny_dir, task_file):
+    """The fitted offsets zero the log-loss gradient on validation (for two answers: the mean predicted
+    probability of each answer equals its share of right answers), and test predictions follow them."""
+    from austeer_pl.core.models import load_model
+    from austeer_pl.scoring.evaluate import answer_suffixes, prompt_texts
+    from austeer_pl.scoring.loglik import choice_logprobs
+    from austeer_pl.tasks.config import DataConfig
+
+    _, report = compared
+    row = next(m for m in report["methods"] if m["name"] == "calibrated")
+    offsets = row["hyperparameters"]["offsets"]
+    assert set(offsets) == {"yes", "no"} and min(abs(v) for v in offsets.values()) == 0.0
+    model, tokenizer = load_model(str(tiny_dir))
+    task, splits = DataConfig(task=str(task_file), seed=0, max_val_examples=8, max_test_examples=10).load()
+
+    def table(split):
+        prompts = prompt_texts(tokenizer, task, splits[split], None)
+        answers = [answer_suffixes(p, ex.choices, task) for p, ex in zip(prompts, splits[split])]
+        scores = choice_logprobs(model, tokenizer, prompts, answers)
+        shift = [torch.tensor([offsets[c] for c in ex.choices], dtype=torch.float64) for ex in splits[split]]
+        return torch.stack([s.double() + b for s, b in zip(scores, shift)])
+
+    val = table("val")
+    probs = val.softmax(dim=1)
+    right = torch.nn.functional.one_hot(torch.tensor([ex.answer for ex in splits["val"]]), 2).double()
+    assert probs.mean(0).tolist() == pytest.approx(right.mean(0).tolist(), abs=1e-5)
+    correct = table("test").argmax(dim=1).eq(torch.tensor([ex.answer for ex in splits["test"]])).long().tolist()
+    assert correct == row["test"]["per_example_correct"]
+
+
+def test_off_task_accuracy_is_the_side_tasks_accuracy_steered(compared, tiny_dir, side_file):
+    from austeer_pl.core.models import load_model
+    from austeer_pl.scoring.evaluate import evaluate_examples
+    from austeer_pl.tasks.config import DataConfig
+
+    out, report = compared
+    rows = {m["name"]: m for m in report["methods"]}
+    model, tokenizer = load_model(str(tiny_dir))
+    task, splits = DataConfig(task=str(side_file), seed=0, max_test_examples=12).load()
+    base = evaluate_examples(model, tokenizer, task, splits["test"])["accuracy"]
+    for name in ("austeer", "prompted_austeer"):
+        state = SteeringState.from_pretrained(out / "states" / name)
+        steered = evaluate_examples(model, tokenizer, task, splits["test"], state=state)["accuracy"]
+        effects = rows[name]["side_effects"]
+        assert effects["off_task_accuracy"] == pytest.approx(steered)
+        assert effects["off_task_change"] == pytest.approx(steered - base)

@@ -1,0 +1,116 @@
+"""``evaluate.py --compare``'s rows beside the registry's methods: prompting, calibration, prompting + AUSteer.
+
+Run after the methods' fit and test, on the same frozen model, processes and examples
+(:mod:`austeer_pl.fit.baselines`, :mod:`austeer_pl.fit.calibration`). Each row has the fields of a
+method's row; a prompt's row adds what the prompt costs (``prompt_tokens``, ``added_prompt_tokens``),
+the calibration row its offsets. ``prompted_austeer`` returns its state, whose side effects are measured
+with the methods'.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from austeer_pl.core.fileio import jsonable
+from austeer_pl.fit.baselines import FEW_SHOT_GRID, PROMPT_BASELINES, QUICK_FEW_SHOT_GRID, PromptBaselines
+from austeer_pl.fit.calibration import Calibration
+from austeer_pl.methods.registry import FITTED, UNSTEERED
+from austeer_pl.scoring.evaluate import accuracy_summary
+
+__all__ = ["baseline_rows"]
+
+
+def _row(name: str, hyper: dict[str, Any], val_accuracy: float, predictions, examples, seconds: float, **extra) -> dict:
+    summary = accuracy_summary(examples, predictions)
+    return {
+        "name": name,
+        "hyperparameters": jsonable(hyper),
+        "val_accuracy": val_accuracy,
+        "test_accuracy": summary["accuracy"],
+        "ci_low": summary["ci_low"],
+        "ci_high": summary["ci_high"],
+        "n_test": summary["n"],
+        "test": summary,
+        "n_steered_activations": 0,
+        "state_bytes": 0,
+        "state_dir": None,
+        "fit_seconds": seconds,
+        "fit_seconds_parts": {"tuning": seconds},
+        "val_seconds": seconds,
+        "test_seconds": 0.0,
+        "grid": [],
+        **extra,
+    }
+
+
+def _prompt_extra(result) -> dict[str, Any]:
+    return {
+        "prompt_tokens": result.prompt_tokens,
+        "added_prompt_tokens": result.added_prompt_tokens,
+        "prompts_truncated": result.truncated,
+    }
+
+
+def baseline_rows(session, wanted: tuple[str, ...], *, quick: bool, shots: tuple[int, ...] | None = None):
+    """The rows of the ``wanted`` baselines (:data:`~austeer_pl.fit.baselines.PROMPT_BASELINES`) and
+    ``{name: state}`` of those that steer, after ``session`` (the comparison's fit) has tested its methods."""
+    wanted = tuple(b for b in PROMPT_BASELINES if b in wanted)
+    rows: list[dict[str, Any]] = []
+    states: dict[str, Any] = {}
+    if not wanted:
+        return rows, states
+    data = session.data
+    test = data.splits["test"]
+    prompts = PromptBaselines(
+        session.model,
+        session.tokenizer,
+        session.layout,
+        data,
+        session.coll,
+        scoring=session.scoring,
+        criterion=session.criterion,
+        selection=session.config.selection,
+    )
+    zero = few = None
+    if {"zero_shot", "prompted_austeer"} & set(wanted):
+        zero = prompts.zero_shot()
+    if {"few_shot", "prompted_austeer"} & set(wanted):
+        few = prompts.few_shot(shots or (QUICK_FEW_SHOT_GRID if quick else FEW_SHOT_GRID))
+    for result in (zero, few):
+        if result is not None and result.name in wanted:
+            rows.append(
+                _row(
+                    result.name,
+                    result.settings,
+                    result.val_accuracy,
+                    result.test_predictions,
+                    test,
+                    result.seconds,
+                    **_prompt_extra(result),
+                    **({"grid": result.grid} if result.grid else {}),
+                )
+            )
+    if "calibrated" in wanted and session.scoring == "loglik":  # offsets on log-likelihoods: loglik scoring only
+        cal = Calibration.fit(session.model, session.tokenizer, data, session.coll)
+        rows.append(_row("calibrated", {"offsets": cal.describe()}, cal.val_accuracy, cal.test_predictions, test, 0.0))
+    if "prompted_austeer" in wanted:
+        assert zero is not None and few is not None
+        best = prompts.better(zero, few)
+        fitted = prompts.prompted_austeer(best, session.config)
+        result = fitted.results[FITTED]
+        state = result.chosen.state
+        row = _row(
+            "prompted_austeer",
+            {**best.settings, **result.chosen.hyper},
+            result.val_accuracy,
+            result.test_predictions,
+            test,
+            best.seconds + float(fitted.summary.get("fit_seconds") or 0.0) + result.tuning_seconds,
+            **_prompt_extra(best),
+            prompt_test_accuracy=accuracy_summary(test, fitted.results[UNSTEERED].test_predictions)["accuracy"],
+        )
+        row["n_steered_activations"] = result.chosen.n_steered
+        row["grid"] = result.grid
+        rows.append(row)
+        states["prompted_austeer"] = state
+    return rows, states
