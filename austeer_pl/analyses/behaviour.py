@@ -99,6 +99,13 @@ def add_behaviour_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--max_train_pairs", type=int, default=None, help="pairs of a fitted CAA (default: the fit's, else 128)"
     )
     p.add_argument(
+        "--prompting",
+        default="zero_shot,few_shot",
+        help="prompting baselines beside the curves: zero_shot (the task's instruction), few_shot (--shots "
+        "demonstrations), both by default; 'none' for neither",
+    )
+    p.add_argument("--shots", type=int, default=4, help="demonstrations of the few_shot baseline (default 4)")
+    p.add_argument(
         "--budget", type=float, default=DEFAULT_BUDGET, help="fluency budget drawn on the plot (perplexity ratio)"
     )
     p.add_argument(
@@ -136,6 +143,17 @@ def fit_caa(
     return caa_state(acc, layout, layer=layer, multiplier=multiplier, base_model=base_model)
 
 
+def _prompting(args: argparse.Namespace) -> list[str]:
+    text = str(getattr(args, "prompting", "none") or "none").strip().lower()
+    names = [] if text == "none" else parse_list(text, "--prompting", str)
+    bad = [n for n in names if n not in ("zero_shot", "few_shot")]
+    if bad:
+        raise AusteerError(f"--prompting: unknown baseline(s) {', '.join(bad)}; choose zero_shot, few_shot or none")
+    if "few_shot" in names and getattr(args, "shots", 4) <= 0:
+        raise AusteerError(f"--shots must be positive, got {args.shots}")
+    return names
+
+
 def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
     """``analyze.py behaviour``: sweep alpha for a state and CAA on the same held-out prompts; JSON + PNG.
 
@@ -169,6 +187,7 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
     out_file = json_output(out, "strength curve", overwrite=args.overwrite).check(inputs=reads)
     png_file = png_output(png, "strength curve plot", overwrite=args.overwrite).check(inputs=reads)
     alphas = _optional_list(args.alphas, "--alphas")
+    _prompting(args)  # a bad baseline list is one line before any work
     multipliers = _optional_list(args.caa_multipliers, "--caa_multipliers")
     judge = load_judge(args.judge)
     quiet()
@@ -229,6 +248,14 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
         "steering": str(args.steering),
         "caa": caa_info,
     }
+    prompted = {}
+    for name in _prompting(args):  # the same requests, prompted: the same examples of the same split
+        settings = {"instruction": "auto"} if name == "zero_shot" else {"shots": args.shots}
+        variant, parts = config.replace(**settings).load()
+        prompted[name] = behaviour_prompts(
+            tokenizer, variant, parts[args.split][: args.max_prompts], chat_template=chat
+        )
+        info[f"{name}_settings"] = settings
     result = strength_curve(
         model,
         tokenizer,
@@ -244,6 +271,7 @@ def behaviour_main(args: argparse.Namespace) -> dict[str, Any]:
         out=out_file,
         plot=png_file,
         info=info,
+        prompted=prompted,
     )
     if getattr(args, "wandb_mode", "disabled") != "disabled":
         run = claim_run_dir("analyze-behaviour", str(task_spec), args.run_dir)

@@ -48,6 +48,7 @@ def strength_curve(
     plot: str | os.PathLike | Output | None = None,
     info: Mapping[str, Any] | None = None,
     n_examples: int = 3,
+    prompted: Mapping[str, Sequence[str]] | None = None,
 ) -> dict[str, Any]:
     """Judge score and perplexity against alpha for each state, on the same prompts.
 
@@ -55,6 +56,9 @@ def strength_curve(
     ``alphas[label]`` (default: ``multiples`` x its fitted alpha); alpha 0 is the unsteered
     generation, made once and shared. Every point has the :func:`text_metrics` keys and
     ``perplexity_ratio``; the first ``n_examples`` prompts' texts are kept beside the points.
+    ``prompted`` (``{label: prompts}``: the same requests with an instruction or demonstrations) adds the
+    prompting baselines: the unsteered model's generations from those prompts, judged, their perplexity
+    measured as continuations of the plain prompts (as every point's), in ``result["prompts"]``.
     With ``out`` / ``plot`` the result is written as JSON / PNG (each atomically).
 
     Returns:
@@ -97,6 +101,14 @@ def strength_curve(
             metrics["perplexity_ratio"] = 1.0 if a == 0.0 else ratio(metrics["perplexity"], base["perplexity"])
             points.append({"alpha": a, **metrics, "texts": texts[:n_examples]})
         methods[label] = {"method": state.method, "k": state.k, "fitted_alpha": state.alpha, "points": points}
+    prompting: dict[str, Any] = {}
+    for label, variant in dict(prompted or {}).items():
+        if len(variant) != len(prompts):
+            raise AusteerError(f"prompting baseline {label!r} has {len(variant)} prompts for {len(prompts)} requests")
+        texts = generate_new_text(model, tokenizer, list(variant), **gen)
+        metrics = text_metrics(model, tokenizer, prompts, texts, judge, batch_size=batch_size, max_length=max_length)
+        metrics["perplexity_ratio"] = ratio(metrics["perplexity"], base["perplexity"])
+        prompting[label] = {**metrics, "texts": texts[:n_examples]}
     result: dict[str, Any] = {
         "analysis": "behaviour",
         **dict(info or {}),
@@ -106,6 +118,7 @@ def strength_curve(
         "budget": budget,
         "unsteered": base,
         "methods": methods,
+        **({"prompts": prompting} if prompting else {}),
         "examples": [{"prompt": p, "unsteered": t} for p, t in zip(prompts[:n_examples], base_texts[:n_examples])],
         "seconds": time.perf_counter() - started,
     }

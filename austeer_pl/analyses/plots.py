@@ -197,6 +197,8 @@ def plot_strength_curve(result: Mapping[str, Any], path: str | os.PathLike | Out
             x, [p["mean_score"] for p in pts], "s--", color="tab:blue", label=f"mean {base.get('score_name', 'score')}"
         )
         ax.axhline(base["share_positive"], color="black", ls=":", lw=1, label="unsteered share")
+        for j, (name, point) in enumerate(result.get("prompts", {}).items()):  # prompting baselines: no alpha
+            ax.axhline(point["share_positive"], color=f"C{4 + j}", ls="-.", lw=1, label=f"{name} prompt share")
         ax.set_ylim(-1.05, 1.05)
         ax.set_title(
             f"{label} (k={m['k']})" if label == m["method"] else f"{label} ({m['method']}, k={m['k']})", fontsize=10
@@ -208,6 +210,9 @@ def plot_strength_curve(result: Mapping[str, Any], path: str | os.PathLike | Out
         ax = axes[1][col]
         ax.plot(x, [p["perplexity"] for p in pts], "o-", color="tab:red", label="perplexity (unsteered model)")
         ax.axhline(base["perplexity"], color="black", ls=":", lw=1, label="unsteered")
+        for j, (name, point) in enumerate(result.get("prompts", {}).items()):
+            if math.isfinite(point["perplexity"]):
+                ax.axhline(point["perplexity"], color=f"C{4 + j}", ls="-.", lw=1, label=f"{name} prompt")
         if math.isfinite(base["perplexity"]):
             ax.axhline(
                 result.get("budget", DEFAULT_BUDGET) * base["perplexity"],

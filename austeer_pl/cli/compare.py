@@ -101,6 +101,9 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
         if get_method(m).points is not None and m != FITTED
     }
     au = austeer_grid(opts)
+    for m in grids:  # a control tuned over AUSteer's own grid follows the grid given for AUSteer
+        if get_method(m).shares_grid:
+            grids[m].update(au)
     data = ContrastivePairDataModule(**data_kwargs(opts))
     learned = {
         key: getattr(opts, key)

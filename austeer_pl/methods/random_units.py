@@ -90,10 +90,11 @@ RANDOM_UNITS = register(
         ("momentum",),
         ("attention",),
         grid={**AusteerGrid().as_grid(), "draw": list(DRAWS)},
-        quick_grid={"site": ["attention"], "k": [10, 50], "alpha": [1.0, 2.0], "draw": [0]},
+        quick_grid={"site": ["attention"], "k": [10, 50], "alpha": [1.0, 2.0], "draw": list(DRAWS)},
         strength_key="alpha",
         points=_points,
         build=_build,
         order=55,
+        shares_grid=True,
     )
 )

@@ -74,6 +74,8 @@ class Method:
         starts_from: a learned variant's grid method, whose chosen state it starts from.
         order: the method's place in reports (the registry is kept in this order, whatever the
             order the method modules were imported in).
+        shares_grid: a control tuned over the fitted method's own ``site``, ``k`` and ``alpha`` (a comparison
+            that sets AUSteer's grid sets its grid too).
     """
 
     name: str
@@ -87,6 +89,7 @@ class Method:
     learned: str | None = None
     starts_from: str | None = None
     order: int = 100
+    shares_grid: bool = False
 
     def grid_points(self, layout: ModelLayout, grid: Mapping[str, Sequence[Any]] | None = None) -> list[dict[str, Any]]:
         """The grid (default: :attr:`grid`) resolved for one model, duplicates dropped, in grid order."""

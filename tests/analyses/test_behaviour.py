@@ -447,6 +447,22 @@ def test_behaviour_analysis_command(tiny_states, tmp_path, capsys):
     )
     assert [p["alpha"] for p in saved["methods"]["caa"]["points"]] == [0.0, 4.0]
     assert saved["n_prompts"] == 3 and saved["task"] == str(tiny_states.task)
+    # The prompting baselines: the unsteered model on the same requests, prompted (recomputed here directly).
+    from austeer_pl.scoring.generation import generate_new_text
+    from austeer_pl.tasks.config import DataConfig
+    from austeer_pl.tasks.prompts import behaviour_prompts
+
+    assert set(saved["prompts"]) == {"zero_shot", "few_shot"} and saved["few_shot_settings"] == {"shots": 4}
+    config = DataConfig.from_mapping(
+        json.loads((tiny_states.paths["austeer"] / "steering_config.json").read_text())["metadata"]["data"]
+    )
+    for name, settings in (("zero_shot", {"instruction": "auto"}), ("few_shot", {"shots": 4})):
+        task, parts = config.replace(**settings).load()
+        prompts = behaviour_prompts(tiny_states.tok, task, parts["val"][:3])
+        texts = generate_new_text(tiny_states.model, tiny_states.tok, prompts, max_new_tokens=4, batch_size=2)
+        assert saved["prompts"][name]["texts"] == texts[:3] and saved["prompts"][name]["n"] == len(prompts)
+    assert behaviour_cli([*argv[:-4], "--out", str(tmp_path / "c.json"), "--prompting", "nope"]) == 2
+    assert "--prompting: unknown baseline(s) nope" in one_line(capsys.readouterr().err)
     # Output paths are checked before any work; bad input is one line and status 2.
     (tmp_path / "dir.json").mkdir()
     assert behaviour_cli([*argv[:-4], "--out", str(tmp_path / "dir.json")]) == 2

@@ -1,0 +1,198 @@
+"""The methods table from the committed ``evaluate.py --compare`` reports of ``benchmarks/methods_table.sh``.
+
+    .venv/bin/python benchmarks/methods_table.py --results benchmarks/results/methods_table \
+        --markdown benchmarks/results/methods_table/table.md --plot docs/methods_table.png
+
+For each task, one row per method over the seeds found: the mean test accuracy and its change from the
+unsteered model in points, the paired McNemar tests (each seed's test examples pooled: every example was
+scored by every method) against the unsteered model and against the best other method of the task (the
+highest mean test accuracy, unsteered excluded), and the side effects beside the gain: KL to the unsteered
+model on ordinary text, perplexity of free generation, the accuracy change on the side task, the prompt
+tokens added to every request and the activations steered. The plot puts each method's gain against its
+side effects, one point per method and task. Cells still missing are listed, never filled in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from austeer_pl.analyses.plots import pyplot, save_plot
+from austeer_pl.scoring.statistics import mcnemar
+
+TASKS = ("rotten_tomatoes", "sentiment", "strategyqa", "implicatures")
+SEEDS = (0, 1, 2)
+PROMPTS = ("zero_shot", "few_shot", "calibrated")  # they reach only the task's own requests
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
+
+
+def load(results: Path) -> dict[str, dict[int, dict]]:
+    cells: dict[str, dict[int, dict]] = {}
+    for path in sorted(results.glob("*-seed*.json")):
+        task, seed = path.stem.rsplit("-seed", 1)
+        cells.setdefault(task, {})[int(seed)] = json.loads(path.read_text())
+    return cells
+
+
+def _mean(values):
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    return statistics.fmean(values) if values else None
+
+
+def summarise(task: str, reports: dict[int, dict]) -> dict:
+    seeds = sorted(reports)
+    names = [m["name"] for m in reports[seeds[0]]["methods"]]
+    rows = {}
+    for name in names:
+        per_seed = [next(m for m in reports[s]["methods"] if m["name"] == name) for s in seeds]
+        correct = [c for m in per_seed for c in m["test"]["per_example_correct"]]
+        effects = [m.get("side_effects") or {} for m in per_seed]
+        rows[name] = {
+            "test_accuracy": _mean([m["test_accuracy"] for m in per_seed]),
+            "test_accuracy_per_seed": [m["test_accuracy"] for m in per_seed],
+            "val_accuracy": _mean([m["val_accuracy"] for m in per_seed]),
+            "correct": correct,
+            "kl_ordinary_text": _mean([e.get("kl_ordinary_text") for e in effects]),
+            "perplexity": _mean([e.get("perplexity") for e in effects]),
+            "distinct_2": _mean([e.get("distinct_2") for e in effects]),
+            "off_task_change": _mean([e.get("off_task_change") for e in effects]),
+            "off_task": next((e.get("off_task") for e in effects if e.get("off_task")), None),
+            "added_prompt_tokens": _mean([m.get("added_prompt_tokens") for m in per_seed]),
+            "steered": _mean([m["n_steered_activations"] for m in per_seed]),
+            "chosen": [m["hyperparameters"] for m in per_seed],
+        }
+    base = rows["unsteered"]
+    best = max((n for n in rows if n != "unsteered"), key=lambda n: rows[n]["test_accuracy"])
+    for name, row in rows.items():
+        row["gain_points"] = 100 * (row["test_accuracy"] - base["test_accuracy"])
+        row["p_vs_unsteered"] = None if name == "unsteered" else mcnemar(base["correct"], row["correct"])["p_value"]
+        others = [n for n in rows if n not in (name, "unsteered")]
+        rival = max(others, key=lambda n: rows[n]["test_accuracy"]) if others else None
+        row["best_other"] = rival
+        row["p_vs_best_other"] = None if rival is None else mcnemar(rows[rival]["correct"], row["correct"])["p_value"]
+    first = reports[seeds[0]]
+    return {
+        "task": task,
+        "seeds": seeds,
+        "n_test": [reports[s]["n_test"] for s in seeds],
+        "n_val": [reports[s]["n_val"] for s in seeds],
+        "n_train_pairs": first["n_train_pairs"],
+        "base_model": first["base_model"],
+        "best": best,
+        "rows": {n: {k: v for k, v in r.items() if k != "correct"} for n, r in rows.items()},
+    }
+
+
+def _f(value, spec: str, none: str = "-") -> str:
+    return none if value is None else format(value, spec)
+
+
+def _p(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1e}" if value < 1e-3 else f"{value:.3f}"
+
+
+def markdown(summaries: list[dict], missing: list[str]) -> str:
+    lines = []
+    for s in summaries:
+        lines += [
+            f"### {s['task']} (seeds {', '.join(map(str, s['seeds']))}; test n = {'/'.join(map(str, s['n_test']))}, "
+            f"val n = {'/'.join(map(str, s['n_val']))}, {s['n_train_pairs']} training pairs; best: {s['best']})",
+            "",
+            "| method | test acc | gain (pts) | p vs unsteered | p vs best other | KL text | ppl | off-task (pts) | +prompt tokens | steered |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for name, r in s["rows"].items():
+            off = None if r["off_task_change"] is None else 100 * r["off_task_change"]
+            lines.append(
+                f"| {name} | {r['test_accuracy']:.3f} | {r['gain_points']:+.1f} | {_p(r['p_vs_unsteered'])} | "
+                f"{_p(r['p_vs_best_other'])} ({r['best_other']}) | {_f(r['kl_ordinary_text'], '.3f')} | "
+                f"{_f(r['perplexity'], '.2f')} | {_f(off, '+.1f')} | {_f(r['added_prompt_tokens'], '.0f')} | "
+                f"{_f(r['steered'], '.0f')} |"
+            )
+        lines.append("")
+    if missing:
+        lines += ["Cells not run yet: " + ", ".join(missing) + ".", ""]
+    return "\n".join(lines)
+
+
+def plot(summaries: list[dict], path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    markers = dict(zip(TASKS, "osD^"))
+    names = sorted({n for s in summaries for n in s["rows"] if n != "unsteered"})
+    colours = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
+    for s in summaries:
+        for name, r in s["rows"].items():
+            if name == "unsteered":
+                continue
+            gain = r["gain_points"]
+            prompt = name in PROMPTS
+            for ax, x in ((axes[0], r["kl_ordinary_text"]), (axes[1], r["off_task_change"])):
+                x = 0.0 if prompt or x is None else (100 * x if ax is axes[1] else x)
+                ax.scatter(
+                    x,
+                    gain,
+                    marker=markers.get(s["task"], "o"),
+                    facecolors="none" if prompt else colours[name],
+                    edgecolors=colours[name],
+                    s=50,
+                    label=name,
+                )
+    axes[0].set_xlabel("KL to unsteered on ordinary text (nats/token; prompts: 0, they reach only the task)")
+    axes[1].set_xlabel("accuracy change on the side task (points; prompts: 0)")
+    axes[0].set_ylabel("test accuracy gain over unsteered (points)")
+    for ax in axes:
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axvline(0, color="grey", lw=0.8)
+    handles = {}
+    for ax in axes:
+        for h, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, h)
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(6, len(handles)), fontsize=8)
+    tasks = ", ".join(f"{t} ({markers.get(t, 'o')})" for t in [s["task"] for s in summaries])
+    fig.suptitle(f"Target gain against side effects, one point per method and task: {tasks}", fontsize=10)
+    fig.tight_layout(rect=(0, 0.12, 1, 0.95))
+    save_plot(fig, path)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", default=str(ROOT / "benchmarks/results/methods_table"))
+    parser.add_argument("--markdown", default=None)
+    parser.add_argument("--json", default=None, help="the summary as JSON (default: RESULTS/summary.json)")
+    parser.add_argument("--plot", default=None)
+    args = parser.parse_args(argv)
+    results = Path(args.results)
+    cells = load(results)
+    summaries = [summarise(t, cells[t]) for t in [*TASKS, *sorted(set(cells) - set(TASKS))] if t in cells]
+    missing = [f"{t} seed {s}" for t in TASKS for s in SEEDS if s not in cells.get(t, {})]
+    text = markdown(summaries, missing)
+    print(text)
+    atomic_write_text(Path(args.json or results / "summary.json"), json.dumps(summaries, indent=1) + "\n")
+    if args.markdown:
+        atomic_write_text(Path(args.markdown), text)
+    if args.plot and summaries:
+        plot(summaries, Path(args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The methods table (issue 25): every method of --compare, the prompting and calibration baselines and the
+# random-unit control on four tasks x three split seeds, each tuned on validation only, with side effects.
+#
+#   bash benchmarks/methods_table.sh            # run the missing cells, then rebuild the table and the plot
+#   TASKS="rotten_tomatoes" SEEDS="0" bash benchmarks/methods_table.sh   # a subset
+#
+# Resumable cell by cell: a cell is one evaluate.py --compare report in benchmarks/results/methods_table/,
+# written atomically when the cell ends; cells whose report exists are skipped. Sizes (two CPU cores, the
+# embedded SmolLM2-135M): 128 training pairs, up to 200 validation and 500 test examples (implicatures has
+# 492 rows: 98 and 98 under the default fractions), the quick grids for ITI, SADI, CAA and block-level AUSteer
+# (4 points each), train.py's default grid for AUSteer (site attention or ffn, k 3-100, alpha 4-16; also on
+# top of the prompt) and the same grid for the random units (3 draws each), few-shot prompts of 2 or 4
+# demonstrations, 200 side-task examples.
+# The learned-strength variants are left out (see benchmarks/learned_strength.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+OUT=benchmarks/results/methods_table
+BB=${BIGBENCH:-../shared/data/bigbench}
+TASKS=${TASKS:-"rotten_tomatoes sentiment strategyqa implicatures"}
+SEEDS=${SEEDS:-"0 1 2"}
+METHODS=unsteered,iti,sadi,caa,austeer_block,austeer,random_units,zero_shot,few_shot,calibrated,prompted_austeer
+mkdir -p "$OUT"
+spec() {  # a task's --task value
+  case "$1" in
+    strategyqa|implicatures) echo "$BB/$1/task.json" ;;
+    *) echo "$1" ;;
+  esac
+}
+side() {  # the side task: one the methods are not fitted for, from another source
+  case "$1" in
+    rotten_tomatoes|sentiment) echo "$BB/implicatures/task.json" ;;
+    *) echo rotten_tomatoes ;;
+  esac
+}
+for seed in $SEEDS; do
+  for task in $TASKS; do
+    report="$OUT/$task-seed$seed.json"
+    if [[ -f "$report" ]]; then echo "skip $report (done)"; continue; fi
+    echo "cell $task seed $seed: $(date -u +%H:%M:%S)"
+    $PY evaluate.py --compare --task "$(spec "$task")" --seed "$seed" --methods "$METHODS" --grid quick \
+      --site attention,ffn --k 3,10,30,100 --alpha 4,8,16 --shots 2,4 --max_train_pairs 128 --max_val_examples 200 --max_test_examples 500 \
+      --side_task "$(side "$task")" --side_examples 200 --report "$report" --wandb_mode disabled \
+      --run_dir "runs/methods_table/$task-seed$seed" > "$OUT/$task-seed$seed.log" 2>&1
+  done
+done
+$PY benchmarks/methods_table.py --results "$OUT" --markdown "$OUT/table.md" --plot docs/methods_table.png
