@@ -1,0 +1,70 @@
+"""benchmarks/methods_table.py: the table's numbers from the comparison reports (pooled paired tests, gains)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from austeer_pl.scoring.statistics import mcnemar
+
+from helpers import ROOT
+
+
+def table_module():
+    spec = importlib.util.spec_from_file_location("methods_table", ROOT / "benchmarks" / "methods_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def row(name, correct, **extra):
+    return {
+        "name": name,
+        "test_accuracy": sum(correct) / len(correct),
+        "val_accuracy": 0.5,
+        "test": {"per_example_correct": correct},
+        "n_steered_activations": extra.pop("steered", 0),
+        "hyperparameters": {},
+        **extra,
+    }
+
+
+def report(seed, rows):
+    return {
+        "n_test": len(rows[0]["test"]["per_example_correct"]),
+        "n_val": 4,
+        "n_train_pairs": 8,
+        "base_model": "m",
+        "methods": rows,
+    }
+
+
+def test_pooled_paired_tests_gains_and_side_effects(tmp_path):
+    a0, b0, c0 = [0, 0, 1, 1, 0, 0], [1, 1, 1, 1, 0, 1], [1, 0, 1, 1, 0, 0]
+    a1, b1, c1 = [1, 0, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]
+    effects = {"kl_ordinary_text": 0.1, "perplexity": 3.0, "distinct_2": 0.9, "off_task": "x", "off_task_change": -0.02}
+    for seed, (a, b, c) in enumerate(((a0, b0, c0), (a1, b1, c1))):
+        rows = [
+            row("unsteered", a, side_effects={**effects, "kl_ordinary_text": 0.0, "off_task_change": 0.0}),
+            row("austeer", b, steered=10, side_effects=effects),
+            row("zero_shot", c, added_prompt_tokens=20.0, side_effects=None),
+        ]
+        (tmp_path / f"rotten_tomatoes-seed{seed}.json").write_text(json.dumps(report(seed, rows)))
+    md = tmp_path / "t.md"
+    assert (
+        table_module().main(["--results", str(tmp_path), "--markdown", str(md), "--plot", str(tmp_path / "p.png")]) == 0
+    )
+    (summary,) = json.loads((tmp_path / "summary.json").read_text())
+    rows = summary["rows"]
+    mean = lambda xs: sum(sum(x) / len(x) for x in xs) / len(xs)  # noqa: E731
+    assert rows["austeer"]["test_accuracy"] == pytest.approx(mean([b0, b1]))
+    assert rows["austeer"]["gain_points"] == pytest.approx(100 * (mean([b0, b1]) - mean([a0, a1])))
+    assert rows["austeer"]["p_vs_unsteered"] == mcnemar(a0 + a1, b0 + b1)["p_value"]
+    assert rows["austeer"]["best_other"] == "zero_shot" and summary["best"] == "austeer"
+    assert rows["zero_shot"]["p_vs_best_other"] == mcnemar(b0 + b1, c0 + c1)["p_value"]
+    assert rows["zero_shot"]["added_prompt_tokens"] == 20.0 and rows["zero_shot"]["kl_ordinary_text"] is None
+    text = md.read_text()
+    assert "| austeer | " in text and "rotten_tomatoes seed 2" in text  # the missing cells are listed
+    assert (tmp_path / "p.png").stat().st_size > 0
