@@ -47,7 +47,7 @@ class PromptResult:
     settings: dict[str, Any]
     val_accuracy: float
     val_value: float
-    test_predictions: torch.Tensor
+    test_predictions: torch.Tensor | None
     seconds: float
     prompt_tokens: float
     added_prompt_tokens: float
@@ -90,8 +90,8 @@ class PromptBaselines:
     def _lengths(self, texts: list[str]) -> torch.Tensor:
         return torch.tensor([len(ids) for ids in self.tokenizer(texts, add_special_tokens=False)["input_ids"]])
 
-    def score(self, name: str, **settings: Any) -> PromptResult:
-        """Validation statistics and test predictions of the unsteered model on one prompted variant."""
+    def score(self, name: str, *, test: bool = True, **settings: Any) -> PromptResult:
+        """Validation statistics (and, with ``test``, test predictions) of the unsteered model on one prompted variant."""
         started = time.perf_counter()
         data = self.variant(**settings)
         grid = GridScoring(
@@ -105,34 +105,46 @@ class PromptBaselines:
             criterion=self.criterion,
         )
         stats = grid.dealt([None], 0, len(data.splits["val"]), grid.scorer(False))[0]
+        prompted, plain = self._lengths(data.test_prompts), self._lengths(self.data.test_prompts)
+        limit = data.config.max_length
+        result = PromptResult(
+            name=name,
+            settings=dict(settings),
+            val_accuracy=float(stats[:, 0].mean()),
+            val_value=float(criterion_values(stats, self.criterion).mean()),
+            test_predictions=None,
+            seconds=0.0,
+            prompt_tokens=float(prompted.double().mean()),
+            added_prompt_tokens=float((prompted - plain).double().mean()),
+            truncated=int(prompted.gt(limit).sum()) if limit is not None else 0,
+        )
+        if test:
+            self._test(result, data)
+        result.seconds = grid.slowest(time.perf_counter() - started)
+        return result
+
+    def _test(self, result: PromptResult, data: FitData | None = None) -> PromptResult:
+        """``result``'s test predictions (the unsteered model on its prompted test examples)."""
+        data = data or self.variant(**result.settings)
         testing = TestScoring(self.model, self.tokenizer, self.layout, data, self.coll, scoring=self.scoring)
         testing.start([None])
         for indices in data.example_batches("test", self.coll.rank, self.coll.world):
             testing.batch(indices)
         codes, _ = testing.finish()
-        prompted, plain = self._lengths(data.test_prompts), self._lengths(self.data.test_prompts)
-        limit = data.config.max_length
-        return PromptResult(
-            name=name,
-            settings=dict(settings),
-            val_accuracy=float(stats[:, 0].mean()),
-            val_value=float(criterion_values(stats, self.criterion).mean()),
-            test_predictions=codes[0],
-            seconds=grid.slowest(time.perf_counter() - started),
-            prompt_tokens=float(prompted.double().mean()),
-            added_prompt_tokens=float((prompted - plain).double().mean()),
-            truncated=int(prompted.gt(limit).sum()) if limit is not None else 0,
-        )
+        result.test_predictions = codes[0]
+        return result
 
     def zero_shot(self) -> PromptResult:
         return self.score("zero_shot", instruction="auto")
 
     def few_shot(self, shots: tuple[int, ...] = FEW_SHOT_GRID) -> PromptResult:
-        """The best number of demonstrations on validation (ties: fewer), its grid recorded."""
-        tried = [self.score("few_shot", shots=n) for n in sorted(set(shots))]
+        """The best number of demonstrations on validation (ties: fewer), its grid recorded; only it is tested."""
+        tried = [self.score("few_shot", test=False, shots=n) for n in sorted(set(shots))]
         best = max(range(len(tried)), key=lambda i: (tried[i].val_value, -i))
         out = tried[best]
-        out.seconds = sum(r.seconds for r in tried)
+        started = time.perf_counter()
+        self._test(out)
+        out.seconds = sum(r.seconds for r in tried) + time.perf_counter() - started
         key = f"val_{self.criterion}"
         out.grid = [
             {"shots": r.settings["shots"], "val_accuracy": r.val_accuracy, key: reported(self.criterion, r.val_value)}
