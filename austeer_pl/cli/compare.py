@@ -91,6 +91,7 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
         setattr(opts, key, value)
     opts.model = opts.model or DEFAULT_MODEL
     quiet()
+    side = side_task_examples(opts)  # a side task that cannot be read is one line before any work
 
     accelerator, devices = accelerator_for(opts.device)
     if opts.devices > 1:
@@ -132,12 +133,12 @@ def compare(opts: CompareOptions | None = None, **overrides: Any) -> dict[str, A
     module.export_anyway = True
     run = claim_run_dir("compare", opts.task, opts.run_dir, inputs=[opts.task, opts.model])
     try:
-        return _compare(opts, module, data, grids, run.path, accelerator, devices)
+        return _compare(opts, module, data, grids, run.path, accelerator, devices, side)
     finally:
         run.release()
 
 
-def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerator, devices) -> dict[str, Any]:
+def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerator, devices, side) -> dict[str, Any]:
 
     logger = wandb_logger(opts.wandb_mode, opts.wandb_project, run_dir, config=jsonable(vars(opts)))
     loggers: Any = [logger] if logger is not None else False
@@ -209,6 +210,9 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
         for row in rows:
             state = extra_states.get(row["name"])
             if state is not None and trainer.is_global_zero and state.k:
+                if export_root:
+                    pins = input_pins(data.config(), opts.model, session.model, cache_dir=opts.cache_dir)
+                    state.metadata = {**state.metadata, "inputs": pins}
                 folder = (export_root / row["name"]) if export_root else scratch / row["name"]
                 state.save_pretrained(folder, overwrite=opts.overwrite)
                 row["state_bytes"], row["state_dir"] = folder_bytes(folder), str(folder) if export_root else None
@@ -216,7 +220,6 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
     finally:
         if scratch is not None:
             shutil.rmtree(scratch, ignore_errors=True)
-    side = side_task_examples(opts)
     if trainer.is_global_zero:  # each method's cost outside its task, beside its gain
         states = {**{m: session.results[m].chosen.state for m in session.methods}, **extra_states}
         effects = side_effects(

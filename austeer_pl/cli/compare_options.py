@@ -81,7 +81,12 @@ def side_task_examples(opts: CompareOptions):
         spec = None if str(opts.task).strip().lower() in REVIEW_TASKS else "rotten_tomatoes"
     if spec is None or str(spec).strip().lower() == "none":
         return None
-    task, splits = DataConfig(task=spec, seed=opts.seed, max_test_examples=opts.side_examples).load(need=("test",))
+    try:
+        task, splits = DataConfig(task=spec, seed=opts.seed, max_test_examples=opts.side_examples).load(need=("test",))
+    except AusteerError as err:
+        raise AusteerError(f"--side_task: {err}") from None
+    if not splits["test"]:
+        raise AusteerError(f"--side_task: {spec!r} left no test examples; choose a task with more rows")
     return task, splits["test"]
 
 

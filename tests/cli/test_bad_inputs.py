@@ -1090,6 +1090,46 @@ def _export_parser_error(world, tmp_path, mp):
     return export_main, ["--steering", str(world["state"]), "--out", str(tmp_path / "m"), "--format", "onnx"]
 
 
+def _compare_side_task_missing(world, tmp_path, mp):
+    return evaluate_main, [
+        "--compare",
+        "--task",
+        str(world["task"]),
+        "--model",
+        str(world["tiny"]),
+        "--side_task",
+        str(tmp_path / "gone.jsonl"),
+        "--report",
+        str(tmp_path / "r.json"),
+        "--wandb_mode",
+        "disabled",
+    ]
+
+
+def _compare_shots_zero(world, tmp_path, mp):
+    return evaluate_main, [
+        "--compare",
+        "--shots",
+        "2,0",
+        "--report",
+        str(tmp_path / "r.json"),
+        "--wandb_mode",
+        "disabled",
+    ]
+
+
+def _data_shots_negative(world, tmp_path, mp):
+    return train_main, train_args(world, tmp_path, "--data.shots", "-1")
+
+
+def _data_shots_over_the_training_split(world, tmp_path, mp):
+    return train_main, train_args(world, tmp_path, "--data.shots", "5000")
+
+
+def _data_shots_with_the_paper_protocol(world, tmp_path, mp):
+    return train_main, train_args(world, tmp_path, "--data.protocol", "paper", "--data.shots", "2")
+
+
 NEW_CASES = [
     Case(
         "custom-code-model-train",
@@ -1190,6 +1230,19 @@ NEW_CASES = [
     Case("config-yaml-5000-digits", _config_yaml_5000_digits, "cannot read the arguments or --config file"),
     Case("evaluate-parser-error", _evaluate_parser_error, "invalid int value: 'many'; see evaluate.py --help"),
     Case("export-parser-error", _export_parser_error, "invalid choice: 'onnx'"),
+    Case("compare-side-task-missing", _compare_side_task_missing, "--side_task: unknown task"),
+    Case("compare-shots-zero", _compare_shots_zero, "--shots must list positive numbers of demonstrations"),
+    Case("data-shots-negative", _data_shots_negative, "--data.shots must be 0 or more demonstrations"),
+    Case(
+        "data-shots-over-the-training-split",
+        _data_shots_over_the_training_split,
+        "shots=5000 needs 5000 training examples",
+    ),
+    Case(
+        "data-shots-paper-protocol",
+        _data_shots_with_the_paper_protocol,
+        "the paper protocol feeds the paper code's prompts raw",
+    ),
 ]
 
 
