@@ -93,6 +93,7 @@ def summarise(task: str, reports: dict[int, dict]) -> dict:
         "n_test": [reports[s]["n_test"] for s in seeds],
         "n_val": [reports[s]["n_val"] for s in seeds],
         "n_train_pairs": first["n_train_pairs"],
+        "cell_minutes": [round(reports[s].get("total_seconds", 0.0) / 60, 1) for s in seeds],
         "base_model": first["base_model"],
         "best": best,
         "rows": {n: {k: v for k, v in r.items() if k != "correct"} for n, r in rows.items()},
@@ -109,12 +110,29 @@ def _p(value) -> str:
     return f"{value:.1e}" if value < 1e-3 else f"{value:.3f}"
 
 
+HEADER = """# When does steering beat asking? The methods table
+
+Written by `benchmarks/methods_table.py` from the `evaluate.py --compare` reports in
+`benchmarks/results/methods_table/` (run them with `bash benchmarks/methods_table.sh`; the sizes and settings are
+in that script). Each method is tuned on validation only and tested on the same held-out examples. *gain*: test
+accuracy minus the unsteered model's, in points, averaged over the seeds; *p*: McNemar's exact test on the pooled
+test examples of every seed, against the unsteered model and against the best other method of the task (in
+brackets); *KL text*: KL to the unsteered model on ordinary requests (nats/token); *ppl*: perplexity of free
+generation; *off-task*: accuracy change on a task the method was not fitted for (points); *+prompt tokens*: tokens
+the method adds to every request; *steered*: activations edited. Prompts and calibration offsets reach only the
+task's own requests, so they have no side effects on others; their cost is their prompt.
+
+![test gain against side effects, one point per method and task](methods_table.png)
+"""
+
+
 def markdown(summaries: list[dict], missing: list[str]) -> str:
-    lines = []
+    lines = [HEADER]
     for s in summaries:
         lines += [
             f"### {s['task']} (seeds {', '.join(map(str, s['seeds']))}; test n = {'/'.join(map(str, s['n_test']))}, "
-            f"val n = {'/'.join(map(str, s['n_val']))}, {s['n_train_pairs']} training pairs; best: {s['best']})",
+            f"val n = {'/'.join(map(str, s['n_val']))}, {s['n_train_pairs']} training pairs; best: {s['best']}; "
+            f"minutes per cell: {'/'.join(map(str, s['cell_minutes']))})",
             "",
             "| method | test acc | gain (pts) | p vs unsteered | p vs best other | KL text | ppl | off-task (pts) | +prompt tokens | steered |",
             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",

@@ -45,4 +45,4 @@ for seed in $SEEDS; do
       --run_dir "runs/methods_table/$task-seed$seed" > "$OUT/$task-seed$seed.log" 2>&1
   done
 done
-$PY benchmarks/methods_table.py --results "$OUT" --markdown "$OUT/table.md" --plot docs/methods_table.png
+$PY benchmarks/methods_table.py --results "$OUT" --markdown docs/methods_table.md --plot docs/methods_table.png
