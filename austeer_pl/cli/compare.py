@@ -151,7 +151,6 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
         if not session.results:
             raise AusteerError("the comparison stopped before the validation grid ran; check the validation split")
         trainer.test(module, datamodule=data, verbose=False)
-    total_seconds = time.perf_counter() - started
     test_examples = data.data.splits["test"]
     shared = float(session.summary.get("fit_seconds") or 0.0)
     probe = float(session.timing.get("probe_pass", 0.0))
@@ -240,6 +239,7 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
                 effects[name] = {**effects[name], "off_task": side[0].name, **moved[name]}
         for entry in entries:
             entry["side_effects"] = effects.get(entry["name"])
+    total_seconds = time.perf_counter() - started  # the whole comparison: methods, baselines, side effects
     task = data.data.task
     layout = session.layout
     uids = "\n".join(ex.uid for ex in test_examples)
