@@ -94,7 +94,7 @@ def baseline_rows(session, wanted: tuple[str, ...], *, quick: bool, shots: tuple
         cal = Calibration.fit(session.model, session.tokenizer, data, session.coll)
         rows.append(_row("calibrated", {"offsets": cal.describe()}, cal.val_accuracy, cal.test_predictions, test, 0.0))
     if "prompted_austeer" in wanted:
-        assert zero is not None and few is not None
+        assert zero is not None
         best = prompts.better(zero, few)
         fitted = prompts.prompted_austeer(best, session.config)
         result = fitted.results[FITTED]

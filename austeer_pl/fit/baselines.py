@@ -137,9 +137,13 @@ class PromptBaselines:
     def zero_shot(self) -> PromptResult:
         return self.score("zero_shot", instruction="auto")
 
-    def few_shot(self, shots: tuple[int, ...] = FEW_SHOT_GRID) -> PromptResult:
-        """The best number of demonstrations on validation (ties: fewer), its grid recorded; only it is tested."""
-        tried = [self.score("few_shot", test=False, shots=n) for n in sorted(set(shots))]
+    def few_shot(self, shots: tuple[int, ...] = FEW_SHOT_GRID) -> PromptResult | None:
+        """The best number of demonstrations on validation (ties: fewer), its grid recorded; only it is tested.
+        Counts above the training examples are not tried; None when none is left."""
+        feasible = sorted(n for n in set(shots) if n <= len(self.data.splits["train"]))
+        if not feasible:
+            return None
+        tried = [self.score("few_shot", test=False, shots=n) for n in feasible]
         best = max(range(len(tried)), key=lambda i: (tried[i].val_value, -i))
         out = tried[best]
         started = time.perf_counter()
@@ -153,9 +157,9 @@ class PromptBaselines:
         return out
 
     @staticmethod
-    def better(a: PromptResult, b: PromptResult) -> PromptResult:
+    def better(*results: PromptResult | None) -> PromptResult:
         """The better prompt on validation (ties: fewer added tokens)."""
-        return min((a, b), key=lambda r: (-r.val_value, r.added_prompt_tokens))
+        return min((r for r in results if r is not None), key=lambda r: (-r.val_value, r.added_prompt_tokens))
 
     def prompted_austeer(self, prompt: PromptResult, config: FitConfig) -> FitSession:
         """AUSteer fitted on ``prompt``'s examples (a :class:`~austeer_pl.fit.session.FitSession` that also

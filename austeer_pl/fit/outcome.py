@@ -172,8 +172,12 @@ class Outcomes:
                     grid_seconds=seconds,
                     exported="steered" if chosen.state.k else "no steering",
                 )
-        if self.grid.choices:
-            acc0 = _scored(next(iter(self.grid.choices.values()))[1].accuracy[0])
+        if self.grid.choices or self.data.splits["val"]:
+            if self.grid.choices:
+                acc0 = _scored(next(iter(self.grid.choices.values()))[1].accuracy[0])
+            else:  # no grid method (a comparison of baselines only): score no steering on its own
+                scorer = self.grid.scorer(False)
+                acc0 = _scored(float(self.grid.dealt([None], 0, len(self.data.splits["val"]), scorer)[0, :, 0].mean()))
             self.results = {
                 UNSTEERED: MethodResult(
                     UNSTEERED, self.candidates[0], acc0, [{"n_steered_activations": 0, "val_accuracy": acc0}]

@@ -561,3 +561,31 @@ def test_off_task_accuracy_is_the_side_tasks_accuracy_steered(compared, tiny_dir
         effects = rows[name]["side_effects"]
         assert effects["off_task_accuracy"] == pytest.approx(steered)
         assert effects["off_task_change"] == pytest.approx(steered - base)
+
+
+def test_a_prompting_comparison_tries_only_the_shots_the_training_split_holds(tiny_dir, tmp_path):
+    task = write_less_task(tmp_path / "small.jsonl", 12, seed=3)  # 8 training examples
+    report = tmp_path / "few.json"
+    args = ["--compare", "--model", str(tiny_dir), "--task", str(task), "--methods", "few_shot,calibrated"]
+    args += [
+        "--shots",
+        "4,64",
+        "--side_task",
+        "none",
+        "--k",
+        "2,4",
+        "--grid",
+        "quick",
+        "--device",
+        "cpu",
+        "--report",
+        str(report),
+    ]
+    assert evaluate_main([*args, "--wandb_mode", "disabled"]) == 0
+    rows = {m["name"]: m for m in json.loads(report.read_text())["methods"]}
+    assert list(rows) == ["unsteered", "few_shot", "calibrated"]
+    assert [g["shots"] for g in rows["few_shot"]["grid"]] == [4] and rows["few_shot"]["hyperparameters"] == {"shots": 4}
+    assert (
+        rows["unsteered"]["side_effects"]["kl_ordinary_text"] == 0.0
+        and "off_task" not in rows["unsteered"]["side_effects"]
+    )
