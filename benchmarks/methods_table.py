@@ -17,16 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from austeer_pl.analyses.plots import pyplot, save_plot
+from austeer_pl.core.fileio import write_json_atomic
+from austeer_pl.core.output import Output
 from austeer_pl.scoring.statistics import mcnemar
 
 TASKS = ("rotten_tomatoes", "sentiment", "strategyqa", "implicatures")
@@ -34,13 +34,11 @@ SEEDS = (0, 1, 2)
 PROMPTS = ("zero_shot", "few_shot", "calibrated")  # they reach only the task's own requests
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp makes it private; a table is for everyone to read
-    os.replace(tmp, path)
+def write_text(path: Path, text: str) -> None:
+    """Replace ``path`` atomically with ``text`` (the package's :class:`Output` rule: never a folder)."""
+    output = Output(path, "methods table", lambda _path: True, overwrite=True).check()
+    with output.writing() as tmp:
+        tmp.write_text(text)
 
 
 def load(results: Path) -> dict[str, dict[int, dict]]:
@@ -205,9 +203,9 @@ def main(argv=None) -> int:
     missing = [f"{t} seed {s}" for t in TASKS for s in SEEDS if s not in cells.get(t, {})]
     text = markdown(summaries, missing)
     print(text)
-    atomic_write_text(Path(args.json or results / "summary.json"), json.dumps(summaries, indent=1) + "\n")
+    write_json_atomic(Path(args.json or results / "summary.json"), {"tasks": summaries}, what="methods table summary")
     if args.markdown:
-        atomic_write_text(Path(args.markdown), text)
+        write_text(Path(args.markdown), text)
     if args.plot and summaries:
         plot(summaries, Path(args.plot))
     return 0

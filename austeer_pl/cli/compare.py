@@ -41,7 +41,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from austeer_pl.cli.compare_baselines import baseline_rows
+from austeer_pl.cli.compare_baselines import baseline_rows, method_row
 from austeer_pl.cli.compare_options import (
     READ_SITES,
     CompareOptions,
@@ -67,7 +67,6 @@ from austeer_pl.lightning.datamodule import ContrastivePairDataModule
 from austeer_pl.lightning.module import AUSteerModule
 from austeer_pl.lightning.strategy import frozen_trainer
 from austeer_pl.methods import FITTED, METHODS, get_method
-from austeer_pl.scoring.evaluate import accuracy_summary
 
 FIT_SECONDS_NOTE = (
     "fit_seconds = shared momentum pass over the training pairs (one forward pass feeding every method's "
@@ -163,7 +162,6 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
         for method in session.methods:
             res = session.results[method]
             state = res.chosen.state
-            summary = accuracy_summary(test_examples, res.test_predictions)
             parts = {"shared_pass": 0.0, "probe_pass": 0.0, "tuning": 0.0}
             state_bytes, state_dir = 0, None
             if state is not None:
@@ -184,26 +182,20 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
                     state.save_pretrained(folder, overwrite=opts.overwrite)
                     state_bytes = folder_bytes(folder)
                     state_dir = str(folder) if export_root else None
-            entries.append(
-                {
-                    "name": method,
-                    "hyperparameters": jsonable(res.chosen.hyper),
-                    "val_accuracy": res.val_accuracy,
-                    "test_accuracy": summary["accuracy"],
-                    "ci_low": summary["ci_low"],
-                    "ci_high": summary["ci_high"],
-                    "n_test": summary["n"],
-                    "test": summary,
-                    "n_steered_activations": res.chosen.n_steered,
-                    "state_bytes": state_bytes,
-                    "state_dir": state_dir,
-                    "fit_seconds": sum(parts.values()),
-                    "fit_seconds_parts": parts,
-                    "val_seconds": res.tuning_seconds,
-                    "test_seconds": res.test_seconds,
-                    "grid": res.grid,
-                }
+            row = method_row(
+                method,
+                res.chosen.hyper,
+                res.val_accuracy,
+                res.test_predictions,
+                test_examples,
+                parts=parts,
+                val_seconds=res.tuning_seconds,
+                test_seconds=res.test_seconds,
+                n_steered=res.chosen.n_steered,
+                grid=res.grid,
             )
+            row["state_bytes"], row["state_dir"] = state_bytes, state_dir
+            entries.append(row)
         # Prompting, calibration and prompting + AUSteer on the same model, processes and examples.
         rows, extra_states = baseline_rows(session, opts.methods, quick=opts.grid == "quick", shots=opts.shots)
         for row in rows:

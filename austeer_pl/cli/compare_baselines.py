@@ -17,10 +17,24 @@ from austeer_pl.fit.calibration import Calibration
 from austeer_pl.methods.registry import FITTED, UNSTEERED
 from austeer_pl.scoring.evaluate import accuracy_summary
 
-__all__ = ["baseline_rows"]
+__all__ = ["baseline_rows", "method_row"]
 
 
-def _row(name: str, hyper: dict[str, Any], val_accuracy: float, predictions, examples, seconds: float, **extra) -> dict:
+def method_row(
+    name: str,
+    hyper: dict[str, Any],
+    val_accuracy: float,
+    predictions,
+    examples,
+    *,
+    parts: dict[str, float],
+    val_seconds: float,
+    test_seconds: float = 0.0,
+    n_steered: int = 0,
+    grid: list[dict[str, Any]] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One row of the comparison: a method's (or a baseline's) choice, test accuracy and costs."""
     summary = accuracy_summary(examples, predictions)
     return {
         "name": name,
@@ -31,16 +45,23 @@ def _row(name: str, hyper: dict[str, Any], val_accuracy: float, predictions, exa
         "ci_high": summary["ci_high"],
         "n_test": summary["n"],
         "test": summary,
-        "n_steered_activations": 0,
+        "n_steered_activations": n_steered,
         "state_bytes": 0,
         "state_dir": None,
-        "fit_seconds": seconds,
-        "fit_seconds_parts": {"tuning": seconds},
-        "val_seconds": seconds,
-        "test_seconds": 0.0,
-        "grid": [],
+        "fit_seconds": sum(parts.values()),
+        "fit_seconds_parts": parts,
+        "val_seconds": val_seconds,
+        "test_seconds": test_seconds,
+        "grid": grid or [],
         **extra,
     }
+
+
+def _row(name: str, hyper: dict[str, Any], val_accuracy: float, predictions, examples, seconds: float, **extra) -> dict:
+    """A baseline's row: all its time is its tuning."""
+    return method_row(
+        name, hyper, val_accuracy, predictions, examples, parts={"tuning": seconds}, val_seconds=seconds, **extra
+    )
 
 
 def _prompt_extra(result) -> dict[str, Any]:
@@ -86,8 +107,8 @@ def baseline_rows(session, wanted: tuple[str, ...], *, quick: bool, shots: tuple
                     result.test_predictions,
                     test,
                     result.seconds,
+                    grid=result.grid,
                     **_prompt_extra(result),
-                    **({"grid": result.grid} if result.grid else {}),
                 )
             )
     if "calibrated" in wanted and session.scoring == "loglik":  # offsets on log-likelihoods: loglik scoring only
@@ -106,11 +127,11 @@ def baseline_rows(session, wanted: tuple[str, ...], *, quick: bool, shots: tuple
             result.test_predictions,
             test,
             best.seconds + float(fitted.summary.get("fit_seconds") or 0.0) + result.tuning_seconds,
+            n_steered=result.chosen.n_steered,
+            grid=result.grid,
             **_prompt_extra(best),
             prompt_test_accuracy=accuracy_summary(test, fitted.results[UNSTEERED].test_predictions)["accuracy"],
         )
-        row["n_steered_activations"] = result.chosen.n_steered
-        row["grid"] = result.grid
         rows.append(row)
         states["prompted_austeer"] = state
     return rows, states

@@ -53,6 +53,7 @@ class PromptResult:
     added_prompt_tokens: float
     truncated: int
     grid: list[dict[str, Any]] = field(default_factory=list)
+    data: FitData | None = field(default=None, repr=False)  # the prompted examples, kept for a later test
 
 
 class PromptBaselines:
@@ -79,6 +80,7 @@ class PromptBaselines:
     ) -> None:
         self.model, self.tokenizer, self.layout, self.data, self.coll = model, tokenizer, layout, data, collectives
         self.scoring, self.criterion, self.selection = scoring, criterion, selection
+        self._plain_lengths: torch.Tensor | None = None  # the unprompted test prompts' tokens, counted once
 
     def variant(self, **settings: Any) -> FitData:
         """The comparison's data with prompt ``settings`` (same task, seed and splits), prompts formatted."""
@@ -105,7 +107,9 @@ class PromptBaselines:
             criterion=self.criterion,
         )
         stats = grid.dealt([None], 0, len(data.splits["val"]), grid.scorer(False))[0]
-        prompted, plain = self._lengths(data.test_prompts), self._lengths(self.data.test_prompts)
+        if self._plain_lengths is None:
+            self._plain_lengths = self._lengths(self.data.test_prompts)
+        prompted, plain = self._lengths(data.test_prompts), self._plain_lengths
         limit = data.config.max_length
         result = PromptResult(
             name=name,
@@ -117,15 +121,16 @@ class PromptBaselines:
             prompt_tokens=float(prompted.double().mean()),
             added_prompt_tokens=float((prompted - plain).double().mean()),
             truncated=int(prompted.gt(limit).sum()) if limit is not None else 0,
+            data=data,
         )
         if test:
-            self._test(result, data)
+            self._test(result)
         result.seconds = grid.slowest(time.perf_counter() - started)
         return result
 
-    def _test(self, result: PromptResult, data: FitData | None = None) -> PromptResult:
+    def _test(self, result: PromptResult) -> PromptResult:
         """``result``'s test predictions (the unsteered model on its prompted test examples)."""
-        data = data or self.variant(**result.settings)
+        data = result.data or self.variant(**result.settings)
         testing = TestScoring(self.model, self.tokenizer, self.layout, data, self.coll, scoring=self.scoring)
         testing.start([None])
         for indices in data.example_batches("test", self.coll.rank, self.coll.world):

@@ -111,7 +111,6 @@ class Calibration:
     keys: list[str]
     offsets: torch.Tensor
     val_accuracy: float
-    val_loss: float
     test_predictions: torch.Tensor
 
     @classmethod
@@ -124,13 +123,11 @@ class Calibration:
         answers = torch.tensor([ex.answer for ex in val])
         offsets = fit_offsets(val_table, val_index, answers, len(keys))
         shifted = _shifted(val_table, val_index, offsets)
-        rows = torch.arange(len(val))
         test_table = choice_table(model, tokenizer, data, "test", collectives)
         return cls(
             keys=keys,
             offsets=offsets,
             val_accuracy=float(shifted.argmax(dim=1).eq(answers).double().mean()),
-            val_loss=float((torch.logsumexp(shifted, dim=1) - shifted[rows, answers]).mean()),
             test_predictions=_shifted(test_table, test_index, offsets).argmax(dim=1),
         )
 

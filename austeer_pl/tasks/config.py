@@ -201,11 +201,6 @@ class DataConfig:
                 del out[name]
         return out
 
-    @property
-    def prompted(self) -> bool:
-        """Whether prompts carry an added instruction or demonstrations."""
-        return any(getattr(self, name) != default for name, default in _PROMPT_SETTINGS.items())
-
     def replace(self, **changes: Any) -> DataConfig:
         return DataConfig(**{**asdict(self), **changes})
 

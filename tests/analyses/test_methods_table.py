@@ -56,7 +56,7 @@ def test_pooled_paired_tests_gains_and_side_effects(tmp_path):
     assert (
         table_module().main(["--results", str(tmp_path), "--markdown", str(md), "--plot", str(tmp_path / "p.png")]) == 0
     )
-    (summary,) = json.loads((tmp_path / "summary.json").read_text())
+    (summary,) = json.loads((tmp_path / "summary.json").read_text())["tasks"]
     rows = summary["rows"]
     mean = lambda xs: sum(sum(x) / len(x) for x in xs) / len(xs)  # noqa: E731
     assert rows["austeer"]["test_accuracy"] == pytest.approx(mean([b0, b1]))

@@ -143,6 +143,20 @@ class Case:
     stdin: str | None = None
 
 
+def compare_args(world, *extra: str) -> list[str]:
+    """``evaluate.py --compare`` on the tiny model and task, W&B off, plus ``extra``."""
+    return [
+        "--compare",
+        "--task",
+        str(world["task"]),
+        "--model",
+        str(world["tiny"]),
+        "--wandb_mode",
+        "disabled",
+        *extra,
+    ]
+
+
 def train_args(world, tmp_path, *extra: str) -> list[str]:
     return [
         "--model.model_name",
@@ -454,19 +468,7 @@ def _eval_full_disk_report(world, tmp_path, mp):
 def _compare_export_user_folder(world, tmp_path, mp):
     (tmp_path / "out" / "austeer").mkdir(parents=True)
     (tmp_path / "out" / "austeer" / "notes.txt").write_text("mine")
-    return evaluate_main, [
-        "--compare",
-        "--task",
-        str(world["task"]),
-        "--model",
-        str(world["tiny"]),
-        "--methods",
-        "austeer",
-        "--export_dir",
-        str(tmp_path / "out"),
-        "--wandb_mode",
-        "disabled",
-    ]
+    return evaluate_main, compare_args(world, "--methods", "austeer", "--export_dir", str(tmp_path / "out"))
 
 
 # -- analyze.py
@@ -696,12 +698,8 @@ def _file_appears_in_merge_out(world, tmp_path, mp):
 
 def _file_appears_in_compare_export(world, tmp_path, mp):
     _appears_during(mp, "austeer_pl.core.stateio.save_file", tmp_path / "out" / "austeer" / "notes.txt")
-    return evaluate_main, [
-        "--compare",
-        "--task",
-        str(world["task"]),
-        "--model",
-        str(world["tiny"]),
+    return evaluate_main, compare_args(
+        world,
         "--methods",
         "austeer",
         "--k",
@@ -712,9 +710,7 @@ def _file_appears_in_compare_export(world, tmp_path, mp):
         str(tmp_path / "out"),
         "--run_dir",
         str(tmp_path / "run"),
-        "--wandb_mode",
-        "disabled",
-    ]
+    )
 
 
 # 4. Killed writers: SIGTERM and Ctrl-C clean up like an error, in one line.
@@ -891,19 +887,7 @@ def _release_held_locks():
 
 def _compare_run_folder_in_use(world, tmp_path, mp):
     _run_folder_in_use(world, tmp_path, mp)
-    return evaluate_main, [
-        "--compare",
-        "--task",
-        str(world["task"]),
-        "--model",
-        str(world["tiny"]),
-        "--methods",
-        "austeer",
-        "--run_dir",
-        str(tmp_path / "run"),
-        "--wandb_mode",
-        "disabled",
-    ]
+    return evaluate_main, compare_args(world, "--methods", "austeer", "--run_dir", str(tmp_path / "run"))
 
 
 def _run_dir_is_a_user_folder(world, tmp_path, mp):
@@ -1091,19 +1075,9 @@ def _export_parser_error(world, tmp_path, mp):
 
 
 def _compare_side_task_missing(world, tmp_path, mp):
-    return evaluate_main, [
-        "--compare",
-        "--task",
-        str(world["task"]),
-        "--model",
-        str(world["tiny"]),
-        "--side_task",
-        str(tmp_path / "gone.jsonl"),
-        "--report",
-        str(tmp_path / "r.json"),
-        "--wandb_mode",
-        "disabled",
-    ]
+    return evaluate_main, compare_args(
+        world, "--side_task", str(tmp_path / "gone.jsonl"), "--report", str(tmp_path / "r.json")
+    )
 
 
 def _compare_shots_zero(world, tmp_path, mp):

@@ -44,7 +44,7 @@ def test_demonstrations_are_balanced_seeded_and_from_the_given_examples():
     assert collections.Counter(a for _, a in demos) == {"yes": 3, "no": 3}  # 10 "yes" of 30: still balanced
     by_prompt = {ex.prompt: ex.target for ex in train}
     assert all(by_prompt[p] == a for p, a in demos)  # each with its right answer
-    assert draw_demonstrations(train, 6, seed=0) == demos and draw_demonstrations(list(reversed(train)), 6, 0) != ()
+    assert draw_demonstrations(train, 6, seed=0) == demos
     assert draw_demonstrations(train, 6, seed=1) != demos
     assert collections.Counter(a for _, a in draw_demonstrations(train, 5, seed=0)) in (
         {"yes": 3, "no": 2},
@@ -89,7 +89,7 @@ def test_zero_shot_instruction_of_the_shipped_tasks():
 
 def test_prompt_settings_in_the_data_config():
     plain = DataConfig(max_val_examples=20, max_test_examples=30)
-    assert "instruction" not in plain.to_dict() and "shots" not in plain.to_dict() and not plain.prompted
+    assert "instruction" not in plain.to_dict() and "shots" not in plain.to_dict()
     prompted = plain.replace(instruction="auto", shots=4)
     assert prompted.to_dict()["shots"] == 4 and DataConfig.from_mapping(prompted.to_dict()) == prompted
     (t0, s0), (t1, s1) = plain.load(), prompted.load()
