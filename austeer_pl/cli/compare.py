@@ -197,7 +197,7 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
             row["state_bytes"], row["state_dir"] = state_bytes, state_dir
             entries.append(row)
         # Prompting, calibration and prompting + AUSteer on the same model, processes and examples.
-        rows, extra_states = baseline_rows(session, opts.methods, quick=opts.grid == "quick", shots=opts.shots)
+        rows, extra_states, omitted = baseline_rows(session, opts.methods, quick=opts.grid == "quick", shots=opts.shots)
         for row in rows:
             state = extra_states.get(row["name"])
             if state is not None and trainer.is_global_zero and state.k:
@@ -259,6 +259,7 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
         "world_size": trainer.world_size,
         "fit_seconds_note": FIT_SECONDS_NOTE,
         "methods": entries,
+        "omitted": omitted,  # asked for, not run: {name: why}
     }
     if trainer.is_global_zero:
         if opts.report:
@@ -327,7 +328,10 @@ def print_compare_table(report: dict[str, Any]) -> None:
             *_effects(m.get("side_effects")),
             hyper or "-",
         )
-    Console(width=None if sys.stdout.isatty() else 160).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    for name, why in report.get("omitted", {}).items():
+        console.print(f"{name}: not run ({why})", markup=False)
 
 
 def _effects(effects: dict[str, Any] | None) -> tuple[str, str]:

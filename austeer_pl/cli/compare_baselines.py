@@ -73,13 +73,15 @@ def _prompt_extra(result) -> dict[str, Any]:
 
 
 def baseline_rows(session, wanted: tuple[str, ...], *, quick: bool, shots: tuple[int, ...] | None = None):
-    """The rows of the ``wanted`` baselines (:data:`~austeer_pl.fit.baselines.PROMPT_BASELINES`) and
-    ``{name: state}`` of those that steer, after ``session`` (the comparison's fit) has tested its methods."""
+    """The rows of the ``wanted`` baselines (:data:`~austeer_pl.fit.baselines.PROMPT_BASELINES`),
+    ``{name: state}`` of those that steer, and ``{name: reason}`` of those that could not run, after
+    ``session`` (the comparison's fit) has tested its methods."""
     wanted = tuple(b for b in PROMPT_BASELINES if b in wanted)
     rows: list[dict[str, Any]] = []
     states: dict[str, Any] = {}
+    omitted: dict[str, str] = {}
     if not wanted:
-        return rows, states
+        return rows, states, omitted
     data = session.data
     test = data.splits["test"]
     prompts = PromptBaselines(
@@ -111,7 +113,13 @@ def baseline_rows(session, wanted: tuple[str, ...], *, quick: bool, shots: tuple
                     **_prompt_extra(result),
                 )
             )
-    if "calibrated" in wanted and session.scoring == "loglik":  # offsets on log-likelihoods: loglik scoring only
+    if "few_shot" in wanted and few is None:
+        omitted["few_shot"] = "no training examples to draw demonstrations from"
+    if "calibrated" in wanted and session.scoring != "loglik":  # offsets on log-likelihoods: loglik scoring only
+        omitted["calibrated"] = (
+            f"offsets on choice log-likelihoods; this comparison scores by {session.scoring} (use --scoring loglik)"
+        )
+    elif "calibrated" in wanted:
         cal = Calibration.fit(session.model, session.tokenizer, data, session.coll)
         rows.append(_row("calibrated", {"offsets": cal.describe()}, cal.val_accuracy, cal.test_predictions, test, 0.0))
     if "prompted_austeer" in wanted:
@@ -134,4 +142,4 @@ def baseline_rows(session, wanted: tuple[str, ...], *, quick: bool, shots: tuple
         )
         rows.append(row)
         states["prompted_austeer"] = state
-    return rows, states
+    return rows, states, omitted

@@ -139,6 +139,11 @@ def options_from_args(args) -> CompareOptions:
     bad = [m for m in methods if m not in COMPARE_METHODS]
     if bad:
         raise AusteerError(f"--methods: unknown method(s) {', '.join(bad)}; choose from {', '.join(COMPARE_METHODS)}")
+    if g("methods") and "calibrated" in methods and g("scoring") in ("generate", "paper"):
+        raise AusteerError(
+            f"--methods calibrated fits offsets on choice log-likelihoods, which --scoring {g('scoring')} does not "
+            "use; drop calibrated or score with --scoring loglik"
+        )
     max_test = g("max_test_examples")
     if g("limit") is not None:
         max_test = g("limit") if max_test is None else min(max_test, g("limit"))

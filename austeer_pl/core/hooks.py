@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from austeer_pl.core.reading import is_continuing_prompt
 from austeer_pl.core.sites import ModelLayout, register_site_hook
 
 TOKEN_SCOPES = ("all", "prompt", "generated")
@@ -91,7 +92,8 @@ class EditHandle:
     def _track_phase(self, _module, args, kwargs):
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         get_len = getattr(cache, "get_seq_length", None)
-        self._prefill = cache is None or not callable(get_len) or int(get_len()) == 0
+        # A prompt continued from its cached prefix is still the prompt (core.reading.continuing_prompt).
+        self._prefill = cache is None or not callable(get_len) or int(get_len()) == 0 or is_continuing_prompt()
         return None
 
     def _active(self) -> bool:

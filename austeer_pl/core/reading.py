@@ -8,12 +8,48 @@ equals the same row read alone (to float tolerance).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextvars
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from austeer_pl.core.sites import ModelLayout, register_site_hook
+
+# Marks on the forward passes of a prompt read in two parts (a shared prefix, then the rest from its KV
+# cache: austeer_pl.core.prefix.prefix_last_logits), read by the hooks that must tell them apart.
+_CONTINUING_PROMPT: contextvars.ContextVar[bool] = contextvars.ContextVar("austeer_continuing_prompt", default=False)
+_UNREPLAYED: contextvars.ContextVar[bool] = contextvars.ContextVar("austeer_unreplayed", default=False)
+
+
+@contextmanager
+def _flag(var: contextvars.ContextVar[bool]) -> Iterator[None]:
+    token = var.set(True)
+    try:
+        yield
+    finally:
+        var.reset(token)
+
+
+def continuing_prompt():
+    """Forwards inside this block continue a prompt from its cached prefix: they are still the prompt
+    (a ``token_scope="prompt"`` edit steers them), not decoding steps."""
+    return _flag(_CONTINUING_PROMPT)
+
+
+def is_continuing_prompt() -> bool:
+    return _CONTINUING_PROMPT.get()
+
+
+def unreplayed():
+    """Forwards inside this block (a shared prefix's prefill) are neither recorded nor replayed by
+    :class:`~austeer_pl.fit.gridscore.LayerReplay`: they compute every layer."""
+    return _flag(_UNREPLAYED)
+
+
+def is_unreplayed() -> bool:
+    return _UNREPLAYED.get()
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

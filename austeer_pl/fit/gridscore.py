@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from austeer_pl.core.placement import input_device
-from austeer_pl.core.reading import padded_logits
+from austeer_pl.core.reading import is_unreplayed, padded_logits
 from austeer_pl.core.sites import ModelLayout
 from austeer_pl.core.tokens import encode_answers, pad_id_of, pad_ids
 from austeer_pl.errors import AusteerError
@@ -39,7 +39,7 @@ from austeer_pl.scoring.loglik import (
     choice_logprobs,
     decision_statistics,
 )
-from austeer_pl.tasks.prompts import format_prompt
+from austeer_pl.tasks.prompts import demonstration_prefix, format_prompt
 from austeer_pl.tasks.schema import Task
 
 
@@ -70,7 +70,8 @@ class LayerReplay:
         self._calls = 0
 
     def _count(self, *_args, **_kwargs) -> None:
-        self._calls += 1
+        if not is_unreplayed():  # a shared prefix's prefill computes every layer, every time
+            self._calls += 1
 
     @contextmanager
     def recording(self):
@@ -81,6 +82,8 @@ class LayerReplay:
 
         def keep(index):
             def hook(_module, _args, output):
+                if is_unreplayed():
+                    return
                 forward = self._calls - 1
                 while len(self.records) <= forward:
                     self.records.append([None] * self.max_layer)
@@ -105,23 +108,34 @@ class LayerReplay:
         self._calls = 0
         handle = self.model.register_forward_pre_hook(self._count)
 
-        def skipped(*_args, **_kwargs):
-            forward = self._calls - 1
-            if forward >= len(self.records):
-                raise AusteerError(
-                    "a replayed pass ran more forwards than its recording; replay only the passes that were recorded"
-                )
-            return self.records[forward][start - 1]
+        def skipping(layer):
+            own = vars(layer).get("forward")  # an instance forward (e.g. accelerate's dispatch wrapper) is kept
+            computed = own if own is not None else type(layer).forward.__get__(layer)
 
-        patched = self.layers[:start]
-        for layer in patched:
+            def skipped(*args, **kwargs):
+                if is_unreplayed():
+                    return computed(*args, **kwargs)
+                forward = self._calls - 1
+                if forward >= len(self.records):
+                    raise AusteerError(
+                        "a replayed pass ran more forwards than its recording; replay only the passes that were recorded"
+                    )
+                return self.records[forward][start - 1]
+
+            return own, skipped
+
+        patched = [(layer, *skipping(layer)) for layer in self.layers[:start]]
+        for layer, _own, skipped in patched:
             layer.forward = skipped  # an instance attribute shadows the class's forward
         try:
             yield self
         finally:
             handle.remove()
-            for layer in patched:
-                del layer.forward
+            for layer, own, _skipped in patched:
+                if own is None:
+                    del layer.forward
+                else:
+                    layer.forward = own
 
 
 class GridScorer:
@@ -155,7 +169,13 @@ class GridScorer:
 
         answers = [answer_suffixes(p, ex.choices, self.task) for p, ex in zip(prompts, examples)]
         return choice_logprobs(
-            self.model, self.tokenizer, prompts, answers, batch_size=self.batch_size, max_length=self.max_length
+            self.model,
+            self.tokenizer,
+            prompts,
+            answers,
+            batch_size=self.batch_size,
+            max_length=self.max_length,
+            prefix=demonstration_prefix(self.tokenizer, self.task, prompts),
         )
 
     def score(self, states: Sequence[Any], examples, prompts) -> torch.Tensor:

@@ -4,6 +4,13 @@ A choice's ids are the ids of the joined text ``prompt + choice`` after the prom
 (:func:`~austeer_pl.core.tokens.encode_answers`), the same rule as in fitting. Batches are
 left-padded, so every answer ends at the last position and only the last few positions' logits
 are computed.
+
+A ``prefix`` that every prompt starts with (a few-shot prompt's demonstrations:
+:func:`~austeer_pl.tasks.prompts.demonstration_prefix`) is computed once per batch and the rest of each
+prompt continued from its KV cache (:func:`~austeer_pl.core.prefix.prefix_last_logits`), for single-token
+choices on the CPU (where the momentum pass shares prompts too: :func:`~austeer_pl.core.prefix.use_shared_prefix`).
+The same scores to float tolerance; a row whose ids do not start with the prefix's (truncated, or
+tokenized across the boundary) is scored whole.
 """
 
 from __future__ import annotations
@@ -15,9 +22,11 @@ import torch
 from torch import nn
 
 from austeer_pl.core.placement import input_device
+from austeer_pl.core.prefix import prefix_last_logits, use_shared_prefix
 from austeer_pl.core.reading import padded_logits
 from austeer_pl.core.tokens import (
     encode_answers,
+    encode_segments,
     pad_id_of,
     pad_ids,
     truncate_left,
@@ -34,6 +43,7 @@ def choice_logprobs(
     *,
     batch_size: int = 16,
     max_length: int | None = None,
+    prefix: str | None = None,
 ) -> list[torch.Tensor]:
     """Log-likelihood of each answer given its prompt, summed over the answer's tokens.
 
@@ -45,6 +55,7 @@ def choice_logprobs(
             :func:`austeer_pl.tasks.join_answer`).
         batch_size: sequences per forward pass.
         max_length: truncate sequences from the left to this many tokens.
+        prefix: text the prompts start with, computed once per batch (see the module docs).
 
     Returns:
         One float32 tensor of ``len(answers[i])`` log-likelihoods per prompt.
@@ -74,14 +85,16 @@ def choice_logprobs(
     if single:
         # One forward pass per prompt: every choice is a single token predicted at its last position.
         targets = torch.tensor([a[0] for a in answer_ids])
+        shared = None
+        if prefix and use_shared_prefix("auto", device):
+            shared = encode_segments(tokenizer, [prefix], special=True)[0]
         rows_of = [[] for _ in prompts]
         for j, i in enumerate(owner):
             rows_of[i].append(j)
         for start in range(0, len(prompts), batch_size):
             chunk = range(start, min(start + batch_size, len(prompts)))
-            ids, mask = pad_ids([truncate_left(prompt_ids.get(i, []), max_length) for i in chunk], pad, device=device)
-            logits = padded_logits(model, ids, mask, 1)
-            logp = torch.log_softmax(logits[:, -1].float(), dim=-1).cpu()
+            rows = [truncate_left(prompt_ids.get(i, []), max_length) for i in chunk]
+            logp = torch.log_softmax(_last_logits(model, rows, pad, shared).float(), dim=-1).cpu()
             cols = [j for i in chunk for j in rows_of[i]]
             rows = torch.tensor([i - start for i in chunk for _ in rows_of[i]])
             out[cols] = logp[rows, targets[cols]]
@@ -113,6 +126,24 @@ def choice_logprobs(
         result.append(out[offset : offset + len(group)])
         offset += len(group)
     return result
+
+
+def _last_logits(model: nn.Module, rows: list[list[int]], pad: int, prefix: list[int] | None) -> torch.Tensor:
+    """``(len(rows), vocab)`` logits at each row's last token; rows that start with ``prefix`` continue its cache."""
+    n = len(prefix) if prefix else 0
+    cont = [j for j, r in enumerate(rows) if n and len(r) > n and r[:n] == prefix]
+    shared = prefix_last_logits(model, prefix, [rows[j][n:] for j in cont], pad) if cont and prefix else None
+    if shared is None:
+        ids, mask = pad_ids(rows, pad, device=input_device(model))
+        return padded_logits(model, ids, mask, 1)[:, -1]
+    if len(cont) == len(rows):
+        return shared
+    whole = sorted(set(range(len(rows))) - set(cont))
+    ids, mask = pad_ids([rows[j] for j in whole], pad, device=shared.device)
+    out = shared.new_empty(len(rows), shared.shape[-1])
+    out[cont] = shared
+    out[whole] = padded_logits(model, ids, mask, 1)[:, -1].to(out.device)
+    return out
 
 
 #: The per-example statistics of a scored choice, in the order of :meth:`GridScorer.score`'s last axis.

@@ -72,6 +72,29 @@ def format_prompt(tokenizer: Any, task: Task, prompt: str, *, chat_template: boo
     return text
 
 
+_MARK = "\x00austeer-example\x00"  # stands for the example's prompt; no real prompt holds it
+
+
+def demonstration_prefix(tokenizer: Any, task: Task, prompts: Sequence[str]) -> str | None:
+    """The text before the example in ``task``'s formatted prompts when it has few-shot demonstrations
+    (the template head, the instruction and the demonstration turns): scoring computes it once per batch
+    (:func:`~austeer_pl.scoring.loglik.choice_logprobs`). None without demonstrations, or when no prompt
+    starts with it in either formatting mode.
+
+    Example:
+        >>> demonstration_prefix(None, few_shot_task, [format_prompt(None, few_shot_task, "Is it?", chat_template=False)])
+        'Is the sky blue?\nAnswer: yes\n\n'
+    """
+    if not task.demonstrations or not prompts or task.protocol == "paper":
+        return None
+    modes = (True, False) if getattr(tokenizer, "chat_template", None) else (False,)
+    for mode in modes:
+        head, mark, _ = format_prompt(tokenizer, task, _MARK, chat_template=mode).partition(_MARK)
+        if mark and head and any(p.startswith(head) for p in prompts):
+            return head
+    return None
+
+
 def join_for(task: Task, prompt_text: str, choice: str) -> str:
     """``prompt_text`` followed by ``choice`` as ``task`` joins them: without a separator under the
     paper protocol (its answers are written to follow the prompt), else :func:`join_answer`."""

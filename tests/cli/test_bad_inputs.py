@@ -1092,6 +1092,10 @@ def _compare_shots_zero(world, tmp_path, mp):
     ]
 
 
+def _compare_calibrated_by_generation(world, tmp_path, mp):
+    return evaluate_main, compare_args(world, "--methods", "unsteered,calibrated", "--scoring", "generate")
+
+
 def _data_shots_negative(world, tmp_path, mp):
     return train_main, train_args(world, tmp_path, "--data.shots", "-1")
 
@@ -1206,6 +1210,11 @@ NEW_CASES = [
     Case("export-parser-error", _export_parser_error, "invalid choice: 'onnx'"),
     Case("compare-side-task-missing", _compare_side_task_missing, "--side_task: unknown task"),
     Case("compare-shots-zero", _compare_shots_zero, "--shots must list positive numbers of demonstrations"),
+    Case(
+        "compare-calibrated-by-generation",
+        _compare_calibrated_by_generation,
+        "--methods calibrated fits offsets on choice log-likelihoods",
+    ),
     Case("data-shots-negative", _data_shots_negative, "--data.shots must be 0 or more demonstrations"),
     Case(
         "data-shots-over-the-training-split",

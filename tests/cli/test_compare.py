@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from austeer_pl import SteeringState, locate_units
+from austeer_pl.cli.compare import compare
 from austeer_pl.cli.evaluate import evaluate_main
 
 from helpers import (
@@ -559,6 +560,27 @@ def test_off_task_accuracy_is_the_side_tasks_accuracy_steered(compared, tiny_dir
         effects = rows[name]["side_effects"]
         assert effects["off_task_accuracy"] == pytest.approx(steered)
         assert effects["off_task_change"] == pytest.approx(steered - base)
+
+
+def test_a_comparison_says_which_baselines_it_could_not_run(tiny_dir, tmp_path, capsys):
+    """A baseline the comparison cannot run (calibration under generation scoring, here the task's own
+    default when --scoring is not given) is named in the report with the reason, and printed."""
+    task = write_less_task(tmp_path / "small.jsonl", 12, seed=3)
+    report = compare(
+        model=str(tiny_dir),
+        task=str(task),
+        methods=("unsteered", "calibrated"),
+        scoring="generate",
+        k=[2],
+        grid="quick",
+        side_task=None,
+        device="cpu",
+        wandb_mode="disabled",
+        run_dir=str(tmp_path / "run"),
+    )
+    assert [m["name"] for m in report["methods"]] == ["unsteered"]
+    assert "scores by generate (use --scoring loglik)" in report["omitted"]["calibrated"]
+    assert "calibrated: not run (offsets on choice log-likelihoods" in capsys.readouterr().out
 
 
 def test_a_prompting_comparison_tries_only_the_shots_the_training_split_holds(tiny_dir, tmp_path):

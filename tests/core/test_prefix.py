@@ -2,19 +2,29 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+
 import pytest
 import torch
 
 from austeer_pl import ActivationReader, accumulate_momentum, locate_units
 from austeer_pl.core.pairs import pair_batch, read_pair_batch, rows_batch, split_batch
-from austeer_pl.core.prefix import SharedPrefixReader, split_shared_prefix
+from austeer_pl.core.prefix import SharedPrefixReader, prefix_last_logits, split_shared_prefix
 from austeer_pl.core.tokens import encode_texts
 from austeer_pl.errors import AusteerError
+from austeer_pl.scoring.evaluate import answer_suffixes
+from austeer_pl.scoring.loglik import choice_logprobs
+from austeer_pl.tasks import Task, TaskExample
+from austeer_pl.tasks.prompts import demonstration_prefix, format_prompt
 
 from helpers import (
     CORE_ARCHS,
     make_model,
     make_tokenizer,
+    random_state,
+    tiny_model,
+    tiny_tokenizer,
 )
 
 SITES = ["attention", "ffn", "residual"]
@@ -314,3 +324,76 @@ def test_unsupported_cache_falls_back_once_per_class(monkeypatch):
     finally:
         handle.remove()
     assert calls == [None]
+
+
+# ---------------------------------------------------------------------------- scoring after a shared prefix
+def whole_last_logits(model, seqs):
+    """Oracle: each full sequence alone, no cache, its last position's logits."""
+    with torch.inference_mode():
+        return torch.cat([model(input_ids=torch.tensor([s])).logits[:, -1] for s in seqs])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "qwen3"])
+@pytest.mark.parametrize("scope", [None, "all", "prompt", "generated"])
+def test_prefix_last_logits_equal_whole_prompts(arch, scope):
+    model = make_model(arch).to(torch.float64)
+    layout = locate_units(model)
+    prefix, rests = random_ids([9], 4)[0], random_ids([3, 1, 6, 2], 5)
+    seqs = [prefix + r for r in rests]
+    unsteered = whole_last_logits(model, seqs)
+    state = None if scope is None else random_state(layout, ["attention", "ffn"], token_scope=scope)
+    with state.apply(model) if state is not None else contextlib.nullcontext(), torch.inference_mode():
+        got = prefix_last_logits(model, prefix, rests, pad_id=0)
+        want = whole_last_logits(model, seqs)  # under the same hooks: a plain forward is the prompt
+    assert got is not None and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)  # eager attention: softmax in float32
+    # The continued rest is the prompt: steered under "all" and "prompt", not under "generated".
+    assert torch.allclose(got, unsteered) == (scope in (None, "generated"))
+
+
+def test_prefix_last_logits_decline_what_they_cannot_do_exactly():
+    model = make_model("gemma2")  # a sliding window of 8 tokens: left pads between prefix and rest would count
+    assert prefix_last_logits(model, random_ids([6], 1)[0], random_ids([3, 1], 2), pad_id=0) is None
+    assert prefix_last_logits(make_model("llama"), [], [[3, 4]], pad_id=0) is None
+
+
+def test_demonstration_prompts_are_scored_from_their_shared_prefix(monkeypatch):
+    import austeer_pl.scoring.loglik as loglik
+
+    model, tok = tiny_model().to(torch.float64), tiny_tokenizer()
+    tok.pad_token = "<unk>"
+    g = torch.Generator().manual_seed(0)
+    examples = [
+        TaskExample(
+            " ".join(f"w{int(x)}" for x in torch.randint(10, 90, (int(n),), generator=g)), ("w5", "w6"), i % 2, f"t:{i}"
+        )
+        for i, n in enumerate(torch.randint(1, 12, (10,), generator=g))
+    ]
+    task = Task(
+        "words",
+        tuple(examples),
+        demonstrations=(("w11 w12 w13", "w5"), ("w14 w15", "w6")),
+        instruction="w40 w41\n",
+        answer_prefix="w3",
+    )
+    prompts = [format_prompt(tok, task, ex.prompt, chat_template=False) for ex in examples]
+    prefix = demonstration_prefix(tok, task, prompts)
+    assert prefix == "w40 w41\nw11 w12 w13\nw3 w5\n\nw14 w15\nw3 w6\n\n"
+    assert demonstration_prefix(tok, dataclasses.replace(task, demonstrations=()), prompts) is None
+    answers = [answer_suffixes(p, ex.choices, task) for p, ex in zip(prompts, examples)]
+    continued = []
+    spy = loglik.prefix_last_logits
+    monkeypatch.setattr(loglik, "prefix_last_logits", lambda *a, **k: continued.append(len(a[2])) or spy(*a, **k))
+    with torch.inference_mode():
+        whole = choice_logprobs(model, tok, prompts, answers, batch_size=4)
+        shared = choice_logprobs(model, tok, prompts, answers, batch_size=4, prefix=prefix)
+        cut = choice_logprobs(model, tok, prompts, answers, batch_size=4, prefix=prefix, max_length=16)
+    lengths = [len(ids) for ids in tok(prompts)["input_ids"]]
+    short = [sum(n <= 16 for n in lengths[i : i + 4]) for i in range(0, 10, 4)]
+    # Every row continued the prefix; with max_length=16 only the rows that are not truncated do.
+    assert continued == [4, 4, 2] + [n for n in short if n]
+    assert 0 < sum(short) < 10
+    torch.testing.assert_close(torch.stack(shared), torch.stack(whole), rtol=0, atol=1e-10)
+    with torch.inference_mode():
+        cut_whole = choice_logprobs(model, tok, prompts, answers, batch_size=4, max_length=16)
+    torch.testing.assert_close(torch.stack(cut), torch.stack(cut_whole), rtol=0, atol=1e-10)

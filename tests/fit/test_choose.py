@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from austeer_pl.core.reading import unreplayed
 from austeer_pl.core.selection import Selection
 from austeer_pl.core.sites import locate_units
 from austeer_pl.core.state import SteeringState
@@ -21,10 +22,13 @@ from austeer_pl.scoring.evaluate import answer_suffixes
 from austeer_pl.scoring.loglik import choice_logprobs
 from austeer_pl.scoring.statistics import criterion_values
 from austeer_pl.tasks import Task, TaskExample
+from austeer_pl.tasks.prompts import format_prompt
 
 from helpers import (
     make_model,
     make_tokenizer,
+    tiny_model,
+    tiny_tokenizer,
     write_less_task,
 )
 
@@ -581,3 +585,65 @@ def test_a_learned_strength_is_exported_only_when_it_beats_no_steering(tiny_dir,
     solved = SteeringState.from_pretrained(tmp_path / "yes")
     verdict = solved.metadata["fit"]["learned_verdict"]
     assert verdict["helps"] and verdict["gain"] > verdict["threshold"] and solved.strength["kind"] == "scalar", verdict
+
+
+def test_few_shot_prompts_replay_exactly_from_their_shared_prefix(monkeypatch):
+    """Few-shot prompts are scored from their demonstrations' cache (one prefill per batch and state,
+    outside the replay), and replay still gives the bits of the full grid pass."""
+    import austeer_pl.scoring.loglik as loglik
+
+    model, tok = tiny_model().to(torch.float64), tiny_tokenizer()
+    tok.pad_token = "<unk>"
+    layout = locate_units(model)
+    g = torch.Generator().manual_seed(3)
+    examples = [
+        TaskExample(
+            " ".join(f"w{int(x)}" for x in torch.randint(10, 90, (n,), generator=g)), ("w5", "w6"), i % 2, f"{i}"
+        )
+        for i, n in enumerate([3, 7, 1, 9, 4, 2, 6])
+    ]
+    task = Task("words", tuple(examples), demonstrations=(("w11 w12", "w5"), ("w14", "w6")), answer_prefix="w3")
+    prompts = [format_prompt(tok, task, ex.prompt, chat_template=False) for ex in examples]
+    states = [
+        None,
+        _state(layout, "attention", [(1, 1), (1, 5)], 3.0),
+        _state(layout, "ffn", [(0, 2), (1, 3)], 2.0),
+    ]
+    continued = []
+    spy = loglik.prefix_last_logits
+    monkeypatch.setattr(loglik, "prefix_last_logits", lambda *a, **k: continued.append(1) or spy(*a, **k))
+    replayed = GridScorer(model, tok, layout, task, batch_size=3, replay=True).score(states, examples, prompts)
+    assert len(continued) == 3 * len(states)  # three batches, each state
+    plain = GridScorer(model, tok, layout, task, batch_size=3, replay=False).score(states, examples, prompts)
+    assert torch.equal(replayed, plain)
+    for j, state in enumerate(states):  # the oracle scores whole prompts (no prefix)
+        torch.testing.assert_close(
+            replayed[j], _oracle_stats(model, tok, task, state, examples, prompts, layout), rtol=0, atol=1e-6
+        )
+    assert not torch.allclose(replayed[1, :, 2], replayed[0, :, 2])
+    assert all("forward" not in vars(layer) for layer in layout.layers)
+
+
+def test_replay_keeps_a_layers_own_forward():
+    """A layer's instance forward (accelerate's dispatch wrapper) is restored after a replay, and a
+    prefill outside the replay runs it."""
+    model = make_model("llama")
+    layout = locate_units(model)
+    calls = []
+    layer = layout.layers[0]
+    original = layer.forward
+
+    def own(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    layer.forward = own
+    replay = LayerReplay(model, layout, max_layer=2)
+    ids = torch.tensor([[3, 4, 5]])
+    with replay.recording():
+        model(input_ids=ids)
+    with replay.replaying(2):
+        model(input_ids=ids)
+        with unreplayed():
+            model(input_ids=ids)
+    assert len(calls) == 2 and vars(layer)["forward"] is own
