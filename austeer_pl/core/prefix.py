@@ -113,9 +113,11 @@ def _plain_cache(cache: Any, model: nn.Module) -> list[Any] | None:
 
 
 def prefix_last_logits(
-    model: nn.Module, prefix: Sequence[int], rests: Sequence[Sequence[int]], pad_id: int
+    model: nn.Module, prefix: Sequence[int], rests: Sequence[Sequence[int]], pad_id: int, keep: int = 1
 ) -> torch.Tensor | None:
-    """Last-position logits of each ``prefix + rest``, the shared prefix computed once: ``(len(rests), vocab)``.
+    """Logits at the last ``keep`` positions of each ``prefix + rest``, the shared prefix computed once:
+    ``(len(rests), vocab)`` for ``keep=1``, else ``(len(rests), keep, vocab)`` (each rest must hold ``keep``
+    tokens for all of them to be its own).
 
     The prefix is prefilled as one row (every layer, under whatever hooks are on the model, outside
     :class:`~austeer_pl.fit.gridscore.LayerReplay`: :func:`~austeer_pl.core.reading.unreplayed`), its
@@ -171,10 +173,10 @@ def prefix_last_logits(
             attention_mask=torch.cat([torch.ones(n, head.shape[1], dtype=mask.dtype, device=device), mask], dim=1),
             position_ids=head.shape[1] + position_ids_from_mask(mask),
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
             **{name: cache},
         )
-    return out.logits[:, -1]
+    return out.logits[:, -1] if keep == 1 else out.logits
 
 
 def use_shared_prefix(setting: bool | str, device: torch.device | str) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -23,7 +24,7 @@ from austeer_pl.fit.choose import Candidate, GridChoice, choose, predictions
 from austeer_pl.fit.collectives import Collectives
 from austeer_pl.fit.config import SelectionConfig
 from austeer_pl.fit.data import FitData
-from austeer_pl.fit.gridscore import GridScorer, generic_texts, harm_kl
+from austeer_pl.fit.gridscore import GridScorer, LayerReplay, first_layer, generic_texts, harm_kl
 from austeer_pl.methods.registry import UNSTEERED
 
 
@@ -166,7 +167,13 @@ class GridScoring:
 
 class TestScoring:
     """Each method's chosen state on the test examples (``evaluate.py --compare``): every process
-    scores its batches; predictions are written as positive codes into zeros, so a sum gathers them exactly."""
+    scores its batches; predictions are written as positive codes into zeros, so a sum gathers them exactly.
+
+    Under ``loglik`` scoring each batch's unsteered pass is recorded once and every fixed-strength state
+    replays the layers below its first steered one (:class:`~austeer_pl.fit.gridscore.LayerReplay`: the
+    same bits as a full pass); a learned gate reads the residual stream below its units, so it runs whole.
+    The recording pass's time is the unsteered model's (or, without one, the first steered state's).
+    """
 
     def __init__(
         self, model: nn.Module, tokenizer, layout: ModelLayout, data: FitData, collectives: Collectives, *, scoring: str
@@ -195,9 +202,9 @@ class TestScoring:
         index = torch.tensor(list(indices))
         examples = [self.data.splits["test"][i] for i in indices]
         prompts = [self.data.test_prompts[i] for i in indices]
-        for j, state in enumerate(self.states):
-            started = time.perf_counter()
-            preds = predictions(
+
+        def predicted(state) -> torch.Tensor:
+            return predictions(
                 self.model,
                 self.tokenizer,
                 self.data.task,
@@ -209,8 +216,29 @@ class TestScoring:
                 max_length=self.data.config.max_length,
                 layout=self.layout,
             )
+
+        steered = [s is not None and s.k > 0 for s in self.states]
+        starts = [
+            first_layer(s) if on and s.strength.get("kind") != "gate" else 0 for s, on in zip(self.states, steered)
+        ]
+        replay = LayerReplay(self.model, self.layout, max(starts)) if self.scoring == "loglik" and max(starts) else None
+        base = None
+        if replay is not None or not all(steered):
+            started = time.perf_counter()
+            with replay.recording() if replay is not None else nullcontext():
+                base = predicted(None)
+            owner = steered.index(False) if not all(steered) else starts.index(max(starts))
+            self.seconds[owner] += time.perf_counter() - started
+        for j, state in enumerate(self.states):
+            if not steered[j]:
+                preds = base
+            else:
+                started = time.perf_counter()
+                with replay.replaying(starts[j]) if replay is not None else nullcontext():
+                    preds = predicted(state)
+                self.seconds[j] += time.perf_counter() - started
+            assert preds is not None
             self.codes[j, index] = preds.long().cpu() + 2  # >= 1: a SUM over processes gathers them exactly
-            self.seconds[j] += time.perf_counter() - started
 
     def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(predictions per state and example, the slowest process's seconds per state)``."""

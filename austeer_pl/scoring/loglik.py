@@ -7,8 +7,8 @@ are computed.
 
 A ``prefix`` that every prompt starts with (a few-shot prompt's demonstrations:
 :func:`~austeer_pl.tasks.prompts.demonstration_prefix`) is computed once per batch and the rest of each
-prompt continued from its KV cache (:func:`~austeer_pl.core.prefix.prefix_last_logits`), for single-token
-choices on the CPU (where the momentum pass shares prompts too: :func:`~austeer_pl.core.prefix.use_shared_prefix`).
+prompt (and its answers) continued from its KV cache (:func:`~austeer_pl.core.prefix.prefix_last_logits`), on
+the CPU (where the momentum pass shares prompts too: :func:`~austeer_pl.core.prefix.use_shared_prefix`).
 The same scores to float tolerance; a row whose ids do not start with the prefix's (truncated, or
 tokenized across the boundary) is scored whole.
 """
@@ -77,6 +77,9 @@ def choice_logprobs(
     prompt_ids = {}
     for j, i in enumerate(owner):
         prompt_ids.setdefault(i, pair_prompt_ids[j])
+    shared = None
+    if prefix and use_shared_prefix("auto", device):
+        shared = encode_segments(tokenizer, [prefix], special=True)[0]
     # One forward per prompt when every choice is one token after the same prompt ids.
     single = all(len(a) == 1 for a in answer_ids) and all(
         pair_prompt_ids[j] == prompt_ids[owner[j]] for j in range(len(owner))
@@ -85,16 +88,13 @@ def choice_logprobs(
     if single:
         # One forward pass per prompt: every choice is a single token predicted at its last position.
         targets = torch.tensor([a[0] for a in answer_ids])
-        shared = None
-        if prefix and use_shared_prefix("auto", device):
-            shared = encode_segments(tokenizer, [prefix], special=True)[0]
         rows_of = [[] for _ in prompts]
         for j, i in enumerate(owner):
             rows_of[i].append(j)
         for start in range(0, len(prompts), batch_size):
             chunk = range(start, min(start + batch_size, len(prompts)))
             rows = [truncate_left(prompt_ids.get(i, []), max_length) for i in chunk]
-            logp = torch.log_softmax(_last_logits(model, rows, pad, shared).float(), dim=-1).cpu()
+            logp = torch.log_softmax(_tail_logits(model, rows, pad, shared, 1)[:, -1].float(), dim=-1).cpu()
             cols = [j for i in chunk for j in rows_of[i]]
             rows = torch.tensor([i - start for i in chunk for _ in rows_of[i]])
             out[cols] = logp[rows, targets[cols]]
@@ -103,12 +103,12 @@ def choice_logprobs(
         lengths = [min(len(a), len(s) - 1) for a, s in zip(answer_ids, seqs)]
         for start in range(0, len(seqs), batch_size):
             chunk = range(start, min(start + batch_size, len(seqs)))
-            ids, mask = pad_ids([seqs[j] for j in chunk], pad, device=device)
+            rows = [seqs[j] for j in chunk]
             span = max(lengths[j] for j in chunk)
-            logits = padded_logits(model, ids, mask, span + 1)
+            logits = _tail_logits(model, rows, pad, shared, span + 1)
             # Position t predicts token t + 1: the last `span` tokens are predicted by the `span` positions before the end.
             logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            target = ids[:, -span:]
+            target, _ = pad_ids([r[-span:] for r in rows], pad, device=logp.device)  # the last `span` ids, left-padded
             picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, span)
             lens = torch.tensor([lengths[j] for j in chunk], device=picked.device)
             keep = torch.arange(span, device=picked.device).unsqueeze(0) >= (span - lens).unsqueeze(1)
@@ -128,21 +128,29 @@ def choice_logprobs(
     return result
 
 
-def _last_logits(model: nn.Module, rows: list[list[int]], pad: int, prefix: list[int] | None) -> torch.Tensor:
-    """``(len(rows), vocab)`` logits at each row's last token; rows that start with ``prefix`` continue its cache."""
+def _tail_logits(
+    model: nn.Module, rows: list[list[int]], pad: int, prefix: list[int] | None, keep: int
+) -> torch.Tensor:
+    """``(len(rows), keep, vocab)`` logits at each row's last ``keep`` tokens (left-padded rows, as
+    :func:`~austeer_pl.core.reading.padded_logits`); rows that start with ``prefix`` and hold ``keep``
+    tokens after it continue its cache."""
     n = len(prefix) if prefix else 0
-    cont = [j for j, r in enumerate(rows) if n and len(r) > n and r[:n] == prefix]
-    shared = prefix_last_logits(model, prefix, [rows[j][n:] for j in cont], pad) if cont and prefix else None
+    cont = [j for j, r in enumerate(rows) if n and len(r) >= n + keep and r[:n] == prefix]
+    shared = None
+    if cont and prefix:
+        shared = prefix_last_logits(model, prefix, [rows[j][n:] for j in cont], pad, keep=keep)
+    if shared is not None and keep == 1:
+        shared = shared.unsqueeze(1)
     if shared is None:
         ids, mask = pad_ids(rows, pad, device=input_device(model))
-        return padded_logits(model, ids, mask, 1)[:, -1]
+        return padded_logits(model, ids, mask, keep)
     if len(cont) == len(rows):
         return shared
     whole = sorted(set(range(len(rows))) - set(cont))
     ids, mask = pad_ids([rows[j] for j in whole], pad, device=shared.device)
-    out = shared.new_empty(len(rows), shared.shape[-1])
+    out = shared.new_empty(len(rows), *shared.shape[1:])
     out[cont] = shared
-    out[whole] = padded_logits(model, ids, mask, 1)[:, -1].to(out.device)
+    out[whole] = padded_logits(model, ids, mask, keep).to(out.device)
     return out
 
 

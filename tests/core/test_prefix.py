@@ -397,3 +397,27 @@ def test_demonstration_prompts_are_scored_from_their_shared_prefix(monkeypatch):
     with torch.inference_mode():
         cut_whole = choice_logprobs(model, tok, prompts, answers, batch_size=4, max_length=16)
     torch.testing.assert_close(torch.stack(cut), torch.stack(cut_whole), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_multi_token_answers_are_scored_from_the_shared_prefix(arch, monkeypatch):
+    """Character-level answers (" yes", " no": several tokens each) continue the demonstrations' cache too."""
+    import austeer_pl.scoring.loglik as loglik
+
+    model, tok = make_model(arch), make_tokenizer()  # float32: a left-padded float64 eager row can be all masked
+    examples = [
+        TaskExample(f"is {i % 7} less than {(i * 3) % 5}", ("yes", "no, not"), int((i % 7) >= (i * 3) % 5), f"t:{i}")
+        for i in range(9)
+    ]
+    task = Task("less", tuple(examples), demonstrations=(("is 1 less than 2", "yes"), ("is 5 less than 3", "no, not")))
+    prompts = [format_prompt(tok, task, ex.prompt, chat_template=False) for ex in examples]
+    answers = [answer_suffixes(p, ex.choices, task) for p, ex in zip(prompts, examples)]
+    continued = []
+    spy = loglik.prefix_last_logits
+    monkeypatch.setattr(loglik, "prefix_last_logits", lambda *a, **k: continued.append(k["keep"]) or spy(*a, **k))
+    prefix = demonstration_prefix(tok, task, prompts)
+    with torch.inference_mode():
+        shared = choice_logprobs(model, tok, prompts, answers, batch_size=4, prefix=prefix)
+        whole = choice_logprobs(model, tok, prompts, answers, batch_size=4)
+    assert len(continued) == 5 and min(continued) > 2  # 18 sequences in batches of 4; spans of several tokens
+    torch.testing.assert_close(torch.cat(shared), torch.cat(whole), rtol=0, atol=1e-5)

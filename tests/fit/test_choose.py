@@ -647,3 +647,59 @@ def test_replay_keeps_a_layers_own_forward():
         with unreplayed():
             model(input_ids=ids)
     assert len(calls) == 2 and vars(layer)["forward"] is own
+
+
+@pytest.mark.parametrize("few_shot", [False, True])
+def test_test_scoring_replays_to_the_predictions_of_whole_passes(few_shot, monkeypatch):
+    """TestScoring records each batch's unsteered pass once and replays it for every fixed-strength state:
+    the predictions of scoring each state alone, with and without a shared few-shot prefix."""
+    from types import SimpleNamespace
+
+    import austeer_pl.fit.gridscore as gridscore
+    from austeer_pl.fit.choose import predictions
+    from austeer_pl.fit.collectives import OneProcess
+    from austeer_pl.fit.grid import TestScoring
+
+    model, tok = tiny_model().to(torch.float64), tiny_tokenizer()
+    tok.pad_token = "<unk>"
+    layout = locate_units(model)
+    g = torch.Generator().manual_seed(5)
+    examples = [
+        TaskExample(
+            " ".join(f"w{int(x)}" for x in torch.randint(10, 90, (n,), generator=g)), ("w5", "w6"), i % 2, f"{i}"
+        )
+        for i, n in enumerate([3, 7, 1, 9, 4, 2, 6, 5])
+    ]
+    demos = (("w11 w12", "w5"), ("w14", "w6")) if few_shot else ()
+    task = Task("words", tuple(examples), demonstrations=demos, answer_prefix="w3")
+    prompts = [format_prompt(tok, task, ex.prompt, chat_template=False) for ex in examples]
+    states = [
+        _state(layout, "attention", [(1, 1), (1, 5)], 40.0),
+        None,
+        _state(layout, "ffn", [(0, 2), (1, 3)], 30.0),
+        _state(layout, "ffn", [(1, 0), (1, 7)], -30.0),
+    ]
+    data = SimpleNamespace(
+        splits={"test": examples},
+        test_prompts=prompts,
+        task=task,
+        batching=SimpleNamespace(eval_batch_size=3),
+        config=SimpleNamespace(max_length=None),
+    )
+    replays = []
+    real = gridscore.LayerReplay.replaying
+    monkeypatch.setattr(
+        gridscore.LayerReplay, "replaying", lambda self, start: replays.append(start) or real(self, start)
+    )
+    testing = TestScoring(model, tok, layout, data, OneProcess(), scoring="loglik")
+    testing.start(states)
+    for lo in range(0, len(examples), 3):
+        testing.batch(list(range(lo, min(lo + 3, len(examples)))))
+    codes, seconds = testing.finish()
+    assert replays == [1, 0, 1] * 3  # the two states whose units sit in layer 1 skip layer 0
+    for j, state in enumerate(states):
+        want = predictions(
+            model, tok, task, state, examples, prompts, scoring="loglik", batch_size=3, max_length=None, layout=layout
+        )
+        assert torch.equal(codes[j], want)
+    assert len({tuple(c.tolist()) for c in codes}) > 1 and bool((seconds > 0).all())
