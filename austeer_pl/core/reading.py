@@ -18,7 +18,7 @@ from torch import nn
 from austeer_pl.core.sites import ModelLayout, register_site_hook
 
 # Marks on the forward passes of a prompt read in two parts (a shared prefix, then the rest from its KV
-# cache: austeer_pl.core.prefix.prefix_last_logits), read by the hooks that must tell them apart.
+# cache: austeer_pl.core.kvcache.prefix_last_logits), read by the hooks that must tell them apart.
 _CONTINUING_PROMPT: contextvars.ContextVar[bool] = contextvars.ContextVar("austeer_continuing_prompt", default=False)
 _UNREPLAYED: contextvars.ContextVar[bool] = contextvars.ContextVar("austeer_unreplayed", default=False)
 

@@ -7,7 +7,7 @@ are computed.
 
 A ``prefix`` that every prompt starts with (a few-shot prompt's demonstrations:
 :func:`~austeer_pl.tasks.prompts.demonstration_prefix`) is computed once per batch and the rest of each
-prompt (and its answers) continued from its KV cache (:func:`~austeer_pl.core.prefix.prefix_last_logits`), on
+prompt (and its answers) continued from its KV cache (:func:`~austeer_pl.core.kvcache.prefix_last_logits`), on
 the CPU (where the momentum pass shares prompts too: :func:`~austeer_pl.core.prefix.use_shared_prefix`).
 The same scores to float tolerance; a row whose ids do not start with the prefix's (truncated, or
 tokenized across the boundary) is scored whole.
@@ -21,8 +21,9 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from austeer_pl.core.kvcache import prefix_last_logits
 from austeer_pl.core.placement import input_device
-from austeer_pl.core.prefix import prefix_last_logits, use_shared_prefix
+from austeer_pl.core.prefix import use_shared_prefix
 from austeer_pl.core.reading import padded_logits
 from austeer_pl.core.tokens import (
     encode_answers,

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from austeer_pl import SteeringState, locate_units
-from austeer_pl.cli.compare import compare
 from austeer_pl.cli.evaluate import evaluate_main
 
 from helpers import (
@@ -562,24 +561,31 @@ def test_off_task_accuracy_is_the_side_tasks_accuracy_steered(compared, tiny_dir
         assert effects["off_task_change"] == pytest.approx(steered - base)
 
 
-def test_a_comparison_says_which_baselines_it_could_not_run(tiny_dir, tmp_path, capsys):
-    """A baseline the comparison cannot run (calibration under generation scoring, here the task's own
-    default when --scoring is not given) is named in the report with the reason, and printed."""
-    task = write_less_task(tmp_path / "small.jsonl", 12, seed=3)
-    report = compare(
-        model=str(tiny_dir),
-        task=str(task),
-        methods=("unsteered", "calibrated"),
+def test_a_comparison_says_which_baselines_it_could_not_run(capsys):
+    """A baseline the comparison cannot run (calibration under generation scoring, the default of a
+    generation task when --scoring is not given) is named in the report with the reason, and printed."""
+    from types import SimpleNamespace
+
+    from austeer_pl.cli.compare import print_compare_table
+    from austeer_pl.cli.compare_baselines import baseline_rows
+
+    session = SimpleNamespace(
+        data=SimpleNamespace(splits={"test": []}),
+        model=None,
+        tokenizer=None,
+        layout=None,
+        coll=None,
         scoring="generate",
-        k=[2],
-        grid="quick",
-        side_task=None,
-        device="cpu",
-        wandb_mode="disabled",
-        run_dir=str(tmp_path / "run"),
+        criterion="loss",
+        config=SimpleNamespace(selection=None),
     )
-    assert [m["name"] for m in report["methods"]] == ["unsteered"]
-    assert "scores by generate (use --scoring loglik)" in report["omitted"]["calibrated"]
+    rows, states, omitted = baseline_rows(session, ("unsteered", "calibrated"), quick=True)
+    assert rows == [] and states == {}
+    assert omitted == {
+        "calibrated": "offsets on choice log-likelihoods; this comparison scores by generate (use --scoring loglik)"
+    }
+    report = {"task_name": "t", "n_test": 0, "n_val": 0, "n_train_pairs": 0, "base_model": "m", "methods": []}
+    print_compare_table({**report, "omitted": omitted})
     assert "calibrated: not run (offsets on choice log-likelihoods" in capsys.readouterr().out
 
 
