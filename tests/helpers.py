@@ -394,3 +394,17 @@ def fitted_state(model, k=6, alpha=4.0, sites=("attention", "ffn"), sign="both",
     return SteeringState.from_selection(
         select_units(acc, k, sites, sign), layout, alpha=alpha, base_model="tiny", sign_policy=sign, **kw
     )
+
+
+def word_examples(lengths, seed: int):
+    """Two-choice examples for :func:`tiny_tokenizer` (one token per word): random ``wN`` prompts of the given
+    lengths, choices ``w5``/``w6``, right answers alternating."""
+    from austeer_pl.tasks import TaskExample
+
+    g = torch.Generator().manual_seed(seed)
+    return [
+        TaskExample(
+            " ".join(f"w{int(x)}" for x in torch.randint(10, 90, (int(n),), generator=g)), ("w5", "w6"), i % 2, f"{i}"
+        )
+        for i, n in enumerate(lengths)
+    ]

@@ -29,6 +29,7 @@ from helpers import (
     make_tokenizer,
     tiny_model,
     tiny_tokenizer,
+    word_examples,
     write_less_task,
 )
 
@@ -595,13 +596,7 @@ def test_few_shot_prompts_replay_exactly_from_their_shared_prefix(monkeypatch):
     model, tok = tiny_model().to(torch.float64), tiny_tokenizer()
     tok.pad_token = "<unk>"
     layout = locate_units(model)
-    g = torch.Generator().manual_seed(3)
-    examples = [
-        TaskExample(
-            " ".join(f"w{int(x)}" for x in torch.randint(10, 90, (n,), generator=g)), ("w5", "w6"), i % 2, f"{i}"
-        )
-        for i, n in enumerate([3, 7, 1, 9, 4, 2, 6])
-    ]
+    examples = word_examples([3, 7, 1, 9, 4, 2, 6], seed=3)
     task = Task("words", tuple(examples), demonstrations=(("w11 w12", "w5"), ("w14", "w6")), answer_prefix="w3")
     prompts = [format_prompt(tok, task, ex.prompt, chat_template=False) for ex in examples]
     states = [
@@ -663,13 +658,7 @@ def test_test_scoring_replays_to_the_predictions_of_whole_passes(few_shot, monke
     model, tok = tiny_model().to(torch.float64), tiny_tokenizer()
     tok.pad_token = "<unk>"
     layout = locate_units(model)
-    g = torch.Generator().manual_seed(5)
-    examples = [
-        TaskExample(
-            " ".join(f"w{int(x)}" for x in torch.randint(10, 90, (n,), generator=g)), ("w5", "w6"), i % 2, f"{i}"
-        )
-        for i, n in enumerate([3, 7, 1, 9, 4, 2, 6, 5])
-    ]
+    examples = word_examples([3, 7, 1, 9, 4, 2, 6, 5], seed=5)
     demos = (("w11 w12", "w5"), ("w14", "w6")) if few_shot else ()
     task = Task("words", tuple(examples), demonstrations=demos, answer_prefix="w3")
     prompts = [format_prompt(tok, task, ex.prompt, chat_template=False) for ex in examples]
