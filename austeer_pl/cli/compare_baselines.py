@@ -13,7 +13,7 @@ from typing import Any
 
 from austeer_pl.core.fileio import jsonable
 from austeer_pl.fit.baselines import FEW_SHOT_GRID, PROMPT_BASELINES, QUICK_FEW_SHOT_GRID, PromptBaselines
-from austeer_pl.fit.calibration import Calibration
+from austeer_pl.fit.calibration import Calibration, position_leak
 from austeer_pl.methods.registry import FITTED, UNSTEERED
 from austeer_pl.scoring.evaluate import accuracy_summary
 
@@ -119,6 +119,8 @@ def baseline_rows(session, wanted: tuple[str, ...], *, quick: bool, shots: tuple
         omitted["calibrated"] = (
             f"offsets on choice log-likelihoods; this comparison scores by {session.scoring} (use --scoring loglik)"
         )
+    elif "calibrated" in wanted and (leak := position_leak(data.splits["val"], test)):
+        omitted["calibrated"] = leak
     elif "calibrated" in wanted:
         cal = Calibration.fit(session.model, session.tokenizer, data, session.coll)
         rows.append(_row("calibrated", {"offsets": cal.describe()}, cal.val_accuracy, cal.test_predictions, test, 0.0))

@@ -7,7 +7,10 @@ mean choice log-loss of the validation examples (a convex problem: L-BFGS in flo
 answer's offset held at 0 since only differences matter), the same criterion the grid is chosen by.
 
 An answer is its text when every example offers the same set of answers (``positive``/``negative``,
-``Yes``/``No``), else its position among the choices. The choice log-likelihoods are those of
+``Yes``/``No``), else its position among the choices. Positions are refused (:func:`position_leak`) when
+every validation answer sits at one of them, as in tasks whose right answer is always listed first: the
+offset would learn the listing order, which no scored continuation shows the model, and read it off the
+test split's order too. The choice log-likelihoods are those of
 :func:`~austeer_pl.scoring.loglik.choice_logprobs`, the scoring of every method; each process scores
 its share of the batches and a sum gathers the table exactly (every entry is written by one process).
 """
@@ -28,7 +31,7 @@ from austeer_pl.scoring.evaluate import answer_suffixes
 from austeer_pl.scoring.loglik import choice_logprobs
 from austeer_pl.tasks.schema import TaskExample
 
-__all__ = ["Calibration", "choice_keys", "choice_table", "fit_offsets"]
+__all__ = ["Calibration", "choice_keys", "choice_table", "fit_offsets", "position_leak"]
 
 
 def choice_table(model, tokenizer, data: FitData, split: str, collectives: Collectives) -> torch.Tensor:
@@ -57,11 +60,15 @@ def choice_table(model, tokenizer, data: FitData, split: str, collectives: Colle
     return table.masked_fill(torch.arange(width).unsqueeze(0) >= counts.unsqueeze(1), -math.inf)
 
 
+def _one_answer_set(examples: Sequence[TaskExample]) -> bool:
+    return len({frozenset(ex.choices) for ex in examples}) == 1
+
+
 def choice_keys(*splits: Sequence[TaskExample]) -> tuple[list[str], list[torch.Tensor]]:
     """The answers offsets are kept for, and for each split an ``(n, most choices)`` index into them (-1:
     no choice there): the answer texts when every example offers the same set, else the positions."""
     everything = [ex for split in splits for ex in split]
-    by_text = len({frozenset(ex.choices) for ex in everything}) == 1
+    by_text = _one_answer_set(everything)
     keys = (
         sorted(everything[0].choices) if by_text else [str(i) for i in range(max(len(ex.choices) for ex in everything))]
     )
@@ -74,6 +81,18 @@ def choice_keys(*splits: Sequence[TaskExample]) -> tuple[list[str], list[torch.T
                 index[row, col] = keys.index(choice) if by_text else col
         out.append(index)
     return keys, out
+
+
+def position_leak(val: Sequence[TaskExample], test: Sequence[TaskExample]) -> str | None:
+    """Why offsets cannot be fitted for these splits (``None`` when they can): they would be per position,
+    and every validation answer is at the same position, which the offsets would simply learn."""
+    positions = {ex.answer for ex in val}
+    if len(positions) != 1 or _one_answer_set([*val, *test]):
+        return None
+    return (
+        f"the answers differ per example, so the offsets would be per position, and every validation answer is "
+        f"choice {positions.pop() + 1}: they would learn the listing order, not a prior over answers"
+    )
 
 
 def _shifted(table: torch.Tensor, index: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
@@ -118,6 +137,8 @@ class Calibration:
         val, test = data.splits["val"], data.splits["test"]
         if not val:
             raise AusteerError("calibration needs validation examples; raise --max_val_examples")
+        if leak := position_leak(val, test):
+            raise AusteerError(f"calibration cannot be fitted: {leak}")
         keys, (val_index, test_index) = choice_keys(val, test)
         val_table = choice_table(model, tokenizer, data, "val", collectives)
         answers = torch.tensor([ex.answer for ex in val])

@@ -10,6 +10,7 @@ import torch
 
 from austeer_pl import SteeringState, locate_units
 from austeer_pl.cli.evaluate import evaluate_main
+from austeer_pl.tasks.schema import TaskExample
 
 from helpers import (
     ROOT,
@@ -587,6 +588,11 @@ def test_a_comparison_says_which_baselines_it_could_not_run(capsys):
     report = {"task_name": "t", "n_test": 0, "n_val": 0, "n_train_pairs": 0, "base_model": "m", "methods": []}
     print_compare_table({**report, "omitted": omitted})
     assert "calibrated: not run (offsets on choice log-likelihoods" in capsys.readouterr().out
+    # Free-text choices whose right answer is always listed first: per-position offsets are refused too.
+    first = [TaskExample(f"p{i}", (f"good {i}", f"bad {i}"), 0, str(i)) for i in range(4)]
+    session.scoring, session.data = "loglik", SimpleNamespace(splits={"val": first[:2], "test": first[2:]})
+    rows, states, omitted = baseline_rows(session, ("calibrated",), quick=True)
+    assert rows == [] and "every validation answer is choice 1" in omitted["calibrated"]
 
 
 def test_a_prompting_comparison_tries_only_the_shots_the_training_split_holds(tiny_dir, tmp_path):

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from austeer_pl.fit.calibration import choice_keys, fit_offsets
+from austeer_pl.fit.calibration import choice_keys, fit_offsets, position_leak
 from austeer_pl.tasks.schema import TaskExample
 
 
@@ -40,3 +40,21 @@ def test_keys_are_texts_for_one_answer_set_and_positions_otherwise():
     offsets = fit_offsets(table, index, torch.tensor([2, 1]), 3)
     # Row 0 (answer 2) pulls the third offset up; row 1 (answer 1) the second above the first.
     assert torch.isfinite(offsets).all() and (table + offsets[index.clamp(min=0)]).argmax(1).tolist() == [2, 1]
+
+
+def test_positions_are_refused_when_every_validation_answer_sits_at_one():
+    """Free-text choices with the right one always listed first (the ``sentiment`` task, the local-file
+    schema): a per-position offset would learn that order and score 1.0 without reading a word."""
+    first = [TaskExample(f"p{i}", (f"right {i}", f"wrong {i}"), 0, str(i)) for i in range(6)]
+    leak = position_leak(first[:4], first[4:])
+    assert leak is not None and "every validation answer is choice 1" in leak
+    # What the refusal prevents: the offset of position 0 grows until every example picks it.
+    _, (index,) = choice_keys(first)
+    table = torch.tensor([[0.0, 1.0]] * 6, dtype=torch.float64)  # the model prefers the wrong answer
+    offsets = fit_offsets(table, index, torch.zeros(6, dtype=torch.long), 2)
+    assert (table + offsets[index]).argmax(1).tolist() == [0] * 6
+    # Positions that vary, and one answer set (keyed by text), are fitted.
+    mixed = [TaskExample("a", ("x", "y"), 0, "1"), TaskExample("b", ("u", "v"), 1, "2")]
+    assert position_leak(mixed, []) is None
+    labels = [TaskExample(f"p{i}", ("yes", "no"), 0, str(i)) for i in range(4)]
+    assert position_leak(labels, []) is None
