@@ -229,6 +229,10 @@ def plot_strength_curve(result: Mapping[str, Any], path: str | os.PathLike | Out
         if col == 0:
             ax.set_ylabel("perplexity of the generations")
             ax.legend(fontsize=7, loc="upper left")
+    for ax in axes[1]:  # minor labels only within a decade: across several they overprint each other
+        lo, hi = ax.get_ylim()
+        if lo > 0 and hi / lo > 10:
+            ax.yaxis.set_minor_formatter(mticker.NullFormatter())
     title = f"Behaviour strength curve - {result.get('task', '')} {result.get('base_model', '')} (n={result['n_prompts']} prompts, {result['max_new_tokens']} new tokens)"
     fig.suptitle(title.replace("  ", " "), fontsize=10)
     return save_plot(fig, path)
