@@ -65,6 +65,9 @@ def _diff(a, b, where=""):
     if isinstance(a, dict) and isinstance(b, dict):
         for key in sorted(set(a) | set(b)):
             yield from _diff(a.get(key), b.get(key), f"{where}.{key}" if where else key)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):  # name the entry that differs
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from _diff(x, y, f"{where}[{i}]")
     elif a != b:
         yield f"{where}: {json.dumps(a)[:80]} -> {json.dumps(b)[:80]}"
 
