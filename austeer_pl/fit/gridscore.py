@@ -39,7 +39,7 @@ from austeer_pl.scoring.loglik import (
     choice_logprobs,
     decision_statistics,
 )
-from austeer_pl.tasks.prompts import demonstration_prefix, format_prompt
+from austeer_pl.tasks.prompts import format_prompt, prompt_prefix
 from austeer_pl.tasks.schema import Task
 
 
@@ -175,7 +175,7 @@ class GridScorer:
             answers,
             batch_size=self.batch_size,
             max_length=self.max_length,
-            prefix=demonstration_prefix(self.tokenizer, self.task, prompts),
+            prefix=prompt_prefix(self.tokenizer, self.task, prompts),
         )
 
     def score(self, states: Sequence[Any], examples, prompts) -> torch.Tensor:

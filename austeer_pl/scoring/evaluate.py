@@ -22,7 +22,7 @@ from austeer_pl.scoring.generation import generate_new_text, generation_predicti
 from austeer_pl.scoring.loglik import choice_logprobs
 from austeer_pl.scoring.statistics import wilson_interval
 from austeer_pl.tasks.paper.answers import paper_max_new_tokens, paper_prediction
-from austeer_pl.tasks.prompts import demonstration_prefix, format_prompt, join_for
+from austeer_pl.tasks.prompts import format_prompt, join_for, prompt_prefix
 from austeer_pl.tasks.schema import Task, TaskExample
 
 SCORINGS = ("loglik", "generate", "paper")
@@ -86,7 +86,7 @@ def predict(
             answers,
             batch_size=batch_size,
             max_length=max_length,
-            prefix=demonstration_prefix(tokenizer, task, prompts),
+            prefix=prompt_prefix(tokenizer, task, prompts),
         )
         return torch.stack([s.argmax() for s in scores])
     numeric = task.scoring == "generate"

@@ -5,12 +5,19 @@ A choice's ids are the ids of the joined text ``prompt + choice`` after the prom
 left-padded, so every answer ends at the last position and only the last few positions' logits
 are computed.
 
-A ``prefix`` that every prompt starts with (a few-shot prompt's demonstrations:
-:func:`~austeer_pl.tasks.prompts.demonstration_prefix`) is computed once per batch and the rest of each
-prompt (and its answers) continued from its KV cache (:func:`~austeer_pl.core.kvcache.prefix_last_logits`), on
-the CPU (where the momentum pass shares prompts too: :func:`~austeer_pl.core.prefix.use_shared_prefix`).
-The same scores to float tolerance; a row whose ids do not start with the prefix's (truncated, or
-tokenized across the boundary) is scored whole.
+On the CPU (where the momentum pass shares prompts too: :func:`~austeer_pl.core.prefix.use_shared_prefix`)
+nothing is computed twice:
+
+- A ``prefix`` that every prompt starts with (the chat template's head, the instruction and a few-shot
+  prompt's demonstrations: :func:`~austeer_pl.tasks.prompts.prompt_prefix`) is prefilled once per batch,
+  and the rest of each prompt continued from its KV cache
+  (:func:`~austeer_pl.core.kvcache.prefix_last_logits`). A row whose ids do not start with the prefix's
+  (truncated, or tokenized across the boundary) is scored whole.
+- Multi-token choices: each prompt is computed once for all its choices, which continue its cache
+  (:func:`~austeer_pl.core.kvcache.shared_prompt_logprobs`), unless a row is truncated or a choice's
+  first token merges with the prompt's last.
+
+The same scores to float tolerance (about 1e-5 in float32), the same decisions.
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from austeer_pl.core.kvcache import prefix_last_logits
+from austeer_pl.core.kvcache import prefix_last_logits, shared_prompt_logprobs
 from austeer_pl.core.placement import input_device
 from austeer_pl.core.prefix import use_shared_prefix
 from austeer_pl.core.reading import padded_logits
@@ -45,6 +52,7 @@ def choice_logprobs(
     batch_size: int = 16,
     max_length: int | None = None,
     prefix: str | None = None,
+    shared_prefix: bool | str = "auto",
 ) -> list[torch.Tensor]:
     """Log-likelihood of each answer given its prompt, summed over the answer's tokens.
 
@@ -57,6 +65,8 @@ def choice_logprobs(
         batch_size: sequences per forward pass.
         max_length: truncate sequences from the left to this many tokens.
         prefix: text the prompts start with, computed once per batch (see the module docs).
+        shared_prefix: compute the prefix, and each prompt of multi-token choices, once (``True``), or
+            score every ``prompt + answer`` whole (``False``); ``"auto"``: on the CPU only.
 
     Returns:
         One float32 tensor of ``len(answers[i])`` log-likelihoods per prompt.
@@ -78,8 +88,9 @@ def choice_logprobs(
     prompt_ids = {}
     for j, i in enumerate(owner):
         prompt_ids.setdefault(i, pair_prompt_ids[j])
+    use_prefix = use_shared_prefix(shared_prefix, device)
     shared = None
-    if prefix and use_shared_prefix("auto", device):
+    if prefix and use_prefix:
         shared = encode_segments(tokenizer, [prefix], special=True)[0]
     # One forward per prompt when every choice is one token after the same prompt ids.
     single = all(len(a) == 1 for a in answer_ids) and all(
@@ -100,22 +111,10 @@ def choice_logprobs(
             rows = torch.tensor([i - start for i in chunk for _ in rows_of[i]])
             out[cols] = logp[rows, targets[cols]]
     else:
-        seqs = [truncate_left(pair_prompt_ids[j] + answer_ids[j], max_length) for j in range(len(flat_answers))]
-        lengths = [min(len(a), len(s) - 1) for a, s in zip(answer_ids, seqs)]
-        for start in range(0, len(seqs), batch_size):
-            chunk = range(start, min(start + batch_size, len(seqs)))
-            rows = [seqs[j] for j in chunk]
-            span = max(lengths[j] for j in chunk)
-            logits = _tail_logits(model, rows, pad, shared, span + 1)
-            # Position t predicts token t + 1: the last `span` tokens are predicted by the `span` positions before the end.
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            target, _ = pad_ids([r[-span:] for r in rows], pad, device=logp.device)  # the last `span` ids, left-padded
-            picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, span)
-            lens = torch.tensor([lengths[j] for j in chunk], device=picked.device)
-            keep = torch.arange(span, device=picked.device).unsqueeze(0) >= (span - lens).unsqueeze(1)
-            out[list(chunk)] = (
-                torch.where(keep, picked, 0.0).sum(-1).float().cpu()
-            )  # where, not *: a pad position may hold NaN
+        todo = list(range(len(flat_answers)))
+        if use_prefix and _prompts_shareable(pair_prompt_ids, answer_ids, owner, prompt_ids, max_length):
+            todo = _shared_prompts(model, prompts, answers, prompt_ids, answer_ids, pad, shared, batch_size, out)
+        _whole(model, pair_prompt_ids, answer_ids, todo, pad, shared, batch_size, max_length, out)
     if bool(torch.isnan(out).any()):
         bad = int(torch.isnan(out).nonzero()[0, 0])
         raise AusteerError(
@@ -127,6 +126,57 @@ def choice_logprobs(
         result.append(out[offset : offset + len(group)])
         offset += len(group)
     return result
+
+
+def _prompts_shareable(pair_prompt_ids, answer_ids, owner, prompt_ids, max_length) -> bool:
+    """Every answer follows its prompt's own ids (no token across the boundary) and nothing is truncated."""
+    return all(
+        pair_prompt_ids[j] == prompt_ids[i]
+        and (max_length is None or len(prompt_ids[i]) + len(answer_ids[j]) <= max_length)
+        for j, i in enumerate(owner)
+    )
+
+
+def _shared_prompts(model, prompts, answers, prompt_ids, answer_ids, pad, shared, batch_size, out) -> list[int]:
+    """Score batches of prompts once each for all their answers (:func:`shared_prompt_logprobs`), into
+    ``out``; the flat indices of the answers left to score whole (a model that cannot share a cache)."""
+    first = [0]
+    for group in answers:
+        first.append(first[-1] + len(group))
+    todo: list[int] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = range(start, min(start + batch_size, len(prompts)))
+        flat = [list(range(first[i], first[i + 1])) for i in chunk]
+        got = shared_prompt_logprobs(
+            model, [prompt_ids[i] for i in chunk], [[answer_ids[j] for j in js] for js in flat], pad, prefix=shared
+        )
+        if got is None:
+            todo.extend(j for js in flat for j in js)
+            continue
+        for js, scores in zip(flat, got):
+            out[js] = scores
+    return todo
+
+
+def _whole(model, pair_prompt_ids, answer_ids, todo, pad, shared, batch_size, max_length, out) -> None:
+    """Score the answers ``todo`` as whole ``prompt + answer`` rows (left-padded, truncated to
+    ``max_length``), into ``out``."""
+    seqs = {j: truncate_left(pair_prompt_ids[j] + answer_ids[j], max_length) for j in todo}
+    lengths = {j: min(len(answer_ids[j]), len(seqs[j]) - 1) for j in todo}
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        rows = [seqs[j] for j in chunk]
+        span = max(lengths[j] for j in chunk)
+        logits = _tail_logits(model, rows, pad, shared, span + 1)
+        # Position t predicts token t + 1: the last `span` tokens are predicted by the `span` positions before the end.
+        logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        target, _ = pad_ids([r[-span:] for r in rows], pad, device=logp.device)  # the last `span` ids, left-padded
+        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)  # (B, span)
+        lens = torch.tensor([lengths[j] for j in chunk], device=picked.device)
+        keep = torch.arange(span, device=picked.device).unsqueeze(0) >= (span - lens).unsqueeze(1)
+        out[list(chunk)] = (
+            torch.where(keep, picked, 0.0).sum(-1).float().cpu()
+        )  # where, not *: a pad position may hold NaN
 
 
 def _tail_logits(

@@ -75,17 +75,18 @@ def format_prompt(tokenizer: Any, task: Task, prompt: str, *, chat_template: boo
 _MARK = "\x00austeer-example\x00"  # stands for the example's prompt; no real prompt holds it
 
 
-def demonstration_prefix(tokenizer: Any, task: Task, prompts: Sequence[str]) -> str | None:
-    """The text before the example in ``task``'s formatted prompts when it has few-shot demonstrations
-    (the template head, the instruction and the demonstration turns): scoring computes it once per batch
-    (:func:`~austeer_pl.scoring.loglik.choice_logprobs`). None without demonstrations, or when no prompt
-    starts with it in either formatting mode.
+def prompt_prefix(tokenizer: Any, task: Task, prompts: Sequence[str]) -> str | None:
+    """The text before the example in ``task``'s formatted prompts (the chat template's head, the
+    instruction and any few-shot demonstration turns): scoring computes it once per batch
+    (:func:`~austeer_pl.scoring.loglik.choice_logprobs`). None when there is none (no template,
+    instruction or demonstrations), under the paper protocol, or when no prompt starts with it in either
+    formatting mode.
 
     Example:
-        >>> demonstration_prefix(None, few_shot_task, [format_prompt(None, few_shot_task, "Is it?", chat_template=False)])
+        >>> prompt_prefix(None, few_shot_task, [format_prompt(None, few_shot_task, "Is it?", chat_template=False)])
         'Is the sky blue?\nAnswer: yes\n\n'
     """
-    if not task.demonstrations or not prompts or task.protocol == "paper":
+    if not prompts or task.protocol == "paper":
         return None
     modes = (True, False) if getattr(tokenizer, "chat_template", None) else (False,)
     for mode in modes:

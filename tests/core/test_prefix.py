@@ -18,7 +18,7 @@ from austeer_pl.errors import AusteerError
 from austeer_pl.scoring.evaluate import answer_suffixes
 from austeer_pl.scoring.loglik import choice_logprobs
 from austeer_pl.tasks import Task, TaskExample
-from austeer_pl.tasks.prompts import demonstration_prefix, format_prompt
+from austeer_pl.tasks.prompts import format_prompt, prompt_prefix
 
 from helpers import (
     CORE_ARCHS,
@@ -27,6 +27,7 @@ from helpers import (
     random_state,
     tiny_model,
     tiny_tokenizer,
+    word_examples,
 )
 
 SITES = ["attention", "ffn", "residual"]
@@ -366,13 +367,7 @@ def test_demonstration_prompts_are_scored_from_their_shared_prefix(monkeypatch):
 
     model, tok = tiny_model().to(torch.float64), tiny_tokenizer()
     tok.pad_token = "<unk>"
-    g = torch.Generator().manual_seed(0)
-    examples = [
-        TaskExample(
-            " ".join(f"w{int(x)}" for x in torch.randint(10, 90, (int(n),), generator=g)), ("w5", "w6"), i % 2, f"t:{i}"
-        )
-        for i, n in enumerate(torch.randint(1, 12, (10,), generator=g))
-    ]
+    examples = word_examples(torch.randint(1, 12, (10,), generator=torch.Generator().manual_seed(0)).tolist(), seed=0)
     task = Task(
         "words",
         tuple(examples),
@@ -381,9 +376,17 @@ def test_demonstration_prompts_are_scored_from_their_shared_prefix(monkeypatch):
         answer_prefix="w3",
     )
     prompts = [format_prompt(tok, task, ex.prompt, chat_template=False) for ex in examples]
-    prefix = demonstration_prefix(tok, task, prompts)
+    prefix = prompt_prefix(tok, task, prompts)
     assert prefix == "w40 w41\nw11 w12 w13\nw3 w5\n\nw14 w15\nw3 w6\n\n"
-    assert demonstration_prefix(tok, dataclasses.replace(task, demonstrations=()), prompts) is None
+    # Without demonstrations the prefix is the instruction; with neither (and no chat template) there is none.
+    bare = dataclasses.replace(task, demonstrations=())
+    bare_prompts = [format_prompt(tok, bare, ex.prompt, chat_template=False) for ex in examples]
+    assert prompt_prefix(tok, bare, bare_prompts) == "w40 w41\n"
+    plain = dataclasses.replace(bare, instruction="")
+    assert (
+        prompt_prefix(tok, plain, [format_prompt(tok, plain, ex.prompt, chat_template=False) for ex in examples])
+        is None
+    )
     answers = [answer_suffixes(p, ex.choices, task) for p, ex in zip(prompts, examples)]
     continued = []
     spy = loglik.prefix_last_logits
@@ -401,11 +404,24 @@ def test_demonstration_prompts_are_scored_from_their_shared_prefix(monkeypatch):
     with torch.inference_mode():
         cut_whole = choice_logprobs(model, tok, prompts, answers, batch_size=4, max_length=16)
     torch.testing.assert_close(torch.stack(cut), torch.stack(cut_whole), rtol=0, atol=1e-10)
+    # A chat template's head (before the user's turn) is a prefix too, with or without an instruction.
+    tok.chat_template = "{% for m in messages %}w1 w2 {{ m['content'] }}\n{% endfor %}w3"
+    chat = [format_prompt(tok, plain, ex.prompt) for ex in examples]
+    assert prompt_prefix(tok, plain, chat) == "w1 w2 "
+    answers = [answer_suffixes(p, ex.choices, plain) for p, ex in zip(chat, examples)]
+    continued.clear()
+    with torch.inference_mode():
+        whole = choice_logprobs(model, tok, chat, answers, batch_size=4)
+        shared = choice_logprobs(model, tok, chat, answers, batch_size=4, prefix="w1 w2 ")
+    assert continued == [4, 4, 2]
+    torch.testing.assert_close(torch.stack(shared), torch.stack(whole), rtol=0, atol=1e-10)
 
 
 @pytest.mark.parametrize("arch", ["gpt2"])
 def test_multi_token_answers_are_scored_from_the_shared_prefix(arch, monkeypatch):
-    """Character-level answers (" yes", " no": several tokens each) continue the demonstrations' cache too."""
+    """Character-level answers (" yes", " no": several tokens each) continue the demonstrations' cache too:
+    each batch's prompts are prefilled after it once, and every answer continues its prompt; with the
+    sharing off (the accelerator default) every ``prompt + answer`` is scored whole, to the same values."""
     import austeer_pl.scoring.loglik as loglik
 
     model, tok = make_model(arch), make_tokenizer()  # float32: a left-padded float64 eager row can be all masked
@@ -416,12 +432,89 @@ def test_multi_token_answers_are_scored_from_the_shared_prefix(arch, monkeypatch
     task = Task("less", tuple(examples), demonstrations=(("is 1 less than 2", "yes"), ("is 5 less than 3", "no, not")))
     prompts = [format_prompt(tok, task, ex.prompt, chat_template=False) for ex in examples]
     answers = [answer_suffixes(p, ex.choices, task) for p, ex in zip(prompts, examples)]
-    continued = []
-    spy = loglik.prefix_last_logits
-    monkeypatch.setattr(loglik, "prefix_last_logits", lambda *a, **k: continued.append(k["keep"]) or spy(*a, **k))
-    prefix = demonstration_prefix(tok, task, prompts)
+    prefix = prompt_prefix(tok, task, prompts)
+    prefixes = []
+    spy = loglik.shared_prompt_logprobs
+    monkeypatch.setattr(loglik, "shared_prompt_logprobs", lambda *a, **k: prefixes.append(k["prefix"]) or spy(*a, **k))
     with torch.inference_mode():
         shared = choice_logprobs(model, tok, prompts, answers, batch_size=4, prefix=prefix)
-        whole = choice_logprobs(model, tok, prompts, answers, batch_size=4)
-    assert len(continued) == 5 and min(continued) > 2  # 18 sequences in batches of 4; spans of several tokens
+        whole = choice_logprobs(model, tok, prompts, answers, batch_size=4, shared_prefix=False)
+    prefix_ids = tok(prefix)["input_ids"]
+    assert len(prefixes) == 3 and all(p == prefix_ids for p in prefixes)  # 9 prompts in batches of 4
     torch.testing.assert_close(torch.cat(shared), torch.cat(whole), rtol=0, atol=1e-5)
+
+
+def whole_answer_logprobs(model, prompt, answer):
+    """Oracle: ``prompt + answer`` run alone (no padding, no cache), log-probabilities of the answer's tokens summed."""
+    ids = torch.tensor([list(prompt) + list(answer)])
+    logp = torch.log_softmax(model(input_ids=ids).logits[0].double(), dim=-1)
+    return float(sum(logp[len(prompt) - 1 + t, a] for t, a in enumerate(answer)))
+
+
+@pytest.mark.parametrize(
+    ("arch", "scope", "with_prefix"),
+    [
+        ("llama", None, False),
+        ("llama", None, True),
+        ("llama", "all", False),
+        ("llama", "prompt", True),
+        ("llama", "generated", False),
+        ("gpt2", "all", True),
+        ("qwen3", None, False),
+    ],
+)
+def test_shared_prompt_logprobs_equal_each_answer_scored_whole(arch, scope, with_prefix):
+    """Each prompt computed once for its answers (after a shared prefix's cache or not) gives every
+    answer's log-likelihood as the whole sequence does, steered the same way (float32: in float64 eager
+    attention a left pad's query sees no key and its NaN reaches the masked values, as in any left-padded batch)."""
+    model = make_model(arch)
+    layout = locate_units(model)
+    prefix = random_ids([5], 7)[0] if with_prefix else []
+    prompts = [prefix + r for r in random_ids([3, 1, 9, 4], 8)]
+    answers = [random_ids(lens, 9 + i) for i, lens in enumerate([[2, 5], [1], [4, 1, 3], [6, 2]])]
+    state = None if scope is None else random_state(layout, ["attention", "ffn"], token_scope=scope)
+    with torch.inference_mode():
+        unsteered = kvcache.shared_prompt_logprobs(model, prompts, answers, pad_id=0, prefix=prefix or None)
+        with state.apply(model) if state is not None else contextlib.nullcontext():
+            got = kvcache.shared_prompt_logprobs(model, prompts, answers, pad_id=0, prefix=prefix or None)
+            want = [whole_answer_logprobs(model, p, a) for p, group in zip(prompts, answers) for a in group]
+    assert got is not None and unsteered is not None and [len(g) for g in got] == [2, 1, 3, 2]
+    want = torch.tensor(want, dtype=torch.float64)
+    torch.testing.assert_close(torch.cat(got).double(), want, rtol=0, atol=1e-4)
+    # Answers continue the prompt: steered under "all" and "prompt", not under "generated".
+    assert torch.allclose(torch.cat(got), torch.cat(unsteered)) == (scope in (None, "generated"))
+
+
+def test_shared_prompts_decline_what_they_cannot_do_exactly():
+    model = make_model("gemma2")  # a sliding window of 8: the prompts' left pads would count
+    assert kvcache.shared_prompt_logprobs(model, random_ids([9, 2], 1), [[[3]], [[4, 5]]], pad_id=0) is None
+    llama = make_model("llama")
+    assert kvcache.shared_prompt_logprobs(llama, random_ids([3], 1), [[[], [4]]], pad_id=0) is None  # an empty answer
+
+
+def test_choice_logprobs_share_prompts_only_when_nothing_is_truncated(monkeypatch):
+    """Multi-token choices: each batch of prompts is computed once for all its answers on the CPU; with
+    truncation (max_length) every row is scored whole, with the same values either way."""
+    import austeer_pl.scoring.loglik as loglik
+
+    model, tok = make_model("gpt2"), make_tokenizer()  # character-level: every answer is several tokens
+    prompts = [f"is {i} less than {(i * 3) % 5}?" for i in range(7)]
+    answers = [["yes", "no, not"] if i % 3 else ["yes", "no", "maybe not"] for i in range(7)]
+    calls = []
+    spy = loglik.shared_prompt_logprobs
+    monkeypatch.setattr(loglik, "shared_prompt_logprobs", lambda *a, **k: calls.append(len(a[1])) or spy(*a, **k))
+    with torch.inference_mode():
+        shared = choice_logprobs(model, tok, prompts, answers, batch_size=3)
+        assert calls == [3, 3, 1]
+        cut = choice_logprobs(model, tok, prompts, answers, batch_size=3, max_length=12)
+        assert calls == [3, 3, 1]  # truncated rows: whole
+        monkeypatch.setattr(loglik, "shared_prompt_logprobs", lambda *a, **k: None)  # a model that cannot share
+        whole = choice_logprobs(model, tok, prompts, answers, batch_size=3)
+    torch.testing.assert_close(torch.cat(shared), torch.cat(whole), rtol=0, atol=1e-5)
+    oracle = [
+        whole_answer_logprobs(model, tok(p)["input_ids"], tok(p + a)["input_ids"][len(tok(p)["input_ids"]) :])
+        for p, group in zip(prompts, answers)
+        for a in group
+    ]
+    torch.testing.assert_close(torch.cat(whole).double(), torch.tensor(oracle, dtype=torch.float64), rtol=0, atol=1e-4)
+    assert all(len(c) == len(g) for c, g in zip(cut, answers))

@@ -79,7 +79,21 @@ def _oracle_stats(model, tok, task, state, examples, prompts, layout):
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("long_answers", [False, True])
-def test_replayed_grid_scores_equal_plain_scoring(arch, long_answers):
+def test_replayed_grid_scores_equal_plain_scoring(arch, long_answers, monkeypatch):
+    """Multi-token answers (character-level): each batch's prompts are computed once for both answers (a prefill and a round per
+    answer, each forward recorded and replayed; the layers a replayed prefill skips hold a placeholder cache)."""
+    import austeer_pl.core.kvcache as kvcache
+    import austeer_pl.scoring.loglik as loglik
+
+    shared = []
+    spy = kvcache.shared_prompt_logprobs
+
+    def spied(*args, **kwargs):
+        got = spy(*args, **kwargs)
+        shared.append(got is not None)
+        return got
+
+    monkeypatch.setattr(loglik, "shared_prompt_logprobs", spied)
     model, tok = make_model(arch), make_tokenizer()
     layout = locate_units(model)
     task, examples, prompts = _examples(10, long_answers)
@@ -94,6 +108,7 @@ def test_replayed_grid_scores_equal_plain_scoring(arch, long_answers):
     plain = GridScorer(model, tok, layout, task, batch_size=4, replay=False).score(states, examples, prompts)
     # Replay skips the layers below each state's first steered layer: the same inputs, so the same bits.
     assert torch.equal(replayed, plain)
+    assert shared == [True] * 3 * len(states) * 2  # 10 examples in batches of 4, replayed and plain
     for j, state in enumerate(states):
         torch.testing.assert_close(
             replayed[j], _oracle_stats(model, tok, task, state, examples, prompts, layout), rtol=0, atol=1e-5
