@@ -44,6 +44,17 @@ FIELDS = (
 )
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread for the whole module, as the DDP children run (``OMP_NUM_THREADS=1``): scoring from
+    shared caches reduces in an order that depends on the thread count, and the two-process test
+    compares against ``compared``, made in this process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def task_file(tmp_path_factory) -> Path:
     return write_less_task(tmp_path_factory.mktemp("task") / "less.jsonl", 60, seed=0)
