@@ -27,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 from austeer_pl.analyses.plots import pyplot, save_plot
 from austeer_pl.core.fileio import write_json_atomic
 from austeer_pl.core.output import Output
+from austeer_pl.errors import AusteerError
 from austeer_pl.scoring.statistics import mcnemar
 
 TASKS = ("rotten_tomatoes", "sentiment", "strategyqa", "implicatures")
@@ -47,6 +48,54 @@ def load(results: Path) -> dict[str, dict[int, dict]]:
         task, seed = path.stem.rsplit("-seed", 1)
         cells.setdefault(task, {})[int(seed)] = json.loads(path.read_text())
     return cells
+
+
+# What the parts of one cell must share: the same task, split, model, data and test examples.
+SAME = ("kind", "task", "task_name", "split", "seed", "base_model", "scoring", "grid_preset", "data", "n_train_pairs",
+        "n_val", "n_test", "test_uids_sha256", "n_units_total", "world_size")  # fmt: skip
+
+
+def merge_parts(parts: list[dict], order: list[str] | None = None) -> dict:
+    """One cell's report from the reports of its parts (``evaluate.py --compare`` runs with disjoint
+    ``--methods`` subsets, each with ``unsteered``: ``SPLIT_TASKS`` in ``methods_table.sh``).
+
+    A method's row does not depend on the other methods of its run (tested in
+    ``tests/cli/test_compare.py``), so the union of the parts' rows is the whole cell's. The parts must
+    agree on :data:`SAME` and on the unsteered row's scores of every test example, and no other method may
+    be in two parts. The merged ``total_seconds`` is the parts' sum (each repeats the shared pass). Rows
+    follow ``order`` (method names) where given, else the parts' order.
+    """
+    if len(parts) < 2:
+        raise ValueError("merge needs two or more parts")
+    first = parts[0]
+    for i, part in enumerate(parts[1:], 2):
+        for key in SAME:
+            if part.get(key) != first.get(key):
+                raise ValueError(f"part {i} differs from part 1 in {key!r}: they are not parts of one cell")
+    base = [next((m for m in part["methods"] if m["name"] == "unsteered"), None) for part in parts]
+    if any(b is None for b in base):
+        raise ValueError("every part must include 'unsteered' (it checks that the parts scored the same examples)")
+    if any(b["test"]["per_example_correct"] != base[0]["test"]["per_example_correct"] for b in base[1:]):
+        raise ValueError("the parts' unsteered rows score the test examples differently: not parts of one cell")
+    methods = [base[0]]
+    for part in parts:
+        for m in part["methods"]:
+            if m["name"] == "unsteered":
+                continue
+            if any(m["name"] == seen["name"] for seen in methods):
+                raise ValueError(f"method {m['name']!r} is in two parts")
+            methods.append(m)
+    if order:
+        methods.sort(key=lambda m: order.index(m["name"]) if m["name"] in order else len(order))
+    merged = {key: value for key, value in first.items() if key not in ("methods", "omitted", "grids")}
+    merged["methods"] = methods
+    merged["grids"] = {k: v for part in parts for k, v in (part.get("grids") or {}).items()}
+    merged["omitted"] = {k: v for part in parts for k, v in (part.get("omitted") or {}).items()}
+    merged["total_seconds"] = sum(part.get("total_seconds", 0.0) for part in parts)
+    merged["parts"] = [
+        {"methods": [m["name"] for m in part["methods"]], "total_seconds": part.get("total_seconds")} for part in parts
+    ]
+    return merged
 
 
 def _mean(values):
@@ -196,7 +245,21 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--json", default=None, help="the summary as JSON (default: RESULTS/summary.json)")
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--merge", nargs="+", default=None, metavar="PART", help="merge these part reports ...")
+    parser.add_argument("--into", default=None, help="... into this cell report, and exit")
+    parser.add_argument("--order", default=None, help="the merged rows' order: comma-separated method names")
     args = parser.parse_args(argv)
+    if args.merge:
+        if not args.into:
+            parser.error("--merge needs --into REPORT")
+        try:
+            order = args.order.split(",") if args.order else None
+            merged = merge_parts([json.loads(Path(p).read_text()) for p in args.merge], order)
+            write_json_atomic(Path(args.into), merged, what="methods table cell")
+        except (OSError, ValueError, AusteerError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        return 0
     results = Path(args.results)
     cells = load(results)
     summaries = [summarise(t, cells[t]) for t in [*TASKS, *sorted(set(cells) - set(TASKS))] if t in cells]

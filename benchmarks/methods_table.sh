@@ -13,6 +13,9 @@
 # top of the prompt) and the same grid for the random units (3 draws each), few-shot prompts of 2 or 4
 # demonstrations, 200 side-task examples.
 # The learned-strength variants are left out (see benchmarks/learned_strength.sh).
+# The cells of SPLIT_TASKS (default: sentiment, about two hours a cell) run as two processes with the methods
+# split in halves of similar cost, each resumable (reports in $OUT/parts/), and merge into the cell's report
+# (methods_table.py --merge: a method's row does not depend on the other methods of its run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -21,7 +24,9 @@ BB=${BIGBENCH:-../shared/data/bigbench}
 TASKS=${TASKS:-"rotten_tomatoes sentiment strategyqa implicatures"}
 SEEDS=${SEEDS:-"0 1 2"}
 METHODS=unsteered,iti,sadi,caa,austeer_block,austeer,random_units,zero_shot,few_shot,calibrated,prompted_austeer
-mkdir -p "$OUT"
+SPLIT_TASKS=${SPLIT_TASKS:-"sentiment"}
+PARTS=("unsteered,iti,sadi,caa,austeer_block,austeer,zero_shot,few_shot,calibrated" "unsteered,random_units,prompted_austeer")
+mkdir -p "$OUT" "$OUT/parts"
 spec() {  # a task's --task value
   case "$1" in
     strategyqa|implicatures) echo "$BB/$1/task.json" ;;
@@ -34,15 +39,30 @@ side() {  # the side task: one the methods are not fitted for, from another sour
     *) echo rotten_tomatoes ;;
   esac
 }
+compare() {  # task seed methods report run_dir
+  $PY evaluate.py --compare --task "$(spec "$1")" --seed "$2" --methods "$3" --grid quick \
+    --site attention,ffn --k 3,10,30,100 --alpha 4,8,16 --shots 2,4 --max_train_pairs 128 --max_val_examples 200 --max_test_examples 500 \
+    --side_task "$(side "$1")" --side_examples 200 --report "$4" --wandb_mode disabled --run_dir "$5"
+}
 for seed in $SEEDS; do
   for task in $TASKS; do
     report="$OUT/$task-seed$seed.json"
     if [[ -f "$report" ]]; then echo "skip $report (done)"; continue; fi
-    echo "cell $task seed $seed: $(date -u +%H:%M:%S)"
-    $PY evaluate.py --compare --task "$(spec "$task")" --seed "$seed" --methods "$METHODS" --grid quick \
-      --site attention,ffn --k 3,10,30,100 --alpha 4,8,16 --shots 2,4 --max_train_pairs 128 --max_val_examples 200 --max_test_examples 500 \
-      --side_task "$(side "$task")" --side_examples 200 --report "$report" --wandb_mode disabled \
-      --run_dir "runs/methods_table/$task-seed$seed" > "$OUT/$task-seed$seed.log" 2>&1
+    if [[ " $SPLIT_TASKS " != *" $task "* ]]; then
+      echo "cell $task seed $seed: $(date -u +%H:%M:%S)"
+      compare "$task" "$seed" "$METHODS" "$report" "runs/methods_table/$task-seed$seed" > "$OUT/$task-seed$seed.log" 2>&1
+      continue
+    fi
+    parts=()
+    for i in "${!PARTS[@]}"; do
+      part="$OUT/parts/$task-seed$seed-part$((i + 1))"
+      parts+=("$part.json")
+      if [[ -f "$part.json" ]]; then echo "skip $part.json (done)"; continue; fi
+      echo "cell $task seed $seed, part $((i + 1)) of ${#PARTS[@]}: $(date -u +%H:%M:%S)"
+      compare "$task" "$seed" "${PARTS[$i]}" "$part.json" "runs/methods_table/$task-seed$seed-part$((i + 1))" > "$part.log" 2>&1
+    done
+    $PY benchmarks/methods_table.py --merge "${parts[@]}" --into "$report" --order "$METHODS"
+    cat "$OUT"/parts/"$task-seed$seed"-part*.log > "$OUT/$task-seed$seed.log"
   done
 done
 $PY benchmarks/methods_table.py --results "$OUT" --markdown docs/methods_table.md --plot docs/methods_table.png

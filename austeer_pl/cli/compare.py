@@ -249,7 +249,7 @@ def _compare(opts: CompareOptions, module, data, grids, run_dir: Path, accelerat
         ),
         "data": data.config().to_dict(),
         "n_train_pairs": session.accumulator.n,
-        "n_val": int(session.summary.get("n_val", 0)),
+        "n_val": len(data.data.splits["val"]),  # (the summary has it only when AUSteer ran)
         "n_test": len(test_examples),
         "test_uids_sha256": hashlib.sha256(uids.encode()).hexdigest(),
         "n_units_total": {s: layout.site(s).size * layout.n_layers for s in READ_SITES},

@@ -68,3 +68,41 @@ def test_pooled_paired_tests_gains_and_side_effects(tmp_path):
     text = md.read_text()
     assert "| austeer | " in text and "rotten_tomatoes seed 2" in text  # the missing cells are listed
     assert (tmp_path / "p.png").stat().st_size > 0
+
+
+def part(rows, **extra):
+    return {**report(0, rows), "test_uids_sha256": "abc", "seed": 0, "total_seconds": 60.0, **extra}
+
+
+def test_parts_of_a_cell_merge_and_parts_of_different_cells_do_not(tmp_path, capsys):
+    table = table_module()
+    base = row("unsteered", [1, 0, 1, 0])
+    a = part([base, row("iti", [1, 1, 1, 0]), row("caa", [0, 0, 1, 0])], omitted={"calibrated": "why"})
+    b = part([base, row("random_units", [1, 1, 0, 0])], total_seconds=30.0)
+    merged = table.merge_parts([a, b], ["unsteered", "iti", "random_units", "caa"])
+    assert [m["name"] for m in merged["methods"]] == ["unsteered", "iti", "random_units", "caa"]
+    assert merged["methods"][2] == b["methods"][1] and merged["total_seconds"] == 90.0
+    assert merged["omitted"] == {"calibrated": "why"} and [p["total_seconds"] for p in merged["parts"]] == [60.0, 30.0]
+    bad = {
+        "in 'test_uids_sha256'": [a, {**b, "test_uids_sha256": "abd"}],
+        "in 'seed'": [a, {**b, "seed": 1}],
+        "must include 'unsteered'": [a, part([row("random_units", [1, 1, 0, 0])])],
+        "score the test examples differently": [a, part([row("unsteered", [1, 0, 1, 1]), row("sadi", [1, 1, 1, 1])])],
+        "'iti' is in two parts": [a, part([base, row("iti", [1, 1, 1, 0])])],
+        "two or more parts": [a],
+    }
+    for message, parts in bad.items():
+        with pytest.raises(ValueError, match=message):
+            table.merge_parts(parts)
+    # The command: the merged cell written whole; a bad merge writes nothing and says why in one line.
+    paths = []
+    for i, p in enumerate((a, b, {**b, "seed": 1})):
+        paths.append(tmp_path / f"p{i}.json")
+        paths[-1].write_text(json.dumps(p))
+    out = tmp_path / "cell.json"
+    assert table.main(["--merge", str(paths[0]), str(paths[1]), "--into", str(out)]) == 0
+    assert [m["name"] for m in json.loads(out.read_text())["methods"]] == ["unsteered", "iti", "caa", "random_units"]
+    assert table.main(["--merge", str(paths[0]), str(paths[2]), "--into", str(tmp_path / "no.json")]) == 1
+    assert not (tmp_path / "no.json").exists()
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "differs from part 1 in 'seed'" in err

@@ -228,6 +228,47 @@ def test_compare_rejects_bad_input(tmp_path, capsys):
     assert "--strength_loss 'margin' is unknown; choose one of nll, choice" in capsys.readouterr().err
 
 
+def test_the_parts_of_a_split_cell_merge_into_the_whole_comparison(compared, tiny_dir, task_file, side_file, tmp_path):
+    """``benchmarks/methods_table.sh`` runs a long cell as two comparisons with its ``PARTS`` of the methods
+    and merges them (``methods_table.py --merge``): the merged rows are the rows of one run of them all
+    (a method's row does not depend on the other methods of its run)."""
+    import importlib.util
+    import re
+
+    script = (ROOT / "benchmarks" / "methods_table.sh").read_text()
+    parts = re.findall(r'"([a-z_,]+)"', re.search(r"^PARTS=\((.*)\)$", script, re.M).group(1))
+    assert len(parts) == 2 and "unsteered" in parts[0].split(",") and "unsteered" in parts[1].split(",")
+    reports = []
+    for i, methods in enumerate(parts):
+        args = [
+            "--side_task", str(side_file), "--side_examples", "12", "--compare", "--model", str(tiny_dir),
+            "--task", str(task_file), "--k", "2,4", "--alpha", "1,4", "--max_val_examples", "8",
+            "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu", "--wandb_mode", "disabled",
+            "--methods", methods, "--report", str(tmp_path / f"part{i}.json"),
+            "--export_dir", str(tmp_path / f"states{i}"),
+        ]  # fmt: skip
+        assert evaluate_main(args) == 0
+        reports.append(json.loads((tmp_path / f"part{i}.json").read_text()))
+    spec = importlib.util.spec_from_file_location("methods_table", ROOT / "benchmarks" / "methods_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    _, whole = compared
+    order = [m["name"] for m in whole["methods"]]
+    merged = table.merge_parts(reports, order)
+    wanted = {name for methods in parts for name in methods.split(",")}
+    assert [m["name"] for m in merged["methods"]] == [n for n in order if n in wanted]
+    assert merged["test_uids_sha256"] == whole["test_uids_sha256"] and merged["n_val"] == whole["n_val"]
+    # Timings differ, and the saved files by a byte or so (their metadata's timings): the states are compared.
+    drop = ("fit_seconds", "fit_seconds_parts", "val_seconds", "test_seconds", "state_dir", "state_bytes", "seconds")
+    clean = lambda row: {k: v for k, v in row.items() if k not in drop}  # noqa: E731
+    by_name = {m["name"]: m for m in whole["methods"]}
+    for row in merged["methods"]:
+        assert clean(row) == clean(by_name[row["name"]]), row["name"]
+        if row["state_dir"]:
+            mine, theirs = (SteeringState.from_pretrained(Path(r["state_dir"])) for r in (row, by_name[row["name"]]))
+            assert mine.coordinates() == theirs.coordinates() and torch.equal(mine.scale, theirs.scale)
+
+
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, task_file, side_file, tmp_path):
     """The shared pass, ITI's probe pass, validation and test are sharded and summed exactly under DDP."""
