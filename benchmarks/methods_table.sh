@@ -13,9 +13,9 @@
 # top of the prompt) and the same grid for the random units (3 draws each), few-shot prompts of 2 or 4
 # demonstrations, 200 side-task examples.
 # The learned-strength variants are left out (see benchmarks/learned_strength.sh).
-# The cells of SPLIT_TASKS (default: sentiment, about two hours a cell) run as two processes with the methods
-# split in halves of similar cost, each resumable (reports in $OUT/parts/), and merge into the cell's report
-# (methods_table.py --merge: a method's row does not depend on the other methods of its run).
+# The cells of SPLIT_TASKS (default: sentiment and implicatures, one to two hours a cell) run as two processes
+# with the methods split in halves of similar cost, each resumable (reports in $OUT/parts/), and merge into the
+# cell's report (methods_table.py --merge: a method's row does not depend on the other methods of its run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -24,7 +24,7 @@ BB=${BIGBENCH:-../shared/data/bigbench}
 TASKS=${TASKS:-"rotten_tomatoes sentiment strategyqa implicatures"}
 SEEDS=${SEEDS:-"0 1 2"}
 METHODS=unsteered,iti,sadi,caa,austeer_block,austeer,random_units,zero_shot,few_shot,calibrated,prompted_austeer
-SPLIT_TASKS=${SPLIT_TASKS:-"sentiment"}
+SPLIT_TASKS=${SPLIT_TASKS:-"sentiment implicatures"}
 PARTS=("unsteered,iti,sadi,caa,austeer_block,austeer,zero_shot,few_shot,calibrated" "unsteered,random_units,prompted_austeer")
 mkdir -p "$OUT" "$OUT/parts"
 spec() {  # a task's --task value
