@@ -408,3 +408,13 @@ def word_examples(lengths, seed: int):
         )
         for i, n in enumerate(lengths)
     ]
+
+
+def methods_table_module():
+    """``benchmarks/methods_table.py`` as a module (a script, not in the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("methods_table", ROOT / "benchmarks" / "methods_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

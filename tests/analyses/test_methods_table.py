@@ -2,21 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 
 from austeer_pl.scoring.statistics import mcnemar
 
-from helpers import ROOT
-
-
-def table_module():
-    spec = importlib.util.spec_from_file_location("methods_table", ROOT / "benchmarks" / "methods_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from helpers import methods_table_module
 
 
 def row(name, correct, **extra):
@@ -54,7 +46,10 @@ def test_pooled_paired_tests_gains_and_side_effects(tmp_path):
         (tmp_path / f"rotten_tomatoes-seed{seed}.json").write_text(json.dumps(report(seed, rows)))
     md = tmp_path / "t.md"
     assert (
-        table_module().main(["--results", str(tmp_path), "--markdown", str(md), "--plot", str(tmp_path / "p.png")]) == 0
+        methods_table_module().main(
+            ["--results", str(tmp_path), "--markdown", str(md), "--plot", str(tmp_path / "p.png")]
+        )
+        == 0
     )
     (summary,) = json.loads((tmp_path / "summary.json").read_text())["tasks"]
     rows = summary["rows"]
@@ -75,7 +70,7 @@ def part(rows, **extra):
 
 
 def test_parts_of_a_cell_merge_and_parts_of_different_cells_do_not(tmp_path, capsys):
-    table = table_module()
+    table = methods_table_module()
     base = row("unsteered", [1, 0, 1, 0])
     a = part([base, row("iti", [1, 1, 1, 0]), row("caa", [0, 0, 1, 0])], omitted={"calibrated": "why"})
     b = part([base, row("random_units", [1, 1, 0, 0])], total_seconds=30.0)

@@ -15,6 +15,7 @@ from austeer_pl.tasks.schema import TaskExample
 from helpers import (
     ROOT,
     make_model,
+    methods_table_module,
     write_less_task,
 )
 
@@ -232,7 +233,6 @@ def test_the_parts_of_a_split_cell_merge_into_the_whole_comparison(compared, tin
     """``benchmarks/methods_table.sh`` runs a long cell as two comparisons with its ``PARTS`` of the methods
     and merges them (``methods_table.py --merge``): the merged rows are the rows of one run of them all
     (a method's row does not depend on the other methods of its run)."""
-    import importlib.util
     import re
 
     script = (ROOT / "benchmarks" / "methods_table.sh").read_text()
@@ -249,12 +249,9 @@ def test_the_parts_of_a_split_cell_merge_into_the_whole_comparison(compared, tin
         ]  # fmt: skip
         assert evaluate_main(args) == 0
         reports.append(json.loads((tmp_path / f"part{i}.json").read_text()))
-    spec = importlib.util.spec_from_file_location("methods_table", ROOT / "benchmarks" / "methods_table.py")
-    table = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(table)
     _, whole = compared
     order = [m["name"] for m in whole["methods"]]
-    merged = table.merge_parts(reports, order)
+    merged = methods_table_module().merge_parts(reports, order)
     wanted = {name for methods in parts for name in methods.split(",")}
     assert [m["name"] for m in merged["methods"]] == [n for n in order if n in wanted]
     assert merged["test_uids_sha256"] == whole["test_uids_sha256"] and merged["n_val"] == whole["n_val"]
