@@ -199,29 +199,48 @@ def markdown(summaries: list[dict], missing: list[str]) -> str:
     return "\n".join(lines)
 
 
-def plot(summaries: list[dict], path: Path) -> None:
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
-    markers = dict(zip(TASKS, "osD^"))
-    names = sorted({n for s in summaries for n in s["rows"] if n != "unsteered"})
-    colours = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
+def plot_points(summaries: list[dict]) -> list[dict]:
+    """One point per method and task (unsteered, the origin, left out): the gain in points against the KL on
+    ordinary text and against the side-task change in points; prompts and calibration sit at 0 on both, since
+    they reach only the task's own requests, and a side effect not measured sits at 0 too."""
+    points = []
     for s in summaries:
         for name, r in s["rows"].items():
             if name == "unsteered":
                 continue
-            gain = r["gain_points"]
             prompt = name in PROMPTS
-            for ax, x in ((axes[0], r["kl_ordinary_text"]), (axes[1], r["off_task_change"])):
-                x = 0.0 if prompt or x is None else (100 * x if ax is axes[1] else x)
-                ax.scatter(
-                    x,
-                    gain,
-                    marker=markers.get(s["task"], "o"),
-                    facecolors="none" if prompt else colours[name],
-                    edgecolors=colours[name],
-                    s=50,
-                    label=name,
-                )
+            kl, side = r["kl_ordinary_text"], r["off_task_change"]
+            points.append(
+                {
+                    "task": s["task"],
+                    "method": name,
+                    "prompt": prompt,
+                    "gain_points": r["gain_points"],
+                    "kl_ordinary_text": 0.0 if prompt or kl is None else kl,
+                    "off_task_points": 0.0 if prompt or side is None else 100 * side,
+                }
+            )
+    return points
+
+
+def plot(summaries: list[dict], path: Path) -> None:
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8), sharey=True)
+    markers = dict(zip(TASKS, "osD^"))
+    points = plot_points(summaries)
+    names = sorted({p["method"] for p in points})
+    colours = {n: plt.cm.tab20(i % 20) for i, n in enumerate(names)}
+    for p in points:
+        for ax, x in ((axes[0], p["kl_ordinary_text"]), (axes[1], p["off_task_points"])):
+            ax.scatter(
+                x,
+                p["gain_points"],
+                marker=markers.get(p["task"], "o"),
+                facecolors="none" if p["prompt"] else colours[p["method"]],
+                edgecolors=colours[p["method"]],
+                s=50,
+                label=p["method"],
+            )
     axes[0].set_xlabel("KL to unsteered on ordinary text (nats/token; prompts: 0, they reach only the task)")
     axes[1].set_xlabel("accuracy change on the side task (points; prompts: 0)")
     axes[0].set_ylabel("test accuracy gain over unsteered (points)")

@@ -63,6 +63,13 @@ def test_pooled_paired_tests_gains_and_side_effects(tmp_path):
     text = md.read_text()
     assert "| austeer | " in text and "rotten_tomatoes seed 2" in text  # the missing cells are listed
     assert (tmp_path / "p.png").stat().st_size > 0
+    # The plot's points: the side-task axis in points (the report holds fractions), prompts at the origin.
+    points = {p["method"]: p for p in methods_table_module().plot_points([summary])}
+    assert sorted(points) == ["austeer", "zero_shot"]  # unsteered is the origin, not a point
+    assert points["austeer"]["off_task_points"] == pytest.approx(-2.0)
+    assert points["austeer"]["kl_ordinary_text"] == pytest.approx(0.1)
+    assert points["austeer"]["gain_points"] == rows["austeer"]["gain_points"]
+    assert points["zero_shot"]["prompt"] and points["zero_shot"]["off_task_points"] == 0.0
 
 
 def part(rows, **extra):

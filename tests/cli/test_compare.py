@@ -45,6 +45,19 @@ FIELDS = (
 )
 
 
+LEARNING = ("--strength_epochs", "2", "--strength_lr", "0.5", "--strength_loss", "choice")
+
+
+def compare_args(tiny_dir, task_file, side_file, report, export_dir, *extra: str, batch_size: int = 8) -> list[str]:
+    """The module's comparison on the tiny model (8 validation, 10 test, 12 side-task examples), with ``extra``."""
+    return [
+        "--compare", "--model", str(tiny_dir), "--task", str(task_file), "--k", "2,4", "--alpha", "1,4",
+        "--max_val_examples", "8", "--max_test_examples", "10", "--side_task", str(side_file),
+        "--side_examples", "12", "--batch_size", str(batch_size), "--device", "cpu", "--report", str(report),
+        "--export_dir", str(export_dir), "--wandb_mode", "disabled", *extra,
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
     """One thread for the whole module, as the DDP children run (``OMP_NUM_THREADS=1``): scoring from
@@ -69,41 +82,7 @@ def side_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def compared(tiny_dir, task_file, side_file, tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    args = [
-        "--side_task",
-        str(side_file),
-        "--side_examples",
-        "12",
-        "--compare",
-        "--model",
-        str(tiny_dir),
-        "--task",
-        str(task_file),
-        "--k",
-        "2,4",
-        "--alpha",
-        "1,4",
-        "--max_val_examples",
-        "8",
-        "--max_test_examples",
-        "10",
-        "--batch_size",
-        "8",
-        "--device",
-        "cpu",
-        "--report",
-        str(out / "compare.json"),
-        "--export_dir",
-        str(out / "states"),
-        "--wandb_mode",
-        "disabled",
-        "--strength_epochs",
-        "2",
-        "--strength_lr",
-        "0.5",
-        "--strength_loss",
-        "choice",
-    ]
+    args = compare_args(tiny_dir, task_file, side_file, out / "compare.json", out / "states", *LEARNING)
     assert evaluate_main(args) == 0
     return out, json.loads((out / "compare.json").read_text())
 
@@ -240,15 +219,10 @@ def test_the_parts_of_a_split_cell_merge_into_the_whole_comparison(compared, tin
     assert len(parts) == 2 and "unsteered" in parts[0].split(",") and "unsteered" in parts[1].split(",")
     reports = []
     for i, methods in enumerate(parts):
-        args = [
-            "--side_task", str(side_file), "--side_examples", "12", "--compare", "--model", str(tiny_dir),
-            "--task", str(task_file), "--k", "2,4", "--alpha", "1,4", "--max_val_examples", "8",
-            "--max_test_examples", "10", "--batch_size", "8", "--device", "cpu", "--wandb_mode", "disabled",
-            "--methods", methods, "--report", str(tmp_path / f"part{i}.json"),
-            "--export_dir", str(tmp_path / f"states{i}"),
-        ]  # fmt: skip
+        report, states = tmp_path / f"part{i}.json", tmp_path / f"states{i}"
+        args = compare_args(tiny_dir, task_file, side_file, report, states, "--methods", methods)
         assert evaluate_main(args) == 0
-        reports.append(json.loads((tmp_path / f"part{i}.json").read_text()))
+        reports.append(json.loads(report.read_text()))
     _, whole = compared
     order = [m["name"] for m in whole["methods"]]
     merged = methods_table_module().merge_parts(reports, order)
@@ -275,47 +249,11 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
 
     root = ROOT
     out, one = compared
-    args = [
-        "--compare",
-        "--model",
-        str(tiny_dir),
-        "--task",
-        str(task_file),
-        "--k",
-        "2,4",
-        "--alpha",
-        "1,4",
-        # Batches of 4 per process: the same global batch of 8 per step as the single process. The
-        # grid deals whole scoring batches to the processes, so it takes the single process's size.
-        "--max_val_examples",
-        "8",
-        "--max_test_examples",
-        "10",
-        "--side_task",
-        str(side_file),
-        "--side_examples",
-        "12",
-        "--batch_size",
-        "4",
-        "--eval_batch_size",
-        "8",
-        "--device",
-        "cpu",
-        "--devices",
-        "2",
-        "--strength_epochs",
-        "2",
-        "--strength_lr",
-        "0.5",
-        "--strength_loss",
-        "choice",
-        "--report",
-        str(tmp_path / "two.json"),
-        "--export_dir",
-        str(tmp_path / "states"),
-        "--wandb_mode",
-        "disabled",
-    ]
+    # Batches of 4 per process: the same global batch of 8 per step as the single process. The grid deals
+    # whole scoring batches to the processes, so it takes the single process's size.
+    report = tmp_path / "two.json"
+    extra = ("--eval_batch_size", "8", "--devices", "2", *LEARNING)
+    args = compare_args(tiny_dir, task_file, side_file, report, tmp_path / "states", *extra, batch_size=4)
     env = dict(os.environ, PYTHONPATH=str(root), OMP_NUM_THREADS="1", AUSTEER_RUN_DIR=str(tmp_path / "run"))
     proc = subprocess.run(
         [sys.executable, str(root / "evaluate.py"), *args],
@@ -326,7 +264,7 @@ def test_two_processes_give_the_single_process_comparison(compared, tiny_dir, ta
         timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    two = json.loads((tmp_path / "two.json").read_text())
+    two = json.loads(report.read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1 and two["test_uids_sha256"] == one["test_uids_sha256"]
     for a, b in zip(one["methods"], two["methods"]):
         assert a["name"] == b["name"] and a["hyperparameters"] == b["hyperparameters"] and a["test"] == b["test"]
