@@ -13,9 +13,10 @@
 # top of the prompt) and the same grid for the random units (3 draws each), few-shot prompts of 2 or 4
 # demonstrations, 200 side-task examples.
 # The learned-strength variants are left out (see benchmarks/learned_strength.sh).
-# The cells of SPLIT_TASKS (default: sentiment and implicatures, one to two hours a cell) run as two processes
-# with the methods split in halves of similar cost, each resumable (reports in $OUT/parts/), and merge into the
-# cell's report (methods_table.py --merge: a method's row does not depend on the other methods of its run).
+# The cells of SPLIT_TASKS (default: sentiment and implicatures, one to two hours a cell) run as four processes
+# with the methods split in parts of a quarter to a half hour each, each resumable (reports in $OUT/parts/), and
+# merge into the cell's report (methods_table.py --merge: a method's row does not depend on the other methods of
+# its run). Each part repeats only the unsteered row and the shared pass, a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
@@ -25,7 +26,12 @@ TASKS=${TASKS:-"rotten_tomatoes sentiment strategyqa implicatures"}
 SEEDS=${SEEDS:-"0 1 2"}
 METHODS=unsteered,iti,sadi,caa,austeer_block,austeer,random_units,zero_shot,few_shot,calibrated,prompted_austeer
 SPLIT_TASKS=${SPLIT_TASKS:-"sentiment implicatures"}
-PARTS=("unsteered,iti,sadi,caa,austeer_block,austeer,zero_shot,few_shot,calibrated" "unsteered,random_units,prompted_austeer")
+PARTS=(
+  "unsteered,iti,sadi,caa,austeer_block"
+  "unsteered,austeer,zero_shot,few_shot,calibrated"
+  "unsteered,random_units"
+  "unsteered,prompted_austeer"
+)
 mkdir -p "$OUT" "$OUT/parts"
 spec() {  # a task's --task value
   case "$1" in

@@ -209,14 +209,17 @@ def test_compare_rejects_bad_input(tmp_path, capsys):
 
 
 def test_the_parts_of_a_split_cell_merge_into_the_whole_comparison(compared, tiny_dir, task_file, side_file, tmp_path):
-    """``benchmarks/methods_table.sh`` runs a long cell as two comparisons with its ``PARTS`` of the methods
+    """``benchmarks/methods_table.sh`` runs a long cell as several comparisons with its ``PARTS`` of the methods
     and merges them (``methods_table.py --merge``): the merged rows are the rows of one run of them all
     (a method's row does not depend on the other methods of its run)."""
     import re
 
     script = (ROOT / "benchmarks" / "methods_table.sh").read_text()
-    parts = re.findall(r'"([a-z_,]+)"', re.search(r"^PARTS=\((.*)\)$", script, re.M).group(1))
-    assert len(parts) == 2 and "unsteered" in parts[0].split(",") and "unsteered" in parts[1].split(",")
+    parts = re.findall(r'"([a-z_,]+)"', re.search(r"^PARTS=\((.*?)\)$", script, re.M | re.S).group(1))
+    assert len(parts) >= 2 and all("unsteered" in methods.split(",") for methods in parts)
+    everything = re.search(r"^METHODS=([a-z_,]+)$", script, re.M).group(1).split(",")
+    assert sorted({n for methods in parts for n in methods.split(",")}) == sorted(everything)  # each method once
+    assert sum(len(methods.split(",")) - 1 for methods in parts) == len(everything) - 1
     reports = []
     for i, methods in enumerate(parts):
         report, states = tmp_path / f"part{i}.json", tmp_path / f"states{i}"
