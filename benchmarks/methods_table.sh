@@ -4,6 +4,7 @@
 #
 #   bash benchmarks/methods_table.sh            # run the missing cells, then rebuild the table and the plot
 #   TASKS="rotten_tomatoes" SEEDS="0" bash benchmarks/methods_table.sh   # a subset
+#   TASKS=sentiment SEEDS=2 ONLY_PARTS="3 4" bash benchmarks/methods_table.sh   # some parts of a split cell
 #
 # Resumable cell by cell: a cell is one evaluate.py --compare report in benchmarks/results/methods_table/,
 # written atomically when the cell ends; cells whose report exists are skipped. Sizes (two CPU cores, the
@@ -26,6 +27,7 @@ TASKS=${TASKS:-"rotten_tomatoes sentiment strategyqa implicatures"}
 SEEDS=${SEEDS:-"0 1 2"}
 METHODS=unsteered,iti,sadi,caa,austeer_block,austeer,random_units,zero_shot,few_shot,calibrated,prompted_austeer
 SPLIT_TASKS=${SPLIT_TASKS:-"sentiment implicatures"}
+ONLY_PARTS=${ONLY_PARTS:-}  # e.g. "3 4": run only these parts of a split cell (two cores or machines share a cell)
 PARTS=(
   "unsteered,iti,sadi,caa,austeer_block"
   "unsteered,austeer,zero_shot,few_shot,calibrated"
@@ -59,14 +61,16 @@ for seed in $SEEDS; do
       compare "$task" "$seed" "$METHODS" "$report" "runs/methods_table/$task-seed$seed" > "$OUT/$task-seed$seed.log" 2>&1
       continue
     fi
-    parts=()
+    parts=() waiting=()
     for i in "${!PARTS[@]}"; do
       part="$OUT/parts/$task-seed$seed-part$((i + 1))"
       parts+=("$part.json")
       if [[ -f "$part.json" ]]; then echo "skip $part.json (done)"; continue; fi
+      if [[ -n "$ONLY_PARTS" && " $ONLY_PARTS " != *" $((i + 1)) "* ]]; then waiting+=("$((i + 1))"); continue; fi
       echo "cell $task seed $seed, part $((i + 1)) of ${#PARTS[@]}: $(date -u +%H:%M:%S)"
       compare "$task" "$seed" "${PARTS[$i]}" "$part.json" "runs/methods_table/$task-seed$seed-part$((i + 1))" > "$part.log" 2>&1
     done
+    if ((${#waiting[@]})); then echo "cell $task seed $seed waits for parts ${waiting[*]}"; continue; fi
     $PY benchmarks/methods_table.py --merge "${parts[@]}" --into "$report" --order "$METHODS"
     cat "$OUT"/parts/"$task-seed$seed"-part*.log > "$OUT/$task-seed$seed.log"
   done
