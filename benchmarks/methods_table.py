@@ -144,6 +144,7 @@ def summarise(task: str, reports: dict[int, dict]) -> dict:
         "cell_minutes": [round(reports[s].get("total_seconds", 0.0) / 60, 1) for s in seeds],
         "base_model": first["base_model"],
         "best": best,
+        "omitted": {name: why for s in seeds for name, why in (reports[s].get("omitted") or {}).items()},
         "rows": {n: {k: v for k, v in r.items() if k != "correct"} for n, r in rows.items()},
     }
 
@@ -193,6 +194,8 @@ def markdown(summaries: list[dict], missing: list[str]) -> str:
                 f"{_f(r['perplexity'], '.2f')} | {_f(off, '+.1f')} | {_f(r['added_prompt_tokens'], '.0f')} | "
                 f"{_f(r['steered'], '.0f')} |"
             )
+        if s.get("omitted"):
+            lines += ["", "Not run: " + "; ".join(f"{name}, since {why}" for name, why in s["omitted"].items()) + "."]
         lines.append("")
     if missing:
         lines += ["Cells not run yet: " + ", ".join(missing) + ".", ""]

@@ -43,7 +43,10 @@ def test_pooled_paired_tests_gains_and_side_effects(tmp_path):
             row("austeer", b, steered=10, side_effects=effects),
             row("zero_shot", c, added_prompt_tokens=20.0, side_effects=None),
         ]
-        (tmp_path / f"rotten_tomatoes-seed{seed}.json").write_text(json.dumps(report(seed, rows)))
+        omitted = {"calibrated": "the offsets would learn the listing order"} if seed else {}
+        (tmp_path / f"rotten_tomatoes-seed{seed}.json").write_text(
+            json.dumps({**report(seed, rows), "omitted": omitted})
+        )
     md = tmp_path / "t.md"
     assert (
         methods_table_module().main(
@@ -62,6 +65,8 @@ def test_pooled_paired_tests_gains_and_side_effects(tmp_path):
     assert rows["zero_shot"]["added_prompt_tokens"] == 20.0 and rows["zero_shot"]["kl_ordinary_text"] is None
     text = md.read_text()
     assert "| austeer | " in text and "rotten_tomatoes seed 2" in text  # the missing cells are listed
+    # A method a cell refused is named under the table with the reason, not left out silently.
+    assert "Not run: calibrated, since the offsets would learn the listing order." in text
     assert (tmp_path / "p.png").stat().st_size > 0
     # The plot's points: the side-task axis in points (the report holds fractions), prompts at the origin.
     points = {p["method"]: p for p in methods_table_module().plot_points([summary])}
