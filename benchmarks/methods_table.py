@@ -103,6 +103,16 @@ def _mean(values):
     return statistics.fmean(values) if values else None
 
 
+def _omitted(reports: dict[int, dict]) -> dict[str, dict]:
+    """``{method: {"seeds": [...], "why": reason}}`` for the methods a cell refused (one reason per seed kept:
+    the first; the refusal rules depend on the task, not the seed)."""
+    out: dict[str, dict] = {}
+    for seed in sorted(reports):
+        for name, why in (reports[seed].get("omitted") or {}).items():
+            out.setdefault(name, {"seeds": [], "why": why})["seeds"].append(seed)
+    return out
+
+
 def summarise(task: str, reports: dict[int, dict]) -> dict:
     seeds = sorted(reports)
     names = [m["name"] for m in reports[seeds[0]]["methods"]]
@@ -144,7 +154,7 @@ def summarise(task: str, reports: dict[int, dict]) -> dict:
         "cell_minutes": [round(reports[s].get("total_seconds", 0.0) / 60, 1) for s in seeds],
         "base_model": first["base_model"],
         "best": best,
-        "omitted": {name: why for s in seeds for name, why in (reports[s].get("omitted") or {}).items()},
+        "omitted": _omitted(reports),
         "rows": {n: {k: v for k, v in r.items() if k != "correct"} for n, r in rows.items()},
     }
 
@@ -195,7 +205,15 @@ def markdown(summaries: list[dict], missing: list[str]) -> str:
                 f"{_f(r['steered'], '.0f')} |"
             )
         if s.get("omitted"):
-            lines += ["", "Not run: " + "; ".join(f"{name}, since {why}" for name, why in s["omitted"].items()) + "."]
+            lines += [
+                "",
+                "Not run: "
+                + "; ".join(
+                    f"{name} (seeds {', '.join(map(str, o['seeds']))}), since {o['why']}"
+                    for name, o in s["omitted"].items()
+                )
+                + ".",
+            ]
         lines.append("")
     if missing:
         lines += ["Cells not run yet: " + ", ".join(missing) + ".", ""]

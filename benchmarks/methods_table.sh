@@ -27,14 +27,25 @@ TASKS=${TASKS:-"rotten_tomatoes sentiment strategyqa implicatures"}
 SEEDS=${SEEDS:-"0 1 2"}
 METHODS=unsteered,iti,sadi,caa,austeer_block,austeer,random_units,zero_shot,few_shot,calibrated,prompted_austeer
 SPLIT_TASKS=${SPLIT_TASKS:-"sentiment implicatures"}
-ONLY_PARTS=${ONLY_PARTS:-}  # e.g. "3 4": run only these parts of a split cell (two cores or machines share a cell)
+ONLY_PARTS=${ONLY_PARTS:-}  # e.g. "3 4": run only these parts of a split cell (two cores or machines share a cell;
+                            # the cells of other tasks run whole, so give such processes TASKS of split tasks only)
 PARTS=(
   "unsteered,iti,sadi,caa,austeer_block"
   "unsteered,austeer,zero_shot,few_shot,calibrated"
   "unsteered,random_units"
   "unsteered,prompted_austeer"
 )
+for p in $ONLY_PARTS; do
+  if [[ ! "$p" =~ ^[0-9]+$ ]] || ((p < 1 || p > ${#PARTS[@]})); then
+    echo "error: ONLY_PARTS='$ONLY_PARTS' names a part that does not exist; give part numbers 1 to ${#PARTS[@]}, separated by spaces" >&2
+    exit 2
+  fi
+done
 mkdir -p "$OUT" "$OUT/parts"
+holds() {  # part_report methods: the report's methods (rows and refusals) are exactly these
+  $PY -c 'import json, sys; r = json.load(open(sys.argv[1])); names = {m["name"] for m in r["methods"]} | set(r.get("omitted") or {})
+sys.exit(names != set(sys.argv[2].split(",")))' "$1" "$2"
+}
 spec() {  # a task's --task value
   case "$1" in
     strategyqa|implicatures) echo "$BB/$1/task.json" ;;
@@ -62,14 +73,23 @@ for seed in $SEEDS; do
       continue
     fi
     parts=() waiting=()
+    for i in "${!PARTS[@]}"; do  # parts written under another split are refused before anything runs
+      part="$OUT/parts/$task-seed$seed-part$((i + 1)).json"
+      if [[ -f "$part" ]] && ! holds "$part" "${PARTS[$i]}"; then
+        echo "error: $part is not part $((i + 1)) of this split (${PARTS[$i]}): it is from another split; move it away and rerun" >&2
+        exit 1
+      fi
+    done
     for i in "${!PARTS[@]}"; do
       part="$OUT/parts/$task-seed$seed-part$((i + 1))"
       parts+=("$part.json")
       if [[ -f "$part.json" ]]; then echo "skip $part.json (done)"; continue; fi
-      if [[ -n "$ONLY_PARTS" && " $ONLY_PARTS " != *" $((i + 1)) "* ]]; then waiting+=("$((i + 1))"); continue; fi
+      if [[ -n "$ONLY_PARTS" && " $ONLY_PARTS " != *" $((i + 1)) "* ]]; then continue; fi
       echo "cell $task seed $seed, part $((i + 1)) of ${#PARTS[@]}: $(date -u +%H:%M:%S)"
       compare "$task" "$seed" "${PARTS[$i]}" "$part.json" "runs/methods_table/$task-seed$seed-part$((i + 1))" > "$part.log" 2>&1
     done
+    # Checked after the loop: a process sharing the cell may have written the other parts meanwhile.
+    for i in "${!parts[@]}"; do [[ -f "${parts[$i]}" ]] || waiting+=("$((i + 1))"); done
     if ((${#waiting[@]})); then echo "cell $task seed $seed waits for parts ${waiting[*]}"; continue; fi
     $PY benchmarks/methods_table.py --merge "${parts[@]}" --into "$report" --order "$METHODS"
     cat "$OUT"/parts/"$task-seed$seed"-part*.log > "$OUT/$task-seed$seed.log"

@@ -66,7 +66,7 @@ def test_pooled_paired_tests_gains_and_side_effects(tmp_path):
     text = md.read_text()
     assert "| austeer | " in text and "rotten_tomatoes seed 2" in text  # the missing cells are listed
     # A method a cell refused is named under the table with the reason, not left out silently.
-    assert "Not run: calibrated, since the offsets would learn the listing order." in text
+    assert "Not run: calibrated (seeds 1), since the offsets would learn the listing order." in text
     assert (tmp_path / "p.png").stat().st_size > 0
     # The plot's points: the side-task axis in points (the report holds fractions), prompts at the origin.
     points = {p["method"]: p for p in methods_table_module().plot_points([summary])}
@@ -75,6 +75,19 @@ def test_pooled_paired_tests_gains_and_side_effects(tmp_path):
     assert points["austeer"]["kl_ordinary_text"] == pytest.approx(0.1)
     assert points["austeer"]["gain_points"] == rows["austeer"]["gain_points"]
     assert points["zero_shot"]["prompt"] and points["zero_shot"]["off_task_points"] == 0.0
+
+
+def test_prompts_sit_at_the_origin_of_the_side_effect_axes_whatever_a_report_says():
+    """A prompt or an offset reaches only the task's own requests: its point is at 0 on both side-effect axes
+    even where a report carries numbers for it; a steered row's unmeasured effect is 0 too."""
+    effects = {"kl_ordinary_text": 0.4, "off_task_change": 0.05, "gain_points": 3.0}
+    summary = {"task": "t", "rows": {"unsteered": {}, "few_shot": dict(effects), "iti": dict(effects)}}
+    summary["rows"]["caa"] = {**effects, "kl_ordinary_text": None, "off_task_change": None}
+    points = {p["method"]: p for p in methods_table_module().plot_points([summary])}
+    assert (points["few_shot"]["kl_ordinary_text"], points["few_shot"]["off_task_points"]) == (0.0, 0.0)
+    assert points["iti"]["kl_ordinary_text"] == 0.4 and points["iti"]["off_task_points"] == pytest.approx(5.0)
+    assert (points["caa"]["kl_ordinary_text"], points["caa"]["off_task_points"]) == (0.0, 0.0)
+    assert not points["iti"]["prompt"] and points["few_shot"]["prompt"]
 
 
 def part(rows, **extra):

@@ -215,7 +215,7 @@ def test_the_parts_of_a_split_cell_merge_into_the_whole_comparison(compared, tin
     import re
 
     script = (ROOT / "benchmarks" / "methods_table.sh").read_text()
-    parts = re.findall(r'"([a-z_,]+)"', re.search(r"^PARTS=\((.*?)\)$", script, re.M | re.S).group(1))
+    parts = re.findall(r'"([a-z_,]+)"', re.search(r"^PARTS=\(\n(.*?)^\)", script, re.M | re.S).group(1))
     assert len(parts) >= 2 and all("unsteered" in methods.split(",") for methods in parts)
     everything = re.search(r"^METHODS=([a-z_,]+)$", script, re.M).group(1).split(",")
     assert sorted({n for methods in parts for n in methods.split(",")}) == sorted(everything)  # each method once
