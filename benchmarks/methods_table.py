@@ -1,7 +1,7 @@
 """The methods table from the committed ``evaluate.py --compare`` reports of ``benchmarks/methods_table.sh``.
 
     .venv/bin/python benchmarks/methods_table.py --results benchmarks/results/methods_table \
-        --markdown benchmarks/results/methods_table/table.md --plot docs/methods_table.png
+        --markdown docs/methods_table.md --plot docs/methods_table.png --readme benchmarks/README.md
 
 For each task, one row per method over the seeds found: the mean test accuracy and its change from the
 unsteered model in points, the paired McNemar tests (each seed's test examples pooled: every example was
@@ -9,7 +9,9 @@ scored by every method) against the unsteered model and against the best other m
 highest mean test accuracy, unsteered excluded), and the side effects beside the gain: KL to the unsteered
 model on ordinary text, perplexity of free generation, the accuracy change on the side task, the prompt
 tokens added to every request and the activations steered. The plot puts each method's gain against its
-side effects, one point per method and task. Cells still missing are listed, never filled in.
+side effects, one point per method and task; an overview (one gain per method and task) opens the page and,
+with ``--readme``, replaces the text between a README's overview markers. Cells still missing are listed, never
+filled in.
 """
 
 from __future__ import annotations
@@ -185,8 +187,57 @@ task's own requests, so they have no side effects on others; their cost is their
 """
 
 
+START, END = "<!-- methods table overview: start -->", "<!-- methods table overview: end -->"
+
+
+def overview(summaries: list[dict]) -> str:
+    """One row per method, one column per task: the gain in points (``*``: p < 0.05 against the unsteered
+    model; bold: the task's best), with the side-task change in brackets for a steered method and the prompt
+    tokens added for a prompt; the unsteered row holds the accuracy the gains are measured from."""
+    names = list(dict.fromkeys(n for s in summaries for n in s["rows"]))
+    header = "| method | " + " | ".join(s["task"] for s in summaries) + " |"
+    lines = [header, "| --- |" + " ---: |" * len(summaries)]
+    for name in names:
+        cells = []
+        for s in summaries:
+            r = s["rows"].get(name)
+            if r is None:
+                cells.append("not run" if name in s.get("omitted", {}) else "-")
+                continue
+            if name == "unsteered":
+                cells.append(f"{r['test_accuracy']:.3f}")
+                continue
+            star = "\\*" if r["p_vs_unsteered"] is not None and r["p_vs_unsteered"] < 0.05 else ""
+            gain = f"{r['gain_points']:+.1f}{star}"
+            gain = f"**{gain}**" if name == s["best"] else gain
+            if r["off_task_change"] is not None and name not in PROMPTS:
+                gain += f" [{100 * r['off_task_change']:+.1f}]"
+            if r["added_prompt_tokens"]:
+                gain += f" ({r['added_prompt_tokens']:.0f} tok)"
+            cells.append(gain)
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def with_overview(readme: str, table: str, where: str) -> str:
+    """``readme`` with the text between its overview markers replaced by ``table``."""
+    if readme.count(START) != 1 or readme.count(END) != 1 or readme.index(START) > readme.index(END):
+        raise AusteerError(
+            f"{where} has no one pair of '{START}' ... '{END}' markers; add them where the overview goes"
+        )
+    head, rest = readme.split(START)
+    return head + START + "\n" + table + "\n" + END + rest.split(END, 1)[1]
+
+
+OVERVIEW_NOTE = (
+    "Gain over the unsteered model in test points, the mean of the seeds (`*`: McNemar p < 0.05 on the pooled "
+    "test examples; bold: the task's best method); in brackets a steered method's accuracy change on the side "
+    "task, in points; in parentheses the tokens a prompt adds to every request. The unsteered row is its accuracy."
+)
+
+
 def markdown(summaries: list[dict], missing: list[str]) -> str:
-    lines = [HEADER]
+    lines = [HEADER, OVERVIEW_NOTE, "", overview(summaries), ""]
     for s in summaries:
         lines += [
             f"### {s['task']} (seeds {', '.join(map(str, s['seeds']))}; test n = {'/'.join(map(str, s['n_test']))}, "
@@ -285,6 +336,7 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", default=None)
     parser.add_argument("--json", default=None, help="the summary as JSON (default: RESULTS/summary.json)")
     parser.add_argument("--plot", default=None)
+    parser.add_argument("--readme", default=None, help="put the overview table between this file's overview markers")
     parser.add_argument("--merge", nargs="+", default=None, metavar="PART", help="merge these part reports ...")
     parser.add_argument("--into", default=None, help="... into this cell report, and exit")
     parser.add_argument("--order", default=None, help="the merged rows' order: comma-separated method names")
@@ -306,11 +358,21 @@ def main(argv=None) -> int:
     missing = [f"{t} seed {s}" for t in TASKS for s in SEEDS if s not in cells.get(t, {})]
     text = markdown(summaries, missing)
     print(text)
+    if args.readme:
+        try:
+            readme = Path(args.readme)
+            body = OVERVIEW_NOTE + "\n\n" + overview(summaries)
+            updated = with_overview(readme.read_text(), body, args.readme)
+        except (OSError, AusteerError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 1
     write_json_atomic(Path(args.json or results / "summary.json"), {"tasks": summaries}, what="methods table summary")
     if args.markdown:
         write_text(Path(args.markdown), text)
     if args.plot and summaries:
         plot(summaries, Path(args.plot))
+    if args.readme:
+        write_text(Path(args.readme), updated)
     return 0
 
 

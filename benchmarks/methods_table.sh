@@ -95,4 +95,5 @@ for seed in $SEEDS; do
     cat "$OUT"/parts/"$task-seed$seed"-part*.log > "$OUT/$task-seed$seed.log"
   done
 done
-$PY benchmarks/methods_table.py --results "$OUT" --markdown docs/methods_table.md --plot docs/methods_table.png
+$PY benchmarks/methods_table.py --results "$OUT" --markdown docs/methods_table.md --plot docs/methods_table.png \
+  --readme benchmarks/README.md

@@ -47,13 +47,11 @@ def test_pooled_paired_tests_gains_and_side_effects(tmp_path):
         (tmp_path / f"rotten_tomatoes-seed{seed}.json").write_text(
             json.dumps({**report(seed, rows), "omitted": omitted})
         )
-    md = tmp_path / "t.md"
-    assert (
-        methods_table_module().main(
-            ["--results", str(tmp_path), "--markdown", str(md), "--plot", str(tmp_path / "p.png")]
-        )
-        == 0
-    )
+    md, readme = tmp_path / "t.md", tmp_path / "README.md"
+    table = methods_table_module()
+    readme.write_text(f"# Benchmarks\n\nBefore.\n\n{table.START}\nold table\n{table.END}\n\nAfter.\n")
+    args = ["--results", str(tmp_path), "--markdown", str(md), "--plot", str(tmp_path / "p.png")]
+    assert table.main([*args, "--readme", str(readme)]) == 0
     (summary,) = json.loads((tmp_path / "summary.json").read_text())["tasks"]
     rows = summary["rows"]
     mean = lambda xs: sum(sum(x) / len(x) for x in xs) / len(xs)  # noqa: E731
@@ -65,6 +63,22 @@ def test_pooled_paired_tests_gains_and_side_effects(tmp_path):
     assert rows["zero_shot"]["added_prompt_tokens"] == 20.0 and rows["zero_shot"]["kl_ordinary_text"] is None
     text = md.read_text()
     assert "| austeer | " in text and "rotten_tomatoes seed 2" in text  # the missing cells are listed
+    # The overview: one gain per method and task (* where p < 0.05, bold for the task's best), the side-task
+    # change of a steered method in brackets, a prompt's tokens in parentheses; the unsteered row its accuracy.
+    star = lambda name: "\\*" if rows[name]["p_vs_unsteered"] < 0.05 else ""  # noqa: E731
+    austeer = f"**{rows['austeer']['gain_points']:+.1f}{star('austeer')}** [-2.0]"
+    zero = f"{rows['zero_shot']['gain_points']:+.1f}{star('zero_shot')} (20 tok)"
+    assert f"| austeer | {austeer} |" in text and f"| zero_shot | {zero} |" in text
+    assert f"| unsteered | {mean([a0, a1]):.3f} |" in text
+    # The README keeps its own text and gets the overview between its markers, the old table gone.
+    updated = readme.read_text()
+    assert updated.startswith("# Benchmarks\n\nBefore.\n\n") and updated.endswith(f"{table.END}\n\nAfter.\n")
+    assert f"| austeer | {austeer} |" in updated and "old table" not in updated
+    # A README without the markers is refused before anything is written.
+    (tmp_path / "bare.md").write_text("# no markers\n")
+    md.unlink()
+    assert table.main([*args, "--readme", str(tmp_path / "bare.md")]) == 1
+    assert not md.exists() and (tmp_path / "bare.md").read_text() == "# no markers\n"
     # A method a cell refused is named under the table with the reason, not left out silently.
     assert "Not run: calibrated (seeds 1), since the offsets would learn the listing order." in text
     assert (tmp_path / "p.png").stat().st_size > 0
