@@ -236,8 +236,13 @@ OVERVIEW_NOTE = (
 )
 
 
+def overview_block(summaries: list[dict]) -> str:
+    """The overview with its legend: what opens the page and what ``--readme`` puts between the markers."""
+    return OVERVIEW_NOTE + "\n\n" + overview(summaries)
+
+
 def markdown(summaries: list[dict], missing: list[str]) -> str:
-    lines = [HEADER, OVERVIEW_NOTE, "", overview(summaries), ""]
+    lines = [HEADER, overview_block(summaries), ""]
     for s in summaries:
         lines += [
             f"### {s['task']} (seeds {', '.join(map(str, s['seeds']))}; test n = {'/'.join(map(str, s['n_test']))}, "
@@ -361,8 +366,7 @@ def main(argv=None) -> int:
     if args.readme:
         try:
             readme = Path(args.readme)
-            body = OVERVIEW_NOTE + "\n\n" + overview(summaries)
-            updated = with_overview(readme.read_text(), body, args.readme)
+            updated = with_overview(readme.read_text(), overview_block(summaries), args.readme)
         except (OSError, AusteerError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 1

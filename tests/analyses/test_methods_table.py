@@ -83,7 +83,7 @@ def test_pooled_paired_tests_gains_and_side_effects(tmp_path):
     assert "Not run: calibrated (seeds 1), since the offsets would learn the listing order." in text
     assert (tmp_path / "p.png").stat().st_size > 0
     # The plot's points: the side-task axis in points (the report holds fractions), prompts at the origin.
-    points = {p["method"]: p for p in methods_table_module().plot_points([summary])}
+    points = {p["method"]: p for p in table.plot_points([summary])}
     assert sorted(points) == ["austeer", "zero_shot"]  # unsteered is the origin, not a point
     assert points["austeer"]["off_task_points"] == pytest.approx(-2.0)
     assert points["austeer"]["kl_ordinary_text"] == pytest.approx(0.1)
